@@ -1,0 +1,462 @@
+"""Position-to-position input-Jacobian sensitivity ``A_ij = ‖∂h_i/∂e_j‖_F²`` without the Jacobian.
+
+Dimension names used in shapes: ``batch``, ``pos_out`` (output position i), ``pos_in`` (input
+position j), ``d_model`` (embedding width D), ``hidden`` (target-layer width H), ``chunk`` (number of
+cotangents pushed through one backward).
+
+``e`` is the output of ``model.get_input_embeddings()``; everything after it (position embeddings,
+scaling, rotary, blocks up to the target layer) is the differentiated function. ``h = f_L(e)`` uses
+Hugging Face ``hidden_states`` indexing (0 = embedding output, k = after block k, -1 = last, which
+includes the final norm where the model applies one). Blocks after the deepest target layer are not
+run, and a ``*ForCausalLM`` head is never run. This module imports no Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .models import prepare_for_analysis
+
+
+class Estimator(str, Enum):
+    """What is computed per cell. Cost in VJPs per sample and target layer (S tokens, width H)."""
+
+    EXACT = "exact"  # ‖J_ij‖_F² exactly: one VJP per output unit, S·H. Small models, validation.
+    HUTCHINSON = "hutchinson"  # unbiased (1/K)Σ_k ‖v_kᵀ J_ij‖², E[vvᵀ]=I: S·K. Default for big runs.
+    PROJECTION = "projection"  # the older tool's ‖uᵀJ_ij‖², u = 1/√H·1: S. NOT the Frobenius norm.
+
+
+class Strategy(str, Enum):
+    """How the VJPs are batched (all give the same numbers).
+
+    - ``vmap``: one forward per segment, then ``chunk`` cotangents per batched backward
+      (``autograd.grad(is_grads_batched=True)``). Fastest; memory ∝ chunk × one layer's activations.
+    - ``replicate``: copy the batch ``chunk`` times, one cotangent per copy, one plain backward.
+      No vmap (works with fused attention kernels); memory ∝ chunk × all activations, and the
+      forward is repeated per chunk.
+    - ``loop``: one ``autograd.grad`` per cotangent. Slowest; lowest memory; the fallback when an
+      operator has no batching rule.
+    - ``auto``: ``vmap``, falling back to ``loop`` if a batching rule is missing.
+    """
+
+    AUTO = "auto"
+    VMAP = "vmap"
+    REPLICATE = "replicate"
+    LOOP = "loop"
+
+
+class ProbeDistribution(str, Enum):
+    """Hutchinson probe law (all have E[vvᵀ] = I)."""
+
+    RADEMACHER = "rademacher"  # ±1 entries; lowest variance of the three (see jobs/probe_choice.py)
+    GAUSSIAN = "gaussian"  # N(0, 1) entries
+    SPHERE = "sphere"  # uniform on the sphere of radius √H
+
+
+@dataclass(frozen=True)
+class SensitivityConfig:
+    """How sensitivities are estimated. Unknown keys are errors (``from_dict``)."""
+
+    estimator: Estimator = Estimator.HUTCHINSON  # exact | hutchinson | projection
+    num_probes: int = 1  # K, Hutchinson probes per output position (≥2 gives a standard error)
+    probe_distribution: ProbeDistribution = ProbeDistribution.RADEMACHER  # Hutchinson probe law
+    strategy: Strategy = Strategy.AUTO  # how cotangents are batched; see Strategy
+    memory_budget_mb: int | None = None  # bound on backward working memory; None: 2048 CPU, ½ free GPU
+    chunk_size: int | None = None  # cotangents per backward; overrides the memory budget if set
+    causal_segments: int | None = None  # causal models: output-position segments run on their prefix only; None: auto
+    seed: int = 0  # run seed; probes come from a generator seeded by (seed, sample_id, layer)
+
+    def __post_init__(self):
+        object.__setattr__(self, "estimator", _enum(Estimator, self.estimator, "estimator"))
+        object.__setattr__(self, "strategy", _enum(Strategy, self.strategy, "strategy"))
+        object.__setattr__(self, "probe_distribution",
+                           _enum(ProbeDistribution, self.probe_distribution, "probe_distribution"))
+        if int(self.num_probes) < 1:
+            raise ValueError(f"SensitivityConfig: num_probes must be >= 1, got {self.num_probes}")
+        if self.chunk_size is not None and int(self.chunk_size) < 1:
+            raise ValueError(f"SensitivityConfig: chunk_size must be >= 1, got {self.chunk_size}")
+        if self.memory_budget_mb is not None and int(self.memory_budget_mb) < 1:
+            raise ValueError(f"SensitivityConfig: memory_budget_mb must be >= 1, got {self.memory_budget_mb}")
+        if self.causal_segments is not None and int(self.causal_segments) < 1:
+            raise ValueError(f"SensitivityConfig: causal_segments must be >= 1, got {self.causal_segments}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SensitivityConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"SensitivityConfig: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return {f.name: (v.value if isinstance(v := getattr(self, f.name), Enum) else v) for f in fields(self)}
+
+
+def _enum(cls, value, what):
+    try:
+        return cls(value.value if isinstance(value, Enum) else value)
+    except ValueError:
+        raise ValueError(f"SensitivityConfig: unknown {what} {value!r}; choose from {[m.value for m in cls]}") from None
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """NaN/Inf appeared in the sensitivities of some samples. ``sample_ids`` names them and
+    ``partial`` holds the batch result with those rows' masks cleared (nothing computed is lost)."""
+
+    def __init__(self, sample_ids: list[int], partial: "SensitivityBatch"):
+        super().__init__(f"SensitivityEngine.compute: NaN/Inf in gradients for sample_ids {sample_ids}")
+        self.sample_ids = sample_ids
+        self.partial = partial
+
+
+@dataclass
+class SensitivityBatch:
+    """Result of ``SensitivityEngine.compute`` for one batch (numpy, float64, on the host)."""
+
+    layers: tuple[int, ...]  # absolute hidden_states indices, as requested (deduplicated, sorted)
+    values: dict[int, np.ndarray]  # layer -> [batch, pos_out, pos_in] A_ij (or its estimate)
+    noise: dict[int, np.ndarray] | None  # layer -> [batch, pos_out, pos_in] probe variance of the estimate (σ²/K); K≥2 only
+    mask: np.ndarray  # bool [batch, pos_out, pos_in]: cells inside each sample's length
+    lengths: np.ndarray  # int64 [batch]: tokens per sample after truncation
+    sample_ids: np.ndarray  # int64 [batch]
+    estimator: str
+    num_probes: int
+    strategy: str  # strategy actually used
+
+    def stderr(self, layer: int) -> np.ndarray | None:
+        """Per-cell, per-sample standard error of the Hutchinson estimate (None for K=1)."""
+        return None if self.noise is None else np.sqrt(self.noise[layer])
+
+
+class _Stop(Exception):
+    """Raised from a forward pre-hook once the deepest target layer's input has been captured."""
+
+
+def _find_blocks(base: torch.nn.Module, n_layers: int) -> torch.nn.ModuleList:
+    for _, mod in base.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n_layers:
+            return mod
+    raise ValueError(f"SensitivityEngine: cannot find the {n_layers} transformer blocks of {type(base).__name__}")
+
+
+_ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "mpnet",
+                  "xlm-roberta", "camembert", "modernbert"}
+
+
+def is_causal_model(model: torch.nn.Module) -> bool:
+    """True when output position i cannot depend on input positions j > i."""
+    cfg = model.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ValueError("SensitivityEngine: encoder-decoder models are not supported")
+    if cfg.model_type in _ENCODER_TYPES:
+        return bool(getattr(cfg, "is_decoder", False))
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return cfg.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def probe_seed(seed: int, sample_id: int, layer: int) -> int:
+    """Generator seed for the probes of one (run seed, sample_id, layer)."""
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(sample_id), int(layer)])
+    return int(ss.generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
+
+
+def draw_probes(dist: ProbeDistribution, seed: int, sample_id: int, layer: int, length: int, k: int,
+                hidden: int) -> torch.Tensor:
+    """Probes ``[pos_out=length, K, hidden]`` (float32, CPU) for one sample; depends only on the args."""
+    g = torch.Generator().manual_seed(probe_seed(seed, sample_id, layer))
+    shape = (length, k, hidden)
+    if dist is ProbeDistribution.RADEMACHER:
+        return torch.randint(0, 2, shape, generator=g).float().mul_(2).sub_(1)
+    v = torch.randn(shape, generator=g)
+    if dist is ProbeDistribution.SPHERE:
+        v = v * (math.sqrt(hidden) / v.norm(dim=-1, keepdim=True))
+    return v
+
+
+class SensitivityEngine:
+    """Computes per-sample ``[pos_out, pos_in]`` sensitivity maps for several target layers at once.
+
+    The model is prepared once (float32, eval, frozen, eager attention) and moved to ``device``.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: SensitivityConfig | None = None, *,
+                 device: str | torch.device | None = None, causal: bool | None = None):
+        self.config = config or SensitivityConfig()
+        self.model = prepare_for_analysis(model)
+        if device is not None:
+            self.model.to(device)
+        self.device = next(self.model.parameters()).device
+        self.base = self.model.base_model  # the stack without any LM head
+        cfg = self.model.config
+        self.n_layers = int(cfg.num_hidden_layers)
+        self.blocks = _find_blocks(self.base, self.n_layers)
+        self.hidden = int(cfg.hidden_size)
+        self.causal = is_causal_model(self.model) if causal is None else bool(causal)
+        self.pad_id = int(getattr(cfg, "pad_token_id", None) or 0)
+        self._strategy = self.config.strategy  # may degrade from auto/vmap to loop once
+
+    # ------------------------------------------------------------------ public
+    def resolve_layers(self, layers: int | Sequence[int]) -> tuple[int, ...]:
+        """Absolute hidden_states indices (0..n_layers) for ``layers`` (negatives count from the end)."""
+        ls = [layers] if isinstance(layers, (int, np.integer)) else list(layers)
+        if not ls:
+            raise ValueError("SensitivityEngine.compute: layers is empty")
+        out = set()
+        for layer in ls:
+            if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+                raise ValueError(f"SensitivityEngine.compute: layer must be an int, got {layer!r}")
+            a = int(layer) + self.n_layers + 1 if layer < 0 else int(layer)
+            if not 0 <= a <= self.n_layers:
+                raise ValueError(
+                    f"SensitivityEngine.compute: layer {layer} out of range; this model has hidden_states "
+                    f"0..{self.n_layers} (or -{self.n_layers + 1}..-1)")
+            out.add(a)
+        return tuple(sorted(out))
+
+    @property
+    def strategy_used(self) -> str:
+        return (Strategy.VMAP if self._strategy is Strategy.AUTO else self._strategy).value
+
+    def compute(self, input_ids: Any, attention_mask: Any = None, *, layers: int | Sequence[int] = -1,
+                sample_ids: Sequence[int] | None = None, max_seq_len: int | None = None) -> SensitivityBatch:
+        """Sensitivity maps for a batch.
+
+        Args:
+            input_ids: ``[batch, seq]`` token ids (tensor, array or list of lists), left or right padded.
+            attention_mask: ``[batch, seq]`` 1 for real tokens; None means no padding.
+            layers: target hidden_states indices; all share one forward.
+            sample_ids: stable ids (seed the probes); default ``0..batch-1``.
+            max_seq_len: keep the first ``max_seq_len`` real tokens of each sample.
+        Returns:
+            SensitivityBatch with ``values[layer]`` ``[batch, pos_out, pos_in]``, ``pos_* = max length``.
+        """
+        ids, mask, lengths = self._normalise(input_ids, attention_mask, max_seq_len)  # [batch, S] each
+        bsz, seq = ids.shape
+        sids = np.arange(bsz, dtype=np.int64) if sample_ids is None else np.asarray(sample_ids, np.int64)
+        if sids.shape != (bsz,):
+            raise ValueError(f"SensitivityEngine.compute: sample_ids has shape {sids.shape}, expected ({bsz},)")
+        if (sids < 0).any():
+            raise ValueError("SensitivityEngine.compute: sample_ids must be non-negative")
+        layer_ids = self.resolve_layers(layers)
+        with torch.no_grad():
+            emb = self.model.get_input_embeddings()(ids.to(self.device))  # [batch, S, d_model]
+        mask = mask.to(self.device)
+        cfg = self.config
+        k = cfg.num_probes if cfg.estimator is Estimator.HUTCHINSON else 1
+        probes = None
+        if cfg.estimator is Estimator.HUTCHINSON:
+            probes = {L: self._probes(L, sids, lengths, seq) for L in layer_ids}  # [batch, S, K, hidden]
+        total = {L: torch.zeros(bsz, seq, seq, dtype=torch.float64, device=self.device) for L in layer_ids}
+        sumsq = {L: torch.zeros_like(total[L]) for L in layer_ids} if (probes is not None and k >= 2) else None
+        for a, b in self._segments(seq):
+            self._run_segment(emb[:, :b], mask[:, :b], a, b, layer_ids, probes, total, sumsq)
+        vals, noise = {}, ({} if sumsq is not None else None)
+        for L in layer_ids:
+            if cfg.estimator is Estimator.HUTCHINSON:
+                mean = total[L] / k  # [batch, pos_out, pos_in]
+                if sumsq is not None:
+                    var = ((sumsq[L] - k * mean * mean) / (k - 1)).clamp_min(0)  # within-sample probe variance
+                    noise[L] = (var / k).cpu().numpy()
+                vals[L] = mean.cpu().numpy()
+            else:
+                vals[L] = total[L].cpu().numpy()
+        ar = np.arange(seq)
+        lens = lengths.numpy()
+        valid = ar[None, :] < lens[:, None]  # [batch, S]
+        cell_mask = valid[:, :, None] & valid[:, None, :]  # [batch, pos_out, pos_in]
+        result = SensitivityBatch(layer_ids, vals, noise, cell_mask, lens.astype(np.int64), sids,
+                                  cfg.estimator.value, k, self.strategy_used)
+        bad_rows = np.zeros(bsz, bool)
+        for L in layer_ids:
+            bad_rows |= (~np.isfinite(vals[L]) & cell_mask).any(axis=(1, 2))
+        if bad_rows.any():
+            result.mask = cell_mask & ~bad_rows[:, None, None]
+            raise NonFiniteGradientError(sids[bad_rows].tolist(), result)
+        return result
+
+    # ------------------------------------------------------------------ internals
+    def _normalise(self, input_ids, attention_mask, max_seq_len):
+        """Strip padding (left or right), truncate, re-pad on the right. Returns ids, mask [batch, S], lengths."""
+        if max_seq_len is not None and (isinstance(max_seq_len, bool) or int(max_seq_len) < 1):
+            raise ValueError(f"SensitivityEngine.compute: max_seq_len must be >= 1, got {max_seq_len}")
+        ids = torch.as_tensor(input_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"SensitivityEngine.compute: input_ids must be [batch, seq], got shape {tuple(ids.shape)}")
+        if ids.shape[0] == 0:
+            raise ValueError("SensitivityEngine.compute: empty batch")
+        am = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
+        if am.shape != ids.shape:
+            raise ValueError(f"SensitivityEngine.compute: attention_mask shape {tuple(am.shape)} != input_ids {tuple(ids.shape)}")
+        rows = [ids[r][am[r].bool()].long().cpu() for r in range(ids.shape[0])]
+        if max_seq_len is not None:
+            rows = [r[: int(max_seq_len)] for r in rows]
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        if (lengths == 0).any():
+            raise ValueError(f"SensitivityEngine.compute: batch rows {torch.nonzero(lengths == 0).flatten().tolist()} have no tokens")
+        seq = int(lengths.max())
+        out = torch.full((len(rows), seq), self.pad_id, dtype=torch.long)
+        msk = torch.zeros((len(rows), seq), dtype=torch.long)
+        for r, row in enumerate(rows):
+            out[r, : len(row)] = row
+            msk[r, : len(row)] = 1
+        return out, msk, lengths
+
+    def _probes(self, layer, sids, lengths, seq):
+        k, h = self.config.num_probes, self.hidden
+        p = torch.zeros(len(sids), seq, k, h)  # [batch, S, K, hidden]
+        for r, (sid, n) in enumerate(zip(sids.tolist(), lengths.tolist())):
+            p[r, :n] = draw_probes(self.config.probe_distribution, self.config.seed, sid, layer, n, k, h)
+        return p.to(self.device)
+
+    def _segments(self, seq: int) -> list[tuple[int, int]]:
+        """Output-position segments [a, b); causal models run each on the prefix [0, b)."""
+        if not self.causal:
+            return [(0, seq)]
+        n = self.config.causal_segments or (1 if seq < 8 else min(8, seq // 4))
+        edges = sorted({round(seq * (s / n) ** 0.5) for s in range(1, n)} | {seq})  # ~equal backward work
+        out, a = [], 0
+        for b in edges:
+            if b > a:
+                out.append((a, b))
+                a = b
+        return out
+
+    def _forward(self, emb, mask, layer_ids):
+        """hidden states ``{layer: [batch', S', hidden]}`` from embeddings ``[batch', S', d_model]``."""
+        deepest = max(layer_ids)
+        captured, handles = {}, []
+
+        def hook_for(L):
+            def hook(_mod, args, kwargs):
+                captured[L] = args[0] if args else kwargs["hidden_states"]
+                if L == deepest:
+                    raise _Stop
+            return hook
+
+        for L in layer_ids:
+            if L < self.n_layers:
+                handles.append(self.blocks[L].register_forward_pre_hook(hook_for(L), with_kwargs=True))
+        pos = torch.arange(emb.shape[1], device=emb.device).unsqueeze(0).expand(emb.shape[0], -1)
+        try:
+            out = self.base(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False)
+            captured[self.n_layers] = out.last_hidden_state
+        except _Stop:
+            pass
+        finally:
+            for hd in handles:
+                hd.remove()
+        return {L: captured[L] for L in layer_ids}
+
+    def _rows(self, a: int, b: int):
+        """(output position, direction index) pairs for positions [a, b)."""
+        est = self.config.estimator
+        nd = self.hidden if est is Estimator.EXACT else (self.config.num_probes if est is Estimator.HUTCHINSON else 1)
+        pos = torch.arange(a, b).repeat_interleave(nd)
+        d = torch.arange(nd).repeat(b - a)
+        return pos, d
+
+    def _cotangents(self, pos, d, bsz, width, layer, probes, valid):
+        """Cotangents ``[chunk, batch, width, hidden]`` for rows (pos, d)."""
+        c = len(pos)
+        v = torch.zeros(c, bsz, width, self.hidden, device=self.device)
+        ar = torch.arange(c, device=self.device)
+        pos_d, d_d = pos.to(self.device), d.to(self.device)
+        est = self.config.estimator
+        if est is Estimator.EXACT:
+            v[ar, :, pos_d, d_d] = 1.0
+        elif est is Estimator.PROJECTION:
+            v[ar, :, pos_d, :] = 1.0 / math.sqrt(self.hidden)
+        else:
+            v[ar, :, pos_d, :] = probes[layer][:, pos_d, d_d, :].transpose(0, 1)  # [chunk, batch, hidden]
+        return v * valid[None, :, :, None]  # zero rows of padded output positions; valid [batch, width]
+
+    def _chunk(self, n_rows, per_row_bytes):
+        if self.config.chunk_size:
+            return min(n_rows, int(self.config.chunk_size))
+        budget = self.config.memory_budget_mb
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget_b = free // 2
+            else:
+                budget_b = 2048 << 20
+        else:
+            budget_b = int(budget) << 20
+        return int(max(1, min(n_rows, budget_b // max(per_row_bytes, 1))))
+
+    def _run_segment(self, emb, mask, a, b, layer_ids, probes, total, sumsq):
+        bsz = emb.shape[0]
+        pos, d = self._rows(a, b)
+        valid = mask.to(torch.float32)  # [batch, b]
+        strategy = self._strategy
+        if strategy is Strategy.REPLICATE:
+            return self._segment_replicate(emb, mask, pos, d, layer_ids, probes, total, sumsq, valid)
+        leaf = emb.detach().requires_grad_(True)  # [batch, b, d_model]
+        saved = [0]
+
+        def pack(t):
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            hs = self._forward(leaf, mask, layer_ids)
+        layers_run = max(1, min(max(layer_ids), self.n_layers))
+        per_row = 2 * saved[0] // layers_run + 8 * bsz * b * (self.hidden + leaf.shape[-1])
+        chunk = self._chunk(len(pos), per_row)
+        for L in layer_ids:
+            if not hs[L].requires_grad:  # layer 0 of a model whose embedding output is e itself
+                hs[L] = hs[L] + 0 * leaf if hs[L] is not leaf else leaf
+            for s in range(0, len(pos), chunk):
+                p, dd = pos[s:s + chunk], d[s:s + chunk]
+                v = self._cotangents(p, dd, bsz, b, L, probes, valid)  # [chunk, batch, b, hidden]
+                g = self._vjp(hs[L], leaf, v)  # [chunk, batch, b, d_model]
+                self._accumulate(g, p, total[L], None if sumsq is None else sumsq[L], b)
+
+    def _vjp(self, h, leaf, v):
+        if self._strategy in (Strategy.AUTO, Strategy.VMAP):
+            try:
+                return torch.autograd.grad(h, leaf, v, retain_graph=True, is_grads_batched=True)[0]
+            except RuntimeError as exc:
+                if self._strategy is Strategy.VMAP or "atching rule" not in str(exc) and "vmap" not in str(exc):
+                    raise
+                self._strategy = Strategy.LOOP  # auto: no batching rule for some op -> loop
+        return torch.stack([torch.autograd.grad(h, leaf, vi, retain_graph=True)[0] for vi in v])
+
+    def _segment_replicate(self, emb, mask, pos, d, layer_ids, probes, total, sumsq, valid):
+        bsz, b = emb.shape[:2]
+        with torch.enable_grad():
+            saved = [0]
+
+            def pack(t):
+                saved[0] += t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                self._forward(emb[:1].detach().requires_grad_(True), mask[:1], layer_ids)
+        chunk = self._chunk(len(pos), saved[0] * bsz + 8 * bsz * b * self.hidden)
+        for s in range(0, len(pos), chunk):
+            p, dd = pos[s:s + chunk], d[s:s + chunk]
+            c = len(p)
+            leaf = emb.detach().repeat(c, 1, 1).requires_grad_(True)  # [chunk*batch, b, d_model]
+            with torch.enable_grad():
+                hs = self._forward(leaf, mask.repeat(c, 1), layer_ids)
+                for i, L in enumerate(layer_ids):
+                    v = self._cotangents(p, dd, bsz, b, L, probes, valid)  # [chunk, batch, b, hidden]
+                    h = hs[L] if hs[L] is not leaf else leaf * 1
+                    g = torch.autograd.grad(h, leaf, v.reshape(c * bsz, b, -1),
+                                            retain_graph=i < len(layer_ids) - 1)[0]
+                    self._accumulate(g.reshape(c, bsz, b, -1), p, total[L], None if sumsq is None else sumsq[L], b)
+
+    @staticmethod
+    def _accumulate(g, pos, total, sumsq, b):
+        sq = g.pow(2).sum(-1).double().transpose(0, 1)  # [batch, chunk, pos_in=b]
+        idx = pos.to(total.device)
+        total[:, :, :b].index_add_(1, idx, sq)
+        if sumsq is not None:
+            sumsq[:, :, :b].index_add_(1, idx, sq * sq)
