@@ -130,6 +130,17 @@ class WelfordState:
         self.samples += other.samples
         return self
 
+    def padded(self, seq_len: int) -> "WelfordState":
+        """A copy grown to ``[seq_len, seq_len]``; new cells are empty (count 0)."""
+        s = self.shape[0]
+        if seq_len < s:
+            raise ValueError(f"WelfordState.padded: cannot shrink {self.shape} to {seq_len}")
+        out = WelfordState.empty(seq_len)
+        for k in _STATE_KEYS:
+            getattr(out, k)[:s, :s] = getattr(self, k)
+        out.samples = self.samples
+        return out
+
     def copy(self) -> "WelfordState":
         return WelfordState(self.count.copy(), self.mean.copy(), self.m2.copy(), self.noise_sum.copy(), self.samples)
 
