@@ -179,6 +179,25 @@ def draw_probes(dist: ProbeDistribution, seed: int, sample_id: int, layer: int, 
     return v
 
 
+def resolve_layer_indices(layers: int | Sequence[int], n_layers: int) -> tuple[int, ...]:
+    """Absolute hidden_states indices (0..n_layers, sorted, deduplicated) for a model with
+    ``n_layers`` blocks; negatives count from the end. Needs only the model's config."""
+    ls = [layers] if isinstance(layers, (int, np.integer)) else list(layers)
+    if not ls:
+        raise ValueError("SensitivityEngine.compute: layers is empty")
+    out = set()
+    for layer in ls:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise ValueError(f"SensitivityEngine.compute: layer must be an int, got {layer!r}")
+        a = int(layer) + n_layers + 1 if layer < 0 else int(layer)
+        if not 0 <= a <= n_layers:
+            raise ValueError(
+                f"SensitivityEngine.compute: layer {layer} out of range; this model has hidden_states "
+                f"0..{n_layers} (or -{n_layers + 1}..-1)")
+        out.add(a)
+    return tuple(sorted(out))
+
+
 class SensitivityEngine:
     """Computes per-sample ``[pos_out, pos_in]`` sensitivity maps for several target layers at once.
 
@@ -204,20 +223,7 @@ class SensitivityEngine:
     # ------------------------------------------------------------------ public
     def resolve_layers(self, layers: int | Sequence[int]) -> tuple[int, ...]:
         """Absolute hidden_states indices (0..n_layers) for ``layers`` (negatives count from the end)."""
-        ls = [layers] if isinstance(layers, (int, np.integer)) else list(layers)
-        if not ls:
-            raise ValueError("SensitivityEngine.compute: layers is empty")
-        out = set()
-        for layer in ls:
-            if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-                raise ValueError(f"SensitivityEngine.compute: layer must be an int, got {layer!r}")
-            a = int(layer) + self.n_layers + 1 if layer < 0 else int(layer)
-            if not 0 <= a <= self.n_layers:
-                raise ValueError(
-                    f"SensitivityEngine.compute: layer {layer} out of range; this model has hidden_states "
-                    f"0..{self.n_layers} (or -{self.n_layers + 1}..-1)")
-            out.add(a)
-        return tuple(sorted(out))
+        return resolve_layer_indices(layers, self.n_layers)
 
     @property
     def strategy_used(self) -> str:

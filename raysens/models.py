@@ -119,13 +119,18 @@ def _load_dir_or_id(source: str, trust_remote_code: bool, **kw):
     return model, tok
 
 
+def _gguf_cache_dir(path: Path) -> Path:
+    """Where the float32 conversion of a GGUF file is cached (keyed by the file's path, size and mtime)."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{path.stem}-{key}"
+
+
 def _load_gguf(path: Path, trust_remote_code: bool):
     """Dequantise a GGUF file once; cache float32 safetensors keyed by the file's size and mtime."""
     import transformers
 
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_root() / "gguf" / f"{path.stem}-{key}"
+    cached = _gguf_cache_dir(path)
     if (cached / "config.json").exists() and (cached / "model.safetensors").exists():
         return _load_converted(cached)
     kw = dict(gguf_file=path.name)
@@ -214,3 +219,48 @@ def load_model(name: str, *, device: str | torch.device = "cpu", trust_remote_co
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return LoadedModel(model, tok, name, source, _model_info(model))
+
+
+def load_tokenizer_and_config(name: str, *, trust_remote_code: bool = False, local_files_only: bool = True):
+    """``(tokenizer, config)`` of a model named as in ``load_model``, without loading its weights.
+
+    Cheap enough for a driver or a tokenization task: a GGUF model's tokenizer and config come from
+    its float32 cache when that exists (otherwise they are parsed from the GGUF file, ~10 s). The
+    tokenizer gets the same padding token ``load_model`` gives it.
+    """
+    import transformers
+
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(f"load_model: model name must be a non-empty string, got {name!r}")
+    try:
+        if name in _PACKAGED or name.endswith(".gguf"):
+            path = packaged_model_path(name) if name in _PACKAGED else Path(name).expanduser()
+            if not path.is_file() and not path.is_dir():
+                raise ModelLoadError(f"load_model: GGUF file {name!r} does not exist")
+            if path.suffix == ".gguf":
+                cached = _gguf_cache_dir(path)
+                if (cached / "config.json").exists():
+                    src, kw = str(cached), {}
+                else:
+                    src, kw = str(path.parent), {"gguf_file": path.name}
+            else:
+                src, kw = str(path), {}
+        elif Path(name).expanduser().exists():
+            path = Path(name).expanduser()
+            if not (path / "config.json").exists():
+                raise ModelLoadError(f"load_model: directory {name!r} has no config.json")
+            src, kw = str(path), {}
+        else:
+            src, kw = name, {"local_files_only": local_files_only}
+        config = transformers.AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code, **kw)
+        tok = transformers.AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **kw)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"load_model: cannot load {name!r}: not a packaged model ({', '.join(_PACKAGED)}), "
+            f"a readable directory, a .gguf file, or a locally cached hub id ({type(exc).__name__}: {exc})"
+        ) from exc
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok, config
