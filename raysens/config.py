@@ -1,0 +1,295 @@
+"""Run configuration: one dataclass per concern, composed by ``RunConfig``, read from YAML.
+
+    model:        ModelConfig        which network, how it is loaded
+    data:         DataConfig         which corpus, which samples, how they are tokenized
+    sensitivity:  SensitivityConfig  estimator, probes, strategy, seed (the core engine's own config)
+    layers:       [int, ...]         target hidden_states indices (0 = embeddings, -1 = last)
+    cluster:      ClusterConfig      Ray or in-process, actors, batch size, resources
+    output:       OutputConfig       run directory (local path or pyarrow.fs URI), plots
+
+Unknown keys are errors at every level, named together with the known ones. Command-line overrides
+use dotted keys whose values are parsed as YAML scalars: ``--data.limit=100 --layers=[3,-1]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from .engine import SensitivityConfig
+
+SOURCE_KINDS = ("auto", "bundled", "jsonl", "text", "parquet", "hf_disk", "hf")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2"  # packaged short name (minilm, smollm2), a local model directory, a .gguf file, or a cached hub id
+    trust_remote_code: bool = False  # run model code shipped with a checkpoint; off unless asked for
+    device: str = "auto"  # where each actor's float32 copy lives: auto (cuda when the actor has a GPU, else cpu), cpu, cuda
+
+    def __post_init__(self):
+        if not self.name.strip():
+            raise ConfigError("model.name must not be empty")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "bundled"  # "bundled" (English corpus shipped with raysens) or a path / pyarrow.fs URI / dataset name
+    kind: str = "auto"  # auto | bundled | jsonl | text (one sample per line) | parquet | hf_disk (save_to_disk) | hf (load_dataset)
+    text_column: str = "text"  # column (or JSON key) holding the text; ignored for kind=text
+    split: str | None = None  # hf_disk / hf: split of a DatasetDict (default: train when there is one)
+    data_files: Any = None  # hf: data_files passed to datasets.load_dataset (e.g. a CSV path)
+    limit: int | None = None  # number of samples to run (None: all rows)
+    shuffle: bool = False  # pick the `limit` samples at random instead of the first ones
+    shuffle_seed: int = 0  # seed of that random pick
+    max_seq_len: int = 32  # tokens kept per sample (truncation); the [S, S] maps are at most this big
+    min_tokens: int = 2  # samples with fewer tokens (after special tokens and truncation) are skipped and counted
+    add_special_tokens: bool = True  # let the tokenizer add its special tokens ([CLS]/[SEP], BOS, ...)
+
+    def __post_init__(self):
+        if self.kind not in SOURCE_KINDS:
+            raise ConfigError(f"data.kind must be one of {list(SOURCE_KINDS)}, got {self.kind!r}")
+        if self.max_seq_len < 1:
+            raise ConfigError(f"data.max_seq_len must be >= 1, got {self.max_seq_len}")
+        if self.min_tokens < 1:
+            raise ConfigError(f"data.min_tokens must be >= 1, got {self.min_tokens}")
+        if self.min_tokens > self.max_seq_len:
+            raise ConfigError(f"data.min_tokens ({self.min_tokens}) exceeds data.max_seq_len ({self.max_seq_len}): "
+                              "every sample would be skipped")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"data.limit must be >= 1 or null (all rows), got {self.limit}")
+        if not self.text_column:
+            raise ConfigError("data.text_column must not be empty")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    use_ray: bool = True  # false: run the same work units in this process through the core, without Ray
+    address: str | None = None  # Ray cluster to join ("auto", "host:port", "ray://host:10001"); None: $RAY_ADDRESS, else an embedded local Ray
+    num_actors: int = 1  # size of the actor pool (one model copy each)
+    batch_size: int = 8  # samples per work unit = per engine call; units are consecutive sample_ids
+    cpus_per_actor: float = 1.0  # logical CPUs each actor reserves
+    gpus_per_actor: float | None = None  # None (auto): 1 when the cluster has GPUs, else 0 (CPU actors)
+    torch_threads: int | None = None  # intra-op threads per CPU actor; None: the node's cores / num_actors
+    num_cpus: int | None = None  # embedded local Ray only: logical CPUs declared; None: max(4, 2 * num_actors + 2)
+    tokenize_cpus: float = 0.25  # logical CPUs per tokenization task
+    max_actor_restarts: int = 3  # a dead actor is restarted this many times (its unit is retried on the new one)
+    max_task_retries: int = 3  # a unit whose actor died is retried this many times
+
+    def __post_init__(self):
+        if self.num_actors < 1:
+            raise ConfigError(f"cluster.num_actors must be >= 1, got {self.num_actors}")
+        if self.batch_size < 1:
+            raise ConfigError(f"cluster.batch_size must be >= 1, got {self.batch_size}")
+        if self.cpus_per_actor < 0 or (self.gpus_per_actor is not None and self.gpus_per_actor < 0):
+            raise ConfigError("cluster.cpus_per_actor / cluster.gpus_per_actor must be >= 0")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ConfigError(f"cluster.torch_threads must be >= 1, got {self.torch_threads}")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"cluster.num_cpus must be >= 1, got {self.num_cpus}")
+        if self.max_actor_restarts < 0 or self.max_task_retries < 0:
+            raise ConfigError("cluster.max_actor_restarts / cluster.max_task_retries must be >= 0")
+        if not 0 < self.tokenize_cpus:
+            raise ConfigError(f"cluster.tokenize_cpus must be > 0, got {self.tokenize_cpus}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str | None = None  # run directory: local path or pyarrow.fs URI (s3://, gs://, file://); None: runs/<model>-<fingerprint>
+    plots: bool = True  # write heatmap PNGs into <dir>/plots
+    resume: bool = True  # reuse valid partials already in dir (false: refuse to run in a dir that has some)
+    progress_every_s: float = 5.0  # seconds between driver progress lines (0: after every unit)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    layers: tuple[int, ...] = (-1,)  # target hidden_states indices (0 = embeddings, k = after block k, -1 = last)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self):
+        if not self.layers:
+            raise ConfigError("layers must list at least one layer index")
+        object.__setattr__(self, "layers", tuple(self.layers))
+
+    # ------------------------------------------------------------------ dict / YAML
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "RunConfig":
+        return _build(cls, d or {}, "")
+
+    def to_dict(self) -> dict:
+        return _plain(self)
+
+    def replace(self, **sections) -> "RunConfig":
+        return dataclasses.replace(self, **sections)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the numbers or which samples are in which work unit.
+
+        Partials in a run directory are only reused by a run with the same fingerprint. Pool size,
+        resources, address and output settings are not part of it.
+        """
+        d = self.to_dict()
+        key = {"model": {k: d["model"][k] for k in ("name", "trust_remote_code")}, "data": d["data"],
+               "sensitivity": d["sensitivity"], "layers": sorted(set(d["layers"])),
+               "batch_size": d["cluster"]["batch_size"]}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _plain(obj):
+    if dataclasses.is_dataclass(obj):
+        if isinstance(obj, SensitivityConfig):
+            return obj.to_dict()
+        return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [_plain(x) for x in obj]
+    if isinstance(obj, Enum):
+        return obj.value
+    return obj
+
+
+def _check_type(value, hint, key: str):
+    """Validate (and lightly coerce: int -> float, list -> tuple) a YAML value against a type hint."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: invalid value {value!r}")
+    if hint is Any:
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            value = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1]
+        return tuple(_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, d, prefix: str):
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a mapping, got {d!r}")
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(prefix + str(u) for u in unknown)}; known keys in {where}: {', '.join(known)}")
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for name, value in d.items():
+        hint, key = hints[name], prefix + name
+        sub = hint if dataclasses.is_dataclass(hint) else None
+        if sub is SensitivityConfig:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} must be a mapping, got {value!r}")
+            try:
+                kw[name] = SensitivityConfig.from_dict(value)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{key}: {exc}".replace("SensitivityConfig: ", "")) from None
+        elif sub is not None:
+            kw[name] = _build(sub, value, key + ".")
+        else:
+            kw[name] = _check_type(value, hint, key)
+    try:
+        return cls(**kw)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+# ---------------------------------------------------------------------- files and overrides
+def parse_overrides(args: list[str]) -> dict:
+    """``["--data.limit=100", "--layers=[3,-1]"]`` -> nested dict; values are YAML scalars.
+
+    ``--address=...`` is short for ``--cluster.address=...``.
+    """
+    import yaml
+
+    out: dict = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"override {arg!r} must look like --section.key=value (e.g. --data.limit=100)")
+        key, raw = arg[2:].split("=", 1)
+        if key == "address":
+            key = "cluster.address"
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {arg!r}: value is not valid YAML ({exc})") from None
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {arg!r} conflicts with an earlier override of {p!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def merge_dicts(base: dict, over: dict) -> dict:
+    """Recursive merge; values of ``over`` win."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
+    """Read a YAML config (None: all defaults) and apply overrides (CLI strings or a nested dict)."""
+    import yaml
+
+    base: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            base = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(base, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    over = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
+    return RunConfig.from_dict(merge_dicts(base, over))

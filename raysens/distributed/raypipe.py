@@ -1,0 +1,171 @@
+"""The Ray side: connect to (or start) Ray, and run units through Ray Data and an actor pool.
+
+    units (sample_ids) --from_items--> tokenize (CPU tasks, map_batches with a function)
+        --> SensitivityActor pool (map_batches with a class, compute=ActorPoolStrategy, one GPU
+            each when the cluster has GPUs, CPU actors otherwise) --> one row per unit:
+            {unit, samples, payload = the unit's partial (Welford state per layer + ids)}
+        --> driver (iter_rows, streaming) persists each payload as it arrives.
+
+A dead actor is restarted by Ray (``max_restarts``) and its unit retried on the new actor
+(``max_task_retries``); since units are deterministic and the driver ignores units it already has,
+every sample is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from typing import Callable, Iterable
+from urllib.parse import urlparse
+
+import numpy as np
+
+from ..config import ClusterConfig, RunConfig
+from ..corpus import Corpus
+from .work import UnitWorker, tokenize_batch
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be reached or joined."""
+
+
+# ---------------------------------------------------------------------- connecting
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail fast (and clearly) when host:port of a cluster address does not answer."""
+    if address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"cluster address {address!r} looks like the dashboard/job-submission URL; the driver needs the "
+            "GCS address (host:6379) or a client address (ray://host:10001). To submit a job to that URL, use "
+            "`ray job submit --address <url> ...`")
+    u = urlparse(address if "://" in address else f"tcp://{address}")
+    if not u.hostname or not u.port:
+        raise ClusterError(f"cluster address {address!r} must look like host:port or ray://host:port")
+    try:
+        socket.create_connection((u.hostname, u.port), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({exc}); is it running and is the "
+                           "port open? (`ray status` on the head node shows its address)") from None
+
+
+def connect(cluster: ClusterConfig) -> dict:
+    """Join the configured cluster, else ``$RAY_ADDRESS``, else start an embedded local Ray.
+
+    Returns ``{"address", "started_here", "resources"}``. A session that is already initialised
+    (tests, notebooks) is used as it is.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return {"address": "existing session", "started_here": False, "resources": ray.cluster_resources()}
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _probe(address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except Exception as exc:  # ConnectionError, AuthenticationError, RuntimeError...
+            raise ClusterError(f"cannot join the Ray cluster at {address!r}: {type(exc).__name__}: {exc}") from exc
+        started = False
+    else:
+        ncpu = cluster.num_cpus or max(4, 2 * cluster.num_actors + 2)
+        # Ray Data needs CPU slots for its read/tokenize tasks besides the actors: declaring more
+        # logical CPUs than cores is what keeps a 2-core laptop from deadlocking (DESIGN.md §6).
+        ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=True)
+        address = "embedded local Ray"
+        started = True
+    return {"address": address, "started_here": started, "resources": ray.cluster_resources()}
+
+
+# ---------------------------------------------------------------------- the actor
+class SensitivityActor:
+    """One float32 model copy per actor; ``__call__`` turns tokenized units into partial payloads.
+
+    ``kill_after`` / ``kill_marker`` are a test-only fault hook: after ``kill_after`` units the actor
+    process exits (``os._exit``) in the middle of its next unit, once per marker file.
+    """
+
+    def __init__(self, worker_kwargs: dict, torch_threads: int, kill_after: int = 0, kill_marker: str = ""):
+        import torch
+
+        torch.set_num_threads(max(1, int(torch_threads)))
+        self.worker = UnitWorker(**worker_kwargs)
+        self.units = 0
+        self.kill_after, self.kill_marker = int(kill_after or 0), kill_marker
+
+    def _maybe_die(self) -> None:
+        if self.kill_after and self.units >= self.kill_after and self.kill_marker:
+            try:
+                fd = os.open(self.kill_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.close(fd)
+            os._exit(17)
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        out = []
+        for unit in batch.to_pylist():
+            self._maybe_die()
+            out.append({"unit": unit["unit"], "samples": len(unit["sample_ids"]),
+                        "payload": self.worker.process(unit)})
+            self.units += 1
+        return pa.Table.from_pylist(out, schema=pa.schema(
+            [("unit", pa.int64()), ("samples", pa.int64()), ("payload", pa.binary())]))
+
+
+def _node_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------- the pipeline
+def run_units(config: RunConfig, corpus: Corpus, units: list[np.ndarray], fingerprint: str,
+              on_result: Callable[[int, int, bytes], None]) -> dict:
+    """Stream ``units`` through Ray Data; call ``on_result(unit, n_samples, payload)`` as they finish."""
+    import ray
+
+    cl, data, model = config.cluster, config.data, config.model
+    gpus = cl.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    if gpus > 0:
+        threads = cl.torch_threads or max(1, int(cl.cpus_per_actor))
+        device = model.device
+    else:
+        threads = cl.torch_threads or max(1, _node_cores() // cl.num_actors)
+        device = "cpu" if model.device == "auto" else model.device
+    worker_kwargs = dict(model_name=model.name, trust_remote_code=model.trust_remote_code, device=device,
+                         sensitivity=config.sensitivity.to_dict(), layers=list(config.layers),
+                         max_seq_len=data.max_seq_len, fingerprint=fingerprint)
+    items = [{"unit": int(u[0]), "sample_ids": [int(i) for i in u]} for u in units]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), math.ceil(len(items) / 2), 1000)))
+    ds = ds.map_batches(
+        tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=cl.tokenize_cpus,
+        fn_kwargs=dict(corpus=corpus, model_name=model.name, trust_remote_code=model.trust_remote_code,
+                       max_seq_len=data.max_seq_len, min_tokens=data.min_tokens,
+                       add_special_tokens=data.add_special_tokens))
+    ds = ds.map_batches(
+        SensitivityActor, batch_format="pyarrow", batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=cl.num_actors),
+        fn_constructor_kwargs=dict(worker_kwargs=worker_kwargs, torch_threads=threads,
+                                   kill_after=int(os.environ.get("RAYSENS_TEST_KILL_AFTER_UNITS", "0") or 0),
+                                   kill_marker=os.environ.get("RAYSENS_TEST_KILL_MARKER", "")),
+        num_cpus=cl.cpus_per_actor, num_gpus=gpus,
+        max_restarts=cl.max_actor_restarts, max_task_retries=cl.max_task_retries)
+    t0 = time.perf_counter()
+    for row in _rows(ds):
+        on_result(int(row["unit"]), int(row["samples"]), row["payload"])
+    return {"backend": "ray", "num_actors": cl.num_actors, "gpus_per_actor": gpus, "cpus_per_actor": cl.cpus_per_actor,
+            "torch_threads": threads, "pipeline_s": round(time.perf_counter() - t0, 3)}
+
+
+def _rows(ds) -> Iterable[dict]:
+    for batch in ds.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=1):
+        yield from batch.to_pylist()
