@@ -206,23 +206,27 @@ def _check_type(value, hint, key: str):
     return value
 
 
-def _build(cls, d, prefix: str):
+def _check_keys(cls, d, prefix: str) -> None:
     where = prefix.rstrip(".") or "config"
     if not isinstance(d, dict):
         raise ConfigError(f"{where} must be a mapping, got {d!r}")
     known = [f.name for f in fields(cls)]
-    unknown = sorted(set(d) - set(known))
+    unknown = sorted(set(d) - set(known), key=str)
     if unknown:
         raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''} "
                           f"{', '.join(prefix + str(u) for u in unknown)}; known keys in {where}: {', '.join(known)}")
+
+
+def _build(cls, d, prefix: str):
+    where = prefix.rstrip(".") or "config"
+    _check_keys(cls, d, prefix)
     hints = typing.get_type_hints(cls)
     kw = {}
     for name, value in d.items():
         hint, key = hints[name], prefix + name
         sub = hint if dataclasses.is_dataclass(hint) else None
         if sub is SensitivityConfig:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key} must be a mapping, got {value!r}")
+            _check_keys(sub, value, key + ".")
             try:
                 kw[name] = SensitivityConfig.from_dict(value)
             except (ValueError, TypeError) as exc:

@@ -1,0 +1,92 @@
+"""``raysens`` command line.
+
+    raysens run CONFIG.yaml [--section.key=value ...]   run a job (Ray, or in-process with --cluster.use_ray=false)
+    raysens report RUN_DIR ...                            HTML/Markdown report of a run   (raysens.report)
+    raysens show RUN_DIR ...                              print a run's summary           (raysens.report)
+    raysens compare RUN_A RUN_B ...                       compare two runs                (raysens.report)
+
+``run`` joins the cluster named by ``--address=...`` (short for ``--cluster.address``) or
+``$RAY_ADDRESS``, and starts an embedded local Ray otherwise. Overrides are dotted keys with YAML
+values: ``--data.limit=100 --layers=[3,-1] --cluster.num_actors=2``. ``python jobs/run.py`` is the
+same command (the form ``ray job submit -- python jobs/run.py ...`` runs).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+USAGE = """usage: raysens run CONFIG.yaml [--section.key=value ...]
+       raysens report|show|compare ... (see `raysens report --help`)
+
+Run a sensitivity job described by CONFIG (YAML; see jobs/configs/). Overrides use dotted keys and
+YAML values, e.g. --data.limit=100 --layers=[3,-1] --cluster.num_actors=2 --output.dir=s3://b/run.
+--address=HOST:PORT joins a Ray cluster (default: $RAY_ADDRESS, else an embedded local Ray).
+"""
+
+
+def _errors():
+    from .config import ConfigError
+    from .corpus import CorpusError
+    from .distributed.driver import RunError
+    from .distributed.raypipe import ClusterError
+    from .distributed.work import PartialError
+    from .models import ModelLoadError
+
+    return ConfigError, (CorpusError, RunError, ClusterError, PartialError, ModelLoadError)
+
+
+def main_run(argv: Sequence[str], default_config: str | None = None) -> int:
+    """``raysens run``: CONFIG (optional when ``default_config`` is given) then ``--key=value`` overrides."""
+    argv = list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    config_path = default_config
+    if argv and not argv[0].startswith("--"):
+        config_path = argv.pop(0)
+    if config_path is None:
+        print(USAGE, file=sys.stderr)
+        print("raysens run: error: give a CONFIG file (e.g. jobs/configs/quickstart.yaml)", file=sys.stderr)
+        return 2
+    config_error, run_errors = _errors()
+    try:
+        from .config import load_config
+        from .pipeline import run
+
+        config = load_config(config_path, argv)
+        run(config)
+    except config_error as exc:
+        print(f"raysens run: config error: {exc}", file=sys.stderr)
+        return 2
+    except run_errors as exc:
+        print(f"raysens run: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report_command(name: str, argv: Sequence[str]) -> int:
+    try:
+        from . import report
+    except ImportError as exc:
+        print(f"raysens {name}: the reporting module (raysens.report) is not available ({exc})", file=sys.stderr)
+        return 1
+    return int(getattr(report, f"main_{name}")(list(argv)) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "run":
+        return main_run(rest)
+    if cmd in ("report", "show", "compare"):
+        return _report_command(cmd, rest)
+    print(f"raysens: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""RunConfig: YAML + dotted overrides, unknown keys rejected at every level, clear value errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raysens.config import ConfigError, RunConfig, load_config, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_job_configs_load():
+    for p in sorted((ROOT / "jobs" / "configs").glob("*.yaml")):
+        cfg = load_config(p)
+        assert isinstance(cfg, RunConfig), p
+
+
+def test_quickstart_config_is_the_documented_one():
+    cfg = load_config(ROOT / "jobs" / "configs" / "quickstart.yaml")
+    assert cfg.model.name == "smollm2" and cfg.data.source == "bundled" and cfg.data.max_seq_len == 32
+    assert 100 <= cfg.data.limit <= 1000
+
+
+def test_overrides_are_yaml_scalars_and_nested():
+    d = parse_overrides(["--data.limit=100", "--layers=[3,-1]", "--cluster.address=ray://h:10001",
+                         "--output.plots=false", "--sensitivity.num_probes=2", "--address=1.2.3.4:6379"])
+    assert d == {"data": {"limit": 100}, "layers": [3, -1], "cluster": {"address": "1.2.3.4:6379"},
+                 "output": {"plots": False}, "sensitivity": {"num_probes": 2}}
+    cfg = load_config(None, ["--data.limit=100", "--layers=[3,-1]", "--sensitivity.estimator=exact"])
+    assert cfg.data.limit == 100 and cfg.layers == (3, -1) and cfg.sensitivity.estimator.value == "exact"
+
+
+@pytest.mark.parametrize("override, names", [
+    ("--bogus=1", ["bogus", "model, data, sensitivity, layers, cluster, output"]),
+    ("--data.txt_column=x", ["data.txt_column", "text_column"]),
+    ("--cluster.num_gpus=1", ["cluster.num_gpus", "gpus_per_actor"]),
+    ("--output.directory=x", ["output.directory", "dir"]),
+    ("--model.path=x", ["model.path", "name"]),
+    ("--sensitivity.probes=3", ["sensitivity.probes", "num_probes"]),
+])
+def test_unknown_keys_name_the_key_and_the_known_ones(override, names):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    for n in names:
+        assert n in str(e.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  limit: 5\n  colum: text\n")
+    with pytest.raises(ConfigError, match="data.colum"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("--data.max_seq_len=0", "data.max_seq_len must be >= 1"),
+    ("--data.max_seq_len=-3", "data.max_seq_len must be >= 1"),
+    ("--data.limit=0", "data.limit"),
+    ("--data.limit=ten", "data.limit must be an integer"),
+    ("--cluster.num_actors=0", "cluster.num_actors"),
+    ("--cluster.batch_size=0", "cluster.batch_size"),
+    ("--layers=[]", "layers"),
+    ("--layers=[a]", r"layers\[0\] must be an integer"),
+    ("--sensitivity.estimator=frobenius", "estimator"),
+    ("--sensitivity.num_probes=0", "num_probes"),
+    ("--output.plots=maybe", "output.plots must be true or false"),
+    ("--data.kind=csv", "data.kind"),
+])
+def test_bad_values_are_clear_errors(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="--section.key=value"):
+        load_config(None, ["data.limit=3"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_fingerprint_tracks_numbers_not_resources():
+    a = load_config(None, [])
+    assert a.fingerprint() == load_config(None, ["--cluster.num_actors=4", "--output.dir=x"]).fingerprint()
+    assert a.fingerprint() != load_config(None, ["--cluster.batch_size=3"]).fingerprint()
+    assert a.fingerprint() != load_config(None, ["--sensitivity.seed=1"]).fingerprint()
+    assert a.fingerprint() != load_config(None, ["--data.limit=7"]).fingerprint()
+
+
+def test_roundtrip_to_dict():
+    cfg = load_config(None, ["--layers=[2,-1]", "--sensitivity.num_probes=3", "--data.shuffle=true"])
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
