@@ -42,9 +42,12 @@ def main_run(argv: Sequence[str], default_config: str | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
-    config_path = default_config
-    if argv and not argv[0].startswith("--"):
-        config_path = argv.pop(0)
+    positional = [a for a in argv if not a.startswith("--")]
+    if len(positional) > 1:
+        print(f"raysens run: error: one CONFIG file expected, got {positional}", file=sys.stderr)
+        return 2
+    config_path = positional[0] if positional else default_config
+    argv = [a for a in argv if a.startswith("--")]
     if config_path is None:
         print(USAGE, file=sys.stderr)
         print("raysens run: error: give a CONFIG file (e.g. jobs/configs/quickstart.yaml)", file=sys.stderr)

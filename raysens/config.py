@@ -84,8 +84,6 @@ class ClusterConfig:
     torch_threads: int | None = None  # intra-op threads per CPU actor; None: the node's cores / num_actors
     num_cpus: int | None = None  # embedded local Ray only: logical CPUs declared; None: max(4, 2 * num_actors + 2)
     tokenize_cpus: float = 0.25  # logical CPUs per tokenization task
-    max_actor_restarts: int = 3  # a dead actor is restarted this many times (its unit is retried on the new one)
-    max_task_retries: int = 3  # a unit whose actor died is retried this many times
 
     def __post_init__(self):
         if self.num_actors < 1:
@@ -98,8 +96,6 @@ class ClusterConfig:
             raise ConfigError(f"cluster.torch_threads must be >= 1, got {self.torch_threads}")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ConfigError(f"cluster.num_cpus must be >= 1, got {self.num_cpus}")
-        if self.max_actor_restarts < 0 or self.max_task_retries < 0:
-            raise ConfigError("cluster.max_actor_restarts / cluster.max_task_retries must be >= 0")
         if not 0 < self.tokenize_cpus:
             raise ConfigError(f"cluster.tokenize_cpus must be > 0, got {self.tokenize_cpus}")
 

@@ -58,24 +58,36 @@ def _run(config: RunConfig, use_ray: bool) -> RunSummary:
     plan = prepare(config)  # validates corpus, model, layers: raises before anything is written
     rdir = RunDir(plan)
     rdir.open()  # refuses a directory of another config; sets corrupt partials aside
-    manifest = base_manifest(plan, "running", started)
-    results.write_manifest(plan.run_dir, manifest)
     todo = rdir.todo()
-    n_todo = int(sum(len(u) for u in todo))
-    log(f"run {plan.fingerprint}: {plan.n_selected} samples of {plan.n_rows} in {len(plan.units)} units, "
-        f"layers {list(plan.layers)}, {config.sensitivity.estimator.value}; {n_todo} samples to compute "
-        f"-> {plan.run_dir}")
-    progress = Progress(plan.n_selected, plan.n_selected - n_todo, config.output.progress_every_s)
+    session = _connect(config) if (use_ray and todo) else None  # an unreachable cluster fails here
+    try:
+        manifest = base_manifest(plan, "running", started)
+        results.write_manifest(plan.run_dir, manifest)
+        n_todo = int(sum(len(u) for u in todo))
+        log(f"run {plan.fingerprint}: {plan.n_selected} samples of {plan.n_rows} in {len(plan.units)} units, "
+            f"layers {list(plan.layers)}, {config.sensitivity.estimator.value}; {n_todo} samples to compute "
+            f"-> {plan.run_dir}")
+        progress = Progress(plan.n_selected, plan.n_selected - n_todo, config.output.progress_every_s)
 
-    def on_result(unit: int, n: int, payload: bytes) -> None:
-        if rdir.add(unit, payload):
-            progress.update(n)
+        def on_result(unit: int, n: int, payload: bytes) -> None:
+            if rdir.add(unit, payload):
+                progress.update(n)
 
-    t1 = time.perf_counter()
-    backend: dict = {"backend": "ray" if use_ray else "local"}
-    if todo:
-        backend = _compute_ray(plan, todo, on_result) if use_ray else _compute_local(plan, todo, on_result)
-    t2 = time.perf_counter()
+        t1 = time.perf_counter()
+        backend: dict = {"backend": "ray" if use_ray else "local"}
+        if todo and use_ray:
+            from .distributed.raypipe import run_units
+
+            backend = {**run_units(config, plan.corpus, todo, plan.fingerprint, on_result),
+                       "address": session["address"], "cluster_resources": session["resources"]}
+        elif todo:
+            backend = _compute_local(plan, todo, on_result)
+        t2 = time.perf_counter()
+    finally:
+        if session and session["started_here"]:
+            import ray
+
+            ray.shutdown()
     missing = rdir.todo()
     if missing:
         raise RunError(f"{len(missing)} units produced no result (first sample_ids "
@@ -90,36 +102,26 @@ def _run(config: RunConfig, use_ray: bool) -> RunSummary:
     return RunSummary(plan.run_dir, m)
 
 
+def _connect(config: RunConfig) -> dict:
+    from .distributed.raypipe import connect
+
+    info = connect(config.cluster)
+    info["resources"] = {k: v for k, v in info["resources"].items() if k in ("CPU", "GPU", "memory")}
+    return info
+
+
 def _compute_local(plan: RunPlan, todo, on_result) -> dict:
     from .distributed.work import UnitWorker, get_tokenizer, tokenize_unit
 
     cfg = plan.config
-    device = cfg.model.device
-    if device == "auto":
-        device = "cpu"
-    worker = UnitWorker(cfg.model.name, cfg.model.trust_remote_code, device, cfg.sensitivity.to_dict(),
+    worker = UnitWorker(cfg.model.name, cfg.model.trust_remote_code, cfg.model.device, cfg.sensitivity.to_dict(),
                         list(cfg.layers), cfg.data.max_seq_len, plan.fingerprint)
     tok = get_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     for ids in todo:
         unit = tokenize_unit(ids, plan.corpus.texts(ids), tok, cfg.data.max_seq_len, cfg.data.min_tokens,
                              cfg.data.add_special_tokens)
         on_result(unit["unit"], len(ids), worker.process(unit))
-    return {"backend": "local", "device": device}
-
-
-def _compute_ray(plan: RunPlan, todo, on_result) -> dict:
-    import ray
-
-    from .distributed.raypipe import connect, run_units
-
-    info = connect(plan.config.cluster)
-    try:
-        out = run_units(plan.config, plan.corpus, todo, plan.fingerprint, on_result)
-    finally:
-        if info["started_here"]:
-            ray.shutdown()
-    return {**out, "address": info["address"],
-            "cluster_resources": {k: v for k, v in info["resources"].items() if k in ("CPU", "GPU", "memory")}}
+    return {"backend": "local", "device": worker.device}
 
 
 def _report(plan: RunPlan, m: dict) -> None:

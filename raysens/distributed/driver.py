@@ -196,24 +196,31 @@ class RunDir:
 
 # ---------------------------------------------------------------------- progress
 class Progress:
-    """``[raysens] 120/300 samples (40%) · 3.2 samples/s · ETA 56s`` every ``every_s`` seconds."""
+    """``[raysens] 120/300 samples (40%) · 3.2 samples/s · ETA 56s`` every ``every_s`` seconds.
+
+    The rate is measured from the first result on, so start-up (Ray, actors, model loading) does not
+    distort the ETA; before the second result it is taken from the start.
+    """
 
     def __init__(self, total: int, done: int, every_s: float):
-        self.total, self.done, self.every_s = total, done, every_s
-        self.start_done = done
+        self.total, self.done, self.start, self.every_s = total, done, done, every_s
         self.t0 = time.perf_counter()
+        self.first: tuple[float, int] | None = None  # (time, samples done) right after the first result
         self.last = -1e9
 
     def update(self, n: int) -> None:
-        self.done += n
         now = time.perf_counter()
+        self.done += n
+        if self.first is None:
+            self.first = (now, self.done)
         if now - self.last >= self.every_s or self.done >= self.total:
             self.last = now
             log(self.line(now))
 
-    def rate(self, now: float | None = None) -> float:
-        dt = (now or time.perf_counter()) - self.t0
-        return (self.done - self.start_done) / dt if dt > 0 else 0.0
+    def rate(self, now: float) -> float:
+        if self.first and self.done > self.first[1] and now > self.first[0]:
+            return (self.done - self.first[1]) / (now - self.first[0])
+        return (self.done - self.start) / (now - self.t0) if now > self.t0 else 0.0
 
     def line(self, now: float) -> str:
         rate = self.rate(now)

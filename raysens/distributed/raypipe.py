@@ -6,9 +6,9 @@
             {unit, samples, payload = the unit's partial (Welford state per layer + ids)}
         --> driver (iter_rows, streaming) persists each payload as it arrives.
 
-A dead actor is restarted by Ray (``max_restarts``) and its unit retried on the new actor
-(``max_task_retries``); since units are deterministic and the driver ignores units it already has,
-every sample is counted exactly once.
+A dead actor is restarted by Ray and its unit retried on the new actor (Ray Data's actor pool
+defaults: ``max_restarts=-1``, ``max_task_retries=-1``); since units are deterministic and the driver
+ignores units it already has, every sample is counted exactly once.
 """
 
 from __future__ import annotations
@@ -157,8 +157,7 @@ def run_units(config: RunConfig, corpus: Corpus, units: list[np.ndarray], finger
         fn_constructor_kwargs=dict(worker_kwargs=worker_kwargs, torch_threads=threads,
                                    kill_after=int(os.environ.get("RAYSENS_TEST_KILL_AFTER_UNITS", "0") or 0),
                                    kill_marker=os.environ.get("RAYSENS_TEST_KILL_MARKER", "")),
-        num_cpus=cl.cpus_per_actor, num_gpus=gpus,
-        max_restarts=cl.max_actor_restarts, max_task_retries=cl.max_task_retries)
+        num_cpus=cl.cpus_per_actor, num_gpus=gpus)  # Ray Data's defaults restart dead actors and retry their units
     t0 = time.perf_counter()
     for row in _rows(ds):
         on_result(int(row["unit"]), int(row["samples"]), row["payload"])
