@@ -134,6 +134,10 @@ class SensitivityBatch:
         return None if self.noise is None else np.sqrt(self.noise[layer])
 
 
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class _Stop(Exception):
     """Raised from a forward pre-hook once the deepest target layer's input has been captured."""
 
@@ -182,7 +186,14 @@ def draw_probes(dist: ProbeDistribution, seed: int, sample_id: int, layer: int, 
 def resolve_layer_indices(layers: int | Sequence[int], n_layers: int) -> tuple[int, ...]:
     """Absolute hidden_states indices (0..n_layers, sorted, deduplicated) for a model with
     ``n_layers`` blocks; negatives count from the end. Needs only the model's config."""
-    ls = [layers] if isinstance(layers, (int, np.integer)) else list(layers)
+    if isinstance(layers, (int, np.integer)):
+        ls = [layers]
+    else:
+        try:
+            ls = list(layers)
+        except TypeError:
+            raise ValueError(f"SensitivityEngine.compute: layer must be an int or a sequence of ints, "
+                             f"got {layers!r}") from None
     if not ls:
         raise ValueError("SensitivityEngine.compute: layers is empty")
     out = set()
@@ -408,21 +419,63 @@ class SensitivityEngine:
 
         def pack(t):
             saved[0] += t.numel() * t.element_size()
-            return t
+            return t.detach()  # NOT t: an op's own output saved as itself is a leaked reference cycle
 
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
             hs = self._forward(leaf, mask, layer_ids)
         layers_run = max(1, min(max(layer_ids), self.n_layers))
-        per_row = 2 * saved[0] // layers_run + 8 * bsz * b * (self.hidden + leaf.shape[-1])
+        # Working memory per cotangent row: a measured bytes-per-(row·token) figure once a CUDA chunk
+        # has run, else a conservative prior of ~10 layers' worth of saved activations.
+        tokens = bsz * b
+        prior = 10 * saved[0] // layers_run + 8 * tokens * (self.hidden + leaf.shape[-1])
+        per_row = max(prior, int(self._row_token_bytes * tokens))
         chunk = self._chunk(len(pos), per_row)
+        if self._oom_row_tokens:  # an earlier chunk ran out of memory: stay below half of it
+            chunk = max(1, min(chunk, self._oom_row_tokens // tokens))
         for L in layer_ids:
             if not hs[L].requires_grad:  # layer 0 of a model whose embedding output is e itself
                 hs[L] = hs[L] + 0 * leaf if hs[L] is not leaf else leaf
-            for s in range(0, len(pos), chunk):
+            s = 0
+            while s < len(pos):
                 p, dd = pos[s:s + chunk], d[s:s + chunk]
-                v = self._cotangents(p, dd, bsz, b, L, probes, valid)  # [chunk, batch, b, hidden]
-                g = self._vjp(hs[L], leaf, v)  # [chunk, batch, b, d_model]
+                try:
+                    base = self._mem_mark()
+                    v = self._cotangents(p, dd, bsz, b, L, probes, valid)  # [chunk, batch, b, hidden]
+                    g = self._vjp(hs[L], leaf, v)  # [chunk, batch, b, d_model]
+                except torch.cuda.OutOfMemoryError:
+                    if chunk == 1 or self.config.chunk_size:
+                        raise
+                    v = g = None
+                    chunk = self._after_oom(chunk)
+                    self._oom_row_tokens = chunk * tokens
+                    continue
                 self._accumulate(g, p, total[L], None if sumsq is None else sumsq[L], b)
+                self._calibrate(base, len(p) * tokens)
+                v = g = None
+                s += len(p)
+
+    # -- memory bookkeeping (CUDA): measure the real cost of a chunk, halve on OOM
+    _row_token_bytes = 0.0  # measured peak working bytes per (cotangent row × token); 0 until measured
+    _oom_row_tokens = 0  # largest (rows × tokens) known to fit after an OOM; 0 = none seen
+
+    def _mem_mark(self):
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return torch.cuda.memory_allocated(self.device)
+
+    def _calibrate(self, base, row_tokens):
+        if base is None or self.config.chunk_size:
+            return
+        used = torch.cuda.max_memory_allocated(self.device) - base
+        self._row_token_bytes = max(self._row_token_bytes, used / max(row_tokens, 1))
+
+    def _after_oom(self, chunk):
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        return max(1, chunk // 2)
 
     def _vjp(self, h, leaf, v):
         if self._strategy in (Strategy.AUTO, Strategy.VMAP):
@@ -441,9 +494,9 @@ class SensitivityEngine:
 
             def pack(t):
                 saved[0] += t.numel() * t.element_size()
-                return t
+                return t.detach()
 
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
                 self._forward(emb[:1].detach().requires_grad_(True), mask[:1], layer_ids)
         chunk = self._chunk(len(pos), saved[0] * bsz + 8 * bsz * b * self.hidden)
         for s in range(0, len(pos), chunk):
