@@ -73,6 +73,19 @@ def default_run_dir(config: RunConfig) -> str:
     return posixpath.join("runs", f"{name}-{config.fingerprint()}")
 
 
+def _run_dir(config: RunConfig) -> str:
+    """output.dir as given for URIs; local paths made absolute (and a warning inside a Ray job,
+    where a relative path lands in the job's temporary copy of the working directory)."""
+    d = config.output.dir or default_run_dir(config)
+    if "://" in d:
+        return d
+    if not os.path.isabs(os.path.expanduser(d)) and "job_submission_id" in os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", ""):
+        log(f"warning: output.dir {d!r} is relative; inside a Ray job it resolves to {os.path.abspath(d)} on the node "
+            "running the driver (a temporary copy of the working dir). Pass --output.dir=s3://... (or a shared path) "
+            "to read the results from elsewhere.")
+    return os.path.abspath(os.path.expanduser(d))
+
+
 def prepare(config: RunConfig) -> RunPlan:
     """Validate the corpus, model and layers and plan the units. Writes nothing."""
     from ..engine import resolve_layer_indices
@@ -87,7 +100,7 @@ def prepare(config: RunConfig) -> RunPlan:
         layers = resolve_layer_indices(list(config.layers), n_layers)
     except ValueError as exc:
         raise RunError(f"layers: {exc}".replace("SensitivityEngine.compute: ", "")) from None
-    return RunPlan(config, config.fingerprint(), config.output.dir or default_run_dir(config), corpus, n_rows,
+    return RunPlan(config, config.fingerprint(), _run_dir(config), corpus, n_rows,
                    plan_units(selected, config.cluster.batch_size), layers,
                    {"model_type": getattr(mcfg, "model_type", None), "num_hidden_layers": n_layers,
                     "hidden_size": int(getattr(mcfg, "hidden_size", 0) or 0)})
@@ -198,8 +211,8 @@ class RunDir:
 class Progress:
     """``[raysens] 120/300 samples (40%) · 3.2 samples/s · ETA 56s`` every ``every_s`` seconds.
 
-    The rate is measured from the first result on, so start-up (Ray, actors, model loading) does not
-    distort the ETA; before the second result it is taken from the start.
+    The rate is measured from the first result on (once that is 5 s ago), so start-up (Ray, actors,
+    model loading) does not distort the ETA; before that it is taken from the start.
     """
 
     def __init__(self, total: int, done: int, every_s: float):
@@ -218,7 +231,7 @@ class Progress:
             log(self.line(now))
 
     def rate(self, now: float) -> float:
-        if self.first and self.done > self.first[1] and now > self.first[0]:
+        if self.first and self.done > self.first[1] and now - self.first[0] >= 5.0:
             return (self.done - self.first[1]) / (now - self.first[0])
         return (self.done - self.start) / (now - self.t0) if now > self.t0 else 0.0
 
