@@ -20,6 +20,7 @@ import functools
 import os
 import posixpath
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ class RunPlan:
 
 def default_run_dir(config: RunConfig) -> str:
     name = config.model.name.rstrip("/").replace("\\", "/").split("/")[-1]
-    name = name[:-5] if name.endswith(".gguf") else name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name[:-5] if name.endswith(".gguf") else name)
     return posixpath.join("runs", f"{name}-{config.fingerprint()}")
 
 

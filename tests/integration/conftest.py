@@ -17,20 +17,30 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """Random 2-layer Llama (causal), hidden 32, MiniLM tokenizer."""
-    from raysens.distributed.testing import make_tiny_model
+TINY = "random:tiny-llama"  # seeded random 2-layer Llama, hidden 32, MiniLM tokenizer (raysens.models)
 
-    return str(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama"))
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return TINY
 
 
 @pytest.fixture(scope="session")
 def nan_model(tmp_path_factory):
-    """Like tiny_model, but the word "is" has a NaN embedding (non-finite sensitivities)."""
-    from raysens.distributed.testing import make_tiny_model
+    """The tiny model saved to disk with the word "is" given a NaN input embedding: every sample
+    containing it has non-finite sensitivities."""
+    import torch
 
-    return str(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-nan", nan_token="is"))
+    from raysens.models import load_model
+
+    lm = load_model(TINY)
+    (tid,) = lm.tokenizer("is", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        lm.model.get_input_embeddings().weight[tid] = float("nan")
+    out = tmp_path_factory.mktemp("models") / "tiny-nan"
+    lm.model.save_pretrained(out)
+    lm.tokenizer.save_pretrained(out)
+    return str(out)
 
 
 @pytest.fixture(scope="session")

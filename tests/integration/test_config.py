@@ -11,10 +11,9 @@ from raysens.config import ConfigError, RunConfig, load_config, parse_overrides
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_job_configs_load():
-    for p in sorted((ROOT / "jobs" / "configs").glob("*.yaml")):
-        cfg = load_config(p)
-        assert isinstance(cfg, RunConfig), p
+@pytest.mark.parametrize("name", ["quickstart.yaml", "sweep_10k.yaml", "exact_minilm.yaml"])
+def test_job_configs_load(name):
+    assert isinstance(load_config(ROOT / "jobs" / "configs" / name), RunConfig)
 
 
 def test_quickstart_config_is_the_documented_one():

@@ -1,0 +1,191 @@
+"""Benchmarks of the distributed pipeline (not of the core engine: see jobs/benchmark.py).
+
+    python jobs/bench_pipeline.py overhead [--model minilm] [--samples 96] [--seq-len 32] [--reps 2]
+    python jobs/bench_pipeline.py memory [--sizes 1000 10000]
+    python jobs/bench_pipeline.py all [--json out.json]
+
+``overhead``: steady-state throughput of the Ray pipeline with one CPU actor against the in-process
+core (``run_local``) on the same samples and the same work units. Both persist one partial file per
+unit as it arrives; the rate is the samples of units 2..n over the time between the first and the
+last partial (start-up: Ray, actor, model load, is reported separately as wall time). Runs alternate
+local / Ray so a change in machine load hits both.
+
+``memory``: peak resident memory of the *driver* process (sampled every 50 ms in a thread, plus
+``ru_maxrss``) for 1k and 10k samples of a tiny random-weight model on 2 CPU actors; each size runs
+in a fresh process. The growth above the driver's memory once Ray is up is what must stay flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+def _cfg(model: str, out: str, *extra: str):
+    from raysens.config import load_config
+
+    return load_config(None, [f"--model.name={model}", f"--output.dir={out}", "--output.plots=false",
+                              "--output.progress_every_s=30", *extra])
+
+
+def steady_rate(run_dir: str) -> float:
+    """samples/s between the first and the last persisted partial (units 2..n)."""
+    import numpy as np
+
+    pdir = Path(run_dir) / "partials"
+    files = sorted((p.stat().st_mtime, p) for p in pdir.glob("unit_*.npz"))
+    if len(files) < 2:
+        return float("nan")
+    n = 0
+    for _, p in files[1:]:
+        with np.load(p) as z:
+            n += len(json.loads(str(z["meta"]))["sample_ids"])
+    return n / (files[-1][0] - files[0][0])
+
+
+def overhead(model: str, samples: int, seq_len: int, batch: int, reps: int) -> dict:
+    from raysens.pipeline import run, run_local
+
+    rows = {"local": [], "ray": []}
+    with tempfile.TemporaryDirectory(prefix="rsbench") as tmp:
+        for r in range(reps):
+            for kind in ("local", "ray"):
+                extra = [f"--data.limit={samples}", f"--data.max_seq_len={seq_len}", f"--cluster.batch_size={batch}",
+                         "--cluster.num_actors=1"]
+                cfg = _cfg(model, f"{tmp}/{kind}{r}", *extra)
+                t = time.perf_counter()
+                s = (run_local if kind == "local" else run)(cfg)
+                wall = time.perf_counter() - t
+                rows[kind].append({"steady_samples_per_s": steady_rate(s.run_dir), "wall_s": wall,
+                                   "compute_s_total": s.manifest["timings"]["compute_s_total"]})
+                print(f"[bench] {kind} rep {r}: {rows[kind][-1]}", file=sys.stderr, flush=True)
+    med = {k: statistics.median(x["steady_samples_per_s"] for x in v) for k, v in rows.items()}
+    return {"model": model, "samples": samples, "seq_len": seq_len, "batch_size": batch, "reps": reps,
+            "runs": rows, "local_samples_per_s": med["local"], "ray_samples_per_s": med["ray"],
+            "ray_overhead_pct": 100.0 * (1.0 - med["ray"] / med["local"]),
+            "local_wall_s": statistics.median(x["wall_s"] for x in rows["local"]),
+            "ray_wall_s": statistics.median(x["wall_s"] for x in rows["ray"])}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _memory_child(samples: int, tmp: str) -> dict:
+    """Runs in a fresh process: the driver whose memory is measured."""
+    from raysens.corpus import bundled_corpus_path
+    from raysens.distributed.raypipe import connect
+    from raysens.pipeline import run
+
+    texts = [json.loads(line)["text"] for line in open(bundled_corpus_path())]
+    src = Path(tmp) / "corpus.jsonl"
+    with open(src, "w") as f:  # `samples` rows of real text (the bundled corpus, cycled)
+        for i in range(samples):
+            f.write(json.dumps({"text": texts[i % len(texts)]}) + "\n")
+    del texts
+    cfg = _cfg("random:tiny-llama", f"{tmp}/run", f"--data.source={src}", "--data.max_seq_len=8",
+               "--cluster.batch_size=32", "--cluster.num_actors=2", "--layers=[1,-1]")
+    connect(cfg.cluster)  # Ray up first: the baseline includes it
+    import ray
+
+    base = _rss_mb()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.05)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    t = time.perf_counter()
+    s = run(cfg)
+    wall = time.perf_counter() - t
+    stop.set()
+    th.join()
+    ray.shutdown()
+    return {"samples": samples, "computed": s.manifest["samples"]["computed"], "units": s.manifest["units"]["total"],
+            "wall_s": round(wall, 1), "driver_rss_before_run_mb": round(base, 1),
+            "driver_rss_peak_mb": round(peak[0], 1), "driver_rss_growth_mb": round(peak[0] - base, 1),
+            "driver_ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def memory(sizes: list[int]) -> list[dict]:
+    out = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix="rsmem") as tmp:
+            p = subprocess.run([sys.executable, __file__, "_memory_child", str(n), tmp], capture_output=True,
+                               text=True, timeout=3600)
+            if p.returncode != 0:
+                raise RuntimeError(f"memory run for {n} samples failed:\n{p.stderr[-3000:]}")
+            out.append(json.loads(p.stdout.strip().splitlines()[-1]))
+            print(f"[bench] memory {n}: {out[-1]}", file=sys.stderr, flush=True)
+    return out
+
+
+def machine() -> dict:
+    import platform
+
+    import ray
+    import torch
+
+    return {"cpus": len(os.sched_getaffinity(0)), "load_avg_1m": os.getloadavg()[0], "python": platform.python_version(),
+            "torch": torch.__version__, "ray": ray.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    o = sub.add_parser("overhead")
+    m = sub.add_parser("memory")
+    a = sub.add_parser("all")
+    for p in (o, a):
+        p.add_argument("--model", default="minilm")
+        p.add_argument("--samples", type=int, default=96)
+        p.add_argument("--seq-len", type=int, default=32)
+        p.add_argument("--batch", type=int, default=8)
+        p.add_argument("--reps", type=int, default=2)
+    for p in (m, a):
+        p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    for p in (o, m, a):
+        p.add_argument("--json", help="also write the results here")
+    c = sub.add_parser("_memory_child")
+    c.add_argument("samples", type=int)
+    c.add_argument("tmp")
+    args = ap.parse_args(argv)
+    if args.cmd == "_memory_child":
+        print(json.dumps(_memory_child(args.samples, args.tmp)))
+        return 0
+    res = {"machine": machine()}
+    if args.cmd in ("overhead", "all"):
+        res["overhead"] = overhead(args.model, args.samples, args.seq_len, args.batch, args.reps)
+    if args.cmd in ("memory", "all"):
+        res["memory"] = memory(args.sizes)
+    res["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
