@@ -1,6 +1,7 @@
 """``raysens`` command line.
 
     raysens run CONFIG.yaml [--section.key=value ...]   run a job (Ray, or in-process with --cluster.use_ray=false)
+    raysens sweep SWEEP.yaml [--key=value ...]           run a grid of runs in one job   (raysens.sweep)
     raysens report RUN_DIR ...                            HTML/Markdown report of a run   (raysens.report)
     raysens show RUN_DIR ...                              print a run's summary           (raysens.report)
     raysens compare RUN_A RUN_B ...                       compare two runs                (raysens.report)
@@ -17,6 +18,7 @@ import sys
 from typing import Sequence
 
 USAGE = """usage: raysens run CONFIG.yaml [--section.key=value ...]
+       raysens sweep SWEEP.yaml [--key=value ...] (see `raysens sweep --help`)
        raysens report|show|compare ... (see `raysens report --help`)
 
 Run a sensitivity job described by CONFIG (YAML; see jobs/configs/). Overrides use dotted keys and
@@ -85,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "run":
         return main_run(rest)
+    if cmd == "sweep":
+        from .sweep import main_sweep
+
+        return main_sweep(rest)
     if cmd in ("report", "show", "compare"):
         return _report_command(cmd, rest)
     print(f"raysens: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)

@@ -17,6 +17,7 @@ import math
 import os
 import socket
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable
 from urllib.parse import urlparse
 
@@ -87,11 +88,12 @@ class SensitivityActor:
     process exits (``os._exit``) in the middle of its next unit, once per marker file.
     """
 
-    def __init__(self, worker_kwargs: dict, torch_threads: int, kill_after: int = 0, kill_marker: str = ""):
+    def __init__(self, worker_kwargs: list[dict], torch_threads: int, kill_after: int = 0, kill_marker: str = ""):
         import torch
 
         torch.set_num_threads(max(1, int(torch_threads)))
-        self.worker = UnitWorker(**worker_kwargs)
+        shared: dict = {}  # one model load (and one engine per sensitivity config) for all cells
+        self.workers = [UnitWorker(**kw, shared=shared) for kw in worker_kwargs]
         self.units = 0
         self.kill_after, self.kill_marker = int(kill_after or 0), kill_marker
 
@@ -111,11 +113,11 @@ class SensitivityActor:
         out = []
         for unit in batch.to_pylist():
             self._maybe_die()
-            out.append({"unit": unit["unit"], "samples": len(unit["sample_ids"]),
-                        "payload": self.worker.process(unit)})
+            out.append({"cell": unit["cell"], "unit": unit["unit"], "samples": len(unit["sample_ids"]),
+                        "payload": self.workers[unit["cell"]].process(unit)})
             self.units += 1
         return pa.Table.from_pylist(out, schema=pa.schema(
-            [("unit", pa.int64()), ("samples", pa.int64()), ("payload", pa.binary())]))
+            [("cell", pa.int64()), ("unit", pa.int64()), ("samples", pa.int64()), ("payload", pa.binary())]))
 
 
 def _node_cores() -> int:
@@ -126,12 +128,34 @@ def _node_cores() -> int:
 
 
 # ---------------------------------------------------------------------- the pipeline
+@dataclass
+class CellUnits:
+    """One run's share of a pass over the actor pool: its config, corpus, units to compute, fingerprint."""
+
+    config: RunConfig
+    corpus: Corpus
+    units: list[np.ndarray]
+    fingerprint: str
+
+
 def run_units(config: RunConfig, corpus: Corpus, units: list[np.ndarray], fingerprint: str,
               on_result: Callable[[int, int, bytes], None]) -> dict:
     """Stream ``units`` through Ray Data; call ``on_result(unit, n_samples, payload)`` as they finish."""
+    return run_cells([CellUnits(config, corpus, units, fingerprint)], lambda _cell, u, n, p: on_result(u, n, p))
+
+
+def run_cells(cells: list[CellUnits], on_result: Callable[[int, int, int, bytes], None]) -> dict:
+    """Several runs of one model in one Ray Data pass; ``on_result(cell index, unit, n_samples, payload)``.
+
+    Each actor loads the model once and keeps one worker per cell over it (``UnitWorker(shared=...)``),
+    so a sweep's cells of one model share the pool and the weights. Pool settings: ``cells[0]``'s.
+    """
     import ray
 
-    cl, data, model = config.cluster, config.data, config.model
+    first = cells[0].config
+    cl, model = first.cluster, first.model
+    if any(c.config.model != model for c in cells):
+        raise ValueError("run_cells: all cells of one pass must use the same model config")
     gpus = cl.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -141,16 +165,17 @@ def run_units(config: RunConfig, corpus: Corpus, units: list[np.ndarray], finger
     else:
         threads = cl.torch_threads or max(1, _node_cores() // cl.num_actors)
         device = "cpu" if model.device == "auto" else model.device
-    worker_kwargs = dict(model_name=model.name, trust_remote_code=model.trust_remote_code, device=device,
-                         sensitivity=config.sensitivity.to_dict(), layers=list(config.layers),
-                         max_seq_len=data.max_seq_len, fingerprint=fingerprint)
-    items = [{"unit": int(u[0]), "sample_ids": [int(i) for i in u]} for u in units]
+    worker_kwargs = [dict(model_name=model.name, trust_remote_code=model.trust_remote_code, device=device,
+                          sensitivity=c.config.sensitivity.to_dict(), layers=list(c.config.layers),
+                          max_seq_len=c.config.data.max_seq_len, fingerprint=c.fingerprint) for c in cells]
+    tokenize_kwargs = [dict(corpus=c.corpus, max_seq_len=c.config.data.max_seq_len, min_tokens=c.config.data.min_tokens,
+                            add_special_tokens=c.config.data.add_special_tokens) for c in cells]
+    items = [{"cell": i, "unit": int(u[0]), "sample_ids": [int(x) for x in u]}
+             for i, c in enumerate(cells) for u in c.units]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), math.ceil(len(items) / 2), 1000)))
     ds = ds.map_batches(
         tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=cl.tokenize_cpus,
-        fn_kwargs=dict(corpus=corpus, model_name=model.name, trust_remote_code=model.trust_remote_code,
-                       max_seq_len=data.max_seq_len, min_tokens=data.min_tokens,
-                       add_special_tokens=data.add_special_tokens))
+        fn_kwargs=dict(cells=tokenize_kwargs, model_name=model.name, trust_remote_code=model.trust_remote_code))
     ds = ds.map_batches(
         SensitivityActor, batch_format="pyarrow", batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=cl.num_actors),
@@ -160,7 +185,7 @@ def run_units(config: RunConfig, corpus: Corpus, units: list[np.ndarray], finger
         num_cpus=cl.cpus_per_actor, num_gpus=gpus)  # Ray Data's defaults restart dead actors and retry their units
     t0 = time.perf_counter()
     for row in _rows(ds):
-        on_result(int(row["unit"]), int(row["samples"]), row["payload"])
+        on_result(int(row["cell"]), int(row["unit"]), int(row["samples"]), row["payload"])
     return {"backend": "ray", "num_actors": cl.num_actors, "gpus_per_actor": gpus, "cpus_per_actor": cl.cpus_per_actor,
             "torch_threads": threads, "pipeline_s": round(time.perf_counter() - t0, 3)}
 

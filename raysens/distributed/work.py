@@ -87,32 +87,43 @@ def tokenize_unit(unit_ids, texts, tokenizer, max_seq_len: int, min_tokens: int,
             "skipped_ids": skipped_ids, "skipped_reasons": reasons}
 
 
-def tokenize_batch(batch, corpus, model_name: str, trust_remote_code: bool, max_seq_len: int,
-                   min_tokens: int, add_special_tokens: bool):
-    """Ray Data ``map_batches`` function (batch_format="pyarrow"): units -> tokenized units."""
+def tokenize_batch(batch, cells: list[dict], model_name: str, trust_remote_code: bool):
+    """Ray Data ``map_batches`` function (batch_format="pyarrow"): units -> tokenized units.
+
+    Each row is ``{cell, unit, sample_ids}``; ``cells[cell]`` holds that run's ``corpus``, ``max_seq_len``,
+    ``min_tokens`` and ``add_special_tokens`` (one cell for a plain run, several for a sweep's pass).
+    """
     import pyarrow as pa
 
     tok = get_tokenizer(model_name, trust_remote_code)
     rows = []
-    for ids in batch.column("sample_ids").to_pylist():
-        rows.append(tokenize_unit(ids, corpus.texts(ids), tok, max_seq_len, min_tokens, add_special_tokens))
+    for cell, ids in zip(batch.column("cell").to_pylist(), batch.column("sample_ids").to_pylist()):
+        c = cells[cell]
+        rows.append({"cell": cell, **tokenize_unit(ids, c["corpus"].texts(ids), tok, c["max_seq_len"],
+                                                   c["min_tokens"], c["add_special_tokens"])})
     return pa.Table.from_pylist(rows, schema=tokenized_schema())
 
 
 def tokenized_schema():
     import pyarrow as pa
 
-    return pa.schema([("unit", pa.int64()), ("sample_ids", pa.list_(pa.int64())), ("run_ids", pa.list_(pa.int64())),
+    return pa.schema([("cell", pa.int64()), ("unit", pa.int64()), ("sample_ids", pa.list_(pa.int64())),
+                      ("run_ids", pa.list_(pa.int64())),
                       ("input_ids", pa.list_(pa.list_(pa.int32()))), ("skipped_ids", pa.list_(pa.int64())),
                       ("skipped_reasons", pa.list_(pa.string()))])
 
 
 # ---------------------------------------------------------------------- one unit through the core
 class UnitWorker:
-    """Holds one float32 model copy and turns tokenized units into partial payloads (bytes)."""
+    """Holds one float32 model copy and turns tokenized units into partial payloads (bytes).
+
+    ``shared``: a dict owned by the caller (one per process); workers given the same dict share one
+    loaded model, and one engine per distinct sensitivity config, so several runs of one model (a
+    sweep's cells) cost one model load. Partials carry ``load_id``, which names that load.
+    """
 
     def __init__(self, model_name: str, trust_remote_code: bool, device: str, sensitivity: dict,
-                 layers, max_seq_len: int, fingerprint: str):
+                 layers, max_seq_len: int, fingerprint: str, shared: dict | None = None):
         import torch
 
         from ..engine import SensitivityConfig, SensitivityEngine
@@ -121,8 +132,16 @@ class UnitWorker:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         t0 = time.perf_counter()
-        lm = load_model(model_name, device=device, trust_remote_code=trust_remote_code)
-        self.engine = SensitivityEngine(lm.model, SensitivityConfig.from_dict(sensitivity), device=device)
+        shared = {} if shared is None else shared
+        mkey = ("model", model_name, bool(trust_remote_code), str(device))
+        if mkey not in shared:
+            shared[mkey] = (load_model(model_name, device=device, trust_remote_code=trust_remote_code),
+                            f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}")
+        lm, self.load_id = shared[mkey]
+        ekey = ("engine", mkey, json.dumps(sensitivity, sort_keys=True))
+        if ekey not in shared:
+            shared[ekey] = SensitivityEngine(lm.model, SensitivityConfig.from_dict(sensitivity), device=device)
+        self.engine = shared[ekey]
         self.layers = self.engine.resolve_layers(list(layers))
         self.max_seq_len = int(max_seq_len)
         self.fingerprint = fingerprint
@@ -167,7 +186,7 @@ class UnitWorker:
             "sample_ids": [int(i) for i in unit["sample_ids"]], "computed_ids": run_ids,
             "skipped": {str(k): v for k, v in sorted(skipped.items())}, "layers": sorted(states),
             "compute_s": time.perf_counter() - t0, "host": socket.gethostname(), "pid": os.getpid(),
-            "device": self.device, "strategy": strategy, "model": self.model_identity,
+            "device": self.device, "strategy": strategy, "model": self.model_identity, "load_id": self.load_id,
         }
         return encode_partial(meta, states)
 
