@@ -130,9 +130,6 @@ class RunConfig:
     def to_dict(self) -> dict:
         return _plain(self)
 
-    def replace(self, **sections) -> "RunConfig":
-        return dataclasses.replace(self, **sections)
-
     def fingerprint(self) -> str:
         """Hash of everything that changes the numbers or which samples are in which work unit.
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from . import results
 from .config import RunConfig
-from .distributed.driver import Progress, RunDir, RunError, RunPlan, base_manifest, finalize, log, prepare, _now
+from .distributed.driver import Progress, RunDir, RunError, RunPlan, base_manifest, finalize, log, now_iso, prepare
 from .results import RunResult, load_run
 
 __all__ = ["run", "run_local", "RunSummary", "RunError", "load_run"]
@@ -54,7 +54,7 @@ def run_local(config: RunConfig) -> RunSummary:
 
 def _run(config: RunConfig, use_ray: bool) -> RunSummary:
     t0 = time.perf_counter()
-    started = _now()
+    started = now_iso()
     plan = prepare(config)  # validates corpus, model, layers: raises before anything is written
     rdir = RunDir(plan)
     rdir.open()  # refuses a directory of another config; sets corrupt partials aside
@@ -96,7 +96,7 @@ def _run(config: RunConfig, use_ray: bool) -> RunSummary:
                "samples_this_run": rdir.samples_written,
                "samples_per_s": round(rdir.samples_written / (t2 - t1), 4) if rdir.samples_written else None}
     m = finalize(plan, rdir, manifest, timings, backend)
-    m["timings"]["wall_s"] = round(time.perf_counter() - t0, 3)
+    m["timings"]["wall_s"] = round(time.perf_counter() - t0, 3)  # including the final merge and plots
     results.write_manifest(plan.run_dir, m)
     _report(plan, m)
     return RunSummary(plan.run_dir, m)

@@ -304,7 +304,7 @@ def finalize(plan: RunPlan, rdir: RunDir, manifest: dict, timings: dict, backend
                     "skip_reasons": {r: SKIP_REASONS[r] for r in skipped}}
     m["units"] = {**m["units"], "reused": len(plan.units) - rdir.written, "computed_this_run": rdir.written,
                   "corrupt_recomputed": rdir.corrupt}
-    m["timings"] = {**m["timings"], **timings, "finished": _now(), "compute_s_total": round(compute_s, 3)}
+    m["timings"] = {**m["timings"], **timings, "finished": now_iso(), "compute_s_total": round(compute_s, 3)}
     m["backend"] = {**backend, "devices": sorted(d for d in devices if d), "strategies": sorted(strategies)}
     if computed == 0:
         m["status"] = "failed"
@@ -317,10 +317,9 @@ def finalize(plan: RunPlan, rdir: RunDir, manifest: dict, timings: dict, backend
         results.write_layer_stats(plan.run_dir, L, _crop(st, seq))
     m["stats"] = {str(L): results.layer_file(L) for L in acc}
     m["status"] = "complete"
-    results.write_manifest(plan.run_dir, m)
+    results.write_manifest(plan.run_dir, m)  # complete before plotting: a plotting failure loses nothing
     if plan.config.output.plots:
         m["plots"] = write_plots(plan.run_dir)
-        results.write_manifest(plan.run_dir, m)
     return m
 
 
@@ -349,5 +348,5 @@ def write_plots(run_dir: str) -> list[str]:
     return [posixpath.relpath(p, base) if p.startswith(base) else p for p in paths]
 
 
-def _now() -> str:
+def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
