@@ -273,20 +273,24 @@ def merge_dicts(base: dict, over: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
-    """Read a YAML config (None: all defaults) and apply overrides (CLI strings or a nested dict)."""
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    """The mapping in a YAML file; a missing file, bad YAML or a non-mapping is a ConfigError naming ``what``."""
     import yaml
 
-    base: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            base = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-        if not isinstance(base, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} {str(path)!r} must hold a mapping")
+    return d
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
+    """Read a YAML config (None: all defaults) and apply overrides (CLI strings or a nested dict)."""
+    base = read_yaml_mapping(path, "config file") if path is not None else {}
     over = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
     return RunConfig.from_dict(merge_dicts(base, over))

@@ -207,6 +207,17 @@ def _load_converted(cached: Path):
     return model, tok
 
 
+def _cannot_load(name: str, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"load_model: cannot load {name!r}: not a packaged model ({', '.join(_PACKAGED)}), "
+        f"a readable directory, a .gguf file, or a locally cached hub id ({type(exc).__name__}: {exc})")
+
+
+def _ensure_pad_token(tok) -> None:
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+
+
 def load_model(name: str, *, device: str | torch.device = "cpu", trust_remote_code: bool = False,
                local_files_only: bool = True) -> LoadedModel:
     """Load a model + tokenizer ready for analysis.
@@ -249,13 +260,9 @@ def load_model(name: str, *, device: str | torch.device = "cpu", trust_remote_co
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(
-            f"load_model: cannot load {name!r}: not a packaged model ({', '.join(_PACKAGED)}), "
-            f"a readable directory, a .gguf file, or a locally cached hub id ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise _cannot_load(name, exc) from exc
     model = prepare_for_analysis(model).to(device)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    _ensure_pad_token(tok)
     return LoadedModel(model, tok, name, source, _model_info(model))
 
 
@@ -298,10 +305,6 @@ def load_tokenizer_and_config(name: str, *, trust_remote_code: bool = False, loc
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(
-            f"load_model: cannot load {name!r}: not a packaged model ({', '.join(_PACKAGED)}), "
-            f"a readable directory, a .gguf file, or a locally cached hub id ({type(exc).__name__}: {exc})"
-        ) from exc
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+        raise _cannot_load(name, exc) from exc
+    _ensure_pad_token(tok)
     return tok, config

@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from . import results
-from .config import ConfigError, RunConfig, merge_dicts, parse_overrides
+from .config import ConfigError, RunConfig, merge_dicts, parse_overrides, read_yaml_mapping
 
 SWEEP_KEYS = ("name", "dir", "base", "grid", "corpus")
 GRID_KEYS = ("models", "seq_lens", "datasets", "estimators", "layers")
@@ -184,17 +184,7 @@ def load_sweep(path: str | Path, overrides: list[str] | dict | None = None) -> S
     ``base``: ``--data.limit=100`` is ``--base.data.limit=100``, ``--address=...`` is
     ``--base.cluster.address=...``.
     """
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep config {str(path)!r} does not exist")
-    try:
-        d = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep config {str(path)!r} is not valid YAML: {exc}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"sweep config {str(path)!r} must hold a mapping")
+    d = read_yaml_mapping(path, "sweep config")
     over = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
     routed: dict = {}
     for k, v in over.items():
@@ -427,10 +417,10 @@ class SweepSummary:
 
 def run_sweep(sweep: Sweep, use_ray: bool | None = None) -> SweepSummary:
     """Run every unfinished cell (see the module doc). ``use_ray`` defaults to ``base.cluster.use_ray``."""
-    from .distributed.driver import Progress, RunDir, RunError, base_manifest, log, prepare, _now
+    from .distributed.driver import Progress, RunDir, RunError, base_manifest, log, prepare, now_iso
 
     t0 = time.perf_counter()
-    started = _now()
+    started = now_iso()
     corpus = _prepare_corpus(sweep)
     sweep = _with_corpus(sweep, corpus)
     cells = expand(sweep)
@@ -565,7 +555,7 @@ def run_sweep(sweep: Sweep, use_ray: bool | None = None) -> SweepSummary:
         status="complete" if not failures else "failed",
         cells=[_cell_entry(c, status[c.name]) for c in cells], groups=group_info,
         samples={"computed_all_cells": computed, "computed_this_run": progress.done - progress.start},
-        timings={"started": started, "finished": _now(), "wall_s": round(wall, 3),
+        timings={"started": started, "finished": now_iso(), "wall_s": round(wall, 3),
                  "samples_per_s_this_run": round((progress.done - progress.start) / wall, 3) if wall else None},
         driver_memory=mem.summary(), backend="ray" if use_ray else "local")
     _write_sweep(sweep, smanifest)
