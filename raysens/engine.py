@@ -230,6 +230,8 @@ class SensitivityEngine:
         self.causal = is_causal_model(self.model) if causal is None else bool(causal)
         self.pad_id = int(getattr(cfg, "pad_token_id", None) or 0)
         self._strategy = self.config.strategy  # may degrade from auto/vmap to loop once
+        # storages of the weights: tensors saved for backward that live there are not per-row memory
+        self._param_storage = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
 
     # ------------------------------------------------------------------ public
     def resolve_layers(self, layers: int | Sequence[int]) -> tuple[int, ...]:
@@ -418,7 +420,7 @@ class SensitivityEngine:
         saved = [0]
 
         def pack(t):
-            saved[0] += t.numel() * t.element_size()
+            saved[0] += self._activation_bytes(t)
             return t.detach()  # NOT t: an op's own output saved as itself is a leaked reference cycle
 
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
@@ -477,6 +479,16 @@ class SensitivityEngine:
         torch.cuda.empty_cache()
         return max(1, chunk // 2)
 
+    def _activation_bytes(self, t: torch.Tensor) -> int:
+        """Bytes of a tensor saved for backward, 0 for (views of) the frozen weights: counting the
+        weights as activations made the per-row memory prior ~GBs and the chunks tiny."""
+        try:
+            if t.untyped_storage().data_ptr() in self._param_storage:
+                return 0
+        except (RuntimeError, NotImplementedError):  # tensors without a plain storage
+            pass
+        return t.numel() * t.element_size()
+
     def _vjp(self, h, leaf, v):
         if self._strategy in (Strategy.AUTO, Strategy.VMAP):
             try:
@@ -493,7 +505,7 @@ class SensitivityEngine:
             saved = [0]
 
             def pack(t):
-                saved[0] += t.numel() * t.element_size()
+                saved[0] += self._activation_bytes(t)
                 return t.detach()
 
             with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):

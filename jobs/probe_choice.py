@@ -1,0 +1,124 @@
+"""Which Hutchinson probe distribution? Error of ``hutchinson`` against ``exact`` on real MiniLM-L6.
+
+Run by hand (about a minute on 2 CPU cores); the result is recorded in ``BENCHMARKS.md`` and
+justifies the default ``probe_distribution`` of ``raysens.engine.SensitivityConfig``::
+
+    . .venv/bin/activate
+    python jobs/probe_choice.py                       # 4 samples, S=12, last layer, 20 seeds
+    python jobs/probe_choice.py --samples 4 --seq-len 12 --seeds 20 --json /tmp/probe_choice.json
+
+For each probe law (rademacher, gaussian, sphere) and K ∈ {1, 4}: the relative Frobenius error
+``‖Â − A‖_F / ‖A‖_F`` of each sample's ``[S, S]`` map, averaged over samples and over run seeds
+(each seed draws fresh probes). ``A`` comes from the ``exact`` estimator (S·H VJPs). The seed
+document's ``projection`` estimator (``u = 1/√H·1``, deterministic) is shown for comparison.
+
+Why the laws differ: for one output position, ``‖vᵀJ_ij‖² = vᵀ M v`` with ``M = J_ij J_ijᵀ`` (H×H,
+PSD). Its variance is ``2‖M‖_F² − 2Σ_a M_aa²`` for Rademacher, ``2‖M‖_F²`` for Gaussian, and
+``2(H/(H+2))(‖M‖_F² − tr(M)²/H)`` for the sphere of radius √H, so Rademacher never loses to Gaussian;
+the sphere wins when ``M`` is close to a multiple of the identity, Rademacher when ``M`` is dominated
+by few coordinate directions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from raysens.engine import SensitivityConfig, SensitivityEngine  # noqa: E402
+
+SENTENCES = [
+    "The old lighthouse keeper climbed the narrow stairs every evening to light the lamp.",
+    "Researchers measured how quickly the glacier retreated over the last three decades.",
+    "She folded the letter twice and hid it between the pages of a dusty atlas.",
+    "A sudden storm forced the fishing boats back into the harbour before noon.",
+    "The committee postponed its decision until the final budget figures were available.",
+    "Children in the village learned to read by the light of a single oil lamp.",
+]
+
+
+def rel_fro(est: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Per-sample ``‖est − ref‖_F / ‖ref‖_F`` over the trailing ``[S, S]`` axes."""
+    return np.linalg.norm(est - ref, axis=(-2, -1)) / np.linalg.norm(ref, axis=(-2, -1))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=12)
+    ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--layer", type=int, default=-1)
+    ap.add_argument("--probes", type=int, nargs="*", default=[1, 4])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is more robust on a shared machine)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from raysens.models import load_model
+
+    t0 = time.perf_counter()
+    lm = load_model(args.model)
+    tok = lm.tokenizer
+    rows = []
+    for s in SENTENCES[: args.samples]:
+        ids = tok(s, add_special_tokens=False)["input_ids"]
+        while len(ids) < args.seq_len:
+            ids = ids + ids
+        rows.append(ids[: args.seq_len])
+    ids = torch.tensor(rows)
+    sids = list(range(len(rows)))
+
+    exact = SensitivityEngine(lm.model, SensitivityConfig(estimator="exact"))
+    L = exact.resolve_layers(args.layer)[0]
+    ref = exact.compute(ids, layers=L, sample_ids=sids).values[L]  # [samples, S, S]
+    proj = SensitivityEngine(lm.model, SensitivityConfig(estimator="projection")).compute(
+        ids, layers=L, sample_ids=sids).values[L]
+    print(f"{args.model}: {len(rows)} samples, S={args.seq_len}, layer {L}, {args.seeds} seeds, "
+          f"exact in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    results = {"model": args.model, "samples": len(rows), "seq_len": args.seq_len, "layer": L,
+               "seeds": args.seeds, "torch": torch.__version__,
+               "projection_rel_err": float(rel_fro(proj, ref).mean()), "hutchinson": []}
+    for k in args.probes:
+        for dist in ("rademacher", "gaussian", "sphere"):
+            errs = []
+            for seed in range(args.seeds):
+                eng = SensitivityEngine(lm.model, SensitivityConfig(
+                    estimator="hutchinson", num_probes=k, probe_distribution=dist, seed=seed))
+                est = eng.compute(ids, layers=L, sample_ids=sids).values[L]
+                errs.append(rel_fro(est, ref))  # [samples]
+            e = np.array(errs)  # [seeds, samples]
+            # spread of the mean over seeds (standard error), per-sample means
+            results["hutchinson"].append({
+                "distribution": dist, "K": k, "mean_rel_err": float(e.mean()),
+                "stderr": float(e.mean(1).std(ddof=1) / np.sqrt(len(e))),
+                "per_sample": e.mean(0).tolist()})
+            print(f"  K={k} {dist:10s}: mean rel. Frobenius error {e.mean():.4f}", flush=True)
+
+    print("\n" + "=" * 72)
+    print(f"{'estimator':24s} {'K':>2s} {'rel. Frobenius error (mean ± s.e.)':>36s}")
+    for r in results["hutchinson"]:
+        print(f"{'hutchinson/' + r['distribution']:24s} {r['K']:2d} "
+              f"{r['mean_rel_err']:28.4f} ± {r['stderr']:.4f}")
+    print(f"{'projection (seed tool)':24s} {'-':>2s} {results['projection_rel_err']:28.4f}   (deterministic)")
+    for k in args.probes:
+        best = min((r for r in results["hutchinson"] if r["K"] == k), key=lambda r: r["mean_rel_err"])
+        print(f"K={k}: lowest error: {best['distribution']}")
+    results["wall_s"] = time.perf_counter() - t0
+    print(f"wall time {results['wall_s']:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
