@@ -22,7 +22,7 @@ quickstart: $(STAMP)
 	$(BIN)/python jobs/quickstart.py $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --durations=15 tests/unit tests/integration tests/e2e $(ARGS)
+	$(BIN)/python -m pytest -q -ra --durations=15 tests $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
