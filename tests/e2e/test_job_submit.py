@@ -156,5 +156,5 @@ def test_quickstart_with_smollm2_on_embedded_ray(tmp_path):
     assert f"results: {out}" in p.stdout and "heatmap:" in p.stdout
     m = json.load(open(out / "manifest.json"))
     assert m["model"]["model_type"] == "llama" and m["model"]["num_hidden_layers"] == 30
-    assert m["samples"]["computed"] == 4 and m["seq_len"] == 32 and m["layers"] == [30]
+    assert m["samples"]["computed"] == 4 and m["seq_len"] == 32 and m["layers"] == [15]
     assert m["backend"]["address"] == "embedded local Ray"
