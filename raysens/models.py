@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import shutil
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,8 +192,12 @@ def _save_converted(model, tok, cached: Path) -> None:
     (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
     save_model(model, str(tmp / "model.safetensors"))
     tok.save_pretrained(tmp)
-    if not cached.exists():
-        tmp.replace(cached)
+    try:
+        tmp.replace(cached)  # atomic; another process (an actor, a tokenize task) may have won the race
+    except OSError:
+        if not (cached / "model.safetensors").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_converted(cached: Path):
