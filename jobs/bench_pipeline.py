@@ -4,11 +4,13 @@
     python jobs/bench_pipeline.py memory [--sizes 1000 10000]
     python jobs/bench_pipeline.py all [--json out.json]
 
-``overhead``: steady-state throughput of the Ray pipeline with one CPU actor against the in-process
-core (``run_local``) on the same samples and the same work units. Both persist one partial file per
-unit as it arrives; the rate is the samples of units 2..n over the time between the first and the
-last partial (start-up: Ray, actor, model load, is reported separately as wall time). Runs alternate
-local / Ray so a change in machine load hits both.
+``overhead``: the Ray pipeline with one CPU actor against the in-process core (``run_local``) on the
+same samples and the same work units. Both persist one partial per unit as it arrives; "steady" is
+measured between the first and the last partial (units 2..n, start-up excluded): samples/s, and
+CPU seconds per sample used by the driver and every process it started (GCS, raylet, Ray Data
+workers, the actor) — the measure that a machine shared with other jobs disturbs least, especially
+with one torch thread (``--threads 1``). End-to-end wall time and total CPU (start-up included) are
+reported too. Runs alternate local / Ray so a change in machine load hits both.
 
 ``memory``: peak resident memory of the *driver* process (sampled every 50 ms in a thread, plus
 ``ru_maxrss``) for 1k and 10k samples of a tiny random-weight model on 2 CPU actors; each size runs
@@ -44,43 +46,101 @@ def _cfg(model: str, out: str, *extra: str):
                               "--output.progress_every_s=30", *extra])
 
 
-def steady_rate(run_dir: str) -> float:
-    """samples/s between the first and the last persisted partial (units 2..n)."""
+class CpuMeter:
+    """CPU seconds (user + system) used by this process and all its descendants (the embedded Ray:
+    GCS, raylet, workers, actors), sampled every 0.2 s as a time series ``(time, cpu_s)``."""
+
+    def __enter__(self):
+        import psutil
+
+        self.me = psutil.Process()
+        self.seen: dict[int, float] = {}
+        self.series: list[tuple[float, float]] = []
+        self.stop = threading.Event()
+        t = self.me.cpu_times()
+        self.base = t.user + t.system
+        self.th = threading.Thread(target=self._poll, daemon=True)
+        self.th.start()
+        return self
+
+    def _total(self) -> float:
+        import psutil
+
+        for p in self.me.children(recursive=True):
+            try:
+                t = p.cpu_times()
+                self.seen[p.pid] = t.user + t.system
+            except psutil.Error:
+                pass
+        t = self.me.cpu_times()
+        return t.user + t.system - self.base + sum(self.seen.values())
+
+    def _poll(self):
+        while not self.stop.is_set():
+            self.series.append((time.time(), self._total()))
+            time.sleep(0.2)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.th.join()
+        self.cpu_s = self._total()
+
+    def at(self, t: float) -> float:
+        """CPU seconds used up to wall-clock time ``t`` (last sample at or before it)."""
+        best = 0.0
+        for ts, c in self.series:
+            if ts <= t:
+                best = c
+        return best
+
+
+def steady(run_dir: str, meter: CpuMeter) -> tuple[float, float]:
+    """(samples/s, CPU seconds per sample) between the first and the last persisted partial."""
     import numpy as np
 
-    pdir = Path(run_dir) / "partials"
-    files = sorted((p.stat().st_mtime, p) for p in pdir.glob("unit_*.npz"))
-    if len(files) < 2:
-        return float("nan")
+    files = sorted((p.stat().st_mtime, p) for p in (Path(run_dir) / "partials").glob("unit_*.npz"))
     n = 0
     for _, p in files[1:]:
         with np.load(p) as z:
             n += len(json.loads(str(z["meta"]))["sample_ids"])
-    return n / (files[-1][0] - files[0][0])
+    t0, t1 = files[0][0], files[-1][0]
+    return n / (t1 - t0), (meter.at(t1) - meter.at(t0)) / n
 
 
-def overhead(model: str, samples: int, seq_len: int, batch: int, reps: int) -> dict:
+def overhead(model: str, samples: int, seq_len: int, batch: int, reps: int, threads: int, layers: str = "[-1]") -> dict:
+    import torch
+
     from raysens.pipeline import run, run_local
 
+    torch.set_num_threads(threads)  # the in-process path uses this process's torch threads
     rows = {"local": [], "ray": []}
     with tempfile.TemporaryDirectory(prefix="rsbench") as tmp:
         for r in range(reps):
             for kind in ("local", "ray"):
                 extra = [f"--data.limit={samples}", f"--data.max_seq_len={seq_len}", f"--cluster.batch_size={batch}",
-                         "--cluster.num_actors=1"]
+                         "--cluster.num_actors=1", f"--cluster.torch_threads={threads}", f"--layers={layers}"]
                 cfg = _cfg(model, f"{tmp}/{kind}{r}", *extra)
                 t = time.perf_counter()
-                s = (run_local if kind == "local" else run)(cfg)
+                with CpuMeter() as cpu:
+                    s = (run_local if kind == "local" else run)(cfg)
                 wall = time.perf_counter() - t
-                rows[kind].append({"steady_samples_per_s": steady_rate(s.run_dir), "wall_s": wall,
-                                   "compute_s_total": s.manifest["timings"]["compute_s_total"]})
+                rate, cpu_per_sample = steady(s.run_dir, cpu)
+                rows[kind].append({"steady_samples_per_s": round(rate, 4), "steady_cpu_s_per_sample": round(cpu_per_sample, 4),
+                                   "wall_s": round(wall, 1), "cpu_s": round(cpu.cpu_s, 1),
+                                   "compute_s_total": s.manifest["timings"]["compute_s_total"],
+                                   "load_avg_1m": os.getloadavg()[0]})
                 print(f"[bench] {kind} rep {r}: {rows[kind][-1]}", file=sys.stderr, flush=True)
-    med = {k: statistics.median(x["steady_samples_per_s"] for x in v) for k, v in rows.items()}
+    med = {k: {m: statistics.median(x[m] for x in v) for m in ("steady_samples_per_s", "steady_cpu_s_per_sample",
+                                                                "wall_s", "cpu_s", "compute_s_total")}
+           for k, v in rows.items()}
     return {"model": model, "samples": samples, "seq_len": seq_len, "batch_size": batch, "reps": reps,
-            "runs": rows, "local_samples_per_s": med["local"], "ray_samples_per_s": med["ray"],
-            "ray_overhead_pct": 100.0 * (1.0 - med["ray"] / med["local"]),
-            "local_wall_s": statistics.median(x["wall_s"] for x in rows["local"]),
-            "ray_wall_s": statistics.median(x["wall_s"] for x in rows["ray"])}
+            "torch_threads": threads, "layers": layers, "runs": rows, "median": med,
+            "ray_overhead_steady_pct": round(100.0 * (1.0 - med["ray"]["steady_samples_per_s"]
+                                                      / med["local"]["steady_samples_per_s"]), 1),
+            "ray_overhead_steady_cpu_pct": round(100.0 * (med["ray"]["steady_cpu_s_per_sample"]
+                                                          / med["local"]["steady_cpu_s_per_sample"] - 1.0), 1),
+            "ray_overhead_cpu_pct": round(100.0 * (med["ray"]["cpu_s"] / med["local"]["cpu_s"] - 1.0), 1),
+            "ray_overhead_wall_pct": round(100.0 * (med["ray"]["wall_s"] / med["local"]["wall_s"] - 1.0), 1)}
 
 
 def _rss_mb() -> float:
@@ -163,6 +223,8 @@ def main(argv=None) -> int:
         p.add_argument("--seq-len", type=int, default=32)
         p.add_argument("--batch", type=int, default=8)
         p.add_argument("--reps", type=int, default=2)
+        p.add_argument("--threads", type=int, default=2, help="torch threads, in-process and in the actor")
+        p.add_argument("--layers", default="[-1]", help="target layers, as in --layers=[15]")
     for p in (m, a):
         p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     for p in (o, m, a):
@@ -176,7 +238,7 @@ def main(argv=None) -> int:
         return 0
     res = {"machine": machine()}
     if args.cmd in ("overhead", "all"):
-        res["overhead"] = overhead(args.model, args.samples, args.seq_len, args.batch, args.reps)
+        res["overhead"] = overhead(args.model, args.samples, args.seq_len, args.batch, args.reps, args.threads, args.layers)
     if args.cmd in ("memory", "all"):
         res["memory"] = memory(args.sizes)
     res["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
