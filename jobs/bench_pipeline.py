@@ -5,12 +5,11 @@
     python jobs/bench_pipeline.py all [--json out.json]
 
 ``overhead``: the Ray pipeline with one CPU actor against the in-process core (``run_local``) on the
-same samples and the same work units. Both persist one partial per unit as it arrives; "steady" is
-measured between the first and the last partial (units 2..n, start-up excluded): samples/s, and
-CPU seconds per sample used by the driver and every process it started (GCS, raylet, Ray Data
-workers, the actor) — the measure that a machine shared with other jobs disturbs least, especially
-with one torch thread (``--threads 1``). End-to-end wall time and total CPU (start-up included) are
-reported too. Runs alternate local / Ray so a change in machine load hits both.
+same samples and the same work units. Each path runs N and 2N samples; the difference divided by N
+is its steady cost per sample (start-up cancels out): wall seconds, CPU seconds of the driver and
+every process it started (GCS, raylet, Ray Data workers, the actor) — the measure that a machine
+shared with other jobs disturbs least, especially with one torch thread (``--threads 1``) — and the
+engine's own seconds. Ray's extra start-up cost is reported separately. Runs alternate local / Ray.
 
 ``memory``: peak resident memory of the *driver* process (sampled every 50 ms in a thread, plus
 ``ru_maxrss``) for 1k and 10k samples of a tiny random-weight model on 2 CPU actors; each size runs
@@ -48,99 +47,76 @@ def _cfg(model: str, out: str, *extra: str):
 
 class CpuMeter:
     """CPU seconds (user + system) used by this process and all its descendants (the embedded Ray:
-    GCS, raylet, workers, actors), sampled every 0.2 s as a time series ``(time, cpu_s)``."""
+    GCS, raylet, Ray Data workers, the actor); descendants are sampled every 0.2 s."""
 
     def __enter__(self):
         import psutil
 
         self.me = psutil.Process()
         self.seen: dict[int, float] = {}
-        self.series: list[tuple[float, float]] = []
         self.stop = threading.Event()
-        t = self.me.cpu_times()
-        self.base = t.user + t.system
+        self.base = sum(self.me.cpu_times()[:2])
         self.th = threading.Thread(target=self._poll, daemon=True)
         self.th.start()
         return self
 
-    def _total(self) -> float:
+    def _poll(self):
         import psutil
 
-        for p in self.me.children(recursive=True):
-            try:
-                t = p.cpu_times()
-                self.seen[p.pid] = t.user + t.system
-            except psutil.Error:
-                pass
-        t = self.me.cpu_times()
-        return t.user + t.system - self.base + sum(self.seen.values())
-
-    def _poll(self):
         while not self.stop.is_set():
-            self.series.append((time.time(), self._total()))
+            for p in self.me.children(recursive=True):
+                try:
+                    self.seen[p.pid] = sum(p.cpu_times()[:2])
+                except psutil.Error:
+                    pass
             time.sleep(0.2)
 
     def __exit__(self, *exc):
         self.stop.set()
         self.th.join()
-        self.cpu_s = self._total()
-
-    def at(self, t: float) -> float:
-        """CPU seconds used up to wall-clock time ``t`` (last sample at or before it)."""
-        best = 0.0
-        for ts, c in self.series:
-            if ts <= t:
-                best = c
-        return best
-
-
-def steady(run_dir: str, meter: CpuMeter) -> tuple[float, float]:
-    """(samples/s, CPU seconds per sample) between the first and the last persisted partial."""
-    import numpy as np
-
-    files = sorted((p.stat().st_mtime, p) for p in (Path(run_dir) / "partials").glob("unit_*.npz"))
-    n = 0
-    for _, p in files[1:]:
-        with np.load(p) as z:
-            n += len(json.loads(str(z["meta"]))["sample_ids"])
-    t0, t1 = files[0][0], files[-1][0]
-    return n / (t1 - t0), (meter.at(t1) - meter.at(t0)) / n
+        self.cpu_s = sum(self.me.cpu_times()[:2]) - self.base + sum(self.seen.values())
 
 
 def overhead(model: str, samples: int, seq_len: int, batch: int, reps: int, threads: int, layers: str = "[-1]") -> dict:
+    """Each path runs N and 2N samples; (cost(2N) - cost(N)) / N is its steady cost per sample, with
+    every start-up cost (Ray, workers, model load, plots) cancelling out."""
     import torch
 
     from raysens.pipeline import run, run_local
 
     torch.set_num_threads(threads)  # the in-process path uses this process's torch threads
-    rows = {"local": [], "ray": []}
+    runs = []
     with tempfile.TemporaryDirectory(prefix="rsbench") as tmp:
         for r in range(reps):
-            for kind in ("local", "ray"):
-                extra = [f"--data.limit={samples}", f"--data.max_seq_len={seq_len}", f"--cluster.batch_size={batch}",
-                         "--cluster.num_actors=1", f"--cluster.torch_threads={threads}", f"--layers={layers}"]
-                cfg = _cfg(model, f"{tmp}/{kind}{r}", *extra)
-                t = time.perf_counter()
-                with CpuMeter() as cpu:
-                    s = (run_local if kind == "local" else run)(cfg)
-                wall = time.perf_counter() - t
-                rate, cpu_per_sample = steady(s.run_dir, cpu)
-                rows[kind].append({"steady_samples_per_s": round(rate, 4), "steady_cpu_s_per_sample": round(cpu_per_sample, 4),
-                                   "wall_s": round(wall, 1), "cpu_s": round(cpu.cpu_s, 1),
-                                   "compute_s_total": s.manifest["timings"]["compute_s_total"],
-                                   "load_avg_1m": os.getloadavg()[0]})
-                print(f"[bench] {kind} rep {r}: {rows[kind][-1]}", file=sys.stderr, flush=True)
-    med = {k: {m: statistics.median(x[m] for x in v) for m in ("steady_samples_per_s", "steady_cpu_s_per_sample",
-                                                                "wall_s", "cpu_s", "compute_s_total")}
-           for k, v in rows.items()}
-    return {"model": model, "samples": samples, "seq_len": seq_len, "batch_size": batch, "reps": reps,
-            "torch_threads": threads, "layers": layers, "runs": rows, "median": med,
-            "ray_overhead_steady_pct": round(100.0 * (1.0 - med["ray"]["steady_samples_per_s"]
-                                                      / med["local"]["steady_samples_per_s"]), 1),
-            "ray_overhead_steady_cpu_pct": round(100.0 * (med["ray"]["steady_cpu_s_per_sample"]
-                                                          / med["local"]["steady_cpu_s_per_sample"] - 1.0), 1),
-            "ray_overhead_cpu_pct": round(100.0 * (med["ray"]["cpu_s"] / med["local"]["cpu_s"] - 1.0), 1),
-            "ray_overhead_wall_pct": round(100.0 * (med["ray"]["wall_s"] / med["local"]["wall_s"] - 1.0), 1)}
+            for n in (samples, 2 * samples):
+                for kind in ("local", "ray"):
+                    cfg = _cfg(model, f"{tmp}/{kind}{n}-{r}", f"--data.limit={n}", f"--data.max_seq_len={seq_len}",
+                               f"--cluster.batch_size={batch}", "--cluster.num_actors=1",
+                               f"--cluster.torch_threads={threads}", f"--layers={layers}")
+                    t = time.perf_counter()
+                    with CpuMeter() as cpu:
+                        s = (run_local if kind == "local" else run)(cfg)
+                    runs.append({"kind": kind, "samples": n, "rep": r, "wall_s": round(time.perf_counter() - t, 2),
+                                 "cpu_s": round(cpu.cpu_s, 2), "engine_s": s.manifest["timings"]["compute_s_total"],
+                                 "load_avg_1m": round(os.getloadavg()[0], 1)})
+                    print(f"[bench] {runs[-1]}", file=sys.stderr, flush=True)
+
+    def med(kind, n, key):
+        return statistics.median(x[key] for x in runs if x["kind"] == kind and x["samples"] == n)
+
+    out = {"model": model, "layers": layers, "samples": [samples, 2 * samples], "seq_len": seq_len,
+           "batch_size": batch, "reps": reps, "torch_threads": threads, "runs": runs}
+    for key in ("cpu_s", "wall_s", "engine_s"):
+        for kind in ("local", "ray"):
+            out[f"{kind}_steady_{key}_per_sample"] = round((med(kind, 2 * samples, key) - med(kind, samples, key))
+                                                           / samples, 4)
+        out[f"ray_overhead_steady_{key}_pct"] = round(100 * (out[f"ray_steady_{key}_per_sample"]
+                                                             / out[f"local_steady_{key}_per_sample"] - 1), 1)
+    for key in ("cpu_s", "wall_s"):
+        out[f"ray_startup_extra_{key}"] = round(med("ray", samples, key) - med("local", samples, key)
+                                                - samples * (out[f"ray_steady_{key}_per_sample"]
+                                                             - out[f"local_steady_{key}_per_sample"]), 1)
+    return out
 
 
 def _rss_mb() -> float:

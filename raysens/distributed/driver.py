@@ -213,12 +213,11 @@ class Progress:
     """``[raysens] 120/300 samples (40%) · 3.2 samples/s · ETA 56s`` every ``every_s`` seconds.
 
     The rate is measured from the first result on (once that is 5 s ago), so start-up (Ray, actors,
-    model loading) does not distort the ETA; before that it is taken from the start.
+    model loading) does not distort the ETA.
     """
 
     def __init__(self, total: int, done: int, every_s: float):
-        self.total, self.done, self.start, self.every_s = total, done, done, every_s
-        self.t0 = time.perf_counter()
+        self.total, self.done, self.every_s = total, done, every_s
         self.first: tuple[float, int] | None = None  # (time, samples done) right after the first result
         self.last = -1e9
 
@@ -231,17 +230,19 @@ class Progress:
             self.last = now
             log(self.line(now))
 
-    def rate(self, now: float) -> float:
+    def rate(self, now: float) -> float | None:
+        """samples/s since the first result, once that is 5 s ago (None before)."""
         if self.first and self.done > self.first[1] and now - self.first[0] >= 5.0:
             return (self.done - self.first[1]) / (now - self.first[0])
-        return (self.done - self.start) / (now - self.t0) if now > self.t0 else 0.0
+        return None
 
     def line(self, now: float) -> str:
-        rate = self.rate(now)
-        left = self.total - self.done
-        eta = _fmt_s(left / rate) if rate > 0 else "?"
         pct = 100.0 * self.done / max(self.total, 1)
-        return f"{self.done}/{self.total} samples ({pct:.0f}%) · {rate:.2f} samples/s · ETA {eta}"
+        head = f"{self.done}/{self.total} samples ({pct:.0f}%)"
+        rate = self.rate(now)
+        if rate is None:
+            return head + (" · measuring the rate" if self.done < self.total else "")
+        return f"{head} · {rate:.2f} samples/s · ETA {_fmt_s((self.total - self.done) / rate)}"
 
 
 def _fmt_s(s: float) -> str:

@@ -179,3 +179,14 @@ def test_shuffled_selection_runs_the_picked_ids(tiny_model, tmp_path):
     ids = Corpus(DataConfig(limit=6, shuffle=True, shuffle_seed=5)).select(s.manifest["samples"]["corpus_rows"])
     assert sorted(int(p[5:15]) for p in _partials(s.run_dir)) == sorted(int(u) for u in ids[::8])
     assert s.manifest["samples"]["computed"] == 6
+
+
+def test_progress_line_rate_and_eta_exclude_start_up():
+    from raysens.distributed.driver import Progress
+
+    p = Progress(100, 0, every_s=1e9)
+    assert p.line(0.0) == "0/100 samples (0%) · measuring the rate"
+    p.first, p.done = (50.0, 10), 30  # first result after 50 s of start-up, 20 more samples in 10 s
+    assert p.line(60.0) == "30/100 samples (30%) · 2.00 samples/s · ETA 35s"
+    p.done = 100
+    assert p.line(95.0).startswith("100/100 samples (100%) · 2.00 samples/s · ETA 0s")
