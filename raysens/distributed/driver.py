@@ -218,6 +218,7 @@ class Progress:
 
     def __init__(self, total: int, done: int, every_s: float):
         self.total, self.done, self.every_s = total, done, every_s
+        self.start = done  # samples already done before this run (resumed partials)
         self.first: tuple[float, int] | None = None  # (time, samples done) right after the first result
         self.last = -1e9
 
