@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from raysens.engine import SensitivityConfig, SensitivityEngine  # noqa: E402
+from raysens.fused import uninstall_fused_norms  # noqa: E402
 
 SENTENCES = [
     "The old lighthouse keeper climbed the narrow stairs every evening to light the lamp.",
@@ -140,6 +141,7 @@ def seed_loop(model, input_ids, attention_mask, target_layer, *, timings: dict |
 def seed_model_copy(model):
     """bf16 copy of ``model`` as the older tool held it (its default attention implementation)."""
     m = copy.deepcopy(model).to(torch.bfloat16)
+    uninstall_fused_norms(m)  # the seed ran Hugging Face's own modules (an engine may have switched them)
     try:  # HF's default for these architectures is SDPA; the older tool did not switch to eager
         m.set_attn_implementation("sdpa")
     except Exception:  # pragma: no cover - architecture without SDPA
@@ -441,7 +443,7 @@ def cpu_main(args) -> dict:
         results["transformers"] = transformers.__version__
     except ImportError:  # pragma: no cover
         pass
-    plan = [("smollm2", args.samples or 4, args.batch or 4), ("minilm", args.samples or 16, args.batch or 8)]
+    plan = [("smollm2", args.samples or 16, args.batch or 16), ("minilm", args.samples or 16, args.batch or 8)]
     for name, n, batch in plan:
         if args.models and name not in args.models:
             continue
@@ -588,11 +590,7 @@ def gpu_main(args) -> dict:
 
     log(f"seed loop (strict fp32, as PyTorch defaults), {args.seed_samples} sample(s) ...")
     set_precision(False)
-    seed_m = copy.deepcopy(model).to(torch.bfloat16)
-    try:
-        seed_m.set_attn_implementation("sdpa")
-    except Exception:  # pragma: no cover
-        pass
+    seed_m = seed_model_copy(model)
     tm = {}
     seed_loop(seed_m, ids[:1], am[:1], -1)  # warm-up (also converts back to bf16)
     seed_loop(seed_m, ids[:args.seed_samples], am[:args.seed_samples], -1, timings=tm)
@@ -621,8 +619,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="mode")
     c = sub.add_parser("cpu", help="seed loop vs raysens on SmolLM2 and MiniLM; exact vs jacrev")
-    c.add_argument("--samples", type=int, default=None, help="samples per timed run (default 4 SmolLM2, 16 MiniLM)")
-    c.add_argument("--batch", type=int, default=None, help="raysens batch size (default 4 SmolLM2, 8 MiniLM)")
+    c.add_argument("--samples", type=int, default=None, help="samples per timed run (default 16 SmolLM2, 16 MiniLM)")
+    c.add_argument("--batch", type=int, default=None, help="raysens batch size (default 16 SmolLM2, 8 MiniLM; the engine splits it into cache-sized groups on CPU)")
     c.add_argument("--seq-len", type=int, default=32)
     c.add_argument("--rounds", type=int, default=2, help="timed rounds (alternating seed, raysens)")
     c.add_argument("--models", nargs="*", choices=["smollm2", "minilm"], default=None)

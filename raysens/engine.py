@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .fused import install_fused_norms
 from .models import prepare_for_analysis
 
 
@@ -70,6 +71,7 @@ class SensitivityConfig:
     memory_budget_mb: int | None = None  # bound on backward working memory; None: 2048 CPU, ½ free GPU
     chunk_size: int | None = None  # cotangents per backward; overrides the memory budget if set
     causal_segments: int | None = None  # causal models: output-position segments run on their prefix only; None: fewest FLOPs (cost model)
+    fused_norms: bool = True  # RMSNorm backward by its closed form (same numbers, ~8-10 % faster on CPU); see fused.py
     backward_tokens: int | None = None  # CPU: target chunk·samples·tokens of one batched backward (cache-sized working set); None: 2048 CPU, no target CUDA
     seed: int = 0  # run seed; probes come from a generator seeded by (seed, sample_id, layer)
 
@@ -257,6 +259,7 @@ class SensitivityEngine:
         if device is not None:
             self.model.to(device)
         self.device = next(self.model.parameters()).device
+        self.fused_norms = install_fused_norms(self.model) if self.config.fused_norms else 0  # modules switched
         self.base = self.model.base_model  # the stack without any LM head
         cfg = self.model.config
         self.n_layers = int(cfg.num_hidden_layers)

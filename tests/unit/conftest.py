@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from raysens.fused import uninstall_fused_norms
+
 VOCAB = 100
 HIDDEN = 32
 N_LAYERS = 3
@@ -89,6 +91,7 @@ def jacobian(model: torch.nn.Module, ids, layer: int, chunk_size: int | None = N
     """float64 ``J[i, h, j, d] = ∂hidden_states[layer][i, h] / ∂e[j, d]`` of one sample, computed with
     ``torch.func.jacrev`` through Hugging Face's own ``output_hidden_states`` on ``inputs_embeds``."""
     m = copy.deepcopy(model).double().eval()
+    uninstall_fused_norms(m)  # Hugging Face's own modules only: no raysens formula in the reference
     base = m.base_model
     ids = torch.as_tensor(ids).long().reshape(1, -1)
     with torch.no_grad():
