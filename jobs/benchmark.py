@@ -13,6 +13,10 @@ CPU mode (default; real SmolLM2-135M and MiniLM-L6 from the offline model packag
   2. raysens ``exact`` vs a ``torch.func.jacrev`` full-Jacobian baseline on MiniLM at S=16, each in
      its own subprocess so that the peak RSS (``VmHWM``) belongs to one method only.
 
+Pipeline mode (Ray overhead with 1 actor vs the in-process core; driver memory at 1k/10k samples;
+``PIPELINE_BENCHMARKS.md``): ``python jobs/benchmark.py pipeline overhead|memory|all [...]`` runs
+``jobs/bench_pipeline.py`` with the same arguments.
+
 GPU mode (no Ray, no raysens install, no network: run from the repository root; only torch,
 transformers, numpy and safetensors are needed; random-weight Qwen2-1.5B-shaped model)::
 
@@ -616,9 +620,16 @@ def gpu_main(args) -> dict:
 
 # ----------------------------------------------------------------------------- entry point
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["pipeline"]:  # the distributed pipeline's benchmarks live in bench_pipeline.py
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_pipeline
+
+        return bench_pipeline.main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="mode")
     c = sub.add_parser("cpu", help="seed loop vs raysens on SmolLM2 and MiniLM; exact vs jacrev")
+    sub.add_parser("pipeline", help="the distributed pipeline: see jobs/bench_pipeline.py (arguments passed on)")
     c.add_argument("--samples", type=int, default=None, help="samples per timed run (default 16 SmolLM2, 16 MiniLM)")
     c.add_argument("--batch", type=int, default=None, help="raysens batch size (default 16 SmolLM2, 8 MiniLM; the engine splits it into cache-sized groups on CPU)")
     c.add_argument("--seq-len", type=int, default=32)
