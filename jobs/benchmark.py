@@ -300,24 +300,26 @@ def bench_model_cpu(name: str, n: int, seq: int, rounds: int, batch: int, layer:
     chunks.clear()
     seed_t, rs_t, cont = [], [], {"seed": [], "raysens": []}
     cpu_t = {"seed": [], "raysens": []}
-    for r in range(rounds):
+
+    def timed(tag: str, run, times: list) -> dict:
+        """One timed run after the machine went quiet; records wall, CPU and contention figures."""
         quiet_wait(max_wait)
         with Contention() as c:
-            a = run_seed(ids, am)
-        seed_t.append(a["per_sample_s"])
-        cpu_t["seed"].append(a["cpu_per_sample_s"])
-        cont["seed"].append(c.value)
+            res = run(ids, am)
+        times.append(res["per_sample_s"])
+        cpu_t[tag].append(res["cpu_per_sample_s"])
+        cont[tag].append(c.value)
+        res["other_cores"] = c.value
+        return res
+
+    for r in range(rounds):
+        a = timed("seed", run_seed, seed_t)
         log(f"   round {r + 1}: seed loop {a['per_sample_s']:.3f} s/sample "
             f"(loop {a['loop_s']:.2f}s + convert {a['convert_s']:.2f}s per batch, n={n}; "
-            f"CPU {a['cpu_per_sample_s']:.3f} s/sample; other processes: {c.value:.2f} cores)")
-        quiet_wait(max_wait)
-        with Contention() as c:
-            b = run_raysens(ids, am)
-        rs_t.append(b["per_sample_s"])
-        cpu_t["raysens"].append(b["cpu_per_sample_s"])
-        cont["raysens"].append(c.value)
+            f"CPU {a['cpu_per_sample_s']:.3f} s/sample; other processes: {a['other_cores']:.2f} cores)")
+        b = timed("raysens", run_raysens, rs_t)
         log(f"   round {r + 1}: raysens   {b['per_sample_s']:.3f} s/sample (CPU {b['cpu_per_sample_s']:.3f} s/sample; "
-            f"other processes: {c.value:.2f} cores)")
+            f"other processes: {b['other_cores']:.2f} cores)")
     # correctness of the baseline: seed loop == raysens `projection` on the same bf16-rounded weights
     ref = SensitivityEngine(copy.deepcopy(seed_m).float(), SensitivityConfig(estimator="projection"))
     seed_map = seed_loop(seed_m, ids[:1], am[:1], layer)[0]
@@ -658,7 +660,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.mode in (None, "cpu"):
         if args.mode is None:
-            args = ap.parse_args(["cpu"] + list(argv or sys.argv[1:]))
+            args = ap.parse_args(["cpu"] + argv)
         res = cpu_main(args)
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1, default=str))

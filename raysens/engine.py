@@ -402,14 +402,17 @@ class SensitivityEngine:
             self._seg_cache[key] = _dp_segments(seq, key[1], key[2], self._FWD_COST, self._SEG_COST)
         return self._seg_cache[key]
 
+    def _backward_tokens(self) -> int:
+        """CPU target of chunk·samples·tokens per batched backward (``backward_tokens``, default 2048)."""
+        return self.config.backward_tokens or 2048
+
     def _groups(self, bsz: int, rows: int, width: int) -> list[tuple[int, int]]:
         """Sample groups ``[g0, g1)`` for one segment. On CPU, ``rows`` cotangent rows × samples ×
         ``width`` tokens are kept near ``backward_tokens`` so that a backward's working set stays in
         cache (MiniLM S=32 K=1: 2 samples per backward ran 1.3x faster than 8); CUDA: one group."""
         if self.device.type != "cpu":
             return [(0, bsz)]
-        target = self.config.backward_tokens or 2048
-        g = max(1, min(bsz, target // max(rows * self._directions() * width, 1)))
+        g = max(1, min(bsz, self._backward_tokens() // max(rows * self._directions() * width, 1)))
         return [(s, min(bsz, s + g)) for s in range(0, bsz, g)]
 
     def _forward(self, emb, mask, layer_ids):
@@ -498,7 +501,7 @@ class SensitivityEngine:
         per_row = max(prior, int(self._row_token_bytes * tokens))
         chunk = self._chunk(len(pos), per_row)
         if self.device.type == "cpu" and not self.config.chunk_size:  # cache-sized backward (see _groups)
-            chunk = max(1, min(chunk, (self.config.backward_tokens or 2048) // tokens))
+            chunk = max(1, min(chunk, self._backward_tokens() // tokens))
         if self._oom_row_tokens:  # an earlier chunk ran out of memory: stay below half of it
             chunk = max(1, min(chunk, self._oom_row_tokens // tokens))
         for L in layer_ids:
