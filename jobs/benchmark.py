@@ -340,7 +340,7 @@ def bench_model_cpu(name: str, n: int, seq: int, rounds: int, batch: int, layer:
         "ratio_median": s_med / r_med, "ratio_best": min(seed_u) / min(rs_u),
         "clean_rounds": clean,
         "floor_gflop_per_sample": fl / 1e9, "raysens_achieved_gflops": fl / r_med / 1e9,
-        "strategy": engine.strategy_used, "segments": engine._segments(seq),
+        "strategy": engine.strategy_used, "segments": engine.segments_for(seq),
         "chunks": sorted({c[1] for c in chunks}), "seed_vs_projection_rel_err": check,
         "contention_cores": cont, "cpu_s_per_sample": cpu_t,
         "cpu_ratio_median": statistics.median(cpu_t["seed"]) / statistics.median(cpu_t["raysens"]),
@@ -545,9 +545,9 @@ def gpu_main(args) -> dict:
                                                         memory_budget_mb=budget), device=dev)
     n_blk = block_params(engine)
     fl = floor_flops(n_blk, seq, 1, engine.causal)
-    info.update(block_params=n_blk, floor_tflop_per_sample=fl / 1e12, segments=engine._segments(seq))
+    info.update(block_params=n_blk, floor_tflop_per_sample=fl / 1e12, segments=engine.segments_for(seq))
     log(f"N_blocks = {n_blk / 1e9:.3f} B, floor {fl / 1e12:.2f} TFLOP/sample (causal halved), "
-        f"segments {engine._segments(seq)}")
+        f"segments {engine.segments_for(seq)}")
 
     def measure(tag: str, tf32: bool):
         nonlocal engine, budget

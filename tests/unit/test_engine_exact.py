@@ -58,8 +58,8 @@ def test_layer_index_is_hf_hidden_states_index():
     np.testing.assert_array_equal(r0.values[0][0], model.config.hidden_size * np.eye(7))
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "replicate", "loop"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind,strategy", [(k, s) for k in KINDS for s in ("vmap", "replicate", "loop")]
+                         + [("llama", "manual"), ("qwen2", "manual")])
 def test_strategies_agree_with_reference(kind, strategy):
     model = tiny_model(kind)
     ids = random_ids(6, seed=21)
@@ -89,7 +89,7 @@ def test_chunking_does_not_change_values(chunk):
     model = tiny_model("qwen2")
     ids = random_ids(5, seed=3)
     A, _ = reference(model, ids, 2)
-    for strategy in ("vmap", "replicate"):
+    for strategy in ("vmap", "replicate", "manual"):
         r = _exact(model, ids, 2, strategy=strategy, **chunk)
         assert rel_fro(r.values[2][0], A) <= TOL
 
@@ -100,8 +100,9 @@ def test_causal_segments_give_same_numbers(kind):
     ids = random_ids(10, seed=8)
     A, _ = reference(model, ids, -1)
     vals = {}
+    strategies = ("vmap", "replicate") + (("manual",) if kind in ("llama", "qwen2") else ())
     for seg in (1, 2, 3, 10, None):
-        for strategy in ("vmap", "replicate"):
+        for strategy in strategies:
             r = _exact(model, ids, -1, causal_segments=seg, strategy=strategy)
             v = r.values[N_LAYERS][0]
             assert rel_fro(v, A) <= TOL, (seg, strategy)

@@ -201,14 +201,17 @@ def test_several_layers_equal_one_at_a_time(estimator, strategy):
     assert rel_fro(both.values[1], both.values[3]) > 1e-2
 
 
-def test_blocks_after_target_layer_and_lm_head_are_not_run():
+@pytest.mark.parametrize("strategy", ["vmap", "manual"])
+def test_blocks_after_target_layer_and_lm_head_are_not_run(strategy):
     model = copy.deepcopy(tiny_model("llama"))
+    eng = _engine(model, estimator="projection", strategy=strategy)  # its one-off checks run the model
     calls = {}
-    hooks = [blk.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls.get(i, 0) + 1))
+    # the MLP's last projection runs in both strategies (manual calls the block's modules, not the block)
+    hooks = [blk.mlp.down_proj.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls.get(i, 0) + 1))
              for i, blk in enumerate(model.model.layers)]
     hooks.append(model.lm_head.register_forward_hook(lambda *a: calls.__setitem__("head", 1)))
-    eng = _engine(model, estimator="projection")
     eng.compute(random_ids(5, seed=1)[None], layers=[0, 2])
+    assert eng.strategy_used == strategy
     assert set(calls) == {0, 1}  # hidden_states[2] is the output of blocks 0 and 1
     calls.clear()
     eng.compute(random_ids(5, seed=1)[None], layers=-1)

@@ -44,12 +44,22 @@ def test_fixed_number_of_segments_is_the_best_with_that_many(seq, n):
 
 
 def test_default_segments_for_s32_do_less_work_than_one_segment():
-    eng = SensitivityEngine(tiny_model("llama"), SensitivityConfig())
-    segs = eng._segments(32)
+    eng = SensitivityEngine(tiny_model("llama"), SensitivityConfig(strategy="vmap"))
+    segs = eng.segments_for(32)
     backward = sum((b - a) * b for a, b in segs)
-    forward = sum(b for _, b in segs)
+    forward = sum(b for _, b in segs)  # autograd: one forward per segment, on its prefix
     assert backward + forward < 0.75 * (32 * 32 + 32)
-    assert SensitivityEngine(tiny_model("bert"), SensitivityConfig())._segments(32) == [(0, 32)]
+    assert SensitivityEngine(tiny_model("bert"), SensitivityConfig()).segments_for(32) == [(0, 32)]
+
+
+def test_manual_segments_share_one_forward_and_come_close_to_the_triangle():
+    eng = SensitivityEngine(tiny_model("llama"), SensitivityConfig())
+    assert eng.strategy_used == "manual"
+    segs = eng.segments_for(32)
+    assert segs == _dp_segments(32, 1, None, 0.0, eng._SEG_COST_MANUAL["cpu"])
+    backward = sum((b - a) * b for a, b in segs)
+    assert backward + 32 <= 1.1 * (32 * 33 // 2 + 32)  # within 10 % of one token-pass per (i, j ≤ i)
+    assert eng.segments_for(32) != eng._segments(32, manual=False)
 
 
 def test_cpu_groups_follow_backward_tokens():

@@ -60,8 +60,9 @@ def test_engine_with_and_without_fused_norms_agree_and_match_jacrev(kind):
     a, b = make_model(kind), make_model(kind)
     ids = random_ids(8, seed=4)
     A, _ = reference(a, ids, -1)
-    ea = SensitivityEngine(a, SensitivityConfig(estimator="exact", fused_norms=True))
-    eb = SensitivityEngine(b, SensitivityConfig(estimator="exact", fused_norms=False))
+    # vmap: the autograd path is the one that runs the modules' (fused or not) backward
+    ea = SensitivityEngine(a, SensitivityConfig(estimator="exact", fused_norms=True, strategy="vmap"))
+    eb = SensitivityEngine(b, SensitivityConfig(estimator="exact", fused_norms=False, strategy="vmap"))
     assert ea.fused_norms == 2 * N_LAYERS + 1 and eb.fused_norms == 0
     va = ea.compute(ids[None]).values[N_LAYERS][0]
     vb = eb.compute(ids[None]).values[N_LAYERS][0]
