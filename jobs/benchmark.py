@@ -523,7 +523,8 @@ def gpu_main(args) -> dict:
     seq, bsz = args.seq_len, args.batch
     info = {"mode": "gpu", "device": str(dev), "tiny": args.tiny, "torch": torch.__version__,
             "transformers": transformers.__version__, "seq_len": seq, "batch": bsz, "layer": -1,
-            "estimator": "hutchinson", "num_probes": 1, "ray_imported": ray_imported()}
+            "estimator": "hutchinson", "num_probes": 1, "strategy_requested": args.strategy,
+            "ray_imported": ray_imported()}
     if cuda:
         info["gpu"] = torch.cuda.get_device_name(dev)
     log(f"benchmark gpu: torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -541,7 +542,7 @@ def gpu_main(args) -> dict:
     ids = torch.randint(10, cfg.vocab_size, (bsz, seq), generator=g)
     am = torch.ones_like(ids)
     budget = args.memory_budget_mb
-    engine = SensitivityEngine(model, SensitivityConfig(estimator="hutchinson", num_probes=1,
+    engine = SensitivityEngine(model, SensitivityConfig(estimator="hutchinson", num_probes=1, strategy=args.strategy,
                                                         memory_budget_mb=budget), device=dev)
     n_blk = block_params(engine)
     fl = floor_flops(n_blk, seq, 1, engine.causal)
@@ -577,6 +578,7 @@ def gpu_main(args) -> dict:
                 log(f"   {tag}: CUDA OOM; retrying with memory_budget_mb={budget}")
                 torch.cuda.empty_cache()
                 engine = SensitivityEngine(model, SensitivityConfig(estimator="hutchinson", num_probes=1,
+                                                                    strategy=args.strategy,
                                                                     memory_budget_mb=budget), device=dev)
         best = min(times)
         r = {"s_per_batch": times, "s_per_sample": best / bsz, "memory_budget_mb": budget,
@@ -651,6 +653,7 @@ def main(argv=None):
     gp.add_argument("--reps", type=int, default=2, help="timed batches per precision")
     gp.add_argument("--seed-samples", type=int, default=2)
     gp.add_argument("--memory-budget-mb", type=int, default=30000)
+    gp.add_argument("--strategy", default="auto", help="engine strategy (auto = manual for this Qwen2 model)")
     gp.add_argument("--out", default=os.environ.get("OUT"), help="directory for benchmark_gpu.json (default $OUT)")
     m = sub.add_parser("_mem")  # internal: one method of exact-vs-jacrev in its own process
     m.add_argument("method", choices=["exact", "jacrev"])

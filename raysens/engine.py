@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .fused import install_fused_norms
-from .manual import LlamaStack, unsupported_reason
+from .manual import ManualStack, make_stack, unsupported_reason
 from .models import prepare_for_analysis
 
 
@@ -275,7 +275,7 @@ class SensitivityEngine:
         self.causal = is_causal_model(self.model) if causal is None else bool(causal)
         self.pad_id = int(getattr(cfg, "pad_token_id", None) or 0)
         self._strategy = self.config.strategy  # may degrade from auto/vmap to loop once
-        self._manual = self._manual_stack()  # LlamaStack when the manual backward is used, else None
+        self._manual = self._manual_stack()  # the model's ManualStack when the manual backward is used, else None
         self._used: str | None = None  # "manual" if the last compute call used it, "" if not, None: no call yet
         self._seg_cache: dict = {}  # (seq, directions, causal_segments) -> segments
         # storages of the weights: tensors saved for backward that live there are not per-row memory
@@ -302,13 +302,13 @@ class SensitivityEngine:
             return self._used
         return (Strategy.VMAP if self._strategy in (Strategy.AUTO, Strategy.MANUAL) else self._strategy).value
 
-    def _manual_stack(self) -> LlamaStack | None:
+    def _manual_stack(self) -> ManualStack | None:
         want = self.config.strategy
         if want not in (Strategy.AUTO, Strategy.MANUAL):
             return None
         reason = unsupported_reason(self.model)
         if reason is None:
-            stack = LlamaStack(self.model)
+            stack = make_stack(self.model)
             reason = stack.check(self._forward)
             if reason is None:
                 return stack
@@ -597,7 +597,7 @@ class SensitivityEngine:
                 try:
                     base = self._mem_mark()
                     v = self._cotangents(p, dd, bsz, b, L, probes, valid)  # [chunk, batch, b, hidden]
-                    g = self._manual.vjp(fwd, L, v, rows)  # [chunk, batch, b, d_model]
+                    g = self._manual.vjp(fwd, L, v, rows, p.to(self.device))  # [chunk, batch, b, d_model]
                 except torch.cuda.OutOfMemoryError:
                     if chunk == 1 or self.config.chunk_size:
                         raise

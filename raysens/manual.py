@@ -16,8 +16,9 @@ cotangents of a chunk laid out so that every matrix product is one large GEMM:
 - RMSNorm: closed form ``r·(g⊙w − x̂·⟨g⊙w, x̂⟩/D)``.
 
 Supported: ``llama``, ``mistral``, ``qwen2`` (and models with the same modules), SiLU MLP, eager
-attention without sliding window inside the analysed length. Before it is used on a model,
-``LlamaStack.check`` compares one VJP against autograd through the model's own modules. Shapes use
+attention without sliding window inside the analysed length; ``bert`` in ``manual_bert.py``. Before
+it is used on a model, ``ManualStack.check`` compares VJPs against autograd through the model's own
+modules. Shapes use
 ``chunk`` (cotangents), ``batch``, ``pos`` (prefix length b), ``d_model``, ``heads``/``kv_heads``,
 ``group`` (query heads per key/value head), ``head_dim``, ``inter`` (MLP width). No Ray.
 """
@@ -30,14 +31,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-_TYPES = {"llama", "mistral", "qwen2"}
+_TYPES = {"llama", "mistral", "qwen2"}  # and "bert": raysens/manual_bert.py
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
     """Why ``model`` cannot use the manual backward (None when its structure fits)."""
     cfg = model.config
+    if cfg.model_type == "bert":
+        from .manual_bert import bert_unsupported_reason
+
+        return bert_unsupported_reason(model)
     if cfg.model_type not in _TYPES:
-        return f"model_type {cfg.model_type!r} is not one of {sorted(_TYPES)}"
+        return f"model_type {cfg.model_type!r} is not one of {sorted(_TYPES | {'bert'})}"
     if getattr(cfg, "hidden_act", None) != "silu":
         return f"hidden_act {getattr(cfg, 'hidden_act', None)!r} is not 'silu'"
     base = model.base_model
@@ -70,14 +75,62 @@ class _Saved:
     ab: torch.Tensor  # [batch, S, 2, inter] (u·silu'(g), silu(g)): d(silu(g)·u)/d(g, u)
 
 
-class LlamaStack:
+def make_stack(model: torch.nn.Module) -> "ManualStack":
+    """The manual stack for ``model`` (ValueError naming the reason when there is none)."""
+    reason = unsupported_reason(model)
+    if reason:
+        raise ValueError(f"SensitivityEngine: strategy 'manual' does not support this model: {reason}")
+    if model.config.model_type == "bert":
+        from .manual_bert import BertStack
+
+        return BertStack(model)
+    return LlamaStack(model)
+
+
+class ManualStack:
+    """Interface of a hand-written stack: ``forward(emb, mask, upto)`` saves what the backward
+    needs; ``vjp(forward_out, layer, cot, rows, pos)`` pushes ``[chunk, batch', pos, d_model]``
+    cotangents (row c nonzero only at position ``pos[c]``) from hidden_states[layer] to the embeddings."""
+
+    window: int | None = None  # longest input the stack computes exactly (sliding attention); None: any
+
+    def fits(self, seq: int) -> bool:
+        """False when a sliding window would cut the attention of a ``seq``-token input."""
+        return self.window is None or seq <= self.window
+
+    def check(self, engine_forward, rtol: float = 1e-4) -> str | None:
+        """Compare one VJP (2 samples, one right-padded, several hidden_states indices) with autograd
+        through the model's own modules (``engine_forward(emb, mask, layers)``); None when they agree."""
+        p0 = next(self.model.parameters())
+        n = self.n_layers
+        gen = torch.Generator(device=p0.device).manual_seed(0)
+        d = self.model.config.hidden_size
+        seq = min(5, self.window or 5)  # inside the sliding window, where the manual path applies
+        emb = torch.randn(2, seq, d, device=p0.device, generator=gen)
+        mask = torch.ones(2, seq, dtype=torch.long, device=p0.device)
+        mask[1, max(1, seq - 2):] = 0  # the second sample is right-padded
+        out = self.forward(emb, mask, n)
+        for L in sorted({0, 1, n // 2, n}):
+            pos = torch.arange(seq, device=p0.device) % int(mask[1].sum())  # one position per row
+            cot = torch.zeros(seq, 2, seq, d, device=p0.device)
+            cot[torch.arange(seq), :, pos] = torch.randn(seq, 2, d, device=p0.device, generator=gen)
+            leaf = emb.clone().requires_grad_(True)
+            with torch.enable_grad():
+                h = engine_forward(leaf, mask, [L])[L]
+                want = torch.autograd.grad(h, leaf, cot, is_grads_batched=True)[0]
+            got = self.vjp(out, L, cot.clone(), slice(0, 2), pos)
+            err = float((got - want).norm() / want.norm().clamp_min(1e-30))
+            hs_err = float((out[-1][L] - h.detach()).norm() / h.detach().norm().clamp_min(1e-30))
+            if not (err <= rtol and hs_err <= rtol):
+                return f"hidden_states[{L}]: VJP relative error {err:.2e}, forward {hs_err:.2e} > {rtol:g}"
+        return None
+
+
+class LlamaStack(ManualStack):
     """Forward that saves activations, and batched VJPs from any hidden_states index to the
     embeddings, for a Llama-family ``model`` (float32, frozen, eval)."""
 
     def __init__(self, model: torch.nn.Module):
-        reason = unsupported_reason(model)
-        if reason:
-            raise ValueError(f"SensitivityEngine: strategy 'manual' does not support this model: {reason}")
         self.model = model
         self.base = model.base_model
         self.blocks = self.base.layers
@@ -92,11 +145,8 @@ class LlamaStack:
         windows = [getattr(b.self_attn, "sliding_window", None) for b in self.blocks]
         if cfg.model_type == "mistral":
             windows.append(getattr(cfg, "sliding_window", None))
-        self.window = min([int(w) for w in windows if w], default=None)  # longest exact length; None: any
-
-    def fits(self, seq: int) -> bool:
-        """False when a sliding window would cut the attention of a ``seq``-token input."""
-        return self.window is None or seq <= self.window
+        self.window = min([int(w) for w in windows if w], default=None)
+        self.n_layers = len(self.blocks)
 
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
@@ -148,11 +198,13 @@ class LlamaStack:
 
     # ------------------------------------------------------------------ backward
     @torch.no_grad()
-    def vjp(self, forward_out, layer: int, cot: torch.Tensor, rows: slice) -> torch.Tensor:
+    def vjp(self, forward_out, layer: int, cot: torch.Tensor, rows: slice, pos=None) -> torch.Tensor:
         """Batched VJP of hidden_states[layer] w.r.t. the embeddings for samples ``rows`` of the
         forward batch: ``cot`` ``[chunk, batch', pos, d_model]`` (pos = prefix length b, any b ≤ S;
         the model is causal, so the saved full-length activations are those of the prefix).
-        Returns ``[chunk, batch', pos, d_model]``; ``cot`` is consumed (overwritten)."""
+        Returns ``[chunk, batch', pos, d_model]``; ``cot`` is consumed (overwritten). ``pos`` (the
+        one nonzero position of each row) is not used: the MLP of the top block is ~3 % of SmolLM2's
+        backward and runs dense."""
         saved, final, (cos, sin), _ = forward_out
         b = cot.shape[2]
         g = cot.contiguous()
@@ -183,34 +235,16 @@ class LlamaStack:
                               blk.post_attention_layernorm.weight))
         # ---- attention
         go = (g2 @ at.o_proj.weight).view(c, bsz, b, kvh, grp, hd)  # [chunk, batch, pos, kv_heads, group, hd]
-        go = go.permute(1, 3, 4, 2, 0, 5).contiguous()  # [batch, kv_heads, group, pos, chunk, hd]
-        bk = bsz * kvh
-        p = sv.p[rows, :, :, :b, :b]  # [batch, kv_heads, group, pos_q, pos_k]
-        v = sv.v[rows, :, :b].reshape(bk, b, hd)
-        kr = sv.kr[rows, :, :b].reshape(bk, b, hd)
-        gp = torch.bmm(go.view(bk, grp * b * c, hd), v.transpose(1, 2))  # [bk, group·pos_q·chunk, pos_k]
-        gp = gp.view(bsz, kvh, grp, b, c, b)
-        pe = p.unsqueeze(-2)  # [batch, kv_heads, group, pos_q, 1, pos_k]
-        dsum = (gp * pe).sum(-1, keepdim=True)
-        gs = gp.sub_(dsum).mul_(pe * self.scaling)  # dscores·scaling, [batch, kv_heads, group, pos_q, chunk, pos_k]
-        gp = dsum = None
+        gq, gk, gv = attention_backward(go, sv.p[rows, :, :, :b, :b], sv.qr[rows, :, :, :b], sv.kr[rows, :, :b],
+                                        sv.v[rows, :, :b], self.scaling)
+        go = None
         buf = torch.empty(c, bsz, b, self.heads + 2 * kvh, hd, device=g.device, dtype=g.dtype)
-        # queries: dq_rot = gs @ k_rot; rotary backward into buf[..., :heads, :]
-        gq = torch.bmm(gs.view(bk, grp * b * c, b), kr).view(bsz, kvh, grp, b, c, hd)
         qv = buf[:, :, :, :self.heads].view(c, bsz, b, kvh, grp, hd).permute(1, 3, 4, 2, 0, 5)
         _rope_backward(gq, cos[:, None, None, :, None, :], sin[:, None, None, :, None, :], qv)
-        gq = None
-        # keys: dk_rot[c, t] = Σ_(group, s) gs[.., s, c, t] q_rot[.., s]
-        qr = sv.qr[rows, :, :, :b].reshape(bk, grp * b, hd)
-        gk = torch.bmm(gs.view(bk, grp * b, c * b).transpose(1, 2), qr).view(bsz, kvh, c, b, hd)
         kv = buf[:, :, :, self.heads:self.heads + kvh].permute(1, 3, 0, 2, 4)  # [batch, kv_heads, chunk, pos, hd]
         _rope_backward(gk, cos[:, None, None], sin[:, None, None], kv)
-        gk = gs = None
-        # values: dv[c, t] = Σ_(group, s) p[.., s, t] go[.., s, c]
-        pt = p.reshape(bk, grp * b, b).transpose(1, 2)  # [bk, pos_k, group·pos_q]
-        gv = torch.bmm(pt, go.view(bk, grp * b, c * hd)).view(bsz, kvh, b, c, hd)
         buf[:, :, :, self.heads + kvh:].permute(1, 3, 2, 0, 4).copy_(gv)
-        gv = go = None
+        gq = gk = gv = None
         b2 = buf.view(m, -1)
         qw, kw = self.heads * hd, kvh * hd
         gn = b2[:, :qw] @ at.q_proj.weight  # [chunk·batch·pos, d_model]
@@ -229,31 +263,31 @@ class LlamaStack:
         qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
         return 4 * (4 * d + 3 * inter + 2 * qkv + 2 * self.heads * pos)
 
-    def check(self, engine_forward, rtol: float = 1e-4) -> str | None:
-        """Compare one VJP (2 samples, one right-padded, every hidden_states index) with autograd
-        through the model's own modules (``engine_forward(emb, mask, layers)``); None when they agree."""
-        p0 = next(self.model.parameters())
-        n = len(self.blocks)
-        gen = torch.Generator(device=p0.device).manual_seed(0)
-        d = self.model.config.hidden_size
-        seq = min(5, self.window or 5)  # inside the sliding window, where the manual path applies
-        emb = torch.randn(2, seq, d, device=p0.device, generator=gen)
-        mask = torch.ones(2, seq, dtype=torch.long, device=p0.device)
-        mask[1, max(1, seq - 2):] = 0  # the second sample is right-padded
-        layers = sorted({0, 1, n // 2, n})
-        out = self.forward(emb, mask, n)
-        for L in layers:
-            cot = torch.randn(1, 2, seq, d, device=p0.device, generator=gen) * mask[None, :, :, None]
-            leaf = emb.clone().requires_grad_(True)
-            with torch.enable_grad():
-                h = engine_forward(leaf, mask, [L])[L]
-                want = torch.autograd.grad(h, leaf, cot[0])[0] if h.requires_grad else cot[0]
-            got = self.vjp(out, L, cot.clone(), slice(0, 2))[0]
-            err = float((got - want).norm() / want.norm().clamp_min(1e-30))
-            hs_err = float((out[3][L] - h.detach()).norm() / h.detach().norm().clamp_min(1e-30))
-            if not (err <= rtol and hs_err <= rtol):
-                return f"hidden_states[{L}]: VJP relative error {err:.2e}, forward {hs_err:.2e} > {rtol:g}"
-        return None
+
+def attention_backward(go, p, q, k, v, scaling):
+    """Backward of softmax attention (frozen weights) for a chunk of cotangents, heads grouped by
+    key/value head (GQA without copies; group = 1 for multi-head attention).
+
+    Args: go ``[chunk, batch, pos, kv_heads, group, head_dim]`` (d output); p ``[batch, kv_heads,
+    group, pos_q, pos_k]`` probabilities; q ``[batch, kv_heads, group, pos, head_dim]``; k, v
+    ``[batch, kv_heads, pos, head_dim]``; scores = q·kᵀ·scaling.
+    Returns gq ``[batch, kv_heads, group, pos, chunk, head_dim]``, gk ``[batch, kv_heads, chunk, pos,
+    head_dim]``, gv ``[batch, kv_heads, pos, chunk, head_dim]`` (layouts that make every product one bmm).
+    """
+    c, bsz, b, kvh, grp, hd = go.shape
+    bk = bsz * kvh
+    go = go.permute(1, 3, 4, 2, 0, 5).contiguous()  # [batch, kv_heads, group, pos, chunk, hd]
+    v, k = v.reshape(bk, b, hd), k.reshape(bk, b, hd)
+    gp = torch.bmm(go.view(bk, grp * b * c, hd), v.transpose(1, 2)).view(bsz, kvh, grp, b, c, b)
+    pe = p.unsqueeze(-2)  # [batch, kv_heads, group, pos_q, 1, pos_k]
+    dsum = (gp * pe).sum(-1, keepdim=True)
+    gs = gp.sub_(dsum).mul_(pe * scaling)  # d scores · scaling: [batch, kv_heads, group, pos_q, chunk, pos_k]
+    gq = torch.bmm(gs.view(bk, grp * b * c, b), k).view(bsz, kvh, grp, b, c, hd)
+    # dk[c, t] = Σ_(group, s) gs[.., s, c, t] q[.., s];  dv[c, t] = Σ_(group, s) p[.., s, t] go[.., s, c]
+    gk = torch.bmm(gs.view(bk, grp * b, c * b).transpose(1, 2), q.reshape(bk, grp * b, hd)).view(bsz, kvh, c, b, hd)
+    pt = p.reshape(bk, grp * b, b).transpose(1, 2)  # [bk, pos_k, group·pos_q]
+    gv = torch.bmm(pt, go.view(bk, grp * b, c * hd)).view(bsz, kvh, b, c, hd)
+    return gq, gk, gv
 
 
 def _norm(x, w, eps):

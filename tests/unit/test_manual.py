@@ -12,7 +12,7 @@ import transformers as tf
 
 from conftest import N_LAYERS, VOCAB, make_model, reference, random_ids, rel_fro, tiny_model
 from raysens.engine import SensitivityConfig, SensitivityEngine
-from raysens.manual import LlamaStack, unsupported_reason
+from raysens.manual import LlamaStack, make_stack, unsupported_reason
 
 TOL = 1e-5
 
@@ -61,9 +61,10 @@ def test_manual_exact_matches_jacrev_every_layer_padded_batch(kind):
             assert (v[n:] == 0).all() and (v[:, n:] == 0).all() and (np.triu(v, 1) == 0).all()
 
 
+@pytest.mark.parametrize("kind", ["llama", "bert"])
 @pytest.mark.parametrize("estimator", ["hutchinson", "projection"])
-def test_manual_equals_vmap_with_the_same_probes(estimator):
-    model = tiny_model("llama")
+def test_manual_equals_vmap_with_the_same_probes(estimator, kind):
+    model = tiny_model(kind)
     cfg = dict(estimator=estimator, num_probes=3, seed=11)
     ids = torch.stack([random_ids(9, seed=1), random_ids(9, seed=2)])
     am = torch.ones_like(ids)
@@ -91,13 +92,12 @@ def test_manual_segments_and_groups_do_not_change_the_numbers(segments):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-7 * ref.max())
 
 
-def test_auto_uses_manual_for_llama_family_only():
-    assert SensitivityEngine(tiny_model("llama")).strategy_used == "manual"
-    assert SensitivityEngine(tiny_model("qwen2")).strategy_used == "manual"
-    for kind in ("gpt2", "bert"):
-        eng = SensitivityEngine(tiny_model(kind))
-        assert eng.strategy_used == "vmap" and eng._manual is None
-        assert "model_type" in unsupported_reason(tiny_model(kind))
+def test_auto_uses_manual_for_llama_family_and_bert_only():
+    for kind in ("llama", "qwen2", "bert"):
+        assert SensitivityEngine(tiny_model(kind)).strategy_used == "manual"
+    eng = SensitivityEngine(tiny_model("gpt2"))
+    assert eng.strategy_used == "vmap" and eng._manual is None
+    assert "model_type" in unsupported_reason(tiny_model("gpt2"))
     with pytest.raises(ValueError, match=r"strategy 'manual'.*model_type 'gpt2'"):
         SensitivityEngine(tiny_model("gpt2"), SensitivityConfig(strategy="manual"))
 
@@ -143,3 +143,44 @@ def test_vjp_consumes_only_the_requested_rows_and_prefix():
     got = stack.vjp(full, 2, cot.clone(), slice(1, 3))
     want = stack.vjp(stack.forward(emb[1:3, :5], mask[1:3, :5], N_LAYERS), 2, cot.clone(), slice(0, 2))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bert_manual_exact_matches_jacrev_every_layer_padded_batch():
+    model = tiny_model("bert")
+    eng = SensitivityEngine(model, SensitivityConfig(estimator="exact", strategy="manual", chunk_size=11))
+    ids, am = _batch([7, 4, 6], seed=50)
+    r = eng.compute(ids, am, layers=list(range(N_LAYERS + 1)))
+    assert r.strategy == "manual"
+    for L in range(N_LAYERS + 1):
+        for s, n in enumerate([7, 4, 6]):
+            A, _ = reference(model, ids[s, :n], L)
+            v = r.values[L][s]
+            assert rel_fro(v[:n, :n], A) <= TOL, (L, s)
+            assert (v[n:] == 0).all() and (v[:, n:] == 0).all()
+        assert np.triu(r.values[L][0], 1).max() > 0 if L else True  # an encoder: both directions
+
+
+def test_bert_top_block_on_one_position_equals_the_dense_backward():
+    """Rows nonzero at one position each: the position-wise top block gives the dense result."""
+    model = make_model("bert", seed=4)
+    stack = make_stack(model)
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(3, 6, 32, generator=g)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[2, 4:] = 0
+    fwd = stack.forward(emb, mask, N_LAYERS)
+    pos = torch.tensor([0, 5, 2, 2, 3])
+    cot = torch.zeros(5, 3, 6, 32)
+    cot[torch.arange(5), :, pos] = torch.randn(5, 3, 32, generator=g)
+    for L in (1, N_LAYERS):
+        dense = stack.vjp(fwd, L, cot.clone(), slice(0, 3))
+        sparse = stack.vjp(fwd, L, cot.clone(), slice(0, 3), pos)
+        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_bert_with_another_activation_is_not_manual():
+    cfg = copy.deepcopy(tiny_model("bert").config)
+    cfg.hidden_act = "relu"
+    model = tf.BertModel(cfg).eval()
+    assert "hidden_act" in unsupported_reason(model)
+    assert SensitivityEngine(model).strategy_used == "vmap"
