@@ -350,16 +350,20 @@ class SensitivityEngine:
         sumsq = {L: torch.zeros_like(total[L]) for L in layer_ids} if (probes is not None and k >= 2) else None
         manual = self._manual is not None and self._manual.fits(seq)
         self._used = Strategy.MANUAL.value if manual else ""
-        fwd = self._manual.forward(emb, mask, max(layer_ids)) if manual else None  # one forward, all segments
-        for a, b in self._segments(seq, manual):
-            for g0, g1 in self._groups(bsz, b - a, b):  # CPU: sample groups sized for the cache
-                sub = slice(g0, g1)
-                run = self._run_manual if manual else self._run_segment
-                run(emb[sub, :b], mask[sub, :b], a, b, layer_ids,
-                    None if probes is None else {L: p[sub] for L, p in probes.items()},
-                    {L: t[sub] for L, t in total.items()},
-                    None if sumsq is None else {L: t[sub] for L, t in sumsq.items()},
-                    **({"fwd": fwd, "rows": sub} if manual else {}))
+        # manual: one forward per block of samples (its saved activations bounded by the memory
+        # budget) serves all segments; autograd: one forward per segment and sample group
+        for f0, f1 in (self._forward_groups(bsz, seq, max(layer_ids)) if manual else [(0, bsz)]):
+            fwd = self._manual.forward(emb[f0:f1], mask[f0:f1], max(layer_ids)) if manual else None
+            for a, b in self._segments(seq, manual):
+                for g0, g1 in self._groups(f1 - f0, b - a, b):  # CPU: sample groups sized for the cache
+                    sub = slice(f0 + g0, f0 + g1)
+                    run = self._run_manual if manual else self._run_segment
+                    run(emb[sub, :b], mask[sub, :b], a, b, layer_ids,
+                        None if probes is None else {L: p[sub] for L, p in probes.items()},
+                        {L: t[sub] for L, t in total.items()},
+                        None if sumsq is None else {L: t[sub] for L, t in sumsq.items()},
+                        **({"fwd": fwd, "rows": slice(g0, g1)} if manual else {}))
+            fwd = None
         vals, noise = {}, ({} if sumsq is not None else None)
         for L in layer_ids:
             if cfg.estimator is Estimator.HUTCHINSON:
@@ -516,19 +520,26 @@ class SensitivityEngine:
             v[ar, :, pos_d, :] = probes[layer][:, pos_d, d_d, :].transpose(0, 1)  # [chunk, batch, hidden]
         return v * valid[None, :, :, None]  # zero rows of padded output positions; valid [batch, width]
 
+    def _forward_groups(self, bsz: int, seq: int, upto: int) -> list[tuple[int, int]]:
+        """Manual strategy: samples per shared forward, so that its saved activations stay within
+        the memory budget (at least one sample per forward)."""
+        per_sample = max(1, self._manual.saved_bytes(seq, upto))
+        n = max(1, min(bsz, self._budget_bytes() // per_sample))
+        return [(s, min(bsz, s + n)) for s in range(0, bsz, n)]
+
+    def _budget_bytes(self) -> int:
+        """``memory_budget_mb`` in bytes; default 2 GiB on CPU, half the free memory on CUDA."""
+        budget = self.config.memory_budget_mb
+        if budget is not None:
+            return int(budget) << 20
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0] // 2
+        return 2048 << 20
+
     def _chunk(self, n_rows, per_row_bytes):
         if self.config.chunk_size:
             return min(n_rows, int(self.config.chunk_size))
-        budget = self.config.memory_budget_mb
-        if budget is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget_b = free // 2
-            else:
-                budget_b = 2048 << 20
-        else:
-            budget_b = int(budget) << 20
-        return int(max(1, min(n_rows, budget_b // max(per_row_bytes, 1))))
+        return int(max(1, min(n_rows, self._budget_bytes() // max(per_row_bytes, 1))))
 
     def _run_segment(self, emb, mask, a, b, layer_ids, probes, total, sumsq):
         bsz = emb.shape[0]
@@ -552,32 +563,12 @@ class SensitivityEngine:
         tokens = bsz * b
         prior = 10 * saved[0] // layers_run + 8 * tokens * (self.hidden + leaf.shape[-1])
         per_row = max(prior, int(self._row_token_bytes * tokens))
-        chunk = self._chunk(len(pos), per_row)
-        if self.device.type == "cpu" and not self.config.chunk_size:  # cache-sized backward (see _groups)
-            chunk = max(1, min(chunk, self._backward_tokens() // tokens))
-        if self._oom_row_tokens:  # an earlier chunk ran out of memory: stay below half of it
-            chunk = max(1, min(chunk, self._oom_row_tokens // tokens))
+        chunk = self._cap_chunk(self._chunk(len(pos), per_row), tokens)
         for L in layer_ids:
             if not hs[L].requires_grad:  # layer 0 of a model whose embedding output is e itself
                 hs[L] = hs[L] + 0 * leaf if hs[L] is not leaf else leaf
-            s = 0
-            while s < len(pos):
-                p, dd = pos[s:s + chunk], d[s:s + chunk]
-                try:
-                    base = self._mem_mark()
-                    v = self._cotangents(p, dd, bsz, b, L, probes, valid)  # [chunk, batch, b, hidden]
-                    g = self._vjp(hs[L], leaf, v)  # [chunk, batch, b, d_model]
-                except torch.cuda.OutOfMemoryError:
-                    if chunk == 1 or self.config.chunk_size:
-                        raise
-                    v = g = None
-                    chunk = self._after_oom(chunk)
-                    self._oom_row_tokens = chunk * tokens
-                    continue
-                self._accumulate(g, p, total[L], None if sumsq is None else sumsq[L], b)
-                self._calibrate(base, len(p) * tokens)
-                v = g = None
-                s += len(p)
+            chunk = self._chunk_loop(pos, d, chunk, bsz, b, L, probes, valid, total, sumsq,
+                                     lambda v, p, h=hs[L]: self._vjp(h, leaf, v))
 
     def _run_manual(self, emb, mask, a, b, layer_ids, probes, total, sumsq, *, fwd, rows):
         """One segment [a, b) for samples ``rows`` with the manual backward on the shared forward."""
@@ -585,30 +576,44 @@ class SensitivityEngine:
         pos, d = self._rows(a, b)
         valid = mask.to(torch.float32)  # [batch, b]
         tokens = bsz * b
-        chunk = self._chunk(len(pos), max(self._manual.row_token_bytes(b), int(self._row_token_bytes)) * tokens)
-        if self.device.type == "cpu" and not self.config.chunk_size:  # cache-sized backward (see _groups)
+        per_row = max(self._manual.row_token_bytes(b), int(self._row_token_bytes)) * tokens
+        chunk = self._cap_chunk(self._chunk(len(pos), per_row), tokens)
+        for L in layer_ids:
+            chunk = self._chunk_loop(pos, d, chunk, bsz, b, L, probes, valid, total, sumsq,
+                                     lambda v, p: self._manual.vjp(fwd, L, v, rows, p.to(self.device)))
+
+    def _cap_chunk(self, chunk: int, tokens: int) -> int:
+        """CPU: cache-sized backward (see _groups); after a CUDA OOM: below the size that failed."""
+        if self.device.type == "cpu" and not self.config.chunk_size:
             chunk = max(1, min(chunk, self._backward_tokens() // tokens))
         if self._oom_row_tokens:
             chunk = max(1, min(chunk, self._oom_row_tokens // tokens))
-        for L in layer_ids:
-            s = 0
-            while s < len(pos):
-                p, dd = pos[s:s + chunk], d[s:s + chunk]
-                try:
-                    base = self._mem_mark()
-                    v = self._cotangents(p, dd, bsz, b, L, probes, valid)  # [chunk, batch, b, hidden]
-                    g = self._manual.vjp(fwd, L, v, rows, p.to(self.device))  # [chunk, batch, b, d_model]
-                except torch.cuda.OutOfMemoryError:
-                    if chunk == 1 or self.config.chunk_size:
-                        raise
-                    v = g = None
-                    chunk = self._after_oom(chunk)
-                    self._oom_row_tokens = chunk * tokens
-                    continue
-                self._accumulate(g, p, total[L], None if sumsq is None else sumsq[L], b)
-                self._calibrate(base, len(p) * tokens)
+        return chunk
+
+    def _chunk_loop(self, pos, d, chunk, bsz, b, L, probes, valid, total, sumsq, vjp) -> int:
+        """Rows (pos, d) of layer L in chunks: cotangents ``[chunk, batch, b, hidden]`` through
+        ``vjp(v, pos) -> [chunk, batch, b, d_model]``, accumulated into total/sumsq. A CUDA OOM halves
+        the chunk and retries it. Returns the chunk size that worked."""
+        s = 0
+        tokens = bsz * b
+        while s < len(pos):
+            p, dd = pos[s:s + chunk], d[s:s + chunk]
+            try:
+                base = self._mem_mark()
+                v = self._cotangents(p, dd, bsz, b, L, probes, valid)  # [chunk, batch, b, hidden]
+                g = vjp(v, p)  # [chunk, batch, b, d_model]
+            except torch.cuda.OutOfMemoryError:
+                if chunk == 1 or self.config.chunk_size:
+                    raise
                 v = g = None
-                s += len(p)
+                chunk = self._after_oom(chunk)
+                self._oom_row_tokens = chunk * tokens
+                continue
+            self._accumulate(g, p, total[L], None if sumsq is None else sumsq[L], b)
+            self._calibrate(base, len(p) * tokens)
+            v = g = None
+            s += len(p)
+        return chunk
 
     # -- memory bookkeeping (CUDA): measure the real cost of a chunk, halve on OOM
     _row_token_bytes = 0.0  # measured peak working bytes per (cotangent row × token); 0 until measured

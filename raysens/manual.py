@@ -94,6 +94,12 @@ class ManualStack:
 
     window: int | None = None  # longest input the stack computes exactly (sliding attention); None: any
 
+    def saved_bytes(self, seq: int, upto: int) -> int:  # per sample, what ``forward`` keeps
+        raise NotImplementedError
+
+    def row_token_bytes(self, pos: int) -> int:  # backward working memory per (row × token)
+        raise NotImplementedError
+
     def fits(self, seq: int) -> bool:
         """False when a sliding window would cut the attention of a ``seq``-token input."""
         return self.window is None or seq <= self.window
@@ -255,7 +261,14 @@ class LlamaStack(ManualStack):
                               blk.input_layernorm.weight))
         return g
 
-    # ------------------------------------------------------------------ memory and checks
+    # ------------------------------------------------------------------ memory
+    def saved_bytes(self, seq: int, upto: int) -> int:
+        """Bytes one sample's forward saves for the backward (blocks ``0..upto-1``)."""
+        d = self.model.config.hidden_size
+        inter = self.blocks[0].mlp.down_proj.weight.shape[1]
+        qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
+        return 4 * min(upto, self.n_layers) * seq * (2 * d + qkv + self.heads * seq + 2 * inter + 2)
+
     def row_token_bytes(self, pos: int) -> int:
         """Peak working bytes of the backward per (cotangent row × token) at prefix length ``pos``."""
         d = self.model.config.hidden_size

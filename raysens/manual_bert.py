@@ -179,6 +179,12 @@ class BertStack(ManualStack):
         g[torch.arange(c, device=g.device), :, pos] += gpos.view(c, bsz, d)
         return g
 
+    def saved_bytes(self, seq: int, upto: int) -> int:
+        """Bytes one sample's forward saves for the backward (blocks ``0..upto-1``)."""
+        d = self.model.config.hidden_size
+        inter = self.blocks[0].intermediate.dense.weight.shape[0]
+        return 4 * min(upto, self.n_layers) * seq * (5 * d + self.heads * seq + inter + 2)
+
     def row_token_bytes(self, pos: int) -> int:
         """Peak working bytes of the backward per (cotangent row × token)."""
         d = self.model.config.hidden_size
