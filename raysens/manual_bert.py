@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .manual import ManualStack, attention_backward
+from .manual import ManualStack, attention_backward, ln_backward as _ln_backward, ln_forward as _ln
 
 
 def bert_unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -190,19 +190,3 @@ class BertStack(ManualStack):
         d = self.model.config.hidden_size
         inter = self.blocks[0].intermediate.dense.weight.shape[0]
         return 4 * (6 * d + 2 * inter + 2 * self.heads * pos)
-
-
-def _ln(x, ln):
-    """LayerNorm forward through the module (exact numbers) plus (x̂, 1/σ) for its backward."""
-    mu = x.mean(-1, keepdim=True)
-    var = (x - mu).pow(2).mean(-1, keepdim=True)
-    r = torch.rsqrt(var + ln.eps)
-    return ln(x), (x - mu) * r, r
-
-
-def _ln_backward(g, xn, r, w):
-    """d/dx of LayerNorm for cotangents ``g`` ``[..., d_model]`` (overwritten): r·(ĝ − mean ĝ − x̂·mean(ĝ·x̂)), ĝ = g·w."""
-    g.mul_(w)
-    m1 = g.mean(-1, keepdim=True)
-    m2 = (g * xn).mean(-1, keepdim=True)
-    return g.sub_(m1).addcmul_(xn, m2, value=-1.0).mul_(r)

@@ -59,7 +59,7 @@ def test_layer_index_is_hf_hidden_states_index():
 
 
 @pytest.mark.parametrize("kind,strategy", [(k, s) for k in KINDS for s in ("vmap", "replicate", "loop")]
-                         + [("llama", "manual"), ("qwen2", "manual"), ("bert", "manual")])
+                         + [(k, "manual") for k in KINDS])
 def test_strategies_agree_with_reference(kind, strategy):
     model = tiny_model(kind)
     ids = random_ids(6, seed=21)
@@ -77,7 +77,7 @@ def test_strategies_agree_with_each_other(kind):
     ids = random_ids(6, seed=21)
     vals = {s: _exact(model, ids, 2, strategy=s, chunk_size=5).values[2][0] for s in ("vmap", "replicate", "loop")}
     auto = _exact(model, ids, 2)
-    assert auto.strategy == ("manual" if kind == "bert" else "vmap")
+    assert auto.strategy == "manual"
     vals["auto"] = auto.values[2][0]
     for s, v in vals.items():
         np.testing.assert_allclose(v, vals["vmap"], rtol=1e-5, atol=1e-7 * vals["vmap"].max(), err_msg=s)
@@ -100,7 +100,7 @@ def test_causal_segments_give_same_numbers(kind):
     ids = random_ids(10, seed=8)
     A, _ = reference(model, ids, -1)
     vals = {}
-    strategies = ("vmap", "replicate") + (("manual",) if kind in ("llama", "qwen2") else ())
+    strategies = ("vmap", "replicate", "manual")
     for seg in (1, 2, 3, 10, None):
         for strategy in strategies:
             r = _exact(model, ids, -1, causal_segments=seg, strategy=strategy)

@@ -72,9 +72,10 @@ def test_cpu_groups_follow_backward_tokens():
         SensitivityConfig(backward_tokens=0)
 
 
+@pytest.mark.parametrize("strategy", ["vmap", "manual"])
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 @pytest.mark.parametrize("estimator", ["exact", "hutchinson"])
-def test_sample_groups_do_not_change_the_numbers(kind, estimator):
+def test_sample_groups_do_not_change_the_numbers(kind, estimator, strategy):
     model = tiny_model(kind)
     lengths = [7, 4, 9, 6, 9]
     ids = torch.zeros(len(lengths), 9, dtype=torch.long)
@@ -85,7 +86,7 @@ def test_sample_groups_do_not_change_the_numbers(kind, estimator):
     layers = [1, -1]
     out = {}
     for bt in (1, 40, 10**6):  # one sample per group (and chunk 1) ... one group for the batch
-        cfg = SensitivityConfig(estimator=estimator, num_probes=3, backward_tokens=bt, seed=5)
+        cfg = SensitivityConfig(estimator=estimator, num_probes=3, backward_tokens=bt, seed=5, strategy=strategy)
         r = SensitivityEngine(model, cfg).compute(ids, am, layers=layers, sample_ids=[3, 1, 4, 1, 5])
         out[bt] = r
     for L in (1, N_LAYERS):
