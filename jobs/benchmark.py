@@ -17,6 +17,9 @@ Pipeline mode (Ray overhead with 1 actor vs the in-process core; driver memory a
 ``PIPELINE_BENCHMARKS.md``): ``python jobs/benchmark.py pipeline overhead|memory|all [...]`` runs
 ``jobs/bench_pipeline.py`` with the same arguments.
 
+Strategies mode (``manual`` vs ``vmap`` on the same inputs, alternating): ``python jobs/benchmark.py
+strategies [--models smollm2 minilm gpt2] [--layers -1 15]`` runs ``jobs/bench_strategies.py``.
+
 GPU mode (no Ray, no raysens install, no network: run from the repository root; only torch,
 transformers, numpy and safetensors are needed; random-weight Qwen2-1.5B-shaped model)::
 
@@ -25,7 +28,8 @@ transformers, numpy and safetensors are needed; random-weight Qwen2-1.5B-shaped 
     python jobs/benchmark.py gpu --device cpu --tiny      # smoke test of the code path on a CPU
 
   strict fp32 and TF32, hutchinson K=1, S=64, batch 32, layer -1: s/sample, peak GPU memory,
-  achieved TFLOP/s against the floor, and the seed loop on 1-2 samples for the ratio.
+  achieved TFLOP/s against the floor, and the seed loop on 1-2 samples for the ratio. Strategy
+  ``auto`` (= ``manual`` for this Qwen2 model); ``--strategy vmap`` times the autograd path.
 
 FLOP floor (DESIGN.md §1): one VJP back to the embeddings with frozen parameters costs about one
 forward, ``2·N·S`` FLOPs (N = parameters of the transformer blocks); K probes at every output
@@ -630,10 +634,16 @@ def main(argv=None):
         import bench_pipeline
 
         return bench_pipeline.main(argv[1:])
+    if argv[:1] == ["strategies"]:  # manual vs vmap: bench_strategies.py
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_strategies
+
+        return bench_strategies.main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="mode")
     c = sub.add_parser("cpu", help="seed loop vs raysens on SmolLM2 and MiniLM; exact vs jacrev")
     sub.add_parser("pipeline", help="the distributed pipeline: see jobs/bench_pipeline.py (arguments passed on)")
+    sub.add_parser("strategies", help="manual vs vmap engine strategies: see jobs/bench_strategies.py")
     c.add_argument("--samples", type=int, default=None, help="samples per timed run (default 16 SmolLM2, 16 MiniLM)")
     c.add_argument("--batch", type=int, default=None, help="raysens batch size (default 16 SmolLM2, 8 MiniLM; the engine splits it into cache-sized groups on CPU)")
     c.add_argument("--seq-len", type=int, default=32)
