@@ -509,6 +509,31 @@ def qwen2_config(tiny: bool):
                                     attn_implementation="eager", **kw)
 
 
+def _checked_strategy(engine, model, ids, am, dev, budget, info):
+    """Before timing: the engine's strategy against ``vmap`` on 2 samples of the benchmark input
+    (strict fp32). If it raises or disagrees (> 1e-3 relative), log it and time ``vmap`` instead,
+    so that one call on a lent device still yields numbers."""
+    if engine.strategy_used == "vmap":
+        return engine
+    set_precision(False)
+    ref = SensitivityEngine(model, SensitivityConfig(estimator="hutchinson", num_probes=1, strategy="vmap",
+                                                     memory_budget_mb=budget), device=dev)
+    try:
+        want = ref.compute(ids[:2], am[:2], layers=-1).values
+        got = engine.compute(ids[:2], am[:2], layers=-1).values
+        err = max(rel_fro(got[L], want[L]) for L in want)
+        info["strategy_check"] = {"strategy": engine.strategy_used, "rel_fro_vs_vmap": err}
+        log(f"strategy check: {engine.strategy_used} vs vmap on 2 samples, relative Frobenius difference {err:.2e}")
+        if err <= 1e-3:
+            return engine
+        reason = f"differs from vmap by {err:.2e}"
+    except Exception as exc:  # noqa: BLE001 - any failure of the new path: report it, time the old one
+        reason = f"raised {type(exc).__name__}: {exc}"
+    log(f"strategy check FAILED: {engine.strategy_used} {reason}; timing vmap instead")
+    info["strategy_check"] = {"strategy": engine.strategy_used, "failed": reason}
+    return ref
+
+
 def set_precision(tf32: bool):
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
@@ -548,6 +573,7 @@ def gpu_main(args) -> dict:
     budget = args.memory_budget_mb
     engine = SensitivityEngine(model, SensitivityConfig(estimator="hutchinson", num_probes=1, strategy=args.strategy,
                                                         memory_budget_mb=budget), device=dev)
+    engine = _checked_strategy(engine, model, ids, am, dev, budget, info)
     n_blk = block_params(engine)
     fl = floor_flops(n_blk, seq, 1, engine.causal)
     info.update(block_params=n_blk, floor_tflop_per_sample=fl / 1e12, segments=engine.segments_for(seq))
@@ -582,7 +608,7 @@ def gpu_main(args) -> dict:
                 log(f"   {tag}: CUDA OOM; retrying with memory_budget_mb={budget}")
                 torch.cuda.empty_cache()
                 engine = SensitivityEngine(model, SensitivityConfig(estimator="hutchinson", num_probes=1,
-                                                                    strategy=args.strategy,
+                                                                    strategy=engine.strategy_used,
                                                                     memory_budget_mb=budget), device=dev)
         best = min(times)
         r = {"s_per_batch": times, "s_per_sample": best / bsz, "memory_budget_mb": budget,

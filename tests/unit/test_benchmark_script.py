@@ -39,6 +39,9 @@ def test_gpu_mode_runs_on_cpu_tiny(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "benchmark_gpu.json").read_text())
     assert res["segments"][0][0] == 0 and res["segments"][-1][1] == res["seq_len"]
+    # the default strategy is checked against vmap on the benchmark input before it is timed
+    assert res["strategy_check"]["strategy"] == "manual" and res["strategy_check"]["rel_fro_vs_vmap"] < 1e-4
+    assert res["fp32"]["strategy"] == "manual"
     for tag in ("fp32", "tf32"):
         assert res[tag]["s_per_sample"] > 0
         assert abs(res["ratio_" + tag] - res["seed"]["s_per_sample"] / res[tag]["s_per_sample"]) < 1e-9
