@@ -46,3 +46,17 @@ def test_gpu_mode_runs_on_cpu_tiny(tmp_path):
         assert res[tag]["s_per_sample"] > 0
         assert abs(res["ratio_" + tag] - res["seed"]["s_per_sample"] / res[tag]["s_per_sample"]) < 1e-9
     assert "raysens fp32" in out.stdout
+
+
+def test_strategies_mode_times_manual_and_vmap(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "benchmark.py"), "strategies", "--models", "gpt2",
+                          "--samples", "2", "--batch", "2", "--seq-len", "8", "--rounds", "1", "--threads", "1",
+                          "--layers", "-1", "99", "--json", str(tmp_path / "s.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "s.json").read_text())
+    assert [r["layer"] for r in res] == [-1]  # layer 99 does not exist in GPT-2 small: skipped, said so
+    assert "skipped" in out.stdout + out.stderr
+    r = res[0]
+    assert r["speedup_median"] > 0 and len(r["s_per_sample"]["vmap"]) == len(r["s_per_sample"]["manual"]) == 1
+    assert r["segments"]["manual"] >= r["segments"]["vmap"] >= 1
