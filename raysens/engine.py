@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .fused import install_fused_norms
-from .manual import ManualStack, make_stack, unsupported_reason
+from .manual import MIN_ROWS, ManualStack, make_stack, unsupported_reason
 from .models import prepare_for_analysis
 
 
@@ -44,10 +44,11 @@ class Strategy(str, Enum):
       forward is repeated per chunk.
     - ``loop``: one ``autograd.grad`` per cotangent. Slowest; lowest memory; the fallback when an
       operator has no batching rule.
-    - ``manual``: Llama-family models only (``raysens/manual.py``): one forward over the whole
-      sequence, then a hand-written batched backward per segment on the saved activations of its
-      prefix. No repeated forwards, no vmap; fewest FLOPs and passes over the cotangents (SmolLM2 on
-      CPU ~1.3x faster than ``vmap``); memory ∝ chunk × one layer's activations + one forward's.
+    - ``manual``: Llama / Mistral / Qwen2, GPT-2 and BERT only (``raysens/manual*.py``): one forward
+      over the whole sequence, then a hand-written batched backward per segment on the saved
+      activations of its prefix. No repeated forwards, no vmap; fewest FLOPs and passes over the
+      cotangents (CPU: 1.3-1.6x faster than ``vmap``, ``jobs/bench_strategies.py``); memory ∝
+      chunk × one layer's activations + one forward's (split by the memory budget).
     - ``auto``: ``manual`` where the model's structure fits and a one-off numerical check against
       autograd passes, else ``vmap``, falling back to ``loop`` if a batching rule is missing.
     """
@@ -353,7 +354,7 @@ class SensitivityEngine:
         # manual: one forward per block of samples (its saved activations bounded by the memory
         # budget) serves all segments; autograd: one forward per segment and sample group
         for f0, f1 in (self._forward_groups(bsz, seq, max(layer_ids)) if manual else [(0, bsz)]):
-            fwd = self._manual.forward(emb[f0:f1], mask[f0:f1], max(layer_ids)) if manual else None
+            fwd = self._manual_forward(emb[f0:f1], mask[f0:f1], max(layer_ids)) if manual else None
             for a, b in self._segments(seq, manual):
                 for g0, g1 in self._groups(f1 - f0, b - a, b):  # CPU: sample groups sized for the cache
                     sub = slice(f0 + g0, f0 + g1)
@@ -519,6 +520,19 @@ class SensitivityEngine:
         else:
             v[ar, :, pos_d, :] = probes[layer][:, pos_d, d_d, :].transpose(0, 1)  # [chunk, batch, hidden]
         return v * valid[None, :, :, None]  # zero rows of padded output positions; valid [batch, width]
+
+    def _manual_forward(self, emb, mask, upto):
+        """The stack's shared forward, on a batch padded with dummy samples to ≥ ``MIN_ROWS`` tokens:
+        GEMMs with fewer rows give thread-count-dependent rounding (see ``manual.mm``); the dummy
+        samples (one real token each) are never read back."""
+        bsz, seq = mask.shape
+        extra = max(0, -(-MIN_ROWS // seq) - bsz)
+        if extra:
+            emb = torch.cat([emb, emb.new_zeros(extra, seq, emb.shape[-1])])
+            dummy = mask.new_zeros(extra, seq)
+            dummy[:, 0] = 1
+            mask = torch.cat([mask, dummy])
+        return self._manual.forward(emb, mask, upto)
 
     def _forward_groups(self, bsz: int, seq: int, upto: int) -> list[tuple[int, int]]:
         """Manual strategy: samples per shared forward, so that its saved activations stay within

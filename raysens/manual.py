@@ -99,6 +99,33 @@ class ManualStack:
         return None
 
 
+MIN_ROWS = 16  # GEMMs with fewer rows are padded to this many (see mm); the engine pads forwards too
+
+
+def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``a [M, K] @ w [K, N]`` whose rows do not depend on M or on the thread count. MKL runs GEMMs
+    of ≤ 6 rows with the inner dimension split across threads (measured on the 2-core VM: the same
+    product differs by ~1e-7 between 1 and 2 threads), so a tiny segment or a top-block product would
+    make a sample's numbers depend on its batch and on the process (the pipeline guarantees the same
+    statistics from Ray actors and the in-process path); padding to ``MIN_ROWS`` rows avoids that."""
+    m = a.shape[0]
+    if m >= MIN_ROWS:
+        return a @ w
+    pad = a.new_zeros(MIN_ROWS, a.shape[1])
+    pad[:m] = a
+    return (pad @ w)[:m]
+
+
+def addmm_(c: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``c += a @ w`` in place, padded like ``mm`` (the same kernel for every M)."""
+    m = c.shape[0]
+    if m >= MIN_ROWS:
+        return c.addmm_(a, w)
+    cp, ap = c.new_zeros(MIN_ROWS, c.shape[1]), a.new_zeros(MIN_ROWS, a.shape[1])
+    cp[:m], ap[:m] = c, a
+    return c.copy_(cp.addmm_(ap, w)[:m])
+
+
 def attention_backward(go, p, q, k, v, scaling):
     """Backward of softmax attention (frozen weights) for a chunk of cotangents, heads grouped by
     key/value head (GQA without copies; group = 1 for multi-head attention).

@@ -1,5 +1,5 @@
 """Hand-written batched backward of BERT encoders (``Strategy.MANUAL`` for ``model_type`` ``bert``,
-e.g. all-MiniLM-L6-v2). Same interface and checks as ``raysens/manual.py``'s ``LlamaStack``.
+e.g. all-MiniLM-L6-v2). Interface and checks: ``raysens/manual.py``'s ``ManualStack``.
 
 An encoder has no causal zeros to skip, so the gain is in the top block: the cotangent of output
 position i is nonzero at position i only, and until the attention spreads it, every op of the block
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .manual import ManualStack, attention_backward, ln_backward as _ln_backward, ln_forward as _ln
+from .manual import ManualStack, addmm_, attention_backward, ln_backward as _ln_backward, ln_forward as _ln, mm
 
 
 def bert_unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -127,8 +127,9 @@ class BertStack(ManualStack):
         """From d y to d(x + attention output) through LN₂, the MLP and LN₁ (all position-wise).
         ``g`` ``[..., d_model]`` (overwritten); ``sv_at(name)`` gives saved tensors at g's positions."""
         g = _ln_backward(g, sv_at("xn2"), sv_at("r2"), blk.output.LayerNorm.weight)  # d(f + h)
-        gf = (g @ blk.output.dense.weight).mul_(sv_at("dgelu"))  # d(W₁h) [.., inter]
-        g.view(-1, g.shape[-1]).addmm_(gf.view(-1, gf.shape[-1]), blk.intermediate.dense.weight)  # d h
+        d = g.shape[-1]
+        gf = mm(g.view(-1, d), blk.output.dense.weight).view(*g.shape[:-1], -1).mul_(sv_at("dgelu"))  # d(W₁h)
+        addmm_(g.view(-1, d), gf.view(-1, gf.shape[-1]), blk.intermediate.dense.weight)  # d h
         return _ln_backward(g, sv_at("xn1"), sv_at("r1"), blk.attention.output.LayerNorm.weight)
 
     def _block_backward(self, blk, sv: _Saved, g, rows):
@@ -136,7 +137,7 @@ class BertStack(ManualStack):
         hh, hd = self.heads, self.head_dim
         g = self._mlp_ln_backward(blk, lambda name: getattr(sv, name)[rows], g)  # d(x + attn): residual part of d x
         at = blk.attention.self
-        go = (g.view(-1, d) @ blk.attention.output.dense.weight).view(c, bsz, seq, hh, 1, hd)
+        go = mm(g.view(-1, d), blk.attention.output.dense.weight).view(c, bsz, seq, hh, 1, hd)
         gq, gk, gv = attention_backward(go, sv.p[rows], sv.q[rows], sv.k[rows], sv.v[rows], self.scaling)
         go = None
         buf = torch.empty(3, c, bsz, seq, hh, hd, device=g.device, dtype=g.dtype)
@@ -146,7 +147,7 @@ class BertStack(ManualStack):
         gq = gk = gv = None
         g2 = g.view(-1, d)
         for i, lin in enumerate((at.query, at.key, at.value)):
-            g2.addmm_(buf[i].view(-1, d), lin.weight)
+            addmm_(g2, buf[i].view(-1, d), lin.weight)
         return g
 
     def _top_backward(self, blk, sv: _Saved, gt, rows, pos):
@@ -161,7 +162,7 @@ class BertStack(ManualStack):
             return getattr(sv, name)[rows][:, pos].transpose(0, 1)
 
         g1 = self._mlp_ln_backward(blk, at_pos, gt.contiguous())  # [chunk, batch, d_model] d(x + attn) at pos
-        go = (g1 @ blk.attention.output.dense.weight).view(c, bsz, hh, hd)  # d attention output at pos
+        go = mm(g1.view(c * bsz, d), blk.attention.output.dense.weight).view(c, bsz, hh, hd)  # d attention output at pos
         go = go.permute(1, 2, 0, 3)  # [batch, heads, chunk, hd]
         p = sv.p[rows][:, :, 0][:, :, pos]  # [batch, heads, chunk, S_k]: the one query row per cotangent
         q = sv.q[rows][:, :, 0][:, :, pos]  # [batch, heads, chunk, hd]
@@ -172,10 +173,10 @@ class BertStack(ManualStack):
         buf = torch.empty(2, c, bsz, seq, hh, hd, device=gt.device, dtype=gt.dtype)  # d keys, d values
         torch.mul(gs.permute(2, 0, 3, 1)[..., None], q.permute(2, 0, 1, 3)[:, :, None], out=buf[0])
         torch.mul(p.permute(2, 0, 3, 1)[..., None], go.permute(2, 0, 1, 3)[:, :, None], out=buf[1])
-        g = buf[0].view(-1, d) @ at.key.weight  # [chunk·batch·S, d_model]
-        g.addmm_(buf[1].view(-1, d), at.value.weight)
+        g = mm(buf[0].view(-1, d), at.key.weight)  # [chunk·batch·S, d_model]
+        addmm_(g, buf[1].view(-1, d), at.value.weight)
         g = g.view(c, bsz, seq, d)
-        gpos = g1.view(c * bsz, d).addmm(gq.permute(2, 0, 1, 3).reshape(c * bsz, d), at.query.weight)
+        gpos = addmm_(g1.view(c * bsz, d).clone(), gq.permute(2, 0, 1, 3).reshape(c * bsz, d), at.query.weight)
         g[torch.arange(c, device=g.device), :, pos] += gpos.view(c, bsz, d)
         return g
 

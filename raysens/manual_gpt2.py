@@ -1,5 +1,5 @@
 """Hand-written batched backward of GPT-2 decoders (``Strategy.MANUAL`` for ``model_type`` ``gpt2``).
-Same interface and checks as ``raysens/manual.py``'s ``LlamaStack``: one forward over the whole
+Interface and checks: ``raysens/manual.py``'s ``ManualStack``. One forward over the whole
 sequence, causal segments slice the saved activations of their prefix.
 
 Block (pre-LN, Conv1D weights ``[in, out]``): x₂ = x + Wₚ·attn(W_qkv·LN₁(x)); y = x₂ + W₂·act(W₁·LN₂(x₂)).
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .manual import ManualStack, attention_backward, ln_backward, ln_forward
+from .manual import ManualStack, attention_backward, ln_backward, ln_forward, mm
 
 
 def gpt2_unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -120,12 +120,12 @@ class GPT2Stack(ManualStack):
         hh, hd = self.heads, self.head_dim
         g2 = g.view(-1, d)
         # MLP: g += LN₂ᵀ(W₁ᵀ(act' ⊙ W₂ᵀ g))
-        gm = (g2 @ blk.mlp.c_proj.weight.t()).view(c, bsz, b, -1).mul_(sv.dact[rows, :b])  # [.., inter]
-        gn = gm.view(-1, gm.shape[-1]) @ blk.mlp.c_fc.weight.t()  # [chunk·batch·pos, d_model]
+        gm = mm(g2, blk.mlp.c_proj.weight.t()).view(c, bsz, b, -1).mul_(sv.dact[rows, :b])  # [.., inter]
+        gn = mm(gm.view(-1, gm.shape[-1]), blk.mlp.c_fc.weight.t())  # [chunk·batch·pos, d_model]
         gm = None
         g.add_(ln_backward(gn.view(c, bsz, b, d), sv.xn2[rows, :b], sv.r2[rows, :b], blk.ln_2.weight))
         # attention: q/k/v gradients side by side, one GEMM with c_attn's weight
-        go = (g2 @ blk.attn.c_proj.weight.t()).view(c, bsz, b, hh, 1, hd)
+        go = mm(g2, blk.attn.c_proj.weight.t()).view(c, bsz, b, hh, 1, hd)
         gq, gk, gv = attention_backward(go, sv.p[rows, :, :, :b, :b], sv.q[rows, :, :, :b], sv.k[rows, :, :b],
                                         sv.v[rows, :, :b], blk.attn.scaling)
         go = None
@@ -134,7 +134,7 @@ class GPT2Stack(ManualStack):
         buf[:, :, :, 1].permute(1, 3, 0, 2, 4).copy_(gk)
         buf[:, :, :, 2].permute(1, 3, 2, 0, 4).copy_(gv)
         gq = gk = gv = None
-        gn = buf.view(-1, 3 * d) @ blk.attn.c_attn.weight.t()  # [chunk·batch·pos, d_model]
+        gn = mm(buf.view(-1, 3 * d), blk.attn.c_attn.weight.t())  # [chunk·batch·pos, d_model]
         buf = None
         g.add_(ln_backward(gn.view(c, bsz, b, d), sv.xn1[rows, :b], sv.r1[rows, :b], blk.ln_1.weight))
         return g

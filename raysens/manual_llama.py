@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .manual import ManualStack, attention_backward
+from .manual import ManualStack, addmm_, attention_backward, mm
 
 
 def llama_unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -165,14 +165,14 @@ class LlamaStack(ManualStack):
         kvh, grp, hd = self.kv_heads, self.group, self.head_dim
         inter = mlp.down_proj.weight.shape[1]
         # MLP at pos: g (d x₂ at pos) = gt + RMSNorm₂ᵀ(gateᵀ(gm ⊙ a) + upᵀ(gm ⊙ b))
-        gm = gt.view(c * bsz, d) @ mlp.down_proj.weight
+        gm = mm(gt.view(c * bsz, d), mlp.down_proj.weight)
         ggu = (gm.view(c, bsz, 1, inter) * _at(sv.ab[rows], pos)).view(c * bsz, 2 * inter)
-        gn = ggu[:, :inter] @ mlp.gate_proj.weight
-        gn.addmm_(ggu[:, inter:], mlp.up_proj.weight)
+        gn = mm(ggu[:, :inter], mlp.gate_proj.weight)
+        addmm_(gn, ggu[:, inter:], mlp.up_proj.weight)
         g = gt.add_(_norm_backward(gn.view(c, bsz, d), _at(sv.xn2[rows], pos), _at(sv.r2[rows], pos),
                                    blk.post_attention_layernorm.weight))
         # attention with one query row per cotangent; [batch, kv_heads, chunk, group, ...] layouts
-        go = (g.view(c * bsz, d) @ at.o_proj.weight).view(c, bsz, kvh, grp, hd).permute(1, 2, 0, 3, 4)
+        go = mm(g.view(c * bsz, d), at.o_proj.weight).view(c, bsz, kvh, grp, hd).permute(1, 2, 0, 3, 4)
         p = sv.p[rows][:, :, :, pos, :b].transpose(2, 3)  # [batch, kv_heads, chunk, group, pos_k]
         kr, v = sv.kr[rows, :, :b].unsqueeze(2), sv.v[rows, :, :b].unsqueeze(2)  # [batch, kv, 1, pos_k, hd]
         gp = torch.matmul(go, v.transpose(-1, -2))  # [batch, kv_heads, chunk, group, pos_k]
@@ -189,11 +189,11 @@ class LlamaStack(ManualStack):
         cp, sp = _at(cos, pos).permute(1, 0, 2)[:, None, :, None], _at(sin, pos).permute(1, 0, 2)[:, None, :, None]
         _rope_backward(gq, cp, sp, qbuf.permute(1, 2, 0, 3, 4))
         b2 = buf.view(c * bsz * b, 2 * kvh * hd)
-        gn = b2[:, :kvh * hd] @ at.k_proj.weight  # [chunk·batch·pos, d_model]
-        gn.addmm_(b2[:, kvh * hd:], at.v_proj.weight)
+        gn = mm(b2[:, :kvh * hd], at.k_proj.weight)  # [chunk·batch·pos, d_model]
+        addmm_(gn, b2[:, kvh * hd:], at.v_proj.weight)
         gn = gn.view(c, bsz, b, d)
         ar = torch.arange(c, device=g.device)
-        gn[ar, :, pos] += (qbuf.view(c * bsz, -1) @ at.q_proj.weight).view(c, bsz, d)
+        gn[ar, :, pos] += mm(qbuf.view(c * bsz, -1), at.q_proj.weight).view(c, bsz, d)
         out = _norm_backward(gn, sv.xn1[rows, :b], sv.r1[rows, :b], blk.input_layernorm.weight)
         out[ar, :, pos] += g  # the residual path of d x₂
         return out
@@ -206,16 +206,16 @@ class LlamaStack(ManualStack):
         g2 = g.view(m, d)
         # ---- MLP: g += norm2ᵀ(gateᵀ(gm·u·silu'(g)) + upᵀ(gm·silu(g))), gm = down ᵀ g
         inter = mlp.down_proj.weight.shape[1]
-        gm = g2 @ mlp.down_proj.weight  # [chunk·batch·pos, inter]
+        gm = mm(g2, mlp.down_proj.weight)  # [chunk·batch·pos, inter]
         ggu = (gm.view(c, bsz, b, 1, inter) * sv.ab[rows, :b]).view(m, 2 * inter)  # [.., (gate|up)]
         gm = None
-        gn = ggu[:, :inter] @ mlp.gate_proj.weight  # [chunk·batch·pos, d_model]
-        gn.addmm_(ggu[:, inter:], mlp.up_proj.weight)
+        gn = mm(ggu[:, :inter], mlp.gate_proj.weight)  # [chunk·batch·pos, d_model]
+        addmm_(gn, ggu[:, inter:], mlp.up_proj.weight)
         ggu = None
         g.add_(_norm_backward(gn.view(c, bsz, b, d), sv.xn2[rows, :b], sv.r2[rows, :b],
                               blk.post_attention_layernorm.weight))
         # ---- attention
-        go = (g2 @ at.o_proj.weight).view(c, bsz, b, kvh, grp, hd)  # [chunk, batch, pos, kv_heads, group, hd]
+        go = mm(g2, at.o_proj.weight).view(c, bsz, b, kvh, grp, hd)  # [chunk, batch, pos, kv_heads, group, hd]
         gq, gk, gv = attention_backward(go, sv.p[rows, :, :, :b, :b], sv.qr[rows, :, :, :b], sv.kr[rows, :, :b],
                                         sv.v[rows, :, :b], self.scaling)
         go = None
@@ -228,9 +228,9 @@ class LlamaStack(ManualStack):
         gq = gk = gv = None
         b2 = buf.view(m, -1)
         qw, kw = self.heads * hd, kvh * hd
-        gn = b2[:, :qw] @ at.q_proj.weight  # [chunk·batch·pos, d_model]
-        gn.addmm_(b2[:, qw:qw + kw], at.k_proj.weight)
-        gn.addmm_(b2[:, qw + kw:], at.v_proj.weight)
+        gn = mm(b2[:, :qw], at.q_proj.weight)  # [chunk·batch·pos, d_model]
+        addmm_(gn, b2[:, qw:qw + kw], at.k_proj.weight)
+        addmm_(gn, b2[:, qw + kw:], at.v_proj.weight)
         buf = b2 = None
         g.add_(_norm_backward(gn.view(c, bsz, b, d), sv.xn1[rows, :b], sv.r1[rows, :b],
                               blk.input_layernorm.weight))

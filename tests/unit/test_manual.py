@@ -217,3 +217,24 @@ def test_gpt2_activation_derivative_follows_the_configured_activation():
     ids = random_ids(6, seed=12)
     r = eng.compute(ids[None], layers=-1)
     assert rel_fro(r.values[N_LAYERS][0], reference(model, ids, -1)[0]) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert", "gpt2"])
+def test_manual_numbers_do_not_depend_on_the_thread_count(kind):
+    """Ray actors and the in-process path run with different torch thread counts and must give the
+    same statistics (DESIGN.md §4): tiny GEMMs (top block, 1-sample segments) are padded (manual.mm)."""
+    model = tiny_model(kind)
+    eng = SensitivityEngine(model, SensitivityConfig(num_probes=2, seed=4))
+    before = torch.get_num_threads()
+    try:
+        for ids, am in (_batch([9, 5, 8], seed=70), _batch([5], seed=71)):
+            out = {}
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                out[threads] = eng.compute(ids, am, layers=[1, -1])
+            assert out[1].strategy == "manual"
+            for L in out[1].layers:
+                np.testing.assert_array_equal(out[1].values[L], out[2].values[L])
+                np.testing.assert_array_equal(out[1].noise[L], out[2].noise[L])
+    finally:
+        torch.set_num_threads(before)
