@@ -151,6 +151,11 @@ def _unpack(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _pad_rows(v: torch.Tensor, extra: int) -> torch.Tensor:
+    """Cotangents ``[chunk, batch, ...]`` with ``extra`` zero samples appended (see ``_pad_batch``)."""
+    return torch.cat([v, v.new_zeros(v.shape[0], extra, *v.shape[2:])], 1) if extra else v
+
+
 class _Stop(Exception):
     """Raised from a forward pre-hook once the deepest target layer's input has been captured."""
 
@@ -522,9 +527,16 @@ class SensitivityEngine:
         return v * valid[None, :, :, None]  # zero rows of padded output positions; valid [batch, width]
 
     def _manual_forward(self, emb, mask, upto):
-        """The stack's shared forward, on a batch padded with dummy samples to ≥ ``MIN_ROWS`` tokens:
-        GEMMs with fewer rows give thread-count-dependent rounding (see ``manual.mm``); the dummy
-        samples (one real token each) are never read back."""
+        """The stack's shared forward on the batch padded by ``_pad_batch`` (rows beyond it unread)."""
+        emb, mask, _ = self._pad_batch(emb, mask)
+        return self._manual.forward(emb, mask, upto)
+
+    @staticmethod
+    def _pad_batch(emb, mask):
+        """``emb`` ``[batch, S, d_model]`` and ``mask`` with dummy samples (zero embeddings, one real
+        token) appended until batch·S ≥ ``MIN_ROWS``: GEMMs with fewer rows round differently with
+        another thread count (``manual.mm``), and a Ray actor and the in-process path run different
+        counts. Returns (emb, mask, number of dummy samples)."""
         bsz, seq = mask.shape
         extra = max(0, -(-MIN_ROWS // seq) - bsz)
         if extra:
@@ -532,7 +544,7 @@ class SensitivityEngine:
             dummy = mask.new_zeros(extra, seq)
             dummy[:, 0] = 1
             mask = torch.cat([mask, dummy])
-        return self._manual.forward(emb, mask, upto)
+        return emb, mask, extra
 
     def _forward_groups(self, bsz: int, seq: int, upto: int) -> list[tuple[int, int]]:
         """Manual strategy: samples per shared forward, so that its saved activations stay within
@@ -562,7 +574,8 @@ class SensitivityEngine:
         strategy = self._strategy
         if strategy is Strategy.REPLICATE:
             return self._segment_replicate(emb, mask, pos, d, layer_ids, probes, total, sumsq, valid)
-        leaf = emb.detach().requires_grad_(True)  # [batch, b, d_model]
+        emb, mask, extra = self._pad_batch(emb, mask)  # dummy samples: no GEMM of < MIN_ROWS rows
+        leaf = emb.detach().requires_grad_(True)  # [batch + extra, b, d_model]
         saved = [0]
 
         def pack(t):
@@ -582,7 +595,7 @@ class SensitivityEngine:
             if not hs[L].requires_grad:  # layer 0 of a model whose embedding output is e itself
                 hs[L] = hs[L] + 0 * leaf if hs[L] is not leaf else leaf
             chunk = self._chunk_loop(pos, d, chunk, bsz, b, L, probes, valid, total, sumsq,
-                                     lambda v, p, h=hs[L]: self._vjp(h, leaf, v))
+                                     lambda v, p, h=hs[L]: self._vjp(h, leaf, _pad_rows(v, extra))[:, :bsz])
 
     def _run_manual(self, emb, mask, a, b, layer_ids, probes, total, sumsq, *, fwd, rows):
         """One segment [a, b) for samples ``rows`` with the manual backward on the shared forward."""

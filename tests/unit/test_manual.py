@@ -219,12 +219,14 @@ def test_gpt2_activation_derivative_follows_the_configured_activation():
     assert rel_fro(r.values[N_LAYERS][0], reference(model, ids, -1)[0]) <= TOL
 
 
-@pytest.mark.parametrize("kind", ["llama", "bert", "gpt2"])
-def test_manual_numbers_do_not_depend_on_the_thread_count(kind):
+@pytest.mark.parametrize("kind,strategy", [("llama", "manual"), ("bert", "manual"), ("gpt2", "manual"),
+                                           ("gpt2", "vmap"), ("llama", "loop")])
+def test_numbers_do_not_depend_on_the_thread_count(kind, strategy):
     """Ray actors and the in-process path run with different torch thread counts and must give the
-    same statistics (DESIGN.md §4): tiny GEMMs (top block, 1-sample segments) are padded (manual.mm)."""
+    same statistics (DESIGN.md §4): tiny GEMMs (top block, 1-sample segments, a lone short sample's
+    forward) are padded (manual.mm, SensitivityEngine._pad_batch)."""
     model = tiny_model(kind)
-    eng = SensitivityEngine(model, SensitivityConfig(num_probes=2, seed=4))
+    eng = SensitivityEngine(model, SensitivityConfig(num_probes=2, seed=4, strategy=strategy))
     before = torch.get_num_threads()
     try:
         for ids, am in (_batch([9, 5, 8], seed=70), _batch([5], seed=71)):
@@ -232,7 +234,7 @@ def test_manual_numbers_do_not_depend_on_the_thread_count(kind):
             for threads in (1, 2):
                 torch.set_num_threads(threads)
                 out[threads] = eng.compute(ids, am, layers=[1, -1])
-            assert out[1].strategy == "manual"
+            assert out[1].strategy == strategy
             for L in out[1].layers:
                 np.testing.assert_array_equal(out[1].values[L], out[2].values[L])
                 np.testing.assert_array_equal(out[1].noise[L], out[2].noise[L])
