@@ -295,17 +295,18 @@ class SensitivityEngine:
     @property
     def strategy_default(self) -> str:
         """The strategy a call uses unless its length rules ``manual`` out (sliding window)."""
-        if self._manual is not None:
-            return Strategy.MANUAL.value
-        return (Strategy.VMAP if self._strategy in (Strategy.AUTO, Strategy.MANUAL) else self._strategy).value
+        return Strategy.MANUAL.value if self._manual is not None else self._autograd_strategy()
 
     @property
     def strategy_used(self) -> str:
         """The strategy the last ``compute`` call used (before any call: the default)."""
         if self._used is None:  # no call yet
             return self.strategy_default
-        if self._used:
-            return self._used
+        return self._used or self._autograd_strategy()
+
+    def _autograd_strategy(self) -> str:
+        """What a call runs when it does not use ``manual`` (auto/manual run ``vmap`` until a missing
+        batching rule degrades auto to ``loop``)."""
         return (Strategy.VMAP if self._strategy in (Strategy.AUTO, Strategy.MANUAL) else self._strategy).value
 
     def _manual_stack(self) -> ManualStack | None:

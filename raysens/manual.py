@@ -83,8 +83,8 @@ class ManualStack:
         mask = torch.ones(2, seq, dtype=torch.long, device=p0.device)
         mask[1, max(1, seq - 2):] = 0  # the second sample is right-padded
         out = self.forward(emb, mask, n)
+        pos = torch.arange(seq, device=p0.device) % int(mask[1].sum())  # one position per row
         for L in sorted({0, 1, n // 2, n}):
-            pos = torch.arange(seq, device=p0.device) % int(mask[1].sum())  # one position per row
             cot = torch.zeros(seq, 2, seq, d, device=p0.device)
             cot[torch.arange(seq, device=p0.device), :, pos] = torch.randn(seq, 2, d, device=p0.device, generator=gen)
             leaf = emb.clone().requires_grad_(True)
@@ -152,12 +152,28 @@ def attention_backward(go, p, q, k, v, scaling):
     return gq, gk, gv
 
 
+def additive_mask(mask: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask from ``mask`` ``[batch, S]`` (1 = real token): 0 where a query may
+    attend, the dtype's minimum elsewhere (padded keys; later keys when ``causal``), as Hugging Face's
+    eager attention adds it. ``[batch, 1, 1, S, S]`` causal, ``[batch, 1, 1, 1, S]`` otherwise
+    (broadcast over kv_heads, group and, for encoders, queries)."""
+    bsz, seq = mask.shape
+    keep = mask.bool()[:, None, None, None, :]  # [batch, 1, 1, 1, S_k]
+    if causal:
+        keep = keep & torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
+    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill_(~keep, torch.finfo(dtype).min)
+
+
+def at_positions(t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Saved ``[batch, S, ...]`` at (row c, sample, ``pos[c]``) -> ``[chunk, batch, ...]``."""
+    return t[:, pos].transpose(0, 1)
+
+
 def ln_forward(x, ln):
     """LayerNorm forward through the module (exact numbers) plus (x̂, 1/σ) for its backward."""
-    mu = x.mean(-1, keepdim=True)
-    var = (x - mu).pow(2).mean(-1, keepdim=True)
-    r = torch.rsqrt(var + ln.eps)
-    return ln(x), (x - mu) * r, r
+    xc = x - x.mean(-1, keepdim=True)
+    r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + ln.eps)
+    return ln(x), xc * r, r
 
 
 def ln_backward(g, xn, r, w):

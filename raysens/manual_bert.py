@@ -20,9 +20,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .manual import ManualStack, addmm_, attention_backward, ln_backward as _ln_backward, ln_forward as _ln, mm
+from .manual import (ManualStack, additive_mask, addmm_, at_positions, attention_backward,
+                     ln_backward as _ln_backward, ln_forward as _ln, mm)
 
 
 def bert_unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -74,13 +74,12 @@ class BertStack(ManualStack):
     def forward(self, emb: torch.Tensor, mask: torch.Tensor, upto: int):
         """Blocks ``0..upto-1`` on ``emb`` ``[batch, S, d_model]``, ``mask`` ``[batch, S]``. Returns
         (saved per block, embedding LN (x̂, 1/σ), hidden states {index: [batch, S, d_model]})."""
-        bsz, seq, _ = emb.shape
+        seq = emb.shape[1]
         e = self.base.embeddings
         pos = torch.arange(seq, device=emb.device)
         x = emb + e.token_type_embeddings.weight[0] + e.position_embeddings(pos)[None]
         x, xn0, r0 = _ln(x, e.LayerNorm)
-        add = torch.zeros(bsz, 1, 1, 1, seq, device=emb.device).masked_fill_(
-            ~mask.bool()[:, None, None, None, :], torch.finfo(emb.dtype).min)  # [batch, 1, 1, 1, S_k]
+        add = additive_mask(mask, False, emb.dtype)  # [batch, 1, 1, 1, S_k]
         saved, hs = [], {0: x}
         for blk in self.blocks[:upto]:
             x, sv = self._block_forward(blk, x, add)
@@ -159,7 +158,7 @@ class BertStack(ManualStack):
         at = blk.attention.self
 
         def at_pos(name):  # saved [batch, S, w] at (row c, sample, pos[c]) -> [chunk, batch, w]
-            return getattr(sv, name)[rows][:, pos].transpose(0, 1)
+            return at_positions(getattr(sv, name)[rows], pos)
 
         g1 = self._mlp_ln_backward(blk, at_pos, gt.contiguous())  # [chunk, batch, d_model] d(x + attn) at pos
         go = mm(g1.view(c * bsz, d), blk.attention.output.dense.weight).view(c, bsz, hh, hd)  # d attention output at pos

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .manual import ManualStack, attention_backward, ln_backward, ln_forward, mm
+from .manual import ManualStack, additive_mask, attention_backward, ln_backward, ln_forward, mm
 
 
 def gpt2_unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -64,11 +64,9 @@ class GPT2Stack(ManualStack):
         """Blocks ``0..min(upto, n)-1`` (and LN_f if ``upto`` = n) on ``emb`` ``[batch, S, d_model]``
         with ``mask`` ``[batch, S]`` (right padding). Returns (saved per block, LN_f (x̂, 1/σ) or
         None, hidden states {index: [batch, S, d_model]})."""
-        bsz, seq, _ = emb.shape
+        seq = emb.shape[1]
         x = emb + self.base.wpe(torch.arange(seq, device=emb.device))[None]
-        keep = torch.ones(seq, seq, dtype=torch.bool, device=emb.device).tril()[None] & mask.bool()[:, None, :]
-        add = torch.zeros(bsz, 1, 1, seq, seq, device=emb.device).masked_fill_(
-            ~keep[:, None, None], torch.finfo(emb.dtype).min)  # [batch, 1, 1, S, S] additive mask
+        add = additive_mask(mask, True, emb.dtype)  # [batch, 1, 1, S, S]
         saved, hs = [], {0: x}
         for blk in self.blocks[:min(upto, self.n_layers)]:
             x, sv = self._block_forward(blk, x, add)

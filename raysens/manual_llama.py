@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .manual import ManualStack, addmm_, attention_backward, mm
+from .manual import ManualStack, addmm_, additive_mask, at_positions as _at, attention_backward, mm
 
 
 def llama_unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -88,9 +88,7 @@ class LlamaStack(ManualStack):
         n = len(self.blocks)
         pos = torch.arange(seq, device=emb.device).unsqueeze(0).expand(bsz, -1)
         cos, sin = self.base.rotary_emb(emb, pos)  # [batch, S, head_dim] each
-        keep = torch.ones(seq, seq, dtype=torch.bool, device=emb.device).tril()[None] & mask.bool()[:, None, :]
-        add = torch.zeros(bsz, 1, 1, seq, seq, device=emb.device).masked_fill_(
-            ~keep[:, None, None], torch.finfo(emb.dtype).min)  # [batch, 1, 1, S, S] additive mask
+        add = additive_mask(mask, True, emb.dtype)  # [batch, 1, 1, S, S]
         x, saved, hs = emb, [], {0: emb}
         for blk in self.blocks[:min(upto, n)]:
             x, sv = self._block_forward(blk, x, cos, sin, add)
@@ -186,7 +184,7 @@ class LlamaStack(ManualStack):
         buf[:, :, :, 1].permute(1, 3, 0, 2, 4).copy_(gv)
         gk = gv = gs = gp = None
         qbuf = torch.empty(c, bsz, kvh, grp, hd, device=g.device, dtype=g.dtype)  # d q_pre at pos
-        cp, sp = _at(cos, pos).permute(1, 0, 2)[:, None, :, None], _at(sin, pos).permute(1, 0, 2)[:, None, :, None]
+        cp, sp = cos[:, pos][:, None, :, None], sin[:, pos][:, None, :, None]  # [batch, 1, chunk, 1, hd]
         _rope_backward(gq, cp, sp, qbuf.permute(1, 2, 0, 3, 4))
         b2 = buf.view(c * bsz * b, 2 * kvh * hd)
         gn = mm(b2[:, :kvh * hd], at.k_proj.weight)  # [chunk·batch·pos, d_model]
@@ -250,11 +248,6 @@ class LlamaStack(ManualStack):
         inter = self.blocks[0].mlp.down_proj.weight.shape[1]
         qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
         return 4 * (4 * d + 3 * inter + 2 * qkv + 2 * self.heads * pos)
-
-
-def _at(t, pos):
-    """Saved ``[batch, S, ...]`` at (row c, sample, ``pos[c]``) -> ``[chunk, batch, ...]``."""
-    return t[:, pos].transpose(0, 1)
 
 
 def _norm(x, w, eps):

@@ -60,3 +60,23 @@ def test_strategies_mode_times_manual_and_vmap(tmp_path):
     r = res[0]
     assert r["speedup_median"] > 0 and len(r["s_per_sample"]["vmap"]) == len(r["s_per_sample"]["manual"]) == 1
     assert r["segments"]["manual"] >= r["segments"]["vmap"] >= 1
+
+
+def test_gpu_mode_times_vmap_when_the_default_strategy_fails_its_check(monkeypatch):
+    model = make_model("llama")
+    ids = torch.stack([random_ids(6, seed=1), random_ids(6, seed=2)])
+    am = torch.ones_like(ids)
+    engine = SensitivityEngine(model, SensitivityConfig(estimator="hutchinson", num_probes=1))
+    assert engine.strategy_used == "manual"
+    info = {}
+    assert benchmark._checked_strategy(engine, model, ids, am, "cpu", 1000, info) is engine
+    assert info["strategy_check"]["rel_fro_vs_vmap"] < 1e-4
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel for this op")
+
+    monkeypatch.setattr(engine, "compute", broken)
+    info = {}
+    timed = benchmark._checked_strategy(engine, model, ids, am, "cpu", 1000, info)
+    assert timed is not engine and timed.strategy_used == "vmap"
+    assert "raised RuntimeError: no kernel for this op" in info["strategy_check"]["failed"]

@@ -112,6 +112,8 @@ def test_auto_uses_manual_where_a_stack_exists_and_vmap_elsewhere():
     assert "model_type 'opt'" in unsupported_reason(opt)
     with pytest.raises(ValueError, match=r"strategy 'manual'.*model_type 'opt'"):
         SensitivityEngine(opt, SensitivityConfig(strategy="manual"))
+    with pytest.raises(ValueError, match=r"does not support this model: model_type 'opt'"):
+        make_stack(opt)
     ids = random_ids(6, seed=9)
     r = SensitivityEngine(opt, SensitivityConfig(estimator="exact")).compute(ids[None], layers=-1)
     assert rel_fro(r.values[2][0], reference(opt, ids, -1)[0]) <= TOL
