@@ -7,7 +7,7 @@
 
 def __getattr__(name):
     if name == "load_run":
-        from .results import load_run
+        from .store.results import load_run
 
         return load_run
     raise AttributeError(f"module 'raysens' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """``raysens`` command line.
 
     raysens run CONFIG.yaml [--section.key=value ...]   run a job (Ray, or in-process with --cluster.use_ray=false)
-    raysens sweep SWEEP.yaml [--key=value ...]           run a grid of runs in one job   (raysens.sweep)
+    raysens sweep SWEEP.yaml [--key=value ...]           run a grid of runs in one job   (raysens.run.sweep)
     raysens report RUN_DIR ...                            HTML/Markdown report of a run   (raysens.report)
     raysens show RUN_DIR ...                              print a run's summary           (raysens.report)
     raysens compare RUN_A RUN_B ...                       compare two runs                (raysens.report)
@@ -28,12 +28,12 @@ YAML values, e.g. --data.limit=100 --layers=[3,-1] --cluster.num_actors=2 --outp
 
 
 def _errors():
+    from .backends import ClusterError
     from .config import ConfigError
-    from .corpus import CorpusError
-    from .distributed.driver import RunError
-    from .distributed.raypipe import ClusterError
-    from .distributed.work import PartialError
-    from .models import ModelLoadError
+    from .core.models import ModelLoadError
+    from .store.corpus import CorpusError
+    from .store.partials import PartialError
+    from .store.rundir import RunError
 
     return ConfigError, (CorpusError, RunError, ClusterError, PartialError, ModelLoadError)
 
@@ -57,7 +57,7 @@ def main_run(argv: Sequence[str], default_config: str | None = None) -> int:
     config_error, run_errors = _errors()
     try:
         from .config import load_config
-        from .pipeline import run
+        from .run.runner import run
 
         config = load_config(config_path, argv)
         run(config)
@@ -66,6 +66,48 @@ def main_run(argv: Sequence[str], default_config: str | None = None) -> int:
         return 2
     except run_errors as exc:
         print(f"raysens run: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+SWEEP_USAGE = """usage: raysens sweep SWEEP.yaml [--key=value ...] [--dry-run]
+
+Run every point of a sweep (see jobs/configs/sweep_*.yaml) in one job; rerunning with the same dir
+skips finished points and resumes unfinished ones. Overrides: --dir=..., --grid.seq_lens=[16],
+--corpus.samples=1000, and run-config keys applied to every point (--data.limit=100,
+--cluster.num_actors=2, --address=HOST:PORT). --dry-run lists the points and exits.
+"""
+
+
+def main_sweep(argv: Sequence[str]) -> int:
+    """``raysens sweep``: SWEEP config then ``--key=value`` overrides (``--dry-run`` lists the points)."""
+    argv = list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(SWEEP_USAGE)
+        return 0
+    dry = "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"]
+    positional = [a for a in argv if not a.startswith("--")]
+    if len(positional) != 1:
+        print(SWEEP_USAGE, file=sys.stderr)
+        print(f"raysens sweep: error: one SWEEP config file expected, got {positional}", file=sys.stderr)
+        return 2
+    from .run.grid import corpus_path, expand, load_sweep, with_corpus
+    from .run.sweep import SweepError, run_sweep
+
+    config_error, run_errors = _errors()
+    try:
+        sweep = load_sweep(positional[0], [a for a in argv if a.startswith("--")])
+        if dry:
+            for c in expand(with_corpus(sweep, {"path": corpus_path(sweep)} if sweep.corpus else None)):
+                print(f"{c.name}\tlayers={list(c.config.layers)}\t-> {c.config.output.dir}")
+            return 0
+        run_sweep(sweep)
+    except config_error as exc:
+        print(f"raysens sweep: config error: {exc}", file=sys.stderr)
+        return 2
+    except (SweepError, *run_errors) as exc:
+        print(f"raysens sweep: error: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -88,8 +130,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cmd == "run":
         return main_run(rest)
     if cmd == "sweep":
-        from .sweep import main_sweep
-
         return main_sweep(rest)
     if cmd in ("report", "show", "compare"):
         return _report_command(cmd, rest)

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .engine import Estimator, SensitivityConfig, SensitivityEngine
-from .welford import WelfordState
+from .core.engine import Estimator, SensitivityConfig, SensitivityEngine
+from .core.welford import WelfordState
 
 
 class WelfordAccumulator:

@@ -23,7 +23,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .engine import SensitivityConfig
+from .core.options import SensitivityConfig
 
 SOURCE_KINDS = ("auto", "bundled", "jsonl", "text", "parquet", "hf_disk", "hf")
 

@@ -133,7 +133,7 @@ def test_ray_job_submit_quickstart(ray_head, tiny_model_e2e):
     assert sorted(run.layers) == [1, 2] and run[2].count == 12 and run[2].mean.shape == (8, 8)
     assert any(name.endswith("heatmap.png") for name in os.listdir(results / "plots"))
 
-    from raysens.pipeline import run_local
+    from raysens.run.runner import run_local
     from raysens.config import load_config
 
     ref = run_local(load_config(ROOT / "jobs" / "configs" / "quickstart.yaml", [

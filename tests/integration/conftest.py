@@ -31,7 +31,7 @@ def nan_model(tmp_path_factory):
     containing it has non-finite sensitivities."""
     import torch
 
-    from raysens.models import load_model
+    from raysens.core.models import load_model
 
     lm = load_model(TINY)
     (tid,) = lm.tokenizer("is", add_special_tokens=False)["input_ids"]
@@ -45,7 +45,7 @@ def nan_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bundled_texts():
-    from raysens.corpus import bundled_corpus_path
+    from raysens.store.corpus import bundled_corpus_path
 
     with open(bundled_corpus_path()) as f:
         return [json.loads(line)["text"] for line in f]

@@ -64,7 +64,7 @@ def test_output_to_a_uri(tmp_path):
     """output.dir as a pyarrow.fs URI (file:// here; s3:// and gs:// go through the same code)."""
     import raysens
     from raysens.config import load_config
-    from raysens.pipeline import run_local
+    from raysens.run.runner import run_local
 
     uri = f"file://{tmp_path}/uri-run"
     s = run_local(load_config(None, [*TINY, "--data.limit=4", f"--output.dir={uri}", "--output.plots=false"]))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from raysens.fused import uninstall_fused_norms
+from raysens.core.fused import uninstall_fused_norms
 
 VOCAB = 100
 HIDDEN = 32
@@ -77,7 +77,7 @@ def tiny_model(kind: str) -> torch.nn.Module:
 
 @functools.lru_cache(maxsize=None)
 def minilm():
-    from raysens.models import load_model
+    from raysens.core.models import load_model
 
     return load_model("minilm")
 

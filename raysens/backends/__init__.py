@@ -1,0 +1,61 @@
+"""Backends run work units: in this process (``local.py``) or on a Ray actor pool (``ray_pool.py``,
+the only module of raysens that imports ``ray``). Both call the same per-unit code (``units.py``)
+and hand each unit's partial payload to ``on_result(job index, unit, n_samples, payload)``.
+
+    with session(cluster_config, use_ray=True) as info:   # join/start Ray once; shut down what it started
+        run_jobs([JobUnits(...), ...], on_result, use_ray=True, info=backend_info)
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..config import ClusterConfig, RunConfig
+from ..store.corpus import Corpus
+
+__all__ = ["JobUnits", "session", "run_jobs", "ClusterError"]
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be reached or joined."""
+
+
+@dataclass
+class JobUnits:
+    """One job's share of a pass over a backend: its config, corpus, units to compute, fingerprint."""
+
+    config: RunConfig  # the job's run config (all jobs of one pass share the model config)
+    corpus: Corpus  # where the unit's texts are read
+    units: list[np.ndarray]  # the units to compute (arrays of sample_ids)
+    fingerprint: str  # written into every partial
+
+
+@contextmanager
+def session(cluster: ClusterConfig | None, use_ray: bool) -> Iterator[dict | None]:
+    """Ray joined (or an embedded local Ray started) for the block when ``use_ray``; shut down on
+    exit only if it was started here. Yields ``{"address", "started_here", "resources"}`` or None."""
+    if not use_ray:
+        yield None
+        return
+    from . import ray_pool
+
+    with ray_pool.ray_session(cluster) as info:
+        yield info
+
+
+def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, int, int, bytes], None], *, use_ray: bool,
+             info: dict | None = None) -> dict:
+    """Compute every unit of ``jobs`` (one model; one model load per process). ``info`` is filled
+    with what the backend knows about itself (backend, device, actors) before the first unit."""
+    info = {} if info is None else info
+    if use_ray:
+        from . import ray_pool
+
+        return ray_pool.run_jobs(jobs, on_result, info)
+    from . import local
+
+    return local.run_jobs(jobs, on_result, info)

@@ -1,0 +1,184 @@
+"""The Ray backend — the only module of raysens that imports ``ray``: connect to (or start) Ray,
+and run units through Ray Data and an actor pool.
+
+    units (sample_ids) --from_items--> tokenize (CPU tasks, map_batches with a function)
+        --> SensitivityActor pool (map_batches with a class, compute=ActorPoolStrategy, one GPU
+            each when the cluster has GPUs, CPU actors otherwise) --> one row per unit:
+            {unit, samples, payload = the unit's partial (Welford state per layer + ids)}
+        --> driver (iter_rows, streaming) persists each payload as it arrives.
+
+A dead actor is restarted by Ray and its unit retried on the new actor (Ray Data's actor pool
+defaults: ``max_restarts=-1``, ``max_task_retries=-1``); since units are deterministic and the driver
+ignores units it already has, every sample is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
+from urllib.parse import urlparse
+
+from ..config import ClusterConfig
+from ..testing import faults
+from . import ClusterError, JobUnits
+from .units import UnitWorker, tokenize_batch
+
+
+# ---------------------------------------------------------------------- connecting
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail fast (and clearly) when host:port of a cluster address does not answer."""
+    if address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"cluster address {address!r} looks like the dashboard/job-submission URL; the driver needs the "
+            "GCS address (host:6379) or a client address (ray://host:10001). To submit a job to that URL, use "
+            "`ray job submit --address <url> ...`")
+    u = urlparse(address if "://" in address else f"tcp://{address}")
+    if not u.hostname or not u.port:
+        raise ClusterError(f"cluster address {address!r} must look like host:port or ray://host:port")
+    try:
+        socket.create_connection((u.hostname, u.port), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({exc}); is it running and is the "
+                           "port open? (`ray status` on the head node shows its address)") from None
+
+
+def connect(cluster: ClusterConfig) -> dict:
+    """Join the configured cluster, else ``$RAY_ADDRESS``, else start an embedded local Ray.
+
+    Returns ``{"address", "started_here", "resources"}``. A session that is already initialised
+    (tests, notebooks) is used as it is.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return {"address": "existing session", "started_here": False, "resources": ray.cluster_resources()}
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _probe(address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except Exception as exc:  # ConnectionError, AuthenticationError, RuntimeError...
+            raise ClusterError(f"cannot join the Ray cluster at {address!r}: {type(exc).__name__}: {exc}") from exc
+        started = False
+    else:
+        ncpu = cluster.num_cpus or max(4, 2 * cluster.num_actors + 2)
+        # Ray Data needs CPU slots for its read/tokenize tasks besides the actors: declaring more
+        # logical CPUs than cores is what keeps a 2-core laptop from deadlocking (DESIGN.md §6).
+        ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=True)
+        address = "embedded local Ray"
+        started = True
+    return {"address": address, "started_here": started, "resources": ray.cluster_resources()}
+
+
+@contextmanager
+def ray_session(cluster: ClusterConfig) -> Iterator[dict]:
+    """``connect`` for the block; ``ray.shutdown()`` on exit if Ray was started here.
+    Yields ``{"address", "started_here", "resources"}`` (resources: CPU, GPU, memory)."""
+    import ray
+
+    info = connect(cluster)
+    info["resources"] = {k: v for k, v in info["resources"].items() if k in ("CPU", "GPU", "memory")}
+    try:
+        yield info
+    finally:
+        if info["started_here"]:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------------- the actor
+class SensitivityActor:
+    """One float32 model copy per actor; ``__call__`` turns tokenized units into partial payloads.
+
+    ``fault_settings``: test-only (``raysens.testing.faults``), empty in production.
+    """
+
+    def __init__(self, worker_kwargs: list[dict], torch_threads: int, fault_settings: dict | None = None):
+        import torch
+
+        torch.set_num_threads(max(1, int(torch_threads)))
+        shared: dict = {}  # one model load (and one engine per sensitivity config) for all jobs
+        self.workers = [UnitWorker(**kw, shared=shared) for kw in worker_kwargs]
+        self.units = 0
+        self.fault_settings = fault_settings or {}
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        out = []
+        for unit in batch.to_pylist():
+            faults.actor_unit_start(self.units, self.fault_settings)
+            out.append({"job": unit["job"], "unit": unit["unit"], "samples": len(unit["sample_ids"]),
+                        "payload": self.workers[unit["job"]].process(unit)})
+            self.units += 1
+        return pa.Table.from_pylist(out, schema=pa.schema(
+            [("job", pa.int64()), ("unit", pa.int64()), ("samples", pa.int64()), ("payload", pa.binary())]))
+
+
+def _node_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------- the pipeline
+def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, int, int, bytes], None], info: dict) -> dict:
+    """Several runs of one model in one Ray Data pass; ``on_result(job index, unit, n_samples, payload)``
+    as units finish (streaming).
+
+    Each actor loads the model once and keeps one worker per job over it (``UnitWorker(shared=...)``),
+    so a sweep's runs of one model share the pool and the weights. Pool settings: ``jobs[0]``'s.
+    """
+    import ray
+
+    first = jobs[0].config
+    cl, model = first.cluster, first.model
+    if any(j.config.model != model for j in jobs):
+        raise ValueError("run_jobs: all jobs of one pass must use the same model config")
+    gpus = cl.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    if gpus > 0:
+        threads = cl.torch_threads or max(1, int(cl.cpus_per_actor))
+        device = model.device
+    else:
+        threads = cl.torch_threads or max(1, _node_cores() // cl.num_actors)
+        device = "cpu" if model.device == "auto" else model.device
+    worker_kwargs = [dict(model_name=model.name, trust_remote_code=model.trust_remote_code, device=device,
+                          sensitivity=c.config.sensitivity.to_dict(), layers=list(c.config.layers),
+                          max_seq_len=c.config.data.max_seq_len, fingerprint=c.fingerprint) for c in jobs]
+    tokenize_kwargs = [dict(corpus=c.corpus, max_seq_len=c.config.data.max_seq_len, min_tokens=c.config.data.min_tokens,
+                            add_special_tokens=c.config.data.add_special_tokens) for c in jobs]
+    items = [{"job": i, "unit": int(u[0]), "sample_ids": [int(x) for x in u]}
+             for i, c in enumerate(jobs) for u in c.units]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), math.ceil(len(items) / 2), 1000)))
+    ds = ds.map_batches(
+        tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=cl.tokenize_cpus,
+        # tokenizing a unit takes milliseconds; what costs is a new worker importing transformers and
+        # loading the tokenizer, so a few long-lived task workers beat many (measured on 2 cores)
+        compute=ray.data.TaskPoolStrategy(size=max(1, min(4, cl.num_actors))),
+        fn_kwargs=dict(jobs=tokenize_kwargs, model_name=model.name, trust_remote_code=model.trust_remote_code))
+    ds = ds.map_batches(
+        SensitivityActor, batch_format="pyarrow", batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=cl.num_actors),
+        fn_constructor_kwargs=dict(worker_kwargs=worker_kwargs, torch_threads=threads,
+                                   fault_settings=faults.actor_settings()),
+        num_cpus=cl.cpus_per_actor, num_gpus=gpus)  # Ray Data's defaults restart dead actors and retry their units
+    info.update(backend="ray", num_actors=cl.num_actors, gpus_per_actor=gpus, cpus_per_actor=cl.cpus_per_actor,
+                torch_threads=threads)
+    t0 = time.perf_counter()
+    for row in _rows(ds):
+        on_result(int(row["job"]), int(row["unit"]), int(row["samples"]), row["payload"])
+    info["pipeline_s"] = round(time.perf_counter() - t0, 3)
+    return info
+
+
+def _rows(ds) -> Iterable[dict]:
+    for batch in ds.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=1):
+        yield from batch.to_pylist()

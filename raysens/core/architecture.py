@@ -1,0 +1,58 @@
+"""What the engine needs to know about a Hugging Face model's structure: its transformer blocks,
+whether it is causal, and which ``hidden_states`` indices a layer spec names. Torch/transformers only.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def find_blocks(base: torch.nn.Module, n_layers: int) -> torch.nn.ModuleList:
+    for _, mod in base.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n_layers:
+            return mod
+    raise ValueError(f"SensitivityEngine: cannot find the {n_layers} transformer blocks of {type(base).__name__}")
+
+
+_ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "mpnet",
+                  "xlm-roberta", "camembert", "modernbert"}
+
+
+def is_causal_model(model: torch.nn.Module) -> bool:
+    """True when output position i cannot depend on input positions j > i."""
+    cfg = model.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ValueError("SensitivityEngine: encoder-decoder models are not supported")
+    if cfg.model_type in _ENCODER_TYPES:
+        return bool(getattr(cfg, "is_decoder", False))
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return cfg.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def resolve_layer_indices(layers: int | Sequence[int], n_layers: int) -> tuple[int, ...]:
+    """Absolute hidden_states indices (0..n_layers, sorted, deduplicated) for a model with
+    ``n_layers`` blocks; negatives count from the end. Needs only the model's config."""
+    if isinstance(layers, (int, np.integer)):
+        ls = [layers]
+    else:
+        try:
+            ls = list(layers)
+        except TypeError:
+            raise ValueError(f"SensitivityEngine.compute: layer must be an int or a sequence of ints, "
+                             f"got {layers!r}") from None
+    if not ls:
+        raise ValueError("SensitivityEngine.compute: layers is empty")
+    out = set()
+    for layer in ls:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise ValueError(f"SensitivityEngine.compute: layer must be an int, got {layer!r}")
+        a = int(layer) + n_layers + 1 if layer < 0 else int(layer)
+        if not 0 <= a <= n_layers:
+            raise ValueError(
+                f"SensitivityEngine.compute: layer {layer} out of range; this model has hidden_states "
+                f"0..{n_layers} (or -{n_layers + 1}..-1)")
+        out.add(a)
+    return tuple(sorted(out))

@@ -1,0 +1,102 @@
+"""The engine's options: what is estimated (``Estimator``), how the VJPs are batched (``Strategy``),
+the probe law (``ProbeDistribution``) and ``SensitivityConfig``, which bundles them with the memory
+knobs. Plain Python: the run configuration (``raysens.config``) validates YAML against these without
+importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from enum import Enum
+
+
+class Estimator(str, Enum):
+    """What is computed per cell. Cost in VJPs per sample and target layer (S tokens, width H)."""
+
+    EXACT = "exact"  # ‖J_ij‖_F² exactly: one VJP per output unit, S·H. Small models, validation.
+    HUTCHINSON = "hutchinson"  # unbiased (1/K)Σ_k ‖v_kᵀ J_ij‖², E[vvᵀ]=I: S·K. Default for big runs.
+    PROJECTION = "projection"  # the older tool's ‖uᵀJ_ij‖², u = 1/√H·1: S. NOT the Frobenius norm.
+
+
+class Strategy(str, Enum):
+    """How the VJPs are batched (all give the same numbers).
+
+    - ``vmap``: one forward per segment, then ``chunk`` cotangents per batched backward
+      (``autograd.grad(is_grads_batched=True)``). Fastest; memory ∝ chunk × one layer's activations.
+    - ``replicate``: copy the batch ``chunk`` times, one cotangent per copy, one plain backward.
+      No vmap (works with fused attention kernels); memory ∝ chunk × all activations, and the
+      forward is repeated per chunk.
+    - ``loop``: one ``autograd.grad`` per cotangent. Slowest; lowest memory; the fallback when an
+      operator has no batching rule.
+    - ``manual``: Llama / Mistral / Qwen2, GPT-2 and BERT only (``raysens/core/stacks/``): one forward
+      over the whole sequence, then a hand-written batched backward per segment on the saved
+      activations of its prefix. No repeated forwards, no vmap; fewest FLOPs and passes over the
+      cotangents (CPU: 1.3-1.6x faster than ``vmap``, ``jobs/bench_strategies.py``); memory ∝
+      chunk × one layer's activations + one forward's (split by the memory budget).
+    - ``auto``: ``manual`` where the model's structure fits and a one-off numerical check against
+      autograd passes, else ``vmap``, falling back to ``loop`` if a batching rule is missing.
+    """
+
+    AUTO = "auto"
+    MANUAL = "manual"
+    VMAP = "vmap"
+    REPLICATE = "replicate"
+    LOOP = "loop"
+
+
+class ProbeDistribution(str, Enum):
+    """Hutchinson probe law (all have E[vvᵀ] = I)."""
+
+    RADEMACHER = "rademacher"  # ±1 entries; lowest variance of the three (see jobs/probe_choice.py)
+    GAUSSIAN = "gaussian"  # N(0, 1) entries
+    SPHERE = "sphere"  # uniform on the sphere of radius √H
+
+
+@dataclass(frozen=True)
+class SensitivityConfig:
+    """How sensitivities are estimated. Unknown keys are errors (``from_dict``)."""
+
+    estimator: Estimator = Estimator.HUTCHINSON  # exact | hutchinson | projection
+    num_probes: int = 1  # K, Hutchinson probes per output position (≥2 gives a standard error)
+    probe_distribution: ProbeDistribution = ProbeDistribution.RADEMACHER  # Hutchinson probe law
+    strategy: Strategy = Strategy.AUTO  # how cotangents are batched; see Strategy
+    memory_budget_mb: int | None = None  # bound on backward working memory; None: 2048 CPU, ½ free GPU
+    chunk_size: int | None = None  # cotangents per backward; overrides the memory budget if set
+    causal_segments: int | None = None  # causal models: output-position segments run on their prefix only; None: fewest FLOPs (cost model)
+    fused_norms: bool = True  # RMSNorm backward by its closed form (same numbers, ~8-10 % faster on CPU); see fused.py
+    backward_tokens: int | None = None  # CPU: target chunk·samples·tokens of one batched backward (cache-sized working set); None: 2048 CPU, no target CUDA
+    seed: int = 0  # run seed; probes come from a generator seeded by (seed, sample_id, layer)
+
+    def __post_init__(self):
+        object.__setattr__(self, "estimator", _enum(Estimator, self.estimator, "estimator"))
+        object.__setattr__(self, "strategy", _enum(Strategy, self.strategy, "strategy"))
+        object.__setattr__(self, "probe_distribution",
+                           _enum(ProbeDistribution, self.probe_distribution, "probe_distribution"))
+        if int(self.num_probes) < 1:
+            raise ValueError(f"SensitivityConfig: num_probes must be >= 1, got {self.num_probes}")
+        if self.chunk_size is not None and int(self.chunk_size) < 1:
+            raise ValueError(f"SensitivityConfig: chunk_size must be >= 1, got {self.chunk_size}")
+        if self.memory_budget_mb is not None and int(self.memory_budget_mb) < 1:
+            raise ValueError(f"SensitivityConfig: memory_budget_mb must be >= 1, got {self.memory_budget_mb}")
+        if self.causal_segments is not None and int(self.causal_segments) < 1:
+            raise ValueError(f"SensitivityConfig: causal_segments must be >= 1, got {self.causal_segments}")
+        if self.backward_tokens is not None and int(self.backward_tokens) < 1:
+            raise ValueError(f"SensitivityConfig: backward_tokens must be >= 1, got {self.backward_tokens}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SensitivityConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"SensitivityConfig: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return {f.name: (v.value if isinstance(v := getattr(self, f.name), Enum) else v) for f in fields(self)}
+
+
+def _enum(cls, value, what):
+    try:
+        return cls(value.value if isinstance(value, Enum) else value)
+    except ValueError:
+        raise ValueError(f"SensitivityConfig: unknown {what} {value!r}; choose from {[m.value for m in cls]}") from None

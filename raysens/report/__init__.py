@@ -1,0 +1,15 @@
+"""Reports, plots and summaries of run directories: numpy, pyarrow and matplotlib only (never torch
+or Ray). ``commands.py`` is ``raysens report|show|compare``; ``content.py`` builds a report's
+content, ``render.py`` writes it as HTML/Markdown; ``plots.py`` draws PNGs with the helpers of
+``plot_parts.py``; ``analysis.py`` holds the numbers they all show.
+"""
+
+_COMMANDS = ("main_report", "main_show", "main_compare", "differences")
+
+
+def __getattr__(name):
+    if name in _COMMANDS:
+        from . import commands
+
+        return getattr(commands, name)
+    raise AttributeError(f"module 'raysens.report' has no attribute {name!r}")

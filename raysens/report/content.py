@@ -1,0 +1,162 @@
+"""What a ``raysens report`` contains, as :class:`raysens.report_render.Doc` blocks."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import posixpath
+import re
+from typing import Sequence
+
+from . import analysis as an
+from . import plots
+from .render import Doc
+from ..store.results import RunResult
+
+ESTIMATOR_NOTES = {
+    "exact": "exact: A_ij = ‖J_ij‖_F² computed exactly (one VJP per output unit); no estimator noise.",
+    "hutchinson": "hutchinson: unbiased estimate (1/K) Σ_k ‖v_kᵀ J_ij‖² with E[v vᵀ] = I. The K probes add "
+                  "noise; its share of the standard error is the 'probe part' below, and the dataset variance "
+                  "is reported raw and corrected (raw − mean probe variance).",
+    "projection": "projection: ‖uᵀ J_ij‖² with u = 1/√H · 1, the quantity of the older tool. It is NOT the "
+                  "Frobenius norm ‖J_ij‖_F² (≈ 90% relative error on MiniLM-L6); use it only to reproduce old numbers.",
+}
+SUMMARY_COLS = ["mean diagonal", "mean off-diagonal", "diagonal share", "sink share", "mean distance", "row total"]
+SUMMARY_KEYS = ["diag", "offdiag", "diag_share", "sink_share", "distance", "row_total"]
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_") or "run"
+
+
+def _overview(doc: Doc, run: RunResult) -> None:
+    f = an.run_facts(run.manifest, run.layers)
+    model = run.manifest.get("model") or {}
+    samples = run.manifest.get("samples") or {}
+    est = f["estimator"]
+    if f["estimator"] == "hutchinson":
+        est += f" (K = {f['num_probes']} probes" + (f", {f['probe']}" if f["probe"] else "") + ")"
+    pairs = [("model", f["model"]), ("model class", model.get("class")), ("model type", model.get("model_type")),
+             ("hidden layers", model.get("num_hidden_layers")), ("hidden size", model.get("hidden_size")),
+             ("parameters", model.get("parameters")), ("dataset", f["dataset"]), ("estimator", est),
+             ("seed", f["seed"]), ("max_seq_len", f["max_seq_len"]), ("seq len (observed)", f["seq_len"]),
+             ("layers", ", ".join(map(str, sorted(run.layers)))), ("status", run.manifest.get("status"))]
+    pairs += [(f"samples {k}", v) for k, v in an.sample_lines(samples)] or [("samples", f["samples"])]
+    doc.kv([(k, v) for k, v in pairs if v is not None])
+    note = ESTIMATOR_NOTES.get(f["estimator"])
+    if note:
+        doc.p(note, "note" if f["estimator"] == "projection" else "")
+
+
+def _precision(doc: Doc, run: RunResult, level: int) -> None:
+    doc.h(level, "Sample counts and standard errors")
+    doc.p("Per layer: samples folded in, how many cells received data, and the median (over cells) standard "
+          "error of a cell's dataset mean, sqrt(var / n), absolute and relative to the cell mean. The probe part "
+          "is sqrt(mean probe variance / n): the share of that error due to the estimator's random probes.", "muted")
+    rows = []
+    for L, ls in sorted(run.layers.items()):
+        se = an.standard_errors(ls.mean, ls.var, ls.probe_noise, ls.cell_count)
+        cc = ls.cell_count[ls.cell_count > 0]
+        rows.append([L, ls.count, f"{cc.size} / {ls.cell_count.size}", int(cc.min()) if cc.size else 0,
+                     int(cc.max()) if cc.size else 0, se["se"], f"{an.fmt(se['rel_se'] * 100, 2)}%",
+                     se["probe_se"], f"{an.fmt(se['rel_probe_se'] * 100, 2)}%", se["probe_se_sample"]])
+    doc.table(["layer", "samples", "cells with data", "min n", "max n", "SE of mean", "relative",
+               "probe part", "relative", "probe SE, one sample"], rows)
+
+
+def _summary_table(doc: Doc, summaries: dict[int, dict], prefix: list | None = None, head: list | None = None) -> None:
+    rows = [(prefix or []) + [L] + [s[k] for k in SUMMARY_KEYS] for L, s in sorted(summaries.items())]
+    doc.table((head or []) + ["layer"] + SUMMARY_COLS, rows)
+
+
+SUMMARY_HELP = ("Averages over output positions i (i ≥ 1 for causal models: row 0 sees only itself). "
+                "diagonal / sink share: A_ii / Σ_j A_ij and A_i0 / Σ_j A_ij; mean distance: the sensitivity-"
+                "weighted mean |i − j| of a row; row total: Σ_j A_ij; off-diagonal cells are those the model can "
+                "see (j < i for causal models).")
+
+
+def _run_body(doc: Doc, run: RunResult, level: int, prefix: str) -> None:
+    """Everything about one run, headings starting at ``level``; images under ``prefix``."""
+    pngs = plots.render_run_plots(run)
+    doc.h(level, "Overview")
+    _overview(doc, run)
+    _precision(doc, run, level)
+    if "layers_summary.png" in pngs:
+        doc.h(level, "Across layers")
+        doc.img(prefix + "layers_summary.png", pngs["layers_summary.png"], "per-layer summaries")
+        doc.p(SUMMARY_HELP, "muted")
+        _summary_table(doc, plots.layer_summaries(run))
+    for L, ls in sorted(run.layers.items()):
+        doc.h(level, f"Layer {L}")
+        doc.img(prefix + f"layer_{L:03d}_heatmap.png", pngs[f"layer_{L:03d}_heatmap.png"],
+                f"layer {L}: mean and std of ‖J_ij‖_F² over {ls.count:,} samples (rows: output position i, "
+                "columns: input position j)")
+        doc.img(prefix + f"layer_{L:03d}_distance.png", pngs[f"layer_{L:03d}_distance.png"],
+                f"layer {L}: sensitivity against distance i − j")
+        doc.img(prefix + f"layer_{L:03d}_sink.png", pngs[f"layer_{L:03d}_sink.png"],
+                f"layer {L}: sensitivity to the first token (column j = 0)")
+        doc.h(level + 1, f"Top 10 cells, layer {L}")
+        doc.table(["rank", "i", "j", "mean", "std", "n"],
+                  [[r, i, j, mu, sd, int(ls.cell_count[i, j])]
+                   for r, (i, j, mu, sd) in enumerate(an.top_cells(ls.mean, ls.std, 10), 1)])
+    _config(doc, run, level)
+
+
+def _config(doc: Doc, run: RunResult, level: int) -> None:
+    m = run.manifest
+    timings = m.get("timings") or {}
+    if timings:
+        doc.h(level, "Timings")
+        doc.kv([(k, f"{an.fmt(v)}" + (" s" if k.endswith("_s") and isinstance(v, (int, float)) else ""))
+                for k, v in an.flatten(timings)])
+    doc.h(level, "Run configuration")
+    cfg = an.flatten(m.get("config") or {})
+    doc.kv([(k, v) for k, v in cfg] or [("config", "(not recorded in the manifest)")])
+    if m.get("versions"):
+        doc.h(level, "Versions")
+        doc.kv(an.flatten(m["versions"]))
+    other = [(f"{sec}.{k}", v) for sec in ("corpus", "backend", "units") if isinstance(m.get(sec), dict)
+             for k, v in an.sample_lines(m[sec])]
+    other += [(k, m[k]) for k in ("fingerprint", "format") if m.get(k) is not None]
+    if other:
+        doc.h(level, "Execution")
+        doc.kv(other)
+
+
+def build_report(kind: str, root: str, runs: Sequence[RunResult]) -> Doc:
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    if kind == "run":
+        run = runs[0]
+        f = an.run_facts(run.manifest, run.layers)
+        doc = Doc(f"raysens report — {f['model']}")
+        doc.p(f"run directory {run.path} · generated {stamp}", "muted")
+        _run_body(doc, run, 2, "")
+        return doc
+    doc = Doc(f"raysens sweep report — {posixpath.basename(root) or root}")
+    doc.p(f"sweep directory {root} · {len(runs)} runs · generated {stamp}", "muted")
+    labels = [posixpath.relpath(str(r.path).rstrip("/"), root) if str(r.path).startswith(root) else str(r.path)
+              for r in runs]
+    doc.h(2, "Sweep overview")
+    rows = []
+    for label, r in zip(labels, runs):
+        f = an.run_facts(r.manifest, r.layers)
+        rows.append([label, f["model"], ", ".join(map(str, sorted(r.layers))), f["seq_len"], f["dataset"],
+                     f["estimator"], f["samples"], f["skipped"] if not isinstance(f["skipped"], (dict, list)) else "",
+                     f["wall_s"], f["samples_per_s"]])
+    doc.table(["run", "model", "layers", "seq len", "dataset", "estimator", "samples", "skipped", "wall s",
+               "samples/s"], rows)
+    doc.h(2, "Per-layer summaries across the sweep")
+    doc.img("sweep_summary.png", plots.sweep_summary_png(list(zip(labels, runs))),
+            "per-layer summaries of every run (one colour per run)")
+    doc.p(SUMMARY_HELP, "muted")
+    srows = []
+    for label, r in zip(labels, runs):
+        f = an.run_facts(r.manifest, r.layers)
+        for L, s in sorted(plots.layer_summaries(r).items()):
+            srows.append([label, f["model"], L, f["seq_len"], f["dataset"], f["estimator"], r[L].count]
+                         + [s[k] for k in SUMMARY_KEYS])
+    doc.table(["run", "model", "layer", "seq len", "dataset", "estimator", "samples"] + SUMMARY_COLS, srows)
+    for label, r in zip(labels, runs):
+        doc.h(2, f"Run {label}")
+        _run_body(doc, r, 3, _slug(label) + "/")
+    return doc
+

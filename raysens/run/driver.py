@@ -1,0 +1,131 @@
+"""Driver side of a run: progress lines and the final merge of a run directory's partials into
+dataset statistics, manifest and plots. No Ray.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+
+import numpy as np
+
+from .._log import log, now_iso
+from ..core.welford import WelfordState
+from ..store import results
+from ..store.partials import SKIP_REASONS
+from ..store.rundir import RunDir, RunError
+from .plan import RunPlan
+
+__all__ = ["Progress", "finalize", "write_plots", "RunError"]
+
+
+class Progress:
+    """``[raysens] 120/300 samples (40%) · 3.2 samples/s · ETA 56s`` every ``every_s`` seconds.
+
+    The rate is measured from the first result on (once that is 5 s ago), so start-up (Ray, actors,
+    model loading) does not distort the ETA.
+    """
+
+    def __init__(self, total: int, done: int, every_s: float):
+        self.total, self.done, self.every_s = total, done, every_s
+        self.start = done  # samples already done before this run (resumed partials)
+        self.first: tuple[float, int] | None = None  # (time, samples done) right after the first result
+        self.last = -1e9
+
+    def update(self, n: int) -> None:
+        now = time.perf_counter()
+        self.done += n
+        if self.first is None:
+            self.first = (now, self.done)
+        if now - self.last >= self.every_s or self.done >= self.total:
+            self.last = now
+            log(self.line(now))
+
+    def rate(self, now: float) -> float | None:
+        """samples/s since the first result, once that is 5 s ago (None before)."""
+        if self.first and self.done > self.first[1] and now - self.first[0] >= 5.0:
+            return (self.done - self.first[1]) / (now - self.first[0])
+        return None
+
+    def line(self, now: float) -> str:
+        pct = 100.0 * self.done / max(self.total, 1)
+        head = f"{self.done}/{self.total} samples ({pct:.0f}%)"
+        rate = self.rate(now)
+        if rate is None:
+            return head + (" · measuring the rate" if self.done < self.total else "")
+        return f"{head} · {rate:.2f} samples/s · ETA {_fmt_s((self.total - self.done) / rate)}"
+
+
+def _fmt_s(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+def finalize(plan: RunPlan, rdir: RunDir, manifest: dict, timings: dict, backend: dict) -> dict:
+    """Merge every partial (sample_id order, one file at a time), write stats, manifest and plots."""
+    S = plan.config.data.max_seq_len
+    acc = {L: WelfordState.empty(S) for L in plan.layers}
+    skipped: dict[str, list[int]] = {r: [] for r in SKIP_REASONS}
+    computed, compute_s, model, devices, strategies = 0, 0.0, None, set(), set()
+    for p in rdir.partials():
+        for L, st in p.states.items():
+            acc[L].merge(st.padded(S) if st.shape[0] < S else st)
+        for sid, reason in sorted(p.skipped.items()):
+            skipped[reason].append(sid)
+        computed += len(p.computed_ids)
+        compute_s += float(p.meta.get("compute_s", 0.0))
+        model = model or p.meta.get("model")
+        devices.add(p.meta.get("device"))
+        if p.meta.get("strategy"):
+            strategies.add(p.meta["strategy"])
+    skipped = {r: ids for r, ids in skipped.items() if ids}
+    n_skipped = sum(len(v) for v in skipped.values())
+    m = dict(manifest)
+    m["model"] = {**m["model"], **(model or {})}
+    m["samples"] = {**m["samples"], "computed": computed, "skipped": n_skipped,
+                    "skipped_by_reason": {r: len(v) for r, v in skipped.items()}, "skipped_ids": skipped,
+                    "skip_reasons": {r: SKIP_REASONS[r] for r in skipped}}
+    m["units"] = {**m["units"], "reused": len(plan.units) - rdir.written, "computed_this_run": rdir.written,
+                  "corrupt_recomputed": rdir.corrupt}
+    m["timings"] = {**m["timings"], **timings, "finished": now_iso(), "compute_s_total": round(compute_s, 3)}
+    m["backend"] = {**backend, "devices": sorted(d for d in devices if d), "strategies": sorted(strategies)}
+    if computed == 0:
+        m["status"] = "failed"
+        results.write_manifest(plan.run_dir, m)
+        raise RunError(f"no sample could be computed: all {plan.n_selected} selected samples were skipped "
+                       f"({m['samples']['skipped_by_reason']}); see {plan.run_dir}/manifest.json")
+    seq = _observed_len(acc)
+    m["seq_len"] = seq
+    for L, st in acc.items():
+        results.write_layer_stats(plan.run_dir, L, _crop(st, seq))
+    m["stats"] = {str(L): results.layer_file(L) for L in acc}
+    m["status"] = "complete"
+    results.write_manifest(plan.run_dir, m)  # complete before plotting: a plotting failure loses nothing
+    if plan.config.output.plots:
+        m["plots"] = write_plots(plan.run_dir)
+    return m
+
+
+def _observed_len(acc: dict[int, WelfordState]) -> int:
+    reached = np.zeros(next(iter(acc.values())).shape[0], bool)
+    for st in acc.values():
+        reached |= st.count.any(axis=1)
+    return int(np.nonzero(reached)[0].max()) + 1
+
+
+def _crop(st: WelfordState, s: int) -> WelfordState:
+    return WelfordState(st.count[:s, :s].copy(), st.mean[:s, :s].copy(), st.m2[:s, :s].copy(),
+                        st.noise_sum[:s, :s].copy(), st.samples)
+
+
+def write_plots(run_dir: str) -> list[str]:
+    """Heatmaps etc. through ``raysens.plots``; a plotting failure is logged, never fatal."""
+    try:
+        from ..report.plots import write_run_plots
+
+        paths = write_run_plots(run_dir)
+    except Exception as exc:  # matplotlib missing or a plotting bug must not lose a finished run
+        log(f"plots skipped ({type(exc).__name__}: {exc})")
+        return []
+    fs, base = results.resolve(run_dir)
+    return [posixpath.relpath(p, base) if p.startswith(base) else p for p in paths]

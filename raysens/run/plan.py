@@ -1,0 +1,124 @@
+"""What is decided before any work starts: the validated plan of a run, its units and its manifest.
+
+``prepare(config)`` reads the corpus's row count and the model's config (not its weights), resolves
+the target layers and cuts the selected sample_ids into work units; it writes nothing. No Ray.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import posixpath
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._log import log
+from ..config import RunConfig
+from ..store.corpus import Corpus
+from ..store.rundir import RunDir, RunError
+
+
+def plan_units(selected: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Consecutive chunks of the sorted selected ids; unit key = first id of the chunk."""
+    return [selected[i:i + batch_size] for i in range(0, len(selected), batch_size)]
+
+
+@dataclass
+class RunPlan:
+    """Everything decided before any work starts (validated; nothing written yet)."""
+
+    config: RunConfig
+    fingerprint: str
+    run_dir: str
+    corpus: Corpus
+    n_rows: int
+    units: list[np.ndarray]  # every unit of the run, in sample_id order
+    layers: tuple[int, ...]  # absolute hidden_states indices
+    model_config: dict  # model_type, num_hidden_layers, hidden_size (from the config only)
+
+    @property
+    def n_selected(self) -> int:
+        return int(sum(len(u) for u in self.units))
+
+    @functools.cached_property
+    def by_key(self) -> dict[int, np.ndarray]:
+        """unit key (first sample_id) -> the unit's sample_ids"""
+        return {int(u[0]): u for u in self.units}
+
+
+def default_run_dir(config: RunConfig) -> str:
+    name = config.model.name.rstrip("/").replace("\\", "/").split("/")[-1]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name[:-5] if name.endswith(".gguf") else name)
+    return posixpath.join("runs", f"{name}-{config.fingerprint()}")
+
+
+def _run_dir(config: RunConfig) -> str:
+    """output.dir as given for URIs; local paths made absolute (and a warning inside a Ray job,
+    where a relative path lands in the job's temporary copy of the working directory)."""
+    d = config.output.dir or default_run_dir(config)
+    if "://" in d:
+        return d
+    if not os.path.isabs(os.path.expanduser(d)) and "job_submission_id" in os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", ""):
+        log(f"warning: output.dir {d!r} is relative; inside a Ray job it resolves to {os.path.abspath(d)} on the node "
+            "running the driver (a temporary copy of the working dir). Pass --output.dir=s3://... (or a shared path) "
+            "to read the results from elsewhere.")
+    return os.path.abspath(os.path.expanduser(d))
+
+
+def prepare(config: RunConfig) -> RunPlan:
+    """Validate the corpus, model and layers and plan the units. Writes nothing."""
+    from ..core.architecture import resolve_layer_indices
+    from ..core.models import load_tokenizer_and_config
+
+    corpus = Corpus(config.data)
+    n_rows = corpus.num_rows()
+    selected = corpus.select(n_rows)
+    _, mcfg = load_tokenizer_and_config(config.model.name, trust_remote_code=config.model.trust_remote_code)
+    n_layers = int(mcfg.num_hidden_layers)
+    try:
+        layers = resolve_layer_indices(list(config.layers), n_layers)
+    except ValueError as exc:
+        raise RunError(f"layers: {exc}".replace("SensitivityEngine.compute: ", "")) from None
+    return RunPlan(config, config.fingerprint(), _run_dir(config), corpus, n_rows,
+                   plan_units(selected, config.cluster.batch_size), layers,
+                   {"model_type": getattr(mcfg, "model_type", None), "num_hidden_layers": n_layers,
+                    "hidden_size": int(getattr(mcfg, "hidden_size", 0) or 0)})
+
+def open_run_dir(plan: RunPlan) -> RunDir:
+    """The plan's run directory, opened: refuses a directory of another config, sets corrupt
+    partials aside and collects the valid ones (``RunDir.open``)."""
+    rdir = RunDir(plan.run_dir, plan.units, plan.fingerprint, plan.layers, plan.config.data.max_seq_len,
+                  plan.config.output.resume)
+    rdir.open()
+    return rdir
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("raysens", "torch", "transformers", "ray", "numpy", "pyarrow", "datasets"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def base_manifest(plan: RunPlan, status: str, started: str) -> dict:
+    cfg = plan.config
+    sens = cfg.sensitivity.to_dict()
+    return {
+        "format": "raysens-run/1", "status": status, "fingerprint": plan.fingerprint,
+        "config": cfg.to_dict(), "versions": versions(),
+        "model": {"name": cfg.model.name, **plan.model_config},
+        "estimator": sens["estimator"], "num_probes": sens["num_probes"], "seed": sens["seed"],
+        "layers": list(plan.layers), "max_seq_len": cfg.data.max_seq_len,
+        "corpus": {**plan.corpus.describe(), "rows": plan.n_rows},
+        "samples": {"corpus_rows": plan.n_rows, "total": plan.n_selected},
+        "units": {"total": len(plan.units), "batch_size": cfg.cluster.batch_size},
+        "timings": {"started": started},
+    }

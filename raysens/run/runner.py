@@ -1,0 +1,251 @@
+"""The one runner: open every job's run directory, compute the missing units, finalize each job.
+
+A *job* is one run directory being computed: a plain run (``raysens run``) is one job, a sweep
+(``raysens.run.sweep``) is one job per grid point. Both go through ``Runner``:
+
+1. ``Runner.open(...)`` validates a job's config (corpus, model config, layers) and opens its run
+   directory (refusing one of another config, setting corrupt partials aside) — nothing is
+   computed until every job of the invocation has opened.
+2. ``Runner.run()`` writes each job's ``running`` manifest, enters one backend session for the
+   whole invocation (``raysens.backends.session``: Ray is joined or started once), and makes ONE
+   pass per model over the backend: each actor (or this process) loads the weights once and keeps
+   one worker per job over them. Each partial is persisted in its job's run directory as it
+   arrives; a job is finalized (``driver.finalize``) as soon as its last unit is in.
+3. A job whose units did not all arrive is reported as incomplete (rerun to compute them).
+
+``on_change(job)`` is called whenever a job's status changes (the sweep rewrites ``sweep.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .. import backends
+from .._log import log, now_iso
+from ..config import RunConfig
+from ..store import results
+from ..store.results import RunResult, load_run
+from ..store.partials import decode_partial
+from ..store.rundir import RunDir, RunError
+from ..testing import faults
+from .driver import Progress, finalize
+from .plan import RunPlan, base_manifest, open_run_dir, prepare
+
+
+@dataclass
+class Job:
+    """One run directory being computed."""
+
+    name: str  # the run's name (a sweep point's name; the run directory's basename for a plain run)
+    config: RunConfig
+    plan: RunPlan
+    rdir: RunDir
+    manifest: dict  # the manifest written when the job starts; finalize completes it
+    left: int  # units still to arrive
+    status: str = "pending"  # pending | running | complete | failed | incomplete
+    error: str | None = None  # why the job failed or is incomplete
+    final: dict | None = None  # the manifest written by finalize
+    started: float = 0.0  # perf_counter at the start of the job's pass
+    load_ids: set = field(default_factory=set)  # model loads that computed its units
+
+    @property
+    def model_key(self) -> tuple:
+        m = self.config.model
+        return (m.name, m.trust_remote_code, m.device)
+
+
+class Runner:
+    """Runs jobs (see the module doc). ``use_ray``: through a Ray actor pool, else in this process."""
+
+    def __init__(self, use_ray: bool, on_change: Callable[[Job], None] | None = None,
+                 on_unit: Callable[[int], None] | None = None):
+        self.use_ray = use_ray
+        self.jobs: list[Job] = []
+        self.groups: list[dict] = []  # one entry per model pass: model, jobs, seconds, model loads
+        self.session: dict | None = None  # the backend session's info (address, resources)
+        self._on_change = on_change or (lambda job: None)
+        self._on_unit = on_unit or (lambda done: None)
+        self.progress: Progress | None = None
+        self.units_arrived = 0  # units persisted by this invocation
+
+    def open(self, name: str, config: RunConfig, started: str, extra: dict | None = None) -> Job:
+        """Validate ``config`` and open its run directory (writes nothing but corrupt-partial moves)."""
+        plan = prepare(config)
+        rdir = open_run_dir(plan)
+        manifest = {**base_manifest(plan, "running", started), **(extra or {})}
+        job = Job(name, config, plan, rdir, manifest, len(rdir.todo()))
+        self.jobs.append(job)
+        return job
+
+    @property
+    def todo_samples(self) -> int:
+        return int(sum(sum(len(u) for u in j.rdir.todo()) for j in self.jobs))
+
+    def run(self, progress_every_s: float = 5.0) -> list[Job]:
+        """Compute and finalize every job; returns them (``status`` says how each ended)."""
+        for job in self.jobs:  # like a standalone run: "running" until the job is finalized
+            results.write_manifest(job.plan.run_dir, job.manifest)
+        total = sum(j.plan.n_selected for j in self.jobs)
+        todo = self.todo_samples
+        self.progress = Progress(total, total - todo, progress_every_s)
+        groups: dict[tuple, list[Job]] = {}
+        for job in self.jobs:
+            groups.setdefault(job.model_key, []).append(job)
+        need = self.use_ray and any(j.left for j in self.jobs)
+        cluster = self.jobs[0].config.cluster if self.jobs else None
+        with backends.session(cluster, use_ray=need) as session:
+            self.session = session
+            for group in groups.values():
+                self._pass(group)
+        return self.jobs
+
+    # ------------------------------------------------------------------ one model's pass
+    def _pass(self, group: list[Job]) -> None:
+        tg = time.perf_counter()
+        backend: dict = {}
+        for job in group:
+            job.started, job.status = tg, "running"
+            self._on_change(job)
+        for job in group:
+            if not job.left:  # every partial already there (e.g. killed while finalizing)
+                self._finish(job, {"backend": "none (all partials present)"}, len(group))
+        work = [j for j in group if j.left]
+        if work:
+            if len(work) > 1:
+                log(f"model {work[0].config.model.name}: one pass for {len(work)} runs: "
+                    f"{', '.join(j.name for j in work)}")
+            if self.use_ray:
+                backend.update(backend="ray", address=self.session["address"],
+                               cluster_resources=self.session["resources"])
+            specs = [backends.JobUnits(j.config, j.plan.corpus, j.rdir.todo(), j.plan.fingerprint) for j in work]
+
+            def on_result(ji: int, unit: int, n: int, payload: bytes) -> None:
+                job = work[ji]
+                if not job.rdir.add(unit, payload):
+                    return  # a retried unit already persisted
+                job.load_ids.add(decode_partial(payload).meta.get("load_id"))
+                job.left -= 1
+                self.progress.update(n)
+                self._on_unit(self.progress.done)
+                self.units_arrived += 1
+                faults.unit_arrived(self.units_arrived)
+                if job.left == 0:
+                    self._finish(job, {**backend, "pass_s": round(time.perf_counter() - tg, 3)}, len(group))
+
+            backends.run_jobs(specs, on_result, use_ray=self.use_ray, info=backend)
+        loads = set().union(*(j.load_ids for j in group))
+        self.groups.append({"model": group[0].config.model.name, "runs": [j.name for j in group],
+                            "pass_s": round(time.perf_counter() - tg, 3), "model_loads": len(loads),
+                            "load_ids": sorted(x for x in loads if x),
+                            "num_actors": group[0].config.cluster.num_actors if self.use_ray else 1})
+        for job in group:
+            if job.status == "running":  # some unit produced no result
+                missing = job.rdir.todo()
+                job.status = "incomplete"
+                job.error = (f"{len(missing)} units produced no result (first sample_ids "
+                             f"{[int(u[0]) for u in missing[:5]]}); rerun with the same output.dir to compute them")
+                self._on_change(job)
+
+    def _finish(self, job: Job, backend: dict, pass_size: int) -> None:
+        rdir = job.rdir
+        dt = time.perf_counter() - job.started
+        timings = {"wall_s": round(dt, 3), "compute_wall_s": round(dt, 3), "samples_this_run": rdir.samples_written,
+                   "samples_per_s": round(rdir.samples_written / dt, 4) if rdir.samples_written and dt > 0 else None}
+        if pass_size > 1:
+            timings["note"] = ("the run shares its model's pass with the model's other runs: wall time from that "
+                               "pass's start to this run's last unit")
+        try:
+            job.final = finalize(job.plan, rdir, job.manifest, timings,
+                                 {**backend, "model_load_ids": sorted(x for x in job.load_ids if x)})
+            job.status = "complete"
+        except RunError as exc:
+            job.status, job.error = "failed", str(exc)
+            log(f"{job.name} failed: {exc}")
+        self._on_change(job)
+
+
+# ---------------------------------------------------------------------- a plain run
+@dataclass
+class RunSummary:
+    run_dir: str  # where the results are (path or URI)
+    manifest: dict  # what was written to <run_dir>/manifest.json
+
+    def load(self) -> RunResult:
+        """Statistics per layer as numpy arrays (``raysens.store.results.load_run``)."""
+        return load_run(self.run_dir)
+
+    @property
+    def plots(self) -> list[str]:
+        return self.manifest.get("plots", [])
+
+
+def run(config: RunConfig) -> RunSummary:
+    """Run ``config`` (Ray or in-process according to ``config.cluster.use_ray``)::
+
+        from raysens.config import load_config
+        from raysens.pipeline import run
+        summary = run(load_config("jobs/configs/quickstart.yaml", ["--data.limit=50"]))
+        summary.load()[15].mean        # [S, S] numpy array
+
+    Ray: an embedded local Ray when no address is given (neither ``cluster.address`` nor
+    ``$RAY_ADDRESS``), else the cluster at that address. Rerunning with the same config and
+    ``output.dir`` recomputes only the units whose partials are missing or corrupt.
+    """
+    return _run(config, use_ray=config.cluster.use_ray)
+
+
+def run_local(config: RunConfig) -> RunSummary:
+    """The same units through the core in this process, no Ray (the reference for equivalence)."""
+    return _run(config, use_ray=False)
+
+
+def _run(config: RunConfig, use_ray: bool) -> RunSummary:
+    job = _run_one(config, use_ray)
+    _print_summary(job.plan, job.final)
+    return RunSummary(job.plan.run_dir, job.final)
+
+
+def with_overrides(config: RunConfig, **sections) -> RunConfig:
+    """``with_overrides(cfg, data={"limit": 10})``: a copy with some fields of some sections replaced."""
+    out = {}
+    for name, changes in sections.items():
+        cur = getattr(config, name)
+        out[name] = dataclasses.replace(cur, **changes) if dataclasses.is_dataclass(cur) else changes
+    return dataclasses.replace(config, **out)
+
+
+def _print_summary(plan: RunPlan, m: dict) -> None:
+    s = m["samples"]
+    log(f"done: {s['computed']} samples computed, {s['skipped']} skipped "
+        f"{s.get('skipped_by_reason') or ''} in {m['timings']['wall_s']:.1f}s")
+    print(f"results: {plan.run_dir}")
+    for L in plan.layers:
+        print(f"  layer {L}: {plan.run_dir}/stats/layer_{L:03d}.npz")
+    for p in m.get("plots", []):
+        if "heatmap" in p:
+            print(f"  heatmap: {plan.run_dir}/{p}")
+    print(f"load with: raysens.load_run({plan.run_dir!r})")
+
+
+def _run_one(config: RunConfig, use_ray: bool) -> Job:
+    """A plain run: one job through the runner. Raises ``RunError`` unless it completes."""
+    t0 = time.perf_counter()
+    started = now_iso()
+    runner = Runner(use_ray)
+    job = runner.open(config.output.dir or "run", config, started)  # validates: raises before anything is written
+    plan = job.plan
+    log(f"run {plan.fingerprint}: {plan.n_selected} samples of {plan.n_rows} in {len(plan.units)} units, "
+        f"layers {list(plan.layers)}, {config.sensitivity.estimator.value}; {runner.todo_samples} samples to "
+        f"compute -> {plan.run_dir}")
+    runner.run(config.output.progress_every_s)
+    if job.status != "complete":
+        raise RunError(job.error or f"run ended {job.status}")
+    m = job.final
+    m["timings"]["wall_s"] = round(time.perf_counter() - t0, 3)  # including validation, final merge and plots
+    if runner.session:
+        m["backend"]["address"] = runner.session["address"]
+    results.write_manifest(plan.run_dir, m)
+    return job

@@ -1,0 +1,116 @@
+"""The partial-state file format: the result of one work unit.
+
+A *work unit* is ``batch_size`` consecutive selected sample_ids (in sample_id order), identified by
+its first sample_id. Its composition depends only on the selection and the batch size, never on Ray's
+block boundaries, so a retried or resumed unit is the same batch as the first attempt.
+
+A *partial* is the result of one unit: the Welford state of the unit's samples per target layer plus
+which ids were computed and which were skipped (and why). It is stored as
+``partials/unit_<first_sid>-<sha256[:16]>.npz`` (numpy ``.npz``, no pickle): an array ``meta`` holding
+a JSON object, and per layer ``L<NNN>_count|mean|m2|noise_sum|samples`` (``WelfordState.to_arrays``).
+The hash in the name is the hash of the file's bytes, so truncation and corruption are detected.
+numpy only (no torch, no Ray).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..core.welford import WelfordState
+
+SKIP_REASONS = {
+    "empty": "missing, null or whitespace-only text",
+    "not_text": "the text column holds a non-string value",
+    "too_short": "fewer than data.min_tokens tokens after tokenization",
+    "nonfinite": "NaN/Inf in the sensitivities (reported by the engine)",
+}
+PARTIAL_RE = re.compile(r"^unit_(\d{10})-([0-9a-f]{16})\.npz$")
+STATE_KEYS = ("count", "mean", "m2", "noise_sum", "samples")
+
+
+class PartialError(ValueError):
+    """A persisted partial is corrupt, truncated, or belongs to another configuration."""
+
+
+def encode_partial(meta: dict, states: dict[int, WelfordState]) -> bytes:
+    arrays = {"meta": np.array(json.dumps(meta, sort_keys=True))}
+    for L, st in states.items():
+        for k, v in st.to_arrays().items():
+            arrays[f"L{int(L):03d}_{k}"] = v
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def partial_name(unit: int, payload: bytes) -> str:
+    return f"unit_{int(unit):010d}-{hashlib.sha256(payload).hexdigest()[:16]}.npz"
+
+
+@dataclass
+class Partial:
+    meta: dict
+    states: dict[int, WelfordState]
+
+    @property
+    def unit(self) -> int:
+        return int(self.meta["unit"])
+
+    @property
+    def computed_ids(self) -> list[int]:
+        return self.meta["computed_ids"]
+
+    @property
+    def skipped(self) -> dict[int, str]:
+        return {int(k): v for k, v in self.meta["skipped"].items()}
+
+
+def decode_partial(payload: bytes, *, name: str | None = None, fingerprint: str | None = None,
+                   sample_ids=None, layers=None, max_seq_len: int | None = None) -> Partial:
+    """Parse and validate a partial. Raises ``PartialError`` naming what is wrong."""
+    where = name or "partial"
+    if name is not None:
+        m = PARTIAL_RE.match(name)
+        if not m:
+            raise PartialError(f"{where}: not a partial file name")
+        if hashlib.sha256(payload).hexdigest()[:16] != m.group(2):
+            raise PartialError(f"{where}: checksum mismatch (truncated or corrupted file)")
+    try:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+            raw = {k: z[k] for k in z.files}
+        meta = json.loads(str(raw.pop("meta")))
+    except Exception as exc:  # zipfile/np/json errors: all mean "unreadable"
+        raise PartialError(f"{where}: unreadable ({type(exc).__name__}: {exc})") from None
+    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+        raise PartialError(f"{where}: written by another configuration (fingerprint {meta.get('fingerprint')}, "
+                           f"expected {fingerprint})")
+    if name is not None and int(meta.get("unit", -1)) != int(PARTIAL_RE.match(name).group(1)):
+        raise PartialError(f"{where}: unit in the file does not match its name")
+    ids = [int(i) for i in meta.get("sample_ids", [])]
+    if sample_ids is not None and ids != [int(i) for i in sample_ids]:
+        raise PartialError(f"{where}: holds sample_ids {ids[:4]}..., not the unit's")
+    computed, skipped = set(meta.get("computed_ids", [])), {int(k) for k in meta.get("skipped", {})}
+    if computed & skipped or computed | skipped != set(ids) or len(computed) != len(meta["computed_ids"]):
+        raise PartialError(f"{where}: computed and skipped ids do not partition the unit's ids")
+    unknown = set(meta["skipped"].values()) - set(SKIP_REASONS)
+    if unknown:
+        raise PartialError(f"{where}: unknown skip reasons {sorted(unknown)}")
+    want_layers = sorted(layers) if (layers is not None and computed) else meta["layers"]
+    if sorted(meta["layers"]) != list(want_layers) or (computed and not meta["layers"]):
+        raise PartialError(f"{where}: has layers {meta['layers']}, expected {list(want_layers)}")
+    states = {}
+    for L in meta["layers"]:
+        try:
+            st = WelfordState.from_arrays({k: raw[f"L{int(L):03d}_{k}"] for k in STATE_KEYS})
+        except (KeyError, ValueError) as exc:
+            raise PartialError(f"{where}: layer {L} state invalid ({exc})") from None
+        if st.samples != len(computed) or (max_seq_len is not None and st.shape[0] > max_seq_len):
+            raise PartialError(f"{where}: layer {L} state does not match the unit "
+                               f"({st.samples} samples, {st.shape} cells)")
+        states[int(L)] = st
+    return Partial(meta, states)

@@ -1,0 +1,66 @@
+"""Fault injection for tests: the one place where raysens simulates crashes.
+
+Production code calls one hook at each of three points; every hook is a no-op unless a test armed
+it through an environment variable (environment variables reach subprocesses, ``ray job submit``
+drivers and, through the driver, the Ray actors):
+
+| hook (called by)                                   | armed by                                   | effect |
+|----------------------------------------------------|--------------------------------------------|--------|
+| ``partial_persisted(n)`` (``store.rundir.RunDir.add``, after the n-th partial of this invocation is written) | ``RAYSENS_TEST_DRIVER_EXIT_AFTER_UNITS=N`` | the driver process exits at once (``os._exit(3)``): a killed driver |
+| ``unit_arrived(n)`` (``run.runner.Runner``, after the n-th unit of this invocation arrived and was persisted) | ``RAYSENS_TEST_INTERRUPT_AFTER_UNITS=N``   | raises ``SimulatedInterrupt`` (a ``BaseException``, like Ctrl-C) |
+| ``actor_unit_start(units_done, settings)`` (``backends.ray_pool.SensitivityActor``, before each unit) | ``RAYSENS_TEST_KILL_AFTER_UNITS=N`` and ``RAYSENS_TEST_KILL_MARKER=path`` | after N units the actor process exits (``os._exit(17)``) in its next unit, once per marker file |
+
+The actor hook's settings are read on the driver (``actor_settings()``) and passed to the actors as
+a constructor argument, so they do not depend on the environment Ray gives its workers.
+"""
+
+from __future__ import annotations
+
+import os
+
+DRIVER_EXIT = "RAYSENS_TEST_DRIVER_EXIT_AFTER_UNITS"
+INTERRUPT = "RAYSENS_TEST_INTERRUPT_AFTER_UNITS"
+ACTOR_KILL = "RAYSENS_TEST_KILL_AFTER_UNITS"
+ACTOR_MARKER = "RAYSENS_TEST_KILL_MARKER"
+
+
+class SimulatedInterrupt(BaseException):
+    """Raised by ``unit_arrived`` when armed (behaves like a KeyboardInterrupt)."""
+
+
+def _armed(name: str) -> int:
+    return int(os.environ.get(name, "0") or 0)
+
+
+def partial_persisted(n_written: int) -> None:
+    """Driver: the ``n_written``-th partial of this invocation is on disk."""
+    after = _armed(DRIVER_EXIT)
+    if after and n_written >= after:
+        print(f"[raysens] {DRIVER_EXIT}={after}: driver exits now", flush=True)
+        os._exit(3)
+
+
+def unit_arrived(n_units: int) -> None:
+    """Runner: ``n_units`` units have arrived (and were persisted) in this invocation."""
+    after = _armed(INTERRUPT)
+    if after and n_units >= after:
+        raise SimulatedInterrupt(f"test hook: interrupted after {n_units} units")
+
+
+def actor_settings() -> dict:
+    """Driver side: the actor hook's settings, passed to every actor (empty unless armed)."""
+    after, marker = _armed(ACTOR_KILL), os.environ.get(ACTOR_MARKER, "")
+    return {"kill_after": after, "kill_marker": marker} if after and marker else {}
+
+
+def actor_unit_start(units_done: int, settings: dict) -> None:
+    """Actor: about to compute a unit after ``units_done`` others."""
+    if not settings or units_done < settings["kill_after"]:
+        return
+    try:
+        fd = os.open(settings["kill_marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return  # this marker already killed an actor: the restarted one carries on
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.close(fd)
+    os._exit(17)

@@ -1,0 +1,103 @@
+"""How the engine schedules work (causal segments, CPU sample groups) and that no schedule changes
+the numbers: segment edges against a brute-force search of the cost model, grouped batches against
+one group and against the float64 ``jacrev`` reference."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import N_LAYERS, random_ids, reference, rel_fro, tiny_model
+from raysens.core.engine import SensitivityConfig, SensitivityEngine, _dp_segments
+
+
+def _cost(segs, nd, fwd, fixed):
+    return sum((b - a) * nd * b + fwd * b + fixed for a, b in segs)
+
+
+def _all_segmentations(seq):
+    for k in range(seq):
+        for cut in itertools.combinations(range(1, seq), k):
+            edges = [0, *cut, seq]
+            yield list(zip(edges[:-1], edges[1:]))
+
+
+@pytest.mark.parametrize("seq", [1, 2, 5, 9, 12])
+@pytest.mark.parametrize("nd,fwd,fixed", [(1, 1.2, 8.0), (4, 1.2, 8.0), (1, 0.0, 0.0), (64, 1.2, 8.0), (1, 5.0, 30.0)])
+def test_segments_minimise_the_cost_model(seq, nd, fwd, fixed):
+    segs = _dp_segments(seq, nd, None, fwd, fixed)
+    assert segs[0][0] == 0 and segs[-1][1] == seq
+    assert all(a < b for a, b in segs) and all(s[1] == t[0] for s, t in zip(segs, segs[1:]))
+    brute = min(_cost(s, nd, fwd, fixed) for s in _all_segmentations(seq))
+    assert _cost(segs, nd, fwd, fixed) == pytest.approx(brute)
+
+
+@pytest.mark.parametrize("seq,n", [(9, 1), (9, 3), (9, 9), (12, 4), (5, 7)])
+def test_fixed_number_of_segments_is_the_best_with_that_many(seq, n):
+    segs = _dp_segments(seq, 1, n, 1.2, 8.0)
+    assert len(segs) == min(n, seq) and segs[0][0] == 0 and segs[-1][1] == seq
+    brute = min(_cost(s, 1, 1.2, 8.0) for s in _all_segmentations(seq) if len(s) == min(n, seq))
+    assert _cost(segs, 1, 1.2, 8.0) == pytest.approx(brute)
+
+
+def test_default_segments_for_s32_do_less_work_than_one_segment():
+    eng = SensitivityEngine(tiny_model("llama"), SensitivityConfig(strategy="vmap"))
+    segs = eng.segments_for(32)
+    backward = sum((b - a) * b for a, b in segs)
+    forward = sum(b for _, b in segs)  # autograd: one forward per segment, on its prefix
+    assert backward + forward < 0.75 * (32 * 32 + 32)
+    assert SensitivityEngine(tiny_model("bert"), SensitivityConfig()).segments_for(32) == [(0, 32)]
+
+
+def test_manual_segments_share_one_forward_and_come_close_to_the_triangle():
+    eng = SensitivityEngine(tiny_model("llama"), SensitivityConfig())
+    assert eng.strategy_used == "manual"
+    segs = eng.segments_for(32)
+    assert segs == _dp_segments(32, 1, None, 0.0, eng._SEG_COST_MANUAL["cpu"])
+    backward = sum((b - a) * b for a, b in segs)
+    assert backward + 32 <= 1.1 * (32 * 33 // 2 + 32)  # within 10 % of one token-pass per (i, j ≤ i)
+    assert eng.segments_for(32) != eng._segments(32, manual=False)
+
+
+def test_cpu_groups_follow_backward_tokens():
+    eng = SensitivityEngine(tiny_model("bert"), SensitivityConfig(backward_tokens=64))
+    assert eng._groups(8, 4, 8) == [(0, 2), (2, 4), (4, 6), (6, 8)]  # 4 rows · 2 samples · 8 tokens
+    assert eng._groups(3, 64, 8) == [(0, 1), (1, 2), (2, 3)]  # at least one sample per group
+    eng = SensitivityEngine(tiny_model("bert"), SensitivityConfig(backward_tokens=10_000))
+    assert eng._groups(8, 4, 8) == [(0, 8)]
+    with pytest.raises(ValueError, match="backward_tokens must be >= 1"):
+        SensitivityConfig(backward_tokens=0)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "manual"])
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+@pytest.mark.parametrize("estimator", ["exact", "hutchinson"])
+def test_sample_groups_do_not_change_the_numbers(kind, estimator, strategy):
+    model = tiny_model(kind)
+    lengths = [7, 4, 9, 6, 9]
+    ids = torch.zeros(len(lengths), 9, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for r, n in enumerate(lengths):
+        ids[r, :n] = torch.as_tensor(random_ids(n, seed=20 + r))
+        am[r, :n] = 1
+    layers = [1, -1]
+    out = {}
+    for bt in (1, 40, 10**6):  # one sample per group (and chunk 1) ... one group for the batch
+        cfg = SensitivityConfig(estimator=estimator, num_probes=3, backward_tokens=bt, seed=5, strategy=strategy)
+        r = SensitivityEngine(model, cfg).compute(ids, am, layers=layers, sample_ids=[3, 1, 4, 1, 5])
+        out[bt] = r
+    for L in (1, N_LAYERS):
+        for bt in (1, 40):
+            # float32 sums in another order (other GEMM shapes): equal up to rounding
+            ref = out[10**6].values[L]
+            np.testing.assert_allclose(out[bt].values[L], ref, rtol=1e-4, atol=1e-7 * ref.max())
+            if estimator == "hutchinson":
+                ref = out[10**6].noise[L]
+                np.testing.assert_allclose(out[bt].noise[L], ref, rtol=1e-3, atol=1e-7 * ref.max())
+    if estimator == "exact":
+        for r, n in enumerate(lengths):
+            A, _ = reference(model, ids[r, :n].numpy(), -1)
+            assert rel_fro(out[1].values[N_LAYERS][r, :n, :n], A) <= 1e-5
