@@ -3,7 +3,7 @@
 A corpus is a sequence of texts; ``sample_id`` is a row's index in the source's own order (file
 order, then line / row order), fixed before any shuffling or selection. Sources (``DataConfig.kind``):
 
-- ``bundled``  the English corpus shipped in ``raysens/data/corpus.jsonl`` (see jobs/make_corpus.py)
+- ``bundled``  the English corpus shipped in ``raysens/data/corpus.jsonl`` (see jobs/tools/make_corpus.py)
 - ``jsonl``    JSON Lines, one object per non-blank line, text under ``text_column``
 - ``text``     plain text, one sample per line (blank lines are samples too: empty, hence skipped)
 - ``parquet``  a Parquet file or a directory of them (files in name order)
@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 from ..config import DataConfig
 from .fs import resolve
 
-BUNDLED = Path(__file__).parent / "data" / "corpus.jsonl"
+BUNDLED = Path(__file__).resolve().parents[1] / "data" / "corpus.jsonl"  # raysens/data/corpus.jsonl
 
 
 class CorpusError(ValueError):
