@@ -9,29 +9,12 @@ and hand each unit's partial payload to ``on_result(job index, unit, n_samples, 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import numpy as np
-
-from ..config import ClusterConfig, RunConfig
-from ..store.corpus import Corpus
+from ..config import ClusterConfig
+from .spec import ClusterError, JobUnits
 
 __all__ = ["JobUnits", "session", "run_jobs", "ClusterError"]
-
-
-class ClusterError(RuntimeError):
-    """The Ray cluster cannot be reached or joined."""
-
-
-@dataclass
-class JobUnits:
-    """One job's share of a pass over a backend: its config, corpus, units to compute, fingerprint."""
-
-    config: RunConfig  # the job's run config (all jobs of one pass share the model config)
-    corpus: Corpus  # where the unit's texts are read
-    units: list[np.ndarray]  # the units to compute (arrays of sample_ids)
-    fingerprint: str  # written into every partial
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 from ..config import ClusterConfig
 from ..testing import faults
-from . import ClusterError, JobUnits
+from .spec import ClusterError, JobUnits
 from .units import UnitWorker, tokenize_batch
 
 

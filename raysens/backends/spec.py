@@ -1,0 +1,25 @@
+"""What a backend is handed for one job (``JobUnits``) and the error it raises when the cluster is
+out of reach (``ClusterError``). No Ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import RunConfig
+from ..store.corpus import Corpus
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be reached or joined."""
+
+
+@dataclass
+class JobUnits:
+    """One job's share of a pass over a backend: its config, corpus, units to compute, fingerprint."""
+
+    config: RunConfig  # the job's run config (all jobs of one pass share the model config)
+    corpus: Corpus  # where the unit's texts are read
+    units: list[np.ndarray]  # the units to compute (arrays of sample_ids)
+    fingerprint: str  # written into every partial

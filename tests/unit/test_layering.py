@@ -1,0 +1,212 @@
+"""The package's layers (docs/DESIGN.md §3): the import arrows that must never exist, no import
+circles, and modules small enough to read.
+
+Two kinds of check: a static one over every ``import`` statement in the source (including imports
+inside functions, which are arrows too), and a dynamic one that imports a layer in a fresh
+interpreter and looks at ``sys.modules`` (catches arrows through third-party packages too).
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PKG = ROOT / "raysens"
+MAX_LINES = 400
+LONG_REASON = "Longer than 400 lines because"
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _sources(top: Path) -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(top.rglob("*.py"))}
+
+
+MODULES = _sources(PKG)
+
+
+def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """Absolute names of everything ``path`` imports (relative imports resolved; ``from X import y``
+    counts as X.y when that is a module of ours)."""
+    tree = ast.parse(path.read_text(), str(path))
+    is_pkg = path.name == "__init__.py"
+    here = name.split(".") if is_pkg else name.split(".")[:-1]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[: len(here) - node.level + 1] if node.level > 1 else here
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            for a in node.names:
+                sub = f"{mod}.{a.name}"
+                out.add(sub if sub in known else mod)
+    return out
+
+
+GRAPH = {m: _imports(m, p, MODULES) for m, p in MODULES.items()}
+
+
+def _ours(target: str) -> str | None:
+    """The module of ours that an imported name refers to (longest match), else None."""
+    parts = target.split(".")
+    for k in range(len(parts), 0, -1):
+        cand = ".".join(parts[:k])
+        if cand in MODULES:
+            return cand
+    return None
+
+
+def _violations(pred) -> list[str]:
+    return sorted(f"{m} imports {t}" for m, ts in GRAPH.items() for t in ts if pred(m, t))
+
+
+def _top(t: str) -> str:
+    return t.split(".")[0]
+
+
+def test_the_static_scan_sees_imports():
+    # guards against a scan that finds nothing (every never-arrow test would then pass vacuously)
+    assert "raysens.core.engine" in GRAPH["raysens.run.plan"] or "raysens.core.architecture" in GRAPH["raysens.run.plan"]
+    assert "ray" in GRAPH["raysens.backends.ray_pool"]
+    assert "torch" in GRAPH["raysens.core.engine"]
+
+
+def test_core_imports_nothing_else_of_raysens():
+    bad = _violations(lambda m, t: m.startswith("raysens.core") and _top(t) == "raysens"
+                      and not (_ours(t) or "").startswith("raysens.core"))
+    assert not bad, bad
+
+
+def test_only_the_ray_backend_imports_ray():
+    bad = _violations(lambda m, t: _top(t) == "ray" and m != "raysens.backends.ray_pool")
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("layer", ["raysens.store", "raysens.report"])
+def test_store_and_report_import_neither_torch_nor_ray(layer):
+    bad = _violations(lambda m, t: (m == layer or m.startswith(layer + ".")) and _top(t) in ("torch", "ray",
+                                                                                           "transformers"))
+    assert not bad, bad
+
+
+def test_nothing_imports_the_cli_or_jobs():
+    bad = _violations(lambda m, t: (_ours(t) == "raysens.cli" and m != "raysens.cli") or _top(t) == "jobs")
+    assert not bad, bad
+
+
+def test_config_does_not_import_torch_statically():
+    assert not _violations(lambda m, t: m == "raysens.config" and _top(t) in ("torch", "transformers", "ray"))
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _internal_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    g = {}
+    for m, p in modules.items():
+        deps = set()
+        for t in _imports(m, p, modules):
+            parts = t.split(".")
+            for k in range(len(parts), 0, -1):
+                if ".".join(parts[:k]) in modules:
+                    deps.add(".".join(parts[:k]))
+                    break
+        # a package's own __init__ is loaded by importing any of its modules: not an arrow of the module
+        g[m] = {d for d in deps if d != m and not m.startswith(d + ".")}
+    return g
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_circles_in_the_package():
+    assert _cycles(_internal_graph(MODULES)) == []
+
+
+def test_no_import_circles_and_no_sys_path_edits_in_jobs():
+    jobs = ROOT / "jobs"
+    mods = _sources(jobs)
+    assert _cycles(_internal_graph(mods)) == []
+    edits = [str(p.relative_to(ROOT)) for p in mods.values() if "sys.path" in p.read_text()]
+    assert not edits, f"jobs edit sys.path by hand: {edits}"
+
+
+def _loaded_after(stmt: str) -> set[str]:
+    code = (f"import sys; {stmt}; "
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return set(r.stdout.split())
+
+
+@pytest.mark.parametrize("stmt, banned", [
+    ("import raysens.config; raysens.config.load_config", {"torch", "ray", "transformers"}),
+    ("import raysens.store.results, raysens.store.rundir, raysens.store.partials, raysens.store.corpus",
+     {"torch", "ray", "transformers"}),
+    ("import raysens.report.commands, raysens.report.plots, raysens.report.content", {"torch", "ray", "transformers"}),
+    ("import raysens.core.engine, raysens.core.welford, raysens.compat", {"ray"}),
+    ("import raysens.run.runner, raysens.run.sweep, raysens.backends.local", {"ray"}),
+])
+def test_importing_a_layer_loads_nothing_it_must_not(stmt, banned):
+    loaded = _loaded_after(stmt)
+    assert "raysens" in loaded and not (loaded & banned), sorted(loaded & banned)
+
+
+def test_the_dynamic_check_can_fail():
+    assert "torch" in _loaded_after("import raysens.core.engine")
+
+
+def test_modules_are_small_or_say_why():
+    files = list(PKG.rglob("*.py")) + list((ROOT / "jobs").rglob("*.py"))
+    long = []
+    for p in files:
+        n = len(p.read_text().splitlines())
+        doc = ast.get_docstring(ast.parse(p.read_text())) or ""
+        if n > MAX_LINES and LONG_REASON not in doc:
+            long.append(f"{p.relative_to(ROOT)} ({n} lines)")
+    assert not long, f"modules over {MAX_LINES} lines without '{LONG_REASON} …' in their docstring: {long}"
