@@ -1,4 +1,4 @@
-"""What a ``raysens report`` contains, as :class:`raysens.report_render.Doc` blocks."""
+"""What a ``raysens report`` contains, as :class:`raysens.report.render.Doc` blocks."""
 
 from __future__ import annotations
 

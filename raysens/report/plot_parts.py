@@ -1,4 +1,4 @@
-"""Drawing helpers for :mod:`raysens.plots`: style, heatmaps with masked cells, line + band panels.
+"""Drawing helpers for :mod:`raysens.report.plots`: style, heatmaps with masked cells, line + band panels.
 
 matplotlib is imported inside the functions (never at module import) and used through
 ``matplotlib.figure.Figure`` directly, without pyplot's global state, so rendering works in any

@@ -1,5 +1,5 @@
 """A tiny document model rendered twice: self-contained HTML (PNG embedded as base64) and Markdown
-(PNG files beside it). :mod:`raysens.report` builds the blocks; nothing here knows about runs."""
+(PNG files beside it). :mod:`raysens.report.content` builds the blocks; nothing here knows about runs."""
 
 from __future__ import annotations
 

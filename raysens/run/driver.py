@@ -119,7 +119,7 @@ def _crop(st: WelfordState, s: int) -> WelfordState:
 
 
 def write_plots(run_dir: str) -> list[str]:
-    """Heatmaps etc. through ``raysens.plots``; a plotting failure is logged, never fatal."""
+    """Heatmaps etc. through ``raysens.report.plots``; a plotting failure is logged, never fatal."""
     try:
         from ..report.plots import write_run_plots
 

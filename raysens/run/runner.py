@@ -186,7 +186,7 @@ def run(config: RunConfig) -> RunSummary:
     """Run ``config`` (Ray or in-process according to ``config.cluster.use_ray``)::
 
         from raysens.config import load_config
-        from raysens.pipeline import run
+        from raysens.run.runner import run
         summary = run(load_config("jobs/configs/quickstart.yaml", ["--data.limit=50"]))
         summary.load()[15].mean        # [S, S] numpy array
 

@@ -1,6 +1,7 @@
 """Running a sweep: every point of the grid (``raysens.run.grid``) through the one runner.
 
-    from raysens.sweep import load_sweep, run_sweep
+    from raysens.run.grid import load_sweep
+    from raysens.run.sweep import run_sweep
     summary = run_sweep(load_sweep("jobs/configs/sweep_tiny_10k.yaml"))  # raysens sweep CONFIG
 
 Layout::
