@@ -202,9 +202,12 @@ def test_shared_forwards_follow_the_memory_budget_without_changing_numbers(kind,
     eng = SensitivityEngine(model, cfg)
     per_sample = eng._manual.saved_bytes(7, N_LAYERS)
     assert per_sample > 0
-    monkeypatch.setattr(eng, "_budget_bytes", lambda: 2 * per_sample)  # two samples per forward
-    assert eng._forward_groups(5, 7, N_LAYERS) == [(0, 2), (2, 4), (4, 5)]
+    monkeypatch.setattr(eng.memory, "budget_bytes", lambda: 2 * per_sample)  # two samples per forward
+    assert eng.memory.forward_groups(5, per_sample) == [(0, 2), (2, 4), (4, 5)]
+    groups, forward_groups = [], eng.memory.forward_groups
+    monkeypatch.setattr(eng.memory, "forward_groups", lambda *a: groups.append(forward_groups(*a)) or groups[-1])
     got = eng.compute(ids, am, layers=[1, -1])
+    assert groups == [[(0, 2), (2, 4), (4, 5)]]  # compute asks with the batch's per-sample bytes
     for L in (1, N_LAYERS):
         np.testing.assert_allclose(got.values[L], ref.values[L], rtol=1e-5, atol=1e-8 * ref.values[L].max())
         np.testing.assert_allclose(got.noise[L], ref.noise[L], rtol=1e-4, atol=1e-8 * ref.noise[L].max())
@@ -226,7 +229,7 @@ def test_gpt2_activation_derivative_follows_the_configured_activation():
 def test_numbers_do_not_depend_on_the_thread_count(kind, strategy):
     """Ray actors and the in-process path run with different torch thread counts and must give the
     same statistics (DESIGN.md §4): tiny GEMMs (top block, 1-sample segments, a lone short sample's
-    forward) are padded (manual.mm, SensitivityEngine._pad_batch)."""
+    forward) are padded (manual.mm, autograd_paths.pad_batch)."""
     model = tiny_model(kind)
     eng = SensitivityEngine(model, SensitivityConfig(num_probes=2, seed=4, strategy=strategy))
     before = torch.get_num_threads()
