@@ -4,17 +4,18 @@
     python jobs/quickstart.py --data.limit=50       # any override of jobs/configs/quickstart.yaml
 
 Prints where the statistics and heatmaps were written. Inside ``ray job submit`` (``$RAY_ADDRESS``
-set) it runs on that cluster instead.
+set) it runs on that cluster instead:
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/quickstart.py --data.limit=50
+
+raysens must be importable: installed (``make install``, the deploy image), or the repository root on
+``PYTHONPATH``, which ``ray job submit --working-dir .`` sets for the uploaded copy of the repository.
 """
 
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `ray job submit --working-dir .` runs this file from an uploaded copy of the repo
-    sys.path.insert(0, str(ROOT))
-
-from raysens.cli import main_run  # noqa: E402
+from raysens.cli import main_run
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
 

@@ -1,6 +1,9 @@
 """Correctness of the Ray-free core on a CUDA device (run on a lent GPU machine; no Ray needed).
 
-    python jobs/gpu_check.py            # exits non-zero if any check fails
+    python -m jobs.bench.gpu_check       # from the repository root; exits non-zero if any check fails
+
+No raysens install needed (``python -m`` from the root imports the working tree's raysens); torch
+with CUDA, transformers and numpy are.
 
 Checks, on random-weight tiny GPT-2 / Llama / BERT configs: ``exact`` on CUDA against
 ``torch.func.jacrev`` in float64 on CUDA (relative Frobenius error ≤ 1e-5), and ``hutchinson`` on
@@ -8,6 +11,7 @@ CUDA equal to ``hutchinson`` on CPU for the same (seed, sample_id, layer) (probe
 host, so only float rounding differs).
 """
 
+import argparse
 import copy
 import sys
 
@@ -15,8 +19,7 @@ import numpy as np
 import torch
 import transformers
 
-sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
-from raysens.engine import SensitivityConfig, SensitivityEngine  # noqa: E402
+from raysens.core.engine import SensitivityConfig, SensitivityEngine
 
 
 def configs():
@@ -41,7 +44,10 @@ def reference(model, ids, layer):
     return (jac ** 2).sum((1, 3)).cpu().numpy()
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    argparse.ArgumentParser(prog="python -m jobs.bench.gpu_check", description=__doc__.split("\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog=__doc__.split("\n", 1)[1]).parse_args(argv)
     assert torch.cuda.is_available(), "gpu_check: no CUDA device"
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)

@@ -1,8 +1,12 @@
-"""Benchmarks of the distributed pipeline (not of the core engine: see jobs/benchmark.py).
+"""Benchmarks of the distributed pipeline (not of the core engine: see jobs/bench/benchmark.py).
 
-    python jobs/bench_pipeline.py overhead [--model minilm] [--samples 96] [--seq-len 32] [--reps 2]
-    python jobs/bench_pipeline.py memory [--sizes 1000 10000]
-    python jobs/bench_pipeline.py all [--json out.json]
+Launch from the repository root with raysens installed (by hand, not in CI; also reachable as
+``python -m jobs.bench.benchmark pipeline ...`` with the same arguments)::
+
+    python -m jobs.bench.pipeline overhead [--model minilm] [--samples 96] [--seq-len 32] [--reps 2]
+    python -m jobs.bench.pipeline overhead --model smollm2 --threads 1 --json jobs/results/pipeline_overhead_smollm2.json
+    python -m jobs.bench.pipeline memory [--sizes 1000 10000] [--json jobs/results/pipeline_memory.json]
+    python -m jobs.bench.pipeline all [--json out.json]
 
 ``overhead``: the Ray pipeline with one CPU actor against the in-process core (``run_local``) on the
 same samples and the same work units. Each path runs N and 2N samples; the difference divided by N
@@ -13,7 +17,8 @@ engine's own seconds. Ray's extra start-up cost is reported separately. Runs alt
 
 ``memory``: peak resident memory of the *driver* process (sampled every 50 ms in a thread, plus
 ``ru_maxrss``) for 1k and 10k samples of a tiny random-weight model on 2 CPU actors; each size runs
-in a fresh process. The growth above the driver's memory once Ray is up is what must stay flat.
+in a fresh process (``python -m jobs.bench.pipeline _memory_child SAMPLES TMPDIR``, internal). The
+growth above the driver's memory once Ray is up is what must stay flat.
 """
 
 from __future__ import annotations
@@ -30,9 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+REPO = Path(__file__).resolve().parents[2]  # cwd of the `python -m jobs.bench.pipeline` child processes
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -82,7 +85,7 @@ def overhead(model: str, samples: int, seq_len: int, batch: int, reps: int, thre
     every start-up cost (Ray, workers, model load, plots) cancelling out."""
     import torch
 
-    from raysens.pipeline import run, run_local
+    from raysens.run.runner import run, run_local
 
     torch.set_num_threads(threads)  # the in-process path uses this process's torch threads
     runs = []
@@ -134,9 +137,9 @@ def _rss_mb() -> float:
 
 def _memory_child(samples: int, tmp: str) -> dict:
     """Runs in a fresh process: the driver whose memory is measured."""
-    from raysens.corpus import bundled_corpus_path
-    from raysens.distributed.raypipe import connect
-    from raysens.pipeline import run
+    from raysens.backends.ray_pool import connect
+    from raysens.run.runner import run
+    from raysens.store.corpus import bundled_corpus_path
 
     texts = [json.loads(line)["text"] for line in open(bundled_corpus_path())]
     src = Path(tmp) / "corpus.jsonl"
@@ -176,8 +179,8 @@ def memory(sizes: list[int]) -> list[dict]:
     out = []
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix="rsmem") as tmp:
-            p = subprocess.run([sys.executable, __file__, "_memory_child", str(n), tmp], capture_output=True,
-                               text=True, timeout=3600)
+            p = subprocess.run([sys.executable, "-m", "jobs.bench.pipeline", "_memory_child", str(n), tmp],
+                               capture_output=True, text=True, timeout=3600, cwd=REPO)
             if p.returncode != 0:
                 raise RuntimeError(f"memory run for {n} samples failed:\n{p.stderr[-3000:]}")
             out.append(json.loads(p.stdout.strip().splitlines()[-1]))
@@ -196,7 +199,7 @@ def machine() -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m jobs.bench.pipeline", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     o = sub.add_parser("overhead")
     m = sub.add_parser("memory")

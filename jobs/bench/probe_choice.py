@@ -1,11 +1,12 @@
 """Which Hutchinson probe distribution? Error of ``hutchinson`` against ``exact`` on real MiniLM-L6.
 
-Run by hand (about a minute on 2 CPU cores); the result is recorded in ``BENCHMARKS.md`` and
-justifies the default ``probe_distribution`` of ``raysens.engine.SensitivityConfig``::
+Run by hand (about a minute on 2 CPU cores); the result is recorded in ``docs/benchmarks.md`` and
+justifies the default ``probe_distribution`` of ``raysens.core.engine.SensitivityConfig``. From the
+repository root::
 
     . .venv/bin/activate
-    python jobs/probe_choice.py                       # 4 samples, S=12, last layer, 20 seeds
-    python jobs/probe_choice.py --samples 4 --seq-len 12 --seeds 20 --json /tmp/probe_choice.json
+    python -m jobs.bench.probe_choice                 # 4 samples, S=12, last layer, 20 seeds
+    python -m jobs.bench.probe_choice --samples 4 --seq-len 12 --seeds 20 --json /tmp/probe_choice.json
 
 For each probe law (rademacher, gaussian, sphere) and K ∈ {1, 4}: the relative Frobenius error
 ``‖Â − A‖_F / ‖A‖_F`` of each sample's ``[S, S]`` map, averaged over samples and over run seeds
@@ -23,31 +24,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from raysens.core.engine import SensitivityConfig, SensitivityEngine
 
-from raysens.engine import SensitivityConfig, SensitivityEngine  # noqa: E402
-
-from benchmark import SENTENCES as _ALL_SENTENCES  # noqa: E402  (jobs/ is sys.path[0])
+from .common import SENTENCES as _ALL_SENTENCES
+from .common import rel_fro_per_sample as rel_fro
 
 SENTENCES = _ALL_SENTENCES[:6]
 
 
-def rel_fro(est: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Per-sample ``‖est − ref‖_F / ‖ref‖_F`` over the trailing ``[S, S]`` axes."""
-    return np.linalg.norm(est - ref, axis=(-2, -1)) / np.linalg.norm(ref, axis=(-2, -1))
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m jobs.bench.probe_choice", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=12)
@@ -58,7 +50,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is more robust on a shared machine)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from raysens.models import load_model
+    from raysens.core.models import load_model
 
     t0 = time.perf_counter()
     lm = load_model(args.model)

@@ -1,9 +1,12 @@
 """Engine strategies side by side: ``manual`` (hand-written stack backward) vs ``vmap`` (autograd,
 batched cotangents) on the same inputs, alternating runs in one process, Hutchinson K=1.
 
-Launch (by hand, not in CI; also reachable as ``python jobs/benchmark.py strategies ...``):
-    python jobs/bench_strategies.py                                  # smollm2, minilm, gpt2; S=32
-    python jobs/bench_strategies.py --models smollm2 --layers -1 15 --rounds 3 --json /tmp/strat.json
+Launch from the repository root (by hand, not in CI; also reachable as
+``python -m jobs.bench.benchmark strategies ...`` with the same arguments)::
+
+    python -m jobs.bench.strategies                                  # smollm2, minilm, gpt2; S=32
+    python -m jobs.bench.strategies --models smollm2 --layers -1 15 --rounds 3 --json /tmp/strat.json
+    python -m jobs.bench.strategies --json jobs/results/bench_strategies.json
 
 Models: ``smollm2`` and ``minilm`` are the real offline models; ``gpt2`` is a random-weight
 GPT-2-small-shaped model (124 M parameters; no hub download), on random token ids.
@@ -15,15 +18,14 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import log, make_inputs  # noqa: E402
-from raysens.engine import SensitivityConfig, SensitivityEngine  # noqa: E402
+from raysens.core.engine import SensitivityConfig, SensitivityEngine
+
+from .common import log, make_inputs
 
 
 def _model(name: str, n: int, seq: int):
@@ -35,7 +37,7 @@ def _model(name: str, n: int, seq: int):
         model = tf.GPT2LMHeadModel(tf.GPT2Config(attn_implementation="eager")).eval()
         ids = torch.randint(100, model.config.vocab_size, (n, seq), generator=torch.Generator().manual_seed(0))
         return model, ids, torch.ones_like(ids)
-    from raysens.models import load_model
+    from raysens.core.models import load_model
 
     lm = load_model(name)
     ids, am = make_inputs(lm.tokenizer, n, seq)
@@ -72,7 +74,7 @@ def bench(name: str, layers: list[int], n: int, seq: int, batch: int, rounds: in
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m jobs.bench.strategies", description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="*", default=["smollm2", "minilm", "gpt2"], choices=["smollm2", "minilm", "gpt2"])
     ap.add_argument("--layers", nargs="*", type=int, default=[-1], help="hidden_states indices, each timed separately")
     ap.add_argument("--samples", type=int, default=16)
@@ -83,7 +85,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    log(f"bench_strategies: torch {torch.__version__}, threads {args.threads}, S={args.seq_len}, "
+    log(f"strategies: torch {torch.__version__}, threads {args.threads}, S={args.seq_len}, "
         f"{args.samples} samples per run, Hutchinson K=1")
     res = []
     for name in args.models:

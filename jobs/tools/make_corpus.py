@@ -8,7 +8,9 @@ collapsed, code examples, tables, option lists and reST markup dropped), 160-700
 deduplicated. The output is deterministic for a given Python version; rows are sorted by a hash
 of the text so neighbouring samples come from different modules.
 
-    python jobs/make_corpus.py [--out raysens/data/corpus.jsonl] [--max-rows 2000]
+From the repository root::
+
+    python -m jobs.tools.make_corpus [--out raysens/data/corpus.jsonl] [--max-rows 2000]
 """
 
 from __future__ import annotations
@@ -100,8 +102,8 @@ def build(max_rows: int) -> list[str]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "raysens" / "data" / "corpus.jsonl"))
+    ap = argparse.ArgumentParser(prog="python -m jobs.tools.make_corpus", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "raysens" / "data" / "corpus.jsonl"))
     ap.add_argument("--max-rows", type=int, default=2000)
     args = ap.parse_args(argv)
     rows = build(args.max_rows)

@@ -1,5 +1,8 @@
-"""The benchmark script must keep running: its GPU mode's code path on a tiny model on the CPU, and
-its seed-loop re-implementation against raysens' ``projection`` estimator (same quantity)."""
+"""The benchmarks in ``jobs/bench/`` must keep running: the GPU mode's code path on a tiny model on
+the CPU, the strategies mode, and the seed-loop re-implementation against raysens' ``projection``
+estimator (same quantity). ``jobs`` is a package imported from the repository root (the working
+directory of ``python -m pytest`` / ``make test``); the scripts run as ``python -m jobs.bench.benchmark``
+with the repository root as their working directory, as a person launches them."""
 
 from __future__ import annotations
 
@@ -13,19 +16,23 @@ import torch
 
 from conftest import make_model, random_ids
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT / "jobs"))
+from jobs.bench import common, cpu, gpu
+from raysens.core.engine import SensitivityConfig, SensitivityEngine
 
-import benchmark  # noqa: E402
-from raysens.core.engine import SensitivityConfig, SensitivityEngine  # noqa: E402
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.bench.benchmark", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_seed_loop_equals_projection_estimator():
     model = make_model("llama").eval()
-    seed_m = benchmark.seed_model_copy(model)
+    seed_m = common.seed_model_copy(model)
     ids = torch.stack([random_ids(7, seed=1), random_ids(7, seed=2)])
     am = torch.ones_like(ids)
-    maps = benchmark.seed_loop(seed_m, ids, am, -1)  # bf16 weights, fp32 compute, as the seed did
+    maps = common.seed_loop(seed_m, ids, am, -1)  # bf16 weights, fp32 compute, as the seed did
     ref = SensitivityEngine(seed_m.float(), SensitivityConfig(estimator="projection")).compute(ids, am, layers=-1)
     L = ref.layers[0]
     for r in range(2):
@@ -33,9 +40,7 @@ def test_seed_loop_equals_projection_estimator():
 
 
 def test_gpu_mode_runs_on_cpu_tiny(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "benchmark.py"), "gpu", "--device", "cpu", "--tiny",
-                          "--reps", "1", "--seed-samples", "1", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+    out = _bench("gpu", "--device", "cpu", "--tiny", "--reps", "1", "--seed-samples", "1", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "benchmark_gpu.json").read_text())
     assert res["segments"][0][0] == 0 and res["segments"][-1][1] == res["seq_len"]
@@ -46,13 +51,14 @@ def test_gpu_mode_runs_on_cpu_tiny(tmp_path):
         assert res[tag]["s_per_sample"] > 0
         assert abs(res["ratio_" + tag] - res["seed"]["s_per_sample"] / res[tag]["s_per_sample"]) < 1e-9
     assert "raysens fp32" in out.stdout
+    # chunk decisions come from the engine's public record of its last compute call (chunks_used)
+    assert res["fp32"]["chunks"] and all(c >= 1 for c in res["fp32"]["chunks"])
+    assert res["fp32"]["rows_per_segment"]
 
 
 def test_strategies_mode_times_manual_and_vmap(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "benchmark.py"), "strategies", "--models", "gpt2",
-                          "--samples", "2", "--batch", "2", "--seq-len", "8", "--rounds", "1", "--threads", "1",
-                          "--layers", "-1", "99", "--json", str(tmp_path / "s.json")],
-                         capture_output=True, text=True, timeout=600)
+    out = _bench("strategies", "--models", "gpt2", "--samples", "2", "--batch", "2", "--seq-len", "8", "--rounds", "1",
+                 "--threads", "1", "--layers", "-1", "99", "--json", str(tmp_path / "s.json"))
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "s.json").read_text())
     assert [r["layer"] for r in res] == [-1]  # layer 99 does not exist in GPT-2 small: skipped, said so
@@ -69,7 +75,7 @@ def test_gpu_mode_times_vmap_when_the_default_strategy_fails_its_check(monkeypat
     engine = SensitivityEngine(model, SensitivityConfig(estimator="hutchinson", num_probes=1))
     assert engine.strategy_used == "manual"
     info = {}
-    assert benchmark._checked_strategy(engine, model, ids, am, "cpu", 1000, info) is engine
+    assert gpu.checked_strategy(engine, model, ids, am, "cpu", 1000, info) is engine
     assert info["strategy_check"]["rel_fro_vs_vmap"] < 1e-4
 
     def broken(*a, **k):
@@ -77,6 +83,21 @@ def test_gpu_mode_times_vmap_when_the_default_strategy_fails_its_check(monkeypat
 
     monkeypatch.setattr(engine, "compute", broken)
     info = {}
-    timed = benchmark._checked_strategy(engine, model, ids, am, "cpu", 1000, info)
+    timed = gpu.checked_strategy(engine, model, ids, am, "cpu", 1000, info)
     assert timed is not engine and timed.strategy_used == "vmap"
     assert "raised RuntimeError: no kernel for this op" in info["strategy_check"]["failed"]
+
+
+def test_jacrev_baseline_equals_exact_estimator():
+    """CPU mode's full-Jacobian baseline differentiates the engine's public forward (hidden_states)."""
+    model = make_model("llama").eval()
+    ids = random_ids(6, seed=3)[None]
+    am = torch.ones_like(ids)
+    engine = SensitivityEngine(model, SensitivityConfig(estimator="exact"))
+    L = engine.resolve_layers(-1)[0]
+    exact = engine.compute(ids, am, layers=L).values[L][0]
+    assert len(engine.chunks_used) >= 1 and all(len(c) == 3 for c in engine.chunks_used)
+    emb = model.get_input_embeddings()(ids).detach()[0]
+    ref, jac_mb = cpu.jacrev_map(engine, emb, am, L)
+    assert ref.shape == exact.shape == (6, 6) and jac_mb > 0
+    np.testing.assert_allclose(exact, ref, rtol=1e-4, atol=1e-6 * ref.max())

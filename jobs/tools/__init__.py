@@ -1,0 +1,1 @@
+"""Maintenance tools, run from the repository root: ``python -m jobs.tools.make_corpus [...]``."""
