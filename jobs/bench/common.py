@@ -6,7 +6,7 @@ Imports torch, numpy and ``raysens.core`` only (no Ray), so that the GPU mode ru
 torch, transformers, numpy and safetensors and the working tree (``python -m jobs.bench.benchmark gpu``
 from the repository root).
 
-FLOP floor (docs/DESIGN.md §1): one VJP back to the embeddings with frozen parameters costs about one
+FLOP floor (docs/DESIGN.md §1.7): one VJP back to the embeddings with frozen parameters costs about one
 forward, ``2·N·S`` FLOPs (N = parameters of the transformer blocks); K probes at every output
 position cost ``2·N·S²·K``, halved for causal models whose output i only runs over its prefix.
 """
