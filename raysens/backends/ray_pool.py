@@ -69,7 +69,7 @@ def connect(cluster: ClusterConfig) -> dict:
     else:
         ncpu = cluster.num_cpus or max(4, 2 * cluster.num_actors + 2)
         # Ray Data needs CPU slots for its read/tokenize tasks besides the actors: declaring more
-        # logical CPUs than cores is what keeps a 2-core laptop from deadlocking (DESIGN.md §6).
+        # logical CPUs than cores is what keeps a 2-core laptop from deadlocking (docs/DESIGN.md §7).
         ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=True)
         address = "embedded local Ray"
         started = True
@@ -152,7 +152,8 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, int, int, bytes], N
         device = "cpu" if model.device == "auto" else model.device
     worker_kwargs = [dict(model_name=model.name, trust_remote_code=model.trust_remote_code, device=device,
                           sensitivity=c.config.sensitivity.to_dict(), layers=list(c.config.layers),
-                          max_seq_len=c.config.data.max_seq_len, fingerprint=c.fingerprint) for c in jobs]
+                          max_seq_len=c.config.data.max_seq_len, fingerprint=c.fingerprint,
+                          per_sample=c.config.output.per_sample) for c in jobs]
     tokenize_kwargs = [dict(corpus=c.corpus, max_seq_len=c.config.data.max_seq_len, min_tokens=c.config.data.min_tokens,
                             add_special_tokens=c.config.data.add_special_tokens) for c in jobs]
     items = [{"job": i, "unit": int(u[0]), "sample_ids": [int(x) for x in u]}
@@ -180,5 +181,45 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, int, int, bytes], N
 
 
 def _rows(ds) -> Iterable[dict]:
-    for batch in ds.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=1):
-        yield from batch.to_pylist()
+    try:
+        for batch in ds.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=1):
+            yield from batch.to_pylist()
+    except Exception as exc:
+        raise unwrap(exc) from None
+
+
+def _known_errors() -> tuple:
+    from ..config import ConfigError
+    from ..core.models import ModelLoadError
+    from ..store.corpus import CorpusError
+    from ..store.partials import PartialError
+    from ..store.rundir import RunError
+
+    return ConfigError, CorpusError, ModelLoadError, PartialError, RunError, ClusterError
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The error a worker raised, out of Ray's wrappers (``UserCodeException``, ``RayTaskError``,
+    ``ActorDiedError``...): a raysens error is returned as it was raised (so the command prints its
+    one line); anything else becomes a ``RunError`` naming the cause's type and message."""
+    from ..store.rundir import RunError
+
+    known = _known_errors()
+    seen, chain, cur = set(), [], exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        chain.append(cur)
+        nxt = getattr(cur, "cause", None)  # RayTaskError keeps the worker's exception here
+        cur = nxt if isinstance(nxt, BaseException) else (cur.__cause__ or cur.__context__)
+    for e in chain:  # the innermost raysens error (Ray's dual-class wrappers are instances too)
+        if isinstance(e, known) and not type(e).__module__.startswith("ray"):
+            return e
+    for e in chain:
+        if isinstance(e, known):
+            cause = getattr(e, "cause", None)
+            return cause if isinstance(cause, known) else RunError(str(e).strip().splitlines()[-1])
+    root = chain[-1]
+    if isinstance(root, RunError):
+        return root
+    msg = str(root).strip().splitlines()
+    return RunError(f"a Ray worker failed: {type(root).__name__}: {msg[-1] if msg else ''}".rstrip(": "))

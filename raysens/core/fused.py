@@ -4,7 +4,7 @@ A batched VJP (``autograd.grad(is_grads_batched=True)``) pushes ``chunk`` cotang
 elementwise op of the backward. Hugging Face's RMSNorm (``w · x · rsqrt(mean(x²) + eps)``) is
 recorded as ~8 elementwise ops whose backward makes ~8 passes over ``[chunk, batch, pos, d_model]``;
 the closed form ``r · (g·w − x · r² · mean(g·w·x))`` needs 4. On SmolLM2 (61 RMSNorms) this made the
-whole CPU computation ~8-10 % faster (``jobs/benchmark.py``), with identical numbers up to float32
+whole CPU computation ~8-10 % faster (``python -m jobs.bench.benchmark cpu``), with identical numbers up to float32
 rounding. A module is only switched after its own forward and the fused one agree on a random input,
 so norms with another formula (e.g. Gemma's ``1 + w``) keep theirs. No Ray, no model-hub access.
 """

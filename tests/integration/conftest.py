@@ -53,7 +53,7 @@ def bundled_texts():
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray per module: 4 logical CPUs on a 2-core machine (DESIGN.md §6)."""
+    """One local Ray per module: 4 logical CPUs on a 2-core machine (docs/DESIGN.md §7)."""
     import ray
 
     if not ray.is_initialized():

@@ -1,5 +1,5 @@
 """Shared fixtures for the Ray-free unit tests: tiny random-weight models and an independent
-``torch.func.jacrev`` reference of ``A_ij = ‖∂h_i/∂e_j‖_F²`` in float64 (DESIGN.md §1)."""
+``torch.func.jacrev`` reference of ``A_ij = ‖∂h_i/∂e_j‖_F²`` in float64 (docs/DESIGN.md §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``exact`` estimator against an independent float64 ``torch.func.jacrev`` reference (DESIGN.md §1).
+"""``exact`` estimator against an independent float64 ``torch.func.jacrev`` reference (docs/DESIGN.md §1).
 
 The reference differentiates Hugging Face's own ``output_hidden_states`` path on ``inputs_embeds``
 of a float64 deep copy; the engine runs float32 with hooks that stop after the target layer, so the

@@ -1,4 +1,4 @@
-"""Welford/Chan per-cell statistics against numpy two-pass and exact rational references (DESIGN.md §2)."""
+"""Welford/Chan per-cell statistics against numpy two-pass and exact rational references (docs/DESIGN.md §2)."""
 
 from __future__ import annotations
 

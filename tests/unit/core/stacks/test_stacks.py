@@ -228,7 +228,7 @@ def test_gpt2_activation_derivative_follows_the_configured_activation():
                                            ("gpt2", "vmap"), ("llama", "loop")])
 def test_numbers_do_not_depend_on_the_thread_count(kind, strategy):
     """Ray actors and the in-process path run with different torch thread counts and must give the
-    same statistics (DESIGN.md §4): tiny GEMMs (top block, 1-sample segments, a lone short sample's
+    same statistics (docs/DESIGN.md §1.9, §5): tiny GEMMs (top block, 1-sample segments, a lone short sample's
     forward) are padded (manual.mm, autograd_paths.pad_batch)."""
     model = tiny_model(kind)
     eng = SensitivityEngine(model, SensitivityConfig(num_probes=2, seed=4, strategy=strategy))
