@@ -35,7 +35,7 @@ def _errors():
     from .store.partials import PartialError
     from .store.rundir import RunError
 
-    return ConfigError, (CorpusError, RunError, ClusterError, PartialError, ModelLoadError)
+    return ConfigError, (CorpusError, RunError, ClusterError, PartialError, ModelLoadError, OSError)
 
 
 def main_run(argv: Sequence[str], default_config: str | None = None) -> int:
@@ -61,13 +61,33 @@ def main_run(argv: Sequence[str], default_config: str | None = None) -> int:
 
         config = load_config(config_path, argv)
         run(config)
-    except config_error as exc:
-        print(f"raysens run: config error: {exc}", file=sys.stderr)
-        return 2
-    except run_errors as exc:
-        print(f"raysens run: error: {exc}", file=sys.stderr)
-        return 1
+    except BaseException as exc:  # noqa: BLE001 - every way out ends in one line and an exit code
+        return _failure("run", exc, config_error, run_errors)
     return 0
+
+
+def _failure(cmd: str, exc: BaseException, config_error, run_errors) -> int:
+    """One ``raysens CMD: error: …`` line (plus one saying how to resume when work was saved) and
+    the exit code: 2 bad config, 1 failed run, 130 Ctrl-C, 143 SIGTERM. Anything not known is
+    re-raised (a bug: its traceback is the useful report)."""
+    from .run.signals import Terminated
+    from .testing.faults import SimulatedInterrupt
+
+    if isinstance(exc, config_error):
+        code, msg = 2, str(exc)
+    elif isinstance(exc, run_errors):
+        code, msg = 1, str(exc)
+    elif isinstance(exc, Terminated):
+        code, msg = 143, "interrupted by SIGTERM"
+    elif isinstance(exc, (KeyboardInterrupt, SimulatedInterrupt)):
+        code, msg = 130, "interrupted (Ctrl-C)"
+    else:
+        raise exc
+    print(f"raysens {cmd}: error: {' '.join(msg.split())}", file=sys.stderr)
+    hint = getattr(exc, "resume_hint", None)
+    if hint:
+        print(f"raysens {cmd}: {hint}", file=sys.stderr)
+    return code
 
 
 SWEEP_USAGE = """usage: raysens sweep SWEEP.yaml [--key=value ...] [--dry-run]
@@ -103,12 +123,8 @@ def main_sweep(argv: Sequence[str]) -> int:
                 print(f"{c.name}\tlayers={list(c.config.layers)}\t-> {c.config.output.dir}")
             return 0
         run_sweep(sweep)
-    except config_error as exc:
-        print(f"raysens sweep: config error: {exc}", file=sys.stderr)
-        return 2
-    except (SweepError, *run_errors) as exc:
-        print(f"raysens sweep: error: {exc}", file=sys.stderr)
-        return 1
+    except BaseException as exc:  # noqa: BLE001 - every way out ends in one line and an exit code
+        return _failure("sweep", exc, config_error, (SweepError, *run_errors))
     return 0
 
 

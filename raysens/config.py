@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -41,6 +42,8 @@ class ModelConfig:
     def __post_init__(self):
         if not self.name.strip():
             raise ConfigError("model.name must not be empty")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise ConfigError(f"model.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class OutputConfig:
     plots: bool = True  # write heatmap PNGs into <dir>/plots
     resume: bool = True  # reuse valid partials already in dir (false: refuse to run in a dir that has some)
     progress_every_s: float = 5.0  # seconds between driver progress lines (0: after every unit)
+    per_sample: bool = False  # also export every sample's [S, S] map per layer (float32 Parquet under <dir>/per_sample/, ~4·S² bytes per sample and layer)
 
 
 @dataclass(frozen=True)

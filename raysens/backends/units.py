@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from ..core.welford import WelfordState
+from ..core.cellstats import CellStats
 from ..store.partials import encode_partial
 
 # ---------------------------------------------------------------------- tokenization (CPU tasks)
@@ -38,7 +38,9 @@ def tokenize_unit(unit_ids, texts, tokenizer, max_seq_len: int, min_tokens: int,
     unit_ids = [int(i) for i in unit_ids]
     run_ids, run_texts, skipped_ids, reasons = [], [], [], []
     for sid, t in zip(unit_ids, texts):
-        if t is not None and not isinstance(t, str):
+        if isinstance(t, bytes):  # a text-file line that is not UTF-8 (store.corpus.UNDECODABLE)
+            skipped_ids.append(sid), reasons.append("not_utf8")
+        elif t is not None and not isinstance(t, str):
             skipped_ids.append(sid), reasons.append("not_text")
         elif t is None or not t.strip():
             skipped_ids.append(sid), reasons.append("empty")
@@ -94,11 +96,13 @@ class UnitWorker:
     """
 
     def __init__(self, model_name: str, trust_remote_code: bool, device: str, sensitivity: dict,
-                 layers, max_seq_len: int, fingerprint: str, shared: dict | None = None):
+                 layers, max_seq_len: int, fingerprint: str, shared: dict | None = None,
+                 per_sample: bool = False):
         import torch
 
         from ..core.engine import SensitivityConfig, SensitivityEngine
         from ..core.models import load_model
+        from ..core.synthetic import SyntheticEngine, is_synthetic
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,11 +115,13 @@ class UnitWorker:
         lm, self.load_id = shared[mkey]
         ekey = ("engine", mkey, json.dumps(sensitivity, sort_keys=True))
         if ekey not in shared:
-            shared[ekey] = SensitivityEngine(lm.model, SensitivityConfig.from_dict(sensitivity), device=device)
+            engine_cls = SyntheticEngine if is_synthetic(model_name) else SensitivityEngine
+            shared[ekey] = engine_cls(lm.model, SensitivityConfig.from_dict(sensitivity), device=device)
         self.engine = shared[ekey]
         self.layers = self.engine.resolve_layers(list(layers))
         self.max_seq_len = int(max_seq_len)
         self.fingerprint = fingerprint
+        self.per_sample = bool(per_sample)  # output.per_sample: put every sample's float32 map in the partial
         self.device = str(device)
         self.model_identity = {"name": lm.name, "source": lm.source, **lm.info}
         self.load_s = time.perf_counter() - t0
@@ -127,7 +133,8 @@ class UnitWorker:
         t0 = time.perf_counter()
         run_ids = [int(i) for i in unit["run_ids"]]
         skipped = {int(i): r for i, r in zip(unit["skipped_ids"], unit["skipped_reasons"])}
-        states: dict[int, WelfordState] = {}
+        states: dict[int, CellStats] = {}
+        maps: dict[int, np.ndarray] = {}
         strategy = None
         if run_ids:
             seqs = unit["input_ids"]
@@ -147,11 +154,14 @@ class UnitWorker:
                 good = np.array([i not in bad for i in run_ids])
                 skipped.update({i: "nonfinite" for i in bad})
             strategy = res.strategy
+            run_ids = [i for i, g in zip(run_ids, good) if g]
             if good.any():
                 for L in self.layers:
                     noise = None if res.noise is None else res.noise[L][good]
-                    states[L] = WelfordState.from_batch(res.values[L][good], res.mask[good], noise)
-            run_ids = [i for i, g in zip(run_ids, good) if g]
+                    vals = np.asarray(res.values[L])[good]
+                    states[L] = CellStats.from_batch(vals, res.mask[good], noise, sample_ids=run_ids)
+                    if self.per_sample:
+                        maps[L] = np.where(np.asarray(res.mask)[good], vals, np.nan).astype(np.float32)
         meta = {
             "fingerprint": self.fingerprint, "unit": int(unit["unit"]),
             "sample_ids": [int(i) for i in unit["sample_ids"]], "computed_ids": run_ids,
@@ -159,4 +169,4 @@ class UnitWorker:
             "compute_s": time.perf_counter() - t0, "host": socket.gethostname(), "pid": os.getpid(),
             "device": self.device, "strategy": strategy, "model": self.model_identity, "load_id": self.load_id,
         }
-        return encode_partial(meta, states)
+        return encode_partial(meta, states, maps or None)

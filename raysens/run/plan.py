@@ -38,6 +38,7 @@ class RunPlan:
     units: list[np.ndarray]  # every unit of the run, in sample_id order
     layers: tuple[int, ...]  # absolute hidden_states indices
     model_config: dict  # model_type, num_hidden_layers, hidden_size (from the config only)
+    inputs: dict | None = None  # content identity of corpus and weights (manifest "inputs"; checked on resume)
 
     @property
     def n_selected(self) -> int:
@@ -68,15 +69,39 @@ def _run_dir(config: RunConfig) -> str:
     return os.path.abspath(os.path.expanduser(d))
 
 
+def check_device(device: str, gpus: float | None = None) -> None:
+    """``model.device`` is usable: ``cuda`` needs a GPU here (``gpus`` None: this process) or on the
+    Ray cluster (``gpus``: its GPU count). Raises ``RunError``."""
+    if not device.startswith("cuda"):
+        return
+    if gpus is None:
+        import torch
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        where = "this machine"
+    else:
+        have, where = int(gpus), "the Ray cluster"
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if have <= index:
+        raise RunError(f"model.device is {device!r} but {where} has {have or 'no'} GPU{'s' if have != 1 else ''}; "
+                       "use model.device: auto or cpu")
+
+
 def prepare(config: RunConfig) -> RunPlan:
-    """Validate the corpus, model and layers and plan the units. Writes nothing."""
+    """Validate the corpus (every record), the model (config and weights), the device and the layers
+    and plan the units. Writes nothing."""
     from ..core.architecture import resolve_layer_indices
     from ..core.models import load_tokenizer_and_config
+    from ..core.weights import model_identity
 
     corpus = Corpus(config.data)
     n_rows = corpus.num_rows()
     selected = corpus.select(n_rows)
+    if not config.cluster.use_ray:
+        check_device(config.model.device)
     _, mcfg = load_tokenizer_and_config(config.model.name, trust_remote_code=config.model.trust_remote_code)
+    inputs = {"corpus": corpus.identity(),
+              "model": model_identity(config.model.name, trust_remote_code=config.model.trust_remote_code)}
     n_layers = int(mcfg.num_hidden_layers)
     try:
         layers = resolve_layer_indices(list(config.layers), n_layers)
@@ -85,13 +110,13 @@ def prepare(config: RunConfig) -> RunPlan:
     return RunPlan(config, config.fingerprint(), _run_dir(config), corpus, n_rows,
                    plan_units(selected, config.cluster.batch_size), layers,
                    {"model_type": getattr(mcfg, "model_type", None), "num_hidden_layers": n_layers,
-                    "hidden_size": int(getattr(mcfg, "hidden_size", 0) or 0)})
+                    "hidden_size": int(getattr(mcfg, "hidden_size", 0) or 0)}, inputs)
 
 def open_run_dir(plan: RunPlan) -> RunDir:
     """The plan's run directory, opened: refuses a directory of another config, sets corrupt
     partials aside and collects the valid ones (``RunDir.open``)."""
     rdir = RunDir(plan.run_dir, plan.units, plan.fingerprint, plan.layers, plan.config.data.max_seq_len,
-                  plan.config.output.resume)
+                  plan.config.output.resume, inputs=plan.inputs)
     rdir.open()
     return rdir
 
@@ -118,6 +143,7 @@ def base_manifest(plan: RunPlan, status: str, started: str) -> dict:
         "estimator": sens["estimator"], "num_probes": sens["num_probes"], "seed": sens["seed"],
         "layers": list(plan.layers), "max_seq_len": cfg.data.max_seq_len,
         "corpus": {**plan.corpus.describe(), "rows": plan.n_rows},
+        "inputs": plan.inputs,
         "samples": {"corpus_rows": plan.n_rows, "total": plan.n_selected},
         "units": {"total": len(plan.units), "batch_size": cfg.cluster.batch_size},
         "timings": {"started": started},

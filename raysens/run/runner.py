@@ -31,8 +31,24 @@ from ..store.results import RunResult, load_run
 from ..store.partials import decode_partial
 from ..store.rundir import RunDir, RunError
 from ..testing import faults
+from . import signals
 from .driver import Progress, finalize
-from .plan import RunPlan, base_manifest, open_run_dir, prepare
+from .plan import RunPlan, base_manifest, check_device, open_run_dir, prepare
+
+
+def _set_hint(exc: BaseException, hint: str) -> None:
+    try:
+        exc.resume_hint = hint  # read by the command line (raysens.cli) for its second line
+    except AttributeError:  # an exception type without a __dict__
+        pass
+
+
+def _interrupt_reason(exc: BaseException) -> str:
+    if isinstance(exc, signals.Terminated):
+        return "interrupted by SIGTERM"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    return f"interrupted ({exc})"
 
 
 @dataclass
@@ -85,9 +101,13 @@ class Runner:
         return int(sum(sum(len(u) for u in j.rdir.todo()) for j in self.jobs))
 
     def run(self, progress_every_s: float = 5.0) -> list[Job]:
-        """Compute and finalize every job; returns them (``status`` says how each ended)."""
-        for job in self.jobs:  # like a standalone run: "running" until the job is finalized
-            results.write_manifest(job.plan.run_dir, job.manifest)
+        """Compute and finalize every job; returns them (``status`` says how each ended).
+
+        Every way out is recorded: a job not finished when an error escapes is marked ``failed``
+        (with the reason) in its manifest, and ``interrupted`` on Ctrl-C or SIGTERM
+        (``signals.Terminated``); the error is re-raised (storage errors as ``RunError``, Ray's
+        wrappers already unwrapped to their cause by the backend) and every lease is released.
+        """
         total = sum(j.plan.n_selected for j in self.jobs)
         todo = self.todo_samples
         self.progress = Progress(total, total - todo, progress_every_s)
@@ -96,11 +116,65 @@ class Runner:
             groups.setdefault(job.model_key, []).append(job)
         need = self.use_ray and any(j.left for j in self.jobs)
         cluster = self.jobs[0].config.cluster if self.jobs else None
-        with backends.session(cluster, use_ray=need) as session:
-            self.session = session
-            for group in groups.values():
-                self._pass(group)
+        written = False
+        try:
+            with signals.sigterm_interrupts():
+                with backends.session(cluster, use_ray=need) as session:
+                    signals.install()  # again: ray.init replaced the SIGTERM handler
+                    self.session = session
+                    if session is not None:
+                        for job in self.jobs:
+                            check_device(job.config.model.device, session["resources"].get("GPU", 0))
+                    for job in self.jobs:  # like a standalone run: "running" until the job is finalized
+                        results.write_manifest(job.plan.run_dir, job.manifest)
+                    written = True
+                    for group in groups.values():
+                        self._pass(group)
+        except (KeyboardInterrupt, faults.SimulatedInterrupt) as exc:
+            if written:
+                self._mark_unfinished("interrupted", _interrupt_reason(exc))
+                _set_hint(exc, self.resume_hint())
+            raise
+        except OSError as exc:
+            err = RunError(f"storage error: {type(exc).__name__}: {exc}")
+            if written:
+                self._mark_unfinished("failed", str(err))
+                _set_hint(err, self.resume_hint())
+            raise err from exc
+        except Exception as exc:
+            if written:
+                self._mark_unfinished("failed", str(exc) if isinstance(exc, RunError) else f"{type(exc).__name__}: {exc}")
+                _set_hint(exc, self.resume_hint())
+            raise
+        finally:
+            self.close()
         return self.jobs
+
+    def resume_hint(self) -> str:
+        """``5/9 units are saved in DIR; rerun the same command to resume``."""
+        done = sum(len(j.rdir.done) for j in self.jobs)
+        total = sum(len(j.plan.units) for j in self.jobs)
+        where = self.jobs[0].plan.run_dir if len(self.jobs) == 1 else f"{len(self.jobs)} run directories"
+        return f"{done}/{total} units are saved in {where}; rerun the same command to resume"
+
+    def close(self) -> None:
+        """Release every job's run-directory lease (idempotent)."""
+        for job in self.jobs:
+            job.rdir.close()
+
+    def _mark_unfinished(self, status: str, reason: str) -> None:
+        """Write ``status`` and ``error`` into the manifest of every job that did not finish."""
+        for job in self.jobs:
+            if job.status in ("complete", "failed"):
+                continue
+            job.status, job.error = status, reason
+            m = {**job.manifest, "status": status, "error": reason,
+                 "units": {**job.manifest["units"], "done": len(job.rdir.done)}}
+            try:
+                results.write_manifest(job.plan.run_dir, m)
+            except Exception as exc:  # the original error matters more than this one
+                log(f"{job.name}: could not mark the manifest {status} ({type(exc).__name__}: {exc})")
+            self._on_change(job)
 
     # ------------------------------------------------------------------ one model's pass
     def _pass(self, group: list[Job]) -> None:
@@ -147,6 +221,7 @@ class Runner:
                 job.status = "incomplete"
                 job.error = (f"{len(missing)} units produced no result (first sample_ids "
                              f"{[int(u[0]) for u in missing[:5]]}); rerun with the same output.dir to compute them")
+                results.write_manifest(job.plan.run_dir, {**job.manifest, "status": "incomplete", "error": job.error})
                 self._on_change(job)
 
     def _finish(self, job: Job, backend: dict, pass_size: int) -> None:
@@ -164,6 +239,8 @@ class Runner:
         except RunError as exc:
             job.status, job.error = "failed", str(exc)
             log(f"{job.name} failed: {exc}")
+            if results.read_manifest(job.plan.run_dir).get("status") != "failed":
+                results.write_manifest(job.plan.run_dir, {**job.manifest, "status": "failed", "error": str(exc)})
         self._on_change(job)
 
 
@@ -242,7 +319,10 @@ def _run_one(config: RunConfig, use_ray: bool) -> Job:
         f"compute -> {plan.run_dir}")
     runner.run(config.output.progress_every_s)
     if job.status != "complete":
-        raise RunError(job.error or f"run ended {job.status}")
+        err = RunError(job.error or f"run ended {job.status}")
+        if job.status == "incomplete":
+            _set_hint(err, runner.resume_hint())
+        raise err
     m = job.final
     m["timings"]["wall_s"] = round(time.perf_counter() - t0, 3)  # including validation, final merge and plots
     if runner.session:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from .._log import log, now_iso
 from ..store import results
+from ..store.rundir import diff_inputs
 from .grid import Point, Sweep, expand, prepare_corpus, with_corpus
 from .monitor import MemoryMonitor
 from .runner import Job, Runner
@@ -62,6 +63,7 @@ def run_sweep(sweep: Sweep, use_ray: bool | None = None) -> SweepSummary:
     """Run every unfinished point (see the module doc). ``use_ray`` defaults to ``base.cluster.use_ray``."""
     t0 = time.perf_counter()
     started = now_iso()
+    _INPUTS.clear()  # identities are recomputed by every invocation
     corpus = prepare_corpus(sweep)
     sweep = with_corpus(sweep, corpus)
     points = expand(sweep)
@@ -96,12 +98,19 @@ def run_sweep(sweep: Sweep, use_ray: bool | None = None) -> SweepSummary:
     for p in points:
         m = _read_manifest(p.config.output.dir)
         if m.get("status") == "complete" and m.get("fingerprint") == p.config.fingerprint():
+            changed = diff_inputs(m["inputs"], _inputs(p.config)) if isinstance(m.get("inputs"), dict) else []
+            if changed:
+                runner.close()
+                raise SweepError(f"point {p.name}: output directory {p.config.output.dir!r} was computed from other "
+                                 f"inputs: {'; '.join(changed)}; restore the inputs or use another dir "
+                                 "(nothing was changed)")
             status[p.name] = {"status": "complete", "this_run": "skipped (already complete)", "samples": _samples(m)}
             continue
         try:
             job = runner.open(p.name, p.config, started,
                               {"sweep": {"dir": sweep.dir, "point": p.name, "axes": p.axes}})
         except Exception as exc:
+            runner.close()  # release the leases of the points already opened
             raise SweepError(f"point {p.name}: {exc}") from exc
         status[p.name] = {"status": "pending", "this_run": "resumed" if job.rdir.done else "new"}
     total = sum(j.plan.n_selected for j in runner.jobs)
@@ -135,6 +144,22 @@ def run_sweep(sweep: Sweep, use_ray: bool | None = None) -> SweepSummary:
         raise SweepError(f"{len(failures)} point(s) did not complete (rerun the sweep to retry them): "
                          + "; ".join(failures))
     return SweepSummary(sweep.dir, smanifest)
+
+
+_INPUTS: dict = {}  # (data config, model) -> content identity, computed once per sweep invocation
+
+
+def _inputs(config) -> dict:
+    """The content identity a point's manifest records (``run/plan.py: prepare``), memoised: a
+    sweep's points share their corpus and models."""
+    from ..core.weights import model_identity
+    from ..store.corpus import Corpus
+
+    key = (repr(config.data), config.model.name, config.model.trust_remote_code)
+    if key not in _INPUTS:
+        _INPUTS[key] = {"corpus": Corpus(config.data).identity(),
+                        "model": model_identity(config.model.name, trust_remote_code=config.model.trust_remote_code)}
+    return _INPUTS[key]
 
 
 def _mark_due(mem: MemoryMonitor, done: int, total: int) -> bool:

@@ -7,7 +7,9 @@ block boundaries, so a retried or resumed unit is the same batch as the first at
 A *partial* is the result of one unit: the Welford state of the unit's samples per target layer plus
 which ids were computed and which were skipped (and why). It is stored as
 ``partials/unit_<first_sid>-<sha256[:16]>.npz`` (numpy ``.npz``, no pickle): an array ``meta`` holding
-a JSON object, and per layer ``L<NNN>_count|mean|m2|noise_sum|samples`` (``WelfordState.to_arrays``).
+a JSON object, and per layer ``L<NNN>_<key>`` for every key of ``CellStats.to_arrays`` (Welford
+``count|mean|m2|noise_sum|samples``, extremes ``max|max_id|min|sum|row_max|row_max_id``, the sparse
+histogram ``hist_index|hist_count``) plus, with ``output.per_sample``, ``L<NNN>_per_sample``.
 The hash in the name is the hash of the file's bytes, so truncation and corruption are detected.
 numpy only (no torch, no Ray).
 """
@@ -22,27 +24,34 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.welford import WelfordState
+from ..core.cellstats import CELL_KEYS, CellStats
 
 SKIP_REASONS = {
     "empty": "missing, null or whitespace-only text",
     "not_text": "the text column holds a non-string value",
+    "not_utf8": "the line is not UTF-8 text (undecodable bytes or NUL characters)",
     "too_short": "fewer than data.min_tokens tokens after tokenization",
     "nonfinite": "NaN/Inf in the sensitivities (reported by the engine)",
 }
 PARTIAL_RE = re.compile(r"^unit_(\d{10})-([0-9a-f]{16})\.npz$")
-STATE_KEYS = ("count", "mean", "m2", "noise_sum", "samples")
+STATE_KEYS = CELL_KEYS  # Welford moments, extremes with sample_ids, sparse histogram (raysens.core.cellstats)
 
 
 class PartialError(ValueError):
     """A persisted partial is corrupt, truncated, or belongs to another configuration."""
 
 
-def encode_partial(meta: dict, states: dict[int, WelfordState]) -> bytes:
+def encode_partial(meta: dict, states: dict[int, CellStats], per_sample: dict[int, np.ndarray] | None = None) -> bytes:
+    """``per_sample`` (``output.per_sample``): per layer the float32 ``[computed, S, S]`` maps of the
+    unit's computed samples (NaN where masked), stored as ``L<NNN>_per_sample``; ``meta["per_sample"]``
+    says whether they are there."""
+    meta = {**meta, "per_sample": bool(per_sample)}
     arrays = {"meta": np.array(json.dumps(meta, sort_keys=True))}
     for L, st in states.items():
         for k, v in st.to_arrays().items():
             arrays[f"L{int(L):03d}_{k}"] = v
+    for L, maps in (per_sample or {}).items():
+        arrays[f"L{int(L):03d}_per_sample"] = np.asarray(maps, np.float32)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -55,7 +64,8 @@ def partial_name(unit: int, payload: bytes) -> str:
 @dataclass
 class Partial:
     meta: dict
-    states: dict[int, WelfordState]
+    states: dict[int, CellStats]
+    per_sample: dict[int, np.ndarray] | None = None  # layer -> float32 [computed, S, S] (output.per_sample)
 
     @property
     def unit(self) -> int:
@@ -106,11 +116,24 @@ def decode_partial(payload: bytes, *, name: str | None = None, fingerprint: str 
     states = {}
     for L in meta["layers"]:
         try:
-            st = WelfordState.from_arrays({k: raw[f"L{int(L):03d}_{k}"] for k in STATE_KEYS})
+            st = CellStats.from_arrays({k: raw[f"L{int(L):03d}_{k}"] for k in STATE_KEYS})
         except (KeyError, ValueError) as exc:
             raise PartialError(f"{where}: layer {L} state invalid ({exc})") from None
         if st.samples != len(computed) or (max_seq_len is not None and st.shape[0] > max_seq_len):
             raise PartialError(f"{where}: layer {L} state does not match the unit "
                                f"({st.samples} samples, {st.shape} cells)")
+        named = set(np.unique(st.extremes.max_id).tolist()) | set(np.unique(st.extremes.row_max_id).tolist())
+        if named - computed - {-1}:
+            raise PartialError(f"{where}: layer {L} names sample_ids {sorted(named - computed - {-1})[:4]} "
+                               "that the unit did not compute")
         states[int(L)] = st
-    return Partial(meta, states)
+    per_sample = None
+    if meta.get("per_sample") and states:
+        per_sample = {}
+        for L, st in states.items():
+            maps = raw.get(f"L{int(L):03d}_per_sample")
+            if maps is None or maps.dtype != np.float32 or maps.shape != (len(computed), *st.shape):
+                raise PartialError(f"{where}: layer {L} per-sample maps missing or not float32 "
+                                   f"[{len(computed)}, {st.shape[0]}, {st.shape[1]}]")
+            per_sample[int(L)] = maps
+    return Partial(meta, states, per_sample)

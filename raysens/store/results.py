@@ -9,9 +9,12 @@ Layout of a run directory (a local path or a URI such as ``s3://bucket/run``, ``
     partials/…                  persisted partial states (``partials.py``, ``rundir.py``)
     plots/*.png                 heatmaps and summaries
 
-``.npz`` keys: ``mean var std var_corrected std_corrected probe_noise cell_count count`` and
-``state_count state_mean state_m2 state_noise_sum state_samples`` (lossless Welford state). numpy and
-pyarrow read everything without raysens installed.
+``.npz`` keys: ``mean var std var_corrected std_corrected probe_noise cell_count count``; what drives a
+cell (docs/DESIGN.md §2.1–2.2): ``max max_sample_id min sum max_share q25 median q75`` per cell and
+``row_max row_max_sample_id row_share`` per output row; and the lossless state ``state_<key>`` for every
+key of ``CellStats.to_arrays`` (``state_count state_mean state_m2 state_noise_sum state_samples``,
+``state_max state_max_id …``, ``state_hist_index state_hist_count``). numpy and pyarrow read everything
+without raysens installed. Files written before the extremes existed load with those fields None.
 """
 
 from __future__ import annotations
@@ -27,21 +30,26 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ..core.cellstats import NEW_STAT_KEYS, CellStats
 from ..core.welford import WelfordState
 from .fs import exists, read_bytes, resolve, write_bytes  # noqa: F401  (re-exported: results.resolve etc.)
 
 STAT_KEYS = ("mean", "var", "std", "var_corrected", "std_corrected", "probe_noise", "cell_count")
+CELL_STAT_KEYS = ("max", "max_sample_id", "min", "sum", "max_share", "q25", "median", "q75")  # also Parquet columns
+ROW_STAT_KEYS = ("row_max", "row_max_sample_id", "row_share")  # [pos_out]
 
 
 def layer_file(layer: int, ext: str = "npz") -> str:
     return f"stats/layer_{int(layer):03d}.{ext}"
 
 
-def write_layer_stats(run_dir: str, layer: int, state: WelfordState) -> None:
-    """Persist one layer's statistics (npz + parquet) and its lossless state."""
+def write_layer_stats(run_dir: str, layer: int, state: CellStats | WelfordState) -> None:
+    """Persist one layer's statistics (npz + parquet) and its lossless state (a plain
+    ``WelfordState`` writes only the moment statistics)."""
     fs, base = resolve(run_dir)
     stats = state.statistics()
-    arrays = {k: stats[k] for k in STAT_KEYS}
+    cols = STAT_KEYS + (CELL_STAT_KEYS if isinstance(state, CellStats) else ())
+    arrays = {k: stats[k] for k in cols + (ROW_STAT_KEYS if isinstance(state, CellStats) else ())}
     arrays["count"] = np.asarray(stats["count"], np.int64)
     arrays.update({f"state_{k}": v for k, v in state.to_arrays().items()})
     buf = io.BytesIO()
@@ -50,7 +58,7 @@ def write_layer_stats(run_dir: str, layer: int, state: WelfordState) -> None:
     s = state.shape[0]
     ii, jj = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
     table = pa.table({"layer": np.full(s * s, layer, np.int32), "i": ii.ravel().astype(np.int32),
-                      "j": jj.ravel().astype(np.int32), **{k: stats[k].ravel() for k in STAT_KEYS}})
+                      "j": jj.ravel().astype(np.int32), **{k: stats[k].ravel() for k in cols}})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     write_bytes(fs, posixpath.join(base, layer_file(layer, "parquet")), sink.getvalue().to_pybytes())
@@ -66,7 +74,11 @@ def read_manifest(run_dir: str) -> dict:
     p = posixpath.join(base, "manifest.json")
     if not exists(fs, p):
         raise FileNotFoundError(f"load_run: {run_dir!r} has no manifest.json (not a raysens run directory?)")
-    return json.loads(read_bytes(fs, p))
+    m = json.loads(read_bytes(fs, p))
+    if not isinstance(m, dict):
+        raise ValueError(f"{run_dir!r}: manifest.json is not a raysens manifest (a JSON {type(m).__name__}, "
+                         "not an object)")
+    return m
 
 
 @dataclass
@@ -82,7 +94,19 @@ class LayerStats:
     probe_noise: np.ndarray  # mean per-sample probe variance of the estimate (0 unless K ≥ 2)
     cell_count: np.ndarray  # samples per cell
     count: int  # samples folded in
-    state: WelfordState  # lossless accumulator state (merge more data into it)
+    state: CellStats | WelfordState  # lossless accumulator state (merge more data into it)
+    # what drives a cell (None for files written before they existed); docs/DESIGN.md §2.1-2.2
+    max: np.ndarray | None = None  # largest per-sample value (NaN where empty)
+    max_sample_id: np.ndarray | None = None  # its sample_id (smallest on ties; -1 where empty)
+    min: np.ndarray | None = None  # smallest per-sample value
+    sum: np.ndarray | None = None  # sum over samples
+    max_share: np.ndarray | None = None  # max / sum: the share of the cell's largest sample
+    q25: np.ndarray | None = None  # quantiles from the log histogram (relative error <= 7.5 %)
+    median: np.ndarray | None = None
+    q75: np.ndarray | None = None
+    row_max: np.ndarray | None = None  # [pos_out] largest per-sample row total Σ_j A_ij
+    row_max_sample_id: np.ndarray | None = None  # [pos_out] its sample_id
+    row_share: np.ndarray | None = None  # [pos_out] row_max / Σ_j sum: the row's share of its largest sample
 
 
 @dataclass
@@ -101,9 +125,11 @@ class RunResult:
 
 def load_layer(run_dir: str, layer: int) -> LayerStats:
     fs, base = resolve(run_dir)
-    raw = np.load(io.BytesIO(read_bytes(fs, posixpath.join(base, layer_file(layer)))))
-    state = WelfordState.from_arrays({k[len("state_"):]: raw[k] for k in raw.files if k.startswith("state_")})
-    return LayerStats(layer, *(raw[k] for k in STAT_KEYS), int(raw["count"]), state)
+    raw = np.load(io.BytesIO(read_bytes(fs, posixpath.join(base, layer_file(layer)))), allow_pickle=False)
+    st = {k[len("state_"):]: raw[k] for k in raw.files if k.startswith("state_")}
+    state = CellStats.from_arrays(st) if "hist_index" in st else WelfordState.from_arrays(st)
+    extra = {k: raw[k] for k in NEW_STAT_KEYS if k in raw.files}
+    return LayerStats(layer, *(raw[k] for k in STAT_KEYS), int(raw["count"]), state, **extra)
 
 
 def load_run(run_dir: str) -> RunResult:

@@ -5,6 +5,7 @@ Run directory (local path or any ``pyarrow.fs`` URI; ``docs/DESIGN.md`` §6)::
     manifest.json           status, config + fingerprint, versions, model, samples, skips, timings
     partials/unit_<first sample_id>-<sha256[:16]>.npz   one per work unit (``partials.py``), written as they arrive
     partials/corrupt/…      partials that failed validation on resume (kept, never merged)
+    lease.json              the driver computing into it (``lease.py``), while it runs
     stats/layer_NNN.npz|.parquet   dataset statistics per target layer (``results.py``)
     plots/*.png             heatmaps (``raysens.report.plots``)
 
@@ -16,7 +17,10 @@ run gives bit for bit what an uninterrupted one gives. numpy/pyarrow only.
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import os
 import posixpath
+import re
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -24,21 +28,75 @@ import pyarrow.fs as pafs
 from .._log import log
 from ..testing import faults
 from .fs import exists, read_bytes, resolve, write_bytes
+from .lease import Lease, LeaseError
 from .partials import PARTIAL_RE, PartialError, decode_partial, partial_name
-from .results import read_manifest
+
+RUN_FORMAT = "raysens-run/1"
 
 PARTIALS = "partials"
+
+
+_TMP_RE = re.compile(r"^unit_\d{10}-[0-9a-f]{16}\.npz\.tmp$")  # an unfinished write of a partial
 
 
 class RunError(RuntimeError):
     """The run cannot start or cannot finish; the message says why. Persisted partials are kept."""
 
 
+def _short(h) -> str:
+    return f"{h[:12]}…" if isinstance(h, str) else str(h)
+
+
+def diff_inputs(old: dict, new: dict) -> list[str]:
+    """What differs between two ``inputs`` identities (``run/plan.py: input_identity``), one phrase
+    each; paths and modification times are not compared (the same bytes elsewhere are the same input)."""
+    out = []
+    oc, nc = old.get("corpus") or {}, new.get("corpus") or {}
+    if oc and nc:
+        what = f"corpus {nc.get('source')!r}"
+        parts = []
+        if oc.get("rows") != nc.get("rows"):
+            parts.append(f"rows {oc.get('rows')} -> {nc.get('rows')}")
+        for key in ("records_sha256", "dataset_fingerprint"):
+            if oc.get(key) != nc.get(key):
+                parts.append(f"{key} {_short(oc.get(key))} -> {_short(nc.get(key))}")
+        of, nf = oc.get("files") or [], nc.get("files") or []
+        if [(f.get("size"), f.get("sha256")) for f in of] != [(f.get("size"), f.get("sha256")) for f in nf]:
+            for a, b in zip(of, nf):
+                if (a.get("size"), a.get("sha256")) != (b.get("size"), b.get("sha256")):
+                    parts.append(f"file {b.get('path')}: size {a.get('size')} -> {b.get('size')} bytes, "
+                                 f"SHA-256 {_short(a.get('sha256'))} -> {_short(b.get('sha256'))}")
+            if len(of) != len(nf):
+                parts.append(f"{len(of)} -> {len(nf)} files")
+        if oc.get("source") != nc.get("source") and parts:
+            what += f" (was {oc.get('source')!r})"
+        if parts:
+            out.append(f"{what} changed ({', '.join(dict.fromkeys(parts))})")
+    om, nm = old.get("model") or {}, new.get("model") or {}
+    if om and nm:
+        parts = [f"{k} {om.get(k)!r} -> {nm.get(k)!r}" for k in ("kind", "preset", "package", "version",
+                                                                 "torch", "transformers", "id")
+                 if om.get(k) != nm.get(k)]
+        ofiles = {f["file"]: f for f in om.get("files") or []}
+        nfiles = {f["file"]: f for f in nm.get("files") or []}
+        for fname in sorted(set(ofiles) | set(nfiles)):
+            a, b = ofiles.get(fname), nfiles.get(fname)
+            if a is None or b is None:
+                parts.append(f"{fname} {'added' if a is None else 'removed'}")
+            elif (a.get("size"), a.get("sha256")) != (b.get("size"), b.get("sha256")):
+                parts.append(f"{fname}: size {a.get('size')} -> {b.get('size')} bytes, "
+                             f"SHA-256 {_short(a.get('sha256'))} -> {_short(b.get('sha256'))}")
+        if parts:
+            out.append(f"model weights of {nm.get('path') or nm.get('id') or nm.get('preset')!r} changed "
+                       f"({', '.join(parts)})")
+    return out
+
+
 class RunDir:
     """Partials of one run directory: what is already done, what arrives, what it all merges to."""
 
     def __init__(self, run_dir: str, units: list[np.ndarray], fingerprint: str, layers: tuple[int, ...],
-                 max_seq_len: int, resume: bool = True):
+                 max_seq_len: int, resume: bool = True, inputs: dict | None = None):
         self.run_dir = run_dir  # local path or pyarrow.fs URI
         self.units = units  # every unit of the run (arrays of sample_ids), in sample_id order
         self.by_key = {int(u[0]): u for u in units}  # unit key (first sample_id) -> its sample_ids
@@ -46,6 +104,8 @@ class RunDir:
         self.layers = tuple(layers)  # absolute hidden_states indices every partial must hold
         self.max_seq_len = int(max_seq_len)  # partial states larger than this are refused
         self.resume = bool(resume)  # False: refuse a directory that already has partials
+        self.inputs = inputs  # content identity of corpus and model; a manifest with other inputs is refused
+        self.lease: Lease | None = None  # held from open() to close()
         self.fs, self.base = resolve(run_dir)
         self.pdir = posixpath.join(self.base, PARTIALS)
         self.done: dict[int, str] = {}  # unit key -> partial file name
@@ -57,21 +117,89 @@ class RunDir:
         return posixpath.join(self.pdir, name)
 
     def open(self) -> None:
-        """Check the directory belongs to this configuration and collect the valid partials."""
+        """Check the directory belongs to this configuration and these inputs, take its lease, check
+        it is writable, and collect the valid partials. Refusals change nothing."""
+        self._check_dir()
+        self.lease = Lease(self.fs, self.base, self.run_dir)
+        try:
+            self.lease.acquire()
+        except LeaseError as exc:
+            self.lease = None
+            raise RunError(str(exc)) from None
+        except OSError as exc:
+            self.lease = None
+            raise RunError(f"cannot write to output directory {self.run_dir!r} ({type(exc).__name__}: {exc})") from None
+        try:
+            self._check_writable()
+            self._collect()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the lease (idempotent)."""
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+    def _check_dir(self) -> None:
         fs = self.fs
+        info = fs.get_file_info(self.base)
+        if info.type not in (pafs.FileType.NotFound, pafs.FileType.Directory):
+            raise RunError(f"output.dir {self.run_dir!r} is a file, not a directory; use another output.dir")
         mpath = posixpath.join(self.base, "manifest.json")
-        if exists(fs, mpath):
-            try:
-                old = read_manifest(self.run_dir)
-            except ValueError:
-                old = {}
-            if old.get("fingerprint") not in (None, self.fingerprint):
+        if not exists(fs, mpath):
+            return
+        try:
+            old = json.loads(read_bytes(fs, mpath))
+        except (OSError, ValueError) as exc:
+            raise RunError(f"output directory {self.run_dir!r} has a manifest.json that is not a raysens run's "
+                           f"(not readable JSON: {exc}); use another output.dir (nothing was changed)") from None
+        if not isinstance(old, dict) or old.get("format") != RUN_FORMAT:
+            what = f"format {old.get('format')!r}" if isinstance(old, dict) else f"a JSON {type(old).__name__}"
+            raise RunError(f"output directory {self.run_dir!r} has a manifest.json that is not a raysens run's "
+                           f"({what}, expected format {RUN_FORMAT!r}); use another output.dir (nothing was changed)")
+        if old.get("fingerprint") not in (None, self.fingerprint):
+            raise RunError(
+                f"output directory {self.run_dir!r} holds a run with a different configuration "
+                f"(fingerprint {old.get('fingerprint')}, this config {self.fingerprint}); "
+                "use another output.dir (nothing was changed)")
+        if self.inputs is not None and isinstance(old.get("inputs"), dict):
+            changed = diff_inputs(old["inputs"], self.inputs)
+            if changed:
                 raise RunError(
-                    f"output directory {self.run_dir!r} holds a run with a different configuration "
-                    f"(fingerprint {old.get('fingerprint')}, this config {self.fingerprint}); "
-                    "use another output.dir (nothing was changed)")
-        names = sorted(posixpath.basename(i.path) for i in fs.get_file_info(
-            pafs.FileSelector(self.pdir, allow_not_found=True)) if i.type == pafs.FileType.File)
+                    f"output directory {self.run_dir!r} was computed from other inputs: {'; '.join(changed)}. "
+                    "Resuming would mix two datasets; restore the inputs or use another output.dir "
+                    "(nothing was changed)")
+
+    def _check_writable(self) -> None:
+        """partials/ and stats/ accept a file (a read-only directory fails now, not after the compute)."""
+        for sub in (PARTIALS, "stats"):
+            probe = posixpath.join(self.base, sub, f".raysens-write-probe-{os.getpid()}")
+            try:
+                write_bytes(self.fs, probe, b"")
+                self.fs.delete_file(probe)
+            except OSError as exc:
+                raise RunError(f"cannot write to {posixpath.join(self.run_dir, sub)!r} ({type(exc).__name__}: "
+                               f"{exc}); make it writable or use another output.dir") from None
+
+    def _collect(self) -> None:
+        fs = self.fs
+        local = isinstance(fs, pafs.LocalFileSystem)
+        names = []
+        for i in fs.get_file_info(pafs.FileSelector(self.pdir, allow_not_found=True)):
+            name = posixpath.basename(i.path)
+            if i.type != pafs.FileType.File:
+                continue
+            if not (PARTIAL_RE.match(name) or _TMP_RE.match(name)):
+                if not name.startswith(".raysens-write-probe"):
+                    log(f"ignoring {posixpath.join(PARTIALS, name)}: not a partial file name")
+                continue
+            if local and os.path.islink(i.path):  # never move (or read through) a link to someone's file
+                log(f"ignoring {posixpath.join(PARTIALS, name)}: a symbolic link, not a partial")
+                continue
+            names.append(name)
+        names.sort()
         if names and not self.resume:
             raise RunError(f"output directory {self.run_dir!r} already has {len(names)} partials and "
                            "output.resume is false; use another output.dir (nothing was changed)")
