@@ -27,13 +27,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .analysis_copy import analysis_copy
 from .architecture import find_blocks, is_causal_model, resolve_layer_indices
 from .autograd_paths import AutogradPaths, pad_batch
 from .cotangents import Cotangents, chunk_loop
 from .fused import install_fused_norms
 from .inputs import normalise
 from .memory import MemoryPolicy
-from .models import prepare_for_analysis
 from .options import Estimator, ProbeDistribution, SensitivityConfig, Strategy
 from .probes import draw_probes, probe_seed
 from .schedule import Schedule, directions
@@ -76,7 +76,9 @@ class SensitivityBatch:
 class SensitivityEngine:
     """Computes per-sample ``[pos_out, pos_in]`` sensitivity maps for several target layers at once.
 
-    The model is prepared once (float32, eval, frozen, eager attention) and moved to ``device``.
+    The engine works on its own copy of the module tree (``analysis_copy``: float32, eval, frozen,
+    eager attention, on ``device``) whose weights share the caller's storage when they are float32
+    on ``device``; the caller's model is never changed.
 
     Attributes:
         schedule: the ``Schedule`` (causal segments, CPU sample groups) of this engine.
@@ -87,9 +89,9 @@ class SensitivityEngine:
     def __init__(self, model: torch.nn.Module, config: SensitivityConfig | None = None, *,
                  device: str | torch.device | None = None, causal: bool | None = None):
         self.config = cfg = config or SensitivityConfig()
-        self.model = prepare_for_analysis(model)
-        if device is not None:
-            self.model.to(device)
+        # the engine's own modules over the caller's weights (shared when float32 on ``device``):
+        # the caller's model, flags, forwards and config are never changed
+        self.model = analysis_copy(model, device)
         self.device = next(self.model.parameters()).device
         self.fused_norms = install_fused_norms(self.model) if cfg.fused_norms else 0  # modules switched
         self.base = self.model.base_model  # the stack without any LM head

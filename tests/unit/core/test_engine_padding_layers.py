@@ -208,8 +208,8 @@ def test_blocks_after_target_layer_and_lm_head_are_not_run(strategy):
     calls = {}
     # the MLP's last projection runs in both strategies (manual calls the block's modules, not the block)
     hooks = [blk.mlp.down_proj.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls.get(i, 0) + 1))
-             for i, blk in enumerate(model.model.layers)]
-    hooks.append(model.lm_head.register_forward_hook(lambda *a: calls.__setitem__("head", 1)))
+             for i, blk in enumerate(eng.model.model.layers)]  # the engine's own modules
+    hooks.append(eng.model.lm_head.register_forward_hook(lambda *a: calls.__setitem__("head", 1)))
     eng.compute(random_ids(5, seed=1)[None], layers=[0, 2])
     assert eng.strategy_used == strategy
     assert set(calls) == {0, 1}  # hidden_states[2] is the output of blocks 0 and 1
