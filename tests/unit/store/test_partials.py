@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from raysens.core.welford import WelfordState
+from raysens.core.cellstats import CellStats
 from raysens.store.partials import (PARTIAL_RE, SKIP_REASONS, PartialError, decode_partial, encode_partial,
                                     partial_name)
 
@@ -20,7 +20,7 @@ def _state(rng, b=3, s=5):
     vals = rng.gamma(1.0, size=(b, s, s))
     mask = np.ones((b, s, s), bool)
     mask[0, 4, :] = mask[0, :, 4] = False  # one sample shorter than the others
-    return WelfordState.from_batch(vals, mask, rng.random((b, s, s)))
+    return CellStats.from_batch(vals, mask, rng.random((b, s, s)), sample_ids=[10, 11, 13][:b])
 
 
 def _meta(**over):
