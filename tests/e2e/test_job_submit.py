@@ -6,95 +6,27 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from cluster_util import BIN, ROOT, LocalCluster, clean_env
+
 pytestmark = pytest.mark.ray
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-def _group_pids(pgid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if os.getpgid(int(d)) == pgid:
-                    out.append(int(d))
-            except ProcessLookupError:
-                pass
-    return out
 
 
 @pytest.fixture(scope="module")
 def ray_head(tiny_model_e2e):
     """A head node on loopback with token auth; yields (dashboard URL, token file, tmp dir)."""
-    tmp = tempfile.mkdtemp(prefix="rsj", dir="/tmp")  # short: Ray's unix socket paths have a length limit
-    token = Path(tmp) / "token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    dash = _free_port()
-    env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}",
-           f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=4", f"--temp-dir={tmp}/ray",
-           "--include-dashboard=true"]
-    log = open(Path(tmp) / "head.log", "w")
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError as e:  # 401: up, and asking for the token
-            if e.code == 401:
-                break
-            raise
-        except OSError:
-            if head.poll() is not None or time.time() > deadline:
-                raise RuntimeError("ray start --head failed:\n" + (Path(tmp) / "head.log").read_text()[-3000:])
-            time.sleep(1)
+    c = LocalCluster()
     try:
-        yield url, token, Path(tmp)
+        c.start_head(num_cpus=4)
+        yield c.url, c.token, c.tmp
     finally:
-        head.send_signal(signal.SIGTERM)  # the --block process shuts its own cluster down ...
-        try:
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        for pid in _group_pids(head.pid):  # ... without waiting out the 30 s drain: the rest of *our* group
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        head.wait(timeout=30)
-        log.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        c.stop()
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +40,7 @@ def test_token_auth_is_on(ray_head):
         urllib.request.urlopen(f"{url}/api/jobs/", timeout=10)
     assert e.value.code == 401
     p = subprocess.run([str(BIN / "ray"), "job", "list", "--address", url], capture_output=True, text=True,
-                       env=_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64), timeout=60)
+                       env=clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64), timeout=60)
     assert p.returncode != 0 and "Authentication failed" in p.stdout + p.stderr
 
 
@@ -119,7 +51,7 @@ def test_ray_job_submit_quickstart(ray_head, tiny_model_e2e):
            "python", "jobs/quickstart.py", f"--model.name={tiny_model_e2e}", "--data.limit=12",
            "--data.max_seq_len=8", "--layers=[1,-1]", f"--output.dir={results}"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=480,
-                       env=_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token)))
+                       env=clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token)))
     out = p.stdout + p.stderr
     assert p.returncode == 0 and "succeeded" in out, out[-4000:]
     assert f"results: {results}" in out and "heatmap:" in out
@@ -151,7 +83,7 @@ def test_quickstart_with_smollm2_on_embedded_ray(tmp_path):
     """The README's first command, shortened: real SmolLM2-135M, bundled corpus, S=32."""
     out = tmp_path / "qs"
     p = subprocess.run([sys.executable, "jobs/quickstart.py", "--data.limit=4", "--cluster.batch_size=2",
-                        f"--output.dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=900, env=_env())
+                        f"--output.dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=900, env=clean_env())
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     assert f"results: {out}" in p.stdout and "heatmap:" in p.stdout
     m = json.load(open(out / "manifest.json"))
