@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .core.engine import Estimator, SensitivityConfig, SensitivityEngine
+from .core.cellstats import CellStats
 from .core.welford import WelfordState
 
 
@@ -26,43 +27,59 @@ class WelfordAccumulator:
     ``device`` and ``dtype`` are accepted for compatibility; statistics are always kept in float64
     on the host (a float32 accumulator is what made the older tool's large runs drift). Batches of
     different ``S`` are allowed: the state grows and unseen cells stay empty.
+
+    Besides the moments it keeps the per-cell extremes with their sample_ids and the log histogram
+    (``raysens.core.cellstats.CellStats``): ``get_statistics()`` also has ``max``,
+    ``max_sample_id``, ``max_share``, ``q25``, ``median``, ``q75``, … Samples without an explicit
+    ``sample_ids`` are numbered in the order they are folded in (0, 1, 2, …).
     """
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64):
         self.device = torch.device(device)
         self.dtype = dtype
-        self.state: WelfordState | None = None
+        self.cells: CellStats | None = None
 
-    def _grow(self, seq_len: int) -> WelfordState:
-        if self.state is None:
-            self.state = WelfordState.empty(seq_len)
-        elif self.state.shape[0] < seq_len:
-            self.state = self.state.padded(seq_len)
-        return self.state
+    @property
+    def state(self) -> WelfordState | None:
+        """The Welford moments (as before); the full state is ``cells``."""
+        return None if self.cells is None else self.cells.welford
 
-    def update(self, x: Any, mask: Any = None, noise: Any = None) -> None:
-        """Fold a ``[B, S, S]`` batch (tensor or array); ``mask`` bool ``[B, S, S]`` marks valid cells."""
-        batch = WelfordState.from_batch(x, mask, noise)  # validates: batch axis, shapes, NaN/Inf
+    def _grow(self, seq_len: int) -> CellStats:
+        if self.cells is None:
+            self.cells = CellStats.empty(seq_len)
+        elif self.cells.shape[0] < seq_len:
+            self.cells = self.cells.padded(seq_len)
+        return self.cells
+
+    def update(self, x: Any, mask: Any = None, noise: Any = None, sample_ids: Any = None) -> None:
+        """Fold a ``[B, S, S]`` batch (tensor or array); ``mask`` bool ``[B, S, S]`` marks valid cells;
+        ``sample_ids`` (B ints) name the samples in ``max_sample_id`` (default: the next B numbers)."""
+        if sample_ids is None and np.ndim(x) == 3:
+            first = self.cells.samples if self.cells is not None else 0
+            sample_ids = np.arange(first, first + np.shape(x)[0])
+        batch = CellStats.from_batch(x, mask, noise, sample_ids)  # validates: batch axis, shapes, NaN/Inf
         self._merge_state(batch)
 
-    def _merge_state(self, batch: WelfordState) -> None:
-        s = max(batch.shape[0], self.state.shape[0] if self.state is not None else 0)
+    def _merge_state(self, batch: CellStats) -> None:
+        s = max(batch.shape[0], self.cells.shape[0] if self.cells is not None else 0)
         self._grow(s).merge(batch.padded(s) if batch.shape[0] < s else batch)
 
     def merge(self, other: "WelfordAccumulator") -> "WelfordAccumulator":
         """Chan-merge another accumulator into this one; returns self."""
         if not isinstance(other, WelfordAccumulator):
             raise TypeError(f"WelfordAccumulator.merge: expected WelfordAccumulator, got {type(other).__name__}")
-        if other.state is not None:
-            self._merge_state(other.state)
+        if other.cells is not None:
+            self._merge_state(other.cells)
         return self
 
     def get_statistics(self) -> dict[str, Any]:
         """``mean``, ``var``, ``std``, ``var_corrected``, ``std_corrected``, ``probe_noise``,
-        ``cell_count`` (numpy ``[S, S]``) and ``count`` (total samples, int)."""
-        if self.state is None:
+        ``cell_count`` (numpy ``[S, S]``) and ``count`` (total samples, int); and what drives a cell:
+        ``max``, ``max_sample_id``, ``min``, ``sum``, ``max_share``, ``q25``, ``median``, ``q75``
+        (``[S, S]``), ``row_max``, ``row_max_sample_id``, ``row_share`` (``[S]``)."""
+        if self.cells is None:
             raise ValueError("WelfordAccumulator.get_statistics: no data has been added")
-        return self.state.statistics()
+        return self.cells.statistics()
 
 
 class EstablishedAnalysisMethods:
@@ -106,10 +123,19 @@ class EstablishedAnalysisMethods:
                 raise ValueError(f"compute_position_jacobian: use_full_jacobian=True conflicts with estimator={estimator!r}")
             est = Estimator.EXACT
         else:
-            est = Estimator(estimator.value if isinstance(estimator, Estimator) else (estimator or "hutchinson"))
-        cfg = SensitivityConfig(estimator=est, num_probes=int(probes or 1), seed=int(seed))
+            name = estimator.value if isinstance(estimator, Estimator) else (estimator or "hutchinson")
+            try:
+                est = Estimator(name)
+            except ValueError:
+                raise ValueError(f"compute_position_jacobian: unknown estimator {estimator!r}; choose from "
+                                 f"{[e.value for e in Estimator]}") from None
+        try:
+            cfg = SensitivityConfig(estimator=est, num_probes=1 if probes is None else probes, seed=seed)
+        except ValueError as exc:
+            raise ValueError(f"compute_position_jacobian: {exc}".replace("SensitivityConfig: ", "")
+                             .replace("num_probes", "probes")) from None
         engine = self._engine(cfg)
-        ids = torch.as_tensor(inputs)
+        ids = _check_ids(inputs, getattr(getattr(self.model, "config", None), "vocab_size", None))
         if ids.ndim == 1:
             raise ValueError(f"compute_position_jacobian: inputs must be [B, S] input_ids, got shape {tuple(ids.shape)}")
         bsz = ids.shape[0]
@@ -119,8 +145,8 @@ class EstablishedAnalysisMethods:
         layer = res.layers[0]
         vals = res.values[layer]  # [batch, pos_out, pos_in]
         noise = None if res.noise is None else res.noise[layer]
-        batch_state = WelfordState.from_batch(vals, res.mask, noise)
-        stats = batch_state.statistics()
+        batch_state = CellStats.from_batch(vals, res.mask, noise, sample_ids=sids)
+        stats = batch_state.welford.statistics()
         if accumulator is not None:
             accumulator._merge_state(batch_state)
         flat = vals[res.mask]
@@ -136,3 +162,18 @@ class EstablishedAnalysisMethods:
             "target_layer": int(layer),
             "lengths": res.lengths.tolist(),
         }
+
+
+def _check_ids(inputs: Any, vocab_size: int | None) -> torch.Tensor:
+    """``inputs`` as an integer tensor of token ids in ``[0, vocab_size)``; float, negative, NaN or
+    out-of-vocabulary ids are a ``ValueError`` (never truncated, never torch's bare IndexError)."""
+    ids = torch.as_tensor(inputs)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"compute_position_jacobian: inputs must be integer token ids, got dtype {ids.dtype} "
+                         "(float ids are not truncated)")
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or (vocab_size is not None and hi >= int(vocab_size)):
+            raise ValueError(f"compute_position_jacobian: token ids must be in [0, {vocab_size}) (the model's "
+                             f"vocabulary), got ids from {lo} to {hi}")
+    return ids

@@ -70,6 +70,8 @@ class DataConfig:
         if self.min_tokens > self.max_seq_len:
             raise ConfigError(f"data.min_tokens ({self.min_tokens}) exceeds data.max_seq_len ({self.max_seq_len}): "
                               "every sample would be skipped")
+        if self.shuffle_seed < 0:
+            raise ConfigError(f"data.shuffle_seed must be >= 0, got {self.shuffle_seed}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"data.limit must be >= 1 or null (all rows), got {self.limit}")
         if not self.text_column:
@@ -80,7 +82,9 @@ class DataConfig:
 class ClusterConfig:
     use_ray: bool = True  # false: run the same work units in this process through the core, without Ray
     address: str | None = None  # Ray cluster to join ("auto", "host:port", "ray://host:10001"); None: $RAY_ADDRESS, else an embedded local Ray
-    num_actors: int = 1  # size of the actor pool (one model copy each)
+    num_actors: int = 1  # size of the actor pool (one model copy each); with max_actors: the pool's minimum
+    max_actors: int | None = None  # autoscaling: the pool grows from num_actors to max_actors as the cluster gains resources (KubeRay GPU workers scaling from 0); None: fixed at num_actors
+    actor_resources: dict | None = None  # custom Ray resources each actor requires, e.g. {worker: 1} to place actors on nodes that declare them (ray start --resources)
     batch_size: int = 8  # samples per work unit = per engine call; units are consecutive sample_ids
     cpus_per_actor: float = 1.0  # logical CPUs each actor reserves
     gpus_per_actor: float | None = None  # None (auto): 1 when the cluster has GPUs, else 0 (CPU actors)
@@ -91,6 +95,12 @@ class ClusterConfig:
     def __post_init__(self):
         if self.num_actors < 1:
             raise ConfigError(f"cluster.num_actors must be >= 1, got {self.num_actors}")
+        if self.max_actors is not None and self.max_actors < self.num_actors:
+            raise ConfigError(f"cluster.max_actors ({self.max_actors}) must be >= cluster.num_actors ({self.num_actors})")
+        for k, v in (self.actor_resources or {}).items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"cluster.actor_resources must map resource names to positive numbers, "
+                                  f"got {k!r}: {v!r}")
         if self.batch_size < 1:
             raise ConfigError(f"cluster.batch_size must be >= 1, got {self.batch_size}")
         if self.cpus_per_actor < 0 or (self.gpus_per_actor is not None and self.gpus_per_actor < 0):
@@ -282,6 +292,8 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a directory, not a YAML file")
     if not p.is_file():
         raise ConfigError(f"{what} {str(path)!r} does not exist")
     try:

@@ -106,6 +106,9 @@ class SensitivityActor:
         self.workers = [UnitWorker(**kw, shared=shared) for kw in worker_kwargs]
         self.units = 0
         self.fault_settings = fault_settings or {}
+        import ray
+
+        self.node_id = ray.get_runtime_context().get_node_id()  # reported with each unit (which nodes served)
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -114,10 +117,11 @@ class SensitivityActor:
         for unit in batch.to_pylist():
             faults.actor_unit_start(self.units, self.fault_settings)
             out.append({"job": unit["job"], "unit": unit["unit"], "samples": len(unit["sample_ids"]),
-                        "payload": self.workers[unit["job"]].process(unit)})
+                        "payload": self.workers[unit["job"]].process(unit), "node": self.node_id})
             self.units += 1
         return pa.Table.from_pylist(out, schema=pa.schema(
-            [("job", pa.int64()), ("unit", pa.int64()), ("samples", pa.int64()), ("payload", pa.binary())]))
+            [("job", pa.int64()), ("unit", pa.int64()), ("samples", pa.int64()), ("payload", pa.binary()),
+             ("node", pa.string())]))
 
 
 def _node_cores() -> int:
@@ -153,7 +157,7 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, int, int, bytes], N
     worker_kwargs = [dict(model_name=model.name, trust_remote_code=model.trust_remote_code, device=device,
                           sensitivity=c.config.sensitivity.to_dict(), layers=list(c.config.layers),
                           max_seq_len=c.config.data.max_seq_len, fingerprint=c.fingerprint,
-                          per_sample=c.config.output.per_sample) for c in jobs]
+                          per_sample=c.config.output.per_sample, planted=faults.planted_settings()) for c in jobs]
     tokenize_kwargs = [dict(corpus=c.corpus, max_seq_len=c.config.data.max_seq_len, min_tokens=c.config.data.min_tokens,
                             add_special_tokens=c.config.data.add_special_tokens) for c in jobs]
     items = [{"job": i, "unit": int(u[0]), "sample_ids": [int(x) for x in u]}
@@ -167,17 +171,27 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, int, int, bytes], N
         fn_kwargs=dict(jobs=tokenize_kwargs, model_name=model.name, trust_remote_code=model.trust_remote_code))
     ds = ds.map_batches(
         SensitivityActor, batch_format="pyarrow", batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=cl.num_actors),
+        compute=_pool_strategy(ray, cl), resources=dict(cl.actor_resources) if cl.actor_resources else None,
         fn_constructor_kwargs=dict(worker_kwargs=worker_kwargs, torch_threads=threads,
                                    fault_settings=faults.actor_settings()),
         num_cpus=cl.cpus_per_actor, num_gpus=gpus)  # Ray Data's defaults restart dead actors and retry their units
-    info.update(backend="ray", num_actors=cl.num_actors, gpus_per_actor=gpus, cpus_per_actor=cl.cpus_per_actor,
+    info.update(backend="ray", num_actors=cl.num_actors, max_actors=cl.max_actors, gpus_per_actor=gpus,
+                cpus_per_actor=cl.cpus_per_actor,
                 torch_threads=threads)
     t0 = time.perf_counter()
+    nodes = info.setdefault("units_by_node", {})  # node id -> units computed there (this pass, so far)
     for row in _rows(ds):
+        nodes[row["node"]] = nodes.get(row["node"], 0) + 1
         on_result(int(row["job"]), int(row["unit"]), int(row["samples"]), row["payload"])
     info["pipeline_s"] = round(time.perf_counter() - t0, 3)
     return info
+
+
+def _pool_strategy(ray, cl: ClusterConfig):
+    """A fixed pool of ``num_actors``, or an autoscaling one from ``num_actors`` to ``max_actors``."""
+    if cl.max_actors is None or cl.max_actors == cl.num_actors:
+        return ray.data.ActorPoolStrategy(size=cl.num_actors)
+    return ray.data.ActorPoolStrategy(min_size=cl.num_actors, max_size=cl.max_actors)
 
 
 def _rows(ds) -> Iterable[dict]:
@@ -212,7 +226,7 @@ def unwrap(exc: BaseException) -> BaseException:
         nxt = getattr(cur, "cause", None)  # RayTaskError keeps the worker's exception here
         cur = nxt if isinstance(nxt, BaseException) else (cur.__cause__ or cur.__context__)
     for e in chain:  # the innermost raysens error (Ray's dual-class wrappers are instances too)
-        if isinstance(e, known) and not type(e).__module__.startswith("ray"):
+        if isinstance(e, known) and type(e).__module__.split(".")[0] != "ray":
             return e
     for e in chain:
         if isinstance(e, known):

@@ -135,7 +135,7 @@ class UnitWorker:
         skipped = {int(i): r for i, r in zip(unit["skipped_ids"], unit["skipped_reasons"])}
         states: dict[int, CellStats] = {}
         maps: dict[int, np.ndarray] = {}
-        strategy = None
+        strategy = mode = None
         if run_ids:
             seqs = unit["input_ids"]
             width = max(len(s) for s in seqs)
@@ -153,7 +153,7 @@ class UnitWorker:
                 bad = set(int(i) for i in exc.sample_ids)
                 good = np.array([i not in bad for i in run_ids])
                 skipped.update({i: "nonfinite" for i in bad})
-            strategy = res.strategy
+            strategy, mode = res.strategy, res.mode
             run_ids = [i for i, g in zip(run_ids, good) if g]
             if good.any():
                 for L in self.layers:
@@ -167,6 +167,6 @@ class UnitWorker:
             "sample_ids": [int(i) for i in unit["sample_ids"]], "computed_ids": run_ids,
             "skipped": {str(k): v for k, v in sorted(skipped.items())}, "layers": sorted(states),
             "compute_s": time.perf_counter() - t0, "host": socket.gethostname(), "pid": os.getpid(),
-            "device": self.device, "strategy": strategy, "model": self.model_identity, "load_id": self.load_id,
+            "device": self.device, "strategy": strategy, "mode": mode, "model": self.model_identity, "load_id": self.load_id,
         }
         return encode_partial(meta, states, maps or None)

@@ -3,8 +3,10 @@
 - ``raysens report RUN_OR_SWEEP_DIR [--out DIR]`` writes ``report.html`` (self-contained, PNGs
   embedded) and ``report.md`` with the PNG files beside it. A sweep directory is one that holds
   several run directories (each with a ``manifest.json``) up to two levels down.
-- ``raysens show RUN_DIR`` prints counts, skipped samples, the top sensitivities per layer, the
-  estimator and timings.
+- ``raysens show RUN_DIR`` prints counts, skipped samples, the top sensitivities per layer, the rows
+  most dominated by one sample (with their sample_ids), the estimator and timings.
+  ``raysens show RUN_DIR --sample ID`` plots one sample's map (from the per-sample export, or
+  recomputed by ``raysens.run.sample``, which the CLI hands in: this package does not import torch).
 - ``raysens compare RUN_A RUN_B [--out DIR]`` writes B − A difference heatmaps and prints the largest
   differences.
 
@@ -22,9 +24,11 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from . import analysis as an
+from . import dominance as dom
 from .content import build_report
 from .render import to_html, to_markdown
 from ..store.results import RunResult, exists, load_run, resolve, write_bytes
+from ..store.texts import sample_texts, snippet
 
 
 class CommandError(Exception):
@@ -43,6 +47,14 @@ def _parse(prog: str, argv: Sequence[str] | None, build) -> argparse.Namespace |
 def _fail(cmd: str, msg: str) -> int:
     print(f"raysens {cmd}: error: {msg}", file=sys.stderr)
     return 1
+
+
+NO_MATPLOTLIB = ("plots need matplotlib, which is not installed: pip install 'raysens[plots]' "
+                 "(or pip install matplotlib)")
+
+
+def _is_missing_matplotlib(exc: ImportError) -> bool:
+    return (exc.name or "").split(".")[0] == "matplotlib" or "matplotlib" in str(exc)
 
 
 def find_runs(path: str, cmd: str = "report", depth: int = 2) -> tuple[str, list[str]]:
@@ -95,6 +107,9 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     """Write report.html (self-contained) and report.md + PNGs for a run or a sweep directory."""
     p.add_argument("path", metavar="RUN_OR_SWEEP_DIR", help="a run directory, or a directory of run directories")
     p.add_argument("--out", metavar="DIR", help="where to write the report (default: <dir>/report)")
+    p.add_argument("--share", type=float, default=dom.DEFAULT_SHARE,
+                   help="a cell or row is 'dominated' when one sample carries more than this share of its sum "
+                        "(default 0.5)")
 
 
 def main_report(argv: Sequence[str] | None = None) -> int:
@@ -116,7 +131,9 @@ def main_report(argv: Sequence[str] | None = None) -> int:
             raise CommandError(f"{args.path!r} has no layer statistics (stats/layer_*.npz) to report on")
         root = str(args.path).rstrip("/")
         out = (args.out or posixpath.join(root, "report")).rstrip("/")
-        doc = build_report(kind, root, runs)
+        if not 0.0 < args.share < 1.0:
+            raise CommandError(f"--share must be between 0 and 1, got {args.share}")
+        doc = build_report(kind, root, runs, args.share)
         fs, base = resolve(out)
         for name, png in doc.images.items():
             write_bytes(fs, posixpath.join(base, name), png)
@@ -124,6 +141,10 @@ def main_report(argv: Sequence[str] | None = None) -> int:
         write_bytes(fs, posixpath.join(base, "report.html"), to_html(doc).encode())
     except CommandError as e:
         return _fail("report", str(e))
+    except ImportError as e:
+        if not _is_missing_matplotlib(e):
+            raise
+        return _fail("report", NO_MATPLOTLIB)
     print(f"raysens report: wrote {posixpath.join(out, 'report.html')} and report.md "
           f"({len(doc.images)} plots, {len(runs)} run{'s' if len(runs) != 1 else ''})")
     return 0
@@ -135,6 +156,13 @@ def _show_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="RUN_DIR")
     p.add_argument("--top", type=int, default=10, help="cells to list per layer (default 10)")
     p.add_argument("--layer", type=int, action="append", help="only this layer (repeatable)")
+    p.add_argument("--rows", type=int, default=5, help="most dominated rows to list per layer (default 5)")
+    p.add_argument("--share", type=float, default=dom.DEFAULT_SHARE,
+                   help="threshold that marks a row as dominated by one sample (default 0.5)")
+    p.add_argument("--sample", type=int, metavar="ID",
+                   help="plot this sample's map per layer (recomputed unless the run exported it) and exit")
+    p.add_argument("--out", metavar="DIR", help="with --sample: where to write sample_<ID>_layer_NNN.png "
+                                                 "(default: <run>/plots)")
 
 
 def _wrap(label: str, items: list[str], width: int = 100) -> list[str]:
@@ -145,7 +173,23 @@ def _wrap(label: str, items: list[str], width: int = 100) -> list[str]:
                          break_on_hyphens=False) or [f"  {label}"]
 
 
-def format_show(run: RunResult, top: int = 10, layers: Sequence[int] | None = None) -> str:
+def _dominated_lines(run: RunResult, ls, n_rows: int, share: float, texts: dict) -> list[str]:
+    rows = dom.top_rows(ls, n_rows)
+    if not rows:
+        return []
+    sm = dom.summary(ls, share)
+    out = [f"  rows most dominated by one sample ({sm['rows']} rows and {sm['cells']}/{sm['eligible']} cells "
+           f"above {share:.0%}; 1/n = {100 / max(ls.count, 1):.2g}%):",
+           f"  {'i':>4}  {'share':>6}  {'sample_id':>9}  text"]
+    for r in rows:
+        mark = "*" if r["share"] > share else " "
+        out.append(f"  {r['i']:>4}  {r['share']:>6.1%}{mark} {r['sample_id']:>9}  "
+                   + (snippet(texts.get(r["sample_id"]), 10) if texts else ""))
+    return out
+
+
+def format_show(run: RunResult, top: int = 10, layers: Sequence[int] | None = None, rows: int = 5,
+                share: float = dom.DEFAULT_SHARE) -> str:
     f = an.run_facts(run.manifest, run.layers)
     m = run.manifest
     model = m.get("model") or {}
@@ -179,12 +223,17 @@ def format_show(run: RunResult, top: int = 10, layers: Sequence[int] | None = No
                   f"  {'rank':>4}  {'i':>4}  {'j':>4}  {'mean':>11}  {'std':>11}  {'n':>7}"]
         for r, (i, j, mu, sd) in enumerate(an.top_cells(ls.mean, ls.std, top), 1):
             lines.append(f"  {r:>4}  {i:>4}  {j:>4}  {mu:>11.4e}  {sd:>11.3e}  {int(ls.cell_count[i, j]):>7}")
+        if rows > 0:
+            ids = [r["sample_id"] for r in dom.top_rows(ls, rows)]
+            lines += _dominated_lines(run, ls, rows, share, sample_texts(run.manifest, ids) if ids else {})
     if f["estimator"] == "projection":
         lines += ["", "note: 'projection' is the seed tool's ‖uᵀJ_ij‖² with u = 1/√H·1, not the Frobenius norm."]
     return "\n".join(lines)
 
 
-def main_show(argv: Sequence[str] | None = None) -> int:
+def main_show(argv: Sequence[str] | None = None, sample_map=None) -> int:
+    """``sample_map(run_dir, sample_id, layers) -> {layer: [n, n] array}`` recomputes a sample for
+    ``--sample`` when the run has no per-sample export (the CLI passes ``raysens.run.sample.sample_maps``)."""
     args = _parse("show", argv, _show_args)
     if isinstance(args, int):
         return args
@@ -192,9 +241,48 @@ def main_show(argv: Sequence[str] | None = None) -> int:
         run = _load("show", args.path)
         if args.layer and not set(args.layer) & set(run.layers):
             raise CommandError(f"layer(s) {args.layer} not in {args.path!r} (layers: {sorted(run.layers)})")
+        if args.sample is not None:
+            return _show_sample(run, args, sample_map)
     except CommandError as e:
         return _fail("show", str(e))
-    print(format_show(run, args.top, args.layer))
+    print(format_show(run, args.top, args.layer, args.rows, args.share))
+    return 0
+
+
+def _show_sample(run: RunResult, args, sample_map) -> int:
+    from ..store.per_sample import sample_map as exported
+    from .plots import sample_png, write_pngs
+
+    layers = [L for L in sorted(run.layers) if not args.layer or L in args.layer]
+    maps = {L: exported(run.path, args.sample, L) for L in layers}
+    source = "per-sample export"
+    if any(v is None for v in maps.values()):
+        if sample_map is None:
+            raise CommandError(f"sample {args.sample} is not in the run's per-sample export and recomputing it "
+                               "needs the engine (run `raysens show` from the command line)")
+        try:
+            maps = sample_map(run.path, args.sample, layers)
+        except Exception as e:  # corpus moved, id out of range, sample skipped, model missing
+            raise CommandError(f"cannot recompute sample {args.sample}: {e}") from e
+        source = "recomputed with the run's model, estimator and seed"
+    text = sample_texts(run.manifest, [args.sample]).get(args.sample)
+    out = (args.out or posixpath.join(str(run.path).rstrip("/"), "plots")).rstrip("/")
+    pngs = {f"sample_{args.sample}_layer_{L:03d}.png": sample_png(run, L, maps[L], args.sample,
+                                                                   snippet(text, 12) if text else None)
+            for L in layers}
+    paths = write_pngs(out, pngs)
+    print(f"sample {args.sample} ({source})" + (f": {snippet(text, 20)}" if text else ""))
+    for L in layers:
+        a = np.asarray(maps[L], float)
+        ls = run.layers[L]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tot = np.nansum(a, axis=1)
+            share = tot / np.nansum(ls.sum[:a.shape[0], :a.shape[0]], axis=1) if ls.sum is not None else None
+        i = int(np.nanargmax(tot))
+        line = f"  layer {L}: n={a.shape[0]} tokens, largest row total at i={i} ({tot[i]:.4e}"
+        line += f", {share[i]:.1%} of that row's total over the run)" if share is not None else ")"
+        print(line)
+    print(f"wrote {len(paths)} plot{'s' if len(paths) != 1 else ''}: " + ", ".join(paths))
     return 0
 
 
@@ -245,6 +333,10 @@ def main_compare(argv: Sequence[str] | None = None) -> int:
         paths = write_pngs(out, {f"compare_layer_{L:03d}.png": compare_png(a, b, L, diffs[L]) for L in common})
     except CommandError as e:
         return _fail("compare", str(e))
+    except ImportError as e:
+        if not _is_missing_matplotlib(e):
+            raise
+        return _fail("compare", NO_MATPLOTLIB)
     print(format_compare(a, b, diffs, args.top))
     print(f"\nwrote {len(paths)} plot{'s' if len(paths) != 1 else ''} to {out}/")
     return 0

@@ -95,17 +95,24 @@ def to_html(doc: Doc) -> str:
     return "\n".join(out)
 
 
+def _md_text(text: Any) -> str:
+    """Text as Markdown shows it literally: no raw HTML (``&``, ``<``, ``>`` as entities), no links
+    or images (``[``, ``]`` escaped) — manifest strings (model names, paths, errors) are data."""
+    out = html.escape(str(text), quote=False).replace("[", "\\[").replace("]", "\\]")
+    return out.replace("\r", " ").replace("\n", " ")
+
+
 def _md_escape(v: Any) -> str:
-    return _cell(v).replace("|", "\\|").replace("\n", " ")
+    return _md_text(_cell(v)).replace("|", "\\|")
 
 
 def to_markdown(doc: Doc) -> str:
-    out = [f"# {doc.title}", ""]
+    out = [f"# {_md_text(doc.title)}", ""]
     for b in doc.blocks:
         if b[0] == "h":
-            out += ["#" * b[1] + " " + b[2], ""]
+            out += ["#" * b[1] + " " + _md_text(b[2]), ""]
         elif b[0] == "p":
-            out += [("> " if b[2] == "note" else "") + b[1], ""]
+            out += [("> " if b[2] == "note" else "") + _md_text(b[1]), ""]
         elif b[0] == "table":
             _, headers, rows, cls = b
             if cls == "kv":
@@ -115,5 +122,5 @@ def to_markdown(doc: Doc) -> str:
             out += ["| " + " | ".join(_md_escape(v) for v in r) + " |" for r in rows]
             out.append("")
         elif b[0] == "img":
-            out += [f"![{b[2]}]({b[1]})", "", f"*{b[2]}*", ""]
+            out += [f"![{_md_text(b[2])}]({b[1]})", "", f"*{_md_text(b[2])}*", ""]
     return "\n".join(out)

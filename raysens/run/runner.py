@@ -28,7 +28,7 @@ from .._log import log, now_iso
 from ..config import RunConfig
 from ..store import results
 from ..store.results import RunResult, load_run
-from ..store.partials import decode_partial
+from ..store.partials import read_meta
 from ..store.rundir import RunDir, RunError
 from ..testing import faults
 from . import signals
@@ -200,7 +200,7 @@ class Runner:
                 job = work[ji]
                 if not job.rdir.add(unit, payload):
                     return  # a retried unit already persisted
-                job.load_ids.add(decode_partial(payload).meta.get("load_id"))
+                job.load_ids.add(read_meta(payload).get("load_id"))  # meta only: the driver never decodes arrays here
                 job.left -= 1
                 self.progress.update(n)
                 self._on_unit(self.progress.done)

@@ -1,6 +1,6 @@
 """Fault injection for tests: the one place where raysens simulates crashes.
 
-Production code calls one hook at each of three points; every hook is a no-op unless a test armed
+Production code calls one hook at each of four points; every hook is a no-op unless a test armed
 it through an environment variable (environment variables reach subprocesses, ``ray job submit``
 drivers and, through the driver, the Ray actors):
 
@@ -8,10 +8,13 @@ drivers and, through the driver, the Ray actors):
 |----------------------------------------------------|--------------------------------------------|--------|
 | ``partial_persisted(n)`` (``store.rundir.RunDir.add``, after the n-th partial of this invocation is written) | ``RAYSENS_TEST_DRIVER_EXIT_AFTER_UNITS=N`` | the driver process exits at once (``os._exit(3)``): a killed driver |
 | ``unit_arrived(n)`` (``run.runner.Runner``, after the n-th unit of this invocation arrived and was persisted) | ``RAYSENS_TEST_INTERRUPT_AFTER_UNITS=N``   | raises ``SimulatedInterrupt`` (a ``BaseException``, like Ctrl-C) |
+|                                                    | ``RAYSENS_TEST_UNIT_DELAY_S=T``            | sleeps T seconds after each unit (a slow run: time for a test to send SIGINT / SIGTERM) |
 | ``actor_unit_start(units_done, settings)`` (``backends.ray_pool.SensitivityActor``, before each unit) | ``RAYSENS_TEST_KILL_AFTER_UNITS=N`` and ``RAYSENS_TEST_KILL_MARKER=path`` | after N units the actor process exits (``os._exit(17)``) in its next unit, once per marker file |
+| ``planted_values(settings, sample_ids, values)`` (``backends.units.UnitWorker.process``, after the engine) | ``RAYSENS_TEST_SCALE_SAMPLE=ID:FACTOR`` | sample ``ID``'s maps (every layer) are multiplied by ``FACTOR``: a planted outlier sample |
 
 The actor hook's settings are read on the driver (``actor_settings()``) and passed to the actors as
-a constructor argument, so they do not depend on the environment Ray gives its workers.
+a constructor argument, so they do not depend on the environment Ray gives its workers; so are the
+planted outlier's (``planted_settings()``, passed to every ``UnitWorker``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 
 DRIVER_EXIT = "RAYSENS_TEST_DRIVER_EXIT_AFTER_UNITS"
 INTERRUPT = "RAYSENS_TEST_INTERRUPT_AFTER_UNITS"
+UNIT_DELAY = "RAYSENS_TEST_UNIT_DELAY_S"
 ACTOR_KILL = "RAYSENS_TEST_KILL_AFTER_UNITS"
 ACTOR_MARKER = "RAYSENS_TEST_KILL_MARKER"
 
@@ -45,6 +49,11 @@ def unit_arrived(n_units: int) -> None:
     after = _armed(INTERRUPT)
     if after and n_units >= after:
         raise SimulatedInterrupt(f"test hook: interrupted after {n_units} units")
+    delay = float(os.environ.get(UNIT_DELAY, "0") or 0)
+    if delay > 0:
+        import time
+
+        time.sleep(delay)
 
 
 def actor_settings() -> dict:
@@ -64,3 +73,29 @@ def actor_unit_start(units_done: int, settings: dict) -> None:
     os.write(fd, f"{os.getpid()}\n".encode())
     os.close(fd)
     os._exit(17)
+
+
+PLANT = "RAYSENS_TEST_SCALE_SAMPLE"
+
+
+def planted_settings() -> dict:
+    """Driver side: ``{"sample_id": ID, "factor": F}`` from ``RAYSENS_TEST_SCALE_SAMPLE=ID:F`` (empty unless armed)."""
+    raw = os.environ.get(PLANT, "")
+    if not raw:
+        return {}
+    sid, factor = raw.split(":")
+    return {"sample_id": int(sid), "factor": float(factor)}
+
+
+def planted_values(settings: dict, sample_ids, values: dict) -> dict:
+    """Worker: ``values`` (layer -> ``[batch, S, S]``, rows in ``sample_ids`` order) with the planted
+    sample's maps multiplied by the factor; unchanged (the same objects) unless armed and present."""
+    if not settings or settings["sample_id"] not in [int(i) for i in sample_ids]:
+        return values
+    r = [int(i) for i in sample_ids].index(settings["sample_id"])
+    out = {}
+    for L, v in values.items():
+        v = v.copy()
+        v[r] = v[r] * settings["factor"]
+        out[L] = v
+    return out
