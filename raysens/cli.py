@@ -134,6 +134,10 @@ def _report_command(name: str, argv: Sequence[str]) -> int:
     except ImportError as exc:
         print(f"raysens {name}: the reporting module (raysens.report) is not available ({exc})", file=sys.stderr)
         return 1
+    if name == "show":  # --sample ID recomputes a sample: the engine lives outside raysens.report
+        from .run.sample import sample_maps
+
+        return int(report.main_show(list(argv), sample_map=sample_maps) or 0)
     return int(getattr(report, f"main_{name}")(list(argv)) or 0)
 
 

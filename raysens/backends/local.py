@@ -13,7 +13,8 @@ def run_jobs(jobs, on_result: Callable[[int, int, int, bytes], None], info: dict
     shared: dict = {}
     m = jobs[0].config.model
     workers = [UnitWorker(m.name, m.trust_remote_code, m.device, j.config.sensitivity.to_dict(),
-                          list(j.config.layers), j.config.data.max_seq_len, j.fingerprint, shared=shared)
+                          list(j.config.layers), j.config.data.max_seq_len, j.fingerprint, shared=shared,
+                          per_sample=j.config.output.per_sample)
                for j in jobs]
     info.update(backend="local", device=workers[0].device)
     tok = get_tokenizer(m.name, m.trust_remote_code)

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..core.cellstats import CellStats
 from ..store.partials import encode_partial
+from ..testing import faults
 
 # ---------------------------------------------------------------------- tokenization (CPU tasks)
 _TOKENIZERS: dict = {}
@@ -97,7 +98,7 @@ class UnitWorker:
 
     def __init__(self, model_name: str, trust_remote_code: bool, device: str, sensitivity: dict,
                  layers, max_seq_len: int, fingerprint: str, shared: dict | None = None,
-                 per_sample: bool = False):
+                 per_sample: bool = False, planted: dict | None = None):
         import torch
 
         from ..core.engine import SensitivityConfig, SensitivityEngine
@@ -122,6 +123,7 @@ class UnitWorker:
         self.max_seq_len = int(max_seq_len)
         self.fingerprint = fingerprint
         self.per_sample = bool(per_sample)  # output.per_sample: put every sample's float32 map in the partial
+        self.planted = faults.planted_settings() if planted is None else planted  # test hook (testing/faults.py)
         self.device = str(device)
         self.model_identity = {"name": lm.name, "source": lm.source, **lm.info}
         self.load_s = time.perf_counter() - t0
@@ -156,9 +158,11 @@ class UnitWorker:
             strategy, mode = res.strategy, res.mode
             run_ids = [i for i, g in zip(run_ids, good) if g]
             if good.any():
+                values = faults.planted_values(self.planted, run_ids,
+                                               {L: np.asarray(res.values[L])[good] for L in self.layers})
                 for L in self.layers:
                     noise = None if res.noise is None else res.noise[L][good]
-                    vals = np.asarray(res.values[L])[good]
+                    vals = values[L]
                     states[L] = CellStats.from_batch(vals, res.mask[good], noise, sample_ids=run_ids)
                     if self.per_sample:
                         maps[L] = np.where(np.asarray(res.mask)[good], vals, np.nan).astype(np.float32)

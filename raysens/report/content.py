@@ -8,9 +8,11 @@ import re
 from typing import Sequence
 
 from . import analysis as an
+from . import dominance as dom
 from . import plots
 from .render import Doc
-from ..store.results import RunResult
+from ..store.results import LayerStats, RunResult
+from ..store.texts import sample_texts, snippet
 
 ESTIMATOR_NOTES = {
     "exact": "exact: A_ij = ‖J_ij‖_F² computed exactly (one VJP per output unit); no estimator noise.",
@@ -74,9 +76,42 @@ SUMMARY_HELP = ("Averages over output positions i (i ≥ 1 for causal models: ro
                 "see (j < i for causal models).")
 
 
-def _run_body(doc: Doc, run: RunResult, level: int, prefix: str) -> None:
+DOMINANCE_HELP = ("A cell is dominated when its largest sample carries more than {share:.0%} of the cell's sum "
+                  "over samples (cells reached by at least two samples); a row when one sample's row total "
+                  "Σ_j A_ij is more than {share:.0%} of the row's total. The mean of such a cell or row is "
+                  "essentially that sample's value: compare it with the median, which one sample cannot move. "
+                  "`raysens show RUN --sample ID` plots one sample's map.")
+
+
+def _dominance(doc: Doc, run: RunResult, ls: LayerStats, level: int, share: float, texts: dict) -> None:
+    """The "what drives a cell" view of one layer: dominated rows and cells with their samples' texts."""
+    L = ls.layer
+    doc.h(level + 1, f"What drives layer {L}: dominated rows and cells")
+    sm = dom.summary(ls, share)
+    doc.p(f"{sm['rows']} of {ls.mean.shape[0]} rows and {sm['cells']} of {sm['eligible']} cells (n ≥ 2, positive "
+          f"sum) are dominated by one sample (share > {share:.0%}); median share of a cell's largest sample: "
+          f"{an.fmt(sm['median_share'] * 100, 3)}% (1/n = {an.fmt(100 / max(ls.count, 1), 3)}% when all samples "
+          "weigh the same).")
+    doc.p(DOMINANCE_HELP.format(share=share), "muted")
+    rows = dom.dominated_rows(ls, share)
+    if rows:
+        doc.table(["row i", "share of row", "sample_id", "sample's row total", "row total", "text (first words)"],
+                  [[r["i"], f"{r['share']:.1%}", r["sample_id"], r["row_max"], r["row_total"],
+                    snippet(texts.get(r["sample_id"])) if texts else "–"] for r in rows[:15]])
+    cells = dom.dominated_cells(ls, share, 10)
+    if cells:
+        doc.table(["i", "j", "share", "sample_id", "max", "mean", "median", "n", "text (first words)"],
+                  [[c["i"], c["j"], f"{c['share']:.1%}", c["sample_id"], c["max"], c["mean"], c["median"], c["n"],
+                    snippet(texts.get(c["sample_id"])) if texts else "–"] for c in cells])
+    if not rows and not cells:
+        doc.p(f"No row or cell of layer {L} is dominated by one sample at {share:.0%}.")
+
+
+def _run_body(doc: Doc, run: RunResult, level: int, prefix: str, share: float = dom.DEFAULT_SHARE) -> None:
     """Everything about one run, headings starting at ``level``; images under ``prefix``."""
     pngs = plots.render_run_plots(run)
+    ids = [i for ls in run.layers.values() for i in dom.culprits(ls, share)]
+    texts = sample_texts(run.manifest, ids) if ids else {}
     doc.h(level, "Overview")
     _overview(doc, run)
     _precision(doc, run, level)
@@ -88,12 +123,16 @@ def _run_body(doc: Doc, run: RunResult, level: int, prefix: str) -> None:
     for L, ls in sorted(run.layers.items()):
         doc.h(level, f"Layer {L}")
         doc.img(prefix + f"layer_{L:03d}_heatmap.png", pngs[f"layer_{L:03d}_heatmap.png"],
-                f"layer {L}: mean and std of ‖J_ij‖_F² over {ls.count:,} samples (rows: output position i, "
-                "columns: input position j)")
+                f"layer {L}: mean{', median' if ls.median is not None else ''} and std of ‖J_ij‖_F² over "
+                f"{ls.count:,} samples (rows: output position i, columns: input position j)")
         doc.img(prefix + f"layer_{L:03d}_distance.png", pngs[f"layer_{L:03d}_distance.png"],
                 f"layer {L}: sensitivity against distance i − j")
         doc.img(prefix + f"layer_{L:03d}_sink.png", pngs[f"layer_{L:03d}_sink.png"],
                 f"layer {L}: sensitivity to the first token (column j = 0)")
+        if f"layer_{L:03d}_dominance.png" in pngs:
+            doc.img(prefix + f"layer_{L:03d}_dominance.png", pngs[f"layer_{L:03d}_dominance.png"],
+                    f"layer {L}: share of each cell and row carried by its largest sample")
+            _dominance(doc, run, ls, level, share, texts)
         doc.h(level + 1, f"Top 10 cells, layer {L}")
         doc.table(["rank", "i", "j", "mean", "std", "n"],
                   [[r, i, j, mu, sd, int(ls.cell_count[i, j])]
@@ -122,14 +161,14 @@ def _config(doc: Doc, run: RunResult, level: int) -> None:
         doc.kv(other)
 
 
-def build_report(kind: str, root: str, runs: Sequence[RunResult]) -> Doc:
+def build_report(kind: str, root: str, runs: Sequence[RunResult], share: float = dom.DEFAULT_SHARE) -> Doc:
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     if kind == "run":
         run = runs[0]
         f = an.run_facts(run.manifest, run.layers)
         doc = Doc(f"raysens report — {f['model']}")
         doc.p(f"run directory {run.path} · generated {stamp}", "muted")
-        _run_body(doc, run, 2, "")
+        _run_body(doc, run, 2, "", share)
         return doc
     doc = Doc(f"raysens sweep report — {posixpath.basename(root) or root}")
     doc.p(f"sweep directory {root} · {len(runs)} runs · generated {stamp}", "muted")
@@ -157,6 +196,6 @@ def build_report(kind: str, root: str, runs: Sequence[RunResult]) -> Doc:
     doc.table(["run", "model", "layer", "seq len", "dataset", "estimator", "samples"] + SUMMARY_COLS, srows)
     for label, r in zip(labels, runs):
         doc.h(2, f"Run {label}")
-        _run_body(doc, r, 3, _slug(label) + "/")
+        _run_body(doc, r, 3, _slug(label) + "/", share)
     return doc
 

@@ -2,8 +2,11 @@
 
 ``write_run_plots(run_dir)`` writes into ``<run>/plots/``:
 
-- ``layer_NNN_heatmap.png`` — mean and std of ‖J_ij‖_F² (y: output position i, x: input position j;
-  log colour scale when the values span > 2 decades; white = exactly 0, hatched = no samples);
+- ``layer_NNN_heatmap.png`` — mean, median (when the run has quantiles) and std of ‖J_ij‖_F²
+  (y: output position i, x: input position j; log colour scale when the values span > 2 decades;
+  white = exactly 0, hatched = no samples);
+- ``layer_NNN_dominance.png`` — share of each cell's sum carried by its largest sample, and each
+  row's share of its largest sample (rows above the threshold are labelled with the sample_id);
 - ``layer_NNN_distance.png`` — sensitivity against distance i − j (mean over the cells at each
   distance, ±1 s.d. over samples and ±2 s.e. of the mean);
 - ``layer_NNN_sink.png`` — the first-token ("sink") column A[i, 0] and its share of the row total;
@@ -22,6 +25,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from . import analysis as an
+from . import dominance as dom
 from . import plot_parts as pp
 from ..store.results import LayerStats, RunResult, load_run, resolve, write_bytes
 
@@ -60,14 +64,64 @@ def _causal_mask(ls: LayerStats) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- one run
 def heatmap_png(run: RunResult, ls: LayerStats) -> bytes:
+    med = getattr(ls, "median", None)
+    with pp.style():
+        fig, axes = pp.new_figure(18.0 if med is not None else 12.5, 5.6, 1, 3 if med is not None else 2)
+        cz = _causal_mask(ls)
+        flags = [pp.heatmap(fig, axes[0], ls.mean, cmap="viridis", label="mean " + pp.SQ_NORM,
+                            title=r"mean over samples  $E[A_{ij}]$", structural_zero=cz)]
+        if med is not None:  # one sample cannot move the median: compare with the mean
+            flags.append(pp.heatmap(fig, axes[1], med, cmap="viridis", label="median " + pp.SQ_NORM,
+                                    title="median over samples (log histogram, ±7.5 %)", structural_zero=cz))
+        flags.append(pp.heatmap(fig, axes[-1], ls.std, cmap="magma", label="std " + pp.SQ_NORM, title=_std_title(ls),
+                                structural_zero=cz))
+        fig.suptitle(f"{_model(run)} — {_describe(run, ls)}", fontweight="bold")
+        pp.cell_legend(fig, flags)
+        return pp.to_png(fig)
+
+
+def dominance_png(run: RunResult, ls: LayerStats, share: float = dom.DEFAULT_SHARE) -> bytes:
+    """Left: ``max / sum`` per cell (cells with one sample hatched); right: each row's share of its
+    largest sample, rows above ``share`` labelled with that sample_id."""
+    s = ls.mean.shape[0]
+    cell = np.where(ls.cell_count >= 2, ls.max_share, np.nan)
     with pp.style():
         fig, (a1, a2) = pp.new_figure(12.5, 5.6, 1, 2)
-        cz = _causal_mask(ls)
-        flags = [pp.heatmap(fig, a1, ls.mean, cmap="viridis", label="mean " + pp.SQ_NORM,
-                            title=r"mean over samples  $E[A_{ij}]$", structural_zero=cz),
-                 pp.heatmap(fig, a2, ls.std, cmap="magma", label="std " + pp.SQ_NORM, title=_std_title(ls),
-                            structural_zero=cz)]
-        fig.suptitle(f"{_model(run)} — {_describe(run, ls)}", fontweight="bold")
+        pp.heatmap(fig, a1, cell, cmap="Reds", label="max / sum", log=False,
+                   title="share of each cell's sum carried by its largest sample")
+        a1.set_xlabel("input position j   (hatched: undefined — fewer than 2 samples or a zero sum)")
+        i = np.arange(s)
+        rs = np.nan_to_num(ls.row_share, nan=0.0)
+        a2.bar(i, rs, color=np.where(rs > share, "C3", "C0"), width=0.8)
+        a2.axhline(share, color="#555555", lw=1, ls="--", label=f"threshold {share:.0%}")
+        for r in dom.dominated_rows(ls, share)[:12]:
+            a2.annotate(f"#{r['sample_id']}", (r["i"], r["share"]), ha="center", va="bottom", fontsize=7,
+                        rotation=90, xytext=(0, 2), textcoords="offset points")
+        a2.set_ylim(0, 1.15)
+        a2.set_xlabel("output position i")
+        a2.set_ylabel(r"largest sample's $\Sigma_j A_{ij}$ / row total")
+        a2.set_title("share of each row carried by one sample (labels: sample_id)")
+        a2.legend(loc="upper left", frameon=False)
+        pp.position_ticks(a2, s, y=False)
+        fig.suptitle(f"{_model(run)} — what drives a cell — {_describe(run, ls)}", fontweight="bold")
+        return pp.to_png(fig)
+
+
+def sample_png(run: RunResult, layer: int, a: np.ndarray, sample_id: int, text: str | None = None) -> bytes:
+    """One sample's ``[n, n]`` map beside the dataset mean of the same cells."""
+    n = a.shape[0]
+    mean = run[layer].mean[:n, :n] if layer in run.layers else None
+    with pp.style():
+        fig, axes = pp.new_figure(12.5 if mean is not None else 6.8, 5.8, 1, 2 if mean is not None else 1)
+        axes = np.atleast_1d(axes)
+        cz = np.triu(np.ones((n, n), bool), k=1) if an.is_causal(np.asarray(a, float)) else None
+        flags = [pp.heatmap(fig, axes[0], np.asarray(a, float), cmap="viridis", label=pp.SQ_NORM,
+                            title=f"sample {sample_id}: $A_{{ij}}$", structural_zero=cz)]
+        if mean is not None:
+            flags.append(pp.heatmap(fig, axes[1], mean, cmap="viridis", label="mean " + pp.SQ_NORM,
+                                    title="dataset mean (same cells)", structural_zero=cz))
+        head = f"{_model(run)} — layer {layer} — sample {sample_id}"
+        fig.suptitle(head + (f"\n“{text}”" if text else ""), fontweight="bold")
         pp.cell_legend(fig, flags)
         return pp.to_png(fig)
 
@@ -191,6 +245,8 @@ def render_run_plots(run: RunLike) -> dict[str, bytes]:
         out[f"layer_{L:03d}_heatmap.png"] = heatmap_png(run, ls)
         out[f"layer_{L:03d}_distance.png"] = distance_png(run, ls)
         out[f"layer_{L:03d}_sink.png"] = sink_png(run, ls)
+        if dom.available(ls):
+            out[f"layer_{L:03d}_dominance.png"] = dominance_png(run, ls)
     if run.layers:
         f = an.run_facts(run.manifest, run.layers)
         out["layers_summary.png"] = summary_png([(_model(run), layer_summaries(run))],

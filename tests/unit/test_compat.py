@@ -77,6 +77,14 @@ def test_accumulator_over_batches_equals_numpy_over_all_samples():
     both = n >= 2
     np.testing.assert_allclose(st["var"][both], np.nanvar(stack, 0, ddof=1)[both], rtol=1e-9)
     assert np.isnan(st["var"][~both]).all()
+    # what drives a cell: the analyser numbers samples 0, 1, 2, … across calls (docs/DESIGN.md §2.1)
+    reached = n > 0
+    np.testing.assert_array_equal(st["max"][reached], np.nanmax(stack, 0)[reached])
+    np.testing.assert_array_equal(st["max_sample_id"], np.where(reached, np.nanargmax(np.where(reached, stack, 0), 0), -1))
+    from raysens.core.sketch import EPS
+    med = np.nanmedian(stack, 0)
+    assert (np.abs(st["median"][reached] - med[reached]) <= EPS * med[reached] + 1e-300).all()
+    assert {"q25", "q75", "max_share", "row_max_sample_id", "sum"} <= set(st)
 
 
 def test_each_sample_gets_its_own_probes_across_calls():

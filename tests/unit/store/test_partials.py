@@ -133,3 +133,25 @@ def test_a_unit_whose_samples_were_all_skipped_has_no_layers():
     meta = _meta(computed_ids=[], skipped={str(i): "too_short" for i in (10, 11, 12, 13)}, layers=[])
     p = decode_partial(encode_partial(meta, {}), layers=(1, 3))
     assert p.states == {} and set(p.skipped.values()) <= set(SKIP_REASONS)
+
+
+def test_per_sample_maps_round_trip_and_are_checked():
+    rng = np.random.default_rng(5)
+    states = {1: _state(rng), 3: _state(rng)}
+    maps = {L: rng.random((3, 5, 5)).astype(np.float32) for L in states}
+    p = decode_partial(encode_partial(_meta(), states, maps), layers=(1, 3))
+    assert p.meta["per_sample"] is True
+    for L in states:
+        np.testing.assert_array_equal(p.per_sample[L], maps[L])
+    assert decode_partial(encode_partial(_meta(), states), layers=(1, 3)).per_sample is None
+    bad = {**maps, 3: maps[3][:2]}  # one sample's map missing
+    with pytest.raises(PartialError, match="per-sample maps"):
+        decode_partial(encode_partial(_meta(), states, bad))
+
+
+def test_extremes_may_only_name_computed_samples():
+    rng = np.random.default_rng(6)
+    vals = rng.random((3, 5, 5))
+    st = CellStats.from_batch(vals, None, None, sample_ids=[10, 11, 12])  # 12 was skipped
+    with pytest.raises(PartialError, match="did not compute"):
+        decode_partial(encode_partial(_meta(), {1: st, 3: _state(rng)}))
