@@ -5,7 +5,7 @@ Layout of a run directory (a local path or a URI such as ``s3://bucket/run``, ``
 
     manifest.json               config, versions, model identity, samples, timings, estimator, seed
     stats/layer_007.npz         per layer: statistics arrays [pos_out, pos_in] + the Welford state
-    stats/layer_007.parquet     the same statistics as a long table (layer, i, j, mean, var, std, var_corrected, std_corrected, probe_noise, cell_count)
+    stats/layer_007.parquet     the same statistics as a long table (layer, i, j, mean, var, std, var_corrected, std_corrected, probe_noise, cell_count, max, max_sample_id, min, sum, max_share, q25, median, q75)
     partials/…                  persisted partial states (``partials.py``, ``rundir.py``)
     plots/*.png                 heatmaps and summaries
 
