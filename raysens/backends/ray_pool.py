@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import time
 from contextlib import contextmanager
@@ -232,8 +233,24 @@ def unwrap(exc: BaseException) -> BaseException:
         if isinstance(e, known):
             cause = getattr(e, "cause", None)
             return cause if isinstance(cause, known) else RunError(str(e).strip().splitlines()[-1])
+    # Ray pickles the worker's exception without its __cause__: the original error survives only as
+    # text in the remote traceback ("CorpusError: …" before "UserCodeException: UDF failed …")
+    by_name = {cls.__name__: cls for cls in known}
+    for e in chain:
+        for m in _EXC_LINE.finditer(_ANSI.sub("", str(e))):
+            name, msg = m.group(1), m.group(2).strip()
+            if name in by_name:
+                return by_name[name](msg)
+    for e in chain:
+        for m in _EXC_LINE.finditer(_ANSI.sub("", str(e))):
+            if not m.group(1).startswith(("Ray", "UserCodeException")):
+                return RunError(f"a Ray worker failed: {m.group(1)}: {m.group(2).strip()}")
     root = chain[-1]
     if isinstance(root, RunError):
         return root
     msg = str(root).strip().splitlines()
     return RunError(f"a Ray worker failed: {type(root).__name__}: {msg[-1] if msg else ''}".rstrip(": "))
+
+
+_EXC_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Interrupt)): (.+)$", re.MULTILINE)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")

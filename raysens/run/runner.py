@@ -143,7 +143,8 @@ class Runner:
             raise err from exc
         except Exception as exc:
             if written:
-                self._mark_unfinished("failed", str(exc) if isinstance(exc, RunError) else f"{type(exc).__name__}: {exc}")
+                own = type(exc).__module__.startswith("raysens.")  # raysens' errors say what failed already
+                self._mark_unfinished("failed", str(exc) if own else f"{type(exc).__name__}: {exc}")
                 _set_hint(exc, self.resume_hint())
             raise
         finally:
