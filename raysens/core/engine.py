@@ -31,15 +31,16 @@ from .analysis_copy import analysis_copy
 from .architecture import find_blocks, is_causal_model, resolve_layer_indices
 from .autograd_paths import AutogradPaths, pad_batch
 from .cotangents import Cotangents, chunk_loop
+from .forward import ForwardRows, GenericForward
 from .fused import install_fused_norms
 from .inputs import normalise
 from .memory import MemoryPolicy
-from .options import Estimator, ProbeDistribution, SensitivityConfig, Strategy
-from .probes import draw_probes, probe_seed
-from .schedule import Schedule, directions
+from .options import Estimator, Mode, ProbeDistribution, SensitivityConfig, Strategy
+from .probes import draw_forward_probes, draw_probes, probe_seed
+from .schedule import Schedule, directions, pick_mode
 from .stacks import ManualStack, make_stack, unsupported_reason
 
-__all__ = ["Estimator", "ProbeDistribution", "SensitivityConfig", "Strategy", "SensitivityEngine",
+__all__ = ["Estimator", "Mode", "ProbeDistribution", "SensitivityConfig", "Strategy", "SensitivityEngine",
            "SensitivityBatch", "NonFiniteGradientError", "draw_probes", "probe_seed", "resolve_layer_indices",
            "is_causal_model"]
 
@@ -67,6 +68,7 @@ class SensitivityBatch:
     estimator: str
     num_probes: int
     strategy: str  # strategy actually used
+    mode: str = Mode.REVERSE.value  # mode actually used: "reverse" or "forward"
 
     def stderr(self, layer: int) -> np.ndarray | None:
         """Per-cell, per-sample standard error of the Hutchinson estimate (None for K=1)."""
@@ -111,6 +113,12 @@ class SensitivityEngine:
         self._autograd = AutogradPaths(self.base, self.blocks, self.n_layers, cfg.strategy, self.memory, self._cot)
         self._manual = self._manual_stack()  # the model's ManualStack when the manual backward is used, else None
         self._used: str | None = None  # "manual" if the last compute call used it, "" if not, None: no call yet
+        # forward mode: tangents at input positions (every target layer in one pass)
+        self.d_model = int(self.model.get_input_embeddings().weight.shape[-1])
+        self._frows = ForwardRows(cfg.estimator, self.d_model, cfg.num_probes, self.device)
+        self._generic_fwd = GenericForward(self._autograd.forward, cfg.strategy, self.memory, self._frows)
+        self._manual_fwd = None  # a hand-written tangent path (stacks), when one exists and passed its check
+        self._mode_used: Mode | None = None
 
     # ------------------------------------------------------------------ public
     def resolve_layers(self, layers: int | Sequence[int]) -> tuple[int, ...]:
@@ -125,9 +133,27 @@ class SensitivityEngine:
     @property
     def strategy_used(self) -> str:
         """The strategy the last ``compute`` call used (before any call: the default)."""
+        if self._mode_used is Mode.FORWARD:
+            return self._used or self._generic_fwd.strategy.value
         if self._used is None:  # no call yet
             return self.strategy_default
         return self._used or self._autograd_strategy()
+
+    @property
+    def mode_used(self) -> str | None:
+        """The mode (``reverse``/``forward``) of the last ``compute`` call; None before any call."""
+        return None if self._mode_used is None else self._mode_used.value
+
+    def mode_for(self, layers: int | Sequence[int], seq: int) -> Mode:
+        """The mode a call with these target layers and length ``seq`` runs (``config.mode``, or for
+        ``auto`` the cheaper by ``schedule.pick_mode``)."""
+        manual_rev = self._manual is not None and self._manual.fits(seq)
+        manual_fwd = self._manual_fwd is not None and self._manual_fwd.fits(seq)
+        if self.config.mode is Mode.AUTO and (self.config.strategy is Strategy.REPLICATE or
+                                              self.config.strategy is Strategy.MANUAL and not manual_fwd):
+            return Mode.REVERSE  # auto honours an explicit strategy that only reverse mode has here
+        return pick_mode(self.config, layers=self.resolve_layers(layers), seq=seq, hidden=self.hidden,
+                         d_model=self.d_model, causal=self.causal, manual_reverse=manual_rev, manual_forward=manual_fwd)
 
     @property
     def chunks_used(self) -> list[tuple[int, int, int]]:
@@ -168,7 +194,8 @@ class SensitivityEngine:
             attention_mask: ``[batch, seq]`` 1 for real tokens; None means no padding.
             layers: target hidden_states indices; all share one forward.
             sample_ids: stable ids (seed the probes); default ``0..batch-1``.
-            max_seq_len: keep the first ``max_seq_len`` real tokens of each sample.
+            max_seq_len: keep the first ``max_seq_len`` real tokens of each sample; ``auto`` picks the
+                mode for this length (the same for every batch of a run), else for the batch's.
         Returns:
             SensitivityBatch with ``values[layer]`` ``[batch, pos_out, pos_in]``, ``pos_* = max length``.
             The call's chunk-size decisions are in ``chunks_used`` afterwards.
@@ -187,11 +214,22 @@ class SensitivityEngine:
         mask = mask.to(self.device)
         cfg = self.config
         k = cfg.num_probes if cfg.estimator is Estimator.HUTCHINSON else 1
-        probes = None
-        if cfg.estimator is Estimator.HUTCHINSON:
-            probes = {L: self._probes(L, sids, lengths, seq) for L in layer_ids}  # [batch, S, K, hidden]
+        mode = self._mode_used = self.mode_for(layer_ids, int(max_seq_len) if max_seq_len else seq)
         total = {L: torch.zeros(bsz, seq, seq, dtype=torch.float64, device=self.device) for L in layer_ids}
-        sumsq = {L: torch.zeros_like(total[L]) for L in layer_ids} if (probes is not None and k >= 2) else None
+        hutch = cfg.estimator is Estimator.HUTCHINSON
+        sumsq = {L: torch.zeros_like(total[L]) for L in layer_ids} if (hutch and k >= 2) else None
+        if mode is Mode.FORWARD:
+            self._run_forward(emb, mask, layer_ids, sids, lengths, total, sumsq)
+        else:
+            self._run_reverse(emb, mask, layer_ids, sids, lengths, total, sumsq)
+        return self._result(layer_ids, total, sumsq, k, sids, lengths, seq)
+
+    def _run_reverse(self, emb, mask, layer_ids, sids, lengths, total, sumsq) -> None:
+        """Reverse mode: VJPs per target layer, causal segments, sample groups (``compute``)."""
+        bsz, seq = mask.shape
+        probes = None
+        if self.config.estimator is Estimator.HUTCHINSON:
+            probes = {L: self._probes(L, sids, lengths, seq) for L in layer_ids}  # [batch, S, K, hidden]
         manual = self._manual is not None and self._manual.fits(seq)
         self._used = Strategy.MANUAL.value if manual else ""
         # manual: one forward per block of samples (its saved activations bounded by the memory
@@ -210,6 +248,35 @@ class SensitivityEngine:
                         None if sumsq is None else {L: t[sub] for L, t in sumsq.items()},
                         **({"fwd": fwd, "rows": slice(g0, g1)} if manual else {}))
             fwd = None
+
+    def _run_forward(self, emb, mask, layer_ids, sids, lengths, total, sumsq) -> None:
+        """Forward mode: tangents at every input position, all target layers per pass (``forward.py``)."""
+        bsz, seq = mask.shape
+        cfg = self.config
+        probes = None
+        if cfg.estimator is Estimator.HUTCHINSON:  # [batch, pos_in, K, d_model]
+            probes = torch.zeros(bsz, seq, cfg.num_probes, self.d_model)
+            for r, (sid, n) in enumerate(zip(sids.tolist(), lengths.tolist())):
+                probes[r, :n] = draw_forward_probes(cfg.probe_distribution, cfg.seed, sid, n, cfg.num_probes,
+                                                    self.d_model)
+            probes = probes.to(self.device)
+        self._used = ""
+        nd = self._frows.directions
+        g = bsz if self.device.type != "cpu" else max(1, min(bsz, self.memory.backward_tokens // max(nd * seq * seq, 1)))
+        mcfg = self.model.config
+        inter = int(getattr(mcfg, "intermediate_size", None) or getattr(mcfg, "n_inner", None) or 4 * self.hidden)
+        heads = int(getattr(mcfg, "num_attention_heads", 1) or 1)
+        row_token_bytes = 4 * (8 * self.d_model + 3 * inter + 3 * heads * seq)
+        for g0 in range(0, bsz, g):
+            sub = slice(g0, min(bsz, g0 + g))
+            self._generic_fwd.run(emb[sub], mask[sub], layer_ids, None if probes is None else probes[sub],
+                                  {L: t[sub] for L, t in total.items()},
+                                  None if sumsq is None else {L: t[sub] for L, t in sumsq.items()}, row_token_bytes)
+
+    def _result(self, layer_ids, total, sumsq, k, sids, lengths, seq) -> SensitivityBatch:
+        """Means, probe noise, cell masks and the NaN/Inf check of a computed batch."""
+        cfg = self.config
+        bsz = len(sids)
         vals, noise = {}, ({} if sumsq is not None else None)
         for L in layer_ids:
             if cfg.estimator is Estimator.HUTCHINSON:
@@ -225,7 +292,7 @@ class SensitivityEngine:
         valid = ar[None, :] < lens[:, None]  # [batch, S]
         cell_mask = valid[:, :, None] & valid[:, None, :]  # [batch, pos_out, pos_in]
         result = SensitivityBatch(layer_ids, vals, noise, cell_mask, lens.astype(np.int64), sids,
-                                  cfg.estimator.value, k, self.strategy_used)
+                                  cfg.estimator.value, k, self.strategy_used, self._mode_used.value)
         bad_rows = np.zeros(bsz, bool)
         for L in layer_ids:
             bad_rows |= (~np.isfinite(vals[L]) & cell_mask).any(axis=(1, 2))

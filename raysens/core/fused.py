@@ -11,6 +11,7 @@ so norms with another formula (e.g. Gemma's ``1 + w``) keep theirs. No Ray, no m
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -40,7 +41,23 @@ class _RMSNormFn(torch.autograd.Function):
         return torch.addcmul(gw, x, dot * (r * r), value=-1.0).mul_(r), None, None
 
 
+_PLAIN = [0]  # > 0 inside ``plain_norms()``: switched modules run their class's own forward
+
+
+@contextlib.contextmanager
+def plain_norms():
+    """Within the block, switched norms run their own (class) forward: the fused function has no
+    forward-mode derivative, so the engine's forward mode (``torch.func.jvp``) runs inside this."""
+    _PLAIN[0] += 1
+    try:
+        yield
+    finally:
+        _PLAIN[0] -= 1
+
+
 def _rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if _PLAIN[0]:
+        return type(self).forward(self, hidden_states)
     return _RMSNormFn.apply(hidden_states, self.weight, self.variance_epsilon)[0]
 
 

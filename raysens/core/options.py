@@ -69,6 +69,28 @@ class Strategy(str, Enum):
     LOOP = "loop"
 
 
+class Mode(str, Enum):
+    """Which side of the Jacobian is pushed through the model (docs/DESIGN.md §1.10).
+
+    - ``reverse``: VJPs, one per output position and direction (H for ``exact``, K for
+      ``hutchinson``, 1 for ``projection``), **per target layer**: a run over layers L₁..L_m costs
+      about Σ_L (S·directions) backward passes through L blocks (all n layers: ~n/2 times a
+      last-layer run). Cheapest for one shallow target layer.
+    - ``forward``: JVPs with a tangent at one input position, one per input position and direction
+      (D for ``exact``, K for ``hutchinson``): one pass through the deepest target layer gives every
+      target layer and every output position, so all layers cost about one deepest-layer run.
+      ``projection`` is reverse-only (it is defined by an output-side vector).
+    - ``auto`` (default): the cheaper of the two by ``schedule.pick_mode`` (target layers, deepest
+      layer, S, K or the widths, strategy, causal or not); ``projection`` always runs reverse, and
+      so do an explicit ``replicate`` strategy and an explicit ``manual`` one without a hand-written
+      tangent path for the model.
+    """
+
+    AUTO = "auto"
+    REVERSE = "reverse"
+    FORWARD = "forward"
+
+
 class ProbeDistribution(str, Enum):
     """Hutchinson probe law (all have E[vvᵀ] = I)."""
 
@@ -90,13 +112,20 @@ class SensitivityConfig:
     causal_segments: int | None = None  # causal models: output-position segments run on their prefix only; None: fewest FLOPs (cost model)
     fused_norms: bool = True  # RMSNorm backward by its closed form (same numbers, ~8-10 % faster on CPU); see fused.py
     backward_tokens: int | None = None  # CPU: target chunk·samples·tokens of one batched backward (cache-sized working set); None: 2048 CPU, no target CUDA
-    seed: int = 0  # run seed; probes come from a generator seeded by (seed, sample_id, layer)
+    seed: int = 0  # run seed; probes come from a generator seeded by (seed, sample_id, layer) (reverse) or (seed, sample_id, input position) (forward)
+    mode: Mode = Mode.AUTO  # reverse (VJP per target layer) | forward (JVP: all layers in one pass) | auto (cost model); see Mode
 
     def __post_init__(self):
         object.__setattr__(self, "estimator", _enum(Estimator, self.estimator, "estimator"))
         object.__setattr__(self, "strategy", _enum(Strategy, self.strategy, "strategy"))
         object.__setattr__(self, "probe_distribution",
                            _enum(ProbeDistribution, self.probe_distribution, "probe_distribution"))
+        object.__setattr__(self, "mode", _enum(Mode, self.mode, "mode"))
+        if self.mode is Mode.FORWARD and self.estimator is Estimator.PROJECTION:
+            raise ValueError("SensitivityConfig: mode 'forward' cannot compute estimator 'projection': it is "
+                             "defined by a fixed output-side vector u (‖uᵀJ_ij‖², one VJP per output position), "
+                             "which a tangent pushed from the input side does not give; use mode 'reverse' "
+                             "or 'auto'")
         _check_int(self.num_probes, "num_probes", optional=False)
         for name in ("chunk_size", "memory_budget_mb", "causal_segments", "backward_tokens"):
             _check_int(getattr(self, name), name, optional=True)

@@ -62,3 +62,32 @@ def draw_probes(dist: ProbeDistribution, seed: int, sample_id: int, layer: int, 
     if dist is ProbeDistribution.SPHERE:
         v = v * (math.sqrt(hidden) / v.norm(dim=-1, keepdim=True))
     return v
+
+
+_FORWARD_TAG = 0x46574450  # "FWDP": separates forward-mode (input-position) seeds from layer seeds
+
+
+def position_seed(seed: int, sample_id: int, position: int) -> int:
+    """Generator seed for the forward-mode probes of one (run seed, sample_id, input position j).
+
+    Derived from ``probe_seed(seed, sample_id, position)`` (same seed checks and 64-bit seeds) mixed
+    again with a fixed tag, so it differs from the reverse-mode seed of a layer with that index."""
+    base = probe_seed(seed, sample_id, position)
+    ss = np.random.SeedSequence([base & 0xFFFFFFFF, base >> 32, _FORWARD_TAG])
+    return int(ss.generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
+
+
+def draw_forward_probes(dist: ProbeDistribution, seed: int, sample_id: int, length: int, k: int,
+                        d_model: int) -> torch.Tensor:
+    """Forward-mode probes ``[pos_in=length, K, d_model]`` (float32, CPU) of one sample: position j's
+    K probes come from a generator seeded by ``position_seed(seed, sample_id, j)`` only (never by
+    layer, actor, batch or retry; a longer sample shares its prefix's probes)."""
+    out = torch.empty(length, k, d_model)
+    for j in range(length):
+        g = torch.Generator().manual_seed(position_seed(seed, sample_id, j))
+        if dist is ProbeDistribution.RADEMACHER:
+            out[j] = torch.randint(0, 2, (k, d_model), generator=g).float().mul_(2).sub_(1)
+        else:
+            v = torch.randn(k, d_model, generator=g)
+            out[j] = v * (math.sqrt(d_model) / v.norm(dim=-1, keepdim=True)) if dist is ProbeDistribution.SPHERE else v
+    return out

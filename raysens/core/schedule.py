@@ -2,7 +2,8 @@
 
 Holds the cost model of a causal segment (``FWD_COST``, ``SEG_COST``, ``SEG_COST_MANUAL``), the
 dynamic programme that picks segment edges under it (``dp_segments``), ``directions`` (cotangent
-rows per output position) and ``Schedule``, which one ``SensitivityEngine`` owns: it caches the
+rows per output position), the forward/reverse cost model (``mode_costs``, ``pick_mode``) and
+``Schedule``, which one ``SensitivityEngine`` owns: it caches the
 segments per sequence length and sizes the CPU sample groups from ``backward_tokens``.
 
 Dimension names: ``batch`` (samples), ``pos_out`` (output position i), ``hidden`` (target-layer
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .options import Estimator, SensitivityConfig
+from .options import Estimator, Mode, SensitivityConfig
 
 # Cost model of a causal segment [a, b) per sample, in "one token through the model" units:
 # backward (b-a)·directions·b, forward FWD_COST·b, plus a fixed SEG_COST (dispatch of one more
@@ -113,3 +114,51 @@ class Schedule:
             return [(0, bsz)]
         g = max(1, min(bsz, self.backward_tokens // max(rows * self.directions * width, 1)))
         return [(s, min(bsz, s + g)) for s in range(0, bsz, g)]
+
+
+# ---------------------------------------------------------------------- forward or reverse mode
+# Relative cost of one token-block pass of a tangent (forward mode) or a cotangent row (reverse
+# mode) per path, against a manual stack's pass (1.0). A pass costs about one forward either way
+# (frozen weights: one GEMM per projection); the generic paths pay vmap/autograd dispatch on top.
+# Reverse figures from jobs/bench/strategies.py (manual 1.3-1.6x faster than vmap); forward figures
+# from jobs/bench/modes.py (docs/benchmarks.md).
+MODE_EFFICIENCY = {("reverse", True): 1.0, ("reverse", False): 1.45,
+                   ("forward", True): 1.0, ("forward", False): 1.6}
+
+
+def mode_costs(*, layers, seq: int, out_directions: int, in_directions: int, causal: bool,
+               manual_reverse: bool = True, manual_forward: bool = True) -> dict[str, float]:
+    """Cost per sample of each mode in token-block passes (one token through one block).
+
+    - reverse: one VJP per output position and direction (``out_directions``: H exact, K Hutchinson,
+      1 projection) **per target layer**, each running back through that layer's blocks over the
+      output's prefix (causal: S(S+1)/2 row-tokens; else S²): ``out_dir · T · Σ_L max(L, ½)``.
+    - forward: one JVP per input position and direction (``in_directions``: D exact, K Hutchinson)
+      through the deepest target layer, reaching the positions ≥ j (causal: S(S+1)/2 with the manual
+      suffix segments, S² on the generic path, which runs the whole sequence; else S²):
+      ``in_dir · T' · max(L_max, ½)``.
+    Each is scaled by ``MODE_EFFICIENCY`` of its path (``manual_*``: a hand-written stack is used).
+    Layer 0 (the embedding output) costs half a block."""
+    layers = [max(float(L), 0.5) for L in layers]
+    tri, square = seq * (seq + 1) / 2.0, float(seq * seq)
+    rev = out_directions * (tri if causal else square) * sum(layers)
+    fwd = in_directions * (tri if causal and manual_forward else square) * max(layers)
+    return {"reverse": rev * MODE_EFFICIENCY[("reverse", bool(manual_reverse))],
+            "forward": fwd * MODE_EFFICIENCY[("forward", bool(manual_forward))]}
+
+
+def pick_mode(config: SensitivityConfig, *, layers, seq: int, hidden: int, d_model: int, causal: bool,
+              manual_reverse: bool = True, manual_forward: bool = True) -> Mode:
+    """The mode a call runs: ``config.mode`` unless ``auto``; ``auto``: ``reverse`` for
+    ``projection`` (reverse-only), else the cheaper by ``mode_costs`` (ties: reverse). Pure: the
+    same arguments give the same mode on every machine (so a run's units all use one mode)."""
+    if config.mode is not Mode.AUTO:
+        return config.mode
+    if config.estimator is Estimator.PROJECTION:
+        return Mode.REVERSE
+    k = config.num_probes
+    exact = config.estimator is Estimator.EXACT
+    c = mode_costs(layers=layers, seq=seq, out_directions=hidden if exact else k,
+                   in_directions=d_model if exact else k, causal=causal,
+                   manual_reverse=manual_reverse, manual_forward=manual_forward)
+    return Mode.FORWARD if c["forward"] < c["reverse"] else Mode.REVERSE

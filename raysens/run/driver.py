@@ -69,7 +69,7 @@ def finalize(plan: RunPlan, rdir: RunDir, manifest: dict, timings: dict, backend
     acc: dict[int, CellStats | None] = {L: None for L in plan.layers}
     per_sample = {"dir": PER_SAMPLE, "files": 0, "missing_units": []} if plan.config.output.per_sample else None
     skipped: dict[str, list[int]] = {r: [] for r in SKIP_REASONS}
-    computed, compute_s, model, devices, strategies = 0, 0.0, None, set(), set()
+    computed, compute_s, model, devices, strategies, modes = 0, 0.0, None, set(), set(), set()
     for p in rdir.partials():
         for L, st in p.states.items():
             cur = acc[L]
@@ -93,6 +93,8 @@ def finalize(plan: RunPlan, rdir: RunDir, manifest: dict, timings: dict, backend
         devices.add(p.meta.get("device"))
         if p.meta.get("strategy"):
             strategies.add(p.meta["strategy"])
+        if p.meta.get("mode"):
+            modes.add(p.meta["mode"])
     skipped = {r: ids for r, ids in skipped.items() if ids}
     n_skipped = sum(len(v) for v in skipped.values())
     m = dict(manifest)
@@ -103,7 +105,8 @@ def finalize(plan: RunPlan, rdir: RunDir, manifest: dict, timings: dict, backend
     m["units"] = {**m["units"], "reused": len(plan.units) - rdir.written, "computed_this_run": rdir.written,
                   "corrupt_recomputed": rdir.corrupt}
     m["timings"] = {**m["timings"], **timings, "finished": now_iso(), "compute_s_total": round(compute_s, 3)}
-    m["backend"] = {**backend, "devices": sorted(d for d in devices if d), "strategies": sorted(strategies)}
+    m["backend"] = {**backend, "devices": sorted(d for d in devices if d), "strategies": sorted(strategies),
+                    "modes": sorted(modes)}
     if computed == 0:
         m["status"] = "failed"
         m["error"] = (f"no sample could be computed: all {plan.n_selected} selected samples were skipped "

@@ -44,6 +44,12 @@ def _config(kind: str, hidden: int = HIDDEN, layers: int = N_LAYERS):
                                                    num_hidden_layers=layers, num_attention_heads=4,
                                                    num_key_value_heads=2, max_position_embeddings=64,
                                                    bos_token_id=1, eos_token_id=2, pad_token_id=0, **common)
+    if kind == "mistral":
+        return tf.MistralForCausalLM, tf.MistralConfig(hidden_size=hidden, intermediate_size=2 * hidden,
+                                                       num_hidden_layers=layers, num_attention_heads=4,
+                                                       num_key_value_heads=2, max_position_embeddings=64,
+                                                       sliding_window=None, bos_token_id=1, eos_token_id=2,
+                                                       pad_token_id=0, **common)
     if kind == "bert":
         return tf.BertModel, tf.BertConfig(hidden_size=hidden, intermediate_size=2 * hidden,
                                            num_hidden_layers=layers, num_attention_heads=4,

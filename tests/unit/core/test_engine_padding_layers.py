@@ -186,7 +186,7 @@ def test_max_seq_len_equals_truncated_ids(kind):
 def test_several_layers_equal_one_at_a_time(estimator, strategy):
     model = tiny_model("qwen2")
     ids, am = _padded([random_ids(6, seed=7), random_ids(4, seed=8)], "right", 0)
-    cfg = dict(estimator=estimator, strategy=strategy, num_probes=2, chunk_size=24)
+    cfg = dict(estimator=estimator, strategy=strategy, num_probes=2, chunk_size=24, mode="reverse")  # reverse strategies
     both = _engine(model, **cfg).compute(ids, am, layers=[-1, 0, 2, 1, 3], sample_ids=[4, 5])
     assert both.layers == (0, 1, 2, 3)
     assert both.strategy == strategy

@@ -1,0 +1,153 @@
+"""Forward mode (docs/DESIGN.md §1.10): tangents at input positions pushed through the model once
+give ``J^L_ij u`` for every target layer L and every output position i.
+
+A tangent row is ``(input position j, direction d)``: the d-th unit vector of ``R^D`` (``exact``,
+D = d_model directions) or the sample's Hutchinson probe ``u_jd`` (``hutchinson``, K directions),
+placed at position j, zero elsewhere and zero for padded positions. Each row adds
+``‖J^L_ij u‖² = Σ_H (J^L_ij u)²`` to ``A^L[i, j]`` for all i and L (and its square to the sum of
+squares for the within-sample probe variance).
+
+``ForwardRows`` builds the rows and accumulates; ``GenericForward`` is the path for any
+architecture: ``torch.func.jvp`` through the engine's differentiated function
+(``AutogradPaths.forward``), ``vmap`` over a chunk of tangents (one primal forward per chunk), one
+``jvp`` per tangent (``loop``) when an operator lacks a batching rule. The chunk of tangents per
+pass comes from the engine's ``MemoryPolicy`` (budget, explicit ``chunk_size``, CPU cache cap,
+CUDA OOM back-off); forwards get dummy samples (``pad_batch``) so that no GEMM has fewer than
+``MIN_ROWS`` rows and the numbers do not depend on the thread count. Fused norms have no forward
+derivative: ``fused.plain_norms()`` switches them off around a pass.
+
+Dimension names: ``batch``, ``pos_out`` (output position i), ``pos_in`` (input position j),
+``d_model``, ``hidden``, ``chunk`` (tangent rows per pass), ``K`` (probes).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .fused import plain_norms
+from .memory import MemoryPolicy
+from .options import Estimator, Strategy
+
+
+class ForwardRows:
+    """Tangent rows of one engine (estimator, embedding width, probes per position, device)."""
+
+    def __init__(self, estimator: Estimator, d_model: int, num_probes: int, device: torch.device):
+        self.estimator = estimator
+        self.d_model = d_model
+        self.directions = d_model if estimator is Estimator.EXACT else num_probes
+        self.device = device
+
+    def rows(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input position, direction) pairs for input positions [a, b): two int64 ``[rows]``."""
+        nd = self.directions
+        return torch.arange(a, b).repeat_interleave(nd), torch.arange(nd).repeat(b - a)
+
+    def make(self, pos: torch.Tensor, d: torch.Tensor, bsz: int, width: int, probes: torch.Tensor | None,
+             valid: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Tangents ``[chunk, batch, width, d_model]``, row c nonzero only at position
+        ``pos[c] - offset``. ``probes``: ``[batch, pos_in, K, d_model]`` (Hutchinson) or None;
+        ``valid``: float ``[batch, pos_in]`` (0 at padding; indexed by absolute position)."""
+        c = len(pos)
+        t = torch.zeros(c, bsz, width, self.d_model, device=self.device)
+        ar = torch.arange(c, device=self.device)
+        p, dd = pos.to(self.device), d.to(self.device)
+        if self.estimator is Estimator.EXACT:
+            t[ar, :, p - offset, dd] = valid[:, p].transpose(0, 1)
+        else:
+            t[ar, :, p - offset, :] = (probes[:, p, dd, :] * valid[:, p, None]).transpose(0, 1)
+        return t
+
+
+def accumulate_forward(jv: torch.Tensor, pos: torch.Tensor, total: torch.Tensor, sumsq: torch.Tensor | None,
+                       out0: int = 0) -> None:
+    """Add ``‖J_ij u‖²`` of the rows to ``total[:, i, j]`` (and its square to ``sumsq``) in place.
+
+    ``jv``: tangent outputs ``[chunk, batch, width, hidden]`` of output positions ``out0 ..
+    out0+width``; ``pos``: the rows' input positions ``[chunk]``; ``total``/``sumsq``: float64
+    ``[batch, pos_out, pos_in]``."""
+    sq = jv.pow(2).sum(-1).double().permute(1, 2, 0)  # [batch, width, chunk]
+    w = sq.shape[1]
+    idx = pos.to(total.device)
+    total[:, out0:out0 + w].index_add_(2, idx, sq)
+    if sumsq is not None:
+        sumsq[:, out0:out0 + w].index_add_(2, idx, sq * sq)
+
+
+def forward_chunks(memory: MemoryPolicy, n_rows: int, chunk: int, tokens: int,
+                   step: Callable[[int, int], None]) -> int:
+    """Rows ``[0, n_rows)`` in chunks through ``step(s, e)``; a CUDA OOM halves the chunk and retries
+    it (raised at chunk 1 or with an explicit ``chunk_size``). Returns the chunk that worked."""
+    s = 0
+    while s < n_rows:
+        e = min(n_rows, s + chunk)
+        try:
+            base = memory.mark()
+            step(s, e)
+        except torch.cuda.OutOfMemoryError:
+            if chunk == 1 or memory.chunk_size:
+                raise
+            chunk = memory.after_oom(chunk, tokens)
+            continue
+        memory.calibrate(base, (e - s) * tokens)
+        s = e
+    return chunk
+
+
+class GenericForward:
+    """Forward mode through the model's own modules (any architecture).
+
+    Args:
+        forward: the differentiated function ``(emb, mask, layer_ids) -> {layer: [batch, S, hidden]}``.
+        strategy: ``loop`` runs one ``jvp`` per tangent; anything else batches a chunk with ``vmap``
+            (degrading to ``loop`` once, attribute ``strategy``, when a batching rule is missing).
+        memory: the engine's ``MemoryPolicy``; rows: the engine's ``ForwardRows``.
+    """
+
+    def __init__(self, forward, strategy: Strategy, memory: MemoryPolicy, rows: ForwardRows):
+        self.forward = forward
+        self.strategy = Strategy.LOOP if strategy is Strategy.LOOP else Strategy.VMAP
+        self.memory = memory
+        self.rows = rows
+
+    def run(self, emb: torch.Tensor, mask: torch.Tensor, layer_ids: Sequence[int], probes: torch.Tensor | None,
+            total: dict[int, torch.Tensor], sumsq: dict[int, torch.Tensor] | None, row_token_bytes: int) -> None:
+        """All tangent rows of a sample group (``row_token_bytes``: working bytes of one tangent row
+        per token, the memory prior): ``emb`` ``[batch, S, d_model]``, ``mask`` ``[batch, S]``,
+        ``probes`` ``[batch, pos_in, K, d_model]`` or None; adds into ``total``/``sumsq``
+        ``{layer: [batch, pos_out, pos_in]}`` (views of the group's rows). The whole sequence runs
+        for every tangent (causal suffixes are the manual path's)."""
+        from .autograd_paths import pad_batch, pad_rows
+
+        bsz, seq = mask.shape
+        pos, d = self.rows.rows(0, seq)
+        valid = mask.to(torch.float32)  # [batch, S]
+        emb_p, mask_p, extra = pad_batch(emb, mask)
+        tokens = emb_p.shape[0] * seq
+        chunk = self.memory.cap(self.memory.chunk(len(pos), max(row_token_bytes, int(self.memory.row_token_bytes)) * tokens), tokens)
+
+        def f(e):
+            return self.forward(e, mask_p, layer_ids)
+
+        def step(s, e):
+            t = pad_rows(self.rows.make(pos[s:e], d[s:e], bsz, seq, probes, valid), extra)  # [chunk, batch', S, d_model]
+            out = self._jvp(f, emb_p, t)
+            for L in layer_ids:
+                accumulate_forward(out[L][:, :bsz], pos[s:e], total[L], None if sumsq is None else sumsq[L])
+
+        with torch.no_grad(), plain_norms():
+            forward_chunks(self.memory, len(pos), chunk, tokens, step)
+
+    def _jvp(self, f, primal: torch.Tensor, tangents: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``{layer: [chunk, batch, S, hidden]}``: ``J t`` for each tangent ``t`` of ``tangents``."""
+        if self.strategy is Strategy.VMAP:
+            try:
+                return torch.func.vmap(lambda t: torch.func.jvp(f, (primal,), (t,))[1])(tangents)
+            except RuntimeError as exc:
+                if "atching rule" not in str(exc) and "vmap" not in str(exc):
+                    raise
+                self.strategy = Strategy.LOOP
+        outs = [torch.func.jvp(f, (primal,), (t,))[1] for t in tangents]
+        return {L: torch.stack([o[L] for o in outs]) for L in outs[0]}
