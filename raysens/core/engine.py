@@ -31,13 +31,13 @@ from .analysis_copy import analysis_copy
 from .architecture import find_blocks, is_causal_model, resolve_layer_indices
 from .autograd_paths import AutogradPaths, pad_batch
 from .cotangents import Cotangents, chunk_loop
-from .forward import ForwardRows, GenericForward
+from .forward import ForwardRows, GenericForward, ManualForward
 from .fused import install_fused_norms
 from .inputs import normalise
 from .memory import MemoryPolicy
 from .options import Estimator, Mode, ProbeDistribution, SensitivityConfig, Strategy
 from .probes import draw_forward_probes, draw_probes, probe_seed
-from .schedule import Schedule, directions, pick_mode
+from .schedule import SEG_COST_MANUAL, Schedule, directions, pick_mode
 from .stacks import ManualStack, make_stack, unsupported_reason
 
 __all__ = ["Estimator", "Mode", "ProbeDistribution", "SensitivityConfig", "Strategy", "SensitivityEngine",
@@ -117,7 +117,8 @@ class SensitivityEngine:
         self.d_model = int(self.model.get_input_embeddings().weight.shape[-1])
         self._frows = ForwardRows(cfg.estimator, self.d_model, cfg.num_probes, self.device)
         self._generic_fwd = GenericForward(self._autograd.forward, cfg.strategy, self.memory, self._frows)
-        self._manual_fwd = None  # a hand-written tangent path (stacks), when one exists and passed its check
+        # a hand-written tangent path (stacks), when one exists and passed its one-off check, else None
+        self._manual_fwd = self._manual_forward_path()
         self._mode_used: Mode | None = None
 
     # ------------------------------------------------------------------ public
@@ -260,7 +261,9 @@ class SensitivityEngine:
                 probes[r, :n] = draw_forward_probes(cfg.probe_distribution, cfg.seed, sid, n, cfg.num_probes,
                                                     self.d_model)
             probes = probes.to(self.device)
-        self._used = ""
+        manual = self._manual_fwd is not None and self._manual_fwd.fits(seq)
+        path = self._manual_fwd if manual else self._generic_fwd
+        self._used = Strategy.MANUAL.value if manual else ""
         nd = self._frows.directions
         g = bsz if self.device.type != "cpu" else max(1, min(bsz, self.memory.backward_tokens // max(nd * seq * seq, 1)))
         mcfg = self.model.config
@@ -269,7 +272,7 @@ class SensitivityEngine:
         row_token_bytes = 4 * (8 * self.d_model + 3 * inter + 3 * heads * seq)
         for g0 in range(0, bsz, g):
             sub = slice(g0, min(bsz, g0 + g))
-            self._generic_fwd.run(emb[sub], mask[sub], layer_ids, None if probes is None else probes[sub],
+            path.run(emb[sub], mask[sub], layer_ids, None if probes is None else probes[sub],
                                   {L: t[sub] for L, t in total.items()},
                                   None if sumsq is None else {L: t[sub] for L, t in sumsq.items()}, row_token_bytes)
 
@@ -322,6 +325,16 @@ class SensitivityEngine:
         if want is Strategy.MANUAL:
             raise ValueError(f"SensitivityEngine: strategy 'manual' cannot be used for this model: {reason}")
         return None
+
+    def _manual_forward_path(self) -> ManualForward | None:
+        """The manual stack's tangent path when the config allows forward mode and ``manual``, the
+        stack has one and its one-off check against ``torch.func.jvp`` passes; else None (generic)."""
+        cfg = self.config
+        if cfg.mode is Mode.REVERSE or self._manual is None or not self._manual.has_tangents:
+            return None
+        path = ManualForward(self._manual, self.causal, self.memory, self._frows,
+                             SEG_COST_MANUAL.get(self.device.type, 8.0))
+        return path if path.check(self._autograd.forward) is None else None
 
     def _probes(self, layer, sids, lengths, seq) -> torch.Tensor:
         """Hutchinson probes ``[batch, S, K, hidden]`` of ``layer`` (zero beyond each sample's length)."""

@@ -151,3 +151,93 @@ class GenericForward:
                 self.strategy = Strategy.LOOP
         outs = [torch.func.jvp(f, (primal,), (t,))[1] for t in tangents]
         return {L: torch.stack([o[L] for o in outs]) for L in outs[0]}
+
+
+class ManualForward:
+    """Forward mode on a manual stack's shared forward (``ManualStack.jvp``): one forward per sample
+    group saves the activations; the tangents of inputs ``[a, b)`` run on positions ``[a, S)`` only
+    (causal suffix segments: the reverse prefix segments' cost model mirrored, ``dp_segments`` with
+    the manual fixed cost per segment).
+
+    Args:
+        stack: a ``ManualStack`` with ``has_tangents``; causal: the model is causal;
+        memory, rows: the engine's ``MemoryPolicy`` and ``ForwardRows``; fixed: cost of one segment.
+    """
+
+    def __init__(self, stack, causal: bool, memory: MemoryPolicy, rows: ForwardRows, fixed: float):
+        self.stack = stack
+        self.causal = causal
+        self.memory = memory
+        self.rows = rows
+        self.fixed = fixed
+        self._segs: dict[int, list[tuple[int, int]]] = {}
+
+    def fits(self, seq: int) -> bool:
+        return self.stack.fits(seq)
+
+    def segments(self, seq: int) -> list[tuple[int, int]]:
+        """Input-position segments ``[a, b)``, each run on the suffix ``[a, S)``."""
+        from .schedule import dp_segments
+
+        if not self.causal:
+            return [(0, seq)]
+        if seq not in self._segs:
+            rev = dp_segments(seq, self.rows.directions, None, 0.0, self.fixed)
+            self._segs[seq] = sorted((seq - b, seq - a) for a, b in rev)
+        return self._segs[seq]
+
+    def check(self, engine_forward, rtol: float = 1e-4) -> str | None:
+        """One-off comparison of ``jvp`` with ``torch.func.jvp`` through the model's own modules
+        (``engine_forward``), 2 samples (one right-padded), a full and a suffix segment, several
+        layers; None when they agree."""
+        stack = self.stack
+        p0 = next(stack.model.parameters())
+        n, d = stack.n_layers, int(stack.model.config.hidden_size)
+        gen = torch.Generator(device=p0.device).manual_seed(0)
+        seq = min(5, stack.window or 5)
+        emb = torch.randn(2, seq, d, device=p0.device, generator=gen)
+        mask = torch.ones(2, seq, dtype=torch.long, device=p0.device)
+        mask[1, max(1, seq - 2):] = 0
+        layers = sorted({0, 1, n // 2, n})
+        fwd = stack.forward(emb, mask, n)
+        for a in sorted({0, seq // 2}):
+            t = torch.zeros(3, 2, seq, d, device=p0.device)
+            t[:, :, a:] = torch.randn(3, 2, seq - a, d, device=p0.device, generator=gen)
+            with torch.no_grad(), plain_norms():
+                want = torch.func.vmap(lambda u: torch.func.jvp(lambda e: engine_forward(e, mask, layers),
+                                                                (emb,), (u,))[1])(t)
+            got = stack.jvp(fwd, layers, t[:, :, a:].clone(), slice(0, 2), a)
+            for L in layers:
+                w = want[L][:, :, a:]
+                err = float((got[L] - w).norm() / w.norm().clamp_min(1e-30))
+                if not err <= rtol:
+                    return f"hidden_states[{L}], suffix from {a}: JVP relative error {err:.2e} > {rtol:g}"
+        return None
+
+    def run(self, emb, mask, layer_ids, probes, total, sumsq, row_token_bytes: int) -> None:
+        """Like ``GenericForward.run``, on the stack's saved activations and suffix segments."""
+        from .autograd_paths import pad_batch
+
+        bsz, seq = mask.shape
+        valid = mask.to(torch.float32)
+        upto = max(layer_ids)
+        for f0, f1 in self.memory.forward_groups(bsz, self.stack.saved_bytes(seq, upto)):
+            e_p, m_p, _ = pad_batch(emb[f0:f1], mask[f0:f1])
+            fwd = self.stack.forward(e_p, m_p, upto)
+            nb = f1 - f0
+            for a, b in self.segments(seq):
+                pos, d = self.rows.rows(a, b)
+                tokens = nb * (seq - a)
+                chunk = self.memory.cap(self.memory.chunk(
+                    len(pos), max(row_token_bytes, int(self.memory.row_token_bytes)) * tokens), tokens)
+
+                def step(s, e, a=a, pos=pos, d=d):
+                    t = self.rows.make(pos[s:e], d[s:e], nb, seq - a, None if probes is None else probes[f0:f1],
+                                       valid[f0:f1], offset=a)
+                    out = self.stack.jvp(fwd, layer_ids, t, slice(0, nb), a)
+                    for L in layer_ids:
+                        accumulate_forward(out[L], pos[s:e], total[L][f0:f1],
+                                           None if sumsq is None else sumsq[L][f0:f1], out0=a)
+
+                forward_chunks(self.memory, len(pos), chunk, tokens, step)
+            fwd = None

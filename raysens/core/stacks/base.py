@@ -28,6 +28,12 @@ class ManualStack:
     cotangents (row c nonzero only at position ``pos[c]``) from hidden_states[layer] to the embeddings."""
 
     window: int | None = None  # longest input the stack computes exactly (sliding attention); None: any
+    has_tangents = False  # True where ``jvp`` (the forward-mode tangent path) is written
+
+    def jvp(self, forward_out, layer_ids, dx, rows, a):
+        """Tangents ``{layer: [chunk, batch', S − a, d_model]}`` of the hidden states at positions
+        ``[a, S)`` for input tangents ``dx`` ``[chunk, batch', S − a, d_model]`` (forward mode)."""
+        raise NotImplementedError
 
     def saved_bytes(self, seq: int, upto: int) -> int:  # per sample, what ``forward`` keeps
         raise NotImplementedError

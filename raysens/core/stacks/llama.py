@@ -234,6 +234,15 @@ class LlamaStack(ManualStack):
                               blk.input_layernorm.weight))
         return g
 
+    # ------------------------------------------------------------------ forward mode
+    has_tangents = True
+
+    def jvp(self, forward_out, layer_ids, dx, rows, a):
+        """Forward-mode tangents on the saved activations (``llama_tangent.llama_jvp``)."""
+        from .llama_tangent import llama_jvp
+
+        return llama_jvp(self, forward_out, layer_ids, dx, rows, a)
+
     # ------------------------------------------------------------------ memory
     def saved_bytes(self, seq: int, upto: int) -> int:
         """Bytes one sample's forward saves for the backward (blocks ``0..upto-1``)."""

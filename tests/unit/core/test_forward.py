@@ -235,3 +235,34 @@ def test_auto_mode_is_recorded_in_the_result():
     assert r.mode == eng.mode_used == eng.mode_for([0, 1, 2, 3], 5).value == "forward"
     r = eng.compute(random_ids(5, seed=1)[None], layers=[1])
     assert r.mode == "reverse" and r.strategy == "manual" and eng.mode_used == "reverse"
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_manual_tangent_path_equals_generic(models, kind):
+    """The Llama-family tangent path (causal suffix segments on the shared forward) against the
+    generic ``torch.func.jvp`` path, padded batch, Hutchinson K=2 (the same probes)."""
+    model = models[kind]
+    ids, am = _padded([random_ids(9, seed=1), random_ids(6, seed=2), random_ids(8, seed=3)], "left")
+    cfg = dict(estimator="hutchinson", num_probes=2, seed=3, mode="forward")
+    man = _engine(model, **cfg)
+    gen = _engine(model, strategy="vmap", **cfg)
+    layers = list(range(N_LAYERS + 1))
+    a, b = man.compute(ids, am, layers=layers), gen.compute(ids, am, layers=layers)
+    assert a.strategy == "manual" and b.strategy == "vmap" and len(man._manual_fwd.segments(9)) > 1
+    for L in layers:
+        np.testing.assert_allclose(a.values[L], b.values[L], rtol=1e-4, atol=1e-7 * b.values[L].max())
+        np.testing.assert_allclose(a.noise[L], b.noise[L], rtol=1e-3, atol=1e-7 * b.noise[L].max())
+
+
+def test_fallback_when_the_manual_tangent_check_fails(monkeypatch):
+    from raysens.core import forward
+
+    monkeypatch.setattr(forward.ManualForward, "check", lambda self, f, rtol=1e-4: "planted failure")
+    model = tiny_model("llama")
+    eng = _engine(model, estimator="exact", mode="forward")
+    assert eng._manual_fwd is None
+    x = random_ids(5, seed=2)
+    r = eng.compute(x[None], layers=[1, -1])
+    assert r.strategy == "vmap" and r.mode == "forward"
+    for L in r.layers:
+        assert rel_fro(r.values[L][0], reference(model, x, L)[0]) <= 1e-5
