@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("pipeline", help="the distributed pipeline: python -m jobs.bench.pipeline (arguments passed on)")
     sub.add_parser("strategies", help="manual vs vmap engine strategies: python -m jobs.bench.strategies "
                                       "(arguments passed on)")
+    sub.add_parser("modes", help="forward vs reverse mode: python -m jobs.bench.modes (arguments passed on)")
     return ap
 
 
@@ -63,6 +64,10 @@ def main(argv=None):
         from . import strategies
 
         return strategies.main(argv[1:])
+    if argv[:1] == ["modes"]:  # forward vs reverse mode (jobs/bench/modes.py)
+        from . import modes
+
+        return modes.main(argv[1:])
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["cpu"] + argv  # no mode: cpu
     args = _parser().parse_args(argv)

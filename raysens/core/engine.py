@@ -275,6 +275,9 @@ class SensitivityEngine:
             path.run(emb[sub], mask[sub], layer_ids, None if probes is None else probes[sub],
                                   {L: t[sub] for L, t in total.items()},
                                   None if sumsq is None else {L: t[sub] for L, t in sumsq.items()}, row_token_bytes)
+        pad_out = ~mask.bool()[:, :, None]  # [batch, pos_out, 1]: padded outputs are 0, as in reverse mode
+        for t in [*total.values(), *(sumsq or {}).values()]:
+            t.masked_fill_(pad_out, 0.0)
 
     def _result(self, layer_ids, total, sumsq, k, sids, lengths, seq) -> SensitivityBatch:
         """Means, probe noise, cell masks and the NaN/Inf check of a computed batch."""
