@@ -17,6 +17,8 @@ each mode lives in its own module::
     # the distributed pipeline (jobs/bench/pipeline.py; the same as python -m jobs.bench.pipeline ...)
     python -m jobs.bench.benchmark pipeline overhead|memory|all [...]
 
+    # many synthetic actors: throughput and parallel efficiency (jobs/bench/actors.py)
+    python -m jobs.bench.benchmark actors scaling|driver [...]
     # manual vs vmap engine strategies (jobs/bench/strategies.py; = python -m jobs.bench.strategies ...)
     python -m jobs.bench.benchmark strategies [--models smollm2 minilm gpt2] [--layers -1 15]
 
@@ -41,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     cpu.add_arguments(sub.add_parser("cpu", help="seed loop vs raysens on SmolLM2 and MiniLM; exact vs jacrev"))
     gpu.add_arguments(sub.add_parser("gpu", help="random-weight Qwen2-1.5B shape, strict fp32 and TF32"))
     sub.add_parser("pipeline", help="the distributed pipeline: python -m jobs.bench.pipeline (arguments passed on)")
+    sub.add_parser("actors", help="pipeline throughput with many synthetic actors: python -m jobs.bench.actors "
+                   "(arguments passed on)")
     sub.add_parser("strategies", help="manual vs vmap engine strategies: python -m jobs.bench.strategies "
                                       "(arguments passed on)")
     sub.add_parser("modes", help="forward vs reverse mode: python -m jobs.bench.modes (arguments passed on)")
@@ -60,6 +64,10 @@ def main(argv=None):
         from . import pipeline
 
         return pipeline.main(argv[1:])
+    if argv[:1] == ["actors"]:
+        from . import actors
+
+        return actors.main(argv[1:])
     if argv[:1] == ["strategies"]:
         from . import strategies
 

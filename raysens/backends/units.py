@@ -133,6 +133,7 @@ class UnitWorker:
         from ..core.engine import NonFiniteGradientError
 
         t0 = time.perf_counter()
+        started = time.time()  # wall-clock start and end go into the meta (pipeline timelines)
         run_ids = [int(i) for i in unit["run_ids"]]
         skipped = {int(i): r for i, r in zip(unit["skipped_ids"], unit["skipped_reasons"])}
         states: dict[int, CellStats] = {}
@@ -170,7 +171,8 @@ class UnitWorker:
             "fingerprint": self.fingerprint, "unit": int(unit["unit"]),
             "sample_ids": [int(i) for i in unit["sample_ids"]], "computed_ids": run_ids,
             "skipped": {str(k): v for k, v in sorted(skipped.items())}, "layers": sorted(states),
-            "compute_s": time.perf_counter() - t0, "host": socket.gethostname(), "pid": os.getpid(),
+            "compute_s": time.perf_counter() - t0, "started": started, "finished": time.time(),
+            "host": socket.gethostname(), "pid": os.getpid(),
             "device": self.device, "strategy": strategy, "mode": mode, "model": self.model_identity, "load_id": self.load_id,
         }
         return encode_partial(meta, states, maps or None)

@@ -80,6 +80,16 @@ class Partial:
         return {int(k): v for k, v in self.meta["skipped"].items()}
 
 
+def read_meta(payload: bytes) -> dict:
+    """A partial's ``meta`` object alone (reads one small member of the archive, not the arrays:
+    ~2 ms instead of ~0.7 s for 28 layers at S=64). Not validated: ``decode_partial`` does that."""
+    try:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+            return json.loads(str(z["meta"]))
+    except Exception as exc:  # zipfile/np/json errors: all mean "unreadable"
+        raise PartialError(f"partial: unreadable ({type(exc).__name__}: {exc})") from None
+
+
 def decode_partial(payload: bytes, *, name: str | None = None, fingerprint: str | None = None,
                    sample_ids=None, layers=None, max_seq_len: int | None = None) -> Partial:
     """Parse and validate a partial. Raises ``PartialError`` naming what is wrong."""

@@ -155,3 +155,12 @@ def test_extremes_may_only_name_computed_samples():
     st = CellStats.from_batch(vals, None, None, sample_ids=[10, 11, 12])  # 12 was skipped
     with pytest.raises(PartialError, match="did not compute"):
         decode_partial(encode_partial(_meta(), {1: st, 3: _state(rng)}))
+
+
+def test_read_meta_reads_the_meta_alone(payload):
+    from raysens.store.partials import read_meta
+
+    data, _ = payload
+    assert read_meta(data) == decode_partial(data).meta
+    with pytest.raises(PartialError, match="unreadable"):
+        read_meta(data[: len(data) // 2])
