@@ -218,6 +218,7 @@ class Runner:
                             "num_actors": group[0].config.cluster.num_actors if self.use_ray else 1})
         for job in group:
             if job.status == "running":  # some unit produced no result
+                job.rdir.flush()  # writes in flight count as done
                 missing = job.rdir.todo()
                 job.status = "incomplete"
                 job.error = (f"{len(missing)} units produced no result (first sample_ids "

@@ -21,6 +21,8 @@ import json
 import os
 import posixpath
 import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -96,7 +98,7 @@ class RunDir:
     """Partials of one run directory: what is already done, what arrives, what it all merges to."""
 
     def __init__(self, run_dir: str, units: list[np.ndarray], fingerprint: str, layers: tuple[int, ...],
-                 max_seq_len: int, resume: bool = True, inputs: dict | None = None):
+                 max_seq_len: int, resume: bool = True, inputs: dict | None = None, writers: int = 4):
         self.run_dir = run_dir  # local path or pyarrow.fs URI
         self.units = units  # every unit of the run (arrays of sample_ids), in sample_id order
         self.by_key = {int(u[0]): u for u in units}  # unit key (first sample_id) -> its sample_ids
@@ -112,6 +114,13 @@ class RunDir:
         self.corrupt: list[dict] = []  # partials moved aside on this start
         self.written = 0  # partials written by this run
         self.samples_written = 0  # sample_ids in those partials
+        # partials are written by a small thread pool off the driver's critical path (it keeps pulling
+        # results while storage is busy); at most 2 × writers writes in flight (back-pressure)
+        self._writers = int(writers)  # 0: write synchronously in add()
+        self._pool: ThreadPoolExecutor | None = None
+        self._slots = threading.BoundedSemaphore(max(1, 2 * self._writers))
+        self._pending: dict[int, Future] = {}  # unit key -> its write in flight
+        self._lock = threading.Lock()
 
     def _path(self, name: str) -> str:
         return posixpath.join(self.pdir, name)
@@ -137,7 +146,16 @@ class RunDir:
             raise
 
     def close(self) -> None:
-        """Release the lease (idempotent)."""
+        """Finish the writes in flight, then release the lease (idempotent)."""
+        try:
+            self.flush()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            self._release_lease()
+
+    def _release_lease(self) -> None:
         if self.lease is not None:
             self.lease.release()
             self.lease = None
@@ -176,9 +194,12 @@ class RunDir:
         """partials/ and stats/ accept a file (a read-only directory fails now, not after the compute)."""
         for sub in (PARTIALS, "stats"):
             probe = posixpath.join(self.base, sub, f".raysens-write-probe-{os.getpid()}")
+            existed = exists(self.fs, posixpath.join(self.base, sub))
             try:
                 write_bytes(self.fs, probe, b"")
                 self.fs.delete_file(probe)
+                if not existed:  # leave no trace: a run that fails before computing writes nothing here
+                    self.fs.delete_dir(posixpath.join(self.base, sub))
             except OSError as exc:
                 raise RunError(f"cannot write to {posixpath.join(self.run_dir, sub)!r} ({type(exc).__name__}: "
                                f"{exc}); make it writable or use another output.dir") from None
@@ -241,20 +262,60 @@ class RunDir:
         return [u for u in self.units if int(u[0]) not in self.done]
 
     def add(self, unit: int, payload: bytes) -> bool:
-        """Persist one unit's partial (a retried unit already persisted is ignored). True if new."""
+        """Persist one unit's partial (a retried unit already persisted or in flight is ignored).
+        True if new. With writers the write happens in the background: ``flush()`` waits for it, and a
+        unit counts as done (``done``, ``todo``) once its file is on storage."""
         unit = int(unit)
-        if unit in self.done:
+        if unit in self.done or unit in self._pending:
             return False
         name = partial_name(unit, payload)
-        write_bytes(self.fs, self._path(name), payload)
-        self.done[unit] = name
-        self.written += 1
-        self.samples_written += len(self.by_key[unit])
-        faults.partial_persisted(self.written)
+        if not self._writers:
+            self._write(unit, name, payload)
+            return True
+        for key in [k for k, f in self._pending.items() if f.done() and f.exception() is None]:
+            del self._pending[key]  # written: forget the future (failed ones wait for flush())
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._writers, thread_name_prefix="raysens-write")
+        self._slots.acquire()  # blocks while 2 × writers writes are in flight: storage sets the pace
+        try:
+            self._pending[unit] = self._pool.submit(self._write_released, unit, name, payload)
+        except BaseException:
+            self._slots.release()
+            raise
         return True
 
+    def _write(self, unit: int, name: str, payload: bytes) -> None:
+        write_bytes(self.fs, self._path(name), payload)
+        with self._lock:
+            self.done[unit] = name
+            self.written += 1
+            self.samples_written += len(self.by_key[unit])
+            n = self.written
+        faults.partial_persisted(n)
+
+    def _write_released(self, unit: int, name: str, payload: bytes) -> None:
+        try:
+            self._write(unit, name, payload)
+        finally:
+            self._slots.release()
+
+    def flush(self) -> None:
+        """Wait for every write in flight; raises the first write error (those units stay to do)."""
+        pending, self._pending = self._pending, {}
+        errors = []
+        for fut in pending.values():
+            try:
+                fut.result()
+            except Exception as exc:  # noqa: PERF203 - every write is waited for
+                errors.append(exc)
+        if errors:
+            exc = errors[0]
+            raise RunError(f"cannot write partials to {self.run_dir!r} ({type(exc).__name__}: {exc}); "
+                           f"{len(errors)} unit(s) will be recomputed by a rerun") from exc
+
     def partials(self):
-        """Valid partials in sample_id order, read one at a time."""
+        """Valid partials in sample_id order, read one at a time (after the writes in flight)."""
+        self.flush()
         units = self.by_key
         for key in sorted(self.done):
             name = self.done[key]
