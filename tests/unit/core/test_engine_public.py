@@ -72,7 +72,8 @@ def test_jacrev_of_hidden_states_gives_the_exact_sensitivities(kind):
 
 @pytest.mark.parametrize("strategy", ["vmap", "loop", "replicate", "manual"])
 def test_chunks_used_records_every_decision_of_the_last_call(strategy):
-    cfg = SensitivityConfig(estimator="hutchinson", num_probes=2, strategy=strategy, backward_tokens=10**6)
+    cfg = SensitivityConfig(estimator="hutchinson", num_probes=2, strategy=strategy, backward_tokens=10**6,
+                            mode="reverse")  # the reverse segments' chunk decisions
     eng = SensitivityEngine(tiny_model("llama"), cfg)
     assert eng.chunks_used == []
     ids = random_ids(9, seed=82)
