@@ -98,7 +98,7 @@ class RunDir:
     """Partials of one run directory: what is already done, what arrives, what it all merges to."""
 
     def __init__(self, run_dir: str, units: list[np.ndarray], fingerprint: str, layers: tuple[int, ...],
-                 max_seq_len: int, resume: bool = True, inputs: dict | None = None, writers: int = 4):
+                 max_seq_len: int, resume: bool = True, inputs: dict | None = None, writers: int | None = None):
         self.run_dir = run_dir  # local path or pyarrow.fs URI
         self.units = units  # every unit of the run (arrays of sample_ids), in sample_id order
         self.by_key = {int(u[0]): u for u in units}  # unit key (first sample_id) -> its sample_ids
@@ -114,8 +114,11 @@ class RunDir:
         self.corrupt: list[dict] = []  # partials moved aside on this start
         self.written = 0  # partials written by this run
         self.samples_written = 0  # sample_ids in those partials
-        # partials are written by a small thread pool off the driver's critical path (it keeps pulling
-        # results while storage is busy); at most 2 × writers writes in flight (back-pressure)
+        # object stores (latency-bound: ~50-100 ms a request) get a small thread pool of writers off the
+        # driver's critical path, at most 2 × writers writes in flight (back-pressure); a local disk is
+        # bandwidth-bound and measured fastest with synchronous writes (jobs/bench/actors.py driver)
+        if writers is None:
+            writers = 0 if isinstance(self.fs, pafs.LocalFileSystem) else 4
         self._writers = int(writers)  # 0: write synchronously in add()
         self._pool: ThreadPoolExecutor | None = None
         self._slots = threading.BoundedSemaphore(max(1, 2 * self._writers))
