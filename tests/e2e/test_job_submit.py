@@ -88,5 +88,6 @@ def test_quickstart_with_smollm2_on_embedded_ray(tmp_path):
     assert f"results: {out}" in p.stdout and "heatmap:" in p.stdout
     m = json.load(open(out / "manifest.json"))
     assert m["model"]["model_type"] == "llama" and m["model"]["num_hidden_layers"] == 30
-    assert m["samples"]["computed"] == 4 and m["seq_len"] == 32 and m["layers"] == [15]
+    assert m["samples"]["computed"] == 4 and m["seq_len"] == 32 and m["layers"] == list(range(1, 31))
+    assert m["backend"]["modes"] == ["forward"]  # auto: all layers from one tangent pass
     assert m["backend"]["address"] == "embedded local Ray"
