@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_ids, reference, rel_fro, tiny_model
+from refs import random_ids, reference, rel_fro, tiny_model
 from raysens.compat import EstablishedAnalysisMethods, WelfordAccumulator
 
 KEYS = {"batch_size", "method", "position_to_position_sensitivity", "position_to_position_std",

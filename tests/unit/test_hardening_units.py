@@ -56,7 +56,7 @@ def test_report_markdown_escapes_manifest_strings():
 
 
 def test_compat_refuses_what_it_used_to_coerce():
-    from conftest import random_ids, tiny_model
+    from refs import random_ids, tiny_model
     from raysens.compat import EstablishedAnalysisMethods
 
     model = copy.deepcopy(tiny_model("gpt2"))

@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 import pytest
 
-from conftest import random_ids, tiny_model
+from refs import random_ids, tiny_model
 from raysens.core import sketch
 from raysens.core.cellstats import CELL_KEYS, CellStats
 from raysens.core.welford import WelfordState

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CAUSAL_KINDS, KINDS, N_LAYERS, minilm, random_ids, reference, rel_fro, tiny_model
+from refs import CAUSAL_KINDS, KINDS, N_LAYERS, minilm, random_ids, reference, rel_fro, tiny_model
 from raysens.core.engine import SensitivityConfig, SensitivityEngine, Strategy
 
 TOL = 1e-5  # relative Frobenius error of the [S, S] matrix, float32 engine vs float64 reference

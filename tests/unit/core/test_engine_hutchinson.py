@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import KINDS, N_LAYERS, minilm, random_ids, reference, rel_fro, tiny_model
+from refs import KINDS, N_LAYERS, minilm, random_ids, reference, rel_fro, tiny_model
 from raysens.core.engine import ProbeDistribution, SensitivityConfig, SensitivityEngine, draw_probes, probe_seed
 
 DISTS = [d.value for d in ProbeDistribution]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import _config, random_ids
+from refs import _config, random_ids
 from raysens.compat import EstablishedAnalysisMethods
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
 

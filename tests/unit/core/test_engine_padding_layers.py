@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CAUSAL_KINDS, N_LAYERS, VOCAB, random_ids, reference, rel_fro, tiny_model
+from refs import CAUSAL_KINDS, N_LAYERS, VOCAB, random_ids, reference, rel_fro, tiny_model
 from raysens.core.engine import (
     Estimator,
     NonFiniteGradientError,

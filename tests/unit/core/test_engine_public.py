@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HIDDEN, N_LAYERS, make_model, random_ids, rel_fro, tiny_model
+from refs import HIDDEN, N_LAYERS, make_model, random_ids, rel_fro, tiny_model
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
 
 

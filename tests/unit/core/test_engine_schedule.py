@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import N_LAYERS, random_ids, reference, rel_fro, tiny_model
+from refs import N_LAYERS, random_ids, reference, rel_fro, tiny_model
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
 from raysens.core.schedule import (DEFAULT_BACKWARD_TOKENS, FWD_COST, SEG_COST, SEG_COST_MANUAL, Schedule,
                                    directions, dp_segments)

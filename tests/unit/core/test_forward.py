@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import N_LAYERS, make_model, minilm, random_ids, reference, rel_fro, tiny_model
+from refs import N_LAYERS, make_model, minilm, random_ids, reference, rel_fro, tiny_model
 from raysens.core.engine import Mode, NonFiniteGradientError, SensitivityConfig, SensitivityEngine
 from raysens.core.probes import draw_forward_probes, draw_probes, position_seed, probe_seed
 from raysens.core.schedule import mode_costs, pick_mode

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import N_LAYERS, make_model, random_ids, reference, rel_fro
+from refs import N_LAYERS, make_model, random_ids, reference, rel_fro
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
 from raysens.core.fused import _RMSNormFn, install_fused_norms, uninstall_fused_norms
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import minilm
+from refs import minilm
 from raysens.core.models import ModelLoadError, load_model, prepare_for_analysis
 
 

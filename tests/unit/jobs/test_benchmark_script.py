@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import make_model, random_ids
+from refs import make_model, random_ids
 
 from jobs.bench import common, cpu, gpu
 from raysens.core.engine import SensitivityConfig, SensitivityEngine

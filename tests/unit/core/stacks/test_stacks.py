@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import N_LAYERS, VOCAB, make_model, reference, random_ids, rel_fro, tiny_model
+from refs import N_LAYERS, VOCAB, make_model, reference, random_ids, rel_fro, tiny_model
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
 from raysens.core.stacks import make_stack, unsupported_reason
 from raysens.core.stacks.llama import LlamaStack
