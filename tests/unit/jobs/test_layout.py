@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[3]
 JOBS = ROOT / "jobs"
 ENTRYPOINTS = ["run.py", "sweep.py", "quickstart.py"]
 BENCH = sorted(p.stem for p in (JOBS / "bench").glob("*.py") if p.stem != "__init__")
-DISPATCHER_IMPORTS = {"common", "cpu", "gpu", "modes", "pipeline", "strategies"}
+DISPATCHER_IMPORTS = {"actors", "common", "cpu", "gpu", "modes", "pipeline", "strategies"}
 
 
 def _py_files():
