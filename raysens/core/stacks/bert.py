@@ -179,6 +179,15 @@ class BertStack(ManualStack):
         g[torch.arange(c, device=g.device), :, pos] += gpos.view(c, bsz, d)
         return g
 
+    # ------------------------------------------------------------------ forward mode
+    has_tangents = True
+
+    def jvp(self, forward_out, layer_ids, dx, rows, a):
+        """Forward-mode tangents on the saved activations (``bert_tangent.bert_jvp``)."""
+        from .bert_tangent import bert_jvp
+
+        return bert_jvp(self, forward_out, layer_ids, dx, rows, a)
+
     def saved_bytes(self, seq: int, upto: int) -> int:
         """Bytes one sample's forward saves for the backward (blocks ``0..upto-1``)."""
         d = self.model.config.hidden_size

@@ -137,6 +137,15 @@ class GPT2Stack(ManualStack):
         g.add_(ln_backward(gn.view(c, bsz, b, d), sv.xn1[rows, :b], sv.r1[rows, :b], blk.ln_1.weight))
         return g
 
+    # ------------------------------------------------------------------ forward mode
+    has_tangents = True
+
+    def jvp(self, forward_out, layer_ids, dx, rows, a):
+        """Forward-mode tangents on the saved activations (``gpt2_tangent.gpt2_jvp``)."""
+        from .gpt2_tangent import gpt2_jvp
+
+        return gpt2_jvp(self, forward_out, layer_ids, dx, rows, a)
+
     # ------------------------------------------------------------------ memory
     def saved_bytes(self, seq: int, upto: int) -> int:
         """Bytes one sample's forward saves for the backward (blocks ``0..upto-1``)."""

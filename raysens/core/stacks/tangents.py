@@ -1,0 +1,82 @@
+"""Tangent (forward-mode) formulas shared by the GPT-2 and BERT tangent paths (docs/DESIGN.md §1.10):
+GEMMs on tangents padded like ``base.mm`` (thread-count independent), the closed-form LayerNorm
+tangent and the multi-head softmax-attention tangent on saved probabilities.
+
+Tangent layout between blocks: ``[chunk, batch, P, d_model]`` (P = S − a query positions of a causal
+suffix segment ``[a, S)``; P = S for an encoder). Attention works on ``[batch, heads, P, chunk, ·]``
+layouts so that each product is one ``bmm`` per (sample, head) over all tangents, never a copy of
+the saved keys/values per tangent. No Ray.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import MIN_ROWS
+
+
+def lin(x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., in] @ w [in, out]`` (+ ``add`` ``[..., out]``) as one GEMM over all leading dims,
+    zero-padded to ``MIN_ROWS`` rows like ``base.mm``; returns a new ``[..., out]`` tensor."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    a2 = None if add is None else add.reshape(-1, w.shape[1])
+    if m < MIN_ROWS:
+        xp = x2.new_zeros(MIN_ROWS, k)
+        xp[:m] = x2
+        x2 = xp
+        if a2 is not None:
+            ap = a2.new_zeros(MIN_ROWS, w.shape[1])
+            ap[:m] = a2
+            a2 = ap
+    y = x2 @ w if a2 is None else torch.addmm(a2, x2, w)
+    return y[:m].view(*lead, w.shape[1])
+
+
+def ln_tangent(dx: torch.Tensor, xn: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Tangent of LayerNorm ``w ⊙ x̂ + b`` at saved (x̂, 1/σ): ``w ⊙ r·(dx − mean(dx) − x̂·mean(x̂·dx))``.
+
+    ``dx`` ``[chunk, batch, P, d_model]``; ``xn`` ``[batch, P, d_model]``, ``r`` ``[batch, P, 1]``
+    (broadcast over chunk). Returns a new tensor (``dx`` is not changed)."""
+    m1 = dx.mean(-1, keepdim=True)
+    m2 = (dx * xn).mean(-1, keepdim=True)
+    return (dx - m1).addcmul_(xn, m2, value=-1.0).mul_(r * w)
+
+
+def attention_tangent(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, p: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Tangent of multi-head softmax attention ``o = softmax(q·kᵀ·scaling + mask)·v`` for queries at
+    positions ``[a, S)`` (P = S − a), keys/values at ``[0, S)``, with key/value tangents zero before a
+    (causal suffix; a = 0 for an encoder):
+    ``ds = scaling·(dq·kᵀ + q·dkᵀ)``, ``dp = p ⊙ (ds − Σ p·ds)``, ``do = dp·v + p·dv``.
+
+    Args: dq, dk, dv ``[chunk, batch, P, heads, head_dim]`` (any strides, e.g. views of a q/k/v GEMM
+    output); q ``[batch, heads, P, head_dim]`` (saved, at ``[a, S)``); k, v ``[batch, heads, S,
+    head_dim]``; p ``[batch, heads, P, S]`` saved probabilities (0 at masked keys).
+    Returns do ``[chunk, batch, P, heads·head_dim]`` (contiguous, ready for the output GEMM).
+    """
+    c, bsz, pq, hh, hd = dq.shape
+    seq = k.shape[2]
+    a = seq - pq
+    bh = bsz * hh
+    kk, vv = k.reshape(bh, seq, hd), v.reshape(bh, seq, hd)
+    # scores tangent in [batch, heads, P, chunk, S] (query-major: rows of p broadcast over chunk)
+    dql = dq.permute(1, 3, 2, 0, 4).reshape(bh, pq * c, hd)
+    ds = torch.bmm(dql, kk.transpose(1, 2)).view(bsz, hh, pq, c, seq)
+    dql = None
+    dkl = dk.permute(1, 3, 0, 2, 4).reshape(bh, c * pq, hd)  # [batch·heads, chunk·P', hd] (keys ≥ a)
+    qd = torch.bmm(q.reshape(bh, pq, hd), dkl.transpose(1, 2)).view(bsz, hh, pq, c, pq)
+    dkl = None
+    ds[..., a:] += qd
+    qd = None
+    # dp·v with dp = p ⊙ (ds − Σ p·ds): (p ⊙ ds)·v − (Σ p·ds)·o, o = p·v (cheap: no chunk axis)
+    dsp = ds.mul_(p.unsqueeze(3))  # [batch, heads, P, chunk, S]
+    dsum = dsp.sum(-1, keepdim=True)  # [batch, heads, P, chunk, 1]
+    do = torch.bmm(dsp.view(bh, pq * c, seq), vv).view(bsz, hh, pq, c, hd)
+    dsp = ds = None
+    o = torch.bmm(p.reshape(bh, pq, seq), vv).view(bsz, hh, pq, 1, hd)
+    do.addcmul_(dsum, o, value=-1.0).mul_(scaling)
+    dvl = dv.permute(1, 3, 2, 0, 4).reshape(bh, pq, c * hd)  # [batch·heads, P', chunk·hd]
+    do.view(bh, pq, c * hd).baddbmm_(p[..., a:].reshape(bh, pq, pq), dvl)
+    return do.view(bsz, hh, pq, c, hd).permute(3, 0, 2, 1, 4).reshape(c, bsz, pq, hh * hd)
