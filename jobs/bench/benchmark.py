@@ -19,6 +19,8 @@ each mode lives in its own module::
 
     # many synthetic actors: throughput and parallel efficiency (jobs/bench/actors.py)
     python -m jobs.bench.benchmark actors scaling|driver [...]
+    # corpus reads: time to first unit and peak RSS, 200 / 10k shuffled samples of 100k-10M rows (jobs/bench/corpus.py)
+    python -m jobs.bench.benchmark corpus --dir /tmp/corpus-bench [--json jobs/results/corpus_reads.json]
     # manual vs vmap engine strategies (jobs/bench/strategies.py; = python -m jobs.bench.strategies ...)
     python -m jobs.bench.benchmark strategies [--models smollm2 minilm gpt2] [--layers -1 15]
 
@@ -48,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("strategies", help="manual vs vmap engine strategies: python -m jobs.bench.strategies "
                                       "(arguments passed on)")
     sub.add_parser("modes", help="forward vs reverse mode: python -m jobs.bench.modes (arguments passed on)")
+    sub.add_parser("corpus", help="corpus reads, first unit and peak RSS: python -m jobs.bench.corpus "
+                                  "(arguments passed on)")
     return ap
 
 
@@ -76,6 +80,10 @@ def main(argv=None):
         from . import modes
 
         return modes.main(argv[1:])
+    if argv[:1] == ["corpus"]:  # corpus reads (jobs/bench/corpus.py)
+        from . import corpus
+
+        return corpus.main(argv[1:])
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["cpu"] + argv  # no mode: cpu
     args = _parser().parse_args(argv)
