@@ -119,7 +119,13 @@ class OutputConfig:
     plots: bool = True  # write heatmap PNGs into <dir>/plots
     resume: bool = True  # reuse valid partials already in dir (false: refuse to run in a dir that has some)
     progress_every_s: float = 5.0  # seconds between driver progress lines (0: after every unit)
+    compact_every: int = 64  # rolling compaction: fold every N contiguous finished units into checkpoint/ and delete their partials (0: keep every partial); results are bit for bit the same
     per_sample: bool = False  # also export every sample's [S, S] map per layer (float32 Parquet under <dir>/per_sample/, ~4·S² bytes per sample and layer)
+
+
+    def __post_init__(self):
+        if self.compact_every < 0:
+            raise ConfigError(f"output.compact_every must be >= 0 (0: no compaction), got {self.compact_every}")
 
 
 @dataclass(frozen=True)

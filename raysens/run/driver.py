@@ -12,7 +12,6 @@ import numpy as np
 from .._log import log, now_iso
 from ..core.cellstats import CellStats
 from ..store import results
-from ..store.per_sample import PER_SAMPLE, write_unit
 from ..store.partials import SKIP_REASONS
 from ..store.rundir import RunDir, RunError
 from .plan import RunPlan
@@ -63,38 +62,16 @@ def _fmt_s(s: float) -> str:
 
 
 def finalize(plan: RunPlan, rdir: RunDir, manifest: dict, timings: dict, backend: dict) -> dict:
-    """Merge every partial (sample_id order, one file at a time), write stats, manifest and plots."""
-    # accumulators follow the observed lengths (grown as longer partials arrive), never the configured
-    # max_seq_len: merging into empty cells is exact, so growing late gives the same bits as early
-    acc: dict[int, CellStats | None] = {L: None for L in plan.layers}
-    per_sample = {"dir": PER_SAMPLE, "files": 0, "missing_units": []} if plan.config.output.per_sample else None
-    skipped: dict[str, list[int]] = {r: [] for r in SKIP_REASONS}
-    computed, compute_s, model, devices, strategies, modes = 0, 0.0, None, set(), set(), set()
-    for p in rdir.partials():
-        for L, st in p.states.items():
-            cur = acc[L]
-            if cur is None:
-                acc[L] = st.copy()
-                continue
-            if cur.shape[0] < st.shape[0]:
-                cur = acc[L] = cur.padded(st.shape[0])
-            cur.merge(st.padded(cur.shape[0]) if st.shape[0] < cur.shape[0] else st)
-        if per_sample is not None and p.computed_ids:  # output.per_sample: one file per unit, rewritten whole
-            if p.per_sample:
-                write_unit(plan.run_dir, p.unit, p.computed_ids, p.per_sample)
-                per_sample["files"] += 1
-            else:
-                per_sample["missing_units"].append(p.unit)
-        for sid, reason in sorted(p.skipped.items()):
-            skipped[reason].append(sid)
-        computed += len(p.computed_ids)
-        compute_s += float(p.meta.get("compute_s", 0.0))
-        model = model or p.meta.get("model")
-        devices.add(p.meta.get("device"))
-        if p.meta.get("strategy"):
-            strategies.add(p.meta["strategy"])
-        if p.meta.get("mode"):
-            modes.add(p.meta["mode"])
+    """Merge the checkpoint and every partial (sample_id order, one file at a time), write stats,
+    manifest and plots."""
+    # the checkpoint's merge (rolling compaction) continued with the remaining partials, in sample_id
+    # order (raysens.store.checkpoint.Fold: accumulators follow the observed lengths, grown as longer
+    # partials arrive, never the configured max_seq_len; merging into empty cells is exact)
+    fold = rdir.fold_all()
+    acc, per_sample, computed, compute_s = fold.acc, fold.per_sample, fold.computed, fold.compute_s
+    if not plan.config.output.per_sample:
+        per_sample = None
+    skipped, model, devices, strategies, modes = fold.skipped, fold.model, fold.devices, fold.strategies, fold.modes
     skipped = {r: ids for r, ids in skipped.items() if ids}
     n_skipped = sum(len(v) for v in skipped.values())
     m = dict(manifest)
@@ -103,7 +80,8 @@ def finalize(plan: RunPlan, rdir: RunDir, manifest: dict, timings: dict, backend
                     "skipped_by_reason": {r: len(v) for r, v in skipped.items()}, "skipped_ids": skipped,
                     "skip_reasons": {r: SKIP_REASONS[r] for r in skipped}}
     m["units"] = {**m["units"], "reused": len(plan.units) - rdir.written, "computed_this_run": rdir.written,
-                  "corrupt_recomputed": rdir.corrupt}
+                  "corrupt_recomputed": rdir.corrupt,
+                  "compaction": {**rdir.compaction, "compact_every": plan.config.output.compact_every}}
     m["timings"] = {**m["timings"], **timings, "finished": now_iso(), "compute_s_total": round(compute_s, 3)}
     m["backend"] = {**backend, "devices": sorted(d for d in devices if d), "strategies": sorted(strategies),
                     "modes": sorted(modes)}

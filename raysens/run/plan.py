@@ -116,7 +116,7 @@ def open_run_dir(plan: RunPlan) -> RunDir:
     """The plan's run directory, opened: refuses a directory of another config, sets corrupt
     partials aside and collects the valid ones (``RunDir.open``)."""
     rdir = RunDir(plan.run_dir, plan.units, plan.fingerprint, plan.layers, plan.config.data.max_seq_len,
-                  plan.config.output.resume, inputs=plan.inputs)
+                  plan.config.output.resume, inputs=plan.inputs, per_sample=plan.config.output.per_sample)
     rdir.open()
     return rdir
 

@@ -203,6 +203,7 @@ class Runner:
                     return  # a retried unit already persisted
                 job.load_ids.add(read_meta(payload).get("load_id"))  # meta only: the driver never decodes arrays here
                 job.left -= 1
+                job.rdir.compact(job.config.output.compact_every)  # rolling compaction (store/compaction.py)
                 self.progress.update(n)
                 self._on_unit(self.progress.done)
                 self.units_arrived += 1

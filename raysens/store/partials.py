@@ -7,9 +7,12 @@ block boundaries, so a retried or resumed unit is the same batch as the first at
 A *partial* is the result of one unit: the Welford state of the unit's samples per target layer plus
 which ids were computed and which were skipped (and why). It is stored as
 ``partials/unit_<first_sid>-<sha256[:16]>.npz`` (numpy ``.npz``, no pickle): an array ``meta`` holding
-a JSON object, and per layer ``L<NNN>_<key>`` for every key of ``CellStats.to_arrays`` (Welford
-``count|mean|m2|noise_sum|samples``, extremes ``max|max_id|min|sum|row_max|row_max_id``, the sparse
-histogram ``hist_index|hist_count``) plus, with ``output.per_sample``, ``L<NNN>_per_sample``.
+a JSON object, and per layer ``L<NNN>_<key>``: format 2 (``meta["format"] == 2``, written now,
+zlib-compressed) the compact keys of ``raysens.store.codec`` (no ``count``: the histogram's totals;
+ids as positions in the unit; delta-coded histogram in the smallest integer types); format 1 (read
+only) every key of ``CellStats.to_arrays`` (Welford ``count|mean|m2|noise_sum|samples``, extremes
+``max|max_id|min|sum|row_max|row_max_id``, the sparse histogram ``hist_index|hist_count``). With
+``output.per_sample``, also ``L<NNN>_per_sample``.
 The hash in the name is the hash of the file's bytes, so truncation and corruption are detected.
 numpy only (no torch, no Ray).
 """
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.cellstats import CELL_KEYS, CellStats
+from .codec import PACKED_KEYS, pack_state, unpack_state
 
 SKIP_REASONS = {
     "empty": "missing, null or whitespace-only text",
@@ -35,25 +39,33 @@ SKIP_REASONS = {
 }
 PARTIAL_RE = re.compile(r"^unit_(\d{10})-([0-9a-f]{16})\.npz$")
 STATE_KEYS = CELL_KEYS  # Welford moments, extremes with sample_ids, sparse histogram (raysens.core.cellstats)
+FORMAT = 2  # written by encode_partial; format 1 (no "format" in meta: plain to_arrays, uncompressed) is still read
 
 
 class PartialError(ValueError):
     """A persisted partial is corrupt, truncated, or belongs to another configuration."""
 
 
-def encode_partial(meta: dict, states: dict[int, CellStats], per_sample: dict[int, np.ndarray] | None = None) -> bytes:
+def encode_partial(meta: dict, states: dict[int, CellStats], per_sample: dict[int, np.ndarray] | None = None,
+                   fmt: int = FORMAT) -> bytes:
     """``per_sample`` (``output.per_sample``): per layer the float32 ``[computed, S, S]`` maps of the
     unit's computed samples (NaN where masked), stored as ``L<NNN>_per_sample``; ``meta["per_sample"]``
-    says whether they are there."""
+    says whether they are there. ``fmt`` 2 (default): the compact arrays of ``raysens.store.codec``,
+    zlib-compressed; 1: every key of ``CellStats.to_arrays``, uncompressed (the earlier format, still read)."""
     meta = {**meta, "per_sample": bool(per_sample)}
+    if fmt == 2:
+        meta["format"] = 2
+    elif fmt != 1:
+        raise ValueError(f"encode_partial: unknown format {fmt}")
     arrays = {"meta": np.array(json.dumps(meta, sort_keys=True))}
     for L, st in states.items():
-        for k, v in st.to_arrays().items():
+        packed = pack_state(st, meta["computed_ids"]) if fmt == 2 else st.to_arrays()
+        for k, v in packed.items():
             arrays[f"L{int(L):03d}_{k}"] = v
     for L, maps in (per_sample or {}).items():
         arrays[f"L{int(L):03d}_per_sample"] = np.asarray(maps, np.float32)
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    (np.savez_compressed if fmt == 2 else np.savez)(buf, **arrays)
     return buf.getvalue()
 
 
@@ -117,6 +129,8 @@ def decode_partial(payload: bytes, *, name: str | None = None, fingerprint: str 
     computed, skipped = set(meta.get("computed_ids", [])), {int(k) for k in meta.get("skipped", {})}
     if computed & skipped or computed | skipped != set(ids) or len(computed) != len(meta["computed_ids"]):
         raise PartialError(f"{where}: computed and skipped ids do not partition the unit's ids")
+    if meta.get("format", 1) not in (1, 2):
+        raise PartialError(f"{where}: unknown partial format {meta.get('format')!r}")
     unknown = set(meta["skipped"].values()) - set(SKIP_REASONS)
     if unknown:
         raise PartialError(f"{where}: unknown skip reasons {sorted(unknown)}")
@@ -126,7 +140,11 @@ def decode_partial(payload: bytes, *, name: str | None = None, fingerprint: str 
     states = {}
     for L in meta["layers"]:
         try:
-            st = CellStats.from_arrays({k: raw[f"L{int(L):03d}_{k}"] for k in STATE_KEYS})
+            if meta.get("format", 1) == 2:
+                pre = f"L{int(L):03d}_"
+                st = unpack_state({k: raw[pre + k] for k in PACKED_KEYS if pre + k in raw}, meta["computed_ids"])
+            else:
+                st = CellStats.from_arrays({k: raw[f"L{int(L):03d}_{k}"] for k in STATE_KEYS})
         except (KeyError, ValueError) as exc:
             raise PartialError(f"{where}: layer {L} state invalid ({exc})") from None
         if st.samples != len(computed) or (max_seq_len is not None and st.shape[0] > max_seq_len):

@@ -5,13 +5,15 @@ Run directory (local path or any ``pyarrow.fs`` URI; ``docs/DESIGN.md`` §6)::
     manifest.json           status, config + fingerprint, versions, model, samples, skips, timings
     partials/unit_<first sample_id>-<sha256[:16]>.npz   one per work unit (``partials.py``), written as they arrive
     partials/corrupt/…      partials that failed validation on resume (kept, never merged)
+    checkpoint/ckpt-<units>-<sha256[:16]>.npz   rolling compaction: the merge of a prefix of units (``compaction.py``)
     lease.json              the driver computing into it (``lease.py``), while it runs
     stats/layer_NNN.npz|.parquet   dataset statistics per target layer (``results.py``)
     plots/*.png             heatmaps (``raysens.report.plots``)
 
-The partials are the source of truth: the statistics are always rebuilt from them, one file at a
-time in sample_id order, so driver memory does not grow with the number of samples and a resumed
-run gives bit for bit what an uninterrupted one gives. numpy/pyarrow only.
+The checkpoint plus the partials are the source of truth: the statistics are always rebuilt from
+them, the checkpoint's merge continued one partial at a time in sample_id order, so driver memory does
+not grow with the number of samples and a resumed or compacted run gives bit for bit what an
+uninterrupted one gives. numpy/pyarrow only.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import pyarrow.fs as pafs
 
 from .._log import log
 from ..testing import faults
+from .checkpoint import CHECKPOINT
+from .compaction import FOLDED, Compaction
 from .fs import exists, read_bytes, resolve, write_bytes
 from .lease import Lease, LeaseError
 from .partials import PARTIAL_RE, PartialError, decode_partial, partial_name
@@ -94,11 +98,12 @@ def diff_inputs(old: dict, new: dict) -> list[str]:
     return out
 
 
-class RunDir:
+class RunDir(Compaction):
     """Partials of one run directory: what is already done, what arrives, what it all merges to."""
 
     def __init__(self, run_dir: str, units: list[np.ndarray], fingerprint: str, layers: tuple[int, ...],
-                 max_seq_len: int, resume: bool = True, inputs: dict | None = None, writers: int | None = None):
+                 max_seq_len: int, resume: bool = True, inputs: dict | None = None, writers: int | None = None,
+                 per_sample: bool = False):
         self.run_dir = run_dir  # local path or pyarrow.fs URI
         self.units = units  # every unit of the run (arrays of sample_ids), in sample_id order
         self.by_key = {int(u[0]): u for u in units}  # unit key (first sample_id) -> its sample_ids
@@ -110,7 +115,7 @@ class RunDir:
         self.lease: Lease | None = None  # held from open() to close()
         self.fs, self.base = resolve(run_dir)
         self.pdir = posixpath.join(self.base, PARTIALS)
-        self.done: dict[int, str] = {}  # unit key -> partial file name
+        self.done: dict[int, str] = {}  # unit key -> partial file name (FOLDED: inside the checkpoint)
         self.corrupt: list[dict] = []  # partials moved aside on this start
         self.written = 0  # partials written by this run
         self.samples_written = 0  # sample_ids in those partials
@@ -124,6 +129,10 @@ class RunDir:
         self._slots = threading.BoundedSemaphore(max(1, 2 * self._writers))
         self._pending: dict[int, Future] = {}  # unit key -> its write in flight
         self._lock = threading.Lock()
+        self._init_compaction(per_sample)
+
+    def _error(self, msg: str) -> "RunError":
+        return RunError(msg)
 
     def _path(self, name: str) -> str:
         return posixpath.join(self.pdir, name)
@@ -195,7 +204,7 @@ class RunDir:
 
     def _check_writable(self) -> None:
         """partials/ and stats/ accept a file (a read-only directory fails now, not after the compute)."""
-        for sub in (PARTIALS, "stats"):
+        for sub in (PARTIALS, "stats", CHECKPOINT):
             probe = posixpath.join(self.base, sub, f".raysens-write-probe-{os.getpid()}")
             existed = exists(self.fs, posixpath.join(self.base, sub))
             try:
@@ -208,6 +217,7 @@ class RunDir:
                                f"{exc}); make it writable or use another output.dir") from None
 
     def _collect(self) -> None:
+        self._load_checkpoint()
         fs = self.fs
         local = isinstance(fs, pafs.LocalFileSystem)
         names = []
@@ -234,6 +244,9 @@ class RunDir:
                 continue
             m = PARTIAL_RE.match(name)
             key = int(m.group(1)) if m else None
+            if self._is_leftover(key):
+                self._delete_leftover(name)
+                continue
             if key in self.done:
                 continue  # a second valid copy of a unit: ignored
             try:
@@ -246,6 +259,7 @@ class RunDir:
             self.done[key] = name
         if self.done or self.corrupt:
             log(f"resuming in {self.run_dir}: {len(self.done)}/{len(units)} units already done"
+                + (f" ({self.fold.units} in checkpoint {self.ckpt_name})" if self.fold else "")
                 + (f", {len(self.corrupt)} corrupt partial(s) set aside and recomputed" if self.corrupt else ""))
 
     def _move_aside(self, name: str, reason: str) -> None:
@@ -255,6 +269,13 @@ class RunDir:
         self.fs.move(self._path(name), dst)
         self.corrupt.append({"file": name, "reason": reason, "moved_to": posixpath.relpath(dst, self.base)})
         log(f"partial {name} is invalid ({reason}); moved to {posixpath.relpath(dst, self.base)}, will recompute")
+
+    def _read(self, name: str, key: int):
+        """A done unit's partial, validated; a RunError if it changed since it was collected or written."""
+        try:
+            return self._decode(name, self.by_key[key])
+        except PartialError as exc:
+            raise RunError(f"partial {name} changed while the run was going on ({exc}); rerun to recompute it") from None
 
     def _decode(self, name: str, ids: np.ndarray):
         return decode_partial(read_bytes(self.fs, self._path(name)), name=name,
@@ -317,13 +338,8 @@ class RunDir:
                            f"{len(errors)} unit(s) will be recomputed by a rerun") from exc
 
     def partials(self):
-        """Valid partials in sample_id order, read one at a time (after the writes in flight)."""
+        """Valid partials not yet folded into the checkpoint, in sample_id order, read one at a time
+        (after the writes in flight)."""
         self.flush()
-        units = self.by_key
-        for key in sorted(self.done):
-            name = self.done[key]
-            try:
-                yield self._decode(name, units[key])
-            except PartialError as exc:
-                raise RunError(f"partial {name} changed while the run was finishing ({exc}); "
-                               "rerun to recompute it") from None
+        for key in sorted(k for k, name in self.done.items() if name != FOLDED):
+            yield self._read(self.done[key], key)

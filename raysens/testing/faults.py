@@ -1,6 +1,6 @@
 """Fault injection for tests: the one place where raysens simulates crashes.
 
-Production code calls one hook at each of four points; every hook is a no-op unless a test armed
+Production code calls one hook at each of five points; every hook is a no-op unless a test armed
 it through an environment variable (environment variables reach subprocesses, ``ray job submit``
 drivers and, through the driver, the Ray actors):
 
@@ -11,6 +11,8 @@ drivers and, through the driver, the Ray actors):
 |                                                    | ``RAYSENS_TEST_UNIT_DELAY_S=T``            | sleeps T seconds after each unit (a slow run: time for a test to send SIGINT / SIGTERM) |
 | ``actor_unit_start(units_done, settings)`` (``backends.ray_pool.SensitivityActor``, before each unit) | ``RAYSENS_TEST_KILL_AFTER_UNITS=N`` and ``RAYSENS_TEST_KILL_MARKER=path`` | after N units the actor process exits (``os._exit(17)``) in its next unit, once per marker file |
 | ``planted_values(settings, sample_ids, values)`` (``backends.units.UnitWorker.process``, after the engine) | ``RAYSENS_TEST_SCALE_SAMPLE=ID:FACTOR`` | sample ``ID``'s maps (every layer) are multiplied by ``FACTOR``: a planted outlier sample |
+| ``compaction_step(step, i)`` (``store.compaction.Compaction._compact``: ``folded`` before the checkpoint write, ``written`` after it, ``old_deleted`` after the previous checkpoint's deletion, ``deleted`` after the i-th folded partial's deletion) | ``RAYSENS_TEST_COMPACT_CRASH=STEP[:I][:K]`` | raises ``SimulatedInterrupt`` at that step (``deleted:I``: after the I-th deletion) of the K-th compaction of the process (default 1) |
+|                                                    | ``RAYSENS_TEST_COMPACT_EXIT=STEP[:I][:K]``  | the process exits there (``os._exit(4)``): a killed driver |
 
 The actor hook's settings are read on the driver (``actor_settings()``) and passed to the actors as
 a constructor argument, so they do not depend on the environment Ray gives its workers; so are the
@@ -73,6 +75,30 @@ def actor_unit_start(units_done: int, settings: dict) -> None:
     os.write(fd, f"{os.getpid()}\n".encode())
     os.close(fd)
     os._exit(17)
+
+
+COMPACT_CRASH = "RAYSENS_TEST_COMPACT_CRASH"
+COMPACT_EXIT = "RAYSENS_TEST_COMPACT_EXIT"
+_compactions = {"n": 0}  # compactions that reached step "folded" in this process
+
+
+def compaction_step(step: str, i: int = 0) -> None:
+    """Driver: compaction reached ``step`` (``folded``, ``written``, ``old_deleted``, ``deleted`` after
+    the ``i``-th partial deletion)."""
+    if step == "folded":
+        _compactions["n"] += 1
+    for var in (COMPACT_CRASH, COMPACT_EXIT):
+        raw = os.environ.get(var, "")
+        if not raw:
+            continue
+        want, *rest = raw.split(":")
+        at = int(rest[0]) if rest and rest[0] else 0
+        nth = int(rest[1]) if len(rest) > 1 else 1
+        if step == want and at == i and _compactions["n"] == nth:
+            if var == COMPACT_EXIT:
+                print(f"[raysens] {var}={raw}: driver exits now", flush=True)
+                os._exit(4)
+            raise SimulatedInterrupt(f"test hook: crashed at compaction step {step}" + (f" {i}" if i else ""))
 
 
 PLANT = "RAYSENS_TEST_SCALE_SAMPLE"

@@ -37,7 +37,9 @@ def test_run_directory_layout_and_loader(reference):
     assert m["layers"] == [1, 2] and m["estimator"] == "hutchinson" and m["seed"] == 0
     assert set(m["versions"]) >= {"raysens", "torch", "transformers", "ray"}
     assert m["model"]["class"] == "LlamaForCausalLM" and m["model"]["num_hidden_layers"] == 2
-    assert m["units"] == {"total": 8, "batch_size": 4, "reused": 0, "computed_this_run": 8, "corrupt_recomputed": []}
+    assert m["units"] == {"total": 8, "batch_size": 4, "reused": 0, "computed_this_run": 8, "corrupt_recomputed": [],
+                          "compaction": {"checkpoint": None, "units_folded": 0, "compactions": 0,
+                                         "leftovers_deleted": 0, "compact_every": 64}}  # 8 units < 64: none
     assert len(_partials(d)) == 8
     run = raysens.load_run(d)
     assert sorted(run.layers) == [1, 2]

@@ -52,7 +52,8 @@ def test_the_file_is_plain_npz_readable_without_raysens(payload):
     data, _ = payload
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         assert json.loads(str(z["meta"]))["unit"] == 10
-        assert z["L003_mean"].shape == (5, 5) and z["L001_count"].dtype.kind in "iu"
+        assert z["L003_mean"].shape == (5, 5) and z["L001_hist_count"].dtype == np.uint8
+        assert "L001_count" not in z.files  # format 2: the histogram's totals are the cell counts
 
 
 def test_name_checksum_catches_a_flipped_byte_and_truncation(payload):
@@ -107,7 +108,7 @@ def test_a_file_renamed_to_another_unit_is_refused(payload):
 ])
 def test_inconsistent_ids_and_reasons_are_refused(meta, message):
     rng = np.random.default_rng(1)
-    data = encode_partial(meta, {1: _state(rng), 3: _state(rng)})
+    data = encode_partial(meta, {1: _state(rng), 3: _state(rng)}, fmt=1)  # format 2 cannot even write these
     with pytest.raises(PartialError, match=message):
         decode_partial(data)
 
@@ -153,8 +154,46 @@ def test_extremes_may_only_name_computed_samples():
     rng = np.random.default_rng(6)
     vals = rng.random((3, 5, 5))
     st = CellStats.from_batch(vals, None, None, sample_ids=[10, 11, 12])  # 12 was skipped
-    with pytest.raises(PartialError, match="did not compute"):
-        decode_partial(encode_partial(_meta(), {1: st, 3: _state(rng)}))
+    with pytest.raises(PartialError, match="did not compute"):  # format 1 stores the ids themselves
+        decode_partial(encode_partial(_meta(), {1: st, 3: _state(rng)}, fmt=1))
+    with pytest.raises(ValueError, match="names sample_id 12"):  # format 2 stores positions: cannot even write it
+        encode_partial(_meta(), {1: st, 3: _state(rng)})
+
+
+def test_format_1_partials_still_read_bit_for_bit(payload):
+    _, states = payload
+    old = encode_partial(_meta(), states, fmt=1)
+    p = decode_partial(old, name=partial_name(10, old), fingerprint=FP, layers=(1, 3))
+    assert "format" not in p.meta
+    for L, st in states.items():
+        for k, v in st.to_arrays().items():
+            np.testing.assert_array_equal(p.states[L].to_arrays()[k], v)
+
+
+def test_format_2_position_out_of_range_is_refused(payload):
+    data, _ = payload
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["L001_max_id"] = arrays["L001_max_id"].copy()
+    arrays["L001_max_id"][0, 0] = 9  # the unit computed 3 samples
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with pytest.raises(PartialError, match="layer 1 state invalid.*positions outside"):
+        decode_partial(buf.getvalue())
+
+
+def test_format_2_is_smaller_and_holds_no_count():
+    """A 24-position, 8-sample unit with causal zeros: format 2 is well under format 1's bytes."""
+    rng = np.random.default_rng(7)
+    s, b = 24, 8
+    vals = rng.lognormal(0, 2, size=(b, s, s)) * np.tril(np.ones((s, s)))
+    st = CellStats.from_batch(vals, sample_ids=list(range(b)))
+    meta = {"fingerprint": FP, "unit": 0, "sample_ids": list(range(b)), "computed_ids": list(range(b)),
+            "skipped": {}, "layers": [1]}
+    v1, v2 = encode_partial(meta, {1: st}, fmt=1), encode_partial(meta, {1: st})
+    assert len(v2) < 0.7 * len(v1), (len(v1), len(v2))
+    for k, v in st.to_arrays().items():
+        np.testing.assert_array_equal(decode_partial(v2).states[1].to_arrays()[k], v)
 
 
 def test_read_meta_reads_the_meta_alone(payload):

@@ -1,0 +1,164 @@
+"""Rolling compaction's checkpoint: the final merge of a sample_id prefix of units, persisted.
+
+``Fold`` is the driver's final merge (docs/DESIGN.md §4, §6.6): per target layer the ``CellStats``
+of the units folded so far — merged one partial at a time in sample_id order, the accumulator grown
+(``padded``) as longer units arrive — plus every piece of bookkeeping the manifest needs (skipped
+ids by reason in arrival order, computed count, summed ``compute_s``, model identity, devices,
+strategies, modes, the per-sample export's counters). ``RunDir.compact`` folds the contiguous done
+prefix of units into it, writes it as a checkpoint and only then deletes the folded partials;
+finalize continues the same ``Fold`` with the remaining partials. Because the checkpoint stores the
+accumulator losslessly (float64 as is) and the merge continues in the same order, the statistics
+are bit for bit those of a run that never compacted.
+
+File: ``checkpoint/ckpt-<units folded, 10 digits>-<sha256[:16] of the bytes>.npz`` (zlib ``.npz``,
+no pickle), an array ``meta`` (JSON) and per layer ``L<NNN>_<key>`` (``raysens.store.codec``,
+sample_ids kept as int64). The newest valid checkpoint wins. numpy only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+
+import numpy as np
+
+from ..core.cellstats import CellStats
+from .codec import PACKED_KEYS, pack_state, unpack_state
+from .partials import SKIP_REASONS, Partial
+from .per_sample import PER_SAMPLE, write_unit
+
+CHECKPOINT = "checkpoint"
+CKPT_FORMAT = "raysens-checkpoint/1"
+CKPT_RE = re.compile(r"^ckpt-(\d{10})-([0-9a-f]{16})\.npz$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is corrupt, truncated, or belongs to another configuration or unit plan."""
+
+
+def checkpoint_name(units: int, payload: bytes) -> str:
+    return f"ckpt-{int(units):010d}-{hashlib.sha256(payload).hexdigest()[:16]}.npz"
+
+
+class Fold:
+    """The final merge over a prefix of units (see the module doc)."""
+
+    def __init__(self, layers, per_sample: bool = False):
+        self.layers = tuple(int(L) for L in layers)
+        self.acc: dict[int, CellStats | None] = {L: None for L in self.layers}
+        self.skipped: dict[str, list[int]] = {r: [] for r in SKIP_REASONS}  # reason -> ids, in fold order
+        self.computed = 0  # samples folded in
+        self.compute_s = 0.0  # summed partial compute_s, in fold order
+        self.model: dict | None = None  # the first partial's model identity
+        self.devices: set = set()
+        self.strategies: set = set()
+        self.modes: set = set()
+        # output.per_sample: files written, units without maps (computed before the option was on)
+        self.per_sample = {"dir": PER_SAMPLE, "files": 0, "missing_units": []} if per_sample else None
+        self.units = 0  # units folded: the run's units[:units]
+        self.last: int | None = None  # key (first sample_id) of the last unit folded
+
+    def add(self, p: Partial, run_dir: str) -> None:
+        """Fold one partial (the next unit in sample_id order); exports its per-sample maps first."""
+        for L, st in p.states.items():
+            cur = self.acc[L]
+            if cur is None:
+                self.acc[L] = st.copy()
+                continue
+            if cur.shape[0] < st.shape[0]:  # merging into empty cells is exact: growing late = early
+                cur = self.acc[L] = cur.padded(st.shape[0])
+            cur.merge(st.padded(cur.shape[0]) if st.shape[0] < cur.shape[0] else st)
+        if self.per_sample is not None and p.computed_ids:  # one file per unit, rewritten whole
+            if p.per_sample:
+                write_unit(run_dir, p.unit, p.computed_ids, p.per_sample)
+                self.per_sample["files"] += 1
+            else:
+                self.per_sample["missing_units"].append(p.unit)
+        for sid, reason in sorted(p.skipped.items()):
+            self.skipped[reason].append(sid)
+        self.computed += len(p.computed_ids)
+        self.compute_s += float(p.meta.get("compute_s", 0.0))
+        self.model = self.model or p.meta.get("model")
+        self.devices.add(p.meta.get("device"))
+        if p.meta.get("strategy"):
+            self.strategies.add(p.meta["strategy"])
+        if p.meta.get("mode"):
+            self.modes.add(p.meta["mode"])
+        self.units += 1
+        self.last = p.unit
+
+    # ------------------------------------------------------------------ the file
+    def encode(self, fingerprint: str) -> bytes:
+        meta = {"format": CKPT_FORMAT, "fingerprint": fingerprint, "units": self.units, "last": self.last,
+                "layers": list(self.layers), "skipped": self.skipped, "computed": self.computed,
+                "compute_s": self.compute_s, "model": self.model, "devices": sorted(self.devices, key=str),
+                "strategies": sorted(self.strategies), "modes": sorted(self.modes), "per_sample": self.per_sample,
+                "acc_layers": [L for L, st in self.acc.items() if st is not None]}
+        arrays = {"meta": np.array(json.dumps(meta, sort_keys=True))}
+        for L, st in self.acc.items():
+            if st is not None:
+                arrays.update({f"L{L:03d}_{k}": v for k, v in pack_state(st).items()})
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def decode(cls, payload: bytes, *, name: str, fingerprint: str, layers, units: list[np.ndarray],
+               max_seq_len: int, per_sample: bool = False) -> "Fold":
+        """Parse and validate a checkpoint of the run whose units are ``units``. Raises
+        ``CheckpointError`` naming what is wrong."""
+        m = CKPT_RE.match(name)
+        if not m:
+            raise CheckpointError(f"{name}: not a checkpoint file name")
+        if hashlib.sha256(payload).hexdigest()[:16] != m.group(2):
+            raise CheckpointError(f"{name}: checksum mismatch (truncated or corrupted file)")
+        try:
+            with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+                raw = {k: z[k] for k in z.files}
+            meta = json.loads(str(raw.pop("meta")))
+        except Exception as exc:  # zipfile/np/json errors: all mean "unreadable"
+            raise CheckpointError(f"{name}: unreadable ({type(exc).__name__}: {exc})") from None
+        try:
+            return cls._from_meta(name, meta, raw, fingerprint, layers, units, max_seq_len, per_sample)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"{name}: malformed ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def _from_meta(cls, name, meta, raw, fingerprint, layers, units, max_seq_len, per_sample) -> "Fold":
+        if meta.get("format") != CKPT_FORMAT:
+            raise CheckpointError(f"{name}: format {meta.get('format')!r}, expected {CKPT_FORMAT!r}")
+        if meta.get("fingerprint") != fingerprint:
+            raise CheckpointError(f"{name}: written by another configuration (fingerprint {meta.get('fingerprint')}, "
+                                  f"expected {fingerprint})")
+        n = int(meta["units"])
+        if n != int(CKPT_RE.match(name).group(1)) or not 0 < n <= len(units) or meta["last"] != int(units[n - 1][0]):
+            raise CheckpointError(f"{name}: covers {n} units up to {meta['last']}, not a prefix of this run's units")
+        if sorted(meta["layers"]) != sorted(int(L) for L in layers):
+            raise CheckpointError(f"{name}: has layers {meta['layers']}, expected {sorted(layers)}")
+        prefix = np.concatenate([np.asarray(u, np.int64) for u in units[:n]])
+        skipped = [int(i) for ids in meta["skipped"].values() for i in ids]
+        if set(meta["skipped"]) - set(SKIP_REASONS) or not set(skipped) <= set(prefix.tolist()) \
+                or len(set(skipped)) != len(skipped) or meta["computed"] + len(skipped) != prefix.size:
+            raise CheckpointError(f"{name}: skipped and computed ids do not partition its {n} units' samples")
+        f = cls(meta["layers"], per_sample)
+        for L in meta["acc_layers"]:
+            pre = f"L{int(L):03d}_"
+            try:
+                st = unpack_state({k: raw[pre + k] for k in PACKED_KEYS if pre + k in raw})
+            except (KeyError, ValueError) as exc:
+                raise CheckpointError(f"{name}: layer {L} state invalid ({exc})") from None
+            if st.samples != meta["computed"] or st.shape[0] > max_seq_len:
+                raise CheckpointError(f"{name}: layer {L} state does not match ({st.samples} samples, {st.shape} cells)")
+            f.acc[int(L)] = st
+        f.skipped = {r: [int(i) for i in meta["skipped"].get(r, [])] for r in SKIP_REASONS}
+        f.computed, f.compute_s, f.model = int(meta["computed"]), float(meta["compute_s"]), meta["model"]
+        f.devices, f.strategies, f.modes = set(meta["devices"]), set(meta["strategies"]), set(meta["modes"])
+        f.units, f.last = n, int(meta["last"])
+        if per_sample:  # a prefix folded while output.per_sample was off has no exported maps
+            f.per_sample = meta["per_sample"] or {"dir": PER_SAMPLE, "files": 0,
+                                                  "missing_units": [int(u[0]) for u in units[:n]]}
+        return f

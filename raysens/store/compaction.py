@@ -1,0 +1,166 @@
+"""Rolling compaction of a run directory (``RunDir``'s checkpoint half; docs/DESIGN.md §6.6).
+
+The driver folds the contiguous prefix of done units beyond the checkpoint into the checkpoint's
+``Fold`` (``raysens.store.checkpoint``) whenever it has ``output.compact_every`` units, then
+
+1. writes the new checkpoint atomically (``store/fs.py``: temp file + move; the name carries the
+   units it covers and the SHA-256 of its bytes),
+2. deletes the previous checkpoint,
+3. deletes the folded partials one by one.
+
+A crash anywhere leaves a directory that resumes exactly: before 1 nothing changed; after 1 the
+newest valid checkpoint wins and partials of units it covers are leftovers, deleted on open (never
+merged twice); a corrupt checkpoint (checksum, parse or consistency failure) is moved to
+``checkpoint/corrupt/`` and the next older valid one (or none) is used — units that then have
+neither a checkpoint nor a partial are recomputed like missing units, and finalize refuses to merge
+while any unit is missing. numpy/pyarrow only.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import posixpath
+
+import pyarrow.fs as pafs
+
+from .._log import log
+from ..testing import faults
+from .checkpoint import CHECKPOINT, CKPT_RE, CheckpointError, Fold, checkpoint_name
+from .fs import read_bytes, write_bytes
+
+FOLDED = ""  # RunDir.done's value for a unit inside the checkpoint (no partial file)
+
+
+class Compaction:
+    """Mixin of ``RunDir``: the checkpoint, compaction and the final fold."""
+
+    def _init_compaction(self, per_sample: bool) -> None:
+        self.per_sample = bool(per_sample)  # output.per_sample: folded units' maps are exported first
+        self.cdir = posixpath.join(self.base, CHECKPOINT)
+        self.fold: Fold | None = None  # the newest checkpoint's fold, kept in memory
+        self.ckpt_name: str | None = None
+        self.compaction = {"checkpoint": None, "units_folded": 0, "compactions": 0, "leftovers_deleted": 0}
+        self._broken: str | None = None  # a compaction failed half-way: the in-memory fold is not trusted
+
+    def _ckpt_path(self, name: str) -> str:
+        return posixpath.join(self.cdir, name)
+
+    def _load_checkpoint(self) -> None:
+        """Newest valid checkpoint wins; invalid ones are moved aside, older valid ones deleted."""
+        fs = self.fs
+        names = sorted((posixpath.basename(i.path) for i in
+                        fs.get_file_info(pafs.FileSelector(self.cdir, allow_not_found=True))
+                        if i.type == pafs.FileType.File), reverse=True)
+        names = [n for n in names if CKPT_RE.match(n) or n.endswith(".npz.tmp")]
+        if names and not self.resume:
+            raise self._error(f"output directory {self.run_dir!r} already has a checkpoint and output.resume is "
+                              "false; use another output.dir (nothing was changed)")
+        for name in names:
+            if name.endswith(".tmp"):  # an unfinished checkpoint write: its units' partials are still there
+                fs.delete_file(self._ckpt_path(name))
+                continue
+            if self.fold is not None:
+                fs.delete_file(self._ckpt_path(name))  # older than the one in use (a crash before step 2)
+                continue
+            try:
+                self.fold = Fold.decode(read_bytes(fs, self._ckpt_path(name)), name=name, fingerprint=self.fingerprint,
+                                        layers=self.layers, units=self.units, max_seq_len=self.max_seq_len,
+                                        per_sample=self.per_sample)
+                self.ckpt_name = name
+            except CheckpointError as exc:
+                self._move_ckpt_aside(name, str(exc))
+        if self.fold is not None:
+            for u in self.units[:self.fold.units]:
+                self.done[int(u[0])] = FOLDED
+            self.compaction.update(checkpoint=self.ckpt_name, units_folded=self.fold.units)
+
+    def _move_ckpt_aside(self, name: str, reason: str) -> None:
+        stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
+        dst = posixpath.join(self.cdir, "corrupt", f"{name}.{stamp}")
+        self.fs.create_dir(posixpath.dirname(dst), recursive=True)
+        self.fs.move(self._ckpt_path(name), dst)
+        rel = posixpath.relpath(dst, self.base)
+        self.corrupt.append({"file": posixpath.join(CHECKPOINT, name), "reason": reason, "moved_to": rel})
+        log(f"checkpoint {name} is invalid ({reason}); moved to {rel}; its units are rebuilt from the partials "
+            "left and recomputed where none is left")
+
+    def _is_leftover(self, key) -> bool:
+        """A partial of a unit inside the checkpoint: a crash came between checkpoint write and deletion."""
+        return key is not None and self.done.get(key) == FOLDED
+
+    def _delete_leftover(self, name: str) -> None:
+        self.fs.delete_file(self._path(name))
+        self.compaction["leftovers_deleted"] += 1
+        log(f"partial {name} is already folded into checkpoint {self.ckpt_name}; deleted (a crash interrupted "
+            "the last compaction)")
+
+    def _prefix_end(self, done: dict) -> int:
+        n = self.fold.units if self.fold else 0
+        while n < len(self.units) and done.get(int(self.units[n][0])):
+            n += 1
+        return n
+
+    def compact(self, every: int) -> int:
+        """Fold the contiguous done prefix beyond the checkpoint into a new checkpoint when it has at
+        least ``every`` units (0: never); returns the number of units folded."""
+        if every <= 0:
+            return 0
+        with self._lock:
+            done = dict(self.done)
+        start = self.fold.units if self.fold else 0
+        end = self._prefix_end(done)
+        if end - start < every:
+            return 0
+        return self._compact(start, end, done)
+
+    def _compact(self, start: int, end: int, done: dict) -> int:
+        if self._broken:
+            raise self._error(self._broken)
+        keys = [int(u[0]) for u in self.units[start:end]]
+        fold = self.fold or Fold(self.layers, self.per_sample)
+        try:
+            for key in keys:
+                fold.add(self._read(done[key], key), self.run_dir)
+            faults.compaction_step("folded")
+            payload = fold.encode(self.fingerprint)
+            name = checkpoint_name(fold.units, payload)
+            write_bytes(self.fs, self._ckpt_path(name), payload)  # step 1: atomic (temp + move)
+        except BaseException as exc:
+            self._broken = (f"a compaction of {self.run_dir!r} failed half-way ({type(exc).__name__}: {exc}); "
+                            "rerun to resume from the last checkpoint")
+            raise
+        old, self.fold, self.ckpt_name = self.ckpt_name, fold, name
+        with self._lock:
+            for key in keys:  # folded from now on, whatever happens to their files
+                self.done[key] = FOLDED
+        faults.compaction_step("written")
+        if old:
+            self._delete_quietly(self._ckpt_path(old))  # step 2
+        faults.compaction_step("old_deleted")
+        for i, key in enumerate(keys, 1):  # step 3
+            self._delete_quietly(self._path(done[key]))
+            faults.compaction_step("deleted", i)
+        self.compaction.update(checkpoint=name, units_folded=fold.units, compactions=self.compaction["compactions"] + 1)
+        return len(keys)
+
+    def _delete_quietly(self, path: str) -> None:
+        try:
+            self.fs.delete_file(path)
+        except OSError as exc:  # left behind: deleted as a leftover on the next open
+            log(f"could not delete {path} after compaction ({type(exc).__name__}: {exc}); it is removed on resume")
+
+    def fold_all(self) -> Fold:
+        """The checkpoint's fold continued with every remaining partial, in sample_id order: what the
+        run's statistics are made of. Refuses (naming them) while any unit is missing."""
+        self.flush()
+        if self._broken:
+            raise self._error(self._broken)
+        missing = self.todo()
+        if missing:
+            raise self._error(f"cannot merge {self.run_dir!r}: {len(missing)} unit(s) have neither a partial nor a "
+                              f"checkpoint (first sample_ids {[int(u[0]) for u in missing[:5]]}); rerun to compute them")
+        fold = self.fold or Fold(self.layers, self.per_sample)
+        self._broken = f"{self.run_dir!r} was already merged by this RunDir (the checkpoint in memory is consumed)"
+        for p in self.partials():
+            fold.add(p, self.run_dir)
+        return fold
