@@ -118,12 +118,17 @@ class Schedule:
 
 # ---------------------------------------------------------------------- forward or reverse mode
 # Relative cost of one token-block pass of a tangent (forward mode) or a cotangent row (reverse
-# mode) per path, against a manual stack's pass (1.0). A pass costs about one forward either way
-# (frozen weights: one GEMM per projection); the generic paths pay vmap/autograd dispatch on top.
-# Reverse figures from jobs/bench/strategies.py (manual 1.3-1.6x faster than vmap); forward figures
-# from jobs/bench/modes.py (docs/benchmarks.md).
-MODE_EFFICIENCY = {("reverse", True): 1.0, ("reverse", False): 1.45,
-                   ("forward", True): 1.0, ("forward", False): 1.6}
+# mode) per path, against a manual stack's reverse pass (1.0), keyed (mode, manual, causal). The FLOPs
+# are about one forward either way (frozen weights: one GEMM per projection); measured per pass on
+# CPU, 2 threads, S=32, K=1, last layer alone (jobs/bench/modes.py, docs/benchmarks.md, 2026-12-03):
+# forward/reverse = 1.92 on SmolLM2 (causal: the suffix segments' attention tangents re-read the
+# saved prefix keys/values, and the reverse top block runs position-wise) and 1.09 on MiniLM
+# (non-causal, one segment). The generic paths pay vmap/autograd dispatch on top (reverse: manual
+# 1.3-1.6x faster than vmap, jobs/bench/strategies.py; forward: the generic jvp ~1.6x, a guess).
+MODE_EFFICIENCY = {("reverse", True, True): 1.0, ("reverse", True, False): 1.0,
+                   ("reverse", False, True): 1.45, ("reverse", False, False): 1.45,
+                   ("forward", True, True): 1.9, ("forward", True, False): 1.1,
+                   ("forward", False, True): 1.9 * 1.6, ("forward", False, False): 1.1 * 1.6}
 
 
 def mode_costs(*, layers, seq: int, out_directions: int, in_directions: int, causal: bool,
@@ -143,8 +148,8 @@ def mode_costs(*, layers, seq: int, out_directions: int, in_directions: int, cau
     tri, square = seq * (seq + 1) / 2.0, float(seq * seq)
     rev = out_directions * (tri if causal else square) * sum(layers)
     fwd = in_directions * (tri if causal and manual_forward else square) * max(layers)
-    return {"reverse": rev * MODE_EFFICIENCY[("reverse", bool(manual_reverse))],
-            "forward": fwd * MODE_EFFICIENCY[("forward", bool(manual_forward))]}
+    return {"reverse": rev * MODE_EFFICIENCY[("reverse", bool(manual_reverse), bool(causal))],
+            "forward": fwd * MODE_EFFICIENCY[("forward", bool(manual_forward), bool(causal))]}
 
 
 def pick_mode(config: SensitivityConfig, *, layers, seq: int, hidden: int, d_model: int, causal: bool,

@@ -214,10 +214,17 @@ def test_cost_model_on_a_few_shapes():
     # many layers: forward (one pass for all of them)
     assert pick_mode(hut, layers=range(31), **kw) is Mode.FORWARD
     assert pick_mode(hut, layers=[10, 20, 30], **kw) is Mode.FORWARD
-    # one layer, K=1, both manual: the same passes; ties go to reverse
+    # one layer, K=1, both manual: the same passes, a forward pass measured 1.9x a reverse one (causal)
     c = mode_costs(layers=[30], seq=32, out_directions=1, in_directions=1, causal=True)
-    assert c["forward"] == pytest.approx(c["reverse"])
+    assert c["forward"] == pytest.approx(1.9 * c["reverse"])
     assert pick_mode(hut, layers=[30], **kw) is Mode.REVERSE
+    # two layers, one shallow: reverse pays 15 + 30 block passes, forward 30 at 1.9x: reverse
+    assert pick_mode(hut, layers=[15, 30], **kw) is Mode.REVERSE
+    assert pick_mode(hut, layers=[28, 29, 30], **kw) is Mode.FORWARD
+    # non-causal (BERT): a forward pass ~1.1x a reverse one, so two full-depth layers already favour it
+    nc = dict(seq=32, hidden=384, d_model=384, causal=False)
+    assert pick_mode(hut, layers=[6], **nc) is Mode.REVERSE
+    assert pick_mode(hut, layers=[5, 6], **nc) is Mode.FORWARD
     # one layer without a manual forward (generic path runs the whole sequence): reverse
     assert pick_mode(hut, layers=[30], manual_forward=False, **kw) is Mode.REVERSE
     # exact with d_model < hidden favours forward, d_model > hidden reverse (one layer)
