@@ -55,7 +55,7 @@ def _bench_model(name, args, parts):
     if "all" in parts:
         layers = list(range(n + 1))
         t = {m: 0.0 for m in ("forward", "reverse")}
-        for m in ("forward", "reverse", "forward", "reverse")[: 2 * max(1, args.rounds)]:  # alternating
+        for m in ("forward", "reverse") * max(1, args.rounds):  # alternating
             s, r = _time(eng[m], ids, am, layers, 1)
             t[m] = s if not t[m] else min(t[m], s)
             log(f"{name} all layers {m}: {s:.3f} s/sample ({r.strategy})")
@@ -66,7 +66,7 @@ def _bench_model(name, args, parts):
                              "auto_picks": eng["auto"].mode_for(layers, seq).value}
     if "last" in parts:
         t = {}
-        for m in ("forward", "reverse", "auto", "forward", "reverse", "auto")[: 3 * max(1, args.rounds)]:
+        for m in ("forward", "reverse", "auto") * max(1, args.rounds):  # alternating
             s, r = _time(eng[m], ids, am, [n], 1)
             t[m] = min(t.get(m, s), s)
             log(f"{name} last layer {m}: {s:.3f} s/sample ({r.mode}, {r.strategy})")
