@@ -47,7 +47,13 @@ class ParquetRows:
         if self._last is not None and self._last[0] == key:
             return self._last[1]
         fi, rg = key
-        col = self._pf[fi].read_row_group(rg, columns=[self.column]).column(0)
+        pf = self._pf[fi]
+        if self.column not in pf.schema_arrow.names:  # as a dataset scan does: the missing column is null
+            import pyarrow as pa
+
+            col = pa.nulls(pf.metadata.row_group(rg).num_rows)
+        else:
+            col = pf.read_row_group(rg, columns=[self.column]).column(0)
         self._last = (key, col)
         return col
 

@@ -190,19 +190,21 @@ def test_parquet_row_groups_equal_the_whole_column(tmp_path, monkeypatch):
     for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
         pq.write_table(pa.table({"id": np.arange(a, b), "text": pa.array(texts[a:b], pa.string())}),
                        d / f"part-{k:02d}.parquet", row_group_size=97)
+    pq.write_table(pa.table({"id": np.arange(3)}), d / "part-99.parquet")  # no text column: null rows, as before
+    texts += [None] * 3
     c = Corpus(DataConfig(source=str(d)))
-    assert c.num_rows() == 5000
+    assert c.num_rows() == 5003
     old = c._parquet().to_table(columns=["text"]).column("text").to_pylist()  # the whole-column read it replaces
-    assert old == texts and c.texts(range(5000)) == texts
+    assert old == texts and c.texts(range(5003)) == texts
     read = []
     real = pq.ParquetFile.read_row_group
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, **kw: read.append(i) or real(self, i, **kw))
     corpus_mod._READERS.clear()
-    ids = sorted(rng.choice(5000, 40, replace=False).tolist())
+    ids = sorted(rng.choice(5003, 40, replace=False).tolist())
     assert c.texts(ids) == [texts[i] for i in ids] and c.texts(ids[::-1]) == [texts[i] for i in ids[::-1]]
     assert len(read) <= 2 * 40 and len(set(read)) < 5000 // 97  # only row groups holding selected rows
     with pytest.raises(CorpusError, match="out of range"):
-        c.texts([5000])
+        c.texts([5003])
 
 
 def test_hf_rows_equal_the_whole_column(tmp_path):
