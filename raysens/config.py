@@ -26,6 +26,7 @@ from typing import Any
 
 from .core.options import SensitivityConfig
 
+BATCH_CPU, BATCH_GPU = 8, 32  # cluster.batch_size: auto on CPU actors / on GPU actors
 SOURCE_KINDS = ("auto", "bundled", "jsonl", "text", "parquet", "hf_disk", "hf")
 
 
@@ -85,7 +86,7 @@ class ClusterConfig:
     num_actors: int = 1  # size of the actor pool (one model copy each); with max_actors: the pool's minimum
     max_actors: int | None = None  # autoscaling: the pool grows from num_actors to max_actors as the cluster gains resources (KubeRay GPU workers scaling from 0); None: fixed at num_actors
     actor_resources: dict | None = None  # custom Ray resources each actor requires, e.g. {worker: 1} to place actors on nodes that declare them (ray start --resources)
-    batch_size: int = 8  # samples per work unit = per engine call; units are consecutive sample_ids
+    batch_size: int | str | None = "auto"  # samples per work unit = per engine call (units are consecutive sample_ids); auto (or null): 32 when the config puts the model on GPUs (model.device cuda, or cluster.gpus_per_actor > 0 with Ray), else 8 — decided from the config alone, so a config always cuts the same units
     cpus_per_actor: float = 1.0  # logical CPUs each actor reserves
     gpus_per_actor: float | None = None  # None (auto): 1 when the cluster has GPUs, else 0 (CPU actors)
     torch_threads: int | None = None  # intra-op threads per CPU actor; None: the node's cores / num_actors
@@ -101,8 +102,10 @@ class ClusterConfig:
             if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise ConfigError(f"cluster.actor_resources must map resource names to positive numbers, "
                                   f"got {k!r}: {v!r}")
-        if self.batch_size < 1:
-            raise ConfigError(f"cluster.batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size is not None and not isinstance(self.batch_size, int) and self.batch_size != "auto":
+            raise ConfigError(f"cluster.batch_size must be a positive integer or auto, got {self.batch_size!r}")
+        if isinstance(self.batch_size, int) and self.batch_size < 1:
+            raise ConfigError(f"cluster.batch_size must be >= 1 (or auto), got {self.batch_size}")
         if self.cpus_per_actor < 0 or (self.gpus_per_actor is not None and self.gpus_per_actor < 0):
             raise ConfigError("cluster.cpus_per_actor / cluster.gpus_per_actor must be >= 0")
         if self.torch_threads is not None and self.torch_threads < 1:
@@ -142,6 +145,25 @@ class RunConfig:
             raise ConfigError("layers must list at least one layer index")
         object.__setattr__(self, "layers", tuple(self.layers))
 
+    @property
+    def on_gpu(self) -> bool:
+        """The config puts the model on GPUs: ``model.device`` cuda, or Ray actors with ``gpus_per_actor`` > 0
+        (``auto`` devices are not probed: the config alone decides, see ``batch_size``)."""
+        c = self.cluster
+        return self.model.device.startswith("cuda") or (c.use_ray and bool(c.gpus_per_actor)
+                                                        and self.model.device != "cpu")
+
+    @property
+    def batch_size(self) -> int:
+        """``cluster.batch_size`` resolved: ``auto`` / null is ``BATCH_GPU`` when ``on_gpu``, else ``BATCH_CPU``.
+
+        The unit size decides which samples share a partial, and the driver merges partials in
+        sample_id order, so it changes the last bits of the float64 sums (``mean``, ``m2``, ``sum``):
+        it is part of the fingerprint, and because it depends on the config only (never on the
+        hardware found at run time) a config always gives the same bits."""
+        b = self.cluster.batch_size
+        return b if isinstance(b, int) else (BATCH_GPU if self.on_gpu else BATCH_CPU)
+
     # ------------------------------------------------------------------ dict / YAML
     @classmethod
     def from_dict(cls, d: dict | None) -> "RunConfig":
@@ -159,7 +181,7 @@ class RunConfig:
         d = self.to_dict()
         key = {"model": {k: d["model"][k] for k in ("name", "trust_remote_code")}, "data": d["data"],
                "sensitivity": d["sensitivity"], "layers": sorted(set(d["layers"])),
-               "batch_size": d["cluster"]["batch_size"]}
+               "batch_size": self.batch_size}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -21,6 +21,8 @@ each mode lives in its own module::
     python -m jobs.bench.benchmark actors scaling|driver [...]
     # corpus reads: time to first unit and peak RSS, 200 / 10k shuffled samples of 100k-10M rows (jobs/bench/corpus.py)
     python -m jobs.bench.benchmark corpus --dir /tmp/corpus-bench [--json jobs/results/corpus_reads.json]
+    # run-directory bytes: 1k/10k/100k samples with and without compaction, partial formats (jobs/bench/rundir.py)
+    python -m jobs.bench.benchmark rundir all --json jobs/results/rundir_bytes.json
     # manual vs vmap engine strategies (jobs/bench/strategies.py; = python -m jobs.bench.strategies ...)
     python -m jobs.bench.benchmark strategies [--models smollm2 minilm gpt2] [--layers -1 15]
 
@@ -51,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                                       "(arguments passed on)")
     sub.add_parser("modes", help="forward vs reverse mode: python -m jobs.bench.modes (arguments passed on)")
     sub.add_parser("corpus", help="corpus reads, first unit and peak RSS: python -m jobs.bench.corpus "
+                                  "(arguments passed on)")
+    sub.add_parser("rundir", help="run-directory bytes, compaction and partial formats: python -m jobs.bench.rundir "
                                   "(arguments passed on)")
     return ap
 
@@ -84,6 +88,10 @@ def main(argv=None):
         from . import corpus
 
         return corpus.main(argv[1:])
+    if argv[:1] == ["rundir"]:  # run-directory bytes (jobs/bench/rundir.py)
+        from . import rundir
+
+        return rundir.main(argv[1:])
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["cpu"] + argv  # no mode: cpu
     args = _parser().parse_args(argv)

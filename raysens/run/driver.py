@@ -67,6 +67,8 @@ def finalize(plan: RunPlan, rdir: RunDir, manifest: dict, timings: dict, backend
     # the checkpoint's merge (rolling compaction) continued with the remaining partials, in sample_id
     # order (raysens.store.checkpoint.Fold: accumulators follow the observed lengths, grown as longer
     # partials arrive, never the configured max_seq_len; merging into empty cells is exact)
+    if plan.config.output.compact_every:  # fold the tail too: a finished run keeps a checkpoint and no partial
+        rdir.compact(1)
     fold = rdir.fold_all()
     acc, per_sample, computed, compute_s = fold.acc, fold.per_sample, fold.computed, fold.compute_s
     if not plan.config.output.per_sample:

@@ -108,7 +108,7 @@ def prepare(config: RunConfig) -> RunPlan:
     except ValueError as exc:
         raise RunError(f"layers: {exc}".replace("SensitivityEngine.compute: ", "")) from None
     return RunPlan(config, config.fingerprint(), _run_dir(config), corpus, n_rows,
-                   plan_units(selected, config.cluster.batch_size), layers,
+                   plan_units(selected, config.batch_size), layers,
                    {"model_type": getattr(mcfg, "model_type", None), "num_hidden_layers": n_layers,
                     "hidden_size": int(getattr(mcfg, "hidden_size", 0) or 0)}, inputs)
 
@@ -145,6 +145,8 @@ def base_manifest(plan: RunPlan, status: str, started: str) -> dict:
         "corpus": {**plan.corpus.describe(), "rows": plan.n_rows},
         "inputs": plan.inputs,
         "samples": {"corpus_rows": plan.n_rows, "total": plan.n_selected},
-        "units": {"total": len(plan.units), "batch_size": cfg.cluster.batch_size},
+        "units": {"total": len(plan.units), "batch_size": cfg.batch_size,
+                  **({} if isinstance(cfg.cluster.batch_size, int) else
+                     {"batch_size_rule": f"auto: {'GPU' if cfg.on_gpu else 'CPU'} default"})},
         "timings": {"started": started},
     }

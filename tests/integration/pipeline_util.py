@@ -6,6 +6,7 @@ import numpy as np
 
 from raysens.config import load_config
 
+KEEP = "--output.compact_every=0"  # keep every partial (tests that look at partials themselves)
 FAST = ["--data.max_seq_len=10", "--layers=[1,-1]", "--output.plots=false", "--output.progress_every_s=0"]
 
 

@@ -60,6 +60,8 @@ def test_unknown_key_in_yaml_file(tmp_path):
     ("--data.limit=ten", "data.limit must be an integer"),
     ("--cluster.num_actors=0", "cluster.num_actors"),
     ("--cluster.batch_size=0", "cluster.batch_size"),
+    ("--cluster.batch_size=big", "cluster.batch_size must be a positive integer or auto, got 'big'"),
+    ("--output.compact_every=-1", "output.compact_every must be >= 0"),
     ("--layers=[]", "layers"),
     ("--layers=[a]", r"layers\[0\] must be an integer"),
     ("--sensitivity.estimator=frobenius", "estimator"),
@@ -85,6 +87,34 @@ def test_fingerprint_tracks_numbers_not_resources():
     assert a.fingerprint() != load_config(None, ["--cluster.batch_size=3"]).fingerprint()
     assert a.fingerprint() != load_config(None, ["--sensitivity.seed=1"]).fingerprint()
     assert a.fingerprint() != load_config(None, ["--data.limit=7"]).fingerprint()
+
+
+@pytest.mark.parametrize("overrides, size", [
+    ([], 8),  # auto, CPU
+    (["--cluster.batch_size=null"], 8),
+    (["--model.device=cpu", "--cluster.gpus_per_actor=1"], 8),  # the config says CPU
+    (["--cluster.use_ray=false", "--cluster.gpus_per_actor=1"], 8),  # no Ray actors: the resource is unused
+    (["--model.device=cuda"], 32),
+    (["--model.device=cuda:1", "--cluster.use_ray=false"], 32),
+    (["--cluster.gpus_per_actor=1"], 32),
+    (["--cluster.gpus_per_actor=0.5"], 32),
+    (["--cluster.gpus_per_actor=1", "--cluster.batch_size=5"], 5),  # given sizes win
+])
+def test_auto_batch_size_is_decided_by_the_config_alone(overrides, size):
+    cfg = load_config(None, overrides)
+    assert cfg.batch_size == size
+    explicit = load_config(None, [o for o in overrides if "batch_size" not in o] + [f"--cluster.batch_size={size}"])
+    assert cfg.fingerprint() == explicit.fingerprint()  # auto resolves before hashing: same units, same runs
+
+
+def test_auto_batch_size_keeps_the_fingerprint_of_the_old_default_8():
+    import hashlib
+    import json
+
+    d = load_config(None, []).to_dict()
+    old = {"model": {k: d["model"][k] for k in ("name", "trust_remote_code")}, "data": d["data"],
+           "sensitivity": d["sensitivity"], "layers": sorted(set(d["layers"])), "batch_size": 8}
+    assert load_config(None, []).fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def test_roundtrip_to_dict():

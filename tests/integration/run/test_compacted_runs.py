@@ -61,8 +61,8 @@ def reference(tiny_model, tmp_path_factory):
 def test_compacted_run_is_bit_for_bit_and_keeps_only_the_partials_in_flight(reference, tiny_model, tmp_path):
     s = run_local(_cfg(tiny_model, tmp_path / "run", 3))
     ma, mb = assert_bitwise(s.run_dir, reference)
-    assert ma["units"]["compaction"]["compactions"] == 2 and ma["units"]["compaction"]["units_folded"] == 6
-    assert len(os.listdir(tmp_path / "run" / "partials")) == 2  # units 7 and 8: never reached 3 more
+    assert ma["units"]["compaction"]["compactions"] == 3 and ma["units"]["compaction"]["units_folded"] == 8
+    assert len(os.listdir(tmp_path / "run" / "partials")) == 0  # finalize folded the last 2 units too
     assert len(os.listdir(tmp_path / "run" / "checkpoint")) == 1
     assert ma["per_sample"]["files"] == 8  # folded units were exported before their partials went
     assert sorted(os.listdir(tmp_path / "run" / "per_sample")) == sorted(os.listdir(os.path.join(reference, "per_sample")))
@@ -85,9 +85,7 @@ def test_a_run_crashed_mid_compaction_resumes_bit_for_bit(reference, tiny_model,
     ma, _ = assert_bitwise(s.run_dir, reference)
     done_before = 3 if crash.endswith("1") else 6
     assert ma["units"]["reused"] == done_before and ma["units"]["computed_this_run"] == 8 - done_before
-    folded = 7 if crash == "folded::2" else 6  # units 4-7 were folded in one go after the resume
-    assert ma["units"]["compaction"]["units_folded"] == folded
-    assert len(os.listdir(out / "partials")) == 8 - folded
+    assert ma["units"]["compaction"]["units_folded"] == 8 and os.listdir(out / "partials") == []
 
 
 def test_a_corrupt_checkpoint_is_recomputed_and_a_rerun_of_a_complete_run_changes_nothing(reference, tiny_model,
@@ -99,7 +97,7 @@ def test_a_corrupt_checkpoint_is_recomputed_and_a_rerun_of_a_complete_run_change
     s = run_local(_cfg(tiny_model, out, 3))
     ma, _ = assert_bitwise(s.run_dir, reference)
     assert ma["units"]["corrupt_recomputed"][0]["file"] == f"checkpoint/{name}"
-    assert ma["units"]["computed_this_run"] == 6 and ma["units"]["reused"] == 2
+    assert ma["units"]["computed_this_run"] == 8 and ma["units"]["reused"] == 0  # every unit was in it
     again = run_local(_cfg(tiny_model, out, 3))
     assert_bitwise(again.run_dir, reference)
     assert again.manifest["units"]["computed_this_run"] == 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_util import assert_same_stats, config
+from pipeline_util import KEEP, assert_same_stats, config
 from raysens.backends import ClusterError
 from raysens.run.runner import run, run_local
 
@@ -38,7 +38,7 @@ model: {{name: {tiny_model}}}
 data: {{limit: 24, max_seq_len: 10}}
 layers: [1, -1]
 cluster: {{num_actors: 1, batch_size: 3}}
-output: {{dir: {out}, plots: false, progress_every_s: 0}}
+output: {{dir: {out}, plots: false, progress_every_s: 0, compact_every: 0}}
 """)
     p = _job(cfg, env={"RAYSENS_TEST_DRIVER_EXIT_AFTER_UNITS": "3"})
     assert p.returncode == 3, p.stderr[-3000:]
@@ -92,7 +92,7 @@ def test_unreachable_cluster_is_a_clear_fast_error(no_ray_session, tiny_model, t
 
 def test_unreachable_cluster_keeps_persisted_partials(no_ray_session, tiny_model, tmp_path):
     d = tmp_path / "r"
-    run_local(config(tiny_model, d, "--data.limit=6", "--cluster.batch_size=3"))
+    run_local(config(tiny_model, d, "--data.limit=6", "--cluster.batch_size=3", KEEP))
     first = sorted(os.listdir(d / "partials"))
     os.remove(d / "partials" / first[0])
     with pytest.raises(ClusterError):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import raysens
-from pipeline_util import assert_same_stats, config
+from pipeline_util import KEEP, assert_same_stats, config
 from raysens.config import ConfigError
 from raysens.run.runner import run_local
 from raysens.store.corpus import CorpusError
@@ -321,7 +321,7 @@ def test_a_second_driver_is_refused_while_the_lease_is_live(tiny_model, tmp_path
 def test_only_partial_files_are_ever_moved_aside(tiny_model, tmp_path, texts):
     src = _corpus(tmp_path / "c.jsonl", texts[:6])
     out = tmp_path / "run"
-    run_local(_cfg(tiny_model, out, src))
+    run_local(_cfg(tiny_model, out, src, KEEP))
     user = tmp_path / "precious.npz"
     user.write_bytes(b"the user's own file")
     pdir = out / "partials"
@@ -331,7 +331,7 @@ def test_only_partial_files_are_ever_moved_aside(tiny_model, tmp_path, texts):
     for p in sorted(pdir.glob("unit_*.npz"))[:1]:
         if not p.is_symlink():
             p.write_bytes(b"corrupt")  # a real corrupt partial is still set aside
-    run_local(_cfg(tiny_model, out, src))
+    run_local(_cfg(tiny_model, out, src, KEEP))
     assert (pdir / "notes.txt").read_text() == "mine" and user.read_bytes() == b"the user's own file"
     assert (pdir / "unit_0000000099-0123456789abcdef.npz").is_symlink() and (pdir / "real.npz").is_symlink()
     moved = [p.name for p in (pdir / "corrupt").iterdir()]

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline_util import assert_same_stats, config
+from pipeline_util import KEEP, assert_same_stats, config
 from raysens.store.corpus import CorpusError
 from raysens.store.rundir import RunError
 from raysens.run.runner import run_local
@@ -24,7 +24,7 @@ def _partials(d):
 def reference(tiny_model, tmp_path_factory):
     """An uninterrupted in-process run: 30 samples, batch 4 (8 units, the last one short)."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    s = run_local(config(tiny_model, out, "--data.limit=30", "--cluster.batch_size=4", "--output.plots=true"))
+    s = run_local(config(tiny_model, out, "--data.limit=30", "--cluster.batch_size=4", "--output.plots=true", KEEP))
     return s
 
 
@@ -39,7 +39,7 @@ def test_run_directory_layout_and_loader(reference):
     assert m["model"]["class"] == "LlamaForCausalLM" and m["model"]["num_hidden_layers"] == 2
     assert m["units"] == {"total": 8, "batch_size": 4, "reused": 0, "computed_this_run": 8, "corrupt_recomputed": [],
                           "compaction": {"checkpoint": None, "units_folded": 0, "compactions": 0,
-                                         "leftovers_deleted": 0, "compact_every": 64}}  # 8 units < 64: none
+                                         "leftovers_deleted": 0, "compact_every": 0}}
     assert len(_partials(d)) == 8
     run = raysens.load_run(d)
     assert sorted(run.layers) == [1, 2]
@@ -70,7 +70,7 @@ def test_resume_recomputes_only_missing_and_corrupt(reference, tiny_model, tmp_p
     p.write_bytes(bytes(raw))
     for f in (d / "stats").iterdir():
         f.unlink()
-    s = run_local(config(tiny_model, d, "--data.limit=30", "--cluster.batch_size=4"))
+    s = run_local(config(tiny_model, d, "--data.limit=30", "--cluster.batch_size=4", KEEP))
     u = s.manifest["units"]
     assert u["computed_this_run"] == 4 and u["reused"] == 4
     assert sorted(c["file"] for c in u["corrupt_recomputed"]) == sorted([names[2], names[3]])
@@ -174,7 +174,7 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
 def test_shuffled_selection_runs_the_picked_ids(tiny_model, tmp_path):
     s = run_local(config(tiny_model, tmp_path / "r", "--data.limit=6", "--data.shuffle=true",
-                         "--data.shuffle_seed=5"))
+                         "--data.shuffle_seed=5", KEEP))
     from raysens.config import DataConfig
     from raysens.store.corpus import Corpus
 

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline_util import config
+from pipeline_util import KEEP, config
 from raysens.run.runner import run_local
 from raysens.store.partials import decode_partial
 from raysens.store.results import load_run
@@ -18,7 +18,7 @@ from raysens.store.results import load_run
 @pytest.mark.parametrize("mode", ["forward", "reverse"])
 def test_mode_is_recorded_in_partials_and_manifest(tiny_model, tmp_path, mode):
     cfg = config(tiny_model, tmp_path / "run", "--data.limit=6", "--cluster.batch_size=3",
-                 f"--sensitivity.mode={mode}", "--cluster.use_ray=false")
+                 f"--sensitivity.mode={mode}", "--cluster.use_ray=false", KEEP)
     run_local(cfg)
     d = tmp_path / "run"
     m = json.load(open(d / "manifest.json"))

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pipeline_util import assert_same_stats, config
+from pipeline_util import KEEP, assert_same_stats, config
 from raysens.run.runner import run, run_local
 
 pytestmark = pytest.mark.ray
@@ -19,7 +19,7 @@ MERGE_RTOL = 1e-12  # float64 rounding of the Chan merge; everything else must a
 def local_runs(tiny_model, tmp_path_factory):
     """In-process core (no Ray) for batch sizes 3 and 8."""
     base = tmp_path_factory.mktemp("local")
-    return {b: run_local(config(tiny_model, base / f"b{b}", f"--data.limit={N}", f"--cluster.batch_size={b}"))
+    return {b: run_local(config(tiny_model, base / f"b{b}", f"--data.limit={N}", f"--cluster.batch_size={b}", KEEP))
             for b in (3, 8)}
 
 
