@@ -105,12 +105,12 @@ class Compaction:
         least ``every`` units (0: never); returns the number of units folded."""
         if every <= 0:
             return 0
-        with self._lock:
-            done = dict(self.done)
         start = self.fold.units if self.fold else 0
-        end = self._prefix_end(done)
-        if end - start < every:
-            return 0
+        with self._lock:  # O(prefix beyond the checkpoint), not O(units): called after every unit
+            end = self._prefix_end(self.done)
+            if end - start < every:
+                return 0
+            done = {int(u[0]): self.done[int(u[0])] for u in self.units[start:end]}
         return self._compact(start, end, done)
 
     def _compact(self, start: int, end: int, done: dict) -> int:
