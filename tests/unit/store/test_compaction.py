@@ -237,3 +237,13 @@ def test_per_sample_maps_are_exported_before_their_partials_are_deleted(tmp_path
     rows = [r for r in t.to_pylist() if r["sample_id"] == 5 and r["layer"] == 3]
     assert rows[0]["length"] == n
     np.testing.assert_array_equal(np.asarray(rows[0]["values"], np.float32), per[3][0].astype(np.float32).ravel())
+
+
+def test_units_folded_before_per_sample_was_on_are_listed_as_missing_not_invented(tmp_path):
+    rd = _open(tmp_path / "run")
+    for u in _units()[:4]:
+        rd.add(int(u[0]), _payload(u))
+    rd.compact(4)
+    rd.close()
+    fold = _finish(_open(tmp_path / "run", per_sample=True), every=0, per_sample=True)
+    assert fold.per_sample["missing_units"] == [0, 3, 6, 9] and fold.per_sample["files"] == N_UNITS - 4
