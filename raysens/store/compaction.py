@@ -51,7 +51,7 @@ class Compaction:
         names = sorted((posixpath.basename(i.path) for i in
                         fs.get_file_info(pafs.FileSelector(self.cdir, allow_not_found=True))
                         if i.type == pafs.FileType.File), reverse=True)
-        names = [n for n in names if CKPT_RE.match(n) or n.endswith(".npz.tmp")]
+        names = [n for n in names if CKPT_RE.match(n) or (n.startswith("ckpt-") and n.endswith(".npz.tmp"))]
         if names and not self.resume:
             raise self._error(f"output directory {self.run_dir!r} already has a checkpoint and output.resume is "
                               "false; use another output.dir (nothing was changed)")

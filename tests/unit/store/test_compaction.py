@@ -247,3 +247,16 @@ def test_units_folded_before_per_sample_was_on_are_listed_as_missing_not_invente
     rd.close()
     fold = _finish(_open(tmp_path / "run", per_sample=True), every=0, per_sample=True)
     assert fold.per_sample["missing_units"] == [0, 3, 6, 9] and fold.per_sample["files"] == N_UNITS - 4
+
+
+def test_an_unfinished_checkpoint_write_is_dropped_and_its_units_kept(reference, tmp_path):
+    rd = _open(tmp_path / "run")
+    for u in _units()[:3]:
+        rd.add(int(u[0]), _payload(u))
+    rd.close()
+    tmp = tmp_path / "run" / "checkpoint" / "ckpt-0000000003-0123456789abcdef.npz.tmp"
+    tmp.parent.mkdir(exist_ok=True)
+    tmp.write_bytes(b"half a checkpoint")  # the process died inside write_bytes, before the move
+    rd = _open(tmp_path / "run")
+    assert not tmp.exists() and rd.fold is None and rd.corrupt == [] and len(rd.todo()) == N_UNITS - 3
+    _assert_same(_finish(rd, every=3), reference)
