@@ -19,6 +19,7 @@ imported when a plot is drawn (``pip install raysens[plots]``).
 
 from __future__ import annotations
 
+import os
 import posixpath
 from typing import Sequence, Union
 
@@ -237,16 +238,48 @@ def layer_summaries(run: RunResult) -> dict[int, dict]:
     return {L: an.layer_summary(ls.mean) for L, ls in sorted(run.layers.items())}
 
 
-def render_run_plots(run: RunLike) -> dict[str, bytes]:
-    """All plots of one run as ``{file name: PNG bytes}`` (in display order)."""
-    run = _load(run)
+def _layer_pngs(run: RunResult, layers) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
-    for L, ls in sorted(run.layers.items()):
+    for L in layers:
+        ls = run.layers[L]
         out[f"layer_{L:03d}_heatmap.png"] = heatmap_png(run, ls)
         out[f"layer_{L:03d}_distance.png"] = distance_png(run, ls)
         out[f"layer_{L:03d}_sink.png"] = sink_png(run, ls)
         if dom.available(ls):
             out[f"layer_{L:03d}_dominance.png"] = dominance_png(run, ls)
+    return out
+
+
+def _layer_pngs_of(run_dir: str, layers) -> dict[str, bytes]:
+    """In a worker process: the run loaded once, then its share of the layers."""
+    return _layer_pngs(load_run(run_dir), layers)
+
+
+def _workers(n_layers: int, workers: int | None) -> int:
+    if workers is None:  # each worker pays ~2 s of imports: worth it from ~4 layers on
+        workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+    return max(1, min(int(workers), n_layers // 4))
+
+
+def render_run_plots(run: RunLike, workers: int | None = None) -> dict[str, bytes]:
+    """All plots of one run as ``{file name: PNG bytes}`` (in display order). A run directory with
+    many layers is rendered by ``workers`` processes (default: the usable cores, at most 8; each
+    renders a contiguous share of the layers; the bytes are those of one process)."""
+    path = None if isinstance(run, RunResult) else run
+    run = _load(run)
+    layers = sorted(run.layers)
+    n = _workers(len(layers), workers) if path is not None else 1
+    if n > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        shares = [layers[i * len(layers) // n:(i + 1) * len(layers) // n] for i in range(n)]
+        with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn")) as pool:
+            out = {}
+            for part in pool.map(_layer_pngs_of, [path] * n, shares):
+                out.update(part)
+    else:
+        out = _layer_pngs(run, layers)
     if run.layers:
         f = an.run_facts(run.manifest, run.layers)
         out["layers_summary.png"] = summary_png([(_model(run), layer_summaries(run))],

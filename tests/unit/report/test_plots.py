@@ -207,3 +207,15 @@ def test_plots_import_is_lazy():
 def test_loaded_run_roundtrip(run_dir):
     run = load_run(run_dir)
     assert sorted(run.layers) == list(LAYERS) and run[1].mean.shape == (S, S)
+
+
+def test_many_layers_render_in_worker_processes_to_the_same_bytes(tmp_path):
+    """8 layers: 2 spawn workers render a share each; every PNG equals the one-process bytes."""
+    from raysens.report.plots import _workers, render_run_plots
+
+    run = make_run(tmp_path / "run8", s=6, b=5, layers=tuple(range(1, 9)))
+    assert _workers(8, 2) == 2 and _workers(8, None) >= 1 and _workers(3, 8) == 1
+    one = render_run_plots(run, workers=1)
+    two = render_run_plots(run, workers=2)
+    assert list(one) == list(two) and len(one) == 8 * 3 + 1
+    assert all(one[k] == two[k] for k in one)
