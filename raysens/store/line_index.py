@@ -110,7 +110,7 @@ def cached_file_sha256(fs: pafs.FileSystem, path: str) -> str:
 def scan(fs: pafs.FileSystem, path: str, check: Callable[[bytes, int], bool]) -> tuple[np.ndarray, dict]:
     """One streaming pass: ``check(line, line_number)`` (line without its ending; may raise) says
     whether the line is a record. Returns the records' spans and ``{rows, lines, records_sha256,
-    file_sha256}``. Lines are what ``corpus._iter_lines`` yields: split at ``\\n``, trailing ``\\r``
+    file_sha256}``. Lines are what ``iter_lines`` yields: split at ``\\n``, trailing ``\\r``
     removed, a last line without ``\\n`` kept when not empty."""
     spans = array.array("Q")
     hrec, hfile = hashlib.sha256(), hashlib.sha256()
