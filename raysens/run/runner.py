@@ -302,11 +302,19 @@ def _print_summary(plan: RunPlan, m: dict) -> None:
     log(f"done: {s['computed']} samples computed, {s['skipped']} skipped "
         f"{s.get('skipped_by_reason') or ''} in {m['timings']['wall_s']:.1f}s")
     print(f"results: {plan.run_dir}")
-    for L in plan.layers:
-        print(f"  layer {L}: {plan.run_dir}/stats/layer_{L:03d}.npz")
-    for p in m.get("plots", []):
-        if "heatmap" in p:
+    heat = [p for p in m.get("plots", []) if "heatmap" in p]
+    if len(plan.layers) <= 3:
+        for L in plan.layers:
+            print(f"  layer {L}: {plan.run_dir}/stats/layer_{L:03d}.npz")
+        for p in heat:
             print(f"  heatmap: {plan.run_dir}/{p}")
+    else:  # many layers: one line each kind, not one per layer
+        print(f"  stats: {plan.run_dir}/stats/layer_NNN.npz for {len(plan.layers)} layers "
+              f"({plan.layers[0]}..{plan.layers[-1]})")
+        if "plots/layers_summary.png" in m.get("plots", []):
+            print(f"  layer profile: {plan.run_dir}/plots/layers_summary.png")
+        if heat:
+            print(f"  heatmap: {plan.run_dir}/{heat[-1]} (and one per layer: plots/layer_NNN_heatmap.png)")
     print(f"load with: raysens.load_run({plan.run_dir!r})")
 
 
