@@ -89,7 +89,7 @@ class ClusterConfig:
     batch_size: int | str | None = "auto"  # samples per work unit = per engine call (units are consecutive sample_ids); auto (or null): 32 when the config puts the model on GPUs (model.device cuda, or cluster.gpus_per_actor > 0 with Ray), else 8 — decided from the config alone, so a config always cuts the same units
     cpus_per_actor: float = 1.0  # logical CPUs each actor reserves
     gpus_per_actor: float | None = None  # None (auto): 1 when the cluster has GPUs, else 0 (CPU actors)
-    torch_threads: int | None = None  # intra-op threads per CPU actor; None: the node's cores / num_actors
+    torch_threads: int | None = None  # intra-op threads per CPU actor; None: (the node's cores - 1) / num_actors, at least 1
     num_cpus: int | None = None  # embedded local Ray only: logical CPUs declared; None: max(4, 2 * num_actors + 2)
     tokenize_cpus: float = 0.25  # logical CPUs per tokenization task
 

@@ -153,7 +153,9 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, int, int, bytes], N
         threads = cl.torch_threads or max(1, int(cl.cpus_per_actor))
         device = model.device
     else:
-        threads = cl.torch_threads or max(1, _node_cores() // cl.num_actors)
+        # one core left to the driver and Ray's own processes: on 2 cores a 2-thread actor shared a core
+        # with them and ran the quick start at 3.65 s/sample, 1 thread at 2.15 (docs/pipeline-benchmarks.md)
+        threads = cl.torch_threads or max(1, (_node_cores() - 1) // cl.num_actors)
         device = "cpu" if model.device == "auto" else model.device
     worker_kwargs = [dict(model_name=model.name, trust_remote_code=model.trust_remote_code, device=device,
                           sensitivity=c.config.sensitivity.to_dict(), layers=list(c.config.layers),
