@@ -32,7 +32,6 @@ Without a mode, ``cpu`` is run (``python -m jobs.bench.benchmark --rounds 3`` = 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -60,10 +59,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _write(res: dict, path: Path) -> None:
-    from .common import log
+    from .common import write_json
 
-    path.write_text(json.dumps(res, indent=1, default=str))
-    log(f"wrote {path}")
+    write_json(res, path)
 
 
 def main(argv=None):

@@ -52,6 +52,14 @@ def log(*a):
     print(*a, flush=True)
 
 
+def write_json(res, path) -> None:
+    """Write a benchmark's result as indented JSON and say where (``--json PATH``)."""
+    import json
+
+    Path(path).write_text(json.dumps(res, indent=1, default=str))
+    log(f"wrote {path}")
+
+
 # ----------------------------------------------------------------------------- inputs and errors
 def make_inputs(tok, n: int, seq: int, offset: int = 0):
     """``n`` samples of exactly ``seq`` tokens: windows over the repeated sentence list."""

@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .common import block_params, floor_flops, log, make_inputs, rel_fro
+from .common import block_params, floor_flops, log, make_inputs, rel_fro, write_json
 
 
 def _engine(model, **cfg):
@@ -123,8 +122,7 @@ def main(argv=None):
            "models": [_bench_model(m, args, parts) for m in args.models]}
     print(json.dumps(res, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
-        log(f"wrote {args.json}")
+        write_json(res, args.json)
     return res
 
 

@@ -21,7 +21,6 @@ checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.bench.common import log
+from jobs.bench.common import log, write_json
 
 
 def _corpus(path: Path, rows: int, seq: int) -> None:
@@ -157,8 +156,7 @@ def main(argv=None):
         res["growth"] = {"model": f"synthetic:L{args.layers or 4}", "seq": args.seq or 16, "batch": args.batch,
                          "rows": growth(args.samples, args.layers or 4, args.seq or 16, args.batch, args.compact_every, work)}
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
-        log(f"wrote {args.json}")
+        write_json(res, args.json)
     return res
 
 

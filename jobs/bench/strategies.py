@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
 
-from .common import log, make_inputs
+from .common import log, make_inputs, write_json
 
 
 def _model(name: str, n: int, seq: int):
@@ -91,8 +89,7 @@ def main(argv=None):
     for name in args.models:
         res += bench(name, args.layers, args.samples, args.seq_len, args.batch, args.rounds)
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
-        log(f"wrote {args.json}")
+        write_json(res, args.json)
     return res
 
 
