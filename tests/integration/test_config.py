@@ -19,7 +19,9 @@ def test_job_configs_load(name):
 def test_quickstart_config_is_the_documented_one():
     cfg = load_config(ROOT / "jobs" / "configs" / "quickstart.yaml")
     assert cfg.model.name == "smollm2" and cfg.data.source == "bundled" and cfg.data.max_seq_len == 32
-    assert 100 <= cfg.data.limit <= 1000
+    readme = (ROOT / "README.md").read_text()
+    assert f"on {cfg.data.limit} paragraphs of the bundled corpus" in readme  # the README states what it runs
+    assert 50 <= cfg.data.limit <= 1000 and cfg.layers == tuple(range(1, 31))  # the whole layer profile
 
 
 def test_overrides_are_yaml_scalars_and_nested():
