@@ -221,9 +221,16 @@ def test_output_dir_that_is_a_file_or_unwritable_subdirs_fail_before_compute(tin
 
 
 # ---------------------------------------------------------------------- 10. Ctrl-C / SIGTERM in-process
+def default_sigint():
+    """In the child: SIGINT back to its default, so that Python installs KeyboardInterrupt even when
+    the tests run in a background job of a non-interactive shell (``cmd &`` starts with SIGINT
+    ignored, and a process that inherits SIG_IGN keeps it: Ctrl-C would never reach the run)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(args, env=None, cwd=ROOT):
     return subprocess.Popen([sys.executable, "-m", "raysens.cli", *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
 
 
 def _wait_for_partials(out: Path, n: int, proc, timeout=240):
