@@ -9,7 +9,8 @@ each mode lives in its own module::
     python -m jobs.bench.benchmark cpu --threads 2 --rounds 3 --json jobs/results/benchmark_cpu_2threads.json
     python -m jobs.bench.benchmark cpu --samples 4 --seq-len 32 --rounds 2 --json /tmp/bench_cpu.json
 
-    # GPU (jobs/bench/gpu.py): random-weight Qwen2-1.5B shape, strict fp32 and TF32; no Ray, no install
+    # GPU (jobs/bench/gpu.py): random-weight Qwen2-1.5B shape, last layer strict fp32 and TF32 vs the seed loop,
+    # then all 28 layers in forward / reverse / auto mode (TF32); no Ray, no install
     python -m jobs.bench.benchmark gpu --out $OUT               # writes $OUT/benchmark_gpu.json
     python -m jobs.bench.benchmark gpu --out /tmp/bench --batch 32 --seq-len 64 --seed-samples 2
     python -m jobs.bench.benchmark gpu --device cpu --tiny --reps 1 --seed-samples 1 --out /tmp/b   # smoke test
