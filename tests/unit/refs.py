@@ -118,6 +118,18 @@ def reference(model: torch.nn.Module, ids, layer: int, chunk_size: int | None = 
     return _JAC_CACHE[key]
 
 
+def padded(rows, side: str, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of 1-D id tensors padded on ``side`` ("left"/"right") with ``pad``:
+    ``input_ids`` and ``attention_mask``, both ``[batch, max length]``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    am = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+        ids[i, sl], am[i, sl] = r, 1
+    return ids, am
+
+
 def rel_fro(a, b) -> float:
     """Relative Frobenius error ‖a − b‖ / ‖b‖."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from refs import CAUSAL_KINDS, N_LAYERS, VOCAB, random_ids, reference, rel_fro, tiny_model
+from refs import CAUSAL_KINDS, N_LAYERS, VOCAB, padded, random_ids, reference, rel_fro, tiny_model
 from raysens.core.engine import (
     Estimator,
     NonFiniteGradientError,
@@ -85,17 +85,6 @@ def test_smollm2_real_causal_zeros():
 
 
 # ---------------------------------------------------------------------------------------- padding
-def _padded(samples, side, pad_token):
-    width = max(len(s) for s in samples)
-    ids = torch.full((len(samples), width), pad_token, dtype=torch.long)
-    am = torch.zeros((len(samples), width), dtype=torch.long)
-    for r, s in enumerate(samples):
-        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
-        ids[r, sl] = s
-        am[r, sl] = 1
-    return ids, am
-
-
 @pytest.mark.parametrize("estimator", ["exact", "hutchinson"])
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
 def test_padding_side_and_batch_do_not_change_a_sample(kind, estimator):
@@ -108,7 +97,7 @@ def test_padding_side_and_batch_do_not_change_a_sample(kind, estimator):
             assert rel_fro(alone.values[L][0], reference(model, x, L)[0]) <= 1e-5
     for side in ("right", "left"):
         for pad_token in (0, 57):  # the pad token's identity must not matter
-            ids, am = _padded([z, x, y], side, pad_token)
+            ids, am = padded([z, x, y], side, pad_token)
             r = _engine(model, **cfg).compute(ids, am, layers=[1, -1], sample_ids=[1, 2, 3])
             assert r.lengths.tolist() == [8, 6, 4]
             assert r.values[N_LAYERS].shape == (3, 8, 8)
@@ -125,7 +114,7 @@ def test_padding_side_and_batch_do_not_change_a_sample(kind, estimator):
                                                atol=1e-7 * alone.noise[L].max())
     # without the attention mask, BERT's padding tokens are real tokens: the sample changes
     if kind == "bert" and estimator == "exact":
-        ids, _ = _padded([z, x, y], "right", 57)
+        ids, _ = padded([z, x, y], "right", 57)
         r = _engine(model, **cfg).compute(ids, layers=-1, sample_ids=[1, 2, 3])
         assert rel_fro(r.values[N_LAYERS][1, :6, :6], alone.values[N_LAYERS][0]) > 1e-3
 
@@ -139,7 +128,7 @@ def test_one_token_sample(kind):
     alone = eng.compute(x[None], layers=-1)
     assert alone.values[N_LAYERS].shape == (1, 1, 1)
     assert rel_fro(alone.values[N_LAYERS][0], A) <= 1e-5
-    ids, am = _padded([y, x], "left", 0)
+    ids, am = padded([y, x], "left", 0)
     r = eng.compute(ids, am, layers=-1)
     assert r.lengths.tolist() == [5, 1] and r.mask[1].sum() == 1
     np.testing.assert_allclose(r.values[N_LAYERS][1, :1, :1], alone.values[N_LAYERS][0], rtol=1e-5)
@@ -148,7 +137,7 @@ def test_one_token_sample(kind):
 def test_attention_mask_accepts_arrays_lists_and_bools():
     model = tiny_model("llama")
     x, y = random_ids(5, seed=1), random_ids(3, seed=2)
-    ids, am = _padded([x, y], "left", 0)
+    ids, am = padded([x, y], "left", 0)
     a = _engine(model, estimator="exact").compute(ids, am, layers=2)
     b = _engine(model, estimator="exact").compute(ids.tolist(), am.bool().numpy(), layers=2)
     np.testing.assert_array_equal(a.values[2], b.values[2])
@@ -167,7 +156,7 @@ def test_max_seq_len_equals_truncated_ids(kind):
         np.testing.assert_allclose(r.values[L], t.values[L], rtol=1e-6, atol=1e-9 * t.values[L].max())
     assert rel_fro(r.values[N_LAYERS][0], reference(model, x[:5], -1)[0]) <= 1e-5
     # left-padded batch: the first max_seq_len *real* tokens are kept, shorter rows are untouched
-    ids, am = _padded([x, y], "left", 0)
+    ids, am = padded([x, y], "left", 0)
     rb = eng.compute(ids, am, layers=[1, -1], max_seq_len=5)
     assert rb.lengths.tolist() == [5, 3]
     ry = eng.compute(y[None], layers=[1, -1])
@@ -185,7 +174,7 @@ def test_max_seq_len_equals_truncated_ids(kind):
 @pytest.mark.parametrize("estimator", ["exact", "hutchinson"])
 def test_several_layers_equal_one_at_a_time(estimator, strategy):
     model = tiny_model("qwen2")
-    ids, am = _padded([random_ids(6, seed=7), random_ids(4, seed=8)], "right", 0)
+    ids, am = padded([random_ids(6, seed=7), random_ids(4, seed=8)], "right", 0)
     cfg = dict(estimator=estimator, strategy=strategy, num_probes=2, chunk_size=24, mode="reverse")  # reverse strategies
     both = _engine(model, **cfg).compute(ids, am, layers=[-1, 0, 2, 1, 3], sample_ids=[4, 5])
     assert both.layers == (0, 1, 2, 3)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from refs import N_LAYERS, make_model, minilm, random_ids, reference, rel_fro, tiny_model
+from refs import N_LAYERS, make_model, minilm, padded, random_ids, reference, rel_fro, tiny_model
 from raysens.core.engine import Mode, NonFiniteGradientError, SensitivityConfig, SensitivityEngine
 from raysens.core.probes import draw_forward_probes, draw_probes, position_seed, probe_seed
 from raysens.core.schedule import mode_costs, pick_mode
@@ -29,22 +29,12 @@ def _engine(model, **cfg):
     return SensitivityEngine(model, SensitivityConfig(**cfg))
 
 
-def _padded(rows, side, pad=0):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    am = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
-        ids[i, sl], am[i, sl] = r, 1
-    return ids, am
-
-
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("kind", FORWARD_KINDS)
 def test_exact_forward_matches_jacrev_at_every_layer(models, kind, side):
     model = models[kind]
     rows = [random_ids(6, seed=11), random_ids(4, seed=12)]
-    ids, am = _padded(rows, side)
+    ids, am = padded(rows, side)
     res = _engine(model, estimator="exact", mode="forward").compute(ids, am, layers=list(range(N_LAYERS + 1)))
     assert res.mode == "forward" and res.layers == tuple(range(N_LAYERS + 1))
     for L in res.layers:
@@ -69,7 +59,7 @@ def test_exact_forward_matches_jacrev_on_minilm():
 @pytest.mark.parametrize("kind", FORWARD_KINDS)
 def test_exact_forward_equals_exact_reverse(models, kind):
     model = models[kind]
-    ids, am = _padded([random_ids(7, seed=5), random_ids(5, seed=6), random_ids(3, seed=7)], "right")
+    ids, am = padded([random_ids(7, seed=5), random_ids(5, seed=6), random_ids(3, seed=7)], "right")
     layers = list(range(N_LAYERS + 1))
     f = _engine(model, estimator="exact", mode="forward").compute(ids, am, layers=layers)
     r = _engine(model, estimator="exact", mode="reverse").compute(ids, am, layers=layers)
@@ -137,7 +127,7 @@ def test_sample_result_independent_of_batch_and_padding():
     cfg = dict(estimator="hutchinson", num_probes=3, mode="forward", seed=5)
     alone = _engine(model, **cfg).compute(x[None], layers=[1, -1], sample_ids=[9])
     for side in ("left", "right"):
-        ids, am = _padded([random_ids(3, seed=1), x, random_ids(8, seed=2)], side, pad=7)
+        ids, am = padded([random_ids(3, seed=1), x, random_ids(8, seed=2)], side, pad=7)
         r = _engine(model, **cfg).compute(ids, am, layers=[1, -1], sample_ids=[1, 9, 2])
         for L in alone.layers:
             np.testing.assert_allclose(r.values[L][1, :6, :6], alone.values[L][0], rtol=1e-5,
@@ -147,7 +137,7 @@ def test_sample_result_independent_of_batch_and_padding():
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_numbers_do_not_depend_on_the_thread_count(kind):
     model = tiny_model(kind)
-    ids, am = _padded([random_ids(5, seed=1), random_ids(3, seed=2)], "right")
+    ids, am = padded([random_ids(5, seed=1), random_ids(3, seed=2)], "right")
     eng = _engine(model, estimator="hutchinson", num_probes=2, mode="forward")
     before = torch.get_num_threads()
     out = {}
@@ -249,7 +239,7 @@ def test_manual_tangent_path_equals_generic(models, kind):
     """The Llama-family tangent path (causal suffix segments on the shared forward) against the
     generic ``torch.func.jvp`` path, padded batch, Hutchinson K=2 (the same probes)."""
     model = models[kind]
-    ids, am = _padded([random_ids(9, seed=1), random_ids(6, seed=2), random_ids(8, seed=3)], "left")
+    ids, am = padded([random_ids(9, seed=1), random_ids(6, seed=2), random_ids(8, seed=3)], "left")
     cfg = dict(estimator="hutchinson", num_probes=2, seed=3, mode="forward")
     man = _engine(model, **cfg)
     gen = _engine(model, strategy="vmap", **cfg)

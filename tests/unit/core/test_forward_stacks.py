@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from refs import N_LAYERS, make_model, minilm, random_ids, reference, rel_fro
+from refs import N_LAYERS, make_model, minilm, padded, random_ids, reference, rel_fro
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
 
 KINDS = ("gpt2", "bert")
@@ -26,16 +26,6 @@ def _engine(model, **cfg):
     return SensitivityEngine(model, SensitivityConfig(**cfg))
 
 
-def _padded(rows, side, pad=0):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    am = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
-        ids[i, sl], am[i, sl] = r, 1
-    return ids, am
-
-
 def _manual(eng):
     assert eng._manual_fwd is not None, "the hand-written tangent path did not pass its check"
     return eng
@@ -46,7 +36,7 @@ def _manual(eng):
 def test_hand_written_exact_forward_matches_jacrev_at_every_layer(models, kind, side):
     model = models[kind]
     rows = [random_ids(7, seed=31), random_ids(3, seed=32), random_ids(5, seed=33)]
-    ids, am = _padded(rows, side, pad=9)
+    ids, am = padded(rows, side, pad=9)
     eng = _manual(_engine(model, estimator="exact", mode="forward"))
     res = eng.compute(ids, am, layers=list(range(N_LAYERS + 1)))
     assert res.mode == "forward" and res.strategy == "manual"
@@ -67,7 +57,7 @@ def test_hand_written_exact_forward_matches_jacrev_on_minilm():
     n = lm.model.config.num_hidden_layers
     eng = _manual(_engine(lm.model, estimator="exact", mode="forward"))
     for side in ("left", "right"):
-        ids, am = _padded(rows, side)
+        ids, am = padded(rows, side)
         res = eng.compute(ids, am, layers=list(range(n + 1)))
         assert res.strategy == "manual"
         for L in res.layers:
@@ -82,7 +72,7 @@ def test_hand_written_equals_generic(models, kind):
     """Hutchinson K=2 with the same probes: the hand-written path (GPT-2: several causal suffix
     segments) and ``torch.func.jvp`` + ``vmap`` agree to float32 rounding."""
     model = models[kind]
-    ids, am = _padded([random_ids(9, seed=1), random_ids(6, seed=2), random_ids(8, seed=3)], "left")
+    ids, am = padded([random_ids(9, seed=1), random_ids(6, seed=2), random_ids(8, seed=3)], "left")
     cfg = dict(estimator="hutchinson", num_probes=2, seed=3, mode="forward")
     man, gen = _manual(_engine(model, **cfg)), _engine(model, strategy="vmap", **cfg)
     layers = list(range(N_LAYERS + 1))
@@ -97,7 +87,7 @@ def test_hand_written_equals_generic(models, kind):
 @pytest.mark.parametrize("kind", [*KINDS, "minilm"])
 def test_hand_written_numbers_do_not_depend_on_the_thread_count(models, kind):
     model = minilm().model if kind == "minilm" else models[kind]
-    ids, am = _padded([random_ids(5, seed=1), random_ids(3, seed=2), random_ids(1, seed=4)], "right")
+    ids, am = padded([random_ids(5, seed=1), random_ids(3, seed=2), random_ids(1, seed=4)], "right")
     eng = _manual(_engine(model, estimator="hutchinson", num_probes=2, mode="forward"))
     before = torch.get_num_threads()
     out = {}
@@ -119,7 +109,7 @@ def test_hand_written_sample_independent_of_batch_and_padding(models, kind):
     cfg = dict(estimator="hutchinson", num_probes=3, mode="forward", seed=5)
     alone = _manual(_engine(model, **cfg)).compute(x[None], layers=[1, -1], sample_ids=[9])
     for side in ("left", "right"):
-        ids, am = _padded([random_ids(3, seed=1), x, random_ids(8, seed=2)], side, pad=7)
+        ids, am = padded([random_ids(3, seed=1), x, random_ids(8, seed=2)], side, pad=7)
         r = _engine(model, **cfg).compute(ids, am, layers=[1, -1], sample_ids=[1, 9, 2])
         assert r.strategy == "manual"
         for L in alone.layers:
