@@ -26,7 +26,7 @@ import numpy as np
 
 from ..core.cellstats import CellStats
 from .codec import PACKED_KEYS, pack_state, unpack_state
-from .partials import SKIP_REASONS, Partial
+from .partials import SKIP_REASONS, Partial, open_archive
 from .per_sample import PER_SAMPLE, write_unit
 
 CHECKPOINT = "checkpoint"
@@ -109,17 +109,7 @@ class Fold:
                max_seq_len: int, per_sample: bool = False) -> "Fold":
         """Parse and validate a checkpoint of the run whose units are ``units``. Raises
         ``CheckpointError`` naming what is wrong."""
-        m = CKPT_RE.match(name)
-        if not m:
-            raise CheckpointError(f"{name}: not a checkpoint file name")
-        if hashlib.sha256(payload).hexdigest()[:16] != m.group(2):
-            raise CheckpointError(f"{name}: checksum mismatch (truncated or corrupted file)")
-        try:
-            with np.load(io.BytesIO(payload), allow_pickle=False) as z:
-                raw = {k: z[k] for k in z.files}
-            meta = json.loads(str(raw.pop("meta")))
-        except Exception as exc:  # zipfile/np/json errors: all mean "unreadable"
-            raise CheckpointError(f"{name}: unreadable ({type(exc).__name__}: {exc})") from None
+        meta, raw = open_archive(payload, name, CKPT_RE, "checkpoint", CheckpointError)
         try:
             return cls._from_meta(name, meta, raw, fingerprint, layers, units, max_seq_len, per_sample)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
