@@ -77,6 +77,20 @@ def _assert_same(a, b):
             assert xa[k].dtype == xb[k].dtype and np.array_equal(xa[k], xb[k]), (L, k)  # bit for bit
 
 
+def _crash_while_compacting(path, monkeypatch, crash: str, every: int = 3) -> None:
+    """Add every unit, compacting every ``every``, until the armed ``RAYSENS_TEST_COMPACT_CRASH``
+    (``crash``) interrupts; then close the directory and disarm the hook."""
+    monkeypatch.setenv(faults.COMPACT_CRASH, crash)
+    monkeypatch.setitem(faults._compactions, "n", 0)
+    rd = _open(path)
+    with pytest.raises(faults.SimulatedInterrupt):
+        for u in rd.todo():
+            rd.add(int(u[0]), _payload(u))
+            rd.compact(every)
+    rd.close()
+    monkeypatch.delenv(faults.COMPACT_CRASH)
+
+
 def _files(path, sub):
     d = os.path.join(path, sub)
     return sorted(f for f in os.listdir(d) if f.endswith(".npz")) if os.path.isdir(d) else []
@@ -139,15 +153,7 @@ CRASH_POINTS = ["folded", "written", "old_deleted", "deleted:1", "deleted:2", "d
 @pytest.mark.parametrize("step", CRASH_POINTS)
 def test_a_crash_at_every_compaction_step_loses_nothing_and_counts_nothing_twice(reference, tmp_path, monkeypatch,
                                                                                  step, nth):
-    monkeypatch.setenv(faults.COMPACT_CRASH, f"{step}:{nth}" if ":" in step else f"{step}::{nth}")
-    monkeypatch.setitem(faults._compactions, "n", 0)
-    rd = _open(tmp_path / "run")
-    with pytest.raises(faults.SimulatedInterrupt):
-        for u in rd.todo():
-            rd.add(int(u[0]), _payload(u))
-            rd.compact(3)
-    rd.close()
-    monkeypatch.delenv(faults.COMPACT_CRASH)
+    _crash_while_compacting(tmp_path / "run", monkeypatch, f"{step}:{nth}" if ":" in step else f"{step}::{nth}")
     rd = _open(tmp_path / "run")
     folded = 3 * nth if step != "folded" else 3 * (nth - 1)  # the new checkpoint is there from "written" on
     assert (rd.fold.units if rd.fold else 0) == folded
@@ -183,15 +189,7 @@ def test_a_corrupt_checkpoint_is_set_aside_and_its_units_recomputed(reference, t
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_older_one_and_the_partials_left(reference, tmp_path,
                                                                                         monkeypatch):
-    monkeypatch.setenv(faults.COMPACT_CRASH, "written::2")  # 2nd checkpoint written, nothing deleted yet
-    monkeypatch.setitem(faults._compactions, "n", 0)
-    rd = _open(tmp_path / "run")
-    with pytest.raises(faults.SimulatedInterrupt):
-        for u in rd.todo():
-            rd.add(int(u[0]), _payload(u))
-            rd.compact(3)
-    rd.close()
-    monkeypatch.delenv(faults.COMPACT_CRASH)
+    _crash_while_compacting(tmp_path / "run", monkeypatch, "written::2")  # 2nd checkpoint written, nothing deleted yet
     names = _files(tmp_path / "run", "checkpoint")
     assert [n[:15] for n in names] == ["ckpt-0000000003", "ckpt-0000000006"]
     (tmp_path / "run" / "checkpoint" / names[1]).write_bytes(b"garbage")
