@@ -251,11 +251,12 @@ def test_manual_tangent_path_equals_generic(models, kind):
         np.testing.assert_allclose(a.noise[L], b.noise[L], rtol=1e-3, atol=1e-7 * b.noise[L].max())
 
 
-def test_fallback_when_the_manual_tangent_check_fails(monkeypatch):
+@pytest.mark.parametrize("kind", FORWARD_KINDS)
+def test_fallback_when_the_manual_tangent_check_fails(models, kind, monkeypatch):
     from raysens.core import forward
 
     monkeypatch.setattr(forward.ManualForward, "check", lambda self, f, rtol=1e-4: "planted failure")
-    model = tiny_model("llama")
+    model = models[kind]
     eng = _engine(model, estimator="exact", mode="forward")
     assert eng._manual_fwd is None
     x = random_ids(5, seed=2)
