@@ -1,7 +1,7 @@
 """raysens: position-to-position input-Jacobian sensitivity of transformers over whole datasets, on Ray.
 
 ``raysens.load_run(path)`` loads a run directory (local path or pyarrow.fs URI) as numpy arrays;
-``raysens.run.runner.run(config)`` (also ``raysens.pipeline.run``) runs a job. Submodules are imported lazily (no Ray/torch at import).
+``raysens.run.runner.run(config)`` runs a job. Submodules are imported lazily (no Ray/torch at import).
 """
 
 

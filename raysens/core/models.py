@@ -1,6 +1,6 @@
 """Model loading for analysis: Hugging Face id, local directory, GGUF file, or a packaged short name.
 
-Every loaded model is ready for ``raysens.engine``: float32 (converted once here, whatever dtype the
+Every loaded model is ready for ``raysens.core.engine``: float32 (converted once here, whatever dtype the
 weights were stored in), eval mode, parameters frozen (``requires_grad_(False)``), eager attention
 (fused SDPA has no batching rule under ``vmap``), and a tokenizer with a padding token.
 

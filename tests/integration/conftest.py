@@ -17,7 +17,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 
-TINY = "random:tiny-llama"  # seeded random 2-layer Llama, hidden 32, MiniLM tokenizer (raysens.models)
+TINY = "random:tiny-llama"  # seeded random 2-layer Llama, hidden 32, MiniLM tokenizer (raysens.core.models)
 
 
 @pytest.fixture(scope="session")

@@ -210,3 +210,13 @@ def test_modules_are_small_or_say_why():
         if n > MAX_LINES and LONG_REASON not in doc:
             long.append(f"{p.relative_to(ROOT)} ({n} lines)")
     assert not long, f"modules over {MAX_LINES} lines without '{LONG_REASON} …' in their docstring: {long}"
+
+
+def test_one_import_path_per_thing():
+    """The package top holds no alias modules of earlier versions: each thing has one import path
+    (``raysens.compat``, the older tool's API, is a product feature and stays)."""
+    top = sorted(p.stem for p in PKG.glob("*.py"))
+    assert top == ["__init__", "_log", "cli", "compat", "config"], top
+    for old in ("engine", "models", "welford", "pipeline", "sweep", "results"):
+        r = subprocess.run([sys.executable, "-c", f"import raysens.{old}"], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, old
