@@ -17,10 +17,12 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
 import socket
+import threading
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 from urllib.parse import urlparse
 
 from ..config import ClusterConfig
@@ -183,11 +185,89 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, int, int, bytes], N
                 torch_threads=threads)
     t0 = time.perf_counter()
     nodes = info.setdefault("units_by_node", {})  # node id -> units computed there (this pass, so far)
-    for row in _rows(ds):
-        nodes[row["node"]] = nodes.get(row["node"], 0) + 1
-        on_result(int(row["job"]), int(row["unit"]), int(row["samples"]), row["payload"])
+    before = set(threading.enumerate())
+    rows = _rows(ds)
+    try:
+        for row in rows:
+            nodes[row["node"]] = nodes.get(row["node"], 0) + 1
+            on_result(int(row["job"]), int(row["unit"]), int(row["samples"]), row["payload"])
+    finally:
+        # However the pass ends (Ctrl-C and SIGTERM land in whatever line the main thread is on),
+        # Ray Data's threads are stopped and joined HERE, before anyone calls ray.shutdown(): a Ray
+        # Data thread that touches the core worker after ray.shutdown() ends the whole process with
+        # status 1 ("The core worker has already been shutdown ... The process will exit"), before
+        # the manifest is marked or the interrupt is reported (issue 17; docs/DESIGN.md §4).
+        with _signals_deferred():  # a second Ctrl-C must not cut the wind-down short
+            rows.close()
+            wind_down(set(threading.enumerate()) - before)
     info["pipeline_s"] = round(time.perf_counter() - t0, 3)
     return info
+
+
+WIND_DOWN_S = 30.0  # at most this long waiting for Ray Data's threads to end after a pass
+
+
+def wind_down(threads: set, timeout: float = WIND_DOWN_S) -> list[str]:
+    """Stop and join the Ray Data threads among ``threads`` (those started during a pass): each
+    streaming executor is shut down (force: its actors are killed, its output marked finished, so a
+    thread blocked on the next block wakes up), each stoppable helper (block prefetcher, metadata
+    fetcher) is stopped, then all are joined within ``timeout`` seconds. Threads that are not Ray's
+    (a run directory's writer) are left alone. Returns the names of Ray threads still alive."""
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+    mine = [t for t in threads if t.is_alive() and _ray_owned(t)]
+    for t in mine:
+        try:
+            if isinstance(t, StreamingExecutor):
+                t.shutdown(force=True)
+            else:
+                owner = getattr(getattr(t, "_target", None), "__self__", None)
+                if callable(getattr(owner, "stop", None)):
+                    owner.stop()
+        except Exception as exc:  # noqa: BLE001 - best effort; the join below still bounds the wait
+            from .._log import log
+
+            log(f"stopping Ray Data thread {t.name}: {type(exc).__name__}: {exc}")
+    deadline = time.monotonic() + timeout
+    for t in mine:
+        t.join(max(0.0, deadline - time.monotonic()))
+    left = [t.name for t in mine if t.is_alive()]
+    if left:
+        from .._log import log
+
+        log(f"Ray Data threads still running after {timeout:.0f}s: {', '.join(sorted(left))}")
+    return left
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM are held for the block and delivered (to the handlers that were in force)
+    when it ends. Main thread only; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: got.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        for signum, frame in got[:1]:
+            h = previous[signum]
+            if callable(h):
+                h(signum, frame)
+            elif h == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
+def _ray_owned(t: threading.Thread) -> bool:
+    """A thread of Ray's (its class or its target function comes from a ``ray`` module)."""
+    target = getattr(t, "_target", None)
+    mod = getattr(target, "__module__", None) or type(t).__module__
+    return mod.split(".")[0] == "ray"
 
 
 def _pool_strategy(ray, cl: ClusterConfig):
@@ -197,12 +277,17 @@ def _pool_strategy(ray, cl: ClusterConfig):
     return ray.data.ActorPoolStrategy(min_size=cl.num_actors, max_size=cl.max_actors)
 
 
-def _rows(ds) -> Iterable[dict]:
+def _rows(ds) -> Iterator[dict]:
+    batches = iter(ds.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=1))
     try:
-        for batch in ds.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=1):
+        for batch in batches:
             yield from batch.to_pylist()
     except Exception as exc:
         raise unwrap(exc) from None
+    finally:
+        close = getattr(batches, "close", None)  # a generator: closed now, not when a traceback holding it goes
+        if close is not None:
+            close()
 
 
 def _known_errors() -> tuple:

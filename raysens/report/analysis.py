@@ -155,13 +155,34 @@ def largest_differences(d: dict[str, Any], k: int = 10) -> list[tuple[int, int, 
     return out
 
 
+def probe_noise_known(facts: dict) -> bool:
+    """Whether a run's probe noise was measured: always for the deterministic estimators (exact,
+    projection: it is zero), and for ``hutchinson`` only with K ≥ 2 — with one probe per sample the
+    probe noise cannot be separated from the variation across samples."""
+    if facts.get("estimator") != "hutchinson":
+        return True
+    try:
+        return int(facts.get("num_probes") or 1) >= 2
+    except (TypeError, ValueError):
+        return False
+
+
+PROBE_UNKNOWN = "unknown (K=1; use K ≥ 2)"
+
+
+def probe_part(se: dict[str, float], known: bool) -> str:
+    """``probe part 3.2%`` or ``probe part unknown (K=1; use K ≥ 2)``."""
+    return f"probe part {fmt(se['rel_probe_se'] * 100, 2)}%" if known else f"probe part {PROBE_UNKNOWN}"
+
+
 def standard_errors(mean: np.ndarray, var: np.ndarray, probe_noise: np.ndarray,
-                    cell_count: np.ndarray) -> dict[str, float]:
+                    cell_count: np.ndarray, probe_known: bool = True) -> dict[str, float]:
     """Median (over cells with n ≥ 2 and mean > 0) standard errors, absolute and relative to the mean.
 
     ``se``: standard error of a cell's dataset mean, sqrt(var / n) (includes probe noise).
     ``probe_se``: the part due to the estimator's probes, sqrt(mean probe variance / n).
     ``probe_se_sample``: one sample's probe standard error, sqrt(mean probe variance).
+    The probe figures are NaN when ``probe_known`` is False (hutchinson with K=1: ``probe_noise_known``).
     """
     n = cell_count.astype(float)
     ok = np.isfinite(var) & (n >= 2) & np.isfinite(mean) & (mean > 0)
@@ -169,7 +190,7 @@ def standard_errors(mean: np.ndarray, var: np.ndarray, probe_noise: np.ndarray,
         return {"se": math.nan, "rel_se": math.nan, "probe_se": math.nan, "rel_probe_se": math.nan,
                 "probe_se_sample": math.nan}
     se = np.sqrt(var[ok] / n[ok])
-    pn = np.where(np.isfinite(probe_noise[ok]), probe_noise[ok], 0.0)
+    pn = np.where(np.isfinite(probe_noise[ok]), probe_noise[ok], 0.0) if probe_known else np.full(se.shape, np.nan)
     pse = np.sqrt(pn / n[ok])
     return {
         "se": float(np.median(se)), "rel_se": float(np.median(se / mean[ok])),

@@ -216,10 +216,11 @@ def format_show(run: RunResult, top: int = 10, layers: Sequence[int] | None = No
         if layers and L not in layers:
             continue
         ls = run.layers[L]
-        se = an.standard_errors(ls.mean, ls.var, ls.probe_noise, ls.cell_count)
+        known = an.probe_noise_known(f)
+        se = an.standard_errors(ls.mean, ls.var, ls.probe_noise, ls.cell_count, known)
         s = ls.mean.shape[0]
         lines += ["", f"layer {L}  (S={s}, {ls.count:,} samples; median SE of a cell mean "
-                      f"{an.fmt(se['rel_se'] * 100, 2)}% of it, probe part {an.fmt(se['rel_probe_se'] * 100, 2)}%)",
+                      f"{an.fmt(se['rel_se'] * 100, 2)}% of it, {an.probe_part(se, known)})",
                   f"  {'rank':>4}  {'i':>4}  {'j':>4}  {'mean':>11}  {'std':>11}  {'n':>7}"]
         for r, (i, j, mu, sd) in enumerate(an.top_cells(ls.mean, ls.std, top), 1):
             lines.append(f"  {r:>4}  {i:>4}  {j:>4}  {mu:>11.4e}  {sd:>11.3e}  {int(ls.cell_count[i, j]):>7}")

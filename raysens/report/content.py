@@ -22,6 +22,9 @@ ESTIMATOR_NOTES = {
     "projection": "projection: ‖uᵀ J_ij‖² with u = 1/√H · 1, the quantity of the older tool. It is NOT the "
                   "Frobenius norm ‖J_ij‖_F² (≈ 90% relative error on MiniLM-L6); use it only to reproduce old numbers.",
 }
+K1_NOTE = ("K = 1: with one probe per sample the probe noise cannot be separated from the variation across "
+           "samples. The variance, the std heatmap and the standard errors include both, in unknown shares, and "
+           "the corrected variance equals the raw one; rerun with sensitivity.num_probes ≥ 2 to measure it.")
 SUMMARY_COLS = ["mean diagonal", "mean off-diagonal", "diagonal share", "sink share", "mean distance", "row total"]
 SUMMARY_KEYS = ["diag", "offdiag", "diag_share", "sink_share", "distance", "row_total"]
 
@@ -47,6 +50,8 @@ def _overview(doc: Doc, run: RunResult) -> None:
     note = ESTIMATOR_NOTES.get(f["estimator"])
     if note:
         doc.p(note, "note" if f["estimator"] == "projection" else "")
+    if not an.probe_noise_known(f):
+        doc.p(K1_NOTE, "note")
 
 
 def _precision(doc: Doc, run: RunResult, level: int) -> None:
@@ -55,12 +60,14 @@ def _precision(doc: Doc, run: RunResult, level: int) -> None:
           "error of a cell's dataset mean, sqrt(var / n), absolute and relative to the cell mean. The probe part "
           "is sqrt(mean probe variance / n): the share of that error due to the estimator's random probes.", "muted")
     rows = []
+    known = an.probe_noise_known(an.run_facts(run.manifest, run.layers))
     for L, ls in sorted(run.layers.items()):
-        se = an.standard_errors(ls.mean, ls.var, ls.probe_noise, ls.cell_count)
+        se = an.standard_errors(ls.mean, ls.var, ls.probe_noise, ls.cell_count, known)
         cc = ls.cell_count[ls.cell_count > 0]
+        probe = ([se["probe_se"], f"{an.fmt(se['rel_probe_se'] * 100, 2)}%", se["probe_se_sample"]] if known
+                 else [an.PROBE_UNKNOWN, "unknown", "unknown"])
         rows.append([L, ls.count, f"{cc.size} / {ls.cell_count.size}", int(cc.min()) if cc.size else 0,
-                     int(cc.max()) if cc.size else 0, se["se"], f"{an.fmt(se['rel_se'] * 100, 2)}%",
-                     se["probe_se"], f"{an.fmt(se['rel_probe_se'] * 100, 2)}%", se["probe_se_sample"]])
+                     int(cc.max()) if cc.size else 0, se["se"], f"{an.fmt(se['rel_se'] * 100, 2)}%", *probe])
     doc.table(["layer", "samples", "cells with data", "min n", "max n", "SE of mean", "relative",
                "probe part", "relative", "probe SE, one sample"], rows)
 

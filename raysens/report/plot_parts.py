@@ -44,6 +44,13 @@ def new_figure(w: float, h: float, rows: int = 1, cols: int = 1, **kw: Any):
     return fig, axes
 
 
+def suptitle(fig, text: str, **kw: Any):
+    """The figure's title, placed above everything the layout engine arranged (``to_png`` saves with a
+    tight box, so it is kept): constrained layout cannot always reserve room for it above
+    equal-aspect panels, and it then sat on the middle panel's title."""
+    return fig.suptitle(text, y=1.0, va="bottom", **kw)
+
+
 def to_png(fig) -> bytes:
     buf = io.BytesIO()
     # constrained layout cannot always fit equal-aspect panels + labels; "tight" never clips text

@@ -50,8 +50,11 @@ def _model(run: RunResult) -> str:
     return f["model"] if f["model"] != "?" else posixpath.basename(str(run.path).rstrip("/"))
 
 
-def _std_title(ls: LayerStats) -> str:
-    """The heatmap shows the raw std; say when it includes the estimator's probe noise."""
+def _std_title(run: RunResult, ls: LayerStats) -> str:
+    """The heatmap shows the raw std; say when it includes the estimator's probe noise, and when
+    that noise's size is unknown (hutchinson with K=1)."""
+    if not an.probe_noise_known(an.run_facts(run.manifest, run.layers)):
+        return "std over samples (incl. probe noise of unknown size: K=1)"
     if np.nan_to_num(ls.probe_noise).any():
         return "std over samples (incl. probe noise)"
     return "std over samples"
@@ -74,9 +77,9 @@ def heatmap_png(run: RunResult, ls: LayerStats) -> bytes:
         if med is not None:  # one sample cannot move the median: compare with the mean
             flags.append(pp.heatmap(fig, axes[1], med, cmap="viridis", label="median " + pp.SQ_NORM,
                                     title="median over samples (log histogram, ±7.5 %)", structural_zero=cz))
-        flags.append(pp.heatmap(fig, axes[-1], ls.std, cmap="magma", label="std " + pp.SQ_NORM, title=_std_title(ls),
+        flags.append(pp.heatmap(fig, axes[-1], ls.std, cmap="magma", label="std " + pp.SQ_NORM, title=_std_title(run, ls),
                                 structural_zero=cz))
-        fig.suptitle(f"{_model(run)} — {_describe(run, ls)}", fontweight="bold")
+        pp.suptitle(fig, f"{_model(run)} — {_describe(run, ls)}", fontweight="bold")
         pp.cell_legend(fig, flags)
         return pp.to_png(fig)
 
@@ -104,7 +107,7 @@ def dominance_png(run: RunResult, ls: LayerStats, share: float = dom.DEFAULT_SHA
         a2.set_title("share of each row carried by one sample (labels: sample_id)")
         a2.legend(loc="upper left", frameon=False)
         pp.position_ticks(a2, s, y=False)
-        fig.suptitle(f"{_model(run)} — what drives a cell — {_describe(run, ls)}", fontweight="bold")
+        pp.suptitle(fig, f"{_model(run)} — what drives a cell — {_describe(run, ls)}", fontweight="bold")
         return pp.to_png(fig)
 
 
@@ -122,7 +125,7 @@ def sample_png(run: RunResult, layer: int, a: np.ndarray, sample_id: int, text: 
             flags.append(pp.heatmap(fig, axes[1], mean, cmap="viridis", label="mean " + pp.SQ_NORM,
                                     title="dataset mean (same cells)", structural_zero=cz))
         head = f"{_model(run)} — layer {layer} — sample {sample_id}"
-        fig.suptitle(head + (f"\n“{text}”" if text else ""), fontweight="bold")
+        pp.suptitle(fig, head + (f"\n“{text}”" if text else ""), fontweight="bold")
         pp.cell_legend(fig, flags)
         return pp.to_png(fig)
 
@@ -186,7 +189,7 @@ def sink_png(run: RunResult, ls: LayerStats) -> bytes:
         a2.grid(True, color="#e6e6e6", lw=0.7)
         for ax in (a1, a2):
             pp.position_ticks(ax, s, y=False)
-        fig.suptitle(f"{_model(run)} — {_describe(run, ls)}", fontweight="bold")
+        pp.suptitle(fig, f"{_model(run)} — {_describe(run, ls)}", fontweight="bold")
         return pp.to_png(fig)
 
 
@@ -230,7 +233,7 @@ def summary_png(series: Sequence[tuple[str, dict[int, dict]]], title: str) -> by
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if (not many and len(metrics) > 1) or (many and p == 0):
                 ax.legend(loc="best", frameon=False, fontsize=8 if len(series) <= 6 else 6.5)
-        fig.suptitle(title, fontweight="bold")
+        pp.suptitle(fig, title, fontweight="bold")
         return pp.to_png(fig)
 
 
@@ -319,7 +322,7 @@ def compare_png(run_a: RunResult, run_b: RunResult, layer: int, d: dict | None =
                      title=f"difference B − A (max |Δ| = {an.fmt(d['max_abs'])})", symlog=pp.wants_log(both, 3))
         pp.diverging(fig, a2, d["log_ratio"], cmap="PuOr_r", label="log10(B / A)",
                      title=r"log-ratio  ($\Vert B-A\Vert_F\,/\,\Vert A\Vert_F$ = " + an.fmt(d["rel_fro"]) + ")")
-        fig.suptitle(f"layer {layer} — A: {_name(run_a)} ({_model(run_a)}, {run_a[layer].count:,} samples)"
+        pp.suptitle(fig, f"layer {layer} — A: {_name(run_a)} ({_model(run_a)}, {run_a[layer].count:,} samples)"
                      f"   vs   B: {_name(run_b)} ({_model(run_b)}, {run_b[layer].count:,} samples)", fontweight="bold")
         pp.cell_legend(fig, [{"zero": False, "nan": bool(np.isnan(d["diff"]).any())}])
         return pp.to_png(fig)

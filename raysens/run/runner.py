@@ -86,6 +86,7 @@ class Runner:
         self._on_unit = on_unit or (lambda done: None)
         self.progress: Progress | None = None
         self.units_arrived = 0  # units persisted by this invocation
+        self._written = False  # the running manifests are written (from then on every way out is recorded)
 
     def open(self, name: str, config: RunConfig, started: str, extra: dict | None = None) -> Job:
         """Validate ``config`` and open its run directory (writes nothing but corrupt-partial moves)."""
@@ -116,40 +117,61 @@ class Runner:
             groups.setdefault(job.model_key, []).append(job)
         need = self.use_ray and any(j.left for j in self.jobs)
         cluster = self.jobs[0].config.cluster if self.jobs else None
-        written = False
+        self._written = False
         try:
             with signals.sigterm_interrupts():
                 with backends.session(cluster, use_ray=need) as session:
                     signals.install()  # again: ray.init replaced the SIGTERM handler
-                    self.session = session
-                    if session is not None:
-                        for job in self.jobs:
-                            check_device(job.config.model.device, session["resources"].get("GPU", 0))
-                    for job in self.jobs:  # like a standalone run: "running" until the job is finalized
-                        results.write_manifest(job.plan.run_dir, job.manifest)
-                    written = True
-                    for group in groups.values():
-                        self._pass(group)
-        except (KeyboardInterrupt, faults.SimulatedInterrupt) as exc:
-            if written:
-                self._mark_unfinished("interrupted", _interrupt_reason(exc))
-                _set_hint(exc, self.resume_hint())
-            raise
-        except OSError as exc:
-            err = RunError(f"storage error: {type(exc).__name__}: {exc}")
-            if written:
-                self._mark_unfinished("failed", str(err))
-                _set_hint(err, self.resume_hint())
-            raise err from exc
-        except Exception as exc:
-            if written:
-                own = type(exc).__module__.startswith("raysens.")  # raysens' errors say what failed already
-                self._mark_unfinished("failed", str(exc) if own else f"{type(exc).__name__}: {exc}")
-                _set_hint(exc, self.resume_hint())
-            raise
+                    try:
+                        self._run_in(session, groups)
+                    except BaseException as exc:
+                        # marked while the backend is still up: nothing that happens when Ray shuts
+                        # down can leave a manifest "running" (issue 17)
+                        out = self._record(exc)
+                        if out is exc:
+                            raise
+                        raise out from exc
+        except BaseException as exc:
+            out = self._record(exc)
+            if out is exc:
+                raise
+            raise out from exc
         finally:
             self.close()
         return self.jobs
+
+    def _run_in(self, session: dict | None, groups: dict[tuple, list[Job]]) -> None:
+        self.session = session
+        if session is not None:
+            for job in self.jobs:
+                check_device(job.config.model.device, session["resources"].get("GPU", 0))
+        for job in self.jobs:  # like a standalone run: "running" until the job is finalized
+            results.write_manifest(job.plan.run_dir, job.manifest)
+        self._written = True
+        for group in groups.values():
+            self._pass(group)
+
+    def _record(self, exc: BaseException) -> BaseException:
+        """Mark every unfinished job's manifest for ``exc`` (once) and return what to raise: an
+        ``OSError`` becomes a ``RunError`` naming it; the others are returned as they are."""
+        if getattr(exc, "_raysens_recorded", False):
+            return exc
+        if isinstance(exc, OSError):
+            exc = RunError(f"storage error: {type(exc).__name__}: {exc}")
+        if self._written:
+            if isinstance(exc, (KeyboardInterrupt, faults.SimulatedInterrupt)):
+                self._mark_unfinished("interrupted", _interrupt_reason(exc))
+            elif isinstance(exc, Exception):
+                own = type(exc).__module__.startswith("raysens.")  # raysens' errors say what failed already
+                self._mark_unfinished("failed", str(exc) if own else f"{type(exc).__name__}: {exc}")
+            else:  # SystemExit, GeneratorExit: not ours to describe
+                return exc
+            _set_hint(exc, self.resume_hint())
+        try:
+            exc._raysens_recorded = True
+        except AttributeError:
+            pass
+        return exc
 
     def resume_hint(self) -> str:
         """``5/9 units are saved in DIR; rerun the same command to resume``."""

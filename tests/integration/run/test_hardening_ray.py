@@ -41,33 +41,84 @@ def test_a_worker_error_under_ray_is_the_cause_and_marks_the_manifest_failed(ray
     assert m["status"] == "failed" and m["error"] == str(ei.value)
 
 
-def test_ctrl_c_on_ray_is_interrupted_and_the_rerun_is_identical(tiny_model, tmp_path, bundled_texts):
+def _default_sigint():
+    """In the child: SIGINT at its default, so that Python raises KeyboardInterrupt even when the
+    suite runs as a background job (``cmd &`` starts with SIGINT ignored, and a child inherits it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _cli(args, env):
+    return subprocess.Popen([sys.executable, "-m", "raysens.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+
+
+def _ray_env(**extra) -> dict:
+    env = {**os.environ, **extra}
+    env.pop("RAY_ADDRESS", None)  # an embedded Ray of the child's own
+    return env
+
+
+def _wait(paths, n: int, p) -> None:
+    t0 = time.time()
+    while len(paths()) < n:
+        assert p.poll() is None, p.communicate()
+        assert time.time() - t0 < 300, "no partials appeared"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig, code, what", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+                                             (signal.SIGTERM, 143, "interrupted by SIGTERM")])
+def test_a_signal_on_ray_is_interrupted_and_the_rerun_is_identical(tiny_model, tmp_path, bundled_texts, sig, code,
+                                                                   what):
+    """Issue 17: whatever line the main thread (or a Ray Data thread) is on when the signal lands, the
+    manifest is marked, one line says how to resume, and the exit status is the signal's."""
     src = _corpus(tmp_path / "c.jsonl", bundled_texts[:12])
     out = tmp_path / "run"
     args = ["run", "jobs/configs/quickstart.yaml", f"--model.name={tiny_model}", f"--data.source={src}",
             "--data.max_seq_len=10", "--layers=[1,-1]", "--cluster.use_ray=true", "--cluster.batch_size=2",
             "--cluster.num_actors=1", "--output.plots=false", "--data.limit=null", f"--output.dir={out}"]
-    env = {**os.environ, faults.UNIT_DELAY: "1.5", "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    p = subprocess.Popen([sys.executable, "-m", "raysens.cli", *args], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while len(list((out / "partials").glob("unit_*.npz"))) < 2:
-        assert p.poll() is None, p.communicate()
-        assert time.time() - t0 < 300
-        time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
+    p = _cli(args, _ray_env(**{faults.UNIT_DELAY: "1.5"}))
+    _wait(lambda: list((out / "partials").glob("unit_*.npz")), 2, p)
+    p.send_signal(sig)
     _, err = p.communicate(timeout=180)
     lines = [ln for ln in err.splitlines() if ln.startswith("raysens run:")]
-    assert p.returncode == 130, err
-    assert lines[0] == "raysens run: error: interrupted (Ctrl-C)"
+    assert p.returncode == code, err
+    assert lines[0] == f"raysens run: error: {what}"
     assert lines[1].endswith(f"units are saved in {out}; rerun the same command to resume")
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "core worker has already been shutdown" not in err
     m = json.loads((out / "manifest.json").read_text())
-    assert m["status"] == "interrupted" and 2 <= m["units"]["done"] < 6
-    env.pop(faults.UNIT_DELAY)
-    p = subprocess.run([sys.executable, "-m", "raysens.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    assert m["status"] == "interrupted" and m["error"] == what and 2 <= m["units"]["done"] < 6
+    assert not (out / "lease.json").exists()
+    p = subprocess.run([sys.executable, "-m", "raysens.cli", *args], cwd=ROOT, env=_ray_env(), capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     ref = run_local(config(tiny_model, tmp_path / "ref", f"--data.source={src}", "--cluster.batch_size=2"))
     assert_same_stats(raysens.load_run(out), ref.load(), rtol=1e-12)
+
+
+def test_ctrl_c_on_a_sweep_on_ray_marks_every_unfinished_point(tmp_path, bundled_texts):
+    import yaml
+
+    src = _corpus(tmp_path / "c.jsonl", bundled_texts[:8])
+    out = tmp_path / "sweep"
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "t", "dir": str(out),
+        "base": {"data": {"limit": None, "source": str(src)}, "cluster": {"use_ray": True, "num_actors": 1, "batch_size": 2,
+                                                      "tokenize_cpus": 1},
+                 "output": {"plots": False, "progress_every_s": 0}},
+        "grid": {"models": ["random:tiny-llama"], "seq_lens": [8, 10], "layers": [-1]}}))
+    p = _cli(["sweep", str(spec)], _ray_env(**{faults.UNIT_DELAY: "1.5"}))
+    _wait(lambda: list(out.glob("*/partials/unit_*.npz")), 2, p)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=180)
+    assert p.returncode == 130, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("raysens sweep:")]
+    assert lines[0] == "raysens sweep: error: interrupted (Ctrl-C)", err
+    assert lines[1].endswith("rerun the same command to resume") and "Traceback" not in err
+    state = json.loads((out / "sweep.json").read_text())
+    assert state["status"] == "interrupted"
+    assert all(pt["status"] == "interrupted" for pt in state["points"])  # one pass: nothing finished yet
+    for pt in state["points"]:
+        m = json.loads((out / pt["name"] / "manifest.json").read_text())
+        assert m["status"] == "interrupted" and m["error"] == "interrupted (Ctrl-C)"

@@ -30,20 +30,22 @@ def maps(layer: int, seed: int = 0, delta: tuple | None = None) -> np.ndarray:
     return np.where((j <= i)[None], x, 0.0)
 
 
-def make_run(path, layers=(2,), seed=0, delta=None, name="toy", estimator="hutchinson") -> str:
+def make_run(path, layers=(2,), seed=0, delta=None, name="toy", estimator="hutchinson", num_probes=4) -> str:
     path = str(path)
     for L in layers:
         x = maps(L, seed, delta)
-        write_layer_stats(path, L, WelfordState.empty(S).update(x, noise=0.02 * x))
+        # K=1 measures no probe noise (the state gets none, as the engine gives none)
+        write_layer_stats(path, L, WelfordState.empty(S).update(x, noise=0.02 * x if num_probes > 1 else None))
     write_manifest(path, {
         "config": {"model": {"name": name, "trust_remote_code": False},
                    "data": {"source": "bundled", "limit": B + 2, "max_seq_len": S},
-                   "sensitivity": {"estimator": estimator, "num_probes": 4, "probe_distribution": "rademacher"},
+                   "sensitivity": {"estimator": estimator, "num_probes": num_probes,
+                                   "probe_distribution": "rademacher"},
                    "layers": list(layers), "output": {"dir": path}},
         "versions": {"raysens": "0.1.0", "ray": "2.60.0"},
         "model": {"name": name, "class": "LlamaModel", "model_type": "llama", "num_hidden_layers": 4,
                   "hidden_size": 32, "parameters": 12345},
-        "estimator": estimator, "num_probes": 4, "seed": 0, "layers": list(layers), "max_seq_len": S, "seq_len": S,
+        "estimator": estimator, "num_probes": num_probes, "seed": 0, "layers": list(layers), "max_seq_len": S, "seq_len": S,
         "samples": {"total": B + 2, "computed": B, "skipped": 2, "skipped_by_reason": {"too_short": 2},
                     "skipped_ids": {"too_short": [4, 11]}},
         "timings": {"wall_s": 7.25, "samples_per_s": B / 7.25},
@@ -170,3 +172,39 @@ def test_usage_errors_return_2(capsys):
     assert main_compare(["only-one"]) == 2
     assert main_show(["--help"]) == 0
     assert "raysens show" in capsys.readouterr().out
+
+
+def _show(path, capsys) -> str:
+    assert main_show([path]) == 0
+    return capsys.readouterr().out
+
+
+def test_k1_never_states_a_probe_share(tmp_path, capsys):
+    """Issue 17: with one probe per sample the probe noise is not separable from the variation across
+    samples: show and report say so instead of "probe part 0%"; a K=4 run states the measured share."""
+    k1 = make_run(tmp_path / "k1", num_probes=1)
+    out = _show(k1, capsys)
+    assert "probe part unknown (K=1; use K ≥ 2)" in out and "probe part 0" not in out
+    assert main_report([k1]) == 0
+    html = open(os.path.join(k1, "report", "report.html"), encoding="utf-8").read()
+    assert "the probe noise cannot be separated from the variation across samples" in html
+    assert "unknown (K=1; use K ≥ 2)" in html
+    from raysens.report import plots
+
+    run = load_run(k1)
+    assert plots._std_title(run, run[2]) == "std over samples (incl. probe noise of unknown size: K=1)"
+
+    k4 = make_run(tmp_path / "k4", num_probes=4)
+    out = _show(k4, capsys)
+    x = maps(2)
+    n, mean = x.shape[0], x.mean(0)
+    ok = (np.tril(np.ones((S, S), bool))) & (mean > 0)
+    share = np.median(np.sqrt((0.02 * x).mean(0)[ok] / n) / mean[ok])  # numpy: sqrt(mean probe var / n) / mean
+    m = re.search(r"probe part ([0-9.]+)%", out)
+    assert m and abs(float(m.group(1)) - 100 * share) <= 0.05, (m and m.group(1), 100 * share)  # 2 significant digits
+    assert "unknown" not in out
+    from raysens.report import analysis as an
+
+    assert an.probe_noise_known({"estimator": "exact", "num_probes": 1})
+    assert not an.probe_noise_known({"estimator": "hutchinson", "num_probes": 1})
+    assert an.probe_noise_known({"estimator": "hutchinson", "num_probes": 2})
