@@ -122,3 +122,38 @@ def test_ctrl_c_on_a_sweep_on_ray_marks_every_unfinished_point(tmp_path, bundled
     for pt in state["points"]:
         m = json.loads((out / pt["name"] / "manifest.json").read_text())
         assert m["status"] == "interrupted" and m["error"] == "interrupted (Ctrl-C)"
+
+
+def test_wind_down_stops_every_ray_data_thread_of_an_abandoned_pass(ray_session):
+    """The cause of issue 17: after an interrupted iteration, Ray Data's threads (the iterator's
+    worker, the prefetcher, the streaming executor) live on, and one that touches the core worker
+    after ``ray.shutdown()`` ends the process with status 1. ``wind_down`` leaves none alive."""
+    import threading
+
+    from raysens.backends import ray_pool
+
+    def _slow(batch):  # defined here: pickled by value (the test module is not importable in workers)
+        time.sleep(0.3)
+        return batch
+
+    before = set(threading.enumerate())
+    ds = ray_session.data.range(200, override_num_blocks=100).map_batches(_slow, batch_size=1)
+    it = iter(ds.iter_batches(batch_size=1, prefetch_batches=1))
+    next(it)  # the pass is under way, then abandoned
+    ours = [t for t in set(threading.enumerate()) - before if ray_pool._ray_owned(t)]
+    names = {t.name for t in ours}
+    assert any(n.startswith("StreamingExecutor") for n in names) and "iter_threaded" in names, names
+    it.close()
+    assert ray_pool.wind_down(set(threading.enumerate()) - before, timeout=60) == []
+    assert not [t.name for t in ours if t.is_alive()]
+
+
+def test_signals_are_held_during_the_wind_down_and_delivered_after():
+    from raysens.backends import ray_pool
+
+    with pytest.raises(KeyboardInterrupt):
+        with ray_pool._signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # a handler that raised would have raised here
+            held = True
+    assert held and signal.getsignal(signal.SIGINT) is signal.default_int_handler
