@@ -88,6 +88,16 @@ def tokenized_schema():
 
 
 # ---------------------------------------------------------------------- one unit through the core
+def make_engine(engine_cls, model, config, device):
+    """``engine_cls(model, config)``, or for a config with a ``layer_plan`` (a planned run) the
+    ``PlannedEngine`` that runs one such engine per distinct (mode, K) of the plan."""
+    if config.layer_plan is None:
+        return engine_cls(model, config, device=device)
+    from ..core.pilot import PlannedEngine
+
+    return PlannedEngine(model, config, device=device, engine_cls=engine_cls)
+
+
 class UnitWorker:
     """Holds one float32 model copy and turns tokenized units into partial payloads (bytes).
 
@@ -117,7 +127,7 @@ class UnitWorker:
         ekey = ("engine", mkey, json.dumps(sensitivity, sort_keys=True))
         if ekey not in shared:
             engine_cls = SyntheticEngine if is_synthetic(model_name) else SensitivityEngine
-            shared[ekey] = engine_cls(lm.model, SensitivityConfig.from_dict(sensitivity), device=device)
+            shared[ekey] = make_engine(engine_cls, lm.model, SensitivityConfig.from_dict(sensitivity), device)
         self.engine = shared[ekey]
         self.layers = self.engine.resolve_layers(list(layers))
         self.max_seq_len = int(max_seq_len)
@@ -162,7 +172,7 @@ class UnitWorker:
                 values = faults.planted_values(self.planted, run_ids,
                                                {L: np.asarray(res.values[L])[good] for L in self.layers})
                 for L in self.layers:
-                    noise = None if res.noise is None else res.noise[L][good]
+                    noise = None if res.noise is None or L not in res.noise else res.noise[L][good]  # planned: K=1 layers have none
                     vals = values[L]
                     states[L] = CellStats.from_batch(vals, res.mask[good], noise, sample_ids=run_ids)
                     if self.per_sample:

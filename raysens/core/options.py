@@ -99,6 +99,26 @@ class ProbeDistribution(str, Enum):
     SPHERE = "sphere"  # uniform on the sphere of radius √H
 
 
+class TargetError(str, Enum):
+    """What a planner's ``target_rel_se`` / ``budget`` measure (both: median over cells, relative to the cell mean).
+
+    - ``total``: the standard error of a cell's dataset mean, sqrt((Var_data + Var_probe/K) / n): what
+      a second corpus of n samples would move it by. The data part does not shrink with K, so probes
+      are spent only where they matter against it (a target below the data part is unreachable).
+    - ``probe``: the probe part only, sqrt(Var_probe / (K n)): the error against the exact maps of the
+      same samples (what a run with another seed would move the mean by).
+    """
+
+    TOTAL = "total"
+    PROBE = "probe"
+
+
+# new fields left out of ``to_dict`` while at their default, so that configs which do not use them keep
+# their run fingerprint (config.RunConfig.fingerprint hashes ``to_dict``)
+_OMIT_AT_DEFAULT = {"target_rel_se": None, "budget": None, "target_error": "total", "pilot_samples": 4,
+                    "max_probes": 32, "layer_plan": None}
+
+
 @dataclass(frozen=True)
 class SensitivityConfig:
     """How sensitivities are estimated. Unknown keys are errors (``from_dict``)."""
@@ -114,6 +134,14 @@ class SensitivityConfig:
     backward_tokens: int | None = None  # CPU: target chunk·samples·tokens of one batched backward (cache-sized working set); None: 2048 CPU, no target CUDA
     seed: int = 0  # run seed; probes come from a generator seeded by (seed, sample_id, layer) (reverse) or (seed, sample_id, input position) (forward)
     mode: Mode = Mode.AUTO  # reverse (VJP per target layer) | forward (JVP: all layers in one pass) | auto (cost model); see Mode
+    # accuracy-aware planning (core/planner.py, docs/DESIGN.md §1.11): set target_rel_se or budget and
+    # a pilot picks each layer's mode and K; all None/default: today's single mode and num_probes
+    target_rel_se: float | None = None  # plan for this median-over-cells relative SE of the dataset mean per cell, at least cost
+    budget: float | None = None  # plan for the smallest worst-layer relative SE at this cost per sample (a multiple of a mode-auto K=1 run's)
+    target_error: TargetError = TargetError.TOTAL  # what target_rel_se / budget measure: total SE (data + probes) or the probe part only
+    pilot_samples: int = 4  # planner: the first this many computable samples, run with PILOT_PROBES probes in both modes
+    max_probes: int = 32  # planner: the largest K it may choose per layer (num_probes is the smallest)
+    layer_plan: tuple[str, ...] | None = None  # per-layer "layer:mode:K" (absolute layer indices); set by the planner or by hand
 
     def __post_init__(self):
         object.__setattr__(self, "estimator", _enum(Estimator, self.estimator, "estimator"))
@@ -132,6 +160,39 @@ class SensitivityConfig:
         if not isinstance(self.fused_norms, bool):
             raise ValueError(f"SensitivityConfig: fused_norms must be true or false, got {self.fused_norms!r}")
         object.__setattr__(self, "seed", check_seed(self.seed, "SensitivityConfig: seed"))
+        self._check_planning()
+
+    @property
+    def planned(self) -> bool:
+        """A planner decides each layer's mode and K (``target_rel_se`` or ``budget`` set)."""
+        return self.target_rel_se is not None or self.budget is not None
+
+    def _check_planning(self) -> None:
+        object.__setattr__(self, "target_error", _enum(TargetError, self.target_error, "target_error"))
+        for name in ("target_rel_se", "budget"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not v > 0
+                                  or v != v or v == float("inf")):
+                raise ValueError(f"SensitivityConfig: {name} must be a positive number or null, got {v!r}")
+        _check_int(self.pilot_samples, "pilot_samples", optional=False)
+        _check_int(self.max_probes, "max_probes", optional=False)
+        if self.layer_plan is not None:
+            object.__setattr__(self, "layer_plan", tuple(parse_layer_plan(self.layer_plan)[1]))
+        if not (self.planned or self.layer_plan is not None):
+            return
+        if self.target_rel_se is not None and self.budget is not None:
+            raise ValueError("SensitivityConfig: set target_rel_se or budget, not both")
+        if self.estimator is not Estimator.HUTCHINSON:
+            raise ValueError(f"SensitivityConfig: a planned run (target_rel_se, budget or layer_plan) needs estimator "
+                             f"'hutchinson' (the only one with probes to plan), got {self.estimator.value!r}")
+        if self.mode is not Mode.AUTO:
+            raise ValueError(f"SensitivityConfig: a planned run (target_rel_se, budget or layer_plan) picks each "
+                             f"layer's mode; leave mode 'auto', got {self.mode.value!r}")
+        if self.planned and self.pilot_samples < 2:
+            raise ValueError("SensitivityConfig: pilot_samples must be >= 2 (the variation across samples needs two)")
+        if self.max_probes < self.num_probes:
+            raise ValueError(f"SensitivityConfig: max_probes ({self.max_probes}) is below num_probes "
+                             f"({self.num_probes}), the smallest K a plan may use")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SensitivityConfig":
@@ -144,7 +205,38 @@ class SensitivityConfig:
         return cls(**d)
 
     def to_dict(self) -> dict:
-        return {f.name: (v.value if isinstance(v := getattr(self, f.name), Enum) else v) for f in fields(self)}
+        d = {f.name: (v.value if isinstance(v := getattr(self, f.name), Enum) else v) for f in fields(self)}
+        if d["layer_plan"] is not None:
+            d["layer_plan"] = list(d["layer_plan"])
+        return {k: v for k, v in d.items() if k not in _OMIT_AT_DEFAULT or v != _OMIT_AT_DEFAULT[k]}
+
+
+def parse_layer_plan(plan) -> tuple[dict[int, tuple[Mode, int]], list[str]]:
+    """``["15:reverse:4", "1:forward:2"]`` -> ``({1: (FORWARD, 2), 15: (REVERSE, 4)}, normalised
+    sorted strings)``. Every forward layer must have the same K (one tangent pass serves them all, so
+    a smaller K for some of them would save nothing). Errors name ``SensitivityConfig: layer_plan``."""
+    if isinstance(plan, (str, bytes)) or not isinstance(plan, (list, tuple)) or not plan:
+        raise ValueError(f"SensitivityConfig: layer_plan must be a non-empty list of 'layer:mode:K' strings, got {plan!r}")
+    out: dict[int, tuple[Mode, int]] = {}
+    for item in plan:
+        parts = item.split(":") if isinstance(item, str) else []
+        try:
+            layer, mode, k = int(parts[0]), Mode(parts[1]), int(parts[2])
+            ok = len(parts) == 3 and layer >= 0 and k >= 1 and mode is not Mode.AUTO
+        except (ValueError, IndexError):
+            ok = False
+        if not ok:
+            raise ValueError(f"SensitivityConfig: layer_plan entry {item!r} is not 'layer:mode:K' (layer >= 0, an "
+                             "absolute hidden_states index; mode forward or reverse; K >= 1)")
+        if layer in out:
+            raise ValueError(f"SensitivityConfig: layer_plan names layer {layer} twice")
+        out[layer] = (mode, k)
+    fwd_k = {k for m, k in out.values() if m is Mode.FORWARD}
+    if len(fwd_k) > 1:
+        raise ValueError(f"SensitivityConfig: layer_plan gives forward layers different K {sorted(fwd_k)}; one "
+                         "tangent pass serves every forward layer, so they share one K")
+    out = dict(sorted(out.items()))
+    return out, [f"{L}:{m.value}:{k}" for L, (m, k) in out.items()]
 
 
 def _enum(cls, value, what):

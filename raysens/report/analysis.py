@@ -155,16 +155,42 @@ def largest_differences(d: dict[str, Any], k: int = 10) -> list[tuple[int, int, 
     return out
 
 
-def probe_noise_known(facts: dict) -> bool:
-    """Whether a run's probe noise was measured: always for the deterministic estimators (exact,
-    projection: it is zero), and for ``hutchinson`` only with K ≥ 2 — with one probe per sample the
-    probe noise cannot be separated from the variation across samples."""
+def probe_noise_known(facts: dict, num_probes: Any = None) -> bool:
+    """Whether a run's (or, with ``num_probes`` of a planned run's layer, that layer's) probe noise
+    was measured: always for the deterministic estimators (exact, projection: it is zero), and for
+    ``hutchinson`` only with K ≥ 2 — with one probe per sample the probe noise cannot be separated
+    from the variation across samples."""
     if facts.get("estimator") != "hutchinson":
         return True
     try:
-        return int(facts.get("num_probes") or 1) >= 2
+        return int((facts.get("num_probes") if num_probes is None else num_probes) or 1) >= 2
     except (TypeError, ValueError):
         return False
+
+
+def layer_plans(manifest: dict) -> dict[int, dict]:
+    """A planned run's per-layer plan (docs/DESIGN.md §1.11): ``{layer: {"mode", "num_probes", …}}``
+    from the manifest's ``plan`` (the planner's, with ``predicted_rel_se`` and
+    ``predicted_rel_probe_se``) or from a hand-written ``sensitivity.layer_plan``; ``{}`` for a run
+    with one mode and K."""
+    plan = manifest.get("plan")
+    if isinstance(plan, dict) and isinstance(plan.get("layers"), dict):
+        try:
+            return {int(L): dict(v) for L, v in plan["layers"].items() if isinstance(v, dict)}
+        except (TypeError, ValueError):
+            return {}
+    sens = get(manifest, "config", "sensitivity", default=None)
+    out = {}
+    for item in (sens.get("layer_plan") if isinstance(sens, dict) else None) or []:
+        parts = str(item).split(":")
+        if len(parts) == 3 and parts[0].isdigit() and parts[2].isdigit():
+            out[int(parts[0])] = {"mode": parts[1], "num_probes": int(parts[2])}
+    return out
+
+
+def layer_probes(facts: dict, plans: dict[int, dict], layer: int) -> Any:
+    """K of ``layer``: its plan's when the run is planned (``layer_plans``), else the run's."""
+    return (plans.get(layer) or {}).get("num_probes", facts.get("num_probes"))
 
 
 PROBE_UNKNOWN = "unknown (K=1; use K ≥ 2)"

@@ -194,7 +194,10 @@ def format_show(run: RunResult, top: int = 10, layers: Sequence[int] | None = No
     m = run.manifest
     model = m.get("model") or {}
     est = f["estimator"]
-    if f["estimator"] == "hutchinson":
+    plans = an.layer_plans(m)
+    if f["estimator"] == "hutchinson" and plans:
+        est += " (planned per layer" + (f", {f['probe']}" if f["probe"] else "") + ")"
+    elif f["estimator"] == "hutchinson":
         est += f" (K={f['num_probes']} probes" + (f", {f['probe']}" if f["probe"] else "") + ")"
     lines = [f"raysens run  {run.path}",
              f"  model      {f['model']}  [{model.get('class', '?')}, {model.get('num_hidden_layers', '?')} layers, "
@@ -216,10 +219,14 @@ def format_show(run: RunResult, top: int = 10, layers: Sequence[int] | None = No
         if layers and L not in layers:
             continue
         ls = run.layers[L]
-        known = an.probe_noise_known(f)
+        known = an.probe_noise_known(f, an.layer_probes(f, plans, L))
         se = an.standard_errors(ls.mean, ls.var, ls.probe_noise, ls.cell_count, known)
         s = ls.mean.shape[0]
-        lines += ["", f"layer {L}  (S={s}, {ls.count:,} samples; median SE of a cell mean "
+        p = plans.get(L) or {}
+        planned = (f"{p.get('mode')}, K={p.get('num_probes')}" + (
+            f", predicted {an.fmt(p['predicted_rel_se'] * 100, 2)}%" if p.get("predicted_rel_se") is not None else "")
+            + "; ") if p else ""
+        lines += ["", f"layer {L}  (S={s}, {ls.count:,} samples; {planned}median SE of a cell mean "
                       f"{an.fmt(se['rel_se'] * 100, 2)}% of it, {an.probe_part(se, known)})",
                   f"  {'rank':>4}  {'i':>4}  {'j':>4}  {'mean':>11}  {'std':>11}  {'n':>7}"]
         for r, (i, j, mu, sd) in enumerate(an.top_cells(ls.mean, ls.std, top), 1):

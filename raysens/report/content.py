@@ -38,7 +38,11 @@ def _overview(doc: Doc, run: RunResult) -> None:
     model = run.manifest.get("model") or {}
     samples = run.manifest.get("samples") or {}
     est = f["estimator"]
-    if f["estimator"] == "hutchinson":
+    plans = an.layer_plans(run.manifest)
+    if f["estimator"] == "hutchinson" and plans:
+        est += (" (planned per layer: " + ", ".join(f"{L} {p.get('mode')} K={p.get('num_probes')}" for L, p in
+                                                    sorted(plans.items())) + (f"; {f['probe']}" if f["probe"] else "") + ")")
+    elif f["estimator"] == "hutchinson":
         est += f" (K = {f['num_probes']} probes" + (f", {f['probe']}" if f["probe"] else "") + ")"
     pairs = [("model", f["model"]), ("model class", model.get("class")), ("model type", model.get("model_type")),
              ("hidden layers", model.get("num_hidden_layers")), ("hidden size", model.get("hidden_size")),
@@ -46,12 +50,31 @@ def _overview(doc: Doc, run: RunResult) -> None:
              ("seed", f["seed"]), ("max_seq_len", f["max_seq_len"]), ("seq len (observed)", f["seq_len"]),
              ("layers", ", ".join(map(str, sorted(run.layers)))), ("status", run.manifest.get("status"))]
     pairs += [(f"samples {k}", v) for k, v in an.sample_lines(samples)] or [("samples", f["samples"])]
+    pairs += _plan_pairs(run.manifest.get("plan"))
     doc.kv([(k, v) for k, v in pairs if v is not None])
     note = ESTIMATOR_NOTES.get(f["estimator"])
     if note:
         doc.p(note, "note" if f["estimator"] == "projection" else "")
-    if not an.probe_noise_known(f):
-        doc.p(K1_NOTE, "note")
+    unknown = [L for L in sorted(run.layers) if not an.probe_noise_known(f, an.layer_probes(f, plans, L))]
+    if unknown:
+        doc.p((f"Layer{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))}: " if plans else "") + K1_NOTE,
+              "note")
+
+
+def _plan_pairs(plan) -> list[tuple[str, object]]:
+    """The planner's objective and outcome (manifest ``plan``, docs/DESIGN.md §1.11) as overview rows."""
+    if not isinstance(plan, dict):
+        return []
+    cost = plan.get("cost") or {}
+    what = (f"relative SE ≤ {an.fmt(plan.get('target_rel_se'))}" if plan.get("objective") == "target"
+            else f"cost ≤ {an.fmt(plan.get('budget'))}× a mode-auto K=1 run")
+    pilot = plan.get("pilot") or {}
+    return [("plan", f"{what} ({plan.get('target_error')} error, median over cells); "
+                     f"{'met' if plan.get('feasible') else 'NOT reachable: the most precise plan instead'}"),
+            ("plan cost", f"{an.fmt(cost.get('relative_to_auto_k1'))}× a mode-auto K=1 run"),
+            ("plan worst predicted relative SE", plan.get("worst_predicted")),
+            ("plan pilot", f"{len(pilot.get('sample_ids') or [])} samples, K={pilot.get('probes')} in both modes, "
+                           f"{an.fmt(pilot.get('wall_s'))} s") if pilot else ("plan pilot", None)]
 
 
 def _precision(doc: Doc, run: RunResult, level: int) -> None:
@@ -60,16 +83,30 @@ def _precision(doc: Doc, run: RunResult, level: int) -> None:
           "error of a cell's dataset mean, sqrt(var / n), absolute and relative to the cell mean. The probe part "
           "is sqrt(mean probe variance / n): the share of that error due to the estimator's random probes.", "muted")
     rows = []
-    known = an.probe_noise_known(an.run_facts(run.manifest, run.layers))
+    f = an.run_facts(run.manifest, run.layers)
+    plans = an.layer_plans(run.manifest)
+    predicted = any("predicted_rel_se" in p for p in plans.values())
+    if plans:
+        doc.p("Planned run (docs/DESIGN.md §1.11): each layer's mode and K are its own; 'predicted' is the "
+              "planner's figure from the pilot for the planned sample count, the relative columns beside it are "
+              "what the run achieved.", "muted")
     for L, ls in sorted(run.layers.items()):
+        known = an.probe_noise_known(f, an.layer_probes(f, plans, L))
         se = an.standard_errors(ls.mean, ls.var, ls.probe_noise, ls.cell_count, known)
         cc = ls.cell_count[ls.cell_count > 0]
-        probe = ([se["probe_se"], f"{an.fmt(se['rel_probe_se'] * 100, 2)}%", se["probe_se_sample"]] if known
-                 else [an.PROBE_UNKNOWN, "unknown", "unknown"])
-        rows.append([L, ls.count, f"{cc.size} / {ls.cell_count.size}", int(cc.min()) if cc.size else 0,
-                     int(cc.max()) if cc.size else 0, se["se"], f"{an.fmt(se['rel_se'] * 100, 2)}%", *probe])
-    doc.table(["layer", "samples", "cells with data", "min n", "max n", "SE of mean", "relative",
-               "probe part", "relative", "probe SE, one sample"], rows)
+        p = plans.get(L) or {}
+        pct = (lambda x: f"{an.fmt(x * 100, 2)}%" if x is not None else "–")
+        probe = ([se["probe_se"], pct(se["rel_probe_se"])] + ([pct(p.get("predicted_rel_probe_se"))] if predicted else [])
+                 + [se["probe_se_sample"]] if known else
+                 [an.PROBE_UNKNOWN, "unknown"] + ([pct(p.get("predicted_rel_probe_se"))] if predicted else []) + ["unknown"])
+        rows.append(([L, p.get("mode", "?"), p.get("num_probes", "?")] if plans else [L])
+                    + [ls.count, f"{cc.size} / {ls.cell_count.size}", int(cc.min()) if cc.size else 0,
+                       int(cc.max()) if cc.size else 0, se["se"], pct(se["rel_se"])]
+                    + ([pct(p.get("predicted_rel_se"))] if predicted else []) + probe)
+    doc.table((["layer", "mode", "K"] if plans else ["layer"])
+              + ["samples", "cells with data", "min n", "max n", "SE of mean", "relative"]
+              + (["predicted relative SE"] if predicted else []) + ["probe part", "relative"]
+              + (["predicted probe relative"] if predicted else []) + ["probe SE, one sample"], rows)
 
 
 def _summary_table(doc: Doc, summaries: dict[int, dict], prefix: list | None = None, head: list | None = None) -> None:

@@ -40,7 +40,10 @@ def _load(run: RunLike) -> RunResult:
 def _describe(run: RunResult, ls: LayerStats) -> str:
     f = an.run_facts(run.manifest, run.layers)
     est = f["estimator"]
-    if est == "hutchinson" and f["num_probes"]:
+    plan = an.layer_plans(run.manifest).get(ls.layer)
+    if est == "hutchinson" and plan:
+        est += f" ({plan.get('mode')}, K={plan.get('num_probes')}, planned)"
+    elif est == "hutchinson" and f["num_probes"]:
         est += f" (K={f['num_probes']})"
     return f"layer {ls.layer} · {est} · {ls.count:,} samples"
 
@@ -53,7 +56,8 @@ def _model(run: RunResult) -> str:
 def _std_title(run: RunResult, ls: LayerStats) -> str:
     """The heatmap shows the raw std; say when it includes the estimator's probe noise, and when
     that noise's size is unknown (hutchinson with K=1)."""
-    if not an.probe_noise_known(an.run_facts(run.manifest, run.layers)):
+    f = an.run_facts(run.manifest, run.layers)
+    if not an.probe_noise_known(f, an.layer_probes(f, an.layer_plans(run.manifest), ls.layer)):
         return "std over samples (incl. probe noise of unknown size: K=1)"
     if np.nan_to_num(ls.probe_noise).any():
         return "std over samples (incl. probe noise)"

@@ -34,6 +34,7 @@ from ..testing import faults
 from . import signals
 from .driver import Progress, finalize
 from .plan import RunPlan, base_manifest, check_device, open_run_dir, prepare
+from .planning import attach_plan
 
 
 def _set_hint(exc: BaseException, hint: str) -> None:
@@ -119,6 +120,8 @@ class Runner:
         cluster = self.jobs[0].config.cluster if self.jobs else None
         self._written = False
         try:
+            for job in self.jobs:  # planned runs: the plan (plan.json, or a pilot here before any backend starts)
+                attach_plan(job)
             with signals.sigterm_interrupts():
                 with backends.session(cluster, use_ray=need) as session:
                     signals.install()  # again: ray.init replaced the SIGTERM handler

@@ -66,3 +66,19 @@ def test_resume_after_partial_loss_on_ray(ray_session, local_runs, tiny_model, t
     s = run(config(tiny_model, d, f"--data.limit={N}", "--cluster.batch_size=8"))  # ... resumed on Ray
     assert s.manifest["units"]["computed_this_run"] == 1 and s.manifest["units"]["reused"] == 2
     assert_same_stats(s.load(), local_runs[8].load(), rtol=MERGE_RTOL)
+
+
+def test_planned_run_on_ray_matches_in_process(ray_session, tiny_model, tmp_path):
+    """A planned run (budget; docs/DESIGN.md §1.11) on Ray: the same plan (made by the driver's pilot)
+    and the same statistics as in process; the actors run each layer in its own mode and K."""
+    import json
+
+    extra = ("--data.limit=8", "--cluster.batch_size=4", "--sensitivity.budget=3", "--sensitivity.num_probes=2")
+    loc = run_local(config(tiny_model, tmp_path / "local", *extra))
+    s = run(config(tiny_model, tmp_path / "ray", *extra, "--cluster.num_actors=1", "--cluster.cpus_per_actor=1"))
+    assert s.manifest["backend"]["backend"] == "ray" and s.manifest["status"] == "complete"
+    a, b = (json.loads((tmp_path / d / "plan.json").read_text()) for d in ("local", "ray"))
+    for p in (a, b):
+        p["pilot"].pop("wall_s")
+    assert a == b and s.manifest["plan"]["layer_plan"] == a["layer_plan"]
+    assert_same_stats(s.load(), loc.load(), rtol=MERGE_RTOL)
