@@ -122,3 +122,15 @@ def test_causality_is_measured():
         eng = SensitivityEngine(build(name), SensitivityConfig(estimator="exact", mode="reverse"))
         assert eng.causal is causal
         assert depends_on_later(eng._autograd.call, eng.model, eng.n_layers) is (not causal)
+
+
+@pytest.mark.parametrize("name", ["mistral-sliding", "gemma2", "gemma3"])
+def test_sliding_windows_bind_in_the_matrix(name):
+    """The matrix exercises sliding-window attention: with a window of 3 shorter than the 6-token
+    sample, block 1's map is exactly 0 at distance ≥ 3 (attention cannot reach there) and block 2's
+    is not (two hops reach further), in the oracle the engine is compared with."""
+    _, _, _, refs = _case(name)
+    n = refs[0][1].shape[0]
+    far = np.abs(np.arange(n)[:, None] - np.arange(n)[None, :]) >= 3
+    assert n == 6 and refs[0][1][far].sum() == 0.0
+    assert refs[0][2][far].sum() > 1e-3 * refs[0][2].sum()
