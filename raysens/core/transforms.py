@@ -5,7 +5,7 @@ Some models run operators that ``vmap`` / ``torch.func.jvp`` refuse: an old-styl
 derivative, or an op without a batching rule. Plain autograd differentiates all of them. The engine
 picks, **once per model** (``pick_reverse``, ``pick_forward``: check-then-trust, like the manual
 stack's check), the first path of the chain that runs on a tiny input and agrees with plain
-autograd (one ``autograd.grad`` per cotangent), and trusts it afterwards:
+autograd at layers 0 and the last (one ``autograd.grad`` per cotangent), and trusts it afterwards:
 
 - reverse: ``vmap`` (batched backward, ``is_grads_batched``) → ``loop`` (one backward per row).
 - forward (``ForwardTransform``): ``vmap`` → ``loop`` → ``double-vjp``.
@@ -65,14 +65,17 @@ def jvp(kind: ForwardTransform, f: Callable[[torch.Tensor], dict], primal: torch
 
 
 def _probe(model: torch.nn.Module, n_layers: int):
-    """A tiny check input: emb ``[2, 3, d_model]``, mask ``[2, 3]`` (second sample padded), all layers."""
+    """A tiny check input: emb ``[2, 3, d_model]``, mask ``[2, 3]`` (second sample padded), and the
+    layers checked: 0 and the last (whose graph holds every block, so an operator without a batching
+    rule or a forward derivative anywhere shows there; checking every layer cost ~L/2 times more
+    backwards, most of an engine's construction on a deep model)."""
     p = next(model.parameters())
     d = int(model.get_input_embeddings().weight.shape[-1])
     g = torch.Generator().manual_seed(2)
     emb = torch.randn(2, 3, d, generator=g).to(p.device)
     mask = torch.ones(2, 3, dtype=torch.long, device=p.device)
     mask[1, 2] = 0
-    return emb, mask, list(range(n_layers + 1)), g
+    return emb, mask, sorted({0, n_layers}), g
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
