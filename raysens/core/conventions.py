@@ -62,7 +62,15 @@ def _accepts(mod: torch.nn.Module, name: str) -> bool:
 
 
 def _relerr(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+    """Relative Frobenius error in float64 (float32 norms of huge but finite states overflow);
+    non-finite entries must sit at the same places in both (a model that makes NaN from some
+    input does so on both paths) and are left out, any other mismatch is ``inf``."""
+    g, w = got.double(), want.double()
+    fin = torch.isfinite(w)
+    if not torch.equal(fin, torch.isfinite(g)):
+        return float("inf")
+    g, w = g[fin], w[fin]
+    return float((g - w).norm() / w.norm().clamp_min(1e-300))
 
 
 class ModelCall:
