@@ -99,7 +99,9 @@ def bench_llama(args) -> list[dict]:
         ratio = r["generic"]["median"] / r["hand-written"]["median"]
         log(f"llama {args.blocks} blocks, {mode}: hand-written {r['hand-written']['median']:.3f} s/sample "
             f"({r['hand-written']['strategy']}), generic {r['generic']['median']:.3f} ({r['generic']['strategy']}) "
-            f"-> generic / hand-written {ratio:.2f}x")
+            f"-> generic / hand-written {ratio:.2f}x (rounds: hand-written "
+            f"{', '.join(f'{x:.3f}' for x in r['hand-written']['s_per_sample'])}; generic "
+            f"{', '.join(f'{x:.3f}' for x in r['generic']['s_per_sample'])})")
         out.append({"part": "llama", "blocks": args.blocks, "mode": mode, "seq_len": args.seq_len,
                     "samples": args.samples, "results": r, "generic_over_hand": ratio})
     return out
@@ -122,7 +124,7 @@ def bench_families(args) -> list[dict]:
             v["over_hand_llama"], v["over_generic_llama"] = v["median"] / hand, v["median"] / gen
             log(f"families d={d} {blocks} blocks {mode}: {k:22s} {v['median']:.4f} s/sample ({v['strategy']}, "
                 f"fused norms {v['fused_norms']}) -> {v['over_hand_llama']:.2f}x hand-written llama, "
-                f"{v['over_generic_llama']:.2f}x generic llama")
+                f"{v['over_generic_llama']:.2f}x generic llama (rounds {', '.join(f'{x:.3f}' for x in v['s_per_sample'])})")
         out.append({"part": "families", "width": d, "blocks": blocks, "mode": mode, "seq_len": args.seq_len,
                     "samples": args.samples, "results": r})
     return out
