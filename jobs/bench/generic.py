@@ -124,7 +124,8 @@ def bench_families(args) -> list[dict]:
             v["over_hand_llama"], v["over_generic_llama"] = v["median"] / hand, v["median"] / gen
             log(f"families d={d} {blocks} blocks {mode}: {k:22s} {v['median']:.4f} s/sample ({v['strategy']}, "
                 f"fused norms {v['fused_norms']}) -> {v['over_hand_llama']:.2f}x hand-written llama, "
-                f"{v['over_generic_llama']:.2f}x generic llama (rounds {', '.join(f'{x:.3f}' for x in v['s_per_sample'])})")
+                f"{v['over_generic_llama']:.2f}x generic llama "
+                f"(rounds {', '.join(f'{x:.3f}' for x in v['s_per_sample'])})")
         out.append({"part": "families", "width": d, "blocks": blocks, "mode": mode, "seq_len": args.seq_len,
                     "samples": args.samples, "results": r})
     return out
