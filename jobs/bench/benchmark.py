@@ -26,6 +26,9 @@ each mode lives in its own module::
     python -m jobs.bench.benchmark rundir all --json jobs/results/rundir_bytes.json
     # manual vs vmap engine strategies (jobs/bench/strategies.py; = python -m jobs.bench.strategies ...)
     python -m jobs.bench.benchmark strategies [--models smollm2 minilm gpt2] [--layers -1 15]
+    # the generic path (any model) vs the hand-written one at equal shapes; Gemma, Phi-3, Qwen3, OLMo-2,
+    # GPT-NeoX on the generic path (jobs/bench/generic.py; = python -m jobs.bench.generic ...)
+    python -m jobs.bench.benchmark generic [--parts llama families] [--blocks 30] [--modes forward reverse]
 
 Without a mode, ``cpu`` is run (``python -m jobs.bench.benchmark --rounds 3`` = ``... cpu --rounds 3``).
 """
@@ -51,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(arguments passed on)")
     sub.add_parser("strategies", help="manual vs vmap engine strategies: python -m jobs.bench.strategies "
                                       "(arguments passed on)")
+    sub.add_parser("generic", help="generic vs hand-written path at equal shapes: python -m jobs.bench.generic "
+                                   "(arguments passed on)")
     sub.add_parser("modes", help="forward vs reverse mode: python -m jobs.bench.modes (arguments passed on)")
     sub.add_parser("corpus", help="corpus reads, first unit and peak RSS: python -m jobs.bench.corpus "
                                   "(arguments passed on)")
@@ -79,6 +84,10 @@ def main(argv=None):
         from . import strategies
 
         return strategies.main(argv[1:])
+    if argv[:1] == ["generic"]:  # generic vs hand-written path (jobs/bench/generic.py)
+        from . import generic
+
+        return generic.main(argv[1:])
     if argv[:1] == ["modes"]:  # forward vs reverse mode (jobs/bench/modes.py)
         from . import modes
 

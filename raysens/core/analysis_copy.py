@@ -41,4 +41,7 @@ def analysis_copy(model: torch.nn.Module, device: str | torch.device | None = No
             out.set_attn_implementation("eager")
         else:  # pragma: no cover - older transformers
             cfg._attn_implementation = "eager"
+    if cfg is not None and getattr(cfg, "_experts_implementation", None) not in (None, "eager"):
+        # mixture-of-experts layers: grouped_mm has no forward-mode derivative; eager loops over experts
+        cfg._experts_implementation = "eager"
     return out

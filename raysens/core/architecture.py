@@ -10,10 +10,14 @@ import numpy as np
 import torch
 
 
-def find_blocks(base: torch.nn.Module, n_layers: int) -> torch.nn.ModuleList:
+def find_blocks(base: torch.nn.Module, n_layers: int, required: bool = True) -> torch.nn.ModuleList | None:
+    """The first ``ModuleList`` of ``n_layers`` modules in ``base``; when there is none, None
+    (``required=False``: the engine then reads the model's own ``output_hidden_states``) or ValueError."""
     for _, mod in base.named_modules():
         if isinstance(mod, torch.nn.ModuleList) and len(mod) == n_layers:
             return mod
+    if not required:
+        return None
     raise ValueError(f"SensitivityEngine: cannot find the {n_layers} transformer blocks of {type(base).__name__}")
 
 
@@ -25,7 +29,10 @@ def is_causal_model(model: torch.nn.Module) -> bool:
     """True when output position i cannot depend on input positions j > i."""
     cfg = model.config
     if getattr(cfg, "is_encoder_decoder", False):
-        raise ValueError("SensitivityEngine: encoder-decoder models are not supported")
+        if type(model).__name__.endswith(("Encoder", "EncoderModel", "Stack")):
+            return False  # the encoder of a seq2seq model (conventions.encoder_of)
+        raise ValueError(f"SensitivityEngine: {type(model).__name__} is an encoder-decoder model; pass it to "
+                         f"SensitivityEngine (which analyses its encoder) or pass its get_encoder()")
     if cfg.model_type in _ENCODER_TYPES:
         return bool(getattr(cfg, "is_decoder", False))
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

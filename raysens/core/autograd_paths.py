@@ -19,14 +19,11 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .conventions import ModelCall
 from .cotangents import Cotangents, accumulate, chunk_loop
 from .memory import MemoryPolicy
 from .options import Strategy
 from .stacks import MIN_ROWS
-
-
-class Stop(Exception):
-    """Raised from a forward pre-hook once the deepest target layer's input has been captured."""
 
 
 def pad_batch(emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -72,7 +69,7 @@ class AutogradPaths:
 
     Args:
         base: the model's stack without an LM head (``model.base_model``).
-        blocks: its ``n_layers`` transformer blocks (``architecture.find_blocks``).
+        blocks: its ``n_layers`` transformer blocks (``architecture.find_blocks``), or None.
         strategy: the configured strategy; ``auto`` degrades to ``loop`` here (attribute
             ``strategy``) the first time a batched backward lacks a batching rule.
         memory, cot: the engine's memory policy and cotangent builder.
@@ -83,37 +80,17 @@ class AutogradPaths:
         self.base = base
         self.blocks = blocks
         self.n_layers = n_layers
+        self.call = ModelCall(base, blocks, n_layers)  # the differentiated function (conventions.conform sets it up)
         self.strategy = strategy
         self.memory = memory
         self.cot = cot
 
     def forward(self, emb: torch.Tensor, mask: torch.Tensor, layer_ids: Sequence[int]) -> dict[int, torch.Tensor]:
         """Hidden states ``{layer: [batch, S, hidden]}`` for absolute ``layer_ids`` from embeddings
-        ``[batch, S, d_model]`` and mask ``[batch, S]`` (positions 0..S-1); blocks after the
-        deepest target layer are not run."""
-        deepest = max(layer_ids)
-        captured, handles = {}, []
-
-        def hook_for(L):
-            def hook(_mod, args, kwargs):
-                captured[L] = args[0] if args else kwargs["hidden_states"]
-                if L == deepest:
-                    raise Stop
-            return hook
-
-        for L in layer_ids:
-            if L < self.n_layers:
-                handles.append(self.blocks[L].register_forward_pre_hook(hook_for(L), with_kwargs=True))
-        pos = torch.arange(emb.shape[1], device=emb.device).unsqueeze(0).expand(emb.shape[0], -1)
-        try:
-            out = self.base(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False)
-            captured[self.n_layers] = out.last_hidden_state
-        except Stop:
-            pass
-        finally:
-            for hd in handles:
-                hd.remove()
-        return {L: captured[L] for L in layer_ids}
+        ``[batch, S, d_model]`` and the right-padded mask ``[batch, S]``: ``self.call``
+        (``conventions.ModelCall``: the model derives its own position ids; blocks after the
+        deepest target layer are not run where its hidden states are read by hooks)."""
+        return self.call(emb, mask, layer_ids)
 
     def run_segment(self, emb, mask, a, b, layer_ids, probes, total, sumsq) -> None:
         """Segment [a, b) for a sample group: ``emb`` ``[batch, b, d_model]``, ``mask`` ``[batch, b]``,

@@ -29,6 +29,7 @@ import torch
 
 from .analysis_copy import analysis_copy
 from .architecture import find_blocks, is_causal_model, resolve_layer_indices
+from .conventions import conform, depends_on_later, encoder_of
 from .autograd_paths import AutogradPaths, pad_batch
 from .cotangents import Cotangents, chunk_loop
 from .forward import ForwardRows, GenericForward, ManualForward
@@ -39,6 +40,7 @@ from .options import Estimator, Mode, ProbeDistribution, SensitivityConfig, Stra
 from .probes import draw_forward_probes, draw_probes, probe_seed
 from .schedule import SEG_COST_MANUAL, Schedule, directions, pick_mode
 from .stacks import ManualStack, make_stack, unsupported_reason
+from .transforms import pick_forward, pick_reverse
 
 __all__ = ["Estimator", "Mode", "ProbeDistribution", "SensitivityConfig", "Strategy", "SensitivityEngine",
            "SensitivityBatch", "NonFiniteGradientError", "draw_probes", "probe_seed", "resolve_layer_indices",
@@ -93,13 +95,13 @@ class SensitivityEngine:
         self.config = cfg = config or SensitivityConfig()
         # the engine's own modules over the caller's weights (shared when float32 on ``device``):
         # the caller's model, flags, forwards and config are never changed
-        self.model = analysis_copy(model, device)
+        self.model = encoder_of(analysis_copy(model, device))  # an encoder-decoder model: its encoder
         self.device = next(self.model.parameters()).device
         self.fused_norms = install_fused_norms(self.model) if cfg.fused_norms else 0  # modules switched
         self.base = self.model.base_model  # the stack without any LM head
         mcfg = self.model.config
         self.n_layers = int(mcfg.num_hidden_layers)
-        self.blocks = find_blocks(self.base, self.n_layers)
+        self.blocks = find_blocks(self.base, self.n_layers, required=False)  # None: output_hidden_states readout
         self.hidden = int(mcfg.hidden_size)
         self.causal = is_causal_model(self.model) if causal is None else bool(causal)
         self.pad_id = int(getattr(mcfg, "pad_token_id", None) or 0)
@@ -111,12 +113,22 @@ class SensitivityEngine:
         self._cot = Cotangents(cfg.estimator, self.hidden, nd, self.device)
         # its .strategy may degrade from auto to loop once (missing batching rule)
         self._autograd = AutogradPaths(self.base, self.blocks, self.n_layers, cfg.strategy, self.memory, self._cot)
+        # the model's own derived inputs and hidden_states indexing, checked once (or refused: ValueError)
+        conform(self._autograd.call, self.model, self.pad_id)
+        if causal is None and self.causal and depends_on_later(self._autograd.call, self.model, self.n_layers):
+            self.causal = False  # its type says causal, its numbers say otherwise
         self._manual = self._manual_stack()  # the model's ManualStack when the manual backward is used, else None
         self._used: str | None = None  # "manual" if the last compute call used it, "" if not, None: no call yet
         # forward mode: tangents at input positions (every target layer in one pass)
         self.d_model = int(self.model.get_input_embeddings().weight.shape[-1])
         self._frows = ForwardRows(cfg.estimator, self.d_model, cfg.num_probes, self.device)
         self._generic_fwd = GenericForward(self._autograd.forward, cfg.strategy, self.memory, self._frows)
+        # the fallback chain for operators torch.func cannot transform, chosen once (transforms.py)
+        if cfg.strategy is Strategy.AUTO and not pick_reverse(self._autograd.forward, self.model, self.n_layers)[0]:
+            self._autograd.strategy = Strategy.LOOP
+        if cfg.mode is not Mode.REVERSE:
+            self._generic_fwd.strategy = pick_forward(self._autograd.forward, self.model, self.n_layers,
+                                                      self._generic_fwd.strategy)
         # a hand-written tangent path (stacks), when one exists and passed its one-off check, else None
         self._manual_fwd = self._manual_forward_path()
         self._mode_used: Mode | None = None
@@ -179,7 +191,8 @@ class SensitivityEngine:
         (1 = real token; None: all real).
 
         ``layers`` are hidden_states indices, resolved with ``resolve_layers`` (the dict's keys are
-        absolute). Positions are ``0..S-1``; blocks after the deepest target layer are not run. The
+        absolute). The model derives position ids itself (``conventions.py``); blocks after the
+        deepest target layer are not run where hooks read the hidden states. The
         model's own modules run (fused norms where installed), under the caller's autograd mode,
         so ``torch.func.jacrev`` of it is the reference Jacobian of what ``compute`` measures.
         """
@@ -203,6 +216,7 @@ class SensitivityEngine:
         """
         self.memory.reset_record()
         ids, mask, lengths = normalise(input_ids, attention_mask, max_seq_len, self.pad_id)  # [batch, S] each
+        self._autograd.call.check_ids(ids, mask, self.pad_id)
         bsz, seq = ids.shape
         sids = np.arange(bsz, dtype=np.int64) if sample_ids is None else np.asarray(sample_ids, np.int64)
         if sids.shape != (bsz,):

@@ -29,6 +29,7 @@ import torch
 from .fused import plain_norms
 from .memory import MemoryPolicy
 from .options import Estimator, Strategy
+from .transforms import ForwardTransform, jvp
 
 
 class ForwardRows:
@@ -102,13 +103,15 @@ class GenericForward:
     Args:
         forward: the differentiated function ``(emb, mask, layer_ids) -> {layer: [batch, S, hidden]}``.
         strategy: ``loop`` runs one ``jvp`` per tangent; anything else batches a chunk with ``vmap``
-            (degrading to ``loop`` once, attribute ``strategy``, when a batching rule is missing).
+            (attribute ``strategy``, a ``transforms.ForwardTransform``: the engine moves it along the
+            fallback chain once by ``transforms.pick_forward``; ``vmap`` also degrades to ``loop`` once
+            when a batching rule is missing at run time).
         memory: the engine's ``MemoryPolicy``; rows: the engine's ``ForwardRows``.
     """
 
     def __init__(self, forward, strategy: Strategy, memory: MemoryPolicy, rows: ForwardRows):
         self.forward = forward
-        self.strategy = Strategy.LOOP if strategy is Strategy.LOOP else Strategy.VMAP
+        self.strategy = ForwardTransform.LOOP if strategy is Strategy.LOOP else ForwardTransform.VMAP
         self.memory = memory
         self.rows = rows
 
@@ -142,15 +145,14 @@ class GenericForward:
 
     def _jvp(self, f, primal: torch.Tensor, tangents: torch.Tensor) -> dict[int, torch.Tensor]:
         """``{layer: [chunk, batch, S, hidden]}``: ``J t`` for each tangent ``t`` of ``tangents``."""
-        if self.strategy is Strategy.VMAP:
+        if self.strategy is ForwardTransform.VMAP:
             try:
-                return torch.func.vmap(lambda t: torch.func.jvp(f, (primal,), (t,))[1])(tangents)
+                return jvp(self.strategy, f, primal, tangents)
             except RuntimeError as exc:
                 if "atching rule" not in str(exc) and "vmap" not in str(exc):
                     raise
-                self.strategy = Strategy.LOOP
-        outs = [torch.func.jvp(f, (primal,), (t,))[1] for t in tangents]
-        return {L: torch.stack([o[L] for o in outs]) for L in outs[0]}
+                self.strategy = ForwardTransform.LOOP
+        return jvp(self.strategy, f, primal, tangents)
 
 
 class ManualForward:

@@ -53,12 +53,20 @@ def test_bert_is_not_causal():
         assert (r.values[L][0] > 0).all()  # every cell, both triangles
 
 
-def test_encoder_decoder_rejected():
+def test_encoder_decoder_analyses_its_encoder():
+    """A seq2seq model is analysed through its encoder (docs/DESIGN.md §1.1): the same numbers as
+    its encoder module passed alone."""
     import transformers as tf
 
     cfg = tf.T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
-    with pytest.raises(ValueError, match="encoder-decoder"):
-        SensitivityEngine(tf.T5Model(cfg))
+    torch.manual_seed(0)
+    model = tf.T5Model(cfg).eval()
+    conf = SensitivityConfig(estimator="exact", mode="reverse")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    got = SensitivityEngine(model, conf).compute(ids, layers=-1).values[1]
+    want = SensitivityEngine(model.get_encoder(), conf).compute(ids, layers=-1).values[1]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got.sum() > 0
 
 
 @functools.lru_cache(maxsize=None)

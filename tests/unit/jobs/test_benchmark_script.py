@@ -68,6 +68,24 @@ def test_strategies_mode_times_manual_and_vmap(tmp_path):
     assert r["segments"]["manual"] >= r["segments"]["vmap"] >= 1
 
 
+def test_generic_mode_times_hand_written_and_generic_paths(tmp_path):
+    """jobs/bench/generic.py on tiny shapes: both parts, both modes; each engine took the path it is
+    labelled with (the figure is a ratio of those two paths)."""
+    out = _bench("generic", "--blocks", "2", "--fam-blocks", "1", "--fam-width", "32", "--families", "gemma",
+                 "gpt-neox", "--samples", "1", "--seq-len", "6", "--rounds", "1", "--threads", "1",
+                 "--json", str(tmp_path / "g.json"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert [(r["part"], r["mode"]) for r in res] == [("llama", "forward"), ("llama", "reverse"),
+                                                     ("families", "forward"), ("families", "reverse")]
+    for r in res:
+        got = {k: (v["strategy"], v["mode"]) for k, v in r["results"].items()}
+        hand, gen = ("hand-written", "generic") if r["part"] == "llama" else ("llama (hand-written)", "llama (generic)")
+        assert got[hand] == ("manual", r["mode"]) and got[gen] == ("vmap", r["mode"])
+        assert all(len(v["s_per_sample"]) == 1 and v["median"] > 0 for v in r["results"].values())
+    assert set(res[2]["results"]) == {"llama (hand-written)", "llama (generic)", "gemma", "gpt-neox"}
+
+
 def test_gpu_mode_times_vmap_when_the_default_strategy_fails_its_check(monkeypatch):
     model = make_model("llama")
     ids = torch.stack([random_ids(6, seed=1), random_ids(6, seed=2)])

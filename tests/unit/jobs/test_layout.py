@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[3]
 JOBS = ROOT / "jobs"
 ENTRYPOINTS = ["run.py", "sweep.py", "quickstart.py"]
 BENCH = sorted(p.stem for p in (JOBS / "bench").glob("*.py") if p.stem != "__init__")
-DISPATCHER_IMPORTS = {"actors", "common", "corpus", "cpu", "gpu", "modes", "pipeline", "rundir", "strategies"}
+DISPATCHER_IMPORTS = {"actors", "common", "corpus", "cpu", "generic", "gpu", "modes", "pipeline", "rundir",
+                      "strategies"}
 
 
 def _py_files():
@@ -77,6 +78,7 @@ def test_entrypoint_docstrings_list_their_launch_commands():
 
 @pytest.mark.parametrize("module", ["jobs.bench.benchmark", "jobs.bench.strategies", "jobs.bench.pipeline",
                                     "jobs.bench.probe_choice", "jobs.bench.gpu_check", "jobs.bench.corpus", "jobs.bench.rundir",
+                                    "jobs.bench.generic",
                                     "jobs.tools.make_corpus"])
 def test_modules_answer_help_from_the_repository_root(module):
     p = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
