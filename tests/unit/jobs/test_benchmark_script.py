@@ -47,10 +47,11 @@ def test_gpu_mode_runs_on_cpu_tiny(tmp_path):
     # the default strategy is checked against vmap on the benchmark input before it is timed
     assert res["strategy_check"]["strategy"] == "manual" and res["strategy_check"]["rel_fro_vs_vmap"] < 1e-4
     assert res["fp32"]["strategy"] == "manual"
-    for tag in ("fp32", "tf32"):
-        assert res[tag]["s_per_sample"] > 0
+    for tag in ("fp32", "bf16"):  # every precision in one call; tf32 needs CUDA and is skipped on a CPU
+        assert res[tag]["s_per_sample"] > 0 and res[tag]["precision"] == tag and res[tag]["strategy"] == "manual"
         assert abs(res["ratio_" + tag] - res["seed"]["s_per_sample"] / res[tag]["s_per_sample"]) < 1e-9
-    assert "raysens fp32" in out.stdout
+    assert res["tf32"] == {"skipped": "precision tf32 needs a CUDA device"} and "ratio_tf32" not in res
+    assert "raysens fp32" in out.stdout and "raysens bf16" in out.stdout
     # chunk decisions come from the engine's public record of its last compute call (chunks_used)
     assert res["fp32"]["chunks"] and all(c >= 1 for c in res["fp32"]["chunks"])
     assert res["fp32"]["rows_per_segment"]
