@@ -20,6 +20,8 @@ each mode lives in its own module::
 
     # many synthetic actors: throughput and parallel efficiency (jobs/bench/actors.py)
     python -m jobs.bench.benchmark actors scaling|driver [...]
+    # precision bf16 vs fp32: speed (all layers) and the error it adds (jobs/bench/precision.py)
+    python -m jobs.bench.benchmark precision [--models smollm2 minilm] [--parts speed,error,hutch]
     # corpus reads: time to first unit and peak RSS, 200 / 10k shuffled samples of 100k-10M rows (jobs/bench/corpus.py)
     python -m jobs.bench.benchmark corpus --dir /tmp/corpus-bench [--json jobs/results/corpus_reads.json]
     # run-directory bytes: 1k/10k/100k samples with and without compaction, partial formats (jobs/bench/rundir.py)
@@ -57,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("generic", help="generic vs hand-written path at equal shapes: python -m jobs.bench.generic "
                                    "(arguments passed on)")
     sub.add_parser("modes", help="forward vs reverse mode: python -m jobs.bench.modes (arguments passed on)")
+    sub.add_parser("precision", help="bf16 vs fp32 precision, speed and error: python -m jobs.bench.precision "
+                                     "(arguments passed on)")
     sub.add_parser("corpus", help="corpus reads, first unit and peak RSS: python -m jobs.bench.corpus "
                                   "(arguments passed on)")
     sub.add_parser("rundir", help="run-directory bytes, compaction and partial formats: python -m jobs.bench.rundir "
@@ -92,6 +96,10 @@ def main(argv=None):
         from . import modes
 
         return modes.main(argv[1:])
+    if argv[:1] == ["precision"]:  # bf16 vs fp32: speed and error (jobs/bench/precision.py)
+        from . import precision
+
+        return precision.main(argv[1:])
     if argv[:1] == ["corpus"]:  # corpus reads (jobs/bench/corpus.py)
         from . import corpus
 

@@ -1,5 +1,6 @@
-"""GPU mode of ``jobs.bench.benchmark``: raysens on a random-weight Qwen2-1.5B-shaped model, strict
-fp32 and TF32, against the seed loop on 1-2 samples.
+"""GPU mode of ``jobs.bench.benchmark``: raysens on a random-weight Qwen2-1.5B-shaped model in each
+``SensitivityConfig.precision`` (strict fp32, TF32, bf16) in one call, against the seed loop on 1-2
+samples.
 
 No Ray, no raysens install, no network: run from the repository root (``python -m`` puts the working
 tree's raysens on the import path); only torch, transformers, numpy and safetensors are needed::
@@ -10,8 +11,8 @@ tree's raysens on the import path); only torch, transformers, numpy and safetens
     python -m jobs.bench.benchmark gpu --modes "" --out $OUT      # last layer only (skip the all-layer part)
     python -m jobs.bench.benchmark gpu --device cpu --tiny --reps 1 --seed-samples 1 --out /tmp/b   # CPU smoke test
 
-Hutchinson K=1, S=64, batch 32, layer -1: s/sample, peak GPU memory, achieved TFLOP/s against the
-floor (``jobs.bench.common``), and the seed loop for the ratio. Strategy ``auto`` (= ``manual`` for
+Hutchinson K=1, S=64, batch 32, layer -1, per precision (fp32, tf32, bf16; tf32 skipped on a CPU):
+s/sample, peak GPU memory, achieved TFLOP/s against the floor (``jobs.bench.common``), and the seed loop for the ratio. Strategy ``auto`` (= ``manual`` for
 this Qwen2 model) is first checked against ``vmap`` on 2 samples; if it fails, ``vmap`` is timed.
 Then all layers (``--modes``, default ``forward,reverse,auto``; docs/DESIGN.md §1.10): every layer
 1..n in one call per mode, TF32, the modes alternating — target: forward ≤ 0.05 s/sample for all 28
@@ -31,6 +32,9 @@ from raysens.core.engine import SensitivityConfig, SensitivityEngine
 
 from .common import (block_params, chunk_sizes, floor_flops, log, ray_imported, rel_fro, seed_loop,
                      seed_model_copy)
+
+
+PRECISIONS = ("fp32", "tf32", "bf16")  # timed in this order, one call (SensitivityConfig.precision)
 
 
 def add_arguments(gp: argparse.ArgumentParser) -> None:
@@ -131,23 +135,27 @@ def gpu_main(args) -> dict:
     log(f"N_blocks = {n_blk / 1e9:.3f} B, floor {fl / 1e12:.2f} TFLOP/sample (causal halved), "
         f"segments {engine.segments_for(seq)}")
 
-    def measure(tag: str, tf32: bool):
-        nonlocal engine, budget
-        set_precision(tf32)
+    def measure(tag: str):
+        """``tag``: the engine's ``precision`` (fp32, tf32, bf16); the same strategy as the checked engine."""
+        nonlocal budget
+        set_precision(False)  # strict fp32 outside the engine; tf32 is switched on by the engine itself
+        eng = SensitivityEngine(model, SensitivityConfig(estimator="hutchinson", num_probes=1, precision=tag,
+                                                         strategy=engine.strategy_used, memory_budget_mb=budget),
+                                device=dev)
         while True:
             chunks: list = []  # engine.chunks_used of every timed batch
             try:
-                engine.compute(ids[:max(1, bsz // 8)], am[:max(1, bsz // 8)], layers=-1)  # warm-up
+                eng.compute(ids[:max(1, bsz // 8)], am[:max(1, bsz // 8)], layers=-1)  # warm-up
                 sync()
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(dev)
                 times = []
                 for _ in range(args.reps):
                     t0 = time.perf_counter()
-                    engine.compute(ids, am, layers=-1, sample_ids=list(range(bsz)))
+                    eng.compute(ids, am, layers=-1, sample_ids=list(range(bsz)))
                     sync()
                     times.append(time.perf_counter() - t0)
-                    chunks.extend(engine.chunks_used)
+                    chunks.extend(eng.chunks_used)
                 break
             except torch.cuda.OutOfMemoryError:
                 import gc
@@ -158,13 +166,13 @@ def gpu_main(args) -> dict:
                 budget = max(256, budget // 2)
                 log(f"   {tag}: CUDA OOM; retrying with memory_budget_mb={budget}")
                 torch.cuda.empty_cache()
-                engine = SensitivityEngine(model, SensitivityConfig(estimator="hutchinson", num_probes=1,
-                                                                    strategy=engine.strategy_used,
-                                                                    memory_budget_mb=budget), device=dev)
+                eng = SensitivityEngine(model, SensitivityConfig(estimator="hutchinson", num_probes=1, precision=tag,
+                                                                 strategy=engine.strategy_used,
+                                                                 memory_budget_mb=budget), device=dev)
         best = min(times)
         r = {"s_per_batch": times, "s_per_sample": best / bsz, "memory_budget_mb": budget,
              "chunks": chunk_sizes(chunks), "rows_per_segment": sorted({int(c[0]) for c in chunks}),
-             "achieved_tflops": fl * bsz / best / 1e12, "strategy": engine.strategy_used}
+             "achieved_tflops": fl * bsz / best / 1e12, "strategy": eng.strategy_used, "precision": tag}
         if cuda:
             r["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
         log(f"   {tag}: {r['s_per_sample']:.4f} s/sample (batches {', '.join(f'{x:.2f}' for x in times)} s), "
@@ -172,10 +180,13 @@ def gpu_main(args) -> dict:
             f"chunk sizes {r['chunks']} (budget {budget} MB)")
         return r
 
-    log("raysens strict fp32 ...")
-    info["fp32"] = measure("fp32", False)
-    log("raysens TF32 ...")
-    info["tf32"] = measure("tf32", True)
+    for tag in PRECISIONS:  # SensitivityConfig.precision, one engine each (bf16: weight copies made once)
+        if tag == "tf32" and not cuda:
+            info[tag] = {"skipped": "precision tf32 needs a CUDA device"}
+            log("raysens tf32: skipped (CPU)")
+            continue
+        log(f"raysens {tag} ...")
+        info[tag] = measure(tag)
 
     modes = [m for m in args.modes.split(",") if m]
     if modes:
@@ -191,15 +202,18 @@ def gpu_main(args) -> dict:
     info["seed"] = {"samples": args.seed_samples, "loop_s": tm["loop_s"], "convert_s": tm["convert_s"],
                     "s_per_sample": seed_ps}
     del seed_m
-    info["ratio_fp32"] = seed_ps / info["fp32"]["s_per_sample"]
-    info["ratio_tf32"] = seed_ps / info["tf32"]["s_per_sample"]
+    for tag in PRECISIONS:
+        if "s_per_sample" in info[tag]:
+            info["ratio_" + tag] = seed_ps / info[tag]["s_per_sample"]
     info["wall_s"] = time.perf_counter() - t_all
     log(f"   seed loop: {seed_ps:.3f} s/sample (loop {tm['loop_s']:.2f} s, conversions {tm['convert_s']:.2f} s "
         f"charged 1/32 per sample)")
     log("\n" + "=" * 90)
     log(f"{'run':10s} {'s/sample':>9s} {'target':>7s} {'TFLOP/s':>8s} {'peak GiB':>8s} {'ratio vs seed':>13s}")
-    for tag, tgt in (("fp32", 0.15), ("tf32", 0.03)):
+    for tag, tgt in (("fp32", 0.15), ("tf32", 0.03), ("bf16", float("nan"))):
         r = info[tag]
+        if "s_per_sample" not in r:
+            continue
         log(f"{'raysens ' + tag:10s} {r['s_per_sample']:9.4f} {tgt:7.2f} {r['achieved_tflops']:8.1f} "
             f"{r.get('peak_mem_gb', float('nan')):8.1f} {info['ratio_' + tag]:12.1f}x")
     log(f"{'seed loop':10s} {seed_ps:9.4f}")

@@ -64,7 +64,7 @@ def accumulate(g: torch.Tensor, pos: torch.Tensor, total: torch.Tensor, sumsq: t
 
     ``g``: VJPs ``[chunk, batch, b, d_model]``; ``pos``: their output positions ``[chunk]``;
     ``total``/``sumsq``: float64 ``[batch, pos_out, pos_in]``, columns ``[0, b)`` are updated."""
-    sq = g.pow(2).sum(-1).double().transpose(0, 1)  # [batch, chunk, pos_in=b]
+    sq = g.float().pow(2).sum(-1).double().transpose(0, 1)  # [batch, chunk, pos_in=b]; float32 squares (bf16 VJPs)
     idx = pos.to(total.device)
     total[:, :, :b].index_add_(1, idx, sq)
     if sumsq is not None:

@@ -36,13 +36,14 @@ from .forward import ForwardRows, GenericForward, ManualForward
 from .fused import install_fused_norms
 from .inputs import normalise
 from .memory import MemoryPolicy
-from .options import Estimator, Mode, ProbeDistribution, SensitivityConfig, Strategy
+from .options import Estimator, Mode, Precision, ProbeDistribution, SensitivityConfig, Strategy
+from .precision import check_device, compute_dtype, generic_autocast, matmul_precision
 from .probes import draw_forward_probes, draw_probes, probe_seed
 from .schedule import SEG_COST_MANUAL, Schedule, directions, pick_mode
 from .stacks import ManualStack, make_stack, unsupported_reason
 from .transforms import pick_forward, pick_reverse
 
-__all__ = ["Estimator", "Mode", "ProbeDistribution", "SensitivityConfig", "Strategy", "SensitivityEngine",
+__all__ = ["Estimator", "Mode", "Precision", "ProbeDistribution", "SensitivityConfig", "Strategy", "SensitivityEngine",
            "SensitivityBatch", "NonFiniteGradientError", "draw_probes", "probe_seed", "resolve_layer_indices",
            "is_causal_model"]
 
@@ -97,6 +98,7 @@ class SensitivityEngine:
         # the caller's model, flags, forwards and config are never changed
         self.model = encoder_of(analysis_copy(model, device))  # an encoder-decoder model: its encoder
         self.device = next(self.model.parameters()).device
+        check_device(cfg.precision, self.device)  # tf32: CUDA only
         self.fused_norms = install_fused_norms(self.model) if cfg.fused_norms else 0  # modules switched
         self.base = self.model.base_model  # the stack without any LM head
         mcfg = self.model.config
@@ -131,6 +133,8 @@ class SensitivityEngine:
                                                       self._generic_fwd.strategy)
         # a hand-written tangent path (stacks), when one exists and passed its one-off check, else None
         self._manual_fwd = self._manual_forward_path()
+        if self._manual is not None:  # after the one-off checks (float32): bf16 GEMMs for precision bf16
+            self._manual.use_dtype(compute_dtype(cfg.precision))
         self._mode_used: Mode | None = None
 
     # ------------------------------------------------------------------ public
@@ -233,10 +237,11 @@ class SensitivityEngine:
         total = {L: torch.zeros(bsz, seq, seq, dtype=torch.float64, device=self.device) for L in layer_ids}
         hutch = cfg.estimator is Estimator.HUTCHINSON
         sumsq = {L: torch.zeros_like(total[L]) for L in layer_ids} if (hutch and k >= 2) else None
-        if mode is Mode.FORWARD:
-            self._run_forward(emb, mask, layer_ids, sids, lengths, total, sumsq)
-        else:
-            self._run_reverse(emb, mask, layer_ids, sids, lengths, total, sumsq)
+        with matmul_precision(cfg.precision):  # tf32: TF32 matrix products during this call only
+            if mode is Mode.FORWARD:
+                self._run_forward(emb, mask, layer_ids, sids, lengths, total, sumsq)
+            else:
+                self._run_reverse(emb, mask, layer_ids, sids, lengths, total, sumsq)
         return self._result(layer_ids, total, sumsq, k, sids, lengths, seq)
 
     def _run_reverse(self, emb, mask, layer_ids, sids, lengths, total, sumsq) -> None:
@@ -251,6 +256,11 @@ class SensitivityEngine:
         # budget) serves all segments; autograd: one forward per segment and sample group
         upto = max(layer_ids)
         forwards = self.memory.forward_groups(bsz, self._manual.saved_bytes(seq, upto)) if manual else [(0, bsz)]
+        with generic_autocast(Precision.FP32 if manual else self.config.precision, self.device):
+            self._reverse_groups(forwards, manual, emb, mask, layer_ids, probes, total, sumsq, seq, upto)
+
+    def _reverse_groups(self, forwards, manual, emb, mask, layer_ids, probes, total, sumsq, seq, upto) -> None:
+        """The loop of ``_run_reverse``: shared forwards (manual), segments, CPU sample groups."""
         for f0, f1 in forwards:
             fwd = self._manual_forward(emb[f0:f1], mask[f0:f1], upto) if manual else None
             for a, b in self.schedule.segments(seq, manual):
@@ -284,11 +294,12 @@ class SensitivityEngine:
         inter = int(getattr(mcfg, "intermediate_size", None) or getattr(mcfg, "n_inner", None) or 4 * self.hidden)
         heads = int(getattr(mcfg, "num_attention_heads", 1) or 1)
         row_token_bytes = 4 * (8 * self.d_model + 3 * inter + 3 * heads * seq)
-        for g0 in range(0, bsz, g):
-            sub = slice(g0, min(bsz, g0 + g))
-            path.run(emb[sub], mask[sub], layer_ids, None if probes is None else probes[sub],
-                                  {L: t[sub] for L, t in total.items()},
-                                  None if sumsq is None else {L: t[sub] for L, t in sumsq.items()}, row_token_bytes)
+        with generic_autocast(Precision.FP32 if manual else cfg.precision, self.device):
+            for g0 in range(0, bsz, g):
+                sub = slice(g0, min(bsz, g0 + g))
+                path.run(emb[sub], mask[sub], layer_ids, None if probes is None else probes[sub],
+                         {L: t[sub] for L, t in total.items()},
+                         None if sumsq is None else {L: t[sub] for L, t in sumsq.items()}, row_token_bytes)
         pad_out = ~mask.bool()[:, :, None]  # [batch, pos_out, 1]: padded outputs are 0, as in reverse mode
         for t in [*total.values(), *(sumsq or {}).values()]:
             t.masked_fill_(pad_out, 0.0)

@@ -69,7 +69,7 @@ def accumulate_forward(jv: torch.Tensor, pos: torch.Tensor, total: torch.Tensor,
     ``jv``: tangent outputs ``[chunk, batch, width, hidden]`` of output positions ``out0 ..
     out0+width``; ``pos``: the rows' input positions ``[chunk]``; ``total``/``sumsq``: float64
     ``[batch, pos_out, pos_in]``."""
-    sq = jv.pow(2).sum(-1).double().permute(1, 2, 0)  # [batch, width, chunk]
+    sq = jv.float().pow(2).sum(-1).double().permute(1, 2, 0)  # [batch, width, chunk]; float32 squares (bf16 tangents)
     w = sq.shape[1]
     idx = pos.to(total.device)
     total[:, out0:out0 + w].index_add_(2, idx, sq)

@@ -288,6 +288,7 @@ def run_facts(manifest: dict, layers: dict | None = None) -> dict[str, Any]:
         "num_probes": manifest.get("num_probes", sens.get("num_probes")),
         "probe": sens.get("probe_distribution"),
         "seed": manifest.get("seed", sens.get("seed")),
+        "precision": manifest.get("precision") or sens.get("precision") or "fp32",  # runs before the option: fp32
         "seq_len": seq, "max_seq_len": manifest.get("max_seq_len") or find_key(cfg, ("max_seq_len",)),
         "samples": count, "samples_total": samples.get("total"),
         "skipped": samples.get("skipped"), "wall_s": timings.get("wall_s"),

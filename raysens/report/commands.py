@@ -203,7 +203,7 @@ def format_show(run: RunResult, top: int = 10, layers: Sequence[int] | None = No
              f"  model      {f['model']}  [{model.get('class', '?')}, {model.get('num_hidden_layers', '?')} layers, "
              f"H={model.get('hidden_size', '?')}, {an.fmt(model.get('parameters'))} parameters]",
              f"  dataset    {f['dataset']}",
-             f"  estimator  {est}, seed {f['seed']}",
+             f"  estimator  {est}, seed {f['seed']}, precision {f['precision']}",
              f"  seq len    {f['seq_len']} observed (max_seq_len {f['max_seq_len']})",
              f"  layers     {', '.join(map(str, sorted(run.layers)))}"]
     samples = m.get("samples") or {}

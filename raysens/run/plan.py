@@ -87,6 +87,21 @@ def check_device(device: str, gpus: float | None = None) -> None:
                        "use model.device: auto or cpu")
 
 
+def check_precision(config: RunConfig) -> None:
+    """``sensitivity.precision: tf32`` needs the model on a GPU (decided by the config, as ``on_gpu``, or
+    for an in-process ``auto`` device by this machine). Raises ``RunError`` before anything is written."""
+    if config.sensitivity.precision.value != "tf32" or config.on_gpu:
+        return
+    if not config.cluster.use_ray and config.model.device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return
+    raise RunError("sensitivity.precision is 'tf32' (a CUDA tensor-core format) but this run's model is on the "
+                   "CPU; use precision fp32 or bf16, or put the model on a GPU (model.device: cuda, or "
+                   "cluster.gpus_per_actor > 0 with Ray)")
+
+
 def prepare(config: RunConfig) -> RunPlan:
     """Validate the corpus (every record), the model (config and weights), the device and the layers
     and plan the units. Writes nothing."""
@@ -99,6 +114,7 @@ def prepare(config: RunConfig) -> RunPlan:
     selected = corpus.select(n_rows)
     if not config.cluster.use_ray:
         check_device(config.model.device)
+    check_precision(config)
     _, mcfg = load_tokenizer_and_config(config.model.name, trust_remote_code=config.model.trust_remote_code)
     inputs = {"corpus": corpus.identity(),
               "model": model_identity(config.model.name, trust_remote_code=config.model.trust_remote_code)}
@@ -141,6 +157,7 @@ def base_manifest(plan: RunPlan, status: str, started: str) -> dict:
         "config": cfg.to_dict(), "versions": versions(),
         "model": {"name": cfg.model.name, **plan.model_config},
         "estimator": sens["estimator"], "num_probes": sens["num_probes"], "seed": sens["seed"],
+        "precision": sens["precision"],
         "layers": list(plan.layers), "max_seq_len": cfg.data.max_seq_len,
         "corpus": {**plan.corpus.describe(), "rows": plan.n_rows},
         "inputs": plan.inputs,

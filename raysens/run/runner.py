@@ -351,7 +351,8 @@ def _run_one(config: RunConfig, use_ray: bool) -> Job:
     job = runner.open(config.output.dir or "run", config, started)  # validates: raises before anything is written
     plan = job.plan
     log(f"run {plan.fingerprint}: {plan.n_selected} samples of {plan.n_rows} in {len(plan.units)} units, "
-        f"layers {list(plan.layers)}, {config.sensitivity.estimator.value}; {runner.todo_samples} samples to "
+        f"layers {list(plan.layers)}, {config.sensitivity.estimator.value}, precision "
+        f"{config.sensitivity.precision.value}; {runner.todo_samples} samples to "
         f"compute -> {plan.run_dir}")
     runner.run(config.output.progress_every_s)
     if job.status != "complete":

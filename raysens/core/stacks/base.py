@@ -29,6 +29,44 @@ class ManualStack:
 
     window: int | None = None  # longest input the stack computes exactly (sliding attention); None: any
     has_tangents = False  # True where ``jvp`` (the forward-mode tangent path) is written
+    cdtype = torch.float32  # dtype of the tangent/cotangent GEMMs (``use_dtype``); the forward stays float32
+
+    def use_dtype(self, dtype: torch.dtype) -> None:
+        """Run the GEMMs of ``vjp``/``jvp`` in ``dtype`` (bfloat16: ``SensitivityConfig.precision``
+        ``bf16``) on weight copies made once here; norms, softmax statistics and the shared forward stay
+        float32. float32 (the default) uses the model's weights themselves."""
+        self.cdtype = dtype
+        self._wcache = {}
+
+    def w(self, t: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """A weight ``t`` (or ``tᵀ``) in the GEMM dtype: ``t`` itself (a view for ``transpose``) in
+        float32; else a contiguous copy made on first use and kept for the stack's life."""
+        if self.cdtype == torch.float32:
+            return t.t() if transpose else t
+        return self.w_cat((t,), 0, transpose)
+
+    def w_cat(self, ts: tuple, dim: int, transpose: bool = False) -> torch.Tensor:
+        """Weights ``ts`` concatenated along ``dim`` (then transposed) in the GEMM dtype, cached
+        (fused GEMMs of the bf16 paths: q|k|v, gate|up)."""
+        cache = self.__dict__.setdefault("_wcache", {})
+        key = (tuple(id(t) for t in ts), dim, transpose)
+        if key not in cache:
+            c = torch.cat([t.detach() for t in ts], dim) if len(ts) > 1 else ts[0].detach()
+            cache[key] = ((c.t() if transpose else c).contiguous().to(self.cdtype), ts)  # ts: keep ids alive
+        return cache[key][0]
+
+    def mm_sum(self, a: torch.Tensor, ws: tuple) -> torch.Tensor:
+        """``Σ_k a[:, block k] @ ws[k]`` (consecutive column blocks of ``a``, one per weight ``[rows_k,
+        N]``): float32 one GEMM per weight (``mm``/``addmm_``, as always); bf16 one GEMM on the
+        concatenated weight copy. Returns ``[M, N]`` in the GEMM dtype."""
+        if self.cdtype != torch.float32:
+            return mm(a, self.w_cat(tuple(ws), 0))
+        out, s = None, 0
+        for w in ws:
+            e = s + w.shape[0]
+            out = mm(a[:, s:e], w) if out is None else addmm_(out, a[:, s:e], w)
+            s = e
+        return out
 
     def jvp(self, forward_out, layer_ids, dx, rows, a):
         """Tangents ``{layer: [chunk, batch', S − a, d_model]}`` of the hidden states at positions
@@ -83,6 +121,8 @@ def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     make a sample's numbers depend on its batch and on the process (the pipeline guarantees the same
     statistics from Ray actors and the in-process path); padding to ``MIN_ROWS`` rows avoids that."""
     m = a.shape[0]
+    if a.dtype != w.dtype:  # a bf16 weight copy (precision bf16): the product in bf16
+        a = a.to(w.dtype)
     if m >= MIN_ROWS:
         return a @ w
     pad = a.new_zeros(MIN_ROWS, a.shape[1])
@@ -91,7 +131,10 @@ def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def addmm_(c: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``c += a @ w`` in place, padded like ``mm`` (the same kernel for every M)."""
+    """``c += a @ w`` in place, padded like ``mm`` (the same kernel for every M). With a bf16 weight
+    copy the product is taken in bf16 and added to ``c`` in ``c``'s dtype."""
+    if w.dtype != c.dtype:
+        return c.add_(mm(a, w))
     m = c.shape[0]
     if m >= MIN_ROWS:
         return c.addmm_(a, w)
@@ -111,17 +154,18 @@ def attention_backward(go, p, q, k, v, scaling):
     head_dim]``, gv ``[batch, kv_heads, pos, chunk, head_dim]`` (layouts that make every product one bmm).
     """
     c, bsz, b, kvh, grp, hd = go.shape
+    cd = go.dtype  # float32, or bf16 (precision bf16: products in bf16, softmax statistics in float32)
     bk = bsz * kvh
     go = go.permute(1, 3, 4, 2, 0, 5).contiguous()  # [batch, kv_heads, group, pos, chunk, hd]
-    v, k = v.reshape(bk, b, hd), k.reshape(bk, b, hd)
-    gp = torch.bmm(go.view(bk, grp * b * c, hd), v.transpose(1, 2)).view(bsz, kvh, grp, b, c, b)
+    v, k = v.reshape(bk, b, hd).to(cd), k.reshape(bk, b, hd).to(cd)
+    gp = torch.bmm(go.view(bk, grp * b * c, hd), v.transpose(1, 2)).view(bsz, kvh, grp, b, c, b).float()
     pe = p.unsqueeze(-2)  # [batch, kv_heads, group, pos_q, 1, pos_k]
     dsum = (gp * pe).sum(-1, keepdim=True)
-    gs = gp.sub_(dsum).mul_(pe * scaling)  # d scores · scaling: [batch, kv_heads, group, pos_q, chunk, pos_k]
+    gs = gp.sub_(dsum).mul_(pe * scaling).to(cd)  # d scores · scaling: [batch, kv_heads, group, pos_q, chunk, pos_k]
     gq = torch.bmm(gs.view(bk, grp * b * c, b), k).view(bsz, kvh, grp, b, c, hd)
     # dk[c, t] = Σ_(group, s) gs[.., s, c, t] q[.., s];  dv[c, t] = Σ_(group, s) p[.., s, t] go[.., s, c]
-    gk = torch.bmm(gs.view(bk, grp * b, c * b).transpose(1, 2), q.reshape(bk, grp * b, hd)).view(bsz, kvh, c, b, hd)
-    pt = p.reshape(bk, grp * b, b).transpose(1, 2)  # [bk, pos_k, group·pos_q]
+    gk = torch.bmm(gs.view(bk, grp * b, c * b).transpose(1, 2), q.reshape(bk, grp * b, hd).to(cd)).view(bsz, kvh, c, b, hd)
+    pt = p.reshape(bk, grp * b, b).transpose(1, 2).to(cd)  # [bk, pos_k, group·pos_q]
     gv = torch.bmm(pt, go.view(bk, grp * b, c * hd)).view(bsz, kvh, b, c, hd)
     return gq, gk, gv
 

@@ -127,8 +127,8 @@ class BertStack(ManualStack):
         ``g`` ``[..., d_model]`` (overwritten); ``sv_at(name)`` gives saved tensors at g's positions."""
         g = _ln_backward(g, sv_at("xn2"), sv_at("r2"), blk.output.LayerNorm.weight)  # d(f + h)
         d = g.shape[-1]
-        gf = mm(g.view(-1, d), blk.output.dense.weight).view(*g.shape[:-1], -1).mul_(sv_at("dgelu"))  # d(W₁h)
-        addmm_(g.view(-1, d), gf.view(-1, gf.shape[-1]), blk.intermediate.dense.weight)  # d h
+        gf = mm(g.view(-1, d), self.w(blk.output.dense.weight)).view(*g.shape[:-1], -1).mul_(sv_at("dgelu"))  # d(W₁h)
+        addmm_(g.view(-1, d), gf.view(-1, gf.shape[-1]), self.w(blk.intermediate.dense.weight))  # d h
         return _ln_backward(g, sv_at("xn1"), sv_at("r1"), blk.attention.output.LayerNorm.weight)
 
     def _block_backward(self, blk, sv: _Saved, g, rows):
@@ -136,17 +136,17 @@ class BertStack(ManualStack):
         hh, hd = self.heads, self.head_dim
         g = self._mlp_ln_backward(blk, lambda name: getattr(sv, name)[rows], g)  # d(x + attn): residual part of d x
         at = blk.attention.self
-        go = mm(g.view(-1, d), blk.attention.output.dense.weight).view(c, bsz, seq, hh, 1, hd)
+        go = mm(g.view(-1, d), self.w(blk.attention.output.dense.weight)).view(c, bsz, seq, hh, 1, hd)
         gq, gk, gv = attention_backward(go, sv.p[rows], sv.q[rows], sv.k[rows], sv.v[rows], self.scaling)
         go = None
-        buf = torch.empty(3, c, bsz, seq, hh, hd, device=g.device, dtype=g.dtype)
+        buf = torch.empty(3, c, bsz, seq, hh, hd, device=g.device, dtype=self.cdtype)
         buf[0].view(c, bsz, seq, hh, 1, hd).permute(1, 3, 4, 2, 0, 5).copy_(gq)
         buf[1].permute(1, 3, 0, 2, 4).copy_(gk)
         buf[2].permute(1, 3, 2, 0, 4).copy_(gv)
         gq = gk = gv = None
         g2 = g.view(-1, d)
         for i, lin in enumerate((at.query, at.key, at.value)):
-            addmm_(g2, buf[i].view(-1, d), lin.weight)
+            addmm_(g2, buf[i].view(-1, d), self.w(lin.weight))
         return g
 
     def _top_backward(self, blk, sv: _Saved, gt, rows, pos):
@@ -161,21 +161,22 @@ class BertStack(ManualStack):
             return at_positions(getattr(sv, name)[rows], pos)
 
         g1 = self._mlp_ln_backward(blk, at_pos, gt.contiguous())  # [chunk, batch, d_model] d(x + attn) at pos
-        go = mm(g1.view(c * bsz, d), blk.attention.output.dense.weight).view(c, bsz, hh, hd)  # d attention output at pos
+        cd = self.cdtype  # GEMM dtype; LayerNorms and softmax statistics in float32
+        go = mm(g1.view(c * bsz, d), self.w(blk.attention.output.dense.weight)).view(c, bsz, hh, hd)  # d attention output at pos
         go = go.permute(1, 2, 0, 3)  # [batch, heads, chunk, hd]
         p = sv.p[rows][:, :, 0][:, :, pos]  # [batch, heads, chunk, S_k]: the one query row per cotangent
-        q = sv.q[rows][:, :, 0][:, :, pos]  # [batch, heads, chunk, hd]
-        k, v = sv.k[rows], sv.v[rows]  # [batch, heads, S, hd]
-        gp = torch.matmul(go, v.transpose(-1, -2))  # [batch, heads, chunk, S_k]
-        gs = gp.sub_((gp * p).sum(-1, keepdim=True)).mul_(p * self.scaling)
+        q = sv.q[rows][:, :, 0][:, :, pos].to(cd)  # [batch, heads, chunk, hd]
+        k, v = sv.k[rows].to(cd), sv.v[rows].to(cd)  # [batch, heads, S, hd]
+        gp = torch.matmul(go, v.transpose(-1, -2)).float()  # [batch, heads, chunk, S_k]
+        gs = gp.sub_((gp * p).sum(-1, keepdim=True)).mul_(p * self.scaling).to(cd)
         gq = torch.matmul(gs, k)  # [batch, heads, chunk, hd] (at pos only)
-        buf = torch.empty(2, c, bsz, seq, hh, hd, device=gt.device, dtype=gt.dtype)  # d keys, d values
+        buf = torch.empty(2, c, bsz, seq, hh, hd, device=gt.device, dtype=cd)  # d keys, d values
         torch.mul(gs.permute(2, 0, 3, 1)[..., None], q.permute(2, 0, 1, 3)[:, :, None], out=buf[0])
-        torch.mul(p.permute(2, 0, 3, 1)[..., None], go.permute(2, 0, 1, 3)[:, :, None], out=buf[1])
-        g = mm(buf[0].view(-1, d), at.key.weight)  # [chunk·batch·S, d_model]
-        addmm_(g, buf[1].view(-1, d), at.value.weight)
-        g = g.view(c, bsz, seq, d)
-        gpos = addmm_(g1.view(c * bsz, d).clone(), gq.permute(2, 0, 1, 3).reshape(c * bsz, d), at.query.weight)
+        torch.mul(p.to(cd).permute(2, 0, 3, 1)[..., None], go.permute(2, 0, 1, 3)[:, :, None], out=buf[1])
+        g = mm(buf[0].view(-1, d), self.w(at.key.weight))  # [chunk·batch·S, d_model]
+        addmm_(g, buf[1].view(-1, d), self.w(at.value.weight))
+        g = g.view(c, bsz, seq, d).float()
+        gpos = addmm_(g1.view(c * bsz, d).clone(), gq.permute(2, 0, 1, 3).reshape(c * bsz, d), self.w(at.query.weight))
         g[torch.arange(c, device=g.device), :, pos] += gpos.view(c, bsz, d)
         return g
 

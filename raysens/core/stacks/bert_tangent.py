@@ -9,7 +9,7 @@ the softmax-attention tangent with the saved probabilities (0 at padded keys: th
 a constant), the output GEMM plus the residual tangent through LN₁'s closed-form tangent, the MLP
 GEMMs with the saved ``gelu'`` (erf GELU) between them, plus the residual through LN₂. Shapes:
 ``chunk`` (tangent rows), ``batch``, ``pos`` (S), ``d_model``, ``heads``, ``head_dim``, ``inter``.
-No Ray.
+The weights come through ``stack.w`` (float32 themselves, bf16 copies for ``precision: bf16``). No Ray.
 """
 
 from __future__ import annotations
@@ -35,17 +35,19 @@ def bert_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, rows: slice, a: in
     for i in range(min(max(layer_ids), stack.n_layers)):
         blk, sv = stack.blocks[i], saved[i]
         at = blk.attention.self
-        dq = lin(x, at.query.weight.t()).view(c, bsz, seq, hh, hd)
-        dk = lin(x, at.key.weight.t()).view(c, bsz, seq, hh, hd)
-        dv = lin(x, at.value.weight.t()).view(c, bsz, seq, hh, hd)
+        xl = x.to(stack.cdtype)  # bf16 once for the three GEMMs (precision bf16); x itself in float32
+        dq = lin(xl, stack.w(at.query.weight, True)).view(c, bsz, seq, hh, hd)
+        dk = lin(xl, stack.w(at.key.weight, True)).view(c, bsz, seq, hh, hd)
+        dv = lin(xl, stack.w(at.value.weight, True)).view(c, bsz, seq, hh, hd)
+        xl = None
         do = attention_tangent(dq, dk, dv, sv.q[rows, :, 0], sv.k[rows], sv.v[rows], sv.p[rows, :, 0],
                                stack.scaling)  # [chunk, batch, pos, d_model]
         dq = dk = dv = None
-        h = lin(do, blk.attention.output.dense.weight.t(), add=x)
+        h = lin(do, stack.w(blk.attention.output.dense.weight, True), add=x)
         do = None
         h = ln_tangent(h, sv.xn1[rows], sv.r1[rows], blk.attention.output.LayerNorm.weight)
-        f = lin(h, blk.intermediate.dense.weight.t()).mul_(sv.dgelu[rows])  # [chunk, batch, pos, inter]
-        y = lin(f, blk.output.dense.weight.t(), add=h)
+        f = lin(h, stack.w(blk.intermediate.dense.weight, True)).mul_(sv.dgelu[rows])  # [chunk, batch, pos, inter]
+        y = lin(f, stack.w(blk.output.dense.weight, True), add=h)
         f = h = None
         x = ln_tangent(y, sv.xn2[rows], sv.r2[rows], blk.output.LayerNorm.weight)
         y = None

@@ -118,23 +118,24 @@ class GPT2Stack(ManualStack):
         hh, hd = self.heads, self.head_dim
         g2 = g.view(-1, d)
         # MLP: g += LN₂ᵀ(W₁ᵀ(act' ⊙ W₂ᵀ g))
-        gm = mm(g2, blk.mlp.c_proj.weight.t()).view(c, bsz, b, -1).mul_(sv.dact[rows, :b])  # [.., inter]
-        gn = mm(gm.view(-1, gm.shape[-1]), blk.mlp.c_fc.weight.t())  # [chunk·batch·pos, d_model]
+        # (GEMMs in self.cdtype: float32, or bf16 for precision bf16; LayerNorms in float32)
+        gm = mm(g2, self.w(blk.mlp.c_proj.weight, True)).view(c, bsz, b, -1).mul_(sv.dact[rows, :b])  # [.., inter]
+        gn = mm(gm.view(-1, gm.shape[-1]), self.w(blk.mlp.c_fc.weight, True))  # [chunk·batch·pos, d_model]
         gm = None
-        g.add_(ln_backward(gn.view(c, bsz, b, d), sv.xn2[rows, :b], sv.r2[rows, :b], blk.ln_2.weight))
+        g.add_(ln_backward(gn.view(c, bsz, b, d).float(), sv.xn2[rows, :b], sv.r2[rows, :b], blk.ln_2.weight))
         # attention: q/k/v gradients side by side, one GEMM with c_attn's weight
-        go = mm(g2, blk.attn.c_proj.weight.t()).view(c, bsz, b, hh, 1, hd)
+        go = mm(g2, self.w(blk.attn.c_proj.weight, True)).view(c, bsz, b, hh, 1, hd)
         gq, gk, gv = attention_backward(go, sv.p[rows, :, :, :b, :b], sv.q[rows, :, :, :b], sv.k[rows, :, :b],
                                         sv.v[rows, :, :b], blk.attn.scaling)
         go = None
-        buf = torch.empty(c, bsz, b, 3, hh, hd, device=g.device, dtype=g.dtype)
+        buf = torch.empty(c, bsz, b, 3, hh, hd, device=g.device, dtype=self.cdtype)
         buf[:, :, :, 0].view(c, bsz, b, hh, 1, hd).permute(1, 3, 4, 2, 0, 5).copy_(gq)
         buf[:, :, :, 1].permute(1, 3, 0, 2, 4).copy_(gk)
         buf[:, :, :, 2].permute(1, 3, 2, 0, 4).copy_(gv)
         gq = gk = gv = None
-        gn = mm(buf.view(-1, 3 * d), blk.attn.c_attn.weight.t())  # [chunk·batch·pos, d_model]
+        gn = mm(buf.view(-1, 3 * d), self.w(blk.attn.c_attn.weight, True))  # [chunk·batch·pos, d_model]
         buf = None
-        g.add_(ln_backward(gn.view(c, bsz, b, d), sv.xn1[rows, :b], sv.r1[rows, :b], blk.ln_1.weight))
+        g.add_(ln_backward(gn.view(c, bsz, b, d).float(), sv.xn1[rows, :b], sv.r1[rows, :b], blk.ln_1.weight))
         return g
 
     # ------------------------------------------------------------------ forward mode

@@ -9,7 +9,8 @@ with ``c_attn``'s weight for the q/k/v tangents of all tangents × tokens, the s
 tangent (``tangents.attention_tangent``; key/value tangents zero before a), the ``c_proj`` GEMM, the
 MLP's ``c_fc`` GEMM times the saved elementwise ``act'`` (any activation: ``gelu_new`` for GPT-2)
 and its ``c_proj`` GEMM; hidden_states[n] adds the tangent of LN_f. Shapes: ``chunk`` (tangent
-rows), ``batch``, ``suffix`` (S − a), ``d_model``, ``heads``, ``head_dim``, ``inter``. No Ray.
+rows), ``batch``, ``suffix`` (S − a), ``d_model``, ``heads``, ``head_dim``, ``inter``. The weights come
+through ``stack.w`` (themselves in float32, bf16 copies for ``precision: bf16``). No Ray.
 """
 
 from __future__ import annotations
@@ -37,18 +38,18 @@ def gpt2_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, rows: slice, a: in
         blk, sv = stack.blocks[i], saved[i]
         at, mlp = blk.attn, blk.mlp
         dn = ln_tangent(dx, sv.xn1[rows, a:seq], sv.r1[rows, a:seq], blk.ln_1.weight)
-        qkv = lin(dn, at.c_attn.weight).view(c, bsz, p, 3, hh, hd)  # [chunk, batch, suffix, q|k|v, heads, hd]
+        qkv = lin(dn, stack.w(at.c_attn.weight)).view(c, bsz, p, 3, hh, hd)  # [chunk, batch, suffix, q|k|v, heads, hd]
         dn = None
         do = attention_tangent(qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2], sv.q[rows, :, 0, a:seq],
                                sv.k[rows, :, :seq], sv.v[rows, :, :seq], sv.p[rows, :, 0, a:seq, :seq],
                                at.scaling)  # [chunk, batch, suffix, d_model]
         qkv = None
-        dx = lin(do, at.c_proj.weight, add=dx)
+        dx = lin(do, stack.w(at.c_proj.weight), add=dx)
         do = None
         dn = ln_tangent(dx, sv.xn2[rows, a:seq], sv.r2[rows, a:seq], blk.ln_2.weight)
-        dm = lin(dn, mlp.c_fc.weight).mul_(sv.dact[rows, a:seq])  # [chunk, batch, suffix, inter]
+        dm = lin(dn, stack.w(mlp.c_fc.weight)).mul_(sv.dact[rows, a:seq])  # [chunk, batch, suffix, inter]
         dn = None
-        dx = lin(dm, mlp.c_proj.weight, add=dx)
+        dx = lin(dm, stack.w(mlp.c_proj.weight), add=dx)
         dm = None
         if i + 1 in layer_ids and i + 1 < n:
             out[i + 1] = dx

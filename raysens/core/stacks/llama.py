@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import ManualStack, addmm_, additive_mask, at_positions as _at, attention_backward, mm
+from .base import ManualStack, additive_mask, at_positions as _at, attention_backward, mm
 
 
 def llama_unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -136,13 +136,15 @@ class LlamaStack(ManualStack):
         saved, final, (cos, sin), _ = forward_out
         c, _, b, _ = cot.shape
         top = min(layer, len(saved))
-        cs, sn = cos[rows, :b], sin[rows, :b]  # [batch', pos, head_dim]
+        cd = self.cdtype  # GEMM dtype (float32, or bf16 for precision bf16)
+        cs, sn = cos[rows, :b].to(cd), sin[rows, :b].to(cd)  # [batch', pos, head_dim]
         if pos is not None and top > 0:
             gt = cot[torch.arange(c, device=cot.device), :, pos]  # [chunk, batch', d_model]
             if layer == len(self.blocks):  # hidden_states[n] is after the final norm
                 xn, r = final
                 gt = _norm_backward(gt, _at(xn[rows], pos), _at(r[rows], pos), self.base.norm.weight)
-            g = self._top_backward(self.blocks[top - 1], saved[top - 1], gt, rows, b, pos, cos[rows], sin[rows])
+            g = self._top_backward(self.blocks[top - 1], saved[top - 1], gt, rows, b, pos, cos[rows].to(cd),
+                                   sin[rows].to(cd))
             top -= 1
         else:
             g = cot.contiguous()
@@ -162,36 +164,35 @@ class LlamaStack(ManualStack):
         at, mlp = blk.self_attn, blk.mlp
         kvh, grp, hd = self.kv_heads, self.group, self.head_dim
         inter = mlp.down_proj.weight.shape[1]
+        cd = self.cdtype  # GEMM dtype; norms and softmax statistics in float32
         # MLP at pos: g (d x₂ at pos) = gt + RMSNorm₂ᵀ(gateᵀ(gm ⊙ a) + upᵀ(gm ⊙ b))
-        gm = mm(gt.view(c * bsz, d), mlp.down_proj.weight)
-        ggu = (gm.view(c, bsz, 1, inter) * _at(sv.ab[rows], pos)).view(c * bsz, 2 * inter)
-        gn = mm(ggu[:, :inter], mlp.gate_proj.weight)
-        addmm_(gn, ggu[:, inter:], mlp.up_proj.weight)
-        g = gt.add_(_norm_backward(gn.view(c, bsz, d), _at(sv.xn2[rows], pos), _at(sv.r2[rows], pos),
+        gm = mm(gt.view(c * bsz, d), self.w(mlp.down_proj.weight))
+        ggu = (gm.view(c, bsz, 1, inter) * _at(sv.ab[rows], pos).to(cd)).view(c * bsz, 2 * inter)
+        gn = self.mm_sum(ggu, (mlp.gate_proj.weight, mlp.up_proj.weight))
+        g = gt.add_(_norm_backward(gn.view(c, bsz, d).float(), _at(sv.xn2[rows], pos), _at(sv.r2[rows], pos),
                                    blk.post_attention_layernorm.weight))
         # attention with one query row per cotangent; [batch, kv_heads, chunk, group, ...] layouts
-        go = mm(g.view(c * bsz, d), at.o_proj.weight).view(c, bsz, kvh, grp, hd).permute(1, 2, 0, 3, 4)
+        go = mm(g.view(c * bsz, d), self.w(at.o_proj.weight)).view(c, bsz, kvh, grp, hd).permute(1, 2, 0, 3, 4)
         p = sv.p[rows][:, :, :, pos, :b].transpose(2, 3)  # [batch, kv_heads, chunk, group, pos_k]
-        kr, v = sv.kr[rows, :, :b].unsqueeze(2), sv.v[rows, :, :b].unsqueeze(2)  # [batch, kv, 1, pos_k, hd]
-        gp = torch.matmul(go, v.transpose(-1, -2))  # [batch, kv_heads, chunk, group, pos_k]
-        gs = gp.sub_((gp * p).sum(-1, keepdim=True)).mul_(p * self.scaling)
+        kr, v = sv.kr[rows, :, :b].unsqueeze(2).to(cd), sv.v[rows, :, :b].unsqueeze(2).to(cd)  # [batch, kv, 1, pos_k, hd]
+        gp = torch.matmul(go, v.transpose(-1, -2)).float()  # [batch, kv_heads, chunk, group, pos_k]
+        gs = gp.sub_((gp * p).sum(-1, keepdim=True)).mul_(p * self.scaling).to(cd)
         gq = torch.matmul(gs, kr)  # [batch, kv_heads, chunk, group, hd]: d q_rot at pos
-        qp = sv.qr[rows][:, :, :, pos].transpose(2, 3)  # [batch, kv_heads, chunk, group, hd]
+        qp = sv.qr[rows][:, :, :, pos].transpose(2, 3).to(cd)  # [batch, kv_heads, chunk, group, hd]
         gk = torch.matmul(gs.transpose(-1, -2), qp)  # [batch, kv_heads, chunk, pos_k, hd]
-        gv = torch.matmul(p.transpose(-1, -2), go)  # [batch, kv_heads, chunk, pos_k, hd]
-        buf = torch.empty(c, bsz, b, 2, kvh, hd, device=g.device, dtype=g.dtype)  # d k_pre, d v over the prefix
+        gv = torch.matmul(p.transpose(-1, -2).to(cd), go)  # [batch, kv_heads, chunk, pos_k, hd]
+        buf = torch.empty(c, bsz, b, 2, kvh, hd, device=g.device, dtype=cd)  # d k_pre, d v over the prefix
         _rope_backward(gk, cos[:, None, None, :b], sin[:, None, None, :b], buf[:, :, :, 0].permute(1, 3, 0, 2, 4))
         buf[:, :, :, 1].permute(1, 3, 0, 2, 4).copy_(gv)
         gk = gv = gs = gp = None
-        qbuf = torch.empty(c, bsz, kvh, grp, hd, device=g.device, dtype=g.dtype)  # d q_pre at pos
+        qbuf = torch.empty(c, bsz, kvh, grp, hd, device=g.device, dtype=cd)  # d q_pre at pos
         cp, sp = cos[:, pos][:, None, :, None], sin[:, pos][:, None, :, None]  # [batch, 1, chunk, 1, hd]
         _rope_backward(gq, cp, sp, qbuf.permute(1, 2, 0, 3, 4))
         b2 = buf.view(c * bsz * b, 2 * kvh * hd)
-        gn = mm(b2[:, :kvh * hd], at.k_proj.weight)  # [chunk·batch·pos, d_model]
-        addmm_(gn, b2[:, kvh * hd:], at.v_proj.weight)
-        gn = gn.view(c, bsz, b, d)
+        gn = self.mm_sum(b2, (at.k_proj.weight, at.v_proj.weight))  # [chunk·batch·pos, d_model]
+        gn = gn.view(c, bsz, b, d).float()
         ar = torch.arange(c, device=g.device)
-        gn[ar, :, pos] += mm(qbuf.view(c * bsz, -1), at.q_proj.weight).view(c, bsz, d)
+        gn[ar, :, pos] += mm(qbuf.view(c * bsz, -1), self.w(at.q_proj.weight)).view(c, bsz, d)
         out = _norm_backward(gn, sv.xn1[rows, :b], sv.r1[rows, :b], blk.input_layernorm.weight)
         out[ar, :, pos] += g  # the residual path of d x₂
         return out
@@ -204,20 +205,20 @@ class LlamaStack(ManualStack):
         g2 = g.view(m, d)
         # ---- MLP: g += norm2ᵀ(gateᵀ(gm·u·silu'(g)) + upᵀ(gm·silu(g))), gm = down ᵀ g
         inter = mlp.down_proj.weight.shape[1]
-        gm = mm(g2, mlp.down_proj.weight)  # [chunk·batch·pos, inter]
-        ggu = (gm.view(c, bsz, b, 1, inter) * sv.ab[rows, :b]).view(m, 2 * inter)  # [.., (gate|up)]
+        cd = self.cdtype  # GEMM dtype; norms and softmax statistics in float32
+        gm = mm(g2, self.w(mlp.down_proj.weight))  # [chunk·batch·pos, inter]
+        ggu = (gm.view(c, bsz, b, 1, inter) * sv.ab[rows, :b].to(cd)).view(m, 2 * inter)  # [.., (gate|up)]
         gm = None
-        gn = mm(ggu[:, :inter], mlp.gate_proj.weight)  # [chunk·batch·pos, d_model]
-        addmm_(gn, ggu[:, inter:], mlp.up_proj.weight)
+        gn = self.mm_sum(ggu, (mlp.gate_proj.weight, mlp.up_proj.weight))  # [chunk·batch·pos, d_model]
         ggu = None
-        g.add_(_norm_backward(gn.view(c, bsz, b, d), sv.xn2[rows, :b], sv.r2[rows, :b],
+        g.add_(_norm_backward(gn.view(c, bsz, b, d).float(), sv.xn2[rows, :b], sv.r2[rows, :b],
                               blk.post_attention_layernorm.weight))
         # ---- attention
-        go = mm(g2, at.o_proj.weight).view(c, bsz, b, kvh, grp, hd)  # [chunk, batch, pos, kv_heads, group, hd]
+        go = mm(g2, self.w(at.o_proj.weight)).view(c, bsz, b, kvh, grp, hd)  # [chunk, batch, pos, kv_heads, group, hd]
         gq, gk, gv = attention_backward(go, sv.p[rows, :, :, :b, :b], sv.qr[rows, :, :, :b], sv.kr[rows, :, :b],
                                         sv.v[rows, :, :b], self.scaling)
         go = None
-        buf = torch.empty(c, bsz, b, self.heads + 2 * kvh, hd, device=g.device, dtype=g.dtype)
+        buf = torch.empty(c, bsz, b, self.heads + 2 * kvh, hd, device=g.device, dtype=cd)
         qv = buf[:, :, :, :self.heads].view(c, bsz, b, kvh, grp, hd).permute(1, 3, 4, 2, 0, 5)
         _rope_backward(gq, cos[:, None, None, :, None, :], sin[:, None, None, :, None, :], qv)
         kv = buf[:, :, :, self.heads:self.heads + kvh].permute(1, 3, 0, 2, 4)  # [batch, kv_heads, chunk, pos, hd]
@@ -225,12 +226,9 @@ class LlamaStack(ManualStack):
         buf[:, :, :, self.heads + kvh:].permute(1, 3, 2, 0, 4).copy_(gv)
         gq = gk = gv = None
         b2 = buf.view(m, -1)
-        qw, kw = self.heads * hd, kvh * hd
-        gn = mm(b2[:, :qw], at.q_proj.weight)  # [chunk·batch·pos, d_model]
-        addmm_(gn, b2[:, qw:qw + kw], at.k_proj.weight)
-        addmm_(gn, b2[:, qw + kw:], at.v_proj.weight)
+        gn = self.mm_sum(b2, (at.q_proj.weight, at.k_proj.weight, at.v_proj.weight))  # [chunk·batch·pos, d_model]
         buf = b2 = None
-        g.add_(_norm_backward(gn.view(c, bsz, b, d), sv.xn1[rows, :b], sv.r1[rows, :b],
+        g.add_(_norm_backward(gn.view(c, bsz, b, d).float(), sv.xn1[rows, :b], sv.r1[rows, :b],
                               blk.input_layernorm.weight))
         return g
 

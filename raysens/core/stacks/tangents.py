@@ -5,7 +5,9 @@ tangent and the multi-head softmax-attention tangent on saved probabilities.
 Tangent layout between blocks: ``[chunk, batch, P, d_model]`` (P = S − a query positions of a causal
 suffix segment ``[a, S)``; P = S for an encoder). Attention works on ``[batch, heads, P, chunk, ·]``
 layouts so that each product is one ``bmm`` per (sample, head) over all tangents, never a copy of
-the saved keys/values per tangent. No Ray.
+the saved keys/values per tangent. With bf16 weight copies (``precision: bf16``, ``ManualStack.w``)
+``lin`` takes the product in bf16 (the residual ``add`` stays float32) and ``attention_tangent``
+runs its products on bf16 tangents with the softmax statistics in float32. No Ray.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ from .base import MIN_ROWS
 
 def lin(x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., in] @ w [in, out]`` (+ ``add`` ``[..., out]``) as one GEMM over all leading dims,
-    zero-padded to ``MIN_ROWS`` rows like ``base.mm``; returns a new ``[..., out]`` tensor."""
+    zero-padded to ``MIN_ROWS`` rows like ``base.mm``; returns a new ``[..., out]`` tensor. A bf16
+    ``w`` (a stack's weight copy): the product in bf16, returned in bf16 or added to ``add``'s dtype."""
+    if x.dtype != w.dtype or add is not None and add.dtype != w.dtype:
+        y = lin(x.to(w.dtype), w)
+        return y if add is None else add + y
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -60,6 +66,8 @@ def attention_tangent(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: t
     seq = k.shape[2]
     a = seq - pq
     bh = bsz * hh
+    if dq.dtype != p.dtype:  # bf16 tangents (precision bf16)
+        return _attention_tangent_low(dq, dk, dv, q, k, v, p, scaling)
     kk, vv = k.reshape(bh, seq, hd), v.reshape(bh, seq, hd)
     # scores tangent in [batch, heads, P, chunk, S] (query-major: rows of p broadcast over chunk)
     dql = dq.permute(1, 3, 2, 0, 4).reshape(bh, pq * c, hd)
@@ -79,4 +87,29 @@ def attention_tangent(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: t
     do.addcmul_(dsum, o, value=-1.0).mul_(scaling)
     dvl = dv.permute(1, 3, 2, 0, 4).reshape(bh, pq, c * hd)  # [batch·heads, P', chunk·hd]
     do.view(bh, pq, c * hd).baddbmm_(p[..., a:].reshape(bh, pq, pq), dvl)
+    return do.view(bsz, hh, pq, c, hd).permute(3, 0, 2, 1, 4).reshape(c, bsz, pq, hh * hd)
+
+
+def _attention_tangent_low(dq, dk, dv, q, k, v, p, scaling):
+    """``attention_tangent`` for tangents in a low-precision dtype (bf16): the products in that dtype,
+    ``dp = p ⊙ (ds − Σ p·ds)`` in float32 (no cancellation against ``Σ p·ds · o`` after rounding)."""
+    c, bsz, pq, hh, hd = dq.shape
+    seq = k.shape[2]
+    a = seq - pq
+    bh = bsz * hh
+    cd = dq.dtype
+    kk, vv = k.reshape(bh, seq, hd).to(cd), v.reshape(bh, seq, hd).to(cd)
+    dql = dq.permute(1, 3, 2, 0, 4).reshape(bh, pq * c, hd)
+    ds = torch.bmm(dql, kk.transpose(1, 2)).view(bsz, hh, pq, c, seq).float()  # [batch, heads, P, chunk, S]
+    dql = None
+    dkl = dk.permute(1, 3, 0, 2, 4).reshape(bh, c * pq, hd)
+    ds[..., a:] += torch.bmm(q.reshape(bh, pq, hd).to(cd), dkl.transpose(1, 2)).view(bsz, hh, pq, c, pq)
+    dkl = None
+    pe = p.unsqueeze(3)  # [batch, heads, P, 1, S]
+    dp = (ds - (ds * pe).sum(-1, keepdim=True)).mul_(pe * scaling).to(cd)
+    ds = None
+    do = torch.bmm(dp.view(bh, pq * c, seq), vv).view(bh, pq, c * hd)
+    dp = None
+    dvl = dv.permute(1, 3, 2, 0, 4).reshape(bh, pq, c * hd)  # [batch·heads, P', chunk·hd]
+    do.baddbmm_(p[..., a:].reshape(bh, pq, pq).to(cd), dvl)
     return do.view(bsz, hh, pq, c, hd).permute(3, 0, 2, 1, 4).reshape(c, bsz, pq, hh * hd)

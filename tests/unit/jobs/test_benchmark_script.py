@@ -47,10 +47,11 @@ def test_gpu_mode_runs_on_cpu_tiny(tmp_path):
     # the default strategy is checked against vmap on the benchmark input before it is timed
     assert res["strategy_check"]["strategy"] == "manual" and res["strategy_check"]["rel_fro_vs_vmap"] < 1e-4
     assert res["fp32"]["strategy"] == "manual"
-    for tag in ("fp32", "tf32"):
-        assert res[tag]["s_per_sample"] > 0
+    for tag in ("fp32", "bf16"):  # every precision in one call; tf32 needs CUDA and is skipped on a CPU
+        assert res[tag]["s_per_sample"] > 0 and res[tag]["precision"] == tag and res[tag]["strategy"] == "manual"
         assert abs(res["ratio_" + tag] - res["seed"]["s_per_sample"] / res[tag]["s_per_sample"]) < 1e-9
-    assert "raysens fp32" in out.stdout
+    assert res["tf32"] == {"skipped": "precision tf32 needs a CUDA device"} and "ratio_tf32" not in res
+    assert "raysens fp32" in out.stdout and "raysens bf16" in out.stdout
     # chunk decisions come from the engine's public record of its last compute call (chunks_used)
     assert res["fp32"]["chunks"] and all(c >= 1 for c in res["fp32"]["chunks"])
     assert res["fp32"]["rows_per_segment"]
@@ -119,3 +120,21 @@ def test_jacrev_baseline_equals_exact_estimator():
     ref, jac_mb = cpu.jacrev_map(engine, emb, am, L)
     assert ref.shape == exact.shape == (6, 6) and jac_mb > 0
     np.testing.assert_allclose(exact, ref, rtol=1e-4, atol=1e-6 * ref.max())
+
+
+def test_precision_bench_parts_on_a_tiny_model():
+    """jobs/bench/precision.py's parts on a tiny Llama: timings, and bf16's error against fp32 next to a
+    K=1 probe's own error (the comparison the benchmark documents)."""
+    from jobs.bench import precision
+
+    model = make_model("llama", seed=3)
+    ids = torch.stack([random_ids(8, seed=s) for s in range(3)])
+    am = torch.ones_like(ids)
+    sp = precision.speed(model, ids, am, [0, 1, 2, 3], 1)
+    assert sp["s_per_sample"]["fp32"] > 0 and sp["s_per_sample"]["bf16"] > 0 and sp["strategy"] == "manual"
+    assert 1e-5 < sp["k1_mean_map_rel_err_max"] < 2e-2
+    err, exact = precision.map_errors(model, ids, am, [1, 3])
+    assert all(1e-5 < e["mean_map"] < 2e-2 and 1e-5 < e["per_map_mean"] <= e["per_map_max"] < 2e-2
+               for e in err.values()), err
+    h = precision.hutch_errors(model, ids, am, [1, 3], exact, seeds=(0,))
+    assert all(v["bf16_vs_fp32"] < v["probe_vs_exact"] for v in h.values()), h
