@@ -106,7 +106,8 @@ def test_pilot_measures_each_modes_probe_variance():
 
 
 PRE_ISSUE_KEYS = {"estimator", "num_probes", "probe_distribution", "strategy", "memory_budget_mb", "chunk_size",
-                  "causal_segments", "fused_norms", "backward_tokens", "seed", "mode"}
+                  "causal_segments", "fused_norms", "backward_tokens", "seed", "mode",
+                  "precision"}  # precision (issue 20) is always in the fingerprint, planning keys only when used
 
 
 def test_configs_without_planning_keep_their_dict():
