@@ -1,0 +1,192 @@
+"""Statistics at scale (issue 18): the pipeline's own bookkeeping with the synthetic engine.
+
+The synthetic engine (``raysens.core.synthetic``) computes nothing: what is measured is the per-cell
+state (update, encode, ship, decode, merge), the run directory and the driver. Every run is a fresh
+child process (``python -m jobs.bench.scale _child JSON``), so its peak RSS (``ru_maxrss`` of the
+child; with Ray: of the driver process) belongs to that run alone; the run directory's size is
+polled every 0.2 s (its peak) and taken at the end.
+
+    python -m jobs.bench.scale rate [--small 64] [--large 2048] [--layers 28] [--seq 64] [--reps 1]
+    python -m jobs.bench.scale long [--seq 512] [--layers 28] [--samples 32]
+    python -m jobs.bench.scale all --json jobs/results/scale.json      # the issue's target table
+
+``rate``: the marginal bookkeeping rate, (large − small) samples / (wall(large) − wall(small)), so
+start-up (imports, Ray, actors) cancels, in-process and on Ray with one actor (zero latency).
+``long``: one in-process run at a long sequence length: wall, peak RSS, run-directory bytes.
+Runs alternate in-process / Ray. The machine (2 cores) is shared with other engineers: timings vary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+def _log(msg: str) -> None:
+    print(f"[scale] {msg}", file=sys.stderr, flush=True)
+
+
+def _corpus(path: Path, rows: int, seq: int) -> None:
+    """``rows`` distinct lines long enough for ``seq`` synthetic tokens (4 characters each)."""
+    with open(path, "w") as f:
+        for r in range(rows):
+            f.write(f"row {r} " + "lorem ipsum dolor " * (seq // 4 + 2) + "\n")
+
+
+def _dir_bytes(d: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(d):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+def _child(spec: dict) -> dict:
+    """One run in this (fresh) process: wall, peak RSS, peak and final run-directory bytes."""
+    from raysens.config import load_config
+    from raysens.run.runner import run, run_local
+
+    tmp = Path(spec["tmp"])
+    _corpus(tmp / "corpus.txt", spec["samples"], spec["seq"])
+    out = tmp / "run"
+    ov = [f"--model.name=synthetic:L{spec['layers']}", f"--data.source={tmp / 'corpus.txt'}", "--data.kind=text",
+          f"--data.limit={spec['samples']}", f"--data.max_seq_len={spec['seq']}",
+          f"--layers={list(range(1, spec['layers'] + 1))}", f"--cluster.batch_size={spec['batch']}",
+          "--output.plots=false", "--output.progress_every_s=600", f"--output.dir={out}", *spec.get("extra", [])]
+    if spec["kind"] == "ray":
+        ov += ["--cluster.use_ray=true", "--cluster.num_actors=1", "--cluster.num_cpus=4"]
+    cfg = load_config(None, ov)
+    peak = [0]
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _dir_bytes(out))
+            time.sleep(0.2)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    (run if spec["kind"] == "ray" else run_local)(cfg)
+    wall = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    final = _dir_bytes(out)
+    return {**{k: spec[k] for k in ("kind", "samples", "layers", "seq", "batch")}, "wall_s": round(wall, 2),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "rundir_peak_bytes": max(peak[0], final), "rundir_final_bytes": final}
+
+
+def _spawn(spec: dict) -> dict:
+    with tempfile.TemporaryDirectory(prefix="rs-scale-") as tmp:
+        p = subprocess.run([sys.executable, "-m", "jobs.bench.scale", "_child", json.dumps({**spec, "tmp": tmp})],
+                           capture_output=True, text=True, cwd=REPO, timeout=7200)
+        if p.returncode != 0:
+            raise RuntimeError(f"run {spec} failed:\n{(p.stdout + p.stderr)[-3000:]}")
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+    _log(json.dumps(res))
+    return res
+
+
+def rate(args) -> dict:
+    runs = []
+    for _ in range(args.reps):
+        for n in (args.small, args.large):
+            for kind in args.kinds:
+                runs.append(_spawn({"kind": kind, "samples": n, "layers": args.layers, "seq": args.seq,
+                                    "batch": args.batch, "extra": args.extra}))
+    out = {"layers": args.layers, "seq": args.seq, "batch": args.batch, "small": args.small, "large": args.large,
+           "runs": runs}
+    for kind in args.kinds:
+        w = {n: min(r["wall_s"] for r in runs if r["kind"] == kind and r["samples"] == n)
+             for n in (args.small, args.large)}
+        dt = w[args.large] - w[args.small]
+        out[f"{kind}_marginal_samples_per_s"] = round((args.large - args.small) / dt, 1) if dt > 0 else None
+        out[f"{kind}_marginal_ms_per_sample"] = round(1e3 * dt / (args.large - args.small), 2)
+    return out
+
+
+def long(args) -> dict:
+    return _spawn({"kind": "local", "samples": args.samples, "layers": args.layers, "seq": args.seq,
+                   "batch": args.batch, "extra": args.extra})
+
+
+def table(res: dict) -> str:
+    lines = ["| target | measured |", "|---|---|"]
+    r = res.get("rate")
+    if r:
+        for kind, name in (("local", "in-process"), ("ray", "Ray, 1 actor")):
+            if f"{kind}_marginal_samples_per_s" in r:
+                lines.append(f"| {r['layers']} layers, S={r['seq']}, {name}: marginal rate {r['small']} vs "
+                             f"{r['large']} samples | {r[f'{kind}_marginal_samples_per_s']} samples/s "
+                             f"({r[f'{kind}_marginal_ms_per_sample']} ms/sample) |")
+    for x in res.get("long", []):
+        lines.append(f"| S={x['seq']}, {x['layers']} layers, {x['samples']} samples, in-process | "
+                     f"{x['wall_s']} s, {x['peak_rss_mib'] / 1024:.2f} GiB peak RSS, run dir "
+                     f"{x['rundir_peak_bytes'] / 1e6:.1f} MB peak / {x['rundir_final_bytes'] / 1e6:.1f} MB final |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jobs.bench.scale", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r, lg, a = sub.add_parser("rate"), sub.add_parser("long"), sub.add_parser("all")
+    for p in (r, a):
+        p.add_argument("--small", type=int, default=64)
+        p.add_argument("--large", type=int, default=2048)
+        p.add_argument("--reps", type=int, default=1)
+        p.add_argument("--kinds", nargs="+", default=["local", "ray"])
+    for p in (r, lg, a):
+        p.add_argument("--layers", type=int, default=28)
+        p.add_argument("--batch", type=int, default=8)
+        p.add_argument("--extra", nargs="*", default=[], help="more config overrides, e.g. --output.compact_every=0")
+        p.add_argument("--json", help="also write the results here")
+    r.add_argument("--seq", type=int, default=64)
+    lg.add_argument("--seq", type=int, default=512)
+    lg.add_argument("--samples", type=int, default=32)
+    a.add_argument("--seq", type=int, default=64)
+    a.add_argument("--long", nargs="+", default=["512x28x32", "2048x2x8"], help="SEQxLAYERSxSAMPLES runs")
+    c = sub.add_parser("_child")
+    c.add_argument("spec")
+    args = ap.parse_args(argv)
+    if args.cmd == "_child":
+        print(json.dumps(_child(json.loads(args.spec))))
+        return 0
+    res: dict = {"cpus": len(os.sched_getaffinity(0)), "load_avg_1m_start": os.getloadavg()[0]}
+    if args.cmd in ("rate", "all"):
+        res["rate"] = rate(args)
+    if args.cmd == "long":
+        res["long"] = [long(args)]
+    if args.cmd == "all":
+        res["long"] = []
+        for item in args.long:
+            s, L, n = (int(v) for v in item.split("x"))
+            res["long"].append(_spawn({"kind": "local", "samples": n, "layers": L, "seq": s, "batch": args.batch,
+                                       "extra": args.extra}))
+    res["load_avg_1m_end"] = os.getloadavg()[0]
+    res["table"] = table(res)
+    print(res["table"], file=sys.stderr)
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
