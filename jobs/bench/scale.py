@@ -9,6 +9,7 @@ polled every 0.2 s (its peak) and taken at the end.
     python -m jobs.bench.scale rate [--small 64] [--large 2048] [--layers 28] [--seq 64] [--reps 1]
     python -m jobs.bench.scale long [--seq 512] [--layers 28] [--samples 32]
     python -m jobs.bench.scale all --json jobs/results/scale.json      # the issue's target table
+    ... --baseline-tree /tmp/main-checkout    # also run another checkout (same sizes, alternately)
 
 ``rate``: the marginal bookkeeping rate, (large − small) samples / (wall(large) − wall(small)), so
 start-up (imports, Ray, actors) cancels, in-process and on Ray with one actor (zero latency).
@@ -92,51 +93,65 @@ def _child(spec: dict) -> dict:
             "rundir_peak_bytes": max(peak[0], final), "rundir_final_bytes": final}
 
 
-def _spawn(spec: dict) -> dict:
+def _spawn(spec: dict, tree: str | None = None) -> dict:
+    """Run ``spec`` in a child process of this tree, or of ``tree`` (another checkout: the baseline)."""
+    root = Path(tree) if tree else REPO
+    env = {**os.environ, "PYTHONPATH": str(root)}
     with tempfile.TemporaryDirectory(prefix="rs-scale-") as tmp:
         p = subprocess.run([sys.executable, "-m", "jobs.bench.scale", "_child", json.dumps({**spec, "tmp": tmp})],
-                           capture_output=True, text=True, cwd=REPO, timeout=7200)
+                           capture_output=True, text=True, cwd=root, timeout=7200, env=env)
         if p.returncode != 0:
             raise RuntimeError(f"run {spec} failed:\n{(p.stdout + p.stderr)[-3000:]}")
         res = json.loads(p.stdout.strip().splitlines()[-1])
+    res["tree"] = "baseline" if tree else "new"
     _log(json.dumps(res))
     return res
 
 
 def rate(args) -> dict:
+    """Alternates new / baseline (``--baseline-tree``) and in-process / Ray, small / large runs."""
     runs = []
+    trees = [None] + ([args.baseline_tree] if args.baseline_tree else [])
     for _ in range(args.reps):
         for n in (args.small, args.large):
             for kind in args.kinds:
-                runs.append(_spawn({"kind": kind, "samples": n, "layers": args.layers, "seq": args.seq,
-                                    "batch": args.batch, "extra": args.extra}))
+                for tree in trees:
+                    runs.append(_spawn({"kind": kind, "samples": n, "layers": args.layers, "seq": args.seq,
+                                        "batch": args.batch, "extra": args.extra if not tree else []}, tree))
     out = {"layers": args.layers, "seq": args.seq, "batch": args.batch, "small": args.small, "large": args.large,
            "runs": runs}
-    for kind in args.kinds:
-        w = {n: min(r["wall_s"] for r in runs if r["kind"] == kind and r["samples"] == n)
-             for n in (args.small, args.large)}
-        dt = w[args.large] - w[args.small]
-        out[f"{kind}_marginal_samples_per_s"] = round((args.large - args.small) / dt, 1) if dt > 0 else None
-        out[f"{kind}_marginal_ms_per_sample"] = round(1e3 * dt / (args.large - args.small), 2)
+    for tree in ("new", "baseline") if args.baseline_tree else ("new",):
+        for kind in args.kinds:
+            w = {n: min(r["wall_s"] for r in runs if r["kind"] == kind and r["samples"] == n and r["tree"] == tree)
+                 for n in (args.small, args.large)}
+            dt = w[args.large] - w[args.small]
+            pre = "" if tree == "new" else "baseline_"
+            out[f"{pre}{kind}_marginal_samples_per_s"] = round((args.large - args.small) / dt, 1) if dt > 0 else None
+            out[f"{pre}{kind}_marginal_ms_per_sample"] = round(1e3 * dt / (args.large - args.small), 2)
     return out
 
 
-def long(args) -> dict:
-    return _spawn({"kind": "local", "samples": args.samples, "layers": args.layers, "seq": args.seq,
-                   "batch": args.batch, "extra": args.extra})
+def long(args) -> list[dict]:
+    out = []
+    for tree in [None] + ([args.baseline_tree] if args.baseline_tree else []):
+        out.append(_spawn({"kind": "local", "samples": args.samples, "layers": args.layers, "seq": args.seq,
+                           "batch": args.batch, "extra": args.extra if not tree else []}, tree))
+    return out
 
 
 def table(res: dict) -> str:
     lines = ["| target | measured |", "|---|---|"]
     r = res.get("rate")
     if r:
-        for kind, name in (("local", "in-process"), ("ray", "Ray, 1 actor")):
-            if f"{kind}_marginal_samples_per_s" in r:
-                lines.append(f"| {r['layers']} layers, S={r['seq']}, {name}: marginal rate {r['small']} vs "
-                             f"{r['large']} samples | {r[f'{kind}_marginal_samples_per_s']} samples/s "
-                             f"({r[f'{kind}_marginal_ms_per_sample']} ms/sample) |")
+        for pre in ("", "baseline_"):
+            for kind, name in (("local", "in-process"), ("ray", "Ray, 1 actor")):
+                if f"{pre}{kind}_marginal_samples_per_s" in r:
+                    lines.append(f"| {pre.rstrip('_') or 'new'}: {r['layers']} layers, S={r['seq']}, {name}: marginal "
+                                 f"rate {r['small']} vs {r['large']} samples | "
+                                 f"{r[f'{pre}{kind}_marginal_samples_per_s']} samples/s "
+                                 f"({r[f'{pre}{kind}_marginal_ms_per_sample']} ms/sample) |")
     for x in res.get("long", []):
-        lines.append(f"| S={x['seq']}, {x['layers']} layers, {x['samples']} samples, in-process | "
+        lines.append(f"| {x.get('tree', 'new')}: S={x['seq']}, {x['layers']} layers, {x['samples']} samples, in-process | "
                      f"{x['wall_s']} s, {x['peak_rss_mib'] / 1024:.2f} GiB peak RSS, run dir "
                      f"{x['rundir_peak_bytes'] / 1e6:.1f} MB peak / {x['rundir_final_bytes'] / 1e6:.1f} MB final |")
     return "\n".join(lines)
@@ -156,6 +171,7 @@ def main(argv=None) -> int:
         p.add_argument("--batch", type=int, default=8)
         p.add_argument("--extra", nargs="*", default=[], help="more config overrides, e.g. --output.compact_every=0")
         p.add_argument("--json", help="also write the results here")
+        p.add_argument("--baseline-tree", help="another checkout (e.g. of main) to run alternately as the baseline")
     r.add_argument("--seq", type=int, default=64)
     lg.add_argument("--seq", type=int, default=512)
     lg.add_argument("--samples", type=int, default=32)
@@ -171,13 +187,16 @@ def main(argv=None) -> int:
     if args.cmd in ("rate", "all"):
         res["rate"] = rate(args)
     if args.cmd == "long":
-        res["long"] = [long(args)]
+        res["long"] = long(args)
     if args.cmd == "all":
         res["long"] = []
         for item in args.long:
             s, L, n = (int(v) for v in item.split("x"))
             res["long"].append(_spawn({"kind": "local", "samples": n, "layers": L, "seq": s, "batch": args.batch,
                                        "extra": args.extra}))
+            if args.baseline_tree and s * s * L * 1624 < 8e9:  # the baseline's state fits in memory
+                res["long"].append(_spawn({"kind": "local", "samples": n, "layers": L, "seq": s, "batch": args.batch},
+                                          args.baseline_tree))
     res["load_avg_1m_end"] = os.getloadavg()[0]
     res["table"] = table(res)
     print(res["table"], file=sys.stderr)
