@@ -8,7 +8,7 @@ over the batch: no per-cell Python), ``merge`` folds another in, ``statistics()`
 statistic, ``to_arrays`` / ``from_arrays`` are the lossless plain-array form used in partials and
 stats files. **Every part is exact integer arithmetic or max/min**: a state is a function of the
 multiset of (sample_id, map) it holds, identical bit for bit under any merge order or grouping (1 or
-N actors, any unit assignment, crashes and resumes). Values must be finite and >= 0. numpy only.
+N actors, any unit assignment, crashes and resumes). Values must be finite, >= 0 and below 2^500 (their squares must be finite). numpy only.
 
 Per cell: ``count`` int32, two ``ExactSum`` (25 bytes each), ``max``/``min`` float64, ``max_id``
 int64, the histogram (132 bytes): **214 bytes** (+25 with probe noise), against 1,624 for the
@@ -52,6 +52,8 @@ def _validated(values: Any, mask: Any, noise: Any) -> tuple[np.ndarray, np.ndarr
     if (xs < 0).any():
         rows = sorted(set(np.nonzero(xs < 0)[0].tolist()))
         raise ValueError(f"CellStats.from_batch: values must be >= 0 (A_ij = ||J_ij||^2), negative in batch rows {rows}")
+    if (xs >= 2.0 ** 500).any():  # x² must stay finite for the exact sum of squares
+        raise ValueError("CellStats.from_batch: values must be below 2^500 (~3e150): their squares overflow float64")
     nz = None
     if noise is not None:
         nz = _as_numpy(noise, "noise")
