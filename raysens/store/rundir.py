@@ -272,7 +272,7 @@ class RunDir(Compaction):
             for u in p.units:
                 self.done[u] = name
         if self.done or self.corrupt:
-            log(f"resuming in {self.run_dir}: {len(self.done)}/{len(units)} units already done"
+            log(f"resuming in {self.run_dir}: {len(self.done)}/{len(self.by_key)} units already done"
                 + (f" ({self.fold.units} in checkpoint {self.ckpt_name})" if self.fold else "")
                 + (f", {len(self.corrupt)} corrupt partial(s) set aside and recomputed" if self.corrupt else ""))
 
