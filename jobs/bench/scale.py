@@ -8,11 +8,14 @@ polled every 0.2 s (its peak) and taken at the end.
 
     python -m jobs.bench.scale rate [--small 64] [--large 2048] [--layers 28] [--seq 64] [--reps 1]
     python -m jobs.bench.scale long [--seq 512] [--layers 28] [--samples 32]
+    python -m jobs.bench.scale driver [--layers 28] [--seq 64] [--unit 32]   # driver CPU per received state
     python -m jobs.bench.scale all --json jobs/results/scale.json      # the issue's target table
     ... --baseline-tree /tmp/main-checkout    # also run another checkout (same sizes, alternately)
 
 ``rate``: the marginal bookkeeping rate, (large − small) samples / (wall(large) − wall(small)), so
 start-up (imports, Ray, actors) cancels, in-process and on Ray with one actor (zero latency).
+``driver``: the driver's CPU per received state (write, read, decode, merge) and the GPU actors one
+driver can serve (a GPU actor's unit time / that CPU), shipping every unit or every 64 units.
 ``long``: one in-process run at a long sequence length: wall, peak RSS, run-directory bytes.
 Runs alternate in-process / Ray. The machine (2 cores) is shared with other engineers: timings vary.
 """
@@ -98,7 +101,8 @@ def _spawn(spec: dict, tree: str | None = None) -> dict:
     root = Path(tree) if tree else REPO
     env = {**os.environ, "PYTHONPATH": str(root)}
     with tempfile.TemporaryDirectory(prefix="rs-scale-") as tmp:
-        p = subprocess.run([sys.executable, "-m", "jobs.bench.scale", "_child", json.dumps({**spec, "tmp": tmp})],
+        # this file run as a script (the baseline checkout need not have it): raysens comes from PYTHONPATH
+        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_child", json.dumps({**spec, "tmp": tmp})],
                            capture_output=True, text=True, cwd=root, timeout=7200, env=env)
         if p.returncode != 0:
             raise RuntimeError(f"run {spec} failed:\n{(p.stdout + p.stderr)[-3000:]}")
@@ -106,6 +110,50 @@ def _spawn(spec: dict, tree: str | None = None) -> dict:
     res["tree"] = "baseline" if tree else "new"
     _log(json.dumps(res))
     return res
+
+
+def _driver_child(spec: dict) -> dict:
+    """The driver's CPU per received state in this process's raysens: a shipment of ``layers`` CellStats
+    at ``seq`` (each built from ``unit`` lognormal samples), written to a file, read back, decoded and
+    merged into the running fold (what compaction does with it). Process CPU time, median of ``reps``."""
+    import numpy as np
+
+    from raysens.core.cellstats import CellStats
+    from raysens.store.partials import decode_partial, encode_partial
+
+    rng = np.random.default_rng(0)
+    L, S, B = spec["layers"], spec["seq"], spec["unit"]
+    ids = list(range(B))
+    mask = np.broadcast_to(np.tril(np.ones((S, S), bool)), (B, S, S))
+    states = {l: CellStats.from_batch(rng.lognormal(0, 2, (B, S, S)) * mask, mask, None, ids) for l in range(1, L + 1)}
+    meta = {"fingerprint": "0" * 16, "unit": 0, "sample_ids": ids, "units": [0], "unit_ids": [ids],
+            "computed_ids": ids, "skipped": {}, "layers": list(states), "compute_s": 0.0, "device": "cpu",
+            "strategy": "synthetic"}
+    payload = encode_partial(meta, states)
+    acc = {l: st.copy() for l, st in states.items()}
+    path = Path(spec["tmp"]) / "p.npz"
+    times = []
+    for _ in range(spec["reps"]):
+        t0 = time.process_time()
+        path.write_bytes(payload)
+        p = decode_partial(path.read_bytes())
+        for l, st in p.states.items():
+            acc[l].merge(st)
+        times.append(time.process_time() - t0)
+    cpu = float(np.median(times))
+    gpu_unit_s = B * spec["gpu_sample_s"]  # one GPU actor's unit of B samples at GPU speed
+    return {"layers": L, "seq": S, "unit": B, "payload_bytes": len(payload), "driver_cpu_ms_per_state": round(1e3 * cpu, 2),
+            "gpu_s_per_unit": gpu_unit_s,
+            "actors_served_one_state_per_unit": int(gpu_unit_s / cpu),
+            "actors_served_ship_every_64_units": int(64 * gpu_unit_s / cpu)}
+
+
+def driver(args) -> list[dict]:
+    out = []
+    for tree in [None] + ([args.baseline_tree] if args.baseline_tree else []):
+        out.append(_spawn({"kind": "driver", "layers": args.layers, "seq": args.seq, "unit": args.unit,
+                           "reps": args.reps, "gpu_sample_s": args.gpu_sample_s}, tree))
+    return out
 
 
 def rate(args) -> dict:
@@ -177,17 +225,28 @@ def main(argv=None) -> int:
     lg.add_argument("--samples", type=int, default=32)
     a.add_argument("--seq", type=int, default=64)
     a.add_argument("--long", nargs="+", default=["512x28x32", "2048x2x8"], help="SEQxLAYERSxSAMPLES runs")
+    d = sub.add_parser("driver")
+    d.add_argument("--layers", type=int, default=28)
+    d.add_argument("--seq", type=int, default=64)
+    d.add_argument("--unit", type=int, default=32, help="samples per unit")
+    d.add_argument("--reps", type=int, default=15)
+    d.add_argument("--gpu-sample-s", type=float, default=0.03, help="GPU seconds per all-layer sample (benchmark notes)")
+    d.add_argument("--json")
+    d.add_argument("--baseline-tree")
     c = sub.add_parser("_child")
     c.add_argument("spec")
     args = ap.parse_args(argv)
     if args.cmd == "_child":
-        print(json.dumps(_child(json.loads(args.spec))))
+        spec = json.loads(args.spec)
+        print(json.dumps(_driver_child(spec) if spec["kind"] == "driver" else _child(spec)))
         return 0
     res: dict = {"cpus": len(os.sched_getaffinity(0)), "load_avg_1m_start": os.getloadavg()[0]}
     if args.cmd in ("rate", "all"):
         res["rate"] = rate(args)
     if args.cmd == "long":
         res["long"] = long(args)
+    if args.cmd == "driver":
+        res["driver"] = driver(args)
     if args.cmd == "all":
         res["long"] = []
         for item in args.long:
@@ -198,7 +257,7 @@ def main(argv=None) -> int:
                 res["long"].append(_spawn({"kind": "local", "samples": n, "layers": L, "seq": s, "batch": args.batch},
                                           args.baseline_tree))
     res["load_avg_1m_end"] = os.getloadavg()[0]
-    res["table"] = table(res)
+    res["table"] = table(res) if args.cmd != "driver" else json.dumps(res["driver"])
     print(res["table"], file=sys.stderr)
     text = json.dumps(res, indent=1)
     print(text)
