@@ -85,13 +85,14 @@ def _child(spec: dict) -> dict:
 
     th = threading.Thread(target=poll, daemon=True)
     th.start()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     (run if spec["kind"] == "ray" else run_local)(cfg)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     stop.set()
     th.join()
     final = _dir_bytes(out)
     return {**{k: spec[k] for k in ("kind", "samples", "layers", "seq", "batch")}, "wall_s": round(wall, 2),
+            "cpu_s": round(cpu, 2),  # this process's CPU (in-process: all the bookkeeping; Ray: the driver's)
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "rundir_peak_bytes": max(peak[0], final), "rundir_final_bytes": final}
 
@@ -176,6 +177,11 @@ def rate(args) -> dict:
             pre = "" if tree == "new" else "baseline_"
             out[f"{pre}{kind}_marginal_samples_per_s"] = round((args.large - args.small) / dt, 1) if dt > 0 else None
             out[f"{pre}{kind}_marginal_ms_per_sample"] = round(1e3 * dt / (args.large - args.small), 2)
+            sel = [r for r in runs if r["kind"] == kind and r["tree"] == tree]
+            if all("cpu_s" in r for r in sel):  # the machine is shared: CPU time is what load does not inflate
+                c = {n: min(r["cpu_s"] for r in sel if r["samples"] == n) for n in (args.small, args.large)}
+                out[f"{pre}{kind}_marginal_cpu_ms_per_sample"] = round(1e3 * (c[args.large] - c[args.small])
+                                                                       / (args.large - args.small), 2)
     return out
 
 
