@@ -9,6 +9,7 @@ polled every 0.2 s (its peak) and taken at the end.
     python -m jobs.bench.scale rate [--small 64] [--large 2048] [--layers 28] [--seq 64] [--reps 1]
     python -m jobs.bench.scale long [--seq 512] [--layers 28] [--samples 32]
     python -m jobs.bench.scale driver [--layers 28] [--seq 64] [--unit 32]   # driver CPU per received state
+    python -m jobs.bench.scale state [--samples 512]     # bytes/cell, quantile errors vs np.quantile, update CPU
     python -m jobs.bench.scale all --json jobs/results/scale.json      # the issue's target table
     ... --baseline-tree /tmp/main-checkout    # also run another checkout (same sizes, alternately)
 
@@ -149,6 +150,39 @@ def _driver_child(spec: dict) -> dict:
             "actors_served_ship_every_64_units": int(64 * gpu_unit_s / cpu)}
 
 
+def state(args) -> dict:
+    """The compact state itself (in this process): bytes per cell, quantile errors against
+    ``np.quantile`` (lognormal cells, merged from batches) next to the stated bound, update CPU time."""
+    import numpy as np
+
+    from raysens.core.cellstats import CellStats
+
+    rng = np.random.default_rng(0)
+    S, B, N = 32, 32, args.samples
+    out: dict = {"samples": N, "quantiles": []}
+    for sigma in (0.5, 1.0, 2.0):
+        x = rng.lognormal(0, sigma, (N, S, S))
+        st = CellStats.from_batch(x[:B], None, None, np.arange(B))
+        for i in range(B, N, B):
+            st.merge(CellStats.from_batch(x[i:i + B], None, None, np.arange(i, i + B)))
+        q = st.statistics()
+        for name, v in (("q25", .25), ("median", .5), ("q75", .75)):
+            ref = np.quantile(x, v, axis=0)
+            err = np.abs(q[name] - ref) / ref
+            out["quantiles"].append({"sigma": sigma, "stat": name, "max_rel_err": round(float(err.max()), 4),
+                                     "median_rel_err": round(float(np.median(err)), 4),
+                                     "stated_bound": round(float(np.nanmax(q["quantile_bound"])), 4)})
+        out["bytes_per_cell"] = sum(a.nbytes for a in st.to_arrays().values()) / S / S
+    x = rng.lognormal(0, 2, (8, 64, 64))
+    CellStats.from_batch(x)
+    t = time.process_time()
+    for _ in range(20):
+        CellStats.from_batch(x)
+    out["from_batch_cpu_ms_8x64x64"] = round(1e3 * (time.process_time() - t) / 20, 2)
+    _log(json.dumps(out))
+    return out
+
+
 def driver(args) -> list[dict]:
     out = []
     for tree in [None] + ([args.baseline_tree] if args.baseline_tree else []):
@@ -239,6 +273,10 @@ def main(argv=None) -> int:
     d.add_argument("--gpu-sample-s", type=float, default=0.03, help="GPU seconds per all-layer sample (benchmark notes)")
     d.add_argument("--json")
     d.add_argument("--baseline-tree")
+    st = sub.add_parser("state")
+    st.add_argument("--samples", type=int, default=512)
+    st.add_argument("--json")
+    st.add_argument("--baseline-tree")
     c = sub.add_parser("_child")
     c.add_argument("spec")
     args = ap.parse_args(argv)
@@ -253,6 +291,8 @@ def main(argv=None) -> int:
         res["long"] = long(args)
     if args.cmd == "driver":
         res["driver"] = driver(args)
+    if args.cmd == "state":
+        res["state"] = state(args)
     if args.cmd == "all":
         res["long"] = []
         for item in args.long:
@@ -263,7 +303,7 @@ def main(argv=None) -> int:
                 res["long"].append(_spawn({"kind": "local", "samples": n, "layers": L, "seq": s, "batch": args.batch},
                                           args.baseline_tree))
     res["load_avg_1m_end"] = os.getloadavg()[0]
-    res["table"] = table(res) if args.cmd != "driver" else json.dumps(res["driver"])
+    res["table"] = table(res) if args.cmd not in ("driver", "state") else json.dumps(res[args.cmd])
     print(res["table"], file=sys.stderr)
     text = json.dumps(res, indent=1)
     print(text)

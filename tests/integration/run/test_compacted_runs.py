@@ -69,7 +69,7 @@ def test_compacted_run_is_bit_for_bit_and_keeps_only_the_partials_in_flight(refe
     with open(os.path.join(reference, "partials", sorted(os.listdir(os.path.join(reference, "partials")))[0]), "rb") as f:
         from raysens.store.partials import read_meta
 
-        assert read_meta(f.read())["format"] == 2
+        assert read_meta(f.read())["format"] == 3  # one shipment per file (issue 18)
 
 
 @pytest.mark.parametrize("crash", ["folded::2", "written::2", "old_deleted::2", "deleted:1:2", "deleted:3:1"])
