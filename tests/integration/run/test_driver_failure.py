@@ -37,7 +37,7 @@ def test_driver_killed_then_resumed(tiny_model, tmp_path):
 model: {{name: {tiny_model}}}
 data: {{limit: 24, max_seq_len: 10}}
 layers: [1, -1]
-cluster: {{num_actors: 1, batch_size: 3, ship_every_units: 2}}
+cluster: {{num_actors: 1, batch_size: 3, ship_every_units: 2, ship_every_s: 3600}}
 output: {{dir: {out}, plots: false, progress_every_s: 0, compact_every: 0}}
 """)
     # the actor folds 2 units per shipment: the driver exits once 2 shipments (4 units) are persisted

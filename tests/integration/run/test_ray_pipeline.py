@@ -31,7 +31,8 @@ def test_in_process_batch_sizes_agree(local_runs):
 
 def test_in_process_shipments_do_not_change_a_bit(local_runs, tiny_model, tmp_path):
     """One shipment per unit vs all 8 units folded into one shipment (auto: 16 on CPU): the same bits."""
-    s = run_local(config(tiny_model, tmp_path / "r", f"--data.limit={N}", "--cluster.batch_size=3", KEEP))
+    s = run_local(config(tiny_model, tmp_path / "r", f"--data.limit={N}", "--cluster.batch_size=3", KEEP,
+                         "--cluster.ship_every_s=3600"))  # no time-based shipment on a loaded machine
     assert len([n for n in os.listdir(s.run_dir + "/partials") if n.endswith(".npz")]) == 1
     assert len([n for n in os.listdir(local_runs[3].run_dir + "/partials") if n.endswith(".npz")]) == N // 3
     assert_same_stats(s.load(), local_runs[3].load())
