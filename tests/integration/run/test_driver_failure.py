@@ -40,8 +40,8 @@ layers: [1, -1]
 cluster: {{num_actors: 1, batch_size: 3, ship_every_units: 2, ship_every_s: 3600}}
 output: {{dir: {out}, plots: false, progress_every_s: 0, compact_every: 0}}
 """)
-    # the actor folds 2 units per shipment: the driver exits once 2 shipments (4 units) are persisted
-    p = _job(cfg, env={"RAYSENS_TEST_DRIVER_EXIT_AFTER_UNITS": "2"})
+    # the actor folds 2 units per shipment: the driver exits once 4 units (2 shipments) are persisted
+    p = _job(cfg, env={"RAYSENS_TEST_DRIVER_EXIT_AFTER_UNITS": "4"})
     assert p.returncode == 3, p.stderr[-3000:]
     persisted = sorted(n for n in os.listdir(out / "partials") if n.endswith(".npz"))
     assert len(persisted) == 2
