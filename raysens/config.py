@@ -92,6 +92,8 @@ class ClusterConfig:
     torch_threads: int | None = None  # intra-op threads per CPU actor; None: (the node's cores - 1) / num_actors, at least 1
     num_cpus: int | None = None  # embedded local Ray only: logical CPUs declared; None: max(4, 2 * num_actors + 2)
     tokenize_cpus: float = 0.25  # logical CPUs per tokenization task
+    ship_every_units: int | str = "auto"  # actor-local accumulation: each actor (or the in-process worker) folds its units into one state and ships it to the driver after this many units; auto: 64 with GPUs, 16 without (as batch_size); 1: ship every unit. A killed actor loses at most its unshipped units (recomputed); results do not depend on it (exact state)
+    ship_every_s: float = 60.0  # ...or once this many seconds have passed since the first unshipped unit was folded (checked as units end); the driver also asks for a final shipment at the end of the stream
 
     def __post_init__(self):
         if self.num_actors < 1:
@@ -112,6 +114,11 @@ class ClusterConfig:
             raise ConfigError(f"cluster.torch_threads must be >= 1, got {self.torch_threads}")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ConfigError(f"cluster.num_cpus must be >= 1, got {self.num_cpus}")
+        n = self.ship_every_units
+        if n != "auto" and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ConfigError(f"cluster.ship_every_units must be a positive integer or auto, got {self.ship_every_units!r}")
+        if not self.ship_every_s > 0:
+            raise ConfigError(f"cluster.ship_every_s must be > 0, got {self.ship_every_s}")
         if not 0 < self.tokenize_cpus:
             raise ConfigError(f"cluster.tokenize_cpus must be > 0, got {self.tokenize_cpus}")
 
@@ -163,6 +170,12 @@ class RunConfig:
         hardware found at run time) a config always gives the same bits."""
         b = self.cluster.batch_size
         return b if isinstance(b, int) else (BATCH_GPU if self.on_gpu else BATCH_CPU)
+
+    @property
+    def ship_every_units(self) -> int:
+        """``cluster.ship_every_units`` resolved: ``auto`` is 64 when ``on_gpu``, else 16."""
+        n = self.cluster.ship_every_units
+        return n if isinstance(n, int) else (64 if self.on_gpu else 16)
 
     # ------------------------------------------------------------------ dict / YAML
     @classmethod

@@ -1,6 +1,7 @@
 """Backends run work units: in this process (``local.py``) or on a Ray actor pool (``ray_pool.py``,
 the only module of raysens that imports ``ray``). Both call the same per-unit code (``units.py``)
-and hand each unit's partial payload to ``on_result(job index, unit, n_samples, payload)``.
+and hand each shipped partial payload (one or more folded units) to
+``on_result(job index, unit keys, n_samples, payload)``.
 
     with session(cluster_config, use_ray=True) as info:   # join/start Ray once; shut down what it started
         run_jobs([JobUnits(...), ...], on_result, use_ray=True, info=backend_info)
@@ -30,7 +31,7 @@ def session(cluster: ClusterConfig | None, use_ray: bool) -> Iterator[dict | Non
         yield info
 
 
-def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, int, int, bytes], None], *, use_ray: bool,
+def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, list, int, bytes], None], *, use_ray: bool,
              info: dict | None = None) -> dict:
     """Compute every unit of ``jobs`` (one model; one model load per process). ``info`` is filled
     with what the backend knows about itself (backend, device, actors) before the first unit."""

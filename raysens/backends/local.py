@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .units import UnitWorker, get_tokenizer, tokenize_unit
+from .units import ShipPolicy, UnitWorker, get_tokenizer, tokenize_unit
 
 
-def run_jobs(jobs, on_result: Callable[[int, int, int, bytes], None], info: dict) -> dict:
-    """``jobs``: ``JobUnits`` of one model. Calls ``on_result(job index, unit, n, payload)`` per unit."""
+def run_jobs(jobs, on_result: Callable[[int, list, int, bytes], None], info: dict) -> dict:
+    """``jobs``: ``JobUnits`` of one model. Folds the units like an actor (``UnitWorker.fold``) and calls
+    ``on_result(job index, unit keys, n, payload)`` per shipment (``ShipPolicy``, and at each job's end)."""
     shared: dict = {}
     m = jobs[0].config.model
     workers = [UnitWorker(m.name, m.trust_remote_code, m.device, j.config.sensitivity.to_dict(),
@@ -20,7 +21,12 @@ def run_jobs(jobs, on_result: Callable[[int, int, int, bytes], None], info: dict
     tok = get_tokenizer(m.name, m.trust_remote_code)
     for ji, j in enumerate(jobs):
         d = j.config.data
+        policy = ShipPolicy(*j.ship_every)
         for ids in j.units:
             unit = tokenize_unit(ids, j.corpus.texts(ids), tok, d.max_seq_len, d.min_tokens, d.add_special_tokens)
-            on_result(ji, unit["unit"], len(ids), workers[ji].process(unit))
+            workers[ji].fold(unit)
+            if policy.due(workers[ji]):
+                on_result(ji, *workers[ji].ship())
+        if workers[ji].pending_units:
+            on_result(ji, *workers[ji].ship())
     return info

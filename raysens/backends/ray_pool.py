@@ -3,13 +3,22 @@ and run units through Ray Data and an actor pool.
 
     units (sample_ids) --from_items--> tokenize (CPU tasks, map_batches with a function)
         --> SensitivityActor pool (map_batches with a class, compute=ActorPoolStrategy, one GPU
-            each when the cluster has GPUs, CPU actors otherwise) --> one row per unit:
-            {unit, samples, payload = the unit's partial (Welford state per layer + ids)}
-        --> driver (iter_rows, streaming) persists each payload as it arrives.
+            each when the cluster has GPUs, CPU actors otherwise): each actor folds its units into one
+            local state per job and emits a row only when it ships (``ShipPolicy``: every
+            ``cluster.ship_every_units`` units / ``ship_every_s`` seconds, on a unit flagged ``ship``,
+            on a flush marker): {job, units, samples, payload = the folded partial}; an empty table otherwise
+        --> driver (iter_batches, streaming) persists each payload as it arrives.
+
+End of the stream: Ray Data has no teardown hook that can emit rows, so the driver makes the last
+``2 × actors`` units ship at once (``ship``) and appends ``2 × actors`` flush markers (``unit`` −1)
+that make whichever actor takes one ship what it holds. Whatever is still unshipped when the stream
+ends (an actor that got no marker, an actor that died) is missing at the driver, and the runner
+recomputes it in a follow-up pass that ships every unit (``run/runner.py``).
 
 A dead actor is restarted by Ray and its unit retried on the new actor (Ray Data's actor pool
-defaults: ``max_restarts=-1``, ``max_task_retries=-1``); since units are deterministic and the driver
-ignores units it already has, every sample is counted exactly once.
+defaults: ``max_restarts=-1``, ``max_task_retries=-1``); the units it had folded but not shipped are
+lost with it and recomputed. A shipment naming a unit the driver already has is refused whole, so
+every sample is counted exactly once.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from urllib.parse import urlparse
 from ..config import ClusterConfig
 from ..testing import faults
 from .spec import ClusterError, JobUnits
-from .units import UnitWorker, tokenize_batch
+from .units import ShipPolicy, UnitWorker, tokenize_batch
 
 
 # ---------------------------------------------------------------------- connecting
@@ -96,35 +105,50 @@ def ray_session(cluster: ClusterConfig) -> Iterator[dict]:
 
 # ---------------------------------------------------------------------- the actor
 class SensitivityActor:
-    """One float32 model copy per actor; ``__call__`` turns tokenized units into partial payloads.
+    """One float32 model copy per actor; ``__call__`` folds tokenized units into one local state per
+    job and returns the rows of what it ships (often none).
 
-    ``fault_settings``: test-only (``raysens.testing.faults``), empty in production.
+    ``ship``: per job, (units, seconds) between shipments. ``fault_settings``: test-only
+    (``raysens.testing.faults``), empty in production.
     """
 
-    def __init__(self, worker_kwargs: list[dict], torch_threads: int, fault_settings: dict | None = None):
+    def __init__(self, worker_kwargs: list[dict], torch_threads: int, ship: list, fault_settings: dict | None = None):
         import torch
 
         torch.set_num_threads(max(1, int(torch_threads)))
         shared: dict = {}  # one model load (and one engine per sensitivity config) for all jobs
         self.workers = [UnitWorker(**kw, shared=shared) for kw in worker_kwargs]
+        self.policies = [ShipPolicy(*p) for p in ship]
         self.units = 0
         self.fault_settings = fault_settings or {}
         import ray
 
-        self.node_id = ray.get_runtime_context().get_node_id()  # reported with each unit (which nodes served)
+        self.node_id = ray.get_runtime_context().get_node_id()  # reported with each shipment (which nodes served)
 
     def __call__(self, batch):
         import pyarrow as pa
 
         out = []
+
+        def ship(job: int) -> None:
+            got = self.workers[job].ship()
+            if got is not None:
+                out.append({"job": job, "units": got[0], "samples": got[1], "payload": got[2], "node": self.node_id})
+
         for unit in batch.to_pylist():
+            if unit["unit"] < 0:  # a flush marker: ship everything held
+                for job in range(len(self.workers)):
+                    ship(job)
+                continue
             faults.actor_unit_start(self.units, self.fault_settings)
-            out.append({"job": unit["job"], "unit": unit["unit"], "samples": len(unit["sample_ids"]),
-                        "payload": self.workers[unit["job"]].process(unit), "node": self.node_id})
+            job = unit["job"]
+            self.workers[job].fold(unit)
             self.units += 1
+            if unit.get("ship") or self.policies[job].due(self.workers[job]):
+                ship(job)
         return pa.Table.from_pylist(out, schema=pa.schema(
-            [("job", pa.int64()), ("unit", pa.int64()), ("samples", pa.int64()), ("payload", pa.binary()),
-             ("node", pa.string())]))
+            [("job", pa.int64()), ("units", pa.list_(pa.int64())), ("samples", pa.int64()),
+             ("payload", pa.binary()), ("node", pa.string())]))
 
 
 def _node_cores() -> int:
@@ -135,9 +159,9 @@ def _node_cores() -> int:
 
 
 # ---------------------------------------------------------------------- the pipeline
-def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, int, int, bytes], None], info: dict) -> dict:
-    """Several runs of one model in one Ray Data pass; ``on_result(job index, unit, n_samples, payload)``
-    as units finish (streaming).
+def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, list, int, bytes], None], info: dict) -> dict:
+    """Several runs of one model in one Ray Data pass; ``on_result(job index, unit keys, n_samples,
+    payload)`` as actors ship (streaming; see the module doc for the end of the stream).
 
     Each actor loads the model once and keeps one worker per job over it (``UnitWorker(shared=...)``),
     so a sweep's runs of one model share the pool and the weights. Pool settings: ``jobs[0]``'s.
@@ -165,8 +189,12 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, int, int, bytes], N
                           per_sample=c.config.output.per_sample, planted=faults.planted_settings()) for c in jobs]
     tokenize_kwargs = [dict(corpus=c.corpus, max_seq_len=c.config.data.max_seq_len, min_tokens=c.config.data.min_tokens,
                             add_special_tokens=c.config.data.add_special_tokens) for c in jobs]
-    items = [{"job": i, "unit": int(u[0]), "sample_ids": [int(x) for x in u]}
+    items = [{"job": i, "unit": int(u[0]), "sample_ids": [int(x) for x in u], "ship": False}
              for i, c in enumerate(jobs) for u in c.units]
+    tail = 2 * (cl.max_actors or cl.num_actors)
+    for it in items[-tail:]:  # the last units ship at once: an actor may get no flush marker
+        it["ship"] = True
+    items += [{"job": 0, "unit": -1, "sample_ids": [], "ship": True} for _ in range(tail)]  # flush markers
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), math.ceil(len(items) / 2), 1000)))
     ds = ds.map_batches(
         tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=cl.tokenize_cpus,
@@ -178,7 +206,7 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, int, int, bytes], N
         SensitivityActor, batch_format="pyarrow", batch_size=1,
         compute=_pool_strategy(ray, cl), resources=dict(cl.actor_resources) if cl.actor_resources else None,
         fn_constructor_kwargs=dict(worker_kwargs=worker_kwargs, torch_threads=threads,
-                                   fault_settings=faults.actor_settings()),
+                                   ship=[list(c.ship_every) for c in jobs], fault_settings=faults.actor_settings()),
         num_cpus=cl.cpus_per_actor, num_gpus=gpus)  # Ray Data's defaults restart dead actors and retry their units
     info.update(backend="ray", num_actors=cl.num_actors, max_actors=cl.max_actors, gpus_per_actor=gpus,
                 cpus_per_actor=cl.cpus_per_actor,
@@ -189,8 +217,8 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, int, int, bytes], N
     rows = _rows(ds)
     try:
         for row in rows:
-            nodes[row["node"]] = nodes.get(row["node"], 0) + 1
-            on_result(int(row["job"]), int(row["unit"]), int(row["samples"]), row["payload"])
+            nodes[row["node"]] = nodes.get(row["node"], 0) + len(row["units"])
+            on_result(int(row["job"]), [int(u) for u in row["units"]], int(row["samples"]), row["payload"])
     finally:
         # However the pass ends (Ctrl-C and SIGTERM land in whatever line the main thread is on),
         # Ray Data's threads are stopped and joined HERE, before anyone calls ray.shutdown(): a Ray

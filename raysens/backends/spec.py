@@ -23,3 +23,10 @@ class JobUnits:
     corpus: Corpus  # where the unit's texts are read
     units: list[np.ndarray]  # the units to compute (arrays of sample_ids)
     fingerprint: str  # written into every partial
+    ship_every_units: int | None = None  # override of the config's (the runner's follow-up pass ships every unit)
+
+    @property
+    def ship_every(self) -> tuple[int, float]:
+        """(units, seconds) between an actor's shipments for this job (``cluster.ship_every_*``)."""
+        n = self.ship_every_units or self.config.ship_every_units
+        return n, self.config.cluster.ship_every_s

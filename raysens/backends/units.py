@@ -1,8 +1,12 @@
-"""What every backend runs for a work unit: tokenization and the per-unit computation.
+"""What every backend runs for a work unit: tokenization, the per-unit computation and the
+actor-local accumulation (docs/DESIGN.md §4).
 
 Plain Python (no Ray): the Ray actor pool (``ray_pool.py``) and the in-process backend
-(``local.py``) call the same functions, so both compute the same units the same way. A unit's
-result is a partial payload (``raysens.store.partials``).
+(``local.py``) call the same functions, so both compute the same units the same way. A worker folds
+each unit into one local ``CellStats`` per layer (``UnitWorker.fold``) and ships the folded state of
+all its pending units as one partial payload (``UnitWorker.ship``, ``raysens.store.partials``) when
+``ShipPolicy`` says so: every ``cluster.ship_every_units`` units, ``cluster.ship_every_s`` seconds,
+and at the end. The state is order-independent, so which units share a shipment never changes a bit.
 """
 
 from __future__ import annotations
@@ -64,17 +68,21 @@ def tokenize_unit(unit_ids, texts, tokenizer, max_seq_len: int, min_tokens: int,
 def tokenize_batch(batch, jobs: list[dict], model_name: str, trust_remote_code: bool):
     """Ray Data ``map_batches`` function (batch_format="pyarrow"): units -> tokenized units.
 
-    Each row is ``{job, unit, sample_ids}``; ``jobs[job]`` holds that run's ``corpus``, ``max_seq_len``,
+    Each row is ``{job, unit, sample_ids, ship}`` (``unit`` −1: a flush marker, passed through); ``jobs[job]`` holds that run's ``corpus``, ``max_seq_len``,
     ``min_tokens`` and ``add_special_tokens`` (one job for a plain run, several for a sweep's pass).
     """
     import pyarrow as pa
 
     tok = get_tokenizer(model_name, trust_remote_code)
     rows = []
-    for job, ids in zip(batch.column("job").to_pylist(), batch.column("sample_ids").to_pylist()):
+    for job, unit, ids, ship in zip(*(batch.column(k).to_pylist() for k in ("job", "unit", "sample_ids", "ship"))):
+        if unit < 0:  # a flush marker (ray_pool.run_jobs): passed through
+            rows.append({"job": job, "unit": unit, "sample_ids": [], "run_ids": [], "input_ids": [],
+                         "skipped_ids": [], "skipped_reasons": [], "ship": True})
+            continue
         c = jobs[job]
-        rows.append({"job": job, **tokenize_unit(ids, c["corpus"].texts(ids), tok, c["max_seq_len"],
-                                                   c["min_tokens"], c["add_special_tokens"])})
+        rows.append({"job": job, "ship": bool(ship), **tokenize_unit(ids, c["corpus"].texts(ids), tok, c["max_seq_len"],
+                                                                     c["min_tokens"], c["add_special_tokens"])})
     return pa.Table.from_pylist(rows, schema=tokenized_schema())
 
 
@@ -84,7 +92,7 @@ def tokenized_schema():
     return pa.schema([("job", pa.int64()), ("unit", pa.int64()), ("sample_ids", pa.list_(pa.int64())),
                       ("run_ids", pa.list_(pa.int64())),
                       ("input_ids", pa.list_(pa.list_(pa.int32()))), ("skipped_ids", pa.list_(pa.int64())),
-                      ("skipped_reasons", pa.list_(pa.string()))])
+                      ("skipped_reasons", pa.list_(pa.string())), ("ship", pa.bool_())])
 
 
 # ---------------------------------------------------------------------- one unit through the core
@@ -98,8 +106,21 @@ def make_engine(engine_cls, model, config, device):
     return PlannedEngine(model, config, device=device, engine_cls=engine_cls)
 
 
+class ShipPolicy:
+    """When a worker ships its folded units: after ``every_units`` of them, or when ``every_s`` seconds
+    have passed since its first unfolded-and-unshipped unit (checked as units end)."""
+
+    def __init__(self, every_units: int, every_s: float):
+        self.every_units, self.every_s = max(1, int(every_units)), float(every_s)
+
+    def due(self, worker: "UnitWorker") -> bool:
+        n = len(worker.pending_units)
+        return n >= self.every_units or (n > 0 and time.perf_counter() - worker.pending_since >= self.every_s)
+
+
 class UnitWorker:
-    """Holds one float32 model copy and turns tokenized units into partial payloads (bytes).
+    """Holds one float32 model copy, folds tokenized units into a local state and ships it as
+    partial payloads (bytes).
 
     ``shared``: a dict owned by the caller (one per process); workers given the same dict share one
     loaded model, and one engine per distinct sensitivity config, so several runs of one model (a
@@ -137,11 +158,54 @@ class UnitWorker:
         self.device = str(device)
         self.model_identity = {"name": lm.name, "source": lm.source, **lm.info}
         self.load_s = time.perf_counter() - t0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.acc: dict[int, CellStats] = {}  # layer -> folded state of the pending units
+        self.pending_units: list[int] = []  # unit keys folded but not shipped
+        self.pending_ids: dict[int, list[int]] = {}  # unit key -> its sample_ids
+        self.pending_computed: list[int] = []
+        self.pending_skipped: dict[int, str] = {}
+        self.pending_maps: dict[int, dict[int, np.ndarray]] = {}  # unit -> layer -> maps (output.per_sample)
+        self.pending_since = 0.0  # perf_counter when the first pending unit was folded
+        self.pending_info = {"compute_s": 0.0, "started": None, "finished": None, "strategy": None, "mode": None}
 
     def process(self, unit: dict) -> bytes:
-        """One tokenized unit (``tokenize_unit``'s dict) -> partial payload bytes (``encode_partial``)."""
+        """One tokenized unit -> the partial payload of that unit alone (``fold`` then ``ship``)."""
+        if self.pending_units:
+            raise RuntimeError("UnitWorker.process: units are pending; ship() them first")
+        self.fold(unit)
+        return self.ship()[2]
+
+    def ship(self) -> tuple[list[int], int, bytes] | None:
+        """The pending units' folded state as one partial: ``(unit keys, samples, payload)``; None when
+        nothing is pending. The local state starts empty again."""
+        if not self.pending_units:
+            return None
+        units = sorted(self.pending_units)
+        info = self.pending_info
+        meta = {
+            "fingerprint": self.fingerprint, "units": units, "unit_ids": [self.pending_ids[u] for u in units],
+            "computed_ids": sorted(self.pending_computed),
+            "skipped": {str(k): v for k, v in sorted(self.pending_skipped.items())}, "layers": sorted(self.acc),
+            "compute_s": info["compute_s"], "started": info["started"], "finished": info["finished"],
+            "host": socket.gethostname(), "pid": os.getpid(), "device": self.device, "strategy": info["strategy"],
+            "mode": info["mode"], "model": self.model_identity, "load_id": self.load_id,
+        }
+        payload = encode_partial(meta, self.acc, self.pending_maps or None)
+        samples = sum(len(self.pending_ids[u]) for u in units)
+        self._reset()
+        return units, samples, payload
+
+    def fold(self, unit: dict) -> None:
+        """Compute one tokenized unit (``tokenize_unit``'s dict) and fold it into the local state. A unit
+        already pending is ignored (a retried call never counts a sample twice); the state changes only
+        once the unit is computed, so an exception leaves it as it was."""
         from ..core.engine import NonFiniteGradientError
 
+        key = int(unit["unit"])
+        if key in self.pending_ids:
+            return
         t0 = time.perf_counter()
         started = time.time()  # wall-clock start and end go into the meta (pipeline timelines)
         run_ids = [int(i) for i in unit["run_ids"]]
@@ -171,18 +235,32 @@ class UnitWorker:
             if good.any():
                 values = faults.planted_values(self.planted, run_ids,
                                                {L: np.asarray(res.values[L])[good] for L in self.layers})
+                m = np.asarray(res.mask)[good]
                 for L in self.layers:
                     noise = None if res.noise is None or L not in res.noise else res.noise[L][good]  # planned: K=1 layers have none
-                    vals = values[L]
-                    states[L] = CellStats.from_batch(vals, res.mask[good], noise, sample_ids=run_ids)
+                    vals = values.pop(L)
+                    states[L] = CellStats.from_batch(vals, m, noise, sample_ids=run_ids)
                     if self.per_sample:
-                        maps[L] = np.where(np.asarray(res.mask)[good], vals, np.nan).astype(np.float32)
-        meta = {
-            "fingerprint": self.fingerprint, "unit": int(unit["unit"]),
-            "sample_ids": [int(i) for i in unit["sample_ids"]], "computed_ids": run_ids,
-            "skipped": {str(k): v for k, v in sorted(skipped.items())}, "layers": sorted(states),
-            "compute_s": time.perf_counter() - t0, "started": started, "finished": time.time(),
-            "host": socket.gethostname(), "pid": os.getpid(),
-            "device": self.device, "strategy": strategy, "mode": mode, "model": self.model_identity, "load_id": self.load_id,
-        }
-        return encode_partial(meta, states, maps or None)
+                        maps[L] = np.where(m, vals, np.nan).astype(np.float32)
+            del res
+        for L, st in states.items():  # fold: grow to the longer width, then merge (exact, any order)
+            cur = self.acc.get(L)
+            if cur is None:
+                self.acc[L] = st
+                continue
+            if cur.shape[0] < st.shape[0]:
+                cur = self.acc[L] = cur.padded(st.shape[0])
+            cur.merge(st.padded(cur.shape[0]) if st.shape[0] < cur.shape[0] else st)
+        if not self.pending_units:
+            self.pending_since = time.perf_counter()
+        self.pending_units.append(key)
+        self.pending_ids[key] = [int(i) for i in unit["sample_ids"]]
+        self.pending_computed.extend(run_ids)
+        self.pending_skipped.update(skipped)
+        if maps:
+            self.pending_maps[key] = maps
+        info = self.pending_info
+        info["compute_s"] += time.perf_counter() - t0
+        info["started"] = started if info["started"] is None else min(info["started"], started)
+        info["finished"] = time.time()
+        info["strategy"], info["mode"] = info["strategy"] or strategy, info["mode"] or mode

@@ -1,13 +1,18 @@
-"""Everything raysens keeps per cell of a ``[pos_out, pos_in]`` map, as one mergeable state
-(docs/DESIGN.md §2): the Welford/Chan moments (``raysens.core.welford``), the extremes with their
-sample_ids (``raysens.core.extremes``) and the fixed-bin log histogram for quantiles
-(``raysens.core.sketch``).
+"""Everything raysens keeps per cell of a ``[pos_out, pos_in]`` map, as one compact mergeable state
+(docs/DESIGN.md §2): counts, exact sums of the values and of their squares (``raysens.core.exactsum``),
+the probe-noise sum, the extremes with their sample_ids (``raysens.core.extremes``) and the windowed
+log histogram for quantiles (``raysens.core.sketch``).
 
-``CellStats.from_batch(values, mask, noise, sample_ids)`` builds the state of one batch,
-``merge`` folds another in, ``statistics()`` gives every dataset statistic, ``to_arrays`` /
-``from_arrays`` are the lossless plain-array form used in partials and stats files. The Welford part
-is exactly ``WelfordState`` (its numbers do not depend on the other parts); extremes (except ``sum``)
-and histograms merge bit for bit identically under any grouping. numpy only.
+``CellStats.from_batch(values, mask, noise, sample_ids)`` builds the state of one batch (vectorised
+over the batch: no per-cell Python), ``merge`` folds another in, ``statistics()`` gives every dataset
+statistic, ``to_arrays`` / ``from_arrays`` are the lossless plain-array form used in partials and
+stats files. **Every part is exact integer arithmetic or max/min**: a state is a function of the
+multiset of (sample_id, map) it holds, identical bit for bit under any merge order or grouping (1 or
+N actors, any unit assignment, crashes and resumes). Values must be finite, >= 0 and below 2^500 (their squares must be finite). numpy only.
+
+Per cell: ``count`` int32, two ``ExactSum`` (25 bytes each), ``max``/``min`` float64, ``max_id``
+int64, the histogram (132 bytes): **214 bytes** (+25 with probe noise), against 1,624 for the
+Welford + extremes + fixed 388-bin histogram state before issue 18.
 """
 
 from __future__ import annotations
@@ -17,93 +22,179 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .exactsum import ExactSum
 from .extremes import EXTREME_KEYS, Extremes
-from .sketch import LogHistogram
+from .sketch import WindowHistogram
 from .welford import WelfordState, _as_numpy
 
-WELFORD_KEYS = ("count", "mean", "m2", "noise_sum", "samples")
-HIST_KEYS = ("hist_index", "hist_count")
-CELL_KEYS = WELFORD_KEYS + EXTREME_KEYS + HIST_KEYS
+SUM_KEYS = ("s1_top", "s1_limbs", "s2_top", "s2_limbs")
+NOISE_KEYS = ("noise_top", "noise_limbs")  # only when some probe noise was folded in
+HIST_KEYS = ("hist_counts", "hist_start", "hist_level", "hist_end")
+CELL_KEYS = ("count", "samples") + SUM_KEYS + EXTREME_KEYS + HIST_KEYS  # required keys of to_arrays
 QUANTILES = {"q25": 0.25, "median": 0.5, "q75": 0.75}
 NEW_STAT_KEYS = ("max", "max_sample_id", "min", "sum", "max_share", "row_max", "row_max_sample_id",
-                 "row_share", "q25", "median", "q75")
+                 "row_share", "q25", "median", "q75", "quantile_bound")
+
+
+def _validated(values: Any, mask: Any, noise: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    x = _as_numpy(values, "values")
+    if x.ndim != 3:
+        hint = " (add a batch axis: x[None] for one sample)" if x.ndim == 2 else ""
+        raise ValueError(f"CellStats.from_batch: values must be [batch, pos_out, pos_in], got shape {x.shape}{hint}")
+    m = np.ones(x.shape, bool) if mask is None else (_as_numpy(mask, "mask") != 0)
+    if m.shape != x.shape:
+        raise ValueError(f"CellStats.from_batch: mask shape {m.shape} != values shape {x.shape}")
+    bad = m & ~np.isfinite(x)
+    if bad.any():
+        rows = sorted(set(np.nonzero(bad)[0].tolist()))
+        raise ValueError(f"CellStats.from_batch: values contain NaN/Inf in batch rows {rows}")
+    xs = np.where(m, x, 0.0)
+    if (xs < 0).any():
+        rows = sorted(set(np.nonzero(xs < 0)[0].tolist()))
+        raise ValueError(f"CellStats.from_batch: values must be >= 0 (A_ij = ||J_ij||^2), negative in batch rows {rows}")
+    if (xs >= 2.0 ** 500).any():  # x² must stay finite for the exact sum of squares
+        raise ValueError("CellStats.from_batch: values must be below 2^500 (~3e150): their squares overflow float64")
+    nz = None
+    if noise is not None:
+        nz = _as_numpy(noise, "noise")
+        if nz.shape != x.shape:
+            raise ValueError(f"CellStats.from_batch: noise shape {nz.shape} != values shape {x.shape}")
+        if (m & ~np.isfinite(nz)).any():
+            raise ValueError("CellStats.from_batch: noise contains NaN/Inf")
+        nz = np.where(m, nz, 0.0)
+        if (nz < 0).any():
+            raise ValueError("CellStats.from_batch: noise (a variance) must be >= 0")
+    return xs, m, nz
 
 
 @dataclass
 class CellStats:
-    welford: WelfordState
+    count: np.ndarray  # int32 [S, S]: samples that reached the cell
+    s1: ExactSum  # Σ x per cell (exact, order-independent)
+    s2: ExactSum  # Σ x² per cell (x² rounded to float64 first, then summed exactly)
+    noise: ExactSum | None  # Σ per-sample probe variance per cell (None: none folded in, e.g. K = 1)
     extremes: Extremes
-    hist: LogHistogram
+    hist: WindowHistogram
+    samples: int = 0  # samples folded in (a sample with no valid cell still counts)
 
     @classmethod
     def empty(cls, seq_len: int) -> "CellStats":
-        return cls(WelfordState.empty(seq_len), Extremes.empty(seq_len), LogHistogram.empty(seq_len))
+        s = int(seq_len)
+        if s < 1:
+            raise ValueError(f"CellStats.empty: seq_len must be >= 1, got {seq_len}")
+        return cls(np.zeros((s, s), np.int32), ExactSum.empty((s, s)), ExactSum.empty((s, s)), None,
+                   Extremes.empty(s), WindowHistogram.empty(s))
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.welford.shape
-
-    @property
-    def samples(self) -> int:
-        return self.welford.samples
+        return tuple(self.count.shape)  # type: ignore[return-value]
 
     @classmethod
     def from_batch(cls, values: Any, mask: Any = None, noise: Any = None, sample_ids: Any = None) -> "CellStats":
         """State of one batch ``[batch, pos_out, pos_in]``; ``sample_ids`` (one per batch row, default
         ``0 … batch−1``) are what ``max_sample_id`` / ``row_max_sample_id`` report."""
-        w = WelfordState.from_batch(values, mask, noise)  # validates shapes, batch axis, NaN/Inf
-        x = _as_numpy(values, "values")
-        m = np.ones(x.shape, bool) if mask is None else (_as_numpy(mask, "mask") != 0)
-        ids = np.arange(x.shape[0]) if sample_ids is None else np.asarray(sample_ids).reshape(-1)
-        xs = np.where(m, x, 0.0)
-        return cls(w, Extremes.from_batch(xs, m, ids), LogHistogram.from_batch(xs, m))
+        xs, m, nz = _validated(values, mask, noise)
+        ids = np.arange(xs.shape[0]) if sample_ids is None else np.asarray(sample_ids).reshape(-1)
+        ext = Extremes.from_batch(xs, m, ids)
+        amax = ext.max  # values are >= 0: the largest |x| per cell (0 where empty)
+        s1 = ExactSum.from_batch(xs, amax)
+        s2 = ExactSum.from_batch(xs * xs, amax * amax)
+        ns = None if nz is None or not nz.any() else ExactSum.from_batch(nz)
+        return cls(m.sum(axis=0, dtype=np.int32), s1, s2, ns, ext, WindowHistogram.from_batch(xs, m),
+                   int(xs.shape[0]))
 
     def update(self, values: Any, mask: Any = None, noise: Any = None, sample_ids: Any = None) -> "CellStats":
         return self.merge(CellStats.from_batch(values, mask, noise, sample_ids))
 
     def merge(self, other: "CellStats") -> "CellStats":
+        """Fold ``other`` in (in place, exact: any order or grouping gives the same bits); returns self."""
         if not isinstance(other, CellStats):
             raise TypeError(f"CellStats.merge: expected CellStats, got {type(other).__name__}")
-        self.welford.merge(other.welford)
+        if other.shape != self.shape:
+            raise ValueError(f"CellStats.merge: shapes differ, {self.shape} vs {other.shape}")
+        self.count = self.count + other.count
+        self.s1.merge(other.s1)
+        self.s2.merge(other.s2)
+        if other.noise is not None:
+            self.noise = other.noise.copy() if self.noise is None else self.noise.merge(other.noise)
         self.extremes.merge(other.extremes)
-        self.hist.merge(other.hist)
+        self.samples += other.samples
+        self.hist.merge(other.hist, self.samples)
         return self
 
     def padded(self, seq_len: int) -> "CellStats":
-        return CellStats(self.welford.padded(seq_len), self.extremes.padded(seq_len), self.hist.padded(seq_len))
+        s = self.shape[0]
+        if seq_len < s:
+            raise ValueError(f"CellStats.padded: cannot shrink {self.shape} to {seq_len}")
+        c = np.zeros((seq_len, seq_len), np.int32)
+        c[:s, :s] = self.count
+        return CellStats(c, self.s1.padded(seq_len), self.s2.padded(seq_len),
+                         None if self.noise is None else self.noise.padded(seq_len),
+                         self.extremes.padded(seq_len), self.hist.padded(seq_len), self.samples)
 
     def crop(self, s: int) -> "CellStats":
-        w = self.welford
-        cw = WelfordState(w.count[:s, :s].copy(), w.mean[:s, :s].copy(), w.m2[:s, :s].copy(),
-                          w.noise_sum[:s, :s].copy(), w.samples)
-        return CellStats(cw, self.extremes.crop(s), self.hist.crop(s))
+        return CellStats(self.count[:s, :s].copy(), self.s1.crop(s), self.s2.crop(s),
+                         None if self.noise is None else self.noise.crop(s), self.extremes.crop(s),
+                         self.hist.crop(s), self.samples)
 
     def copy(self) -> "CellStats":
-        return CellStats(self.welford.copy(), self.extremes.copy(), self.hist.copy())
+        return CellStats(self.count.copy(), self.s1.copy(), self.s2.copy(),
+                         None if self.noise is None else self.noise.copy(), self.extremes.copy(),
+                         self.hist.copy(), self.samples)
+
+    # ------------------------------------------------------------------ statistics
+    def moments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(sum, mean, m2, noise_sum) float64 ``[S, S]`` (mean 0 where empty). ``m2 = Σx² − mean·Σx``
+        (clamped at 0; exactly 0 where every value of the cell is equal)."""
+        n = self.count.astype(np.float64)
+        total = self.s1.value()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n > 0, total / np.maximum(n, 1.0), 0.0)
+        m2 = np.maximum(self.s2.value() - mean * total, 0.0)
+        m2 = np.where((n < 2) | (self.extremes.max == self.extremes.min), 0.0, m2)
+        noise = np.zeros(self.shape) if self.noise is None else self.noise.value()
+        return total, mean, m2, noise
+
+    @property
+    def welford(self) -> WelfordState:
+        """The moments as a ``WelfordState`` (count, mean, m2, noise_sum, samples): a derived view."""
+        _, mean, m2, noise = self.moments()
+        return WelfordState(self.count.astype(np.int64), mean, m2, noise, self.samples)
 
     def statistics(self) -> dict[str, Any]:
-        """``WelfordState.statistics()`` plus, per cell: ``max`` and ``max_sample_id`` (−1 where
-        empty), ``min``, ``sum``, ``max_share`` (max / sum; NaN where the sum is 0), ``q25``,
-        ``median``, ``q75`` (histogram quantiles, see ``raysens.core.sketch``); per row:
-        ``row_max`` (largest per-sample row total), ``row_max_sample_id``, ``row_share``
-        (row_max / Σ_j sum). Float arrays are NaN where no sample reached the cell / row."""
+        """``WelfordState.statistics()`` of the moments plus, per cell: ``max`` and ``max_sample_id``
+        (−1 where empty), ``min``, ``sum``, ``max_share`` (max / sum; NaN where the sum is 0), ``q25``,
+        ``median``, ``q75`` (histogram quantiles) and ``quantile_bound`` (their relative error bound,
+        ``raysens.core.sketch``; NaN where the cell has no positive value); per row: ``row_max``
+        (largest per-sample row total), ``row_max_sample_id``, ``row_share`` (row_max / Σ_j sum).
+        Float arrays are NaN where no sample reached the cell / row."""
         out = self.welford.statistics()
+        total = self.s1.value()
         e = self.extremes
         has = e.max_id >= 0
         row_has = e.row_max_id >= 0
-        row_sum = e.sum.sum(axis=1)
+        row_sum = total.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
-            share = np.where(has & (e.sum > 0), e.max / np.where(e.sum > 0, e.sum, 1.0), np.nan)
+            share = np.where(has & (total > 0), e.max / np.where(total > 0, total, 1.0), np.nan)
             rshare = np.where(row_has & (row_sum > 0), e.row_max / np.where(row_sum > 0, row_sum, 1.0), np.nan)
         out.update(max=np.where(has, e.max, np.nan), max_sample_id=e.max_id.copy(), min=np.where(has, e.min, np.nan),
-                   sum=np.where(has, e.sum, np.nan), max_share=share, row_max=np.where(row_has, e.row_max, np.nan),
+                   sum=np.where(has, total, np.nan), max_share=share, row_max=np.where(row_has, e.row_max, np.nan),
                    row_max_sample_id=e.row_max_id.copy(), row_share=rshare)
-        q = self.hist.quantiles(QUANTILES.values(), e.min, e.max)
+        q = self.hist.quantiles(QUANTILES.values(), self.count, e.min, e.max)
         out.update({name: q[v] for name, v in QUANTILES.items()})
+        out["quantile_bound"] = self.hist.bound()
         return out
 
+    # ------------------------------------------------------------------ (de)serialization
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {**self.welford.to_arrays(), **self.extremes.to_arrays(), **self.hist.to_arrays()}
+        out = {"count": self.count.copy(), "samples": np.asarray(self.samples, np.int64),
+               "s1_top": self.s1.top.copy(), "s1_limbs": self.s1.limbs.copy(),
+               "s2_top": self.s2.top.copy(), "s2_limbs": self.s2.limbs.copy()}
+        if self.noise is not None:
+            out.update(noise_top=self.noise.top.copy(), noise_limbs=self.noise.limbs.copy())
+        out.update(self.extremes.to_arrays())
+        out.update(self.hist.to_arrays())
+        return out
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any]) -> "CellStats":
@@ -111,10 +202,27 @@ class CellStats:
         missing = [k for k in CELL_KEYS if k not in arrays]
         if missing:
             raise ValueError(f"CellStats.from_arrays: missing keys {missing}")
-        w = WelfordState.from_arrays({k: arrays[k] for k in WELFORD_KEYS})
-        e = Extremes.from_arrays({k: arrays[k] for k in EXTREME_KEYS}, w.shape)
-        h = LogHistogram.from_arrays({k: arrays[k] for k in HIST_KEYS}, w.shape)
-        if not (np.array_equal(h.counts.sum(axis=2, dtype=np.int64), w.count)
-                and np.array_equal(e.max_id >= 0, w.count > 0)):
+        count = np.asarray(arrays["count"])
+        if count.ndim != 2 or count.shape[0] != count.shape[1] or count.dtype != np.int32 or (count < 0).any():
+            raise ValueError(f"CellStats.from_arrays: count must be non-negative int32 [S, S], got "
+                             f"{count.dtype}{count.shape}")
+        shape = count.shape
+        samples = np.asarray(arrays["samples"])
+        if samples.shape != () or not np.issubdtype(samples.dtype, np.integer) or int(samples) < int(count.max(initial=0)):
+            raise ValueError("CellStats.from_arrays: samples must be an integer scalar >= every cell count")
+        sums = []
+        for name in ("s1", "s2", "noise"):
+            if name == "noise" and "noise_top" not in arrays:
+                sums.append(None)
+                continue
+            st = ExactSum(np.asarray(arrays[f"{name}_top"]), np.asarray(arrays[f"{name}_limbs"]))
+            st.check(shape, f"CellStats.from_arrays: {name}")
+            sums.append(st)
+        e = Extremes.from_arrays({k: arrays[k] for k in EXTREME_KEYS}, shape)
+        h = WindowHistogram.from_arrays({k: arrays[k] for k in HIST_KEYS}, shape)
+        if not (np.array_equal(e.max_id >= 0, count > 0) and (h.total() <= count).all()
+                and np.array_equal(h.total() > 0, e.max > 0) and (e.min >= 0).all()):
             raise ValueError("CellStats.from_arrays: histogram / extremes do not match the cell counts")
-        return cls(w, e, h)
+        return cls(count.copy(), sums[0], sums[1], sums[2], e, h, int(samples))
+
+

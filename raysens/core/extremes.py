@@ -8,17 +8,15 @@ are never counted):
   reached the cell.
 - ``min`` (float64): the smallest per-sample value (0 where empty); it makes the quantiles of
   ``raysens.core.sketch`` exact at the ends of a cell's range.
-- ``sum`` (float64): the sum of the per-sample values, so the share of the largest sample,
-  ``max / sum``, is known.
+
+(the sum over samples, for the share of the largest sample ``max / sum``, is the exact sum of
+``raysens.core.exactsum`` kept by ``CellStats``)
 
 and per output row i (the per-sample row total ``Σ_j A_ij`` over the sample's valid cells):
 ``row_max`` / ``row_max_id`` — the largest row total of one sample and its sample_id (same tie rule).
-The row sum over samples is ``sum.sum(axis=1)``.
 
-**Merging** takes elementwise max / min (with the tie rule) and adds ``sum``. max, max_id, min,
-row_max and row_max_id are therefore identical bit for bit under any merge order or grouping; ``sum``
-is a float64 sum, identical for a fixed order (the driver's sample_id order) and equal to float64
-rounding otherwise. numpy only.
+**Merging** takes elementwise max / min (with the tie rule): every field is identical bit for bit
+under any merge order or grouping. numpy only.
 """
 
 from __future__ import annotations
@@ -28,18 +26,17 @@ from typing import Any, Mapping
 
 import numpy as np
 
-EXTREME_KEYS = ("max", "max_id", "min", "sum", "row_max", "row_max_id")
+EXTREME_KEYS = ("max", "max_id", "min", "row_max", "row_max_id")
 _NO_ID = np.iinfo(np.int64).max
 
 
 @dataclass
 class Extremes:
-    """Mergeable per-cell max (+ sample_id), min, sum and per-row max row total (+ sample_id)."""
+    """Mergeable per-cell max (+ sample_id), min and per-row max row total (+ sample_id)."""
 
     max: np.ndarray  # float64 [S, S]: largest per-sample value (0 where empty)
     max_id: np.ndarray  # int64 [S, S]: its sample_id, smallest on ties; -1 where empty
     min: np.ndarray  # float64 [S, S]: smallest per-sample value (0 where empty)
-    sum: np.ndarray  # float64 [S, S]: sum of the per-sample values
     row_max: np.ndarray  # float64 [S]: largest per-sample row total Σ_j A_ij (0 where empty)
     row_max_id: np.ndarray  # int64 [S]: its sample_id, smallest on ties; -1 where empty
 
@@ -49,7 +46,7 @@ class Extremes:
         if s < 1:
             raise ValueError(f"Extremes.empty: seq_len must be >= 1, got {seq_len}")
         z = np.zeros((s, s))
-        return cls(z.copy(), np.full((s, s), -1, np.int64), z.copy(), z.copy(), np.zeros(s),
+        return cls(z.copy(), np.full((s, s), -1, np.int64), z.copy(), np.zeros(s),
                    np.full(s, -1, np.int64))
 
     @property
@@ -70,25 +67,23 @@ class Extremes:
         mn = np.where(m, x, np.inf).min(axis=0)
         at_max = m & (x == mx[None])
         mid = np.where(at_max, ids[:, None, None], _NO_ID).min(axis=0)
-        total = np.where(m, x, 0.0).sum(axis=0)
         rows = np.where(m, x, 0.0).sum(axis=2)  # [batch, S]: per-sample row totals
         row_in = m.any(axis=2)  # [batch, S]: the sample reached row i
         rmx = np.where(row_in, rows, -np.inf).max(axis=0)
         rid = np.where(row_in & (rows == rmx[None]), ids[:, None], _NO_ID).min(axis=0)
         row_reached = row_in.any(axis=0)
         return cls(np.where(reached, mx, 0.0), np.where(reached, mid, -1).astype(np.int64),
-                   np.where(reached, mn, 0.0), total, np.where(row_reached, rmx, 0.0),
+                   np.where(reached, mn, 0.0), np.where(row_reached, rmx, 0.0),
                    np.where(row_reached, rid, -1).astype(np.int64))
 
     def merge(self, other: "Extremes") -> "Extremes":
-        """Fold ``other`` in (in place); returns ``self``. Order-independent except for ``sum``'s rounding."""
+        """Fold ``other`` in (in place); returns ``self``. Order-independent bit for bit."""
         if other.shape != self.shape:
             raise ValueError(f"Extremes.merge: shapes differ, {self.shape} vs {other.shape}")
         a_in, b_in = self.max_id >= 0, other.max_id >= 0
         self.min = np.where(~b_in, self.min, np.where(~a_in, other.min, np.minimum(self.min, other.min)))
         self.max, self.max_id = _pick(self.max, self.max_id, other.max, other.max_id)
         self.row_max, self.row_max_id = _pick(self.row_max, self.row_max_id, other.row_max, other.row_max_id)
-        self.sum = self.sum + other.sum
         return self
 
     def padded(self, seq_len: int) -> "Extremes":
@@ -96,13 +91,13 @@ class Extremes:
         if seq_len < s:
             raise ValueError(f"Extremes.padded: cannot shrink {self.shape} to {seq_len}")
         out = Extremes.empty(seq_len)
-        for k in ("max", "max_id", "min", "sum"):
+        for k in ("max", "max_id", "min"):
             getattr(out, k)[:s, :s] = getattr(self, k)
         out.row_max[:s], out.row_max_id[:s] = self.row_max, self.row_max_id
         return out
 
     def crop(self, s: int) -> "Extremes":
-        return Extremes(*(getattr(self, k)[:s, :s].copy() for k in ("max", "max_id", "min", "sum")),
+        return Extremes(*(getattr(self, k)[:s, :s].copy() for k in ("max", "max_id", "min")),
                         self.row_max[:s].copy(), self.row_max_id[:s].copy())
 
     def copy(self) -> "Extremes":
@@ -121,7 +116,7 @@ class Extremes:
         shape = tuple(shape or a["max"].shape)
         if len(shape) != 2 or shape[0] != shape[1]:
             raise ValueError(f"Extremes.from_arrays: cells must be square, got {shape}")
-        for k in ("max", "max_id", "min", "sum"):
+        for k in ("max", "max_id", "min"):
             if a[k].shape != shape:
                 raise ValueError(f"Extremes.from_arrays: {k} has shape {a[k].shape}, expected {shape}")
         for k in ("row_max", "row_max_id"):
@@ -130,10 +125,10 @@ class Extremes:
         for k in ("max_id", "row_max_id"):
             if not np.issubdtype(a[k].dtype, np.integer) or (a[k] < -1).any():
                 raise ValueError(f"Extremes.from_arrays: {k} must hold integer sample_ids >= -1")
-        vals = [np.asarray(a[k], np.float64) for k in ("max", "min", "sum", "row_max")]
+        vals = [np.asarray(a[k], np.float64) for k in ("max", "min", "row_max")]
         if any(not np.isfinite(v).all() for v in vals):
             raise ValueError("Extremes.from_arrays: non-finite values")
-        return cls(vals[0], a["max_id"].astype(np.int64), vals[1], vals[2], vals[3], a["row_max_id"].astype(np.int64))
+        return cls(vals[0], a["max_id"].astype(np.int64), vals[1], vals[2], a["row_max_id"].astype(np.int64))
 
 
 def _pick(va: np.ndarray, ia: np.ndarray, vb: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

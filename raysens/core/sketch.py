@@ -1,36 +1,29 @@
-"""Per-cell quantiles from a mergeable fixed-bin log histogram (docs/DESIGN.md §2.2).
+"""Per-cell quantiles from a mergeable log histogram with a per-cell window (docs/DESIGN.md §2.2).
 
-Every cell of a ``[pos_out, pos_in]`` map has the same ``NBINS`` integer counters:
+**Grid.** A positive value ``x`` has the fine bin ``b = ⌊16·log10 x⌋`` (16 bins per decade, ratio
+``R = 10^(1/16)``, the whole float64 range). Zeros are not binned: they are the cell's count minus
+the histogram's total (the causal half of a map costs nothing). Negative values are refused
+(``A_ij = ‖J_ij‖_F² ≥ 0``).
 
-| bin | holds |
-|---|---|
-| 0 | negative values (impossible for ``A_ij = ‖J_ij‖_F² ≥ 0``; a quantile that falls here is NaN) |
-| 1 | exactly 0 (the causal cells j > i, and true zeros) |
-| 2 | underflow: ``0 < x < LO`` |
-| 3 … 3+N−1 | ``[LO·R^k, LO·R^(k+1))`` with ``R = 10^(1/BINS_PER_DECADE)``, ``N = DECADES · BINS_PER_DECADE`` |
-| 3+N | overflow: ``x ≥ HI`` |
+**Window.** Each cell keeps ``W = 64`` counters at a *level* ``k ≥ 0``: counter ``i`` holds the
+values whose coarse bin ``b >> k`` equals ``start + i``. ``k`` is the smallest level at which the
+cell's smallest and largest coarse bins lie less than ``W`` apart, and ``start`` is the smallest one.
+Both are functions of the cell's smallest and largest fine bin only, which do not depend on the order
+in which values arrive, and a merge re-bins a state to a coarser level by adding whole counters
+(level-``k`` bins are unions of level-``k−1`` bins). So the histogram, like the old fixed one, is
+**identical bit for bit under any order or grouping**, and never grows with the sample count.
 
-Constants: ``LO = 1e-12``, ``HI = 1e12``, 16 bins per decade → ``N = 384``, ``NBINS = 388``.
+**Quantiles** (``quantiles``) follow numpy's default (linear) definition: the two order statistics
+around ``q·(n−1)`` are replaced by their bin's geometric midpoint (0 for zeros; the exact min / max at
+ranks 0 and n−1), clamped to the cell's exact ``[min, max]``, and interpolated. **Bound**, per cell
+at level ``k``: ``|q̂ − np.quantile(x, q)| ≤ ε_k · np.quantile(x, q)`` with ``ε_k = 10^(2^k/32) − 1``:
+7.46 % (k = 0) while a cell's non-zero values span at most 4 decades (W/16), 15.5 % up to 8 decades,
+33 % up to 16, 78 % up to 32 (``bound()`` gives ε per cell). Cells with one sample or all-equal
+values are exact.
 
-**Merge** adds integer counts: exact, so identical bit for bit under any order or grouping, and the
-state never grows with the number of samples.
-
-**Quantiles** (``quantiles``) follow numpy's default (linear) definition: position ``h = q·(n−1)``
-between the order statistics ``x_(⌊h⌋)`` and ``x_(⌈h⌉)``. Each order statistic is replaced by its
-bin's representative — 0 for the zero bin, the geometric midpoint ``LO·R^(k+½)`` for a log bin, the
-cell's exact min (rank 0) or max (rank n−1) — clamped to the cell's exact ``[min, max]`` (from
-``raysens.core.extremes``), and the two are interpolated with numpy's weights. Hence, for
-non-negative values, whenever the order statistics involved lie in ``{0} ∪ [LO, HI)``::
-
-    |estimate − np.quantile(x, q)| ≤ EPS · np.quantile(x, q),   EPS = R^½ − 1 = 10^(1/32) − 1 ≈ 7.46 %
-
-Cells with one sample or with all values equal are exact (min = max). Values outside ``[LO, HI)``
-lose the bound (they are clamped to the cell's exact min / max, never invented).
-
-**Memory**: ``NBINS`` uint32 counters per cell: ``388 · 4 · S²`` bytes per layer — 1.55 MiB at
-S = 32, **6.2 MiB at S = 64** (the driver holds one per target layer: × layers). On disk (partials,
-stats) only the non-empty counters are stored (``to_arrays``: flat index + count, uint32 each), i.e.
-at most ``8 · min(samples, NBINS) · S²`` bytes. numpy only.
+**Memory** per cell: ``W`` counters (uint16 while the state holds at most 65,535 samples, uint32
+beyond), ``start`` (int16), ``level`` and ``end`` (uint8): **132 bytes** (260 beyond 65,535 samples) instead of
+the fixed 388-bin histogram's 1,552. numpy only.
 """
 
 from __future__ import annotations
@@ -40,131 +33,214 @@ from typing import Any, Mapping
 
 import numpy as np
 
-LO, HI = 1e-12, 1e12
 BINS_PER_DECADE = 16
-DECADES = 24
-N_LOG = DECADES * BINS_PER_DECADE  # 384 log bins
-NEG, ZERO, UNDER, FIRST = 0, 1, 2, 3
-OVER = FIRST + N_LOG
-NBINS = OVER + 1  # 388
-R = 10.0 ** (1.0 / BINS_PER_DECADE)
-EPS = 10.0 ** (1.0 / (2 * BINS_PER_DECADE)) - 1.0  # relative error bound of a quantile (see above)
-EDGES = 10.0 ** (np.log10(LO) + np.arange(N_LOG + 1) / BINS_PER_DECADE)  # EDGES[0] = LO, EDGES[-1] = HI
-EDGES[0], EDGES[-1] = LO, HI
-REP = np.full(NBINS, np.nan)
-REP[ZERO] = 0.0
-REP[UNDER] = LO / np.sqrt(R)  # then clamped to the cell's [min, max]
-REP[FIRST:OVER] = 10.0 ** (np.log10(LO) + (np.arange(N_LOG) + 0.5) / BINS_PER_DECADE)
-REP[OVER] = HI * np.sqrt(R)
+W = 64  # counters per cell
+NONE = np.iinfo(np.int16).min  # start of a cell without a positive value
+MAX_LEVEL = 12  # 2^12 · 64 fine bins cover far more than the float64 range (~10,000 fine bins)
+EPS = 10.0 ** (1.0 / (2 * BINS_PER_DECADE)) - 1.0  # the level-0 bound (7.46 %)
+_U16_SAMPLES = np.iinfo(np.uint16).max
 
 
-def bin_index(x: np.ndarray) -> np.ndarray:
-    """The bin of every value of ``x`` (finite float64), as int64 of the same shape."""
-    x = np.asarray(x, np.float64)
-    k = np.searchsorted(EDGES, x, side="right") - 1 + FIRST  # [EDGES[k], EDGES[k+1]) -> FIRST + k
-    k = np.where(x >= HI, OVER, k)
-    k = np.where(x < LO, UNDER, k)
-    k = np.where(x == 0, ZERO, k)
-    return np.where(x < 0, NEG, k).astype(np.int64)
+def fine_bin(x: np.ndarray) -> np.ndarray:
+    """int32 fine bin ``⌊16·log10 x⌋`` of positive finite values."""
+    return np.floor(np.log10(x) * BINS_PER_DECADE).astype(np.int32)
+
+
+def level_bound(level: np.ndarray) -> np.ndarray:
+    """The relative quantile bound ``ε_k = 10^(2^k/32) − 1`` of cells at ``level``."""
+    return 10.0 ** (np.exp2(np.asarray(level, np.float64)) / (2 * BINS_PER_DECADE)) - 1.0
+
+
+def _level(lo: np.ndarray, hi: np.ndarray, at_least: np.ndarray) -> np.ndarray:
+    """Smallest level k >= at_least with (hi >> k) − (lo >> k) < W (lo, hi: fine bins, int32)."""
+    k = at_least.astype(np.int32).copy()
+    for _ in range(MAX_LEVEL + 1):
+        bad = ((hi >> k) - (lo >> k)) >= W
+        if not bad.any():
+            break
+        k = k + bad
+    return k
+
+
+def _dtype(samples: int):
+    return np.uint16 if samples <= _U16_SAMPLES else np.uint32
 
 
 @dataclass
-class LogHistogram:
-    """``counts`` uint32 ``[S, S, NBINS]``: samples per cell and bin."""
+class WindowHistogram:
+    """``counts`` ``[S, S, W]`` (uint16/uint32), ``start`` int16 ``[S, S]`` (coarse bin of counter 0;
+    ``NONE`` where the cell has no positive value), ``level`` uint8 ``[S, S]``, ``end`` uint8 ``[S, S]``
+    (the last occupied counter: spares a scan of the counters in every merge)."""
 
     counts: np.ndarray
+    start: np.ndarray
+    level: np.ndarray
+    end: np.ndarray
 
     @classmethod
-    def empty(cls, seq_len: int) -> "LogHistogram":
+    def empty(cls, seq_len: int, samples: int = 0) -> "WindowHistogram":
         s = int(seq_len)
         if s < 1:
-            raise ValueError(f"LogHistogram.empty: seq_len must be >= 1, got {seq_len}")
-        return cls(np.zeros((s, s, NBINS), np.uint32))
+            raise ValueError(f"WindowHistogram.empty: seq_len must be >= 1, got {seq_len}")
+        return cls(np.zeros((s, s, W), _dtype(samples)), np.full((s, s), NONE, np.int16), np.zeros((s, s), np.uint8),
+                   np.zeros((s, s), np.uint8))
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.counts.shape[:2])  # type: ignore[return-value]
+        return tuple(self.start.shape)  # type: ignore[return-value]
 
     @classmethod
-    def from_batch(cls, x: np.ndarray, m: np.ndarray) -> "LogHistogram":
-        """``x`` float64 ``[batch, S, S]`` (finite where ``m``), ``m`` bool of the same shape."""
+    def from_batch(cls, x: np.ndarray, m: np.ndarray) -> "WindowHistogram":
+        """``x`` float64 ``[batch, S, S]`` (finite, >= 0 where ``m``), ``m`` bool of the same shape."""
         s = x.shape[1]
-        cell = np.arange(s * s, dtype=np.int64).reshape(1, s, s)
-        flat = (cell * NBINS + bin_index(np.where(m, x, 0.0)))[m]
-        c = np.bincount(flat, minlength=s * s * NBINS)
-        return cls(c.astype(np.uint32).reshape(s, s, NBINS))
-
-    def merge(self, other: "LogHistogram") -> "LogHistogram":
-        if other.shape != self.shape:
-            raise ValueError(f"LogHistogram.merge: shapes differ, {self.shape} vs {other.shape}")
-        self.counts = self.counts + other.counts
-        return self
-
-    def padded(self, seq_len: int) -> "LogHistogram":
-        s = self.shape[0]
-        if seq_len < s:
-            raise ValueError(f"LogHistogram.padded: cannot shrink {self.shape} to {seq_len}")
-        out = LogHistogram.empty(seq_len)
-        out.counts[:s, :s] = self.counts
+        out = cls.empty(s, x.shape[0])
+        pos = m & (x > 0)
+        cells = np.flatnonzero(pos.any(axis=0).reshape(-1))
+        if not cells.size:
+            return out
+        xp = x.reshape(x.shape[0], -1)[:, cells]
+        pp = pos.reshape(x.shape[0], -1)[:, cells]
+        b = fine_bin(np.where(pp, xp, 1.0))
+        lo = np.where(pp, b, np.iinfo(np.int32).max).min(axis=0)
+        hi = np.where(pp, b, np.iinfo(np.int32).min).max(axis=0)
+        k = _level(lo, hi, np.zeros_like(lo))
+        start = lo >> k
+        idx = (b >> k[None]) - start[None]
+        flat = (np.arange(cells.size)[None] * W + idx)[pp]
+        c = np.bincount(flat, minlength=cells.size * W).reshape(cells.size, W)
+        out.counts.reshape(-1, W)[cells] = c
+        out.start.reshape(-1)[cells] = start
+        out.level.reshape(-1)[cells] = k
+        out.end.reshape(-1)[cells] = (hi >> k) - start
         return out
 
-    def crop(self, s: int) -> "LogHistogram":
-        return LogHistogram(self.counts[:s, :s].copy())
+    def _span(self) -> tuple[np.ndarray, np.ndarray]:
+        """Fine-bin-free description of the occupied range at the cell's level: (first, last) coarse bins."""
+        st = self.start.astype(np.int32)
+        return st, st + self.end
 
-    def copy(self) -> "LogHistogram":
-        return LogHistogram(self.counts.copy())
+    def merge(self, other: "WindowHistogram", samples: int | None = None) -> "WindowHistogram":
+        """Fold ``other`` in (in place; exact, order-independent); ``samples``: the merged state's total
+        sample count (decides uint16 / uint32 counters; default: uint32 if either is)."""
+        if other.shape != self.shape:
+            raise ValueError(f"WindowHistogram.merge: shapes differ, {self.shape} vs {other.shape}")
+        dt = _dtype(samples) if samples is not None else np.promote_types(self.counts.dtype, other.counts.dtype)
+        a_in, b_in = self.start != NONE, other.start != NONE
+        both = a_in & b_in
+        if not both.any():  # disjoint cells: copy over
+            self.counts = np.where(b_in[..., None], other.counts, self.counts).astype(dt)
+            self.start = np.where(b_in, other.start, self.start)
+            self.level = np.where(b_in, other.level, self.level)
+            self.end = np.where(b_in, other.end, self.end)
+            return self
+        ka, kb = self.level.astype(np.int32), other.level.astype(np.int32)
+        k0 = np.maximum(ka, kb)
+        (sa, ea), (sb, eb) = self._span(), other._span()
+        # each state's occupied fine-bin range, widened to whole bins of its level: at any level >= k0 it
+        # falls into exactly the coarse bins of the true range (so the result depends on the data alone)
+        big, small = np.iinfo(np.int32).max, np.iinfo(np.int32).min
+        lo = np.minimum(np.where(a_in, sa << ka, big), np.where(b_in, sb << kb, big))
+        hi = np.maximum(np.where(a_in, ((ea + 1) << ka) - 1, small), np.where(b_in, ((eb + 1) << kb) - 1, small))
+        k = np.where(a_in | b_in, _level(np.where(a_in | b_in, lo, 0), np.where(a_in | b_in, hi, 0), k0), 0)
+        start = np.where(a_in | b_in, lo >> k, NONE)
+        out = np.zeros(self.counts.shape, dt)
+        for st, src, ks, inside in ((self.start, self.counts, ka, a_in), (other.start, other.counts, kb, b_in)):
+            same = inside & (ks == k) & (st.astype(np.int32) == start)
+            out[same] += src[same].astype(dt)
+            move = np.flatnonzero((inside & ~same).reshape(-1))
+            if move.size:  # re-bin: counter i of level ks -> coarse bin ((start_s + i) >> (k - ks)) - start
+                sh = (k.reshape(-1)[move] - ks.reshape(-1)[move])[:, None]
+                new = ((st.reshape(-1)[move].astype(np.int32)[:, None] + np.arange(W)[None]) >> sh) \
+                    - start.reshape(-1)[move][:, None]
+                new = np.clip(new, 0, W - 1)  # beyond the last occupied counter: weight 0
+                flat = (np.arange(move.size)[:, None] * W + new).reshape(-1)
+                c = np.bincount(flat, weights=src.reshape(-1, W)[move].reshape(-1).astype(np.float64),
+                                minlength=move.size * W)
+                o = out.reshape(-1, W)
+                o[move] += c.reshape(move.size, W).astype(dt)
+        last = np.maximum(np.where(a_in, (ea >> (k - ka)), small), np.where(b_in, (eb >> (k - kb)), small))
+        self.counts, self.start, self.level = out, start.astype(np.int16), k.astype(np.uint8)
+        self.end = np.where(a_in | b_in, last - start, 0).astype(np.uint8)
+        return self
 
-    def quantiles(self, qs, vmin: np.ndarray, vmax: np.ndarray) -> dict[float, np.ndarray]:
-        """``{q: [S, S] float64}`` for each q in ``qs`` (NaN where a cell is empty or the rank falls
-        among negative values). ``vmin`` / ``vmax``: the cells' exact min and max (``Extremes``)."""
+    def padded(self, seq_len: int) -> "WindowHistogram":
+        s = self.shape[0]
+        if seq_len < s:
+            raise ValueError(f"WindowHistogram.padded: cannot shrink {self.shape} to {seq_len}")
+        out = WindowHistogram.empty(seq_len)
+        out.counts = out.counts.astype(self.counts.dtype)
+        out.counts[:s, :s], out.start[:s, :s], out.level[:s, :s] = self.counts, self.start, self.level
+        out.end[:s, :s] = self.end
+        return out
+
+    def crop(self, s: int) -> "WindowHistogram":
+        return WindowHistogram(self.counts[:s, :s].copy(), self.start[:s, :s].copy(), self.level[:s, :s].copy(),
+                               self.end[:s, :s].copy())
+
+    def copy(self) -> "WindowHistogram":
+        return WindowHistogram(self.counts.copy(), self.start.copy(), self.level.copy(), self.end.copy())
+
+    def total(self) -> np.ndarray:
+        """int64 ``[S, S]``: positive values per cell."""
+        return self.counts.sum(axis=2, dtype=np.int64)
+
+    def bound(self) -> np.ndarray:
+        """float64 ``[S, S]``: each cell's relative quantile bound ε_k (NaN where no positive value)."""
+        return np.where(self.start != NONE, level_bound(self.level), np.nan)
+
+    def quantiles(self, qs, n: np.ndarray, vmin: np.ndarray, vmax: np.ndarray) -> dict[float, np.ndarray]:
+        """``{q: [S, S] float64}`` for each q in ``qs`` (NaN where a cell is empty). ``n``: values per
+        cell (zeros included); ``vmin`` / ``vmax``: the cells' exact min and max."""
         c = self.counts.astype(np.int64)
-        n = c.sum(axis=2)
+        n = np.asarray(n, np.int64)
+        zeros = n - c.sum(axis=2)
         cum = np.cumsum(c, axis=2)
         out = {}
         for q in qs:
             q = float(q)
             if not 0.0 <= q <= 1.0:
-                raise ValueError(f"LogHistogram.quantiles: q must be in [0, 1], got {q}")
+                raise ValueError(f"WindowHistogram.quantiles: q must be in [0, 1], got {q}")
             h = q * np.maximum(n - 1, 0)
             lo = np.floor(h).astype(np.int64)
             hi = np.minimum(lo + 1, np.maximum(n - 1, 0))
             f = h - lo
-            a, b = self._order_stat(cum, n, lo, vmin, vmax), self._order_stat(cum, n, hi, vmin, vmax)
+            a, b = (self._order_stat(cum, zeros, n, r, vmin, vmax) for r in (lo, hi))
             with np.errstate(invalid="ignore"):
-                est = np.where(f == 0, a, a + f * (b - a))
-                est = np.clip(est, vmin, vmax)
+                est = np.clip(np.where(f == 0, a, a + f * (b - a)), vmin, vmax)
             out[q] = np.where(n > 0, est, np.nan)
         return out
 
-    @staticmethod
-    def _order_stat(cum, n, rank, vmin, vmax) -> np.ndarray:
+    def _order_stat(self, cum, zeros, n, rank, vmin, vmax) -> np.ndarray:
         """Representative of the ``rank``-th (0-based) smallest value of each cell."""
-        b = (cum > rank[..., None]).argmax(axis=2)
-        v = np.where(b == NEG, np.nan, np.clip(REP[b], vmin, vmax))
+        r = rank - zeros
+        i = (cum > np.maximum(r, 0)[..., None]).argmax(axis=2)
+        k = self.level.astype(np.float64)
+        rep = 10.0 ** ((self.start.astype(np.float64) + i + 0.5) * np.exp2(k) / BINS_PER_DECADE)
+        with np.errstate(invalid="ignore"):
+            v = np.where(r < 0, 0.0, np.clip(rep, vmin, vmax))
         return np.where(rank == 0, vmin, np.where(rank == n - 1, vmax, v))  # the ends are exact
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Sparse form: ``hist_index`` (flat ``cell·NBINS + bin``, increasing) and ``hist_count``, uint32."""
-        flat = self.counts.reshape(-1)
-        idx = np.flatnonzero(flat)
-        return {"hist_index": idx.astype(np.uint32), "hist_count": flat[idx].astype(np.uint32)}
+        return {"hist_counts": self.counts.copy(), "hist_start": self.start.copy(), "hist_level": self.level.copy(),
+                "hist_end": self.end.copy()}
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, Any], shape: tuple[int, int]) -> "LogHistogram":
-        """Inverse of ``to_arrays`` for ``shape`` cells; validates dtypes, range and ordering."""
-        for k in ("hist_index", "hist_count"):
+    def from_arrays(cls, arrays: Mapping[str, Any], shape: tuple[int, int]) -> "WindowHistogram":
+        """Inverse of ``to_arrays`` for ``shape`` cells; validates dtypes, shapes and empty cells."""
+        for k in ("hist_counts", "hist_start", "hist_level", "hist_end"):
             if k not in arrays:
-                raise ValueError(f"LogHistogram.from_arrays: missing key {k}")
-        idx, cnt = np.asarray(arrays["hist_index"]), np.asarray(arrays["hist_count"])
-        size = int(shape[0]) * int(shape[1]) * NBINS
-        if idx.ndim != 1 or cnt.shape != idx.shape:
-            raise ValueError("LogHistogram.from_arrays: hist_index and hist_count must be 1-D of equal length")
-        if not (np.issubdtype(idx.dtype, np.integer) and np.issubdtype(cnt.dtype, np.integer)):
-            raise ValueError("LogHistogram.from_arrays: hist_index / hist_count must be integers")
-        idx64 = idx.astype(np.int64)
-        if idx.size and ((idx64 < 0).any() or idx64.max() >= size or (np.diff(idx64) <= 0).any()
-                         or (cnt.astype(np.int64) <= 0).any()):
-            raise ValueError("LogHistogram.from_arrays: indices out of range / not increasing, or counts <= 0")
-        flat = np.zeros(size, np.uint32)
-        flat[idx64] = cnt.astype(np.uint32)
-        return cls(flat.reshape(int(shape[0]), int(shape[1]), NBINS))
+                raise ValueError(f"WindowHistogram.from_arrays: missing key {k}")
+        c, st, lv, en = (np.asarray(arrays[k]) for k in ("hist_counts", "hist_start", "hist_level", "hist_end"))
+        shape = tuple(int(v) for v in shape)
+        if c.shape != (*shape, W) or c.dtype not in (np.uint16, np.uint32):
+            raise ValueError(f"WindowHistogram.from_arrays: hist_counts must be uint16/uint32 {(*shape, W)}, "
+                             f"got {c.dtype}{c.shape}")
+        if st.shape != shape or st.dtype != np.int16 or lv.shape != shape or lv.dtype != np.uint8 \
+                or en.shape != shape or en.dtype != np.uint8:
+            raise ValueError("WindowHistogram.from_arrays: hist_start must be int16, hist_level and hist_end uint8 per cell")
+        last = W - 1 - np.argmax(c[..., ::-1] > 0, axis=2)
+        empty = st == NONE
+        if (c[empty] != 0).any() or (lv > MAX_LEVEL).any() or (~empty & (c.sum(axis=2) == 0)).any() \
+                or (~empty & (c[..., 0] == 0)).any() or (~empty & (last != en)).any() or (empty & (en != 0)).any():
+            raise ValueError("WindowHistogram.from_arrays: inconsistent window (counts, start, level)")
+        return cls(c, st, lv, en)

@@ -73,9 +73,39 @@ def position_ticks(ax, s: int, y: bool = True) -> None:
         axis.set_major_locator(MaxNLocator(nbins=8 if s > 16 else s, integer=True, steps=[1, 2, 4, 5, 8, 10]))
 
 
+MAX_PIXELS = 256  # a heatmap wider than this many cells is drawn as block means (long sequences)
+
+
+def block_means(m: np.ndarray, k: int) -> np.ndarray:
+    """``m[S, S]`` -> ``[ceil(S/k), ceil(S/k)]`` means of its k×k blocks over their finite cells (NaN
+    where a block has none). Unlike the image's own resampling, no cell is dropped: a 2048² map at 256
+    pixels shows every cell's contribution, not every 8th row and column."""
+    s = m.shape[0]
+    n = -(-s // k)
+    pad = np.full((n * k, n * k), np.nan)
+    pad[:s, :s] = m
+    b = pad.reshape(n, k, n, k)
+    fin = np.isfinite(b)
+    cnt = fin.sum(axis=(1, 3))
+    tot = np.where(fin, b, 0.0).sum(axis=(1, 3))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
+
+
+def _block_all(z: np.ndarray, k: int) -> np.ndarray:
+    s = z.shape[0]
+    n = -(-s // k)
+    pad = np.ones((n * k, n * k), bool)
+    pad[:s, :s] = z
+    return pad.reshape(n, k, n, k).all(axis=(1, 3))
+
+
 def heatmap(fig, ax, m: np.ndarray, *, cmap: str, label: str, title: str, log: bool | None = None,
             structural_zero: np.ndarray | None = None) -> dict:
     """``m[pos_out, pos_in]`` as an image: y = output position i, x = input position j.
+
+    Maps wider than ``MAX_PIXELS`` cells (long sequences) are drawn as the means of k×k blocks (the
+    title says so); the axes keep the original positions.
 
     Exactly-zero cells inside ``structural_zero`` (the causal mask j > i) are white, NaN cells (no samples) show a hatched grey background; the colour
     scale is logarithmic when the positive values span more than two decades. Returns which special
@@ -85,9 +115,14 @@ def heatmap(fig, ax, m: np.ndarray, *, cmap: str, label: str, title: str, log: b
     import matplotlib.colors as mcolors
 
     s = m.shape[0]
-    fin = np.isfinite(m)
     if structural_zero is None:
         structural_zero = np.zeros(m.shape, bool)
+    k = -(-s // MAX_PIXELS)
+    if k > 1:  # long sequence: block means, every cell counted
+        structural_zero = _block_all(structural_zero & (np.asarray(m) == 0), k)
+        m = block_means(np.asarray(m, float), k)
+        title = f"{title} ({k}×{k} block means)"
+    fin = np.isfinite(m)
     zero = fin & (m == 0) & structural_zero
     pos = m[fin & (m > 0)]
     if log is None:
@@ -108,10 +143,13 @@ def heatmap(fig, ax, m: np.ndarray, *, cmap: str, label: str, title: str, log: b
         norm = mcolors.Normalize(vmin=lo, vmax=hi)
     ax.set_facecolor(NO_DATA)
     ax.patch.set_hatch("////")
-    im = ax.imshow(np.ma.masked_invalid(shown), cmap=cm, norm=norm, aspect="equal", origin="upper")
+    ext = (-0.5, m.shape[0] * k - 0.5, m.shape[0] * k - 0.5, -0.5)  # original positions on the axes
+    im = ax.imshow(np.ma.masked_invalid(shown), cmap=cm, norm=norm, aspect="equal", origin="upper", extent=ext)
     if zero.any():
         ax.imshow(np.ma.masked_where(~zero, np.ones_like(m)), cmap=mcolors.ListedColormap([ZERO]),
-                  aspect="equal", origin="upper", vmin=0, vmax=1)
+                  aspect="equal", origin="upper", vmin=0, vmax=1, extent=ext)
+    ax.set_xlim(-0.5, s - 0.5)
+    ax.set_ylim(s - 0.5, -0.5)
     cb = fig.colorbar(im, ax=ax, shrink=0.92, pad=0.02)
     cb.set_label(label + (" (log scale)" if log else ""))
     ax.set_title(title)

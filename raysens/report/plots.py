@@ -64,6 +64,16 @@ def _std_title(run: RunResult, ls: LayerStats) -> str:
     return "std over samples"
 
 
+def _bound_text(ls: LayerStats) -> str:
+    """The median's stated relative error: the largest per-cell bound of the layer (files before issue
+    18 had the fixed histogram's 7.5 %)."""
+    b = getattr(ls, "quantile_bound", None)
+    b = None if b is None else np.asarray(b, float)
+    if b is None or not np.isfinite(b).any():
+        return "±7.5 %"
+    return f"≤ ±{100 * float(np.nanmax(b)):.1f} %"
+
+
 def _causal_mask(ls: LayerStats) -> np.ndarray:
     """Cells that are zero by construction (j > i) when the model is causal, else none."""
     s = ls.mean.shape[0]
@@ -80,7 +90,7 @@ def heatmap_png(run: RunResult, ls: LayerStats) -> bytes:
                             title=r"mean over samples  $E[A_{ij}]$", structural_zero=cz)]
         if med is not None:  # one sample cannot move the median: compare with the mean
             flags.append(pp.heatmap(fig, axes[1], med, cmap="viridis", label="median " + pp.SQ_NORM,
-                                    title="median over samples (log histogram, ±7.5 %)", structural_zero=cz))
+                                    title=f"median over samples (log histogram, {_bound_text(ls)})", structural_zero=cz))
         flags.append(pp.heatmap(fig, axes[-1], ls.std, cmap="magma", label="std " + pp.SQ_NORM, title=_std_title(run, ls),
                                 structural_zero=cz))
         pp.suptitle(fig, f"{_model(run)} — {_describe(run, ls)}", fontweight="bold")

@@ -62,11 +62,10 @@ def _fmt_s(s: float) -> str:
 
 
 def finalize(plan: RunPlan, rdir: RunDir, manifest: dict, timings: dict, backend: dict) -> dict:
-    """Merge the checkpoint and every partial (sample_id order, one file at a time), write stats,
-    manifest and plots."""
-    # the checkpoint's merge (rolling compaction) continued with the remaining partials, in sample_id
-    # order (raysens.store.checkpoint.Fold: accumulators follow the observed lengths, grown as longer
-    # partials arrive, never the configured max_seq_len; merging into empty cells is exact)
+    """Merge the checkpoint and every partial (one file at a time), write stats, manifest and plots."""
+    # the checkpoint's merge (rolling compaction) continued with the remaining partials (exact and
+    # order-independent: raysens.core.cellstats; raysens.store.checkpoint.Fold: accumulators follow the
+    # observed lengths, grown as longer partials arrive, never the configured max_seq_len)
     if plan.config.output.compact_every:  # fold the tail too: a finished run keeps a checkpoint and no partial
         rdir.compact(1)
     fold = rdir.fold_all()
@@ -116,7 +115,7 @@ def finalize(plan: RunPlan, rdir: RunDir, manifest: dict, timings: dict, backend
 def _observed_len(acc: dict[int, CellStats]) -> int:
     reached = np.zeros(next(iter(acc.values())).shape[0], bool)
     for st in acc.values():
-        reached |= st.welford.count.any(axis=1)
+        reached |= st.count.any(axis=1)
     return int(np.nonzero(reached)[0].max()) + 1
 
 

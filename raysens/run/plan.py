@@ -18,6 +18,7 @@ import numpy as np
 from .._log import log
 from ..config import RunConfig
 from ..store.corpus import Corpus
+from ..store.partials import STATE_FORMAT
 from ..store.rundir import RunDir, RunError
 
 
@@ -153,7 +154,7 @@ def base_manifest(plan: RunPlan, status: str, started: str) -> dict:
     cfg = plan.config
     sens = cfg.sensitivity.to_dict()
     return {
-        "format": "raysens-run/1", "status": status, "fingerprint": plan.fingerprint,
+        "format": "raysens-run/1", "state_format": STATE_FORMAT, "status": status, "fingerprint": plan.fingerprint,
         "config": cfg.to_dict(), "versions": versions(),
         "model": {"name": cfg.model.name, **plan.model_config},
         "estimator": sens["estimator"], "num_probes": sens["num_probes"], "seed": sens["seed"],

@@ -220,23 +220,37 @@ class Runner:
             if self.use_ray:
                 backend.update(backend="ray", address=self.session["address"],
                                cluster_resources=self.session["resources"])
-            specs = [backends.JobUnits(j.config, j.plan.corpus, j.rdir.todo(), j.plan.fingerprint) for j in work]
 
-            def on_result(ji: int, unit: int, n: int, payload: bytes) -> None:
+            def on_result(ji: int, units: list, n: int, payload: bytes) -> None:
                 job = work[ji]
-                if not job.rdir.add(unit, payload):
-                    return  # a retried unit already persisted
+                new = job.rdir.add(units, payload)
+                if not new:
+                    return  # a retried or overlapping shipment: its units are (or will be) computed once
                 job.load_ids.add(read_meta(payload).get("load_id"))  # meta only: the driver never decodes arrays here
-                job.left -= 1
+                job.left -= len(new)
                 job.rdir.compact(job.config.output.compact_every)  # rolling compaction (store/compaction.py)
                 self.progress.update(n)
                 self._on_unit(self.progress.done)
-                self.units_arrived += 1
+                self.units_arrived += len(new)
                 faults.unit_arrived(self.units_arrived)
                 if job.left == 0:
                     self._finish(job, {**backend, "pass_s": round(time.perf_counter() - tg, 3)}, len(group))
 
-            backends.run_jobs(specs, on_result, use_ray=self.use_ray, info=backend)
+            # the pass, then at most one follow-up pass over what no actor shipped (an actor that got no
+            # end-of-stream flush, or died holding folded units: backends/ray_pool.py), shipping every unit
+            for attempt in range(2 if self.use_ray else 1):
+                if attempt:
+                    job_left = [j for j in work if j.status == "running" and j.left]
+                    if not job_left:
+                        break
+                    for j in job_left:
+                        j.rdir.flush()
+                    log(f"follow-up pass: {sum(len(j.rdir.todo()) for j in job_left)} unit(s) were folded by an actor "
+                        "but never shipped (no end-of-stream flush reached it, or it died); recomputing them")
+                    work = job_left
+                specs = [backends.JobUnits(j.config, j.plan.corpus, j.rdir.todo(), j.plan.fingerprint,
+                                           ship_every_units=1 if attempt else None) for j in work]
+                backends.run_jobs(specs, on_result, use_ray=self.use_ray, info=backend)
         loads = set().union(*(j.load_ids for j in group))
         self.groups.append({"model": group[0].config.model.name, "runs": [j.name for j in group],
                             "pass_s": round(time.perf_counter() - tg, 3), "model_loads": len(loads),

@@ -38,7 +38,7 @@ def sample_maps(run_dir: str, sample_id: int, layers=None) -> dict[int, np.ndarr
         raise ValueError(f"sample {sid} could not be computed ({p.skipped[sid]})")
     out = {}
     for L in layers:
-        a = p.per_sample[L][0]
+        a = p.per_sample[sid][L][0]  # unit (keyed by its first sample_id: this one) -> layer -> maps
         n = int(np.isfinite(np.diagonal(a)).sum())
         out[L] = a[:n, :n]
     return out

@@ -1,18 +1,19 @@
-"""Rolling compaction's checkpoint: the final merge of a sample_id prefix of units, persisted.
+"""Rolling compaction's checkpoint: the final merge of a set of units, persisted.
 
 ``Fold`` is the driver's final merge (docs/DESIGN.md §4, §6.6): per target layer the ``CellStats``
-of the units folded so far — merged one partial at a time in sample_id order, the accumulator grown
+of the units folded so far — merged one partial (shipment) at a time, the accumulator grown
 (``padded``) as longer units arrive — plus every piece of bookkeeping the manifest needs (skipped
-ids by reason in arrival order, computed count, summed ``compute_s``, model identity, devices,
-strategies, modes, the per-sample export's counters). ``RunDir.compact`` folds the contiguous done
-prefix of units into it, writes it as a checkpoint and only then deletes the folded partials;
-finalize continues the same ``Fold`` with the remaining partials. Because the checkpoint stores the
-accumulator losslessly (float64 as is) and the merge continues in the same order, the statistics
-are bit for bit those of a run that never compacted.
+ids by reason, computed count, summed ``compute_s``, model identity, devices, strategies, modes, the
+per-sample export's counters, the set of units folded). ``RunDir.compact`` folds the partials on disk
+into it, writes it as a checkpoint and only then deletes the folded partials; finalize continues the
+same ``Fold`` with the remaining partials. The state is exact and order-independent
+(``raysens.core.cellstats``) and stored losslessly, so the statistics are bit for bit those of a run
+that never compacted, whatever was folded when.
 
 File: ``checkpoint/ckpt-<units folded, 10 digits>-<sha256[:16] of the bytes>.npz`` (zlib ``.npz``,
-no pickle), an array ``meta`` (JSON) and per layer ``L<NNN>_<key>`` (``raysens.store.codec``,
-sample_ids kept as int64). The newest valid checkpoint wins. numpy only.
+no pickle), an array ``meta`` (JSON, ``format`` ``raysens-checkpoint/2``, ``unit_keys``: the units
+folded) and per layer ``L<NNN>_<key>`` (``raysens.store.codec``, sample_ids kept as int64). The
+newest valid checkpoint wins; format 1 (before issue 18) is refused naming it. numpy only.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ import numpy as np
 
 from ..core.cellstats import CellStats
 from .codec import PACKED_KEYS, pack_state, unpack_state
-from .partials import SKIP_REASONS, Partial, open_archive
+from .partials import SKIP_REASONS, Partial, PartialFormatError, open_archive
 from .per_sample import PER_SAMPLE, write_unit
 
 CHECKPOINT = "checkpoint"
-CKPT_FORMAT = "raysens-checkpoint/1"
+CKPT_FORMAT = "raysens-checkpoint/2"
 CKPT_RE = re.compile(r"^ckpt-(\d{10})-([0-9a-f]{16})\.npz$")
 
 
@@ -43,7 +44,7 @@ def checkpoint_name(units: int, payload: bytes) -> str:
 
 
 class Fold:
-    """The final merge over a prefix of units (see the module doc)."""
+    """The final merge over a set of units (see the module doc)."""
 
     def __init__(self, layers, per_sample: bool = False):
         self.layers = tuple(int(L) for L in layers)
@@ -57,11 +58,14 @@ class Fold:
         self.modes: set = set()
         # output.per_sample: files written, units without maps (computed before the option was on)
         self.per_sample = {"dir": PER_SAMPLE, "files": 0, "missing_units": []} if per_sample else None
-        self.units = 0  # units folded: the run's units[:units]
-        self.last: int | None = None  # key (first sample_id) of the last unit folded
+        self.unit_keys: set[int] = set()  # keys of the units folded
+
+    @property
+    def units(self) -> int:
+        return len(self.unit_keys)
 
     def add(self, p: Partial, run_dir: str) -> None:
-        """Fold one partial (the next unit in sample_id order); exports its per-sample maps first."""
+        """Fold one partial (any of its units' order); exports its per-sample maps first."""
         for L, st in p.states.items():
             cur = self.acc[L]
             if cur is None:
@@ -70,14 +74,20 @@ class Fold:
             if cur.shape[0] < st.shape[0]:  # merging into empty cells is exact: growing late = early
                 cur = self.acc[L] = cur.padded(st.shape[0])
             cur.merge(st.padded(cur.shape[0]) if st.shape[0] < cur.shape[0] else st)
-        if self.per_sample is not None and p.computed_ids:  # one file per unit, rewritten whole
-            if p.per_sample:
-                write_unit(run_dir, p.unit, p.computed_ids, p.per_sample)
-                self.per_sample["files"] += 1
-            else:
-                self.per_sample["missing_units"].append(p.unit)
+        if self.per_sample is not None:  # one file per unit, rewritten whole
+            for unit in p.units:
+                ids = p.unit_computed(unit)
+                if not ids:
+                    continue
+                if p.per_sample and unit in p.per_sample:
+                    write_unit(run_dir, unit, ids, p.per_sample[unit])
+                    self.per_sample["files"] += 1
+                else:
+                    self.per_sample["missing_units"].append(unit)
+            self.per_sample["missing_units"].sort()
         for sid, reason in sorted(p.skipped.items()):
             self.skipped[reason].append(sid)
+            self.skipped[reason].sort()
         self.computed += len(p.computed_ids)
         self.compute_s += float(p.meta.get("compute_s", 0.0))
         self.model = self.model or p.meta.get("model")
@@ -86,12 +96,12 @@ class Fold:
             self.strategies.add(p.meta["strategy"])
         if p.meta.get("mode"):
             self.modes.add(p.meta["mode"])
-        self.units += 1
-        self.last = p.unit
+        self.unit_keys.update(p.units)
 
     # ------------------------------------------------------------------ the file
     def encode(self, fingerprint: str) -> bytes:
-        meta = {"format": CKPT_FORMAT, "fingerprint": fingerprint, "units": self.units, "last": self.last,
+        meta = {"format": CKPT_FORMAT, "fingerprint": fingerprint, "units": self.units,
+                "unit_keys": sorted(self.unit_keys),
                 "layers": list(self.layers), "skipped": self.skipped, "computed": self.computed,
                 "compute_s": self.compute_s, "model": self.model, "devices": sorted(self.devices, key=str),
                 "strategies": sorted(self.strategies), "modes": sorted(self.modes), "per_sample": self.per_sample,
@@ -113,23 +123,27 @@ class Fold:
         try:
             return cls._from_meta(name, meta, raw, fingerprint, layers, units, max_seq_len, per_sample)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            if isinstance(exc, CheckpointError):
+            if isinstance(exc, (CheckpointError, PartialFormatError)):
                 raise
             raise CheckpointError(f"{name}: malformed ({type(exc).__name__}: {exc})") from None
 
     @classmethod
     def _from_meta(cls, name, meta, raw, fingerprint, layers, units, max_seq_len, per_sample) -> "Fold":
         if meta.get("format") != CKPT_FORMAT:
-            raise CheckpointError(f"{name}: format {meta.get('format')!r}, expected {CKPT_FORMAT!r}")
+            raise PartialFormatError(f"{name}: checkpoint format {meta.get('format')!r} (before issue 18: Welford "
+                                     f"moments and a fixed 388-bin histogram), this version reads {CKPT_FORMAT!r}")
         if meta.get("fingerprint") != fingerprint:
             raise CheckpointError(f"{name}: written by another configuration (fingerprint {meta.get('fingerprint')}, "
                                   f"expected {fingerprint})")
         n = int(meta["units"])
-        if n != int(CKPT_RE.match(name).group(1)) or not 0 < n <= len(units) or meta["last"] != int(units[n - 1][0]):
-            raise CheckpointError(f"{name}: covers {n} units up to {meta['last']}, not a prefix of this run's units")
+        by_key = {int(u[0]): u for u in units}
+        keys = [int(k) for k in meta["unit_keys"]]
+        if n != int(CKPT_RE.match(name).group(1)) or n != len(keys) or not 0 < n <= len(units) \
+                or len(set(keys)) != n or not set(keys) <= set(by_key):
+            raise CheckpointError(f"{name}: covers {n} units that are not units of this run")
         if sorted(meta["layers"]) != sorted(int(L) for L in layers):
             raise CheckpointError(f"{name}: has layers {meta['layers']}, expected {sorted(layers)}")
-        prefix = np.concatenate([np.asarray(u, np.int64) for u in units[:n]])
+        prefix = np.concatenate([np.asarray(by_key[k], np.int64) for k in keys])
         skipped = [int(i) for ids in meta["skipped"].values() for i in ids]
         if set(meta["skipped"]) - set(SKIP_REASONS) or not set(skipped) <= set(prefix.tolist()) \
                 or len(set(skipped)) != len(skipped) or meta["computed"] + len(skipped) != prefix.size:
@@ -147,8 +161,7 @@ class Fold:
         f.skipped = {r: [int(i) for i in meta["skipped"].get(r, [])] for r in SKIP_REASONS}
         f.computed, f.compute_s, f.model = int(meta["computed"]), float(meta["compute_s"]), meta["model"]
         f.devices, f.strategies, f.modes = set(meta["devices"]), set(meta["strategies"]), set(meta["modes"])
-        f.units, f.last = n, int(meta["last"])
-        if per_sample:  # a prefix folded while output.per_sample was off has no exported maps
-            f.per_sample = meta["per_sample"] or {"dir": PER_SAMPLE, "files": 0,
-                                                  "missing_units": [int(u[0]) for u in units[:n]]}
+        f.unit_keys = set(keys)
+        if per_sample:  # units folded while output.per_sample was off have no exported maps
+            f.per_sample = meta["per_sample"] or {"dir": PER_SAMPLE, "files": 0, "missing_units": sorted(keys)}
         return f

@@ -1,7 +1,7 @@
 """Rolling compaction of a run directory (``RunDir``'s checkpoint half; docs/DESIGN.md §6.6).
 
-The driver folds the contiguous prefix of done units beyond the checkpoint into the checkpoint's
-``Fold`` (``raysens.store.checkpoint``) whenever it has ``output.compact_every`` units, then
+The driver folds the partials on disk into the checkpoint's ``Fold`` (``raysens.store.checkpoint``)
+whenever they hold at least ``output.compact_every`` units (any units: the state is order-independent), then
 
 1. writes the new checkpoint atomically (``store/fs.py``: temp file + move; the name carries the
    units it covers and the SHA-256 of its bytes),
@@ -9,8 +9,8 @@ The driver folds the contiguous prefix of done units beyond the checkpoint into 
 3. deletes the folded partials one by one.
 
 A crash anywhere leaves a directory that resumes exactly: before 1 nothing changed; after 1 the
-newest valid checkpoint wins and partials of units it covers are leftovers, deleted on open (never
-merged twice); a corrupt checkpoint (checksum, parse or consistency failure) is moved to
+newest valid checkpoint wins and partials whose units it covers are leftovers, deleted on open (never
+merged twice); a checkpoint of an earlier format is refused naming it; a corrupt checkpoint (checksum, parse or consistency failure) is moved to
 ``checkpoint/corrupt/`` and the next older valid one (or none) is used — units that then have
 neither a checkpoint nor a partial are recomputed like missing units, and finalize refuses to merge
 while any unit is missing. numpy/pyarrow only.
@@ -27,6 +27,7 @@ from .._log import log
 from ..testing import faults
 from .checkpoint import CHECKPOINT, CKPT_RE, CheckpointError, Fold, checkpoint_name
 from .fs import read_bytes, write_bytes
+from .partials import PartialFormatError
 
 FOLDED = ""  # RunDir.done's value for a unit inside the checkpoint (no partial file)
 
@@ -67,11 +68,14 @@ class Compaction:
                                         layers=self.layers, units=self.units, max_seq_len=self.max_seq_len,
                                         per_sample=self.per_sample)
                 self.ckpt_name = name
+            except PartialFormatError as exc:
+                raise self._error(f"output directory {self.run_dir!r}: {exc}; finish it with the earlier version "
+                                  "or use another output.dir (nothing was changed)") from None
             except CheckpointError as exc:
                 self._move_ckpt_aside(name, str(exc))
         if self.fold is not None:
-            for u in self.units[:self.fold.units]:
-                self.done[int(u[0])] = FOLDED
+            for u in self.fold.unit_keys:
+                self.done[int(u)] = FOLDED
             self.compaction.update(checkpoint=self.ckpt_name, units_folded=self.fold.units)
 
     def _move_ckpt_aside(self, name: str, reason: str) -> None:
@@ -94,54 +98,46 @@ class Compaction:
         log(f"partial {name} is already folded into checkpoint {self.ckpt_name}; deleted (a crash interrupted "
             "the last compaction)")
 
-    def _prefix_end(self, done: dict) -> int:
-        n = self.fold.units if self.fold else 0
-        while n < len(self.units) and done.get(int(self.units[n][0])):
-            n += 1
-        return n
-
     def compact(self, every: int) -> int:
-        """Fold the contiguous done prefix beyond the checkpoint into a new checkpoint when it has at
-        least ``every`` units (0: never); returns the number of units folded."""
+        """Fold every partial on disk into a new checkpoint when they hold at least ``every`` units
+        (0: never); returns the number of units folded."""
         if every <= 0:
             return 0
-        start = self.fold.units if self.fold else 0
-        with self._lock:  # O(prefix beyond the checkpoint), not O(units): called after every unit
-            end = self._prefix_end(self.done)
-            if end - start < every:
-                return 0
-            done = {int(u[0]): self.done[int(u[0])] for u in self.units[start:end]}
-        return self._compact(start, end, done)
+        with self._lock:  # O(units done beyond the checkpoint): cheap next to a shipment's decode
+            done = {u: name for u, name in self.done.items() if name != FOLDED}
+        if len(done) < every:
+            return 0
+        return self._compact(done)
 
-    def _compact(self, start: int, end: int, done: dict) -> int:
+    def _compact(self, done: dict) -> int:
         if self._broken:
             raise self._error(self._broken)
-        keys = [int(u[0]) for u in self.units[start:end]]
+        names = sorted(set(done.values()))
         fold = self.fold or Fold(self.layers, self.per_sample)
         try:
-            for key in keys:
-                fold.add(self._read(done[key], key), self.run_dir)
+            for name in names:
+                fold.add(self._read(name), self.run_dir)
             faults.compaction_step("folded")
             payload = fold.encode(self.fingerprint)
-            name = checkpoint_name(fold.units, payload)
-            write_bytes(self.fs, self._ckpt_path(name), payload)  # step 1: atomic (temp + move)
+            ckpt = checkpoint_name(fold.units, payload)
+            write_bytes(self.fs, self._ckpt_path(ckpt), payload)  # step 1: atomic (temp + move)
         except BaseException as exc:
             self._broken = (f"a compaction of {self.run_dir!r} failed half-way ({type(exc).__name__}: {exc}); "
                             "rerun to resume from the last checkpoint")
             raise
-        old, self.fold, self.ckpt_name = self.ckpt_name, fold, name
+        old, self.fold, self.ckpt_name = self.ckpt_name, fold, ckpt
         with self._lock:
-            for key in keys:  # folded from now on, whatever happens to their files
+            for key in done:  # folded from now on, whatever happens to their files
                 self.done[key] = FOLDED
         faults.compaction_step("written")
         if old:
             self._delete_quietly(self._ckpt_path(old))  # step 2
         faults.compaction_step("old_deleted")
-        for i, key in enumerate(keys, 1):  # step 3
-            self._delete_quietly(self._path(done[key]))
+        for i, name in enumerate(names, 1):  # step 3
+            self._delete_quietly(self._path(name))
             faults.compaction_step("deleted", i)
-        self.compaction.update(checkpoint=name, units_folded=fold.units, compactions=self.compaction["compactions"] + 1)
-        return len(keys)
+        self.compaction.update(checkpoint=ckpt, units_folded=fold.units, compactions=self.compaction["compactions"] + 1)
+        return len(done)
 
     def _delete_quietly(self, path: str) -> None:
         try:
@@ -150,8 +146,8 @@ class Compaction:
             log(f"could not delete {path} after compaction ({type(exc).__name__}: {exc}); it is removed on resume")
 
     def fold_all(self) -> Fold:
-        """The checkpoint's fold continued with every remaining partial, in sample_id order: what the
-        run's statistics are made of. Refuses (naming them) while any unit is missing."""
+        """The checkpoint's fold continued with every remaining partial: what the run's statistics are
+        made of. Refuses (naming them) while any unit is missing."""
         self.flush()
         if self._broken:
             raise self._error(self._broken)

@@ -1,20 +1,19 @@
-"""The partial-state file format: the result of one work unit.
+"""The partial-state file format: what an actor ships — the folded result of one or more work units.
 
 A *work unit* is ``batch_size`` consecutive selected sample_ids (in sample_id order), identified by
 its first sample_id. Its composition depends only on the selection and the batch size, never on Ray's
 block boundaries, so a retried or resumed unit is the same batch as the first attempt.
 
-A *partial* is the result of one unit: the Welford state of the unit's samples per target layer plus
-which ids were computed and which were skipped (and why). It is stored as
-``partials/unit_<first_sid>-<sha256[:16]>.npz`` (numpy ``.npz``, no pickle): an array ``meta`` holding
-a JSON object, and per layer ``L<NNN>_<key>``: format 2 (``meta["format"] == 2``, written now,
-zlib-compressed) the compact keys of ``raysens.store.codec`` (no ``count``: the histogram's totals;
-ids as positions in the unit; delta-coded histogram in the smallest integer types); format 1 (read
-only) every key of ``CellStats.to_arrays`` (Welford ``count|mean|m2|noise_sum|samples``, extremes
-``max|max_id|min|sum|row_max|row_max_id``, the sparse histogram ``hist_index|hist_count``). With
-``output.per_sample``, also ``L<NNN>_per_sample``.
+A *partial* (format 3, issue 18) is one actor-local state as shipped: per target layer the
+``CellStats`` of every computed sample of the units it holds (any units, not only consecutive ones:
+the state is order-independent), plus which units, which ids were computed and which were skipped
+(and why). It is stored as ``partials/unit_<smallest unit key>-<sha256[:16]>.npz`` (numpy ``.npz``,
+zlib-compressed, no pickle): an array ``meta`` holding a JSON object (``format`` 3, ``units``,
+``unit_ids``, ``computed_ids``, ``skipped``, ``layers``, …) and per layer ``L<NNN>_<key>``, the
+arrays of ``raysens.store.codec``. With ``output.per_sample``, also ``U<unit>_L<NNN>_per_sample``.
 The hash in the name is the hash of the file's bytes, so truncation and corruption are detected.
-numpy only (no torch, no Ray).
+Formats 1 and 2 (one unit, Welford moments and a fixed 388-bin histogram, before issue 18) are
+refused with ``PartialFormatError`` naming the format. numpy only (no torch, no Ray).
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.cellstats import CELL_KEYS, CellStats
+from ..core.cellstats import CellStats
 from .codec import PACKED_KEYS, pack_state, unpack_state
 
 SKIP_REASONS = {
@@ -38,34 +37,34 @@ SKIP_REASONS = {
     "nonfinite": "NaN/Inf in the sensitivities (reported by the engine)",
 }
 PARTIAL_RE = re.compile(r"^unit_(\d{10})-([0-9a-f]{16})\.npz$")
-STATE_KEYS = CELL_KEYS  # Welford moments, extremes with sample_ids, sparse histogram (raysens.core.cellstats)
-FORMAT = 2  # written by encode_partial; format 1 (no "format" in meta: plain to_arrays, uncompressed) is still read
+FORMAT = 3  # written by encode_partial; 1 and 2 (before issue 18) are refused with a PartialFormatError
+STATE_FORMAT = "cellstats/3"  # the per-cell state (manifest "state_format"): exact sums + windowed histogram
 
 
 class PartialError(ValueError):
     """A persisted partial is corrupt, truncated, or belongs to another configuration."""
 
 
-def encode_partial(meta: dict, states: dict[int, CellStats], per_sample: dict[int, np.ndarray] | None = None,
-                   fmt: int = FORMAT) -> bytes:
-    """``per_sample`` (``output.per_sample``): per layer the float32 ``[computed, S, S]`` maps of the
-    unit's computed samples (NaN where masked), stored as ``L<NNN>_per_sample``; ``meta["per_sample"]``
-    says whether they are there. ``fmt`` 2 (default): the compact arrays of ``raysens.store.codec``,
-    zlib-compressed; 1: every key of ``CellStats.to_arrays``, uncompressed (the earlier format, still read)."""
-    meta = {**meta, "per_sample": bool(per_sample)}
-    if fmt == 2:
-        meta["format"] = 2
-    elif fmt != 1:
-        raise ValueError(f"encode_partial: unknown format {fmt}")
+class PartialFormatError(PartialError):
+    """A partial (or checkpoint) written by an earlier version of the state format: never merged."""
+
+
+def encode_partial(meta: dict, states: dict[int, CellStats],
+                   per_sample: dict[int, dict[int, np.ndarray]] | None = None) -> bytes:
+    """``meta`` must hold ``units`` (keys), ``unit_ids`` (their sample_ids), ``computed_ids`` and
+    ``skipped`` (id -> reason); ``states``: layer -> the folded ``CellStats``; ``per_sample``
+    (``output.per_sample``): unit -> layer -> float32 ``[computed in the unit, S, S]`` maps (NaN where
+    masked), stored as ``U<unit>_L<NNN>_per_sample``; ``meta["per_sample"]`` says whether they are there."""
+    meta = {**meta, "per_sample": bool(per_sample), "format": FORMAT}
     arrays = {"meta": np.array(json.dumps(meta, sort_keys=True))}
     for L, st in states.items():
-        packed = pack_state(st, meta["computed_ids"]) if fmt == 2 else st.to_arrays()
-        for k, v in packed.items():
+        for k, v in pack_state(st, meta["computed_ids"]).items():
             arrays[f"L{int(L):03d}_{k}"] = v
-    for L, maps in (per_sample or {}).items():
-        arrays[f"L{int(L):03d}_per_sample"] = np.asarray(maps, np.float32)
+    for unit, layers in (per_sample or {}).items():
+        for L, maps in layers.items():
+            arrays[f"U{int(unit)}_L{int(L):03d}_per_sample"] = np.asarray(maps, np.float32)
     buf = io.BytesIO()
-    (np.savez_compressed if fmt == 2 else np.savez)(buf, **arrays)
+    np.savez_compressed(buf, **arrays)
     return buf.getvalue()
 
 
@@ -77,11 +76,17 @@ def partial_name(unit: int, payload: bytes) -> str:
 class Partial:
     meta: dict
     states: dict[int, CellStats]
-    per_sample: dict[int, np.ndarray] | None = None  # layer -> float32 [computed, S, S] (output.per_sample)
+    per_sample: dict[int, dict[int, np.ndarray]] | None = None  # unit -> layer -> float32 [computed, S, S]
+
+    @property
+    def units(self) -> list[int]:
+        """The unit keys it holds, increasing."""
+        return [int(u) for u in self.meta["units"]]
 
     @property
     def unit(self) -> int:
-        return int(self.meta["unit"])
+        """Its smallest unit key (the one in its file name)."""
+        return self.units[0]
 
     @property
     def computed_ids(self) -> list[int]:
@@ -90,6 +95,11 @@ class Partial:
     @property
     def skipped(self) -> dict[int, str]:
         return {int(k): v for k, v in self.meta["skipped"].items()}
+
+    def unit_computed(self, unit: int) -> list[int]:
+        """The computed sample_ids of one of its units."""
+        ids = set(self.meta["unit_ids"][self.units.index(int(unit))])
+        return [i for i in self.computed_ids if i in ids]
 
 
 def open_archive(payload: bytes, name: str | None, name_re: re.Pattern, kind: str,
@@ -123,23 +133,38 @@ def read_meta(payload: bytes) -> dict:
 
 
 def decode_partial(payload: bytes, *, name: str | None = None, fingerprint: str | None = None,
-                   sample_ids=None, layers=None, max_seq_len: int | None = None) -> Partial:
-    """Parse and validate a partial. Raises ``PartialError`` naming what is wrong."""
+                   units: dict | None = None, layers=None, max_seq_len: int | None = None) -> Partial:
+    """Parse and validate a partial; ``units``: the run's unit key -> sample_ids (its units must be
+    among them, with those ids). Raises ``PartialError`` naming what is wrong (``PartialFormatError``
+    for a partial of an earlier format)."""
     where = name or "partial"
     meta, raw = open_archive(payload, name, PARTIAL_RE, "partial", PartialError)
+    fmt = meta.get("format", 1)
+    if fmt != FORMAT:
+        raise PartialFormatError(f"{where}: partial format {fmt!r} (written before issue 18: one unit, Welford "
+                                 f"moments and a fixed 388-bin histogram); this version reads format {FORMAT}")
     if fingerprint is not None and meta.get("fingerprint") != fingerprint:
         raise PartialError(f"{where}: written by another configuration (fingerprint {meta.get('fingerprint')}, "
                            f"expected {fingerprint})")
-    if name is not None and int(meta.get("unit", -1)) != int(PARTIAL_RE.match(name).group(1)):
+    try:
+        keys = [int(u) for u in meta["units"]]
+        unit_ids = [[int(i) for i in ids] for ids in meta["unit_ids"]]
+        computed_list = [int(i) for i in meta["computed_ids"]]
+    except (KeyError, TypeError, ValueError):
+        raise PartialError(f"{where}: meta lacks units / unit_ids / computed_ids") from None
+    if not keys or keys != sorted(set(keys)) or len(unit_ids) != len(keys):
+        raise PartialError(f"{where}: units must be a non-empty increasing list, one id list each")
+    if name is not None and keys[0] != int(PARTIAL_RE.match(name).group(1)):
         raise PartialError(f"{where}: unit in the file does not match its name")
-    ids = [int(i) for i in meta.get("sample_ids", [])]
-    if sample_ids is not None and ids != [int(i) for i in sample_ids]:
-        raise PartialError(f"{where}: holds sample_ids {ids[:4]}..., not the unit's")
-    computed, skipped = set(meta.get("computed_ids", [])), {int(k) for k in meta.get("skipped", {})}
-    if computed & skipped or computed | skipped != set(ids) or len(computed) != len(meta["computed_ids"]):
-        raise PartialError(f"{where}: computed and skipped ids do not partition the unit's ids")
-    if meta.get("format", 1) not in (1, 2):
-        raise PartialError(f"{where}: unknown partial format {meta.get('format')!r}")
+    for key, ids in zip(keys, unit_ids):
+        if not ids or ids[0] != key or (units is not None and (key not in units or
+                                                              ids != [int(i) for i in units[key]])):
+            raise PartialError(f"{where}: unit {key} holds sample_ids {ids[:4]}..., not the run's")
+    all_ids = [i for ids in unit_ids for i in ids]
+    computed, skipped = set(computed_list), {int(k) for k in meta.get("skipped", {})}
+    if computed & skipped or computed | skipped != set(all_ids) or len(computed) != len(computed_list) \
+            or computed_list != sorted(computed_list):
+        raise PartialError(f"{where}: computed and skipped ids do not partition its units' ids")
     unknown = set(meta["skipped"].values()) - set(SKIP_REASONS)
     if unknown:
         raise PartialError(f"{where}: unknown skip reasons {sorted(unknown)}")
@@ -148,29 +173,28 @@ def decode_partial(payload: bytes, *, name: str | None = None, fingerprint: str 
         raise PartialError(f"{where}: has layers {meta['layers']}, expected {list(want_layers)}")
     states = {}
     for L in meta["layers"]:
+        pre = f"L{int(L):03d}_"
         try:
-            if meta.get("format", 1) == 2:
-                pre = f"L{int(L):03d}_"
-                st = unpack_state({k: raw[pre + k] for k in PACKED_KEYS if pre + k in raw}, meta["computed_ids"])
-            else:
-                st = CellStats.from_arrays({k: raw[f"L{int(L):03d}_{k}"] for k in STATE_KEYS})
+            st = unpack_state({k: raw[pre + k] for k in PACKED_KEYS if pre + k in raw}, computed_list)
         except (KeyError, ValueError) as exc:
             raise PartialError(f"{where}: layer {L} state invalid ({exc})") from None
         if st.samples != len(computed) or (max_seq_len is not None and st.shape[0] > max_seq_len):
-            raise PartialError(f"{where}: layer {L} state does not match the unit "
+            raise PartialError(f"{where}: layer {L} state does not match its units "
                                f"({st.samples} samples, {st.shape} cells)")
-        named = set(np.unique(st.extremes.max_id).tolist()) | set(np.unique(st.extremes.row_max_id).tolist())
-        if named - computed - {-1}:
-            raise PartialError(f"{where}: layer {L} names sample_ids {sorted(named - computed - {-1})[:4]} "
-                               "that the unit did not compute")
         states[int(L)] = st
     per_sample = None
     if meta.get("per_sample") and states:
         per_sample = {}
-        for L, st in states.items():
-            maps = raw.get(f"L{int(L):03d}_per_sample")
-            if maps is None or maps.dtype != np.float32 or maps.shape != (len(computed), *st.shape):
-                raise PartialError(f"{where}: layer {L} per-sample maps missing or not float32 "
-                                   f"[{len(computed)}, {st.shape[0]}, {st.shape[1]}]")
-            per_sample[int(L)] = maps
+        for key, ids in zip(keys, unit_ids):
+            n = len([i for i in ids if i in computed])
+            if not n:
+                continue
+            per_sample[key] = {}
+            for L in states:
+                maps = raw.get(f"U{key}_L{int(L):03d}_per_sample")
+                if maps is None or maps.dtype != np.float32 or maps.ndim != 3 or maps.shape[0] != n \
+                        or maps.shape[1] != maps.shape[2] or (max_seq_len is not None and maps.shape[1] > max_seq_len):
+                    raise PartialError(f"{where}: unit {key} layer {L} per-sample maps missing or not float32 "
+                                       f"[{n}, S, S]")
+                per_sample[key][int(L)] = maps
     return Partial(meta, states, per_sample)

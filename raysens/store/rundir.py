@@ -3,16 +3,17 @@
 Run directory (local path or any ``pyarrow.fs`` URI; ``docs/DESIGN.md`` §6)::
 
     manifest.json           status, config + fingerprint, versions, model, samples, skips, timings
-    partials/unit_<first sample_id>-<sha256[:16]>.npz   one per work unit (``partials.py``), written as they arrive
+    partials/unit_<smallest unit key>-<sha256[:16]>.npz   one per shipment of an actor: one or more units (``partials.py``)
     partials/corrupt/…      partials that failed validation on resume (kept, never merged)
-    checkpoint/ckpt-<units>-<sha256[:16]>.npz   rolling compaction: the merge of a prefix of units (``compaction.py``)
+    checkpoint/ckpt-<units>-<sha256[:16]>.npz   rolling compaction: the merge of a set of units (``compaction.py``)
     lease.json              the driver computing into it (``lease.py``), while it runs
     stats/layer_NNN.npz|.parquet   dataset statistics per target layer (``results.py``)
     plots/*.png             heatmaps (``raysens.report.plots``)
 
 The checkpoint plus the partials are the source of truth: the statistics are always rebuilt from
-them, the checkpoint's merge continued one partial at a time in sample_id order, so driver memory does
-not grow with the number of samples and a resumed or compacted run gives bit for bit what an
+them, the checkpoint's merge continued one partial at a time, so driver memory does not grow with the
+number of samples; the per-cell state is exact and order-independent (``raysens.core.cellstats``), so
+a resumed or compacted run, or one with another number of actors, gives bit for bit what an
 uninterrupted one gives. numpy/pyarrow only.
 """
 
@@ -35,7 +36,7 @@ from .checkpoint import CHECKPOINT
 from .compaction import FOLDED, Compaction
 from .fs import exists, read_bytes, resolve, write_bytes
 from .lease import Lease, LeaseError
-from .partials import PARTIAL_RE, PartialError, decode_partial, partial_name
+from .partials import PARTIAL_RE, STATE_FORMAT, PartialError, PartialFormatError, decode_partial, partial_name
 
 RUN_FORMAT = "raysens-run/1"
 
@@ -115,7 +116,7 @@ class RunDir(Compaction):
         self.lease: Lease | None = None  # held from open() to close()
         self.fs, self.base = resolve(run_dir)
         self.pdir = posixpath.join(self.base, PARTIALS)
-        self.done: dict[int, str] = {}  # unit key -> partial file name (FOLDED: inside the checkpoint)
+        self.done: dict[int, str] = {}  # unit key -> partial file name holding it (FOLDED: inside the checkpoint)
         self.corrupt: list[dict] = []  # partials moved aside on this start
         self.written = 0  # partials written by this run
         self.samples_written = 0  # sample_ids in those partials
@@ -127,7 +128,7 @@ class RunDir(Compaction):
         self._writers = int(writers)  # 0: write synchronously in add()
         self._pool: ThreadPoolExecutor | None = None
         self._slots = threading.BoundedSemaphore(max(1, 2 * self._writers))
-        self._pending: dict[int, Future] = {}  # unit key -> its write in flight
+        self._pending: dict[int, Future] = {}  # unit key -> the write in flight holding it
         self._lock = threading.Lock()
         self._init_compaction(per_sample)
 
@@ -189,6 +190,12 @@ class RunDir(Compaction):
             what = f"format {old.get('format')!r}" if isinstance(old, dict) else f"a JSON {type(old).__name__}"
             raise RunError(f"output directory {self.run_dir!r} has a manifest.json that is not a raysens run's "
                            f"({what}, expected format {RUN_FORMAT!r}); use another output.dir (nothing was changed)")
+        if old.get("state_format", "cellstats/2") != STATE_FORMAT:
+            raise RunError(
+                f"output directory {self.run_dir!r} holds a run written with state format "
+                f"{old.get('state_format', 'cellstats/2')!r} (raysens before issue 18: one partial per unit, Welford "
+                f"moments and a fixed 388-bin histogram); this version writes {STATE_FORMAT!r} and cannot merge "
+                "the two. Finish or read it with the earlier version, or use another output.dir (nothing was changed)")
         if old.get("fingerprint") not in (None, self.fingerprint):
             raise RunError(
                 f"output directory {self.run_dir!r} holds a run with a different configuration "
@@ -237,7 +244,6 @@ class RunDir(Compaction):
         if names and not self.resume:
             raise RunError(f"output directory {self.run_dir!r} already has {len(names)} partials and "
                            "output.resume is false; use another output.dir (nothing was changed)")
-        units = self.by_key
         for name in names:
             if name.endswith(".tmp"):
                 self._move_aside(name, "unfinished write")
@@ -247,18 +253,26 @@ class RunDir(Compaction):
             if self._is_leftover(key):
                 self._delete_leftover(name)
                 continue
-            if key in self.done:
-                continue  # a second valid copy of a unit: ignored
             try:
-                if key not in units:
+                if key not in self.by_key:
                     raise PartialError(f"{name}: not a unit of this run")
-                self._decode(name, units[key])
+                p = self._decode(name)
+            except PartialFormatError as exc:
+                raise RunError(f"output directory {self.run_dir!r}: {exc}; finish it with the earlier version or "
+                               "use another output.dir (nothing was changed)") from None
             except PartialError as exc:
                 self._move_aside(name, str(exc))
                 continue
-            self.done[key] = name
+            if any(u in self.done for u in p.units):  # overlaps a file already taken: never merged twice
+                if all(self.done.get(u) == FOLDED for u in p.units):
+                    self._delete_leftover(name)
+                else:
+                    self._move_aside(name, f"{name}: holds units that another partial also holds")
+                continue
+            for u in p.units:
+                self.done[u] = name
         if self.done or self.corrupt:
-            log(f"resuming in {self.run_dir}: {len(self.done)}/{len(units)} units already done"
+            log(f"resuming in {self.run_dir}: {len(self.done)}/{len(self.by_key)} units already done"
                 + (f" ({self.fold.units} in checkpoint {self.ckpt_name})" if self.fold else "")
                 + (f", {len(self.corrupt)} corrupt partial(s) set aside and recomputed" if self.corrupt else ""))
 
@@ -270,56 +284,64 @@ class RunDir(Compaction):
         self.corrupt.append({"file": name, "reason": reason, "moved_to": posixpath.relpath(dst, self.base)})
         log(f"partial {name} is invalid ({reason}); moved to {posixpath.relpath(dst, self.base)}, will recompute")
 
-    def _read(self, name: str, key: int):
-        """A done unit's partial, validated; a RunError if it changed since it was collected or written."""
+    def _read(self, name: str):
+        """A partial file, validated; a RunError if it changed since it was collected or written."""
         try:
-            return self._decode(name, self.by_key[key])
+            return self._decode(name)
         except PartialError as exc:
             raise RunError(f"partial {name} changed while the run was going on ({exc}); rerun to recompute it") from None
 
-    def _decode(self, name: str, ids: np.ndarray):
+    def _decode(self, name: str):
         return decode_partial(read_bytes(self.fs, self._path(name)), name=name,
-                              fingerprint=self.fingerprint, sample_ids=ids, layers=self.layers,
+                              fingerprint=self.fingerprint, units=self.by_key, layers=self.layers,
                               max_seq_len=self.max_seq_len)
 
     def todo(self) -> list[np.ndarray]:
         return [u for u in self.units if int(u[0]) not in self.done]
 
-    def add(self, unit: int, payload: bytes) -> bool:
-        """Persist one unit's partial (a retried unit already persisted or in flight is ignored).
-        True if new. With writers the write happens in the background: ``flush()`` waits for it, and a
-        unit counts as done (``done``, ``todo``) once its file is on storage."""
-        unit = int(unit)
-        if unit in self.done or unit in self._pending:
-            return False
-        name = partial_name(unit, payload)
+    def add(self, units, payload: bytes) -> list[int]:
+        """Persist one shipment holding ``units`` (keys). Refused whole (returns ``[]``) if any of them is
+        already persisted or in flight — a retry, or a shipment overlapping one already taken — so every
+        sample is counted once (its other units stay to do and are recomputed). Returns the new unit
+        keys. With writers the write happens in the background: ``flush()`` waits for it, and a unit
+        counts as done (``done``, ``todo``) once its file is on storage."""
+        units = sorted(int(u) for u in ([units] if isinstance(units, (int, np.integer)) else units))
+        if not units or any(u in self.done or u in self._pending for u in units):
+            if units and not all(u in self.done or u in self._pending for u in units):
+                log(f"a shipment of units {units[:4]}... overlaps units already persisted; refused (its other "
+                    "units are recomputed)")
+            return []
+        name = partial_name(units[0], payload)
         if not self._writers:
-            self._write(unit, name, payload)
-            return True
+            self._write(units, name, payload)
+            return units
         for key in [k for k, f in self._pending.items() if f.done() and f.exception() is None]:
             del self._pending[key]  # written: forget the future (failed ones wait for flush())
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._writers, thread_name_prefix="raysens-write")
         self._slots.acquire()  # blocks while 2 × writers writes are in flight: storage sets the pace
         try:
-            self._pending[unit] = self._pool.submit(self._write_released, unit, name, payload)
+            fut = self._pool.submit(self._write_released, units, name, payload)
         except BaseException:
             self._slots.release()
             raise
-        return True
+        for u in units:
+            self._pending[u] = fut
+        return units
 
-    def _write(self, unit: int, name: str, payload: bytes) -> None:
+    def _write(self, units: list[int], name: str, payload: bytes) -> None:
         write_bytes(self.fs, self._path(name), payload)
         with self._lock:
-            self.done[unit] = name
-            self.written += 1
-            self.samples_written += len(self.by_key[unit])
+            for u in units:
+                self.done[u] = name
+            self.written += len(units)
+            self.samples_written += sum(len(self.by_key[u]) for u in units)
             n = self.written
         faults.partial_persisted(n)
 
-    def _write_released(self, unit: int, name: str, payload: bytes) -> None:
+    def _write_released(self, units: list[int], name: str, payload: bytes) -> None:
         try:
-            self._write(unit, name, payload)
+            self._write(units, name, payload)
         finally:
             self._slots.release()
 
@@ -327,7 +349,7 @@ class RunDir(Compaction):
         """Wait for every write in flight; raises the first write error (those units stay to do)."""
         pending, self._pending = self._pending, {}
         errors = []
-        for fut in pending.values():
+        for fut in {id(f): f for f in pending.values()}.values():
             try:
                 fut.result()
             except Exception as exc:  # noqa: PERF203 - every write is waited for
@@ -337,9 +359,13 @@ class RunDir(Compaction):
             raise RunError(f"cannot write partials to {self.run_dir!r} ({type(exc).__name__}: {exc}); "
                            f"{len(errors)} unit(s) will be recomputed by a rerun") from exc
 
+    def files(self) -> list[str]:
+        """Names of the partial files not yet folded into the checkpoint, by smallest unit key."""
+        return sorted({name for name in self.done.values() if name != FOLDED})
+
     def partials(self):
-        """Valid partials not yet folded into the checkpoint, in sample_id order, read one at a time
-        (after the writes in flight)."""
+        """Valid partials not yet folded into the checkpoint, read one at a time (after the writes in
+        flight); the order does not change the merged state."""
         self.flush()
-        for key in sorted(k for k, name in self.done.items() if name != FOLDED):
-            yield self._read(self.done[key], key)
+        for name in self.files():
+            yield self._read(name)

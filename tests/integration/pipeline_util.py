@@ -7,6 +7,7 @@ import numpy as np
 from raysens.config import load_config
 
 KEEP = "--output.compact_every=0"  # keep every partial (tests that look at partials themselves)
+PER_UNIT = "--cluster.ship_every_units=1"  # one partial per unit (tests that delete / corrupt a unit's partial)
 FAST = ["--data.max_seq_len=10", "--layers=[1,-1]", "--output.plots=false", "--output.progress_every_s=0"]
 
 
@@ -31,8 +32,11 @@ def assert_same_stats(a, b, rtol=0.0, atol=0.0):
         # quantiles do not depend on the merge grouping at all: bit for bit, whatever rtol says
         for k in EXACT:
             np.testing.assert_array_equal(getattr(x, k), getattr(y, k), err_msg=f"layer {L} {k}")
-        for k in ("max_id", "row_max_id", "hist_index", "hist_count", "min"):
-            np.testing.assert_array_equal(x.state.to_arrays()[k], y.state.to_arrays()[k], err_msg=f"layer {L} state {k}")
+        xa, ya = x.state.to_arrays(), y.state.to_arrays()
+        for k in STATE_EXACT:  # the compact state itself (issue 18): exact integer sums and histogram
+            np.testing.assert_array_equal(xa[k], ya[k], err_msg=f"layer {L} state {k}")
 
 
+STATE_EXACT = ("count", "max_id", "row_max_id", "min", "s1_top", "s1_limbs", "s2_top", "s2_limbs", "hist_counts",
+               "hist_start", "hist_level", "hist_end")
 EXACT = ("max", "max_sample_id", "min", "row_max", "row_max_sample_id", "q25", "median", "q75")

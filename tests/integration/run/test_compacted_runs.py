@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline_util import config
+from pipeline_util import config, PER_UNIT
 from raysens.run import grid
 from raysens.run import sweep as runsweep
 from raysens.run.runner import run_local
@@ -21,7 +21,7 @@ LIMIT, BATCH = 22, 3  # 8 units, the last one short
 
 
 def _cfg(model, out, every, *extra):
-    return config(model, out, f"--data.limit={LIMIT}", f"--cluster.batch_size={BATCH}",
+    return config(model, out, f"--data.limit={LIMIT}", f"--cluster.batch_size={BATCH}", PER_UNIT,
                   f"--output.compact_every={every}", "--output.per_sample=true", *extra)
 
 
@@ -69,7 +69,7 @@ def test_compacted_run_is_bit_for_bit_and_keeps_only_the_partials_in_flight(refe
     with open(os.path.join(reference, "partials", sorted(os.listdir(os.path.join(reference, "partials")))[0]), "rb") as f:
         from raysens.store.partials import read_meta
 
-        assert read_meta(f.read())["format"] == 2
+        assert read_meta(f.read())["format"] == 3  # one shipment per file (issue 18)
 
 
 @pytest.mark.parametrize("crash", ["folded::2", "written::2", "old_deleted::2", "deleted:1:2", "deleted:3:1"])
@@ -107,7 +107,7 @@ def test_sweep_with_compaction_crashed_and_restarted_matches_a_sweep_without(tin
     def sweep(out, every):
         return grid.sweep_from_dict({
             "name": "c", "dir": str(out),
-            "base": {"data": {"limit": 12}, "cluster": {"use_ray": False, "batch_size": 2},
+            "base": {"data": {"limit": 12}, "cluster": {"use_ray": False, "batch_size": 2, "ship_every_units": 1},
                      "output": {"plots": False, "progress_every_s": 0, "compact_every": every}},
             "grid": {"models": [tiny_model], "seq_lens": [6, 9], "layers": "all"}})
 

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline_util import KEEP, assert_same_stats, config
+from pipeline_util import KEEP, assert_same_stats, config, PER_UNIT
 from raysens.store.corpus import CorpusError
 from raysens.store.rundir import RunError
 from raysens.run.runner import run_local
@@ -24,7 +24,7 @@ def _partials(d):
 def reference(tiny_model, tmp_path_factory):
     """An uninterrupted in-process run: 30 samples, batch 4 (8 units, the last one short)."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    s = run_local(config(tiny_model, out, "--data.limit=30", "--cluster.batch_size=4", "--output.plots=true", KEEP))
+    s = run_local(config(tiny_model, out, "--data.limit=30", "--cluster.batch_size=4", PER_UNIT, "--output.plots=true", KEEP))
     return s
 
 
@@ -70,7 +70,7 @@ def test_resume_recomputes_only_missing_and_corrupt(reference, tiny_model, tmp_p
     p.write_bytes(bytes(raw))
     for f in (d / "stats").iterdir():
         f.unlink()
-    s = run_local(config(tiny_model, d, "--data.limit=30", "--cluster.batch_size=4", KEEP))
+    s = run_local(config(tiny_model, d, "--data.limit=30", "--cluster.batch_size=4", PER_UNIT, KEEP))
     u = s.manifest["units"]
     assert u["computed_this_run"] == 4 and u["reused"] == 4
     assert sorted(c["file"] for c in u["corrupt_recomputed"]) == sorted([names[2], names[3]])
@@ -86,7 +86,7 @@ def test_rerun_of_a_finished_run_computes_nothing(reference, tiny_model, tmp_pat
 
     d = tmp_path / "run"
     shutil.copytree(reference.run_dir, d)
-    s = run_local(config(tiny_model, d, "--data.limit=30", "--cluster.batch_size=4"))
+    s = run_local(config(tiny_model, d, "--data.limit=30", "--cluster.batch_size=4", PER_UNIT))
     assert s.manifest["units"]["computed_this_run"] == 0
     assert_same_stats(s.load(), reference.load())
 
@@ -97,15 +97,15 @@ def test_other_config_in_same_dir_is_refused_and_nothing_is_lost(reference, tiny
     d = tmp_path / "run"
     shutil.copytree(reference.run_dir, d)
     before = {n: (d / "partials" / n).read_bytes() for n in _partials(d)}
-    for extra in (["--sensitivity.seed=1"], ["--cluster.batch_size=5"], ["--data.max_seq_len=9"]):
+    for extra in (["--sensitivity.seed=1"], ["--cluster.batch_size=5", PER_UNIT], ["--data.max_seq_len=9"]):
         with pytest.raises(RunError, match="different configuration"):
-            run_local(config(tiny_model, d, "--data.limit=30", "--cluster.batch_size=4", *extra))
+            run_local(config(tiny_model, d, "--data.limit=30", "--cluster.batch_size=4", PER_UNIT, *extra))
     with pytest.raises(RunError, match="out of range"):
-        run_local(config(tiny_model, d, "--data.limit=30", "--cluster.batch_size=4", "--layers=[7]"))
+        run_local(config(tiny_model, d, "--data.limit=30", "--cluster.batch_size=4", PER_UNIT, "--layers=[7]"))
     with pytest.raises(CorpusError, match="does not exist"):
-        run_local(config(tiny_model, d, "--data.limit=30", "--cluster.batch_size=4", f"--data.source={d}/missing.jsonl"))
+        run_local(config(tiny_model, d, "--data.limit=30", "--cluster.batch_size=4", PER_UNIT, f"--data.source={d}/missing.jsonl"))
     with pytest.raises(RunError, match="output.resume is false"):
-        run_local(config(tiny_model, d, "--data.limit=30", "--cluster.batch_size=4", "--output.resume=false"))
+        run_local(config(tiny_model, d, "--data.limit=30", "--cluster.batch_size=4", PER_UNIT, "--output.resume=false"))
     assert {n: (d / "partials" / n).read_bytes() for n in _partials(d)} == before
     assert json.load(open(d / "manifest.json"))["status"] == "complete"
 
@@ -122,7 +122,7 @@ def test_empty_and_one_token_texts_are_skipped_and_counted(tiny_model, tmp_path)
             "word"]
     src = tmp_path / "c.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
-    s = run_local(config(tiny_model, tmp_path / "r", f"--data.source={src}", "--cluster.batch_size=3",
+    s = run_local(config(tiny_model, tmp_path / "r", f"--data.source={src}", "--cluster.batch_size=3", PER_UNIT,
                          "--data.add_special_tokens=false"))
     sm = s.manifest["samples"]
     assert sm["computed"] == 2 and sm["skipped"] == 6 and sm["total"] == 8
@@ -150,7 +150,7 @@ def test_empty_corpus_and_missing_column_fail_before_writing(tiny_model, tmp_pat
 
 
 def test_nonfinite_samples_are_reported_by_id(nan_model, tmp_path, bundled_texts):
-    s = run_local(config(nan_model, tmp_path / "r", "--data.limit=24", "--cluster.batch_size=8"))
+    s = run_local(config(nan_model, tmp_path / "r", "--data.limit=24", "--cluster.batch_size=8", PER_UNIT))
     from raysens.backends.units import get_tokenizer
 
     tok = get_tokenizer(nan_model, False)

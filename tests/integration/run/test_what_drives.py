@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_util import KEEP, assert_same_stats, config
+from pipeline_util import KEEP, assert_same_stats, config, PER_UNIT
 from raysens.core.sketch import EPS
 from raysens.run.runner import run_local
 from raysens.store.per_sample import read_per_sample
@@ -27,7 +27,7 @@ def planted(tiny_model, tmp_path_factory):
     mp.setenv("RAYSENS_TEST_SCALE_SAMPLE", f"{PLANTED}:{FACTOR}")
     try:
         out = tmp_path_factory.mktemp("planted") / "run"
-        s = run_local(config(tiny_model, out, f"--data.limit={N}", "--cluster.batch_size=5",
+        s = run_local(config(tiny_model, out, f"--data.limit={N}", "--cluster.batch_size=5", PER_UNIT,
                              "--output.per_sample=true", "--output.plots=true", KEEP))
     finally:
         mp.undo()
@@ -107,7 +107,7 @@ def test_resume_keeps_one_row_per_sample_and_the_same_stats(planted, tiny_model,
     shutil.copytree(planted.run_dir, d)
     names = sorted(n for n in os.listdir(d / "partials") if n.endswith(".npz"))
     os.remove(d / "partials" / names[1])  # the unit holding the planted sample is recomputed
-    s = run_local(config(tiny_model, d, f"--data.limit={N}", "--cluster.batch_size=5", "--output.per_sample=true",
+    s = run_local(config(tiny_model, d, f"--data.limit={N}", "--cluster.batch_size=5", PER_UNIT, "--output.per_sample=true",
                          KEEP))
     assert s.manifest["units"]["computed_this_run"] == 1
     assert_same_stats(s.load(), planted.load())  # bit for bit, the new arrays included

@@ -1,11 +1,13 @@
-"""What drives a cell (docs/DESIGN.md §2.1–2.2): per-cell extremes with their sample_ids and
-histogram quantiles, against numpy on per-sample maps — real ones computed in-process by the engine,
-and hard inputs (ties, one sample at 1e12 among ones, all-equal cells, one-sample cells, masked
-cells) — plus merge-order independence bit for bit and the lossless array form."""
+"""The compact per-cell state (docs/DESIGN.md §2): moments from exact sums, per-cell extremes with
+their sample_ids and windowed-histogram quantiles, against numpy / math.fsum on per-sample maps — real
+ones computed in-process by the engine, and hard inputs (ties, one sample at 1e12 among ones,
+all-equal cells, one-sample cells, masked cells, 300 decades of range) — plus merge-order
+independence bit for bit of every array and the lossless array form."""
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -13,9 +15,8 @@ import pytest
 from refs import random_ids, tiny_model
 from raysens.core import sketch
 from raysens.core.cellstats import CELL_KEYS, CellStats
+from raysens.core.exactsum import ExactSum
 from raysens.core.welford import WelfordState
-
-EXACT_KEYS = ("count", "max", "max_id", "min", "row_max", "row_max_id", "hist_index", "hist_count")
 
 
 def _ref(x, m, ids):
@@ -43,15 +44,16 @@ def _check(st, ref, exact_quantiles=None):
     np.testing.assert_array_equal(st["max"], ref["max"])
     np.testing.assert_array_equal(st["max_sample_id"], ref["max_id"])
     np.testing.assert_array_equal(st["min"], ref["min"])
-    np.testing.assert_allclose(st["sum"], ref["sum"], rtol=1e-13)
+    np.testing.assert_allclose(st["sum"], ref["sum"], rtol=1e-15)
     np.testing.assert_array_equal(st["row_max"], ref["row_max"])
     np.testing.assert_array_equal(st["row_max_sample_id"], ref["row_max_id"])
     for k in ("q25", "median", "q75"):
         a, b = st[k], ref[k]
         assert np.array_equal(np.isnan(a), np.isnan(b)), k
         ok = ~np.isnan(b)
+        bound = np.nan_to_num(st["quantile_bound"], nan=0.0)  # NaN: no positive value, quantiles exactly 0
         err = np.abs(a[ok] - b[ok])
-        assert (err <= sketch.EPS * np.abs(b[ok]) * (1 + 1e-12) + 1e-300).all(), (k, float(err.max()))
+        assert (err <= bound[ok] * np.abs(b[ok]) * (1 + 1e-12) + 1e-300).all(), (k, float(err.max()))
         if exact_quantiles is not None:
             np.testing.assert_allclose(a[exact_quantiles], b[exact_quantiles], rtol=1e-15, err_msg=k)
 
@@ -87,9 +89,10 @@ def test_extremes_and_quantiles_match_numpy_on_engine_maps():
         _check(whole.statistics(), ref)
         # causal zeros are exact: every quantile of a j > i cell is 0
         assert (whole.statistics()["median"][np.triu_indices(9, 1)] == 0).all()
-        # the Welford part is exactly WelfordState's
-        np.testing.assert_array_equal(whole.welford.to_arrays()["m2"],
-                                      WelfordState.from_batch(x, m, res.noise[L]).to_arrays()["m2"])
+        # the moments equal WelfordState's two-pass ones to float64 rounding
+        w, ref_w = whole.welford.statistics(), WelfordState.from_batch(x, m, res.noise[L]).statistics()
+        for k in ("mean", "var", "probe_noise", "var_corrected"):
+            np.testing.assert_allclose(w[k], ref_w[k], rtol=1e-12, atol=1e-300, err_msg=k)
         parts = _groupings(x, m, sids, [3, 4, 7])
         folded = _fold(parts, [2, 0, 3, 1])
         _check(folded.statistics(), ref)
@@ -115,9 +118,11 @@ def test_hard_inputs():
     assert st["max_sample_id"][0, 1] == 8 and st["max"][0, 1] == 1e12
     assert st["max_share"][0, 1] == pytest.approx(1e12 / (1e12 + 8))
     assert st["max_sample_id"][0, 2] == 7 and st["median"][0, 2] == 2.5 and st["q25"][0, 2] == 2.5
-    assert abs(st["median"][0, 1] - 1.0) <= sketch.EPS  # the outlier does not move the median
+    assert abs(st["median"][0, 1] - 1.0) <= st["quantile_bound"][0, 1]  # the outlier does not move the median
+    assert st["quantile_bound"][0, 1] == pytest.approx(sketch.level_bound(2))  # 12 decades: level 2 (33 %)
     assert st["max_sample_id"][0, 3] == -1 and np.isnan(st["max"][0, 3]) and np.isnan(st["median"][0, 3])
     assert st["median"][1, 3] == 0.123 and st["max_sample_id"][1, 3] == 50
+    assert st["var"][0, 2] == 0.0 and st["mean"][0, 2] == 2.5  # all-equal: exact
     assert st["row_max_sample_id"][0] == 8 and st["row_share"][0] > 0.999
     # all-zero cells: share undefined, quantiles exactly 0
     z = CellStats.from_batch(np.zeros((3, 2, 2)), None, None, [4, 2, 9]).statistics()
@@ -126,29 +131,55 @@ def test_hard_inputs():
 
 def test_quantile_error_within_the_stated_bound():
     rng = np.random.default_rng(3)
-    worst = 0.0
-    for n, sigma in ((5, 1.0), (40, 4.0), (301, 8.0)):
+    worst = {}
+    for n, sigma in ((5, 1.0), (40, 2.0), (301, 4.0), (301, 12.0), (200, 40.0)):
         x = rng.lognormal(0.0, sigma, size=(n, 6, 6))
         x[rng.random(x.shape) < 0.1] = 0.0  # some exact zeros
         st = CellStats.from_batch(x).statistics()
+        bound = st["quantile_bound"]
         for k, q in (("q25", .25), ("median", .5), ("q75", .75)):
             ref = np.quantile(x, q, axis=0)
             rel = np.abs(st[k] - ref) / np.where(ref > 0, ref, 1.0)
-            assert (rel <= sketch.EPS * (1 + 1e-12)).all(), (n, k, float(rel.max()))
-            worst = max(worst, float(rel.max()))
-    assert 0 < worst <= sketch.EPS
-    assert sketch.EPS == pytest.approx(0.0746, abs=1e-4) and sketch.NBINS == 388
+            assert (rel <= bound * (1 + 1e-12)).all(), (n, sigma, k, float((rel / bound).max()))
+            for b in np.unique(bound):
+                worst[b] = max(worst.get(b, 0.0), float(rel[bound == b].max()))
+    assert sketch.EPS == pytest.approx(0.0746, abs=1e-4) and sketch.W == 64
+    assert sketch.level_bound(0) == pytest.approx(sketch.EPS) and sketch.level_bound(1) == pytest.approx(0.155, abs=1e-3)
+    assert min(worst) == pytest.approx(sketch.EPS) and len(worst) >= 3  # several levels were exercised
+    assert all(0 < w <= b for b, w in worst.items())
 
 
-def test_bins_cover_the_stated_range():
-    v = np.array([-1.0, 0.0, 1e-13, 1e-12, 1.0, 9.99e11, 1e12, 1e30])
-    b = sketch.bin_index(v)
-    assert b.tolist()[:3] == [sketch.NEG, sketch.ZERO, sketch.UNDER] and b[-1] == b[-2] == sketch.OVER
-    assert b[3] == sketch.FIRST and b[5] == sketch.OVER - 1
-    assert (sketch.EDGES[b[3:6] - sketch.FIRST] <= v[3:6]).all() and (v[3:6] < sketch.EDGES[b[3:6] - sketch.FIRST + 1]).all()
-    # a negative value (impossible for A_ij) makes the quantiles that fall on it NaN, never a guess
-    st = CellStats.from_batch(np.array([-3.0, -2.0, -1.0, 1.0])[:, None, None]).statistics()
-    assert np.isnan(st["q25"][0, 0]) and st["min"][0, 0] == -3.0
+def test_fine_bins_and_levels():
+    v = np.array([1e-150, 1e-12, 0.99999, 1.0, 10.0, 9.99e11, 1e150])
+    b = sketch.fine_bin(v)
+    assert b.tolist()[3:5] == [0, 16] and b[2] == -1
+    assert (10.0 ** (b / 16.0) <= v * (1 + 1e-12)).all() and (v < 10.0 ** ((b + 1) / 16.0) * (1 + 1e-12)).all()
+    # one cell from 1e-150 to 1e150: the window coarsens until 4,800 fine bins fit in 64 counters (2^7 each)
+    st = CellStats.from_batch(v[:, None, None]).statistics()
+    assert 0 < st["median"][0, 0] and st["quantile_bound"][0, 0] == pytest.approx(sketch.level_bound(7))
+    assert abs(st["median"][0, 0] - 1.0) <= st["quantile_bound"][0, 0]
+    with pytest.raises(ValueError, match=">= 0"):  # A_ij = ||J_ij||^2 is never negative
+        CellStats.from_batch(np.array([-3.0, 1.0])[:, None, None])
+    with pytest.raises(ValueError, match="2\\^500"):  # the square must be finite
+        CellStats.from_batch(np.array([1e300, 1.0])[:, None, None])
+
+
+def test_exact_sums_match_fsum_and_ignore_grouping():
+    rng = np.random.default_rng(7)
+    x = rng.lognormal(0, 6, (200, 3, 3)) * (rng.random((200, 3, 3)) < 0.7)
+    x[:, 2, 2] = 0.1  # 0.1 is not a binary fraction: a float64 running sum drifts
+    whole = ExactSum.from_batch(x)
+    ref = np.array([[math.fsum(x[:, i, j]) for j in range(3)] for i in range(3)])
+    assert (np.abs(whole.value() - ref) <= 2 * np.spacing(ref)).all()
+    assert np.cumsum(x[:, 2, 2])[-1] != ref[2, 2]  # the naive sum is off; the exact one is not
+    for _ in range(5):
+        cuts = sorted(rng.choice(np.arange(1, 200), 6, replace=False).tolist())
+        parts = [ExactSum.from_batch(x[a:b]) for a, b in zip([0, *cuts], [*cuts, 200])]
+        acc = parts.pop(int(rng.integers(len(parts))))
+        for k in rng.permutation(len(parts)):
+            acc.merge(parts[k])
+        np.testing.assert_array_equal(acc.limbs, whole.limbs)
+        np.testing.assert_array_equal(acc.top, whole.top)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -164,14 +195,15 @@ def test_merge_is_order_and_grouping_independent_bit_for_bit(seed):
         parts = _groupings(x, m, ids, cuts)
         for order in (list(range(len(parts))), list(rng.permutation(len(parts)))):
             got = _fold(parts, order).to_arrays()
-            for k in EXACT_KEYS:
+            assert sorted(got) == sorted(one)
+            for k in one:  # every array of the state, not only the integer ones
                 np.testing.assert_array_equal(got[k], one[k], err_msg=k)
-            np.testing.assert_allclose(got["sum"], one["sum"], rtol=1e-13)
+                assert got[k].dtype == one[k].dtype, k
         # a pairwise tree is another grouping
         while len(parts) > 1:
             parts = [parts[i].copy().merge(parts[i + 1]) for i in range(0, len(parts) - 1, 2)] + \
                     ([parts[-1]] if len(parts) % 2 else [])
-        for k in EXACT_KEYS:
+        for k in one:
             np.testing.assert_array_equal(parts[0].to_arrays()[k], one[k], err_msg=k)
 
 
@@ -195,15 +227,18 @@ def test_arrays_round_trip_and_validation():
     back = CellStats.from_arrays(arrays).to_arrays()
     for k in CELL_KEYS:
         np.testing.assert_array_equal(back[k], arrays[k])
-    for bad in ({"hist_count": arrays["hist_count"] + 1},  # counts disagree with the cell counts
+    for bad in ({"hist_counts": arrays["hist_counts"] + np.uint16(1)},  # counts disagree with the cell counts
                 {"max_id": np.full((3, 3), -2)},
-                {"hist_index": arrays["hist_index"][::-1].copy()},
+                {"hist_end": arrays["hist_end"] + np.uint8(1)},
+                {"hist_start": arrays["hist_start"].astype(np.int32)},
+                {"s1_limbs": arrays["s1_limbs"][:2]},
+                {"count": arrays["count"].astype(np.int64)},
                 {"max": np.full((3, 3), np.inf)},
                 {"row_max": np.zeros(4)}):
         with pytest.raises(ValueError):
             CellStats.from_arrays({**arrays, **bad})
     with pytest.raises(ValueError, match="missing keys"):
-        CellStats.from_arrays({k: v for k, v in arrays.items() if k != "hist_index"})
+        CellStats.from_arrays({k: v for k, v in arrays.items() if k != "hist_counts"})
 
 
 def test_state_size_does_not_grow_with_the_sample_count():
@@ -211,6 +246,17 @@ def test_state_size_does_not_grow_with_the_sample_count():
     acc = CellStats.empty(8)
     for k in range(30):
         acc.merge(CellStats.from_batch(rng.lognormal(0, 1, (16, 8, 8)), None, None, np.arange(16) + 16 * k))
-    assert acc.hist.counts.nbytes == 8 * 8 * sketch.NBINS * 4
     assert acc.statistics()["count"] == 480
-    assert len(acc.to_arrays()["hist_index"]) <= 8 * 8 * sketch.NBINS
+    per_cell = sum(v.nbytes for v in acc.to_arrays().values() if v.ndim >= 2) / 64 + 8 * 2 / 8  # + the row arrays
+    assert acc.hist.counts.nbytes == 64 * sketch.W * 2 and per_cell <= 216  # was 1,624 bytes per cell
+
+
+def test_counters_widen_beyond_65535_samples():
+    rng = np.random.default_rng(5)
+    a = CellStats.from_batch(rng.random((3, 2, 2)), None, None, [0, 1, 2])
+    b = CellStats.from_batch(rng.random((4, 2, 2)), None, None, [3, 4, 5, 6])
+    ref = a.copy().merge(b).hist.counts
+    a.samples, b.samples = 40_000, 40_000  # as if each held 40,000 samples
+    big = a.merge(b).hist.counts
+    assert ref.dtype == np.uint16 and big.dtype == np.uint32
+    np.testing.assert_array_equal(big, ref.astype(np.uint32))

@@ -59,7 +59,7 @@ def test_stats_files_round_trip_the_new_arrays(tmp_path):
     assert isinstance(ls.state, CellStats)
     np.testing.assert_array_equal(ls.max, ls.state.statistics()["max"])
     z = np.load(tmp_path / "run" / "stats" / "layer_003.npz")
-    assert {"max", "max_sample_id", "q25", "median", "q75", "row_share", "state_hist_index"} <= set(z.files)
+    assert {"max", "max_sample_id", "q25", "median", "q75", "row_share", "quantile_bound", "state_hist_counts", "state_s1_limbs"} <= set(z.files)
     cols = pq.read_table(tmp_path / "run" / "stats" / "layer_003.parquet").column_names
     assert {"max", "max_sample_id", "max_share", "q25", "median", "q75"} <= set(cols)
 

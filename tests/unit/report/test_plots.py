@@ -219,3 +219,34 @@ def test_many_layers_render_in_worker_processes_to_the_same_bytes(tmp_path):
     two = render_run_plots(run, workers=2)
     assert list(one) == list(two) and len(one) == 8 * 3 + 1
     assert all(one[k] == two[k] for k in one)
+
+
+def test_block_means_count_every_finite_cell():
+    rng = np.random.default_rng(0)
+    m = rng.lognormal(0, 2, (10, 10))
+    m[np.triu_indices(10, 1)] = np.nan
+    got = pp.block_means(m, 4)  # 10 -> 3 blocks, the last ones partial
+    assert got.shape == (3, 3)
+    for bi in range(3):
+        for bj in range(3):
+            blk = m[4 * bi:4 * bi + 4, 4 * bj:4 * bj + 4]
+            want = np.nanmean(blk) if np.isfinite(blk).any() else np.nan
+            np.testing.assert_allclose(got[bi, bj], want, rtol=1e-14, equal_nan=True)
+    assert np.isnan(got[0, 2]) and np.isfinite(got[2, 0])
+
+
+def test_a_long_sequence_heatmap_is_drawn_as_block_means_on_the_original_positions():
+    s = 2048
+    m = np.tril(np.ones((s, s))) * 1e-3
+    m[1500:, :100] = 10.0  # a band every block of it must show, not every 8th row of it
+    cz = np.triu(np.ones((s, s), bool), 1)
+    with pp.style():
+        fig, ax = pp.new_figure(4, 4)
+        flags = pp.heatmap(fig, ax, m, cmap="viridis", label="x", title="t", structural_zero=cz)
+        fig.canvas.draw()
+    (img, *_) = ax.get_images()
+    assert img.get_array().shape == (256, 256) and ax.get_title() == "t (8×8 block means)"
+    assert ax.get_xlim() == (-0.5, s - 0.5) and flags["zero"] and not flags["nan"]
+    a = np.ma.filled(img.get_array(), np.nan)
+    np.testing.assert_allclose(a[1500 // 8 + 1:, :100 // 8], 10.0)  # the band, at full value
+    np.testing.assert_allclose(a[100, 10], 1e-3)

@@ -1,5 +1,7 @@
-"""The partial-state file format (raysens.store.partials, docs/DESIGN.md §6): lossless round trip,
-and every way a file can be wrong is refused with a message naming it — never merged."""
+"""The partial-state file format (raysens.store.partials, docs/DESIGN.md §6.3): one actor shipment,
+format 3 — lossless round trip of any set of units, and every way a file can be wrong is refused
+with a message naming it, never merged; partials of the formats before issue 18 are refused naming
+the format."""
 
 from __future__ import annotations
 
@@ -10,21 +12,22 @@ import numpy as np
 import pytest
 
 from raysens.core.cellstats import CellStats
-from raysens.store.partials import (PARTIAL_RE, SKIP_REASONS, PartialError, decode_partial, encode_partial,
-                                    partial_name)
+from raysens.store.partials import (FORMAT, PARTIAL_RE, SKIP_REASONS, PartialError, PartialFormatError,
+                                    decode_partial, encode_partial, partial_name, read_meta)
 
 FP = "abc123"
+UNITS = {10: [10, 11, 12, 13], 20: [20, 21, 22, 23]}
 
 
-def _state(rng, b=3, s=5):
+def _state(rng, b=3, s=5, ids=(10, 11, 13)):
     vals = rng.gamma(1.0, size=(b, s, s))
     mask = np.ones((b, s, s), bool)
     mask[0, 4, :] = mask[0, :, 4] = False  # one sample shorter than the others
-    return CellStats.from_batch(vals, mask, rng.random((b, s, s)), sample_ids=[10, 11, 13][:b])
+    return CellStats.from_batch(vals, mask, rng.random((b, s, s)), sample_ids=list(ids)[:b])
 
 
 def _meta(**over):
-    m = {"fingerprint": FP, "unit": 10, "sample_ids": [10, 11, 12, 13], "computed_ids": [10, 11, 13],
+    m = {"fingerprint": FP, "units": [10], "unit_ids": [UNITS[10]], "computed_ids": [10, 11, 13],
          "skipped": {"12": "empty"}, "layers": [1, 3]}
     m.update(over)
     return m
@@ -41,19 +44,38 @@ def test_round_trip_is_lossless(payload):
     data, states = payload
     name = partial_name(10, data)
     assert PARTIAL_RE.match(name) and name.startswith("unit_0000000010-")
-    p = decode_partial(data, name=name, fingerprint=FP, sample_ids=[10, 11, 12, 13], layers=(1, 3), max_seq_len=5)
-    assert p.unit == 10 and p.computed_ids == [10, 11, 13] and p.skipped == {12: "empty"}
+    p = decode_partial(data, name=name, fingerprint=FP, units=UNITS, layers=(1, 3), max_seq_len=5)
+    assert p.unit == 10 and p.units == [10] and p.computed_ids == [10, 11, 13] and p.skipped == {12: "empty"}
     for L, st in states.items():
         for k, v in st.to_arrays().items():
             np.testing.assert_array_equal(p.states[L].to_arrays()[k], v)  # bit for bit
+            assert p.states[L].to_arrays()[k].dtype == v.dtype
+
+
+def test_a_shipment_of_several_units_round_trips():
+    """Two non-consecutive units folded by one actor: one state, both units named."""
+    rng = np.random.default_rng(3)
+    a = _state(rng, ids=(10, 11, 13))
+    b = _state(rng, b=4, ids=(20, 21, 22, 23))
+    st = a.copy().merge(b)
+    meta = _meta(units=[10, 20], unit_ids=[UNITS[10], UNITS[20]], computed_ids=[10, 11, 13, 20, 21, 22, 23])
+    data = encode_partial(meta, {1: st, 3: st})
+    p = decode_partial(data, name=partial_name(10, data), units=UNITS, layers=(1, 3))
+    assert p.units == [10, 20] and p.unit_computed(20) == [20, 21, 22, 23] and p.unit_computed(10) == [10, 11, 13]
+    assert p.states[1].samples == 7
+    for k, v in st.to_arrays().items():
+        np.testing.assert_array_equal(p.states[3].to_arrays()[k], v)
+    with pytest.raises(PartialError, match="does not match its name"):  # named after its smallest unit
+        decode_partial(data, name=partial_name(20, data))
 
 
 def test_the_file_is_plain_npz_readable_without_raysens(payload):
     data, _ = payload
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        assert json.loads(str(z["meta"]))["unit"] == 10
-        assert z["L003_mean"].shape == (5, 5) and z["L001_hist_count"].dtype == np.uint8
-        assert "L001_count" not in z.files  # format 2: the histogram's totals are the cell counts
+        meta = json.loads(str(z["meta"]))
+        assert meta["units"] == [10] and meta["format"] == FORMAT == 3
+        assert z["L003_s1_limbs"].shape == (3, 5, 5) and z["L001_hist_counts"].dtype == np.uint16
+        assert z["L001_count"].dtype == np.uint8  # narrowed: at most 3 samples per cell
 
 
 def test_name_checksum_catches_a_flipped_byte_and_truncation(payload):
@@ -83,9 +105,10 @@ def test_pickled_content_is_never_loaded():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"fingerprint": "other"}, "another configuration"),
-    ({"sample_ids": [10, 11, 12, 14]}, "not the unit's"),
+    ({"units": {10: [10, 11, 12, 14]}}, "not the run's"),
+    ({"units": {20: UNITS[20]}}, "not the run's"),
     ({"layers": (1, 2)}, "expected \\[1, 2\\]"),
-    ({"max_seq_len": 4}, "does not match the unit"),
+    ({"max_seq_len": 4}, "does not match its units"),
 ])
 def test_a_partial_of_another_run_or_unit_is_refused(payload, kwargs, message):
     data, _ = payload
@@ -93,24 +116,18 @@ def test_a_partial_of_another_run_or_unit_is_refused(payload, kwargs, message):
         decode_partial(data, **kwargs)
 
 
-def test_a_file_renamed_to_another_unit_is_refused(payload):
-    data, _ = payload
-    other = partial_name(20, data)  # right checksum, wrong unit
-    with pytest.raises(PartialError, match="does not match its name"):
-        decode_partial(data, name=other)
-
-
 @pytest.mark.parametrize("meta, message", [
     (_meta(computed_ids=[10, 11, 12, 13]), "partition"),  # 12 both computed and skipped
     (_meta(computed_ids=[10, 11]), "partition"),  # 13 neither
     (_meta(computed_ids=[10, 11, 11, 13]), "partition"),  # a duplicate
+    (_meta(computed_ids=[13, 10, 11]), "partition"),  # not increasing
     (_meta(skipped={"12": "tired"}), "unknown skip reasons"),
+    (_meta(units=[10, 10], unit_ids=[UNITS[10], UNITS[10]]), "increasing"),
+    (_meta(units=[10], unit_ids=[[11, 12]]), "not the run's"),
 ])
 def test_inconsistent_ids_and_reasons_are_refused(meta, message):
-    rng = np.random.default_rng(1)
-    data = encode_partial(meta, {1: _state(rng), 3: _state(rng)}, fmt=1)  # format 2 cannot even write these
-    with pytest.raises(PartialError, match=message):
-        decode_partial(data)
+    with pytest.raises(PartialError, match=message):  # the ids alone are wrong: no state needed
+        decode_partial(encode_partial({**meta, "layers": []}, {}))
 
 
 def test_state_sample_count_must_match_the_computed_ids():
@@ -123,7 +140,7 @@ def test_state_sample_count_must_match_the_computed_ids():
 def test_a_missing_layer_array_is_refused(payload):
     data, _ = payload
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files if k != "L003_m2"}
+        arrays = {k: z[k] for k in z.files if k != "L003_s2_limbs"}
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     with pytest.raises(PartialError, match="layer 3 state invalid"):
@@ -139,38 +156,25 @@ def test_a_unit_whose_samples_were_all_skipped_has_no_layers():
 def test_per_sample_maps_round_trip_and_are_checked():
     rng = np.random.default_rng(5)
     states = {1: _state(rng), 3: _state(rng)}
-    maps = {L: rng.random((3, 5, 5)).astype(np.float32) for L in states}
+    maps = {10: {L: rng.random((3, 5, 5)).astype(np.float32) for L in states}}
     p = decode_partial(encode_partial(_meta(), states, maps), layers=(1, 3))
     assert p.meta["per_sample"] is True
     for L in states:
-        np.testing.assert_array_equal(p.per_sample[L], maps[L])
+        np.testing.assert_array_equal(p.per_sample[10][L], maps[10][L])
     assert decode_partial(encode_partial(_meta(), states), layers=(1, 3)).per_sample is None
-    bad = {**maps, 3: maps[3][:2]}  # one sample's map missing
+    bad = {10: {**maps[10], 3: maps[10][3][:2]}}  # one sample's map missing
     with pytest.raises(PartialError, match="per-sample maps"):
         decode_partial(encode_partial(_meta(), states, bad))
 
 
 def test_extremes_may_only_name_computed_samples():
     rng = np.random.default_rng(6)
-    vals = rng.random((3, 5, 5))
-    st = CellStats.from_batch(vals, None, None, sample_ids=[10, 11, 12])  # 12 was skipped
-    with pytest.raises(PartialError, match="did not compute"):  # format 1 stores the ids themselves
-        decode_partial(encode_partial(_meta(), {1: st, 3: _state(rng)}, fmt=1))
-    with pytest.raises(ValueError, match="names sample_id 12"):  # format 2 stores positions: cannot even write it
+    st = CellStats.from_batch(rng.random((3, 5, 5)), None, None, sample_ids=[10, 11, 12])  # 12 was skipped
+    with pytest.raises(ValueError, match="not one of the computed ids"):  # positions: cannot even be written
         encode_partial(_meta(), {1: st, 3: _state(rng)})
 
 
-def test_format_1_partials_still_read_bit_for_bit(payload):
-    _, states = payload
-    old = encode_partial(_meta(), states, fmt=1)
-    p = decode_partial(old, name=partial_name(10, old), fingerprint=FP, layers=(1, 3))
-    assert "format" not in p.meta
-    for L, st in states.items():
-        for k, v in st.to_arrays().items():
-            np.testing.assert_array_equal(p.states[L].to_arrays()[k], v)
-
-
-def test_format_2_position_out_of_range_is_refused(payload):
+def test_position_out_of_range_is_refused(payload):
     data, _ = payload
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
@@ -182,23 +186,23 @@ def test_format_2_position_out_of_range_is_refused(payload):
         decode_partial(buf.getvalue())
 
 
-def test_format_2_is_smaller_and_holds_no_count():
-    """A 24-position, 8-sample unit with causal zeros: format 2 is well under format 1's bytes."""
-    rng = np.random.default_rng(7)
-    s, b = 24, 8
-    vals = rng.lognormal(0, 2, size=(b, s, s)) * np.tril(np.ones((s, s)))
-    st = CellStats.from_batch(vals, sample_ids=list(range(b)))
-    meta = {"fingerprint": FP, "unit": 0, "sample_ids": list(range(b)), "computed_ids": list(range(b)),
-            "skipped": {}, "layers": [1]}
-    v1, v2 = encode_partial(meta, {1: st}, fmt=1), encode_partial(meta, {1: st})
-    assert len(v2) < 0.7 * len(v1), (len(v1), len(v2))
-    for k, v in st.to_arrays().items():
-        np.testing.assert_array_equal(decode_partial(v2).states[1].to_arrays()[k], v)
+@pytest.mark.parametrize("fmt", [None, 2])
+def test_partials_of_the_formats_before_issue_18_are_refused_naming_the_format(payload, fmt):
+    data, _ = payload
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta.pop("format")
+    if fmt:
+        meta["format"] = fmt
+    arrays["meta"] = np.array(json.dumps(meta))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with pytest.raises(PartialFormatError, match=f"partial format {fmt or 1}.*before issue 18"):
+        decode_partial(buf.getvalue())
 
 
 def test_read_meta_reads_the_meta_alone(payload):
-    from raysens.store.partials import read_meta
-
     data, _ = payload
     assert read_meta(data) == decode_partial(data).meta
     with pytest.raises(PartialError, match="unreadable"):
