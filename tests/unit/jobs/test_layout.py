@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[3]
 JOBS = ROOT / "jobs"
 ENTRYPOINTS = ["run.py", "sweep.py", "quickstart.py"]
 BENCH = sorted(p.stem for p in (JOBS / "bench").glob("*.py") if p.stem != "__init__")
-DISPATCHER_IMPORTS = {"actors", "common", "corpus", "cpu", "generic", "gpu", "modes", "pipeline", "rundir",
-                      "strategies"}
+DISPATCHER_IMPORTS = {"actors", "common", "corpus", "cpu", "generic", "gpu", "modes", "pipeline", "precision",
+                      "rundir", "strategies"}
 
 
 def _py_files():
