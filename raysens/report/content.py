@@ -61,6 +61,16 @@ def _overview(doc: Doc, run: RunResult) -> None:
               "note")
 
 
+def _estimator_cell(estimator: str, manifest: dict) -> str:
+    """A sweep overview's estimator: ``hutchinson, planned: 1 forward K=2; 2 reverse K=3`` for a
+    planned (or hand-written ``layer_plan``) point, the estimator alone otherwise."""
+    plans = an.layer_plans(manifest)
+    if estimator != "hutchinson" or not plans:
+        return estimator
+    return (f"{estimator}, planned: "
+            + "; ".join(f"{L} {p.get('mode')} K={p.get('num_probes')}" for L, p in sorted(plans.items())))
+
+
 def _plan_pairs(plan) -> list[tuple[str, object]]:
     """The planner's objective and outcome (manifest ``plan``, docs/DESIGN.md §1.11) as overview rows."""
     if not isinstance(plan, dict):
@@ -205,6 +215,19 @@ def _config(doc: Doc, run: RunResult, level: int) -> None:
         doc.kv(other)
 
 
+def sweep_overview(doc: Doc, labels: Sequence[str], runs: Sequence[RunResult]) -> None:
+    """The sweep report's first table: one row per run (a planned run's estimator names its plan)."""
+    doc.h(2, "Sweep overview")
+    rows = []
+    for label, r in zip(labels, runs):
+        f = an.run_facts(r.manifest, r.layers)
+        rows.append([label, f["model"], ", ".join(map(str, sorted(r.layers))), f["seq_len"], f["dataset"],
+                     _estimator_cell(f["estimator"], r.manifest), f["samples"],
+                     f["skipped"] if not isinstance(f["skipped"], (dict, list)) else "", f["wall_s"], f["samples_per_s"]])
+    doc.table(["run", "model", "layers", "seq len", "dataset", "estimator", "samples", "skipped", "wall s",
+               "samples/s"], rows)
+
+
 def build_report(kind: str, root: str, runs: Sequence[RunResult], share: float = dom.DEFAULT_SHARE) -> Doc:
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     if kind == "run":
@@ -218,15 +241,7 @@ def build_report(kind: str, root: str, runs: Sequence[RunResult], share: float =
     doc.p(f"sweep directory {root} · {len(runs)} runs · generated {stamp}", "muted")
     labels = [posixpath.relpath(str(r.path).rstrip("/"), root) if str(r.path).startswith(root) else str(r.path)
               for r in runs]
-    doc.h(2, "Sweep overview")
-    rows = []
-    for label, r in zip(labels, runs):
-        f = an.run_facts(r.manifest, r.layers)
-        rows.append([label, f["model"], ", ".join(map(str, sorted(r.layers))), f["seq_len"], f["dataset"],
-                     f["estimator"], f["samples"], f["skipped"] if not isinstance(f["skipped"], (dict, list)) else "",
-                     f["wall_s"], f["samples_per_s"]])
-    doc.table(["run", "model", "layers", "seq len", "dataset", "estimator", "samples", "skipped", "wall s",
-               "samples/s"], rows)
+    sweep_overview(doc, labels, runs)
     doc.h(2, "Per-layer summaries across the sweep")
     doc.img("sweep_summary.png", plots.sweep_summary_png(list(zip(labels, runs))),
             "per-layer summaries of every run (one colour per run)")

@@ -4,6 +4,8 @@ reuses it and never re-plans. No Ray.
 
 ``attach_plan(job)`` gives the job's workers the plan (its config's ``sensitivity.layer_plan``; the
 fingerprint stays the one of the config as written) and puts the plan into the job's manifest.
+A sweep calls it once per point (every point is a job of the one runner): one pilot and one
+``plan.json`` per point; ``plan_summary`` is the compact form ``sweep.json`` lists per point.
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ def attach_plan(job) -> dict | None:
             raise RunError(f"{job.plan.run_dir}/{PLAN_FILE} belongs to another configuration (fingerprint "
                            f"{plan.get('fingerprint')}, this config {job.plan.fingerprint}); use another output.dir")
         log(f"{job.name}: reusing the plan in {PLAN_FILE} (no pilot)")
+        job.plan_source = PLAN_FILE
     else:
         plan = make_run_plan(job.config, job.plan)
         plan["fingerprint"] = job.plan.fingerprint
         write_plan(job.plan.run_dir, plan)
+        job.plan_source = "pilot"
     log(f"{job.name}: plan {' '.join(plan['layer_plan'])} (predicted worst relative SE "
         f"{plan['worst_predicted']:.3g}, cost {plan['cost']['relative_to_auto_k1']:.2f}x mode auto K=1)")
     job.config = dataclasses.replace(job.config, sensitivity=dataclasses.replace(sens, layer_plan=tuple(plan["layer_plan"])))
@@ -92,3 +96,15 @@ def make_run_plan(config, run_plan) -> dict:
                      device=device, engine_cls=SyntheticEngine if is_synthetic(m.name) else SensitivityEngine)
     plan["pilot"]["wall_s"] = round(time.perf_counter() - t0, 3)
     return plan
+
+
+def plan_summary(plan: dict, source: str | None = None) -> dict:
+    """The compact form of a plan that ``sweep.json`` lists per point: ``layer_plan``, objective,
+    feasibility, worst predicted relative SE, cost, and (``source``) whether this invocation ran the
+    pilot (``pilot``) or reused the point's ``plan.json``."""
+    out = {"layer_plan": list(plan.get("layer_plan") or []), "objective": plan.get("objective"),
+           "feasible": plan.get("feasible"), "worst_predicted": plan.get("worst_predicted"),
+           "relative_to_auto_k1": (plan.get("cost") or {}).get("relative_to_auto_k1")}
+    if source is not None:
+        out["this_run"] = source
+    return out

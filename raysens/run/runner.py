@@ -67,6 +67,7 @@ class Job:
     final: dict | None = None  # the manifest written by finalize
     started: float = 0.0  # perf_counter at the start of the job's pass
     load_ids: set = field(default_factory=set)  # model loads that computed its units
+    plan_source: str | None = None  # planned jobs (planning.attach_plan): "pilot" (planned now) or "plan.json" (reused)
 
     @property
     def model_key(self) -> tuple:

@@ -6,7 +6,8 @@
 
 Layout::
 
-    <dir>/sweep.json                      the points (name, axes, fingerprint, status, samples), timings,
+    <dir>/sweep.json                      the points (name, axes, fingerprint, status, samples, and a
+                                          planned point's plan: ``planning.plan_summary``), timings,
                                           driver memory, model loads per model; ``history``: the same
                                           figures of earlier invocations (restarts)
     <dir>/<model>__S<S>__<data>__<est>/   one ordinary run directory per point (raysens.load_run,
@@ -20,6 +21,10 @@ skipped; the others resume from their own partials. Then the runner (``raysens.r
 ONE pass per model over one actor pool for all that model's unfinished points: each actor loads the
 weights once; each point is finalized as soon as its last unit has arrived. Ray is initialised once
 for the whole sweep. With ``cluster.use_ray: false`` the same happens in this process.
+
+Planned points (``sensitivity.target_rel_se``/``budget``, docs/DESIGN.md §1.11): each point is
+planned on its own, by the runner's ``attach_plan`` before the backend starts: one pilot per point
+and one ``plan.json`` in its run directory; a restart reuses every unfinished point's ``plan.json``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from ..store import results
 from ..store.rundir import diff_inputs
 from .grid import Point, Sweep, expand, prepare_corpus, with_corpus
 from .monitor import MemoryMonitor
+from .planning import plan_summary
 from .runner import Job, Runner
 
 __all__ = ["SweepError", "SweepSummary", "run_sweep"]
@@ -80,6 +86,8 @@ def run_sweep(sweep: Sweep, use_ray: bool | None = None) -> SweepSummary:
     def on_change(job: Job) -> None:
         st = status[job.name]
         st["status"] = job.status
+        if job.manifest.get("plan"):  # a planned point: its own plan (made by its pilot or read from its plan.json)
+            st["plan"] = plan_summary(job.manifest["plan"], job.plan_source)
         if job.status == "complete":
             st.update(samples=_samples(job.final), wall_s=job.final["timings"]["wall_s"])
             s = job.final["samples"]
@@ -105,6 +113,8 @@ def run_sweep(sweep: Sweep, use_ray: bool | None = None) -> SweepSummary:
                                  f"inputs: {'; '.join(changed)}; restore the inputs or use another dir "
                                  "(nothing was changed)")
             status[p.name] = {"status": "complete", "this_run": "skipped (already complete)", "samples": _samples(m)}
+            if m.get("plan"):
+                status[p.name]["plan"] = plan_summary(m["plan"])
             continue
         try:
             job = runner.open(p.name, p.config, started,
