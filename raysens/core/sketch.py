@@ -39,6 +39,7 @@ NONE = np.iinfo(np.int16).min  # start of a cell without a positive value
 MAX_LEVEL = 12  # 2^12 · 64 fine bins cover far more than the float64 range (~10,000 fine bins)
 EPS = 10.0 ** (1.0 / (2 * BINS_PER_DECADE)) - 1.0  # the level-0 bound (7.46 %)
 _U16_SAMPLES = np.iinfo(np.uint16).max
+_BIG, _SMALL = np.iinfo(np.int32).max, np.iinfo(np.int32).min
 
 
 def fine_bin(x: np.ndarray) -> np.ndarray:
@@ -64,6 +65,25 @@ def _level(lo: np.ndarray, hi: np.ndarray, at_least: np.ndarray) -> np.ndarray:
 
 def _dtype(samples: int):
     return np.uint16 if samples <= _U16_SAMPLES else np.uint32
+
+
+def _bins(x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """int32 fine bins of ``x`` where ``pos`` (0 elsewhere)."""
+    return fine_bin(np.where(pos, x, 1.0))
+
+
+def _binned(b: np.ndarray, pos: np.ndarray, dt) -> "WindowHistogram":
+    """The histogram of fine bins ``b`` int32 ``[batch, N]`` where ``pos`` (bool, every column with at
+    least one): a flat-cell ``WindowHistogram`` (counts ``[N, W]`` of ``dt``, start/level/end ``[N]``)."""
+    n = b.shape[1]
+    lo = np.where(pos, b, _BIG).min(axis=0)
+    hi = np.where(pos, b, _SMALL).max(axis=0)
+    k = _level(lo, hi, np.zeros_like(lo))
+    start = lo >> k
+    idx = (b >> k[None]) - start[None]
+    flat = (np.arange(n)[None] * W + idx)[pos]
+    c = np.bincount(flat, minlength=n * W).reshape(n, W).astype(dt)
+    return WindowHistogram(c, start.astype(np.int16), k.astype(np.uint8), ((hi >> k) - start).astype(np.uint8))
 
 
 @dataclass
@@ -98,21 +118,62 @@ class WindowHistogram:
         cells = np.flatnonzero(pos.any(axis=0).reshape(-1))
         if not cells.size:
             return out
-        xp = x.reshape(x.shape[0], -1)[:, cells]
         pp = pos.reshape(x.shape[0], -1)[:, cells]
-        b = fine_bin(np.where(pp, xp, 1.0))
-        lo = np.where(pp, b, np.iinfo(np.int32).max).min(axis=0)
-        hi = np.where(pp, b, np.iinfo(np.int32).min).max(axis=0)
-        k = _level(lo, hi, np.zeros_like(lo))
-        start = lo >> k
-        idx = (b >> k[None]) - start[None]
-        flat = (np.arange(cells.size)[None] * W + idx)[pp]
-        c = np.bincount(flat, minlength=cells.size * W).reshape(cells.size, W)
-        out.counts.reshape(-1, W)[cells] = c
-        out.start.reshape(-1)[cells] = start
-        out.level.reshape(-1)[cells] = k
-        out.end.reshape(-1)[cells] = (hi >> k) - start
+        part = _binned(_bins(x.reshape(x.shape[0], -1)[:, cells], pp), pp, out.counts.dtype)
+        out._put(cells, part)
         return out
+
+    def add(self, x: np.ndarray, pos: np.ndarray, cells: np.ndarray, samples: int) -> "WindowHistogram":
+        """Add, in place, the values ``x`` float64 ``[batch, N]`` of the cells with flat indices ``cells``
+        int ``[N]`` (distinct) where ``pos`` (bool ``[batch, N]``: valid and > 0); ``samples``: the
+        state's sample count after this batch (uint16 / uint32 counters). The same bits as
+        ``merge(WindowHistogram.from_batch(...), samples)``: a cell whose batch values fall inside its
+        window (the common case once it has seen a few samples) keeps its level and start (the merge
+        would too) and gets its counters incremented; the others (empty, or a value beyond the
+        window) are merged cell by cell. The arrays must be writeable and C-contiguous (they are
+        updated through flat views)."""
+        dt = _dtype(samples)
+        if self.counts.dtype != dt:
+            self.counts = self.counts.astype(dt)
+        every = bool(pos.all())
+        if not every:
+            has = pos.any(axis=0)
+            if not has.all():
+                cells, x, pos = cells[has], x[:, has], pos[:, has]
+        if not cells.size:
+            return self
+        b = fine_bin(x) if every else _bins(x, pos)
+        lo = b.min(axis=0) if every else np.where(pos, b, _BIG).min(axis=0)
+        hi = b.max(axis=0) if every else np.where(pos, b, _SMALL).max(axis=0)
+        st = self.start.reshape(-1)[cells].astype(np.int32)
+        k = self.level.reshape(-1)[cells].astype(np.int32)
+        fast = (st != NONE) & ((lo >> k) >= st) & ((hi >> k) - st < W)
+        if fast.all():
+            self._count(b, None if every else pos, cells, st, k, hi)
+            return self
+        f, r = np.flatnonzero(fast), np.flatnonzero(~fast)
+        if f.size:
+            self._count(b[:, f], pos[:, f], cells[f], st[f], k[f], hi[f])
+        c = cells[r]
+        mine = WindowHistogram(self.counts.reshape(-1, W)[c], self.start.reshape(-1)[c], self.level.reshape(-1)[c],
+                               self.end.reshape(-1)[c])
+        self._put(c, mine.merge(_binned(b[:, r], pos[:, r], dt), samples))
+        return self
+
+    def _count(self, b, pos, cells, st, k, hi) -> None:
+        """Increment the counters of fine bins ``b`` int32 ``[batch, N]`` (where ``pos``; None: all) in
+        cells ``cells`` whose window (start ``st``, level ``k``) holds them all; ``hi``: their largest bin."""
+        idx = (b >> k[None]) + (cells * W - st)[None]
+        np.add.at(self.counts.reshape(-1), idx.reshape(-1) if pos is None else idx[pos], self.counts.dtype.type(1))
+        end = self.end.reshape(-1)
+        end[cells] = np.maximum(end[cells], (hi >> k) - st)
+
+    def _put(self, cells: np.ndarray, part: "WindowHistogram") -> None:
+        """Write the flat-cell histogram ``part`` (``[N]`` cells) into cells ``cells`` of this one."""
+        self.counts.reshape(-1, W)[cells] = part.counts
+        self.start.reshape(-1)[cells] = part.start
+        self.level.reshape(-1)[cells] = part.level
+        self.end.reshape(-1)[cells] = part.end
 
     def _span(self) -> tuple[np.ndarray, np.ndarray]:
         """Fine-bin-free description of the occupied range at the cell's level: (first, last) coarse bins."""
