@@ -128,9 +128,10 @@ class WindowHistogram:
         int ``[N]`` (distinct) where ``pos`` (bool ``[batch, N]``: valid and > 0); ``samples``: the
         state's sample count after this batch (uint16 / uint32 counters). The same bits as
         ``merge(WindowHistogram.from_batch(...), samples)``: a cell whose batch values fall inside its
-        window (the common case once it has seen a few samples) keeps its level and start (the merge
-        would too) and gets its counters incremented; the others (empty, or a value beyond the
-        window) are merged cell by cell. The arrays must be writeable and C-contiguous (they are
+        window at its level, or within reach below its start (the common cases once it has seen a few
+        samples), keeps its level as the merge would, moves its start down if needed and gets its
+        counters incremented; the others (empty, or a range too wide for the level) are merged cell
+        by cell. The arrays must be writeable and C-contiguous (they are
         updated through flat views)."""
         dt = _dtype(samples)
         if self.counts.dtype != dt:
@@ -147,26 +148,57 @@ class WindowHistogram:
         hi = b.max(axis=0) if every else np.where(pos, b, _SMALL).max(axis=0)
         st = self.start.reshape(-1)[cells].astype(np.int32)
         k = self.level.reshape(-1)[cells].astype(np.int32)
-        fast = (st != NONE) & ((lo >> k) >= st) & ((hi >> k) - st < W)
-        if fast.all():
-            self._count(b, None if every else pos, cells, st, k, hi)
+        ns = np.minimum(st, lo >> k)  # the merged window's start and last bin, were it to stay at level k
+        ne = np.maximum(st + self.end.reshape(-1)[cells], hi >> k)
+        keep = (st != NONE) & (ne - ns < W)
+        if keep.all():
+            self._count(b, None if every else pos, cells, st, ns, k, ne)
             return self
-        f, r = np.flatnonzero(fast), np.flatnonzero(~fast)
+        f, r = np.flatnonzero(keep), np.flatnonzero(~keep)
         if f.size:
-            self._count(b[:, f], pos[:, f], cells[f], st[f], k[f], hi[f])
-        c = cells[r]
-        mine = WindowHistogram(self.counts.reshape(-1, W)[c], self.start.reshape(-1)[c], self.level.reshape(-1)[c],
-                               self.end.reshape(-1)[c])
-        self._put(c, mine.merge(_binned(b[:, r], pos[:, r], dt), samples))
+            self._count(b[:, f], pos[:, f], cells[f], st[f], ns[f], k[f], ne[f])
+        self._relevel(b[:, r], pos[:, r], cells[r], st[r], k[r], lo[r], hi[r])
         return self
 
-    def _count(self, b, pos, cells, st, k, hi) -> None:
-        """Increment the counters of fine bins ``b`` int32 ``[batch, N]`` (where ``pos``; None: all) in
-        cells ``cells`` whose window (start ``st``, level ``k``) holds them all; ``hi``: their largest bin."""
-        idx = (b >> k[None]) + (cells * W - st)[None]
+    def _relevel(self, b, pos, cells, st, k, lo, hi) -> None:
+        """The other cells of ``add`` (empty, or a range too wide for their level): what ``merge`` does,
+        without the batch's histogram. The merged range (the window's bins at level ``k`` and the
+        batch's fine bins ``lo … hi``) sets the level and start; the old counters are re-binned into
+        the new window by whole counters, then the batch's values counted."""
+        empty = st == NONE
+        en = self.end.reshape(-1)[cells].astype(np.int32)
+        lo_m = np.where(empty, lo, np.minimum(st << k, lo))  # fine bins (the window widened to whole bins)
+        hi_m = np.where(empty, hi, np.maximum(((st + en + 1) << k) - 1, hi))
+        k2 = _level(lo_m, hi_m, k)  # (the merge starts from the larger level: the batch's own is never above k2)
+        s2 = lo_m >> k2
+        n = cells.size
+        flat = self.counts.reshape(-1, W)
+        new = np.zeros((n, W), self.counts.dtype)
+        row = (np.arange(n) * W)[:, None]
+        idx = np.clip(((st[:, None] + np.arange(W)[None]) >> (k2 - k)[:, None]) - s2[:, None], 0, W - 1)
+        np.add.at(new.reshape(-1), (row + idx).reshape(-1), flat[cells].reshape(-1))  # empty cells add zeros
+        bi = (b >> k2[None]) - s2[None] + row[:, 0][None]
+        np.add.at(new.reshape(-1), bi[pos], self.counts.dtype.type(1))
+        last = np.where(empty, hi >> k2, np.maximum((st + en) >> (k2 - k), hi >> k2))
+        flat[cells] = new
+        self.start.reshape(-1)[cells] = s2
+        self.level.reshape(-1)[cells] = k2
+        self.end.reshape(-1)[cells] = last - s2
+
+    def _count(self, b, pos, cells, st, ns, k, ne) -> None:
+        """Count fine bins ``b`` int32 ``[batch, N]`` (where ``pos``; None: all) into ``cells`` whose
+        window keeps its level ``k`` and holds coarse bins ``ns … ne`` (the merge's new start and last
+        bin; ``ns`` <= the old start ``st``): counters move up by ``st − ns`` first where the start drops."""
+        flat = self.counts.reshape(-1, W)
+        low = np.flatnonzero(ns < st)
+        if low.size:  # a value below the window's start, within reach: shift the counters up (exact)
+            c, d = cells[low], (st - ns)[low]
+            src = np.arange(W)[None] - d[:, None]
+            flat[c] = np.where(src >= 0, np.take_along_axis(flat[c], np.maximum(src, 0), axis=1), 0)
+            self.start.reshape(-1)[c] = ns[low]
+        idx = (b >> k[None]) + (cells * W - ns)[None]
         np.add.at(self.counts.reshape(-1), idx.reshape(-1) if pos is None else idx[pos], self.counts.dtype.type(1))
-        end = self.end.reshape(-1)
-        end[cells] = np.maximum(end[cells], (hi >> k) - st)
+        self.end.reshape(-1)[cells] = ne - ns
 
     def _put(self, cells: np.ndarray, part: "WindowHistogram") -> None:
         """Write the flat-cell histogram ``part`` (``[N]`` cells) into cells ``cells`` of this one."""
