@@ -77,6 +77,15 @@ def _refuse(x: np.ndarray, m: np.ndarray, xs: np.ndarray) -> None:
     raise AssertionError("CellStats.from_batch: unreachable")
 
 
+_CELL_BLOCK = 1 << 16  # cells per block in CellStats.update (S = 64: one block)
+
+
+def _blocks(cells: np.ndarray):
+    """``cells`` in consecutive pieces of at most ``_CELL_BLOCK``."""
+    for i in range(0, max(cells.size, 1), _CELL_BLOCK):
+        yield cells[i:i + _CELL_BLOCK]
+
+
 @dataclass(frozen=True)
 class CheckedBatch:
     """A batch validated once (``CellStats.check``): ``values`` float64 ``[batch, S, S]`` (0 where
@@ -167,17 +176,18 @@ class CellStats:
         self.extremes.merge(batch)
         b = xs.shape[0]
         amax = batch.max.reshape(-1)  # the batch's largest value per cell (0 where none)
+        flat = xs.reshape(b, -1)
         cells = np.flatnonzero(amax > 0)  # only these cells' sums and histograms change
-        xc = xs.reshape(b, -1)[:, cells]
-        am = amax[cells]
-        self.s1.add(xc, cells, am)
-        self.s2.add(xc * xc, cells, am * am)
+        for c in _blocks(cells):  # blocks of cells: temporaries stay small at long S (each cell on its own)
+            xc, am = flat[:, c], amax[c]
+            self.s1.add(xc, c, am)
+            self.s2.add(xc * xc, c, am * am)
+            self.hist.add(xc, xc > 0, c, self.samples)
         if nz is not None and nz.any():
             self.noise = self.noise or ExactSum.empty(self.shape)
-            flat = nz.reshape(b, -1)
-            ncells = np.flatnonzero(flat.any(axis=0))
-            self.noise.add(flat[:, ncells], ncells)
-        self.hist.add(xc, xc > 0, cells, self.samples)
+            nflat = nz.reshape(b, -1)
+            for c in _blocks(np.flatnonzero(nflat.any(axis=0))):
+                self.noise.add(nflat[:, c], c)
         return self
 
     def _own(self) -> None:
@@ -276,14 +286,17 @@ class CellStats:
         return out
 
     # ------------------------------------------------------------------ (de)serialization
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        out = {"count": self.count.copy(), "samples": np.asarray(self.samples, np.int64),
-               "s1_top": self.s1.top.copy(), "s1_limbs": self.s1.limbs.copy(),
-               "s2_top": self.s2.top.copy(), "s2_limbs": self.s2.limbs.copy()}
+    def to_arrays(self, copy: bool = True) -> dict[str, np.ndarray]:
+        """The lossless plain-array form; ``copy=False``: the state's own arrays (read-only use, e.g.
+        writing them out: at S = 2048 a copy is 0.9 GB per layer)."""
+        c = (lambda a: a.copy()) if copy else (lambda a: a)  # noqa: E731
+        out = {"count": c(self.count), "samples": np.asarray(self.samples, np.int64),
+               "s1_top": c(self.s1.top), "s1_limbs": c(self.s1.limbs),
+               "s2_top": c(self.s2.top), "s2_limbs": c(self.s2.limbs)}
         if self.noise is not None:
-            out.update(noise_top=self.noise.top.copy(), noise_limbs=self.noise.limbs.copy())
-        out.update(self.extremes.to_arrays())
-        out.update(self.hist.to_arrays())
+            out.update(noise_top=c(self.noise.top), noise_limbs=c(self.noise.limbs))
+        out.update(self.extremes.to_arrays(copy))
+        out.update(self.hist.to_arrays(copy))
         return out
 
     @classmethod

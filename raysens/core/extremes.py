@@ -112,8 +112,8 @@ class Extremes:
     def copy(self) -> "Extremes":
         return Extremes(*(getattr(self, k).copy() for k in EXTREME_KEYS))
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {k: getattr(self, k).copy() for k in EXTREME_KEYS}
+    def to_arrays(self, copy: bool = True) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k).copy() if copy else getattr(self, k) for k in EXTREME_KEYS}
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any], shape: tuple[int, int] | None = None) -> "Extremes":

@@ -40,6 +40,7 @@ MAX_LEVEL = 12  # 2^12 · 64 fine bins cover far more than the float64 range (~1
 EPS = 10.0 ** (1.0 / (2 * BINS_PER_DECADE)) - 1.0  # the level-0 bound (7.46 %)
 _U16_SAMPLES = np.iinfo(np.uint16).max
 _BIG, _SMALL = np.iinfo(np.int32).max, np.iinfo(np.int32).min
+_BLOCK_ELEMS = 1 << 22  # counters per block of rows in quantiles (int64: 32 MiB)
 
 
 def fine_bin(x: np.ndarray) -> np.ndarray:
@@ -281,18 +282,37 @@ class WindowHistogram:
         """float64 ``[S, S]``: each cell's relative quantile bound ε_k (NaN where no positive value)."""
         return np.where(self.start != NONE, level_bound(self.level), np.nan)
 
-    def quantiles(self, qs, n: np.ndarray, vmin: np.ndarray, vmax: np.ndarray) -> dict[float, np.ndarray]:
+    def quantiles(self, qs, n: np.ndarray, vmin: np.ndarray, vmax: np.ndarray,
+                  block_elems: int = _BLOCK_ELEMS) -> dict[float, np.ndarray]:
         """``{q: [S, S] float64}`` for each q in ``qs`` (NaN where a cell is empty). ``n``: values per
-        cell (zeros included); ``vmin`` / ``vmax``: the cells' exact min and max."""
-        c = self.counts.astype(np.int64)
-        n = np.asarray(n, np.int64)
-        zeros = n - c.sum(axis=2)
-        cum = np.cumsum(c, axis=2)
-        out = {}
+        cell (zeros included); ``vmin`` / ``vmax``: the cells' exact min and max. Computed in blocks of
+        rows (each cell on its own, so any block size gives the same bits): the int64 cumulative
+        counters of one block (about ``block_elems`` of them; 32 MiB) instead of two ``[S, S, W]``
+        int64 copies (2 GiB each at S = 2048)."""
+        qs = [float(q) for q in qs]
         for q in qs:
-            q = float(q)
             if not 0.0 <= q <= 1.0:
                 raise ValueError(f"WindowHistogram.quantiles: q must be in [0, 1], got {q}")
+        n = np.broadcast_to(np.asarray(n, np.int64), self.shape)
+        vmin, vmax = np.broadcast_to(vmin, self.shape), np.broadcast_to(vmax, self.shape)
+        out = {q: np.empty(self.shape) for q in qs}
+        step = max(1, block_elems // max(1, self.shape[1] * W))
+        for r in range(0, self.shape[0], step):
+            sl = slice(r, r + step)
+            part = WindowHistogram(self.counts[sl], self.start[sl], self.level[sl], self.end[sl])._quantiles(
+                qs, n[sl], vmin[sl], vmax[sl])
+            for q in qs:
+                out[q][sl] = part[q]
+        return out
+
+    def _quantiles(self, qs, n: np.ndarray, vmin: np.ndarray, vmax: np.ndarray) -> dict[float, np.ndarray]:
+        """``quantiles`` of every cell at once (``qs`` checked floats, ``n`` int64)."""
+        c = self.counts.astype(np.int64)
+        zeros = n - c.sum(axis=2)
+        cum = np.cumsum(c, axis=2)
+        del c
+        out = {}
+        for q in qs:
             h = q * np.maximum(n - 1, 0)
             lo = np.floor(h).astype(np.int64)
             hi = np.minimum(lo + 1, np.maximum(n - 1, 0))
@@ -313,9 +333,9 @@ class WindowHistogram:
             v = np.where(r < 0, 0.0, np.clip(rep, vmin, vmax))
         return np.where(rank == 0, vmin, np.where(rank == n - 1, vmax, v))  # the ends are exact
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"hist_counts": self.counts.copy(), "hist_start": self.start.copy(), "hist_level": self.level.copy(),
-                "hist_end": self.end.copy()}
+    def to_arrays(self, copy: bool = True) -> dict[str, np.ndarray]:
+        a = {"hist_counts": self.counts, "hist_start": self.start, "hist_level": self.level, "hist_end": self.end}
+        return {k: v.copy() for k, v in a.items()} if copy else a
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any], shape: tuple[int, int]) -> "WindowHistogram":

@@ -36,7 +36,7 @@ def smallest_uint(a: np.ndarray) -> np.ndarray:
 
 def pack_state(st: CellStats, ids=None) -> dict[str, np.ndarray]:
     """The compact arrays of ``st``; ``ids``: the sorted sample_ids its extremes may name."""
-    a = st.to_arrays()
+    a = st.to_arrays(copy=False)  # only written out; the narrowed arrays below are new ones
     a["count"] = smallest_uint(a["count"])
     if ids is not None:
         table = np.asarray(sorted(int(i) for i in ids), np.int64)
