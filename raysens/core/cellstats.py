@@ -4,7 +4,8 @@ the probe-noise sum, the extremes with their sample_ids (``raysens.core.extremes
 log histogram for quantiles (``raysens.core.sketch``).
 
 ``CellStats.from_batch(values, mask, noise, sample_ids)`` builds the state of one batch (vectorised
-over the batch: no per-cell Python), ``merge`` folds another in, ``statistics()`` gives every dataset
+over the batch: no per-cell Python), ``update`` folds a batch into a state in place (the same bits as
+merging its state, at a fraction of the cost), ``merge`` folds another state in, ``statistics()`` gives every dataset
 statistic, ``to_arrays`` / ``from_arrays`` are the lossless plain-array form used in partials and
 stats files. **Every part is exact integer arithmetic or max/min**: a state is a function of the
 multiset of (sample_id, map) it holds, identical bit for bit under any merge order or grouping (1 or
