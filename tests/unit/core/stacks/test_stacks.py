@@ -159,7 +159,9 @@ def test_vjp_consumes_only_the_requested_rows_and_prefix():
     cot = torch.randn(2, 2, 5, 32, generator=g)
     got = stack.vjp(full, 2, cot.clone(), slice(1, 3))
     want = stack.vjp(stack.forward(emb[1:3, :5], mask[1:3, :5], N_LAYERS), 2, cot.clone(), slice(0, 2))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # float32 sums over 8 vs 5 positions round differently (CPU-kernel dependent): the tolerance is
+    # relative to the cotangents' scale, not to each element (small entries are sums that cancel)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-6 * float(want.abs().max()))  # seen: 7.5e-7 of the max
 
 
 @pytest.mark.parametrize("kind,b", [("bert", 6), ("llama", 6), ("llama", 4)])
