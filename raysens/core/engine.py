@@ -289,7 +289,11 @@ class SensitivityEngine:
         path = self._manual_fwd if manual else self._generic_fwd
         self._used = Strategy.MANUAL.value if manual else ""
         nd = self._frows.directions
-        g = bsz if self.device.type != "cpu" else max(1, min(bsz, self.memory.backward_tokens // max(nd * seq * seq, 1)))
+        # CPU sample groups: tangent rows of one pass × samples × tokens near backward_tokens. A pass
+        # carries one segment's rows (manual causal suffix segments: a few input positions; the
+        # generic path and non-causal models: all S), so the group is sized by the widest segment
+        width = max(b - a for a, b in path.segments(seq)) if manual else seq
+        g = bsz if self.device.type != "cpu" else max(1, min(bsz, self.memory.backward_tokens // max(nd * width * seq, 1)))
         mcfg = self.model.config
         inter = int(getattr(mcfg, "intermediate_size", None) or getattr(mcfg, "n_inner", None) or 4 * self.hidden)
         heads = int(getattr(mcfg, "num_attention_heads", 1) or 1)
