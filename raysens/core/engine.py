@@ -41,6 +41,7 @@ from .precision import check_device, compute_dtype, generic_autocast, matmul_pre
 from .probes import draw_forward_probes, draw_probes, probe_seed
 from .schedule import SEG_COST_MANUAL, Schedule, directions, pick_mode
 from .stacks import ManualStack, make_stack, unsupported_reason
+from .stacks.base import check_gemm_threads
 from .transforms import pick_forward, pick_reverse
 
 __all__ = ["Estimator", "Mode", "Precision", "ProbeDistribution", "SensitivityConfig", "Strategy", "SensitivityEngine",
@@ -99,6 +100,8 @@ class SensitivityEngine:
         self.model = encoder_of(analysis_copy(model, device))  # an encoder-decoder model: its encoder
         self.device = next(self.model.parameters()).device
         check_device(cfg.precision, self.device)  # tf32: CUDA only
+        if self.device.type == "cpu":
+            check_gemm_threads()  # bit-for-bit across thread counts (§1.9): warns once if MKL splits GEMMs
         self.fused_norms = install_fused_norms(self.model) if cfg.fused_norms else 0  # modules switched
         self.base = self.model.base_model  # the stack without any LM head
         mcfg = self.model.config

@@ -247,3 +247,31 @@ def test_numbers_do_not_depend_on_the_thread_count(kind, strategy):
                 np.testing.assert_array_equal(out[1].noise[L], out[2].noise[L])
     finally:
         torch.set_num_threads(before)
+
+
+def test_import_makes_gemms_thread_count_independent():
+    """``import raysens`` sets MKL's strict reproducibility before any product (DESIGN §1.9): GEMMs
+    that MKL splits along their inner dimension (on an AVX-512 Xeon: 32-192 rows × 1536) give the same
+    bits at 1 and 2 threads; a user's own MKL_CBWR is kept."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import raysens, os, torch\n"
+            "from raysens.core.stacks.base import check_gemm_threads\n"
+            "g = torch.Generator().manual_seed(1)\n"
+            "ok = check_gemm_threads()\n"
+            "for m in (32, 64, 128, 192):\n"
+            "    a, b = torch.randn(m, 1536, generator=g), torch.randn(1536, 384, generator=g)\n"
+            "    outs = []\n"
+            "    for t in (1, 2):\n"
+            "        torch.set_num_threads(t); outs.append(a @ b)\n"
+            "    ok = ok and torch.equal(*outs)\n"
+            "print(os.environ['MKL_CBWR'], ok)\n")
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["AUTO,STRICT", "True"]
+    out = subprocess.run([sys.executable, "-c", "import raysens, os; print(os.environ['MKL_CBWR'])"],
+                         env={**env, "MKL_CBWR": "COMPATIBLE"}, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "COMPATIBLE"
