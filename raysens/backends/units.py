@@ -107,15 +107,21 @@ def make_engine(engine_cls, model, config, device):
 
 
 class ShipPolicy:
-    """When a worker ships its folded units: after ``every_units`` of them, or when ``every_s`` seconds
-    have passed since its first unfolded-and-unshipped unit (checked as units end)."""
+    """When a worker ships its folded units: after ``every_units`` of them once ``min_s`` seconds have
+    passed since its first unshipped unit, or when ``every_s`` seconds have (checked as units end).
+    ``min_s`` (``cluster.ship_every_units: auto`` only) keeps fast workers from shipping a whole state
+    every few seconds: each shipment is written, read back and merged by the driver, which at 28
+    layers, S = 64 costs more than folding the units it carries when units take milliseconds."""
 
-    def __init__(self, every_units: int, every_s: float):
-        self.every_units, self.every_s = max(1, int(every_units)), float(every_s)
+    def __init__(self, every_units: int, every_s: float, min_s: float = 0.0):
+        self.every_units, self.every_s, self.min_s = max(1, int(every_units)), float(every_s), float(min_s)
 
     def due(self, worker: "UnitWorker") -> bool:
         n = len(worker.pending_units)
-        return n >= self.every_units or (n > 0 and time.perf_counter() - worker.pending_since >= self.every_s)
+        if not n:
+            return False
+        waited = time.perf_counter() - worker.pending_since
+        return (n >= self.every_units and waited >= self.min_s) or waited >= self.every_s
 
 
 class UnitWorker:
