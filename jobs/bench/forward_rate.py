@@ -29,22 +29,9 @@ import numpy as np
 import torch
 
 # absolute: the child runs this file as a script with the measured tree's jobs/ and raysens/ on PYTHONPATH
-from jobs.bench.common import block_params, log, make_inputs, rel_fro, write_json
+from jobs.bench.common import block_params, log, make_inputs, matmul_gflops, rel_fro, write_json
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _matmul_rate(n: int = 2048, reps: int = 5) -> float:
-    """GFLOP/s of an ``n``² fp32 matmul (best of 3 timings of ``reps`` products)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 * reps / best / 1e9
 
 
 def _child(spec: dict) -> dict:
@@ -68,7 +55,7 @@ def _child(spec: dict) -> dict:
     mean = {L: r.values[L].mean(0) for L in (1, n // 2, n)}
     import raysens
 
-    return {"raysens": str(Path(raysens.__file__).parent), "s_per_sample": s, "floor_gflop_per_sample": floor / 1e9, "matmul_gflops": _matmul_rate(),
+    return {"raysens": str(Path(raysens.__file__).parent), "s_per_sample": s, "floor_gflop_per_sample": floor / 1e9, "matmul_gflops": matmul_gflops(n=2048, reps=5),
             "strategy": r.strategy, "layers": n, "threads": torch.get_num_threads(),
             "mean_maps": {str(L): m.tolist() for L, m in mean.items()}}
 
