@@ -55,7 +55,8 @@ def _child(spec: dict) -> dict:
     mean = {L: r.values[L].mean(0) for L in (1, n // 2, n)}
     import raysens
 
-    return {"raysens": str(Path(raysens.__file__).parent), "s_per_sample": s, "floor_gflop_per_sample": floor / 1e9, "matmul_gflops": matmul_gflops(n=2048, reps=5),
+    return {"raysens": str(Path(raysens.__file__).parent), "s_per_sample": s, "floor_gflop_per_sample": floor / 1e9,
+            "matmul_gflops": matmul_gflops(n=2048, reps=5),
             "strategy": r.strategy, "layers": n, "threads": torch.get_num_threads(),
             "mean_maps": {str(L): m.tolist() for L, m in mean.items()}}
 
