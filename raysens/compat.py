@@ -57,8 +57,9 @@ class WelfordAccumulator:
         if sample_ids is None and np.ndim(x) == 3:
             first = self.cells.samples if self.cells is not None else 0
             sample_ids = np.arange(first, first + np.shape(x)[0])
-        batch = CellStats.from_batch(x, mask, noise, sample_ids)  # validates: batch axis, shapes, NaN/Inf
-        self._merge_state(batch)
+        batch = CellStats.check(x, mask, noise, sample_ids)  # validates: batch axis, shapes, NaN/Inf
+        s = max(batch.values.shape[1], self.cells.shape[0] if self.cells is not None else 0)
+        self._grow(s).update(batch.padded(s))  # in place, the same bits as merging the batch's state
 
     def _merge_state(self, batch: CellStats) -> None:
         s = max(batch.shape[0], self.cells.shape[0] if self.cells is not None else 0)

@@ -92,7 +92,7 @@ class ClusterConfig:
     torch_threads: int | None = None  # intra-op threads per CPU actor; None: (the node's cores - 1) / num_actors, at least 1
     num_cpus: int | None = None  # embedded local Ray only: logical CPUs declared; None: max(4, 2 * num_actors + 2)
     tokenize_cpus: float = 0.25  # logical CPUs per tokenization task
-    ship_every_units: int | str = "auto"  # actor-local accumulation: each actor (or the in-process worker) folds its units into one state and ships it to the driver after this many units; auto: 64 with GPUs, 16 without (as batch_size); 1: ship every unit. A killed actor loses at most its unshipped units (recomputed); results do not depend on it (exact state)
+    ship_every_units: int | str = "auto"  # actor-local accumulation: each actor (or the in-process worker) folds its units into one state and ships it to the driver after this many units; auto: 64 with GPUs, 16 without (as batch_size), and no sooner than 10 s after the previous shipment (fast actors ship every 10 s, not every few); 1: ship every unit. A killed actor loses at most its unshipped units (recomputed); results do not depend on it (exact state)
     ship_every_s: float = 60.0  # ...or once this many seconds have passed since the first unshipped unit was folded (checked as units end); the driver also asks for a final shipment at the end of the stream
 
     def __post_init__(self):

@@ -48,7 +48,7 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=16)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--pilot", type=int, default=4)
+    ap.add_argument("--pilot", type=int, default=None, help="pilot samples (default: SensitivityConfig.pilot_samples)")
     ap.add_argument("--fwd-k", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--rev-k", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--budgets", type=float, nargs="+", default=[1, 1.5, 2, 3, 4, 6])
@@ -57,6 +57,7 @@ def main(argv=None):
     ap.add_argument("--cache", default="/tmp/raysens_planner_exact")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    args.pilot = args.pilot or SensitivityConfig().pilot_samples
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model, device=args.device)

@@ -179,6 +179,25 @@ def state(args) -> dict:
     for _ in range(20):
         CellStats.from_batch(x)
     out["from_batch_cpu_ms_8x64x64"] = round(1e3 * (time.process_time() - t) / 20, 2)
+    # folding a batch into a warm state (40 batches in): merge(from_batch) vs the in-place update,
+    # alternating, causal gamma maps like the synthetic engine's (same bits either way)
+    causal = np.tril(np.ones((64, 64)))
+    xs = [rng.gamma(1.0, 3.0, (8, 64, 64)) * causal for _ in range(80)]
+    warm = CellStats.from_batch(xs[0])
+    for i in range(1, 40):
+        warm.merge(CellStats.from_batch(xs[i], None, None, np.arange(8) + 8 * i))
+    a, b, ta, tb = warm.copy(), warm.copy(), 0.0, 0.0
+    for i in range(40, 80):
+        ids = np.arange(8) + 8 * i
+        t = time.process_time()
+        a.merge(CellStats.from_batch(xs[i], None, None, ids))
+        ta += time.process_time() - t
+        if hasattr(CellStats, "check"):  # the in-place update exists (issue 18, second round)
+            t = time.process_time()
+            b.update(xs[i], None, None, ids)
+            tb += time.process_time() - t
+    out["merge_from_batch_cpu_ms_8x64x64"] = round(1e3 * ta / 40, 3)
+    out["update_cpu_ms_8x64x64"] = round(1e3 * tb / 40, 3) if tb else None
     _log(json.dumps(out))
     return out
 

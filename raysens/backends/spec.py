@@ -15,6 +15,9 @@ class ClusterError(RuntimeError):
     """The Ray cluster cannot be reached or joined."""
 
 
+AUTO_SHIP_MIN_S = 10.0  # ship_every_units auto: at most one shipment per actor per 10 s (ShipPolicy.min_s)
+
+
 @dataclass
 class JobUnits:
     """One job's share of a pass over a backend: its config, corpus, units to compute, fingerprint."""
@@ -26,7 +29,9 @@ class JobUnits:
     ship_every_units: int | None = None  # override of the config's (the runner's follow-up pass ships every unit)
 
     @property
-    def ship_every(self) -> tuple[int, float]:
-        """(units, seconds) between an actor's shipments for this job (``cluster.ship_every_*``)."""
+    def ship_every(self) -> tuple[int, float, float]:
+        """(units, seconds, minimum seconds) between an actor's shipments for this job
+        (``cluster.ship_every_*``; the minimum, ``AUTO_SHIP_MIN_S``, only with ``ship_every_units: auto``)."""
         n = self.ship_every_units or self.config.ship_every_units
-        return n, self.config.cluster.ship_every_s
+        auto = self.ship_every_units is None and self.config.cluster.ship_every_units == "auto"
+        return n, self.config.cluster.ship_every_s, min(AUTO_SHIP_MIN_S, self.config.cluster.ship_every_s) if auto else 0.0

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from ..core.cellstats import CellStats
+from ..core.cellstats import CellStats, CheckedBatch
 from ..store.partials import encode_partial
 from ..testing import faults
 
@@ -107,15 +107,21 @@ def make_engine(engine_cls, model, config, device):
 
 
 class ShipPolicy:
-    """When a worker ships its folded units: after ``every_units`` of them, or when ``every_s`` seconds
-    have passed since its first unfolded-and-unshipped unit (checked as units end)."""
+    """When a worker ships its folded units: after ``every_units`` of them once ``min_s`` seconds have
+    passed since its first unshipped unit, or when ``every_s`` seconds have (checked as units end).
+    ``min_s`` (``cluster.ship_every_units: auto`` only) keeps fast workers from shipping a whole state
+    every few seconds: each shipment is written, read back and merged by the driver, which at 28
+    layers, S = 64 costs more than folding the units it carries when units take milliseconds."""
 
-    def __init__(self, every_units: int, every_s: float):
-        self.every_units, self.every_s = max(1, int(every_units)), float(every_s)
+    def __init__(self, every_units: int, every_s: float, min_s: float = 0.0):
+        self.every_units, self.every_s, self.min_s = max(1, int(every_units)), float(every_s), float(min_s)
 
     def due(self, worker: "UnitWorker") -> bool:
         n = len(worker.pending_units)
-        return n >= self.every_units or (n > 0 and time.perf_counter() - worker.pending_since >= self.every_s)
+        if not n:
+            return False
+        waited = time.perf_counter() - worker.pending_since
+        return (n >= self.every_units and waited >= self.min_s) or waited >= self.every_s
 
 
 class UnitWorker:
@@ -210,7 +216,7 @@ class UnitWorker:
         started = time.time()  # wall-clock start and end go into the meta (pipeline timelines)
         run_ids = [int(i) for i in unit["run_ids"]]
         skipped = {int(i): r for i, r in zip(unit["skipped_ids"], unit["skipped_reasons"])}
-        states: dict[int, CellStats] = {}
+        batches: dict[int, CheckedBatch] = {}  # every layer checked before any state changes
         maps: dict[int, np.ndarray] = {}
         strategy = mode = None
         if run_ids:
@@ -239,18 +245,18 @@ class UnitWorker:
                 for L in self.layers:
                     noise = None if res.noise is None or L not in res.noise else res.noise[L][good]  # planned: K=1 layers have none
                     vals = values.pop(L)
-                    states[L] = CellStats.from_batch(vals, m, noise, sample_ids=run_ids)
+                    batches[L] = CellStats.check(vals, m, noise, sample_ids=run_ids)
                     if self.per_sample:
                         maps[L] = np.where(m, vals, np.nan).astype(np.float32)
             del res
-        for L, st in states.items():  # fold: grow to the longer width, then merge (exact, any order)
-            cur = self.acc.get(L)
+        for L, batch in batches.items():  # fold in place: grow to the longer width (exact, any order)
+            cur, width = self.acc.get(L), batch.values.shape[1]
             if cur is None:
-                self.acc[L] = st
+                self.acc[L] = CellStats.from_batch(batch)
                 continue
-            if cur.shape[0] < st.shape[0]:
-                cur = self.acc[L] = cur.padded(st.shape[0])
-            cur.merge(st.padded(cur.shape[0]) if st.shape[0] < cur.shape[0] else st)
+            if cur.shape[0] < width:
+                cur = self.acc[L] = cur.padded(width)
+            cur.update(batch.padded(cur.shape[0]))
         if not self.pending_units:
             self.pending_since = time.perf_counter()
         self.pending_units.append(key)

@@ -4,7 +4,8 @@ the probe-noise sum, the extremes with their sample_ids (``raysens.core.extremes
 log histogram for quantiles (``raysens.core.sketch``).
 
 ``CellStats.from_batch(values, mask, noise, sample_ids)`` builds the state of one batch (vectorised
-over the batch: no per-cell Python), ``merge`` folds another in, ``statistics()`` gives every dataset
+over the batch: no per-cell Python), ``update`` folds a batch into a state in place (the same bits as
+merging its state, at a fraction of the cost), ``merge`` folds another state in, ``statistics()`` gives every dataset
 statistic, ``to_arrays`` / ``from_arrays`` are the lossless plain-array form used in partials and
 stats files. **Every part is exact integer arithmetic or max/min**: a state is a function of the
 multiset of (sample_id, map) it holds, identical bit for bit under any merge order or grouping (1 or
@@ -17,7 +18,7 @@ Welford + extremes + fixed 388-bin histogram state before issue 18.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -41,19 +42,15 @@ def _validated(values: Any, mask: Any, noise: Any) -> tuple[np.ndarray, np.ndarr
     if x.ndim != 3:
         hint = " (add a batch axis: x[None] for one sample)" if x.ndim == 2 else ""
         raise ValueError(f"CellStats.from_batch: values must be [batch, pos_out, pos_in], got shape {x.shape}{hint}")
-    m = np.ones(x.shape, bool) if mask is None else (_as_numpy(mask, "mask") != 0)
+    if mask is None:
+        m = np.ones(x.shape, bool)
+    else:
+        m = mask if isinstance(mask, np.ndarray) and mask.dtype == bool else (_as_numpy(mask, "mask") != 0)
     if m.shape != x.shape:
         raise ValueError(f"CellStats.from_batch: mask shape {m.shape} != values shape {x.shape}")
-    bad = m & ~np.isfinite(x)
-    if bad.any():
-        rows = sorted(set(np.nonzero(bad)[0].tolist()))
-        raise ValueError(f"CellStats.from_batch: values contain NaN/Inf in batch rows {rows}")
-    xs = np.where(m, x, 0.0)
-    if (xs < 0).any():
-        rows = sorted(set(np.nonzero(xs < 0)[0].tolist()))
-        raise ValueError(f"CellStats.from_batch: values must be >= 0 (A_ij = ||J_ij||^2), negative in batch rows {rows}")
-    if (xs >= 2.0 ** 500).any():  # x² must stay finite for the exact sum of squares
-        raise ValueError("CellStats.from_batch: values must be below 2^500 (~3e150): their squares overflow float64")
+    xs = x if m.all() else np.where(m, x, 0.0)
+    if xs.size and not (xs.min() >= 0 and xs.max() < 2.0 ** 500):  # False as well where a NaN is present
+        _refuse(x, m, xs)
     nz = None
     if noise is not None:
         nz = _as_numpy(noise, "noise")
@@ -67,6 +64,55 @@ def _validated(values: Any, mask: Any, noise: Any) -> tuple[np.ndarray, np.ndarr
     return xs, m, nz
 
 
+def _refuse(x: np.ndarray, m: np.ndarray, xs: np.ndarray) -> None:
+    """Raise the error naming what is wrong with the valid values ``xs`` (``x`` where ``m``, else 0)."""
+    bad = m & ~np.isfinite(x)
+    if bad.any():
+        rows = sorted(set(np.nonzero(bad)[0].tolist()))
+        raise ValueError(f"CellStats.from_batch: values contain NaN/Inf in batch rows {rows}")
+    if (xs < 0).any():
+        rows = sorted(set(np.nonzero(xs < 0)[0].tolist()))
+        raise ValueError(f"CellStats.from_batch: values must be >= 0 (A_ij = ||J_ij||^2), negative in batch rows {rows}")
+    if (xs >= 2.0 ** 500).any():  # x² must stay finite for the exact sum of squares
+        raise ValueError("CellStats.from_batch: values must be below 2^500 (~3e150): their squares overflow float64")
+    raise AssertionError("CellStats.from_batch: unreachable")
+
+
+_CELL_BLOCK = 1 << 16  # cells per block in CellStats.update (S = 64: one block)
+
+
+def _blocks(cells: np.ndarray):
+    """``cells`` in consecutive pieces of at most ``_CELL_BLOCK``."""
+    for i in range(0, max(cells.size, 1), _CELL_BLOCK):
+        yield cells[i:i + _CELL_BLOCK]
+
+
+@dataclass(frozen=True)
+class CheckedBatch:
+    """A batch validated once (``CellStats.check``): ``values`` float64 ``[batch, S, S]`` (0 where
+    masked, finite, >= 0, < 2^500), ``mask`` bool, ``noise`` float64 or None, ``ids`` int ``[batch]``.
+    ``from_batch`` and ``update`` take it in place of ``values`` (a worker checks every layer of a
+    unit before it changes any state)."""
+
+    values: np.ndarray
+    mask: np.ndarray
+    noise: np.ndarray | None
+    ids: np.ndarray
+
+    def padded(self, seq_len: int) -> "CheckedBatch":
+        """The same batch on ``seq_len`` >= S positions (the new cells masked out)."""
+        b, s = self.values.shape[:2]
+        if seq_len == s:
+            return self
+        if seq_len < s:
+            raise ValueError(f"CheckedBatch.padded: cannot shrink {s} to {seq_len}")
+        def grow(a: np.ndarray, fill) -> np.ndarray:
+            return np.pad(a, ((0, 0), (0, seq_len - s), (0, seq_len - s)), constant_values=fill)
+
+        return CheckedBatch(grow(self.values, 0.0), grow(self.mask, False),
+                            None if self.noise is None else grow(self.noise, 0.0), self.ids)
+
+
 @dataclass
 class CellStats:
     count: np.ndarray  # int32 [S, S]: samples that reached the cell
@@ -76,6 +122,7 @@ class CellStats:
     extremes: Extremes
     hist: WindowHistogram
     samples: int = 0  # samples folded in (a sample with no valid cell still counts)
+    _owned: bool = field(default=False, repr=False, compare=False)  # arrays private to this state (see _own)
 
     @classmethod
     def empty(cls, seq_len: int) -> "CellStats":
@@ -83,28 +130,82 @@ class CellStats:
         if s < 1:
             raise ValueError(f"CellStats.empty: seq_len must be >= 1, got {seq_len}")
         return cls(np.zeros((s, s), np.int32), ExactSum.empty((s, s)), ExactSum.empty((s, s)), None,
-                   Extremes.empty(s), WindowHistogram.empty(s))
+                   Extremes.empty(s), WindowHistogram.empty(s), _owned=True)
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.count.shape)  # type: ignore[return-value]
 
+    @staticmethod
+    def check(values: Any, mask: Any = None, noise: Any = None, sample_ids: Any = None) -> CheckedBatch:
+        """Validate a batch ``[batch, pos_out, pos_in]`` (errors name ``CellStats.from_batch``)."""
+        if isinstance(values, CheckedBatch):
+            return values
+        xs, m, nz = _validated(values, mask, noise)
+        ids = np.arange(xs.shape[0]) if sample_ids is None else np.asarray(sample_ids).reshape(-1)
+        return CheckedBatch(xs, m, nz, ids)
+
     @classmethod
     def from_batch(cls, values: Any, mask: Any = None, noise: Any = None, sample_ids: Any = None) -> "CellStats":
         """State of one batch ``[batch, pos_out, pos_in]``; ``sample_ids`` (one per batch row, default
-        ``0 … batch−1``) are what ``max_sample_id`` / ``row_max_sample_id`` report."""
-        xs, m, nz = _validated(values, mask, noise)
-        ids = np.arange(xs.shape[0]) if sample_ids is None else np.asarray(sample_ids).reshape(-1)
-        ext = Extremes.from_batch(xs, m, ids)
+        ``0 … batch−1``) are what ``max_sample_id`` / ``row_max_sample_id`` report. ``values`` may be
+        a ``CheckedBatch`` (then the other arguments are ignored)."""
+        c = cls.check(values, mask, noise, sample_ids)
+        xs, m, nz = c.values, c.mask, c.noise
+        ext = Extremes.from_batch(xs, m, c.ids)
         amax = ext.max  # values are >= 0: the largest |x| per cell (0 where empty)
         s1 = ExactSum.from_batch(xs, amax)
         s2 = ExactSum.from_batch(xs * xs, amax * amax)
         ns = None if nz is None or not nz.any() else ExactSum.from_batch(nz)
         return cls(m.sum(axis=0, dtype=np.int32), s1, s2, ns, ext, WindowHistogram.from_batch(xs, m),
-                   int(xs.shape[0]))
+                   int(xs.shape[0]), _owned=True)
 
     def update(self, values: Any, mask: Any = None, noise: Any = None, sample_ids: Any = None) -> "CellStats":
-        return self.merge(CellStats.from_batch(values, mask, noise, sample_ids))
+        """Fold a batch ``[batch, pos_out, pos_in]`` (same cells as this state; or a ``CheckedBatch``) in,
+        **in place**: the same bits as ``merge(CellStats.from_batch(values, mask, noise, sample_ids))``
+        at a fraction of the cost — no batch state; sums, counters and windows change only in the
+        cells the batch reaches, and a cell is re-levelled (merged) only where the batch leaves its
+        histogram window. Returns self."""
+        c = self.check(values, mask, noise, sample_ids)
+        xs, m, nz = c.values, c.mask, c.noise
+        if xs.shape[1:] != self.shape:
+            raise ValueError(f"CellStats.update: batch cells {xs.shape[1:]} != state cells {self.shape}")
+        batch = Extremes.from_batch(xs, m, c.ids)
+        self._own()
+        self.count += m.sum(axis=0, dtype=np.int32)
+        self.samples += int(xs.shape[0])
+        self.extremes.merge(batch)
+        b = xs.shape[0]
+        amax = batch.max.reshape(-1)  # the batch's largest value per cell (0 where none)
+        flat = xs.reshape(b, -1)
+        cells = np.flatnonzero(amax > 0)  # only these cells' sums and histograms change
+        for c in _blocks(cells):  # blocks of cells: temporaries stay small at long S (each cell on its own)
+            xc, am = flat[:, c], amax[c]
+            self.s1.add(xc, c, am)
+            self.s2.add(xc * xc, c, am * am)
+            self.hist.add(xc, xc > 0, c, self.samples)
+        if nz is not None and nz.any():
+            self.noise = self.noise or ExactSum.empty(self.shape)
+            nflat = nz.reshape(b, -1)
+            for c in _blocks(np.flatnonzero(nflat.any(axis=0))):
+                self.noise.add(nflat[:, c], c)
+        return self
+
+    def _own(self) -> None:
+        """Make every array of the state private, writeable and C-contiguous: ``update`` changes them
+        in place through flat views, and a state from ``from_arrays`` shares the caller's arrays.
+        States built here (``from_batch``, ``empty``, ``merge``, ``copy``, …) own theirs already."""
+        def own(a: np.ndarray) -> np.ndarray:
+            return a if self._owned and a.flags.c_contiguous and a.flags.writeable else np.array(a, order="C")
+
+        self.count = own(self.count)
+        for es in (self.s1, self.s2, self.noise):
+            if es is not None:
+                es.top, es.limbs = own(es.top), own(es.limbs)
+        e, h = self.extremes, self.hist
+        e.max, e.max_id, e.min, e.row_max, e.row_max_id = (own(a) for a in (e.max, e.max_id, e.min, e.row_max, e.row_max_id))
+        h.counts, h.start, h.level, h.end = own(h.counts), own(h.start), own(h.level), own(h.end)
+        self._owned = True
 
     def merge(self, other: "CellStats") -> "CellStats":
         """Fold ``other`` in (in place, exact: any order or grouping gives the same bits); returns self."""
@@ -130,17 +231,17 @@ class CellStats:
         c[:s, :s] = self.count
         return CellStats(c, self.s1.padded(seq_len), self.s2.padded(seq_len),
                          None if self.noise is None else self.noise.padded(seq_len),
-                         self.extremes.padded(seq_len), self.hist.padded(seq_len), self.samples)
+                         self.extremes.padded(seq_len), self.hist.padded(seq_len), self.samples, _owned=True)
 
     def crop(self, s: int) -> "CellStats":
         return CellStats(self.count[:s, :s].copy(), self.s1.crop(s), self.s2.crop(s),
                          None if self.noise is None else self.noise.crop(s), self.extremes.crop(s),
-                         self.hist.crop(s), self.samples)
+                         self.hist.crop(s), self.samples, _owned=True)
 
     def copy(self) -> "CellStats":
         return CellStats(self.count.copy(), self.s1.copy(), self.s2.copy(),
                          None if self.noise is None else self.noise.copy(), self.extremes.copy(),
-                         self.hist.copy(), self.samples)
+                         self.hist.copy(), self.samples, _owned=True)
 
     # ------------------------------------------------------------------ statistics
     def moments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -186,14 +287,17 @@ class CellStats:
         return out
 
     # ------------------------------------------------------------------ (de)serialization
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        out = {"count": self.count.copy(), "samples": np.asarray(self.samples, np.int64),
-               "s1_top": self.s1.top.copy(), "s1_limbs": self.s1.limbs.copy(),
-               "s2_top": self.s2.top.copy(), "s2_limbs": self.s2.limbs.copy()}
+    def to_arrays(self, copy: bool = True) -> dict[str, np.ndarray]:
+        """The lossless plain-array form; ``copy=False``: the state's own arrays (read-only use, e.g.
+        writing them out: at S = 2048 a copy is 0.9 GB per layer)."""
+        c = (lambda a: a.copy()) if copy else (lambda a: a)  # noqa: E731
+        out = {"count": c(self.count), "samples": np.asarray(self.samples, np.int64),
+               "s1_top": c(self.s1.top), "s1_limbs": c(self.s1.limbs),
+               "s2_top": c(self.s2.top), "s2_limbs": c(self.s2.limbs)}
         if self.noise is not None:
-            out.update(noise_top=self.noise.top.copy(), noise_limbs=self.noise.limbs.copy())
-        out.update(self.extremes.to_arrays())
-        out.update(self.hist.to_arrays())
+            out.update(noise_top=c(self.noise.top), noise_limbs=c(self.noise.limbs))
+        out.update(self.extremes.to_arrays(copy))
+        out.update(self.hist.to_arrays(copy))
         return out
 
     @classmethod

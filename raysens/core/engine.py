@@ -41,6 +41,7 @@ from .precision import check_device, compute_dtype, generic_autocast, matmul_pre
 from .probes import draw_forward_probes, draw_probes, probe_seed
 from .schedule import SEG_COST_MANUAL, Schedule, directions, pick_mode
 from .stacks import ManualStack, make_stack, unsupported_reason
+from .stacks.base import check_gemm_threads
 from .transforms import pick_forward, pick_reverse
 
 __all__ = ["Estimator", "Mode", "Precision", "ProbeDistribution", "SensitivityConfig", "Strategy", "SensitivityEngine",
@@ -99,6 +100,8 @@ class SensitivityEngine:
         self.model = encoder_of(analysis_copy(model, device))  # an encoder-decoder model: its encoder
         self.device = next(self.model.parameters()).device
         check_device(cfg.precision, self.device)  # tf32: CUDA only
+        if self.device.type == "cpu":
+            check_gemm_threads()  # bit-for-bit across thread counts (§1.9): warns once if MKL splits GEMMs
         self.fused_norms = install_fused_norms(self.model) if cfg.fused_norms else 0  # modules switched
         self.base = self.model.base_model  # the stack without any LM head
         mcfg = self.model.config
@@ -289,7 +292,11 @@ class SensitivityEngine:
         path = self._manual_fwd if manual else self._generic_fwd
         self._used = Strategy.MANUAL.value if manual else ""
         nd = self._frows.directions
-        g = bsz if self.device.type != "cpu" else max(1, min(bsz, self.memory.backward_tokens // max(nd * seq * seq, 1)))
+        # CPU sample groups: tangent rows of one pass × samples × tokens near backward_tokens. A pass
+        # carries one segment's rows (manual causal suffix segments: a few input positions; the
+        # generic path and non-causal models: all S), so the group is sized by the widest segment
+        width = max(b - a for a, b in path.segments(seq)) if manual else seq
+        g = bsz if self.device.type != "cpu" else max(1, min(bsz, self.memory.backward_tokens // max(nd * width * seq, 1)))
         mcfg = self.model.config
         inter = int(getattr(mcfg, "intermediate_size", None) or getattr(mcfg, "n_inner", None) or 4 * self.hidden)
         heads = int(getattr(mcfg, "num_attention_heads", 1) or 1)

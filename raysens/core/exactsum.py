@@ -32,6 +32,7 @@ CHUNK = 32
 LIMBS = 3
 EMPTY = -128  # top of a cell without a non-zero value
 _TWO32 = float(2 ** CHUNK)
+_MAX_BATCH = 2 ** 21  # float64 sums of the 32-bit parts stay exact up to 2^21 terms
 
 
 def chunk_of(a: np.ndarray) -> np.ndarray:
@@ -58,50 +59,47 @@ class ExactSum:
         """The exact sum over the batch axis of ``x`` float64 ``[batch, pos_out, pos_in]`` (finite,
         **non-negative**; masked cells must be 0). ``amax``: ``x.max(axis=0)`` if already known.
         Only cells with a non-zero value are computed (the causal half of a map costs nothing)."""
-        if x.shape[0] > 2 ** 21:  # float64 sums of the 32-bit parts below stay exact up to 2^21 terms
+        if x.shape[0] > _MAX_BATCH:
             half = x.shape[0] // 2
             return cls.from_batch(x[:half]).merge(cls.from_batch(x[half:]))
         amax = x.max(axis=0) if amax is None else amax
         top = chunk_of(amax)
         out = cls(top, np.zeros((LIMBS, *top.shape), np.int64))
         act = np.flatnonzero(top.reshape(-1) != EMPTY)
-        if not act.size:
-            return out
-        xs = x.reshape(x.shape[0], -1)[:, act] if act.size < 0.9 * top.size else x.reshape(x.shape[0], -1)
-        tops = top.reshape(-1)[act] if xs.shape[1] == act.size else top.reshape(-1)
-        base = (tops.astype(np.int32) - (LIMBS - 1)) * CHUNK  # exponent of the window's lowest bit
-        if base.min() > -1000 and base.max() < 1000 - CHUNK * LIMBS:
-            y = xs * np.ldexp(1.0, -base)[None]  # exact: scaling by a power of two (no over/underflow here)
-        else:
-            y = np.ldexp(xs, -base[None])
-        parts = np.empty((LIMBS, xs.shape[1]))
-        for j in range(LIMBS - 1, -1, -1):  # peel the chunks off from the top: every step is exact
-            if j:
-                q = np.floor(y * 2.0 ** (-CHUNK * j))
-                y = y - q * 2.0 ** (CHUNK * j)
-            else:
-                q = np.floor(y)
-            parts[j] = q.sum(axis=0)  # integers < 2^32 each: the float64 sum is exact
-        flat = out.limbs.reshape(LIMBS, -1)
-        if xs.shape[1] == act.size:
-            flat[:, act] = parts.astype(np.int64)
-        else:
-            flat[:] = np.where(top.reshape(-1) != EMPTY, parts, 0).astype(np.int64)
+        if act.size:
+            out.limbs.reshape(LIMBS, -1)[:, act] = _limb_sums(x.reshape(x.shape[0], -1)[:, act], top.reshape(-1)[act])
         return out
+
+    def add(self, x: np.ndarray, cells: np.ndarray, amax: np.ndarray | None = None) -> "ExactSum":
+        """Add, in place, the values ``x`` float64 ``[batch, N]`` (finite, >= 0) of the cells with flat
+        indices ``cells`` int ``[N]`` (distinct); ``amax``: ``x.max(axis=0)`` if known. The same bits as
+        ``merge(ExactSum.from_batch(...))`` of those values, without the batch state: the window of a
+        cell moves only where the batch brings a new top chunk. The arrays must be writeable and
+        C-contiguous (they are updated through flat views)."""
+        if x.shape[0] > _MAX_BATCH:
+            half = x.shape[0] // 2
+            return self.add(x[:half], cells).add(x[half:], cells)
+        amax = x.max(axis=0) if amax is None else amax
+        top, limbs = self.top.reshape(-1), self.limbs.reshape(LIMBS, -1)  # views
+        old = top[cells]
+        new = np.maximum(old, chunk_of(amax))
+        grow = np.flatnonzero(new != old)
+        if grow.size:  # a new top chunk: the cell's limbs shift down first (rare after the first batches)
+            g = cells[grow]
+            limbs[:, g] = _shift(limbs[:, g], old[grow], new[grow])
+            top[g] = new[grow]
+        live = new != EMPTY
+        if not live.all():
+            cells, x, new = cells[live], x[:, live], new[live]
+        if cells.size:
+            limbs[:, cells] += _limb_sums(x, new)
+        return self
 
     def _shifted(self, top: np.ndarray) -> np.ndarray:
         """The limbs re-expressed under a window with top chunk ``top`` (>= self.top): lower chunks dropped."""
-        d = top.astype(np.int32) - self.top.astype(np.int32)
-        if not d.any():
+        if np.array_equal(top, self.top):
             return self.limbs
-        d = np.where(self.top == EMPTY, LIMBS, d)
-        out = np.zeros_like(self.limbs)
-        for j in range(LIMBS):
-            src = j + d  # new limb j holds old limb j + d
-            ok = src < LIMBS
-            if ok.any():
-                out[j] = np.where(ok, np.take_along_axis(self.limbs, np.minimum(src, LIMBS - 1)[None], 0)[0], 0)
-        return out
+        return _shift(self.limbs, self.top, top)
 
     def merge(self, other: "ExactSum") -> "ExactSum":
         """Add ``other`` in place (exact; any order gives the same bits); returns ``self``."""
@@ -139,3 +137,37 @@ class ExactSum:
             raise ValueError(f"{what}: limbs must be int64 {(LIMBS, *shape)}, got {self.limbs.dtype}{self.limbs.shape}")
         if (self.limbs[:, self.top == EMPTY] != 0).any() or ((self.top != EMPTY) & ((self.top < -34) | (self.top > 31))).any():
             raise ValueError(f"{what}: chunk indices out of the float64 range, or non-zero limbs in empty cells")
+
+
+def _limb_sums(x: np.ndarray, tops: np.ndarray) -> np.ndarray:
+    """int64 ``[LIMBS, N]``: per column of ``x`` float64 ``[batch, N]`` (>= 0, batch <= 2^21), the sums
+    over the batch of each value's bits in chunks ``tops − LIMBS + 1 … tops`` (``tops`` int8 ``[N]``,
+    no ``EMPTY``): the limbs of those values under that window. Every step is exact: scaling by powers
+    of two (the scaled values lie below 2^32; a value small enough to round is below every chunk)
+    and taking fractional parts; each chunk's part is an integer < 2^32, so their float64 sums are exact."""
+    e = -(tops.astype(np.int32) - (LIMBS - 1)) * CHUNK - CHUNK * (LIMBS - 1)  # top chunk -> integer part
+    q = np.empty((LIMBS, *x.shape))
+    if e.min() > -1000 and e.max() < 1000:
+        t = x * np.ldexp(1.0, e)[None]
+    else:
+        t = np.ldexp(x, e[None])
+    for j in range(LIMBS - 1, 0, -1):  # peel the chunks off from the top
+        np.floor(t, out=q[j])
+        t -= q[j]  # the fractional part: exact
+        t *= _TWO32
+    np.floor(t, out=q[0])
+    return q.sum(axis=1).astype(np.int64)
+
+
+def _shift(limbs: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """``limbs`` int64 ``[LIMBS, ...]`` of windows topped at ``old`` re-expressed at ``new`` (>= old,
+    same shape as ``old``): new limb j holds old limb j + (new − old); chunks below the window drop."""
+    d = new.astype(np.int32) - old.astype(np.int32)
+    d = np.where(old == EMPTY, LIMBS, d)
+    out = np.zeros_like(limbs)
+    for j in range(LIMBS):
+        src = j + d
+        ok = src < LIMBS
+        if ok.any():
+            out[j] = np.where(ok, np.take_along_axis(limbs, np.minimum(src, LIMBS - 1)[None], 0)[0], 0)
+    return out

@@ -62,6 +62,8 @@ class Extremes:
             raise ValueError(f"Extremes.from_batch: {ids.shape[0]} sample_ids for a batch of {x.shape[0]}")
         if (ids < 0).any():
             raise ValueError("Extremes.from_batch: sample_ids must be >= 0")
+        if x.shape[0] and (ids.shape[0] == 1 or (np.diff(ids) > 0).all()) and m.all():
+            return cls._every_cell(x, ids)
         reached = m.any(axis=0)
         mx = np.where(m, x, -np.inf).max(axis=0)
         mn = np.where(m, x, np.inf).min(axis=0)
@@ -75,6 +77,13 @@ class Extremes:
         return cls(np.where(reached, mx, 0.0), np.where(reached, mid, -1).astype(np.int64),
                    np.where(reached, mn, 0.0), np.where(row_reached, rmx, 0.0),
                    np.where(row_reached, rid, -1).astype(np.int64))
+
+    @classmethod
+    def _every_cell(cls, x: np.ndarray, ids: np.ndarray) -> "Extremes":
+        """``from_batch`` where every cell is valid and ``ids`` increase (the common case): the first
+        sample at a cell's max is the smallest id (``argmax`` returns the first), no masking needed."""
+        rows = x.sum(axis=2)  # [batch, S]
+        return cls(x.max(axis=0), ids[x.argmax(axis=0)], x.min(axis=0), rows.max(axis=0), ids[rows.argmax(axis=0)])
 
     def merge(self, other: "Extremes") -> "Extremes":
         """Fold ``other`` in (in place); returns ``self``. Order-independent bit for bit."""
@@ -103,8 +112,8 @@ class Extremes:
     def copy(self) -> "Extremes":
         return Extremes(*(getattr(self, k).copy() for k in EXTREME_KEYS))
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {k: getattr(self, k).copy() for k in EXTREME_KEYS}
+    def to_arrays(self, copy: bool = True) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k).copy() if copy else getattr(self, k) for k in EXTREME_KEYS}
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any], shape: tuple[int, int] | None = None) -> "Extremes":

@@ -135,7 +135,7 @@ class TargetError(str, Enum):
 
 # new fields left out of ``to_dict`` while at their default, so that configs which do not use them keep
 # their run fingerprint (config.RunConfig.fingerprint hashes ``to_dict``)
-_OMIT_AT_DEFAULT = {"target_rel_se": None, "budget": None, "target_error": "total", "pilot_samples": 4,
+_OMIT_AT_DEFAULT = {"target_rel_se": None, "budget": None, "target_error": "total", "pilot_samples": 8,
                     "max_probes": 32, "layer_plan": None}
 
 
@@ -159,7 +159,7 @@ class SensitivityConfig:
     target_rel_se: float | None = None  # plan for this median-over-cells relative SE of the dataset mean per cell, at least cost
     budget: float | None = None  # plan for the smallest worst-layer relative SE at this cost per sample (a multiple of a mode-auto K=1 run's)
     target_error: TargetError = TargetError.TOTAL  # what target_rel_se / budget measure: total SE (data + probes) or the probe part only
-    pilot_samples: int = 4  # planner: the first this many computable samples, run with PILOT_PROBES probes in both modes
+    pilot_samples: int = 8  # planner: the first this many computable samples, run with PILOT_PROBES probes in both modes (8: a 4-sample pilot misplanned SmolLM2 at budget 2, docs/benchmarks.md)
     max_probes: int = 32  # planner: the largest K it may choose per layer (num_probes is the smallest)
     layer_plan: tuple[str, ...] | None = None  # per-layer "layer:mode:K" (absolute layer indices); set by the planner or by hand
     precision: Precision = Precision.FP32  # fp32 (unchanged results) | bf16 (bf16 GEMMs, fp32 accumulation) | tf32 (CUDA only); see Precision

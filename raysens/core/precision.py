@@ -19,6 +19,7 @@ Torch only.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -34,10 +35,30 @@ BF16_GENERIC_BOUND = 5e-2
 
 
 def check_device(precision: Precision, device: torch.device) -> None:
-    """``tf32`` needs CUDA: a one-line ``ValueError`` naming the option otherwise."""
+    """``tf32`` needs CUDA: a one-line ``ValueError`` naming the option otherwise. ``bf16`` on a CPU
+    without bf16 instructions (``avx512_bf16`` / AMX): a warning — the products are emulated there and
+    run slower than fp32 (SmolLM2-shaped GEMMs 4.7x slower on an AVX-512 Xeon without them,
+    docs/benchmarks.md), while the results stay within bf16's bound."""
     if precision is Precision.TF32 and device.type != "cuda":
         raise ValueError(f"SensitivityEngine: precision 'tf32' needs a CUDA device (TF32 is a GPU tensor-core "
                          f"format) but this engine runs on {device.type}; use precision 'fp32' or 'bf16'")
+    if precision is Precision.BF16 and device.type == "cpu" and cpu_has_bf16() is False:
+        warnings.warn("SensitivityEngine: precision 'bf16' on a CPU without bf16 instructions (no avx512_bf16 "
+                      "or amx_bf16 in /proc/cpuinfo): bf16 products are emulated and run slower than fp32 here; "
+                      "use precision 'fp32' on this machine", RuntimeWarning, stacklevel=3)
+
+
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """True / False: this CPU's flags list / lack ``avx512_bf16`` or ``amx_bf16`` (native bf16 dot
+    products); None where the flags cannot be read (not Linux, or not x86)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def compute_dtype(precision: Precision) -> torch.dtype:

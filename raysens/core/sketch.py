@@ -39,6 +39,8 @@ NONE = np.iinfo(np.int16).min  # start of a cell without a positive value
 MAX_LEVEL = 12  # 2^12 · 64 fine bins cover far more than the float64 range (~10,000 fine bins)
 EPS = 10.0 ** (1.0 / (2 * BINS_PER_DECADE)) - 1.0  # the level-0 bound (7.46 %)
 _U16_SAMPLES = np.iinfo(np.uint16).max
+_BIG, _SMALL = np.iinfo(np.int32).max, np.iinfo(np.int32).min
+_BLOCK_ELEMS = 1 << 22  # counters per block of rows in quantiles (int64: 32 MiB)
 
 
 def fine_bin(x: np.ndarray) -> np.ndarray:
@@ -64,6 +66,25 @@ def _level(lo: np.ndarray, hi: np.ndarray, at_least: np.ndarray) -> np.ndarray:
 
 def _dtype(samples: int):
     return np.uint16 if samples <= _U16_SAMPLES else np.uint32
+
+
+def _bins(x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """int32 fine bins of ``x`` where ``pos`` (0 elsewhere)."""
+    return fine_bin(np.where(pos, x, 1.0))
+
+
+def _binned(b: np.ndarray, pos: np.ndarray, dt) -> "WindowHistogram":
+    """The histogram of fine bins ``b`` int32 ``[batch, N]`` where ``pos`` (bool, every column with at
+    least one): a flat-cell ``WindowHistogram`` (counts ``[N, W]`` of ``dt``, start/level/end ``[N]``)."""
+    n = b.shape[1]
+    lo = np.where(pos, b, _BIG).min(axis=0)
+    hi = np.where(pos, b, _SMALL).max(axis=0)
+    k = _level(lo, hi, np.zeros_like(lo))
+    start = lo >> k
+    idx = (b >> k[None]) - start[None]
+    flat = (np.arange(n)[None] * W + idx)[pos]
+    c = np.bincount(flat, minlength=n * W).reshape(n, W).astype(dt)
+    return WindowHistogram(c, start.astype(np.int16), k.astype(np.uint8), ((hi >> k) - start).astype(np.uint8))
 
 
 @dataclass
@@ -98,21 +119,94 @@ class WindowHistogram:
         cells = np.flatnonzero(pos.any(axis=0).reshape(-1))
         if not cells.size:
             return out
-        xp = x.reshape(x.shape[0], -1)[:, cells]
         pp = pos.reshape(x.shape[0], -1)[:, cells]
-        b = fine_bin(np.where(pp, xp, 1.0))
-        lo = np.where(pp, b, np.iinfo(np.int32).max).min(axis=0)
-        hi = np.where(pp, b, np.iinfo(np.int32).min).max(axis=0)
-        k = _level(lo, hi, np.zeros_like(lo))
-        start = lo >> k
-        idx = (b >> k[None]) - start[None]
-        flat = (np.arange(cells.size)[None] * W + idx)[pp]
-        c = np.bincount(flat, minlength=cells.size * W).reshape(cells.size, W)
-        out.counts.reshape(-1, W)[cells] = c
-        out.start.reshape(-1)[cells] = start
-        out.level.reshape(-1)[cells] = k
-        out.end.reshape(-1)[cells] = (hi >> k) - start
+        part = _binned(_bins(x.reshape(x.shape[0], -1)[:, cells], pp), pp, out.counts.dtype)
+        out._put(cells, part)
         return out
+
+    def add(self, x: np.ndarray, pos: np.ndarray, cells: np.ndarray, samples: int) -> "WindowHistogram":
+        """Add, in place, the values ``x`` float64 ``[batch, N]`` of the cells with flat indices ``cells``
+        int ``[N]`` (distinct) where ``pos`` (bool ``[batch, N]``: valid and > 0); ``samples``: the
+        state's sample count after this batch (uint16 / uint32 counters). The same bits as
+        ``merge(WindowHistogram.from_batch(...), samples)``: a cell whose batch values fall inside its
+        window at its level, or within reach below its start (the common cases once it has seen a few
+        samples), keeps its level as the merge would, moves its start down if needed and gets its
+        counters incremented; the others (empty, or a range too wide for the level) are merged cell
+        by cell. The arrays must be writeable and C-contiguous (they are
+        updated through flat views)."""
+        dt = _dtype(samples)
+        if self.counts.dtype != dt:
+            self.counts = self.counts.astype(dt)
+        every = bool(pos.all())
+        if not every:
+            has = pos.any(axis=0)
+            if not has.all():
+                cells, x, pos = cells[has], x[:, has], pos[:, has]
+        if not cells.size:
+            return self
+        b = fine_bin(x) if every else _bins(x, pos)
+        lo = b.min(axis=0) if every else np.where(pos, b, _BIG).min(axis=0)
+        hi = b.max(axis=0) if every else np.where(pos, b, _SMALL).max(axis=0)
+        st = self.start.reshape(-1)[cells].astype(np.int32)
+        k = self.level.reshape(-1)[cells].astype(np.int32)
+        ns = np.minimum(st, lo >> k)  # the merged window's start and last bin, were it to stay at level k
+        ne = np.maximum(st + self.end.reshape(-1)[cells], hi >> k)
+        keep = (st != NONE) & (ne - ns < W)
+        if keep.all():
+            self._count(b, None if every else pos, cells, st, ns, k, ne)
+            return self
+        f, r = np.flatnonzero(keep), np.flatnonzero(~keep)
+        if f.size:
+            self._count(b[:, f], pos[:, f], cells[f], st[f], ns[f], k[f], ne[f])
+        self._relevel(b[:, r], pos[:, r], cells[r], st[r], k[r], lo[r], hi[r])
+        return self
+
+    def _relevel(self, b, pos, cells, st, k, lo, hi) -> None:
+        """The other cells of ``add`` (empty, or a range too wide for their level): what ``merge`` does,
+        without the batch's histogram. The merged range (the window's bins at level ``k`` and the
+        batch's fine bins ``lo … hi``) sets the level and start; the old counters are re-binned into
+        the new window by whole counters, then the batch's values counted."""
+        empty = st == NONE
+        en = self.end.reshape(-1)[cells].astype(np.int32)
+        lo_m = np.where(empty, lo, np.minimum(st << k, lo))  # fine bins (the window widened to whole bins)
+        hi_m = np.where(empty, hi, np.maximum(((st + en + 1) << k) - 1, hi))
+        k2 = _level(lo_m, hi_m, k)  # (the merge starts from the larger level: the batch's own is never above k2)
+        s2 = lo_m >> k2
+        n = cells.size
+        flat = self.counts.reshape(-1, W)
+        new = np.zeros((n, W), self.counts.dtype)
+        row = (np.arange(n) * W)[:, None]
+        idx = np.clip(((st[:, None] + np.arange(W)[None]) >> (k2 - k)[:, None]) - s2[:, None], 0, W - 1)
+        np.add.at(new.reshape(-1), (row + idx).reshape(-1), flat[cells].reshape(-1))  # empty cells add zeros
+        bi = (b >> k2[None]) - s2[None] + row[:, 0][None]
+        np.add.at(new.reshape(-1), bi[pos], self.counts.dtype.type(1))
+        last = np.where(empty, hi >> k2, np.maximum((st + en) >> (k2 - k), hi >> k2))
+        flat[cells] = new
+        self.start.reshape(-1)[cells] = s2
+        self.level.reshape(-1)[cells] = k2
+        self.end.reshape(-1)[cells] = last - s2
+
+    def _count(self, b, pos, cells, st, ns, k, ne) -> None:
+        """Count fine bins ``b`` int32 ``[batch, N]`` (where ``pos``; None: all) into ``cells`` whose
+        window keeps its level ``k`` and holds coarse bins ``ns … ne`` (the merge's new start and last
+        bin; ``ns`` <= the old start ``st``): counters move up by ``st − ns`` first where the start drops."""
+        flat = self.counts.reshape(-1, W)
+        low = np.flatnonzero(ns < st)
+        if low.size:  # a value below the window's start, within reach: shift the counters up (exact)
+            c, d = cells[low], (st - ns)[low]
+            src = np.arange(W)[None] - d[:, None]
+            flat[c] = np.where(src >= 0, np.take_along_axis(flat[c], np.maximum(src, 0), axis=1), 0)
+            self.start.reshape(-1)[c] = ns[low]
+        idx = (b >> k[None]) + (cells * W - ns)[None]
+        np.add.at(self.counts.reshape(-1), idx.reshape(-1) if pos is None else idx[pos], self.counts.dtype.type(1))
+        self.end.reshape(-1)[cells] = ne - ns
+
+    def _put(self, cells: np.ndarray, part: "WindowHistogram") -> None:
+        """Write the flat-cell histogram ``part`` (``[N]`` cells) into cells ``cells`` of this one."""
+        self.counts.reshape(-1, W)[cells] = part.counts
+        self.start.reshape(-1)[cells] = part.start
+        self.level.reshape(-1)[cells] = part.level
+        self.end.reshape(-1)[cells] = part.end
 
     def _span(self) -> tuple[np.ndarray, np.ndarray]:
         """Fine-bin-free description of the occupied range at the cell's level: (first, last) coarse bins."""
@@ -188,18 +282,37 @@ class WindowHistogram:
         """float64 ``[S, S]``: each cell's relative quantile bound ε_k (NaN where no positive value)."""
         return np.where(self.start != NONE, level_bound(self.level), np.nan)
 
-    def quantiles(self, qs, n: np.ndarray, vmin: np.ndarray, vmax: np.ndarray) -> dict[float, np.ndarray]:
+    def quantiles(self, qs, n: np.ndarray, vmin: np.ndarray, vmax: np.ndarray,
+                  block_elems: int = _BLOCK_ELEMS) -> dict[float, np.ndarray]:
         """``{q: [S, S] float64}`` for each q in ``qs`` (NaN where a cell is empty). ``n``: values per
-        cell (zeros included); ``vmin`` / ``vmax``: the cells' exact min and max."""
-        c = self.counts.astype(np.int64)
-        n = np.asarray(n, np.int64)
-        zeros = n - c.sum(axis=2)
-        cum = np.cumsum(c, axis=2)
-        out = {}
+        cell (zeros included); ``vmin`` / ``vmax``: the cells' exact min and max. Computed in blocks of
+        rows (each cell on its own, so any block size gives the same bits): the int64 cumulative
+        counters of one block (about ``block_elems`` of them; 32 MiB) instead of two ``[S, S, W]``
+        int64 copies (2 GiB each at S = 2048)."""
+        qs = [float(q) for q in qs]
         for q in qs:
-            q = float(q)
             if not 0.0 <= q <= 1.0:
                 raise ValueError(f"WindowHistogram.quantiles: q must be in [0, 1], got {q}")
+        n = np.broadcast_to(np.asarray(n, np.int64), self.shape)
+        vmin, vmax = np.broadcast_to(vmin, self.shape), np.broadcast_to(vmax, self.shape)
+        out = {q: np.empty(self.shape) for q in qs}
+        step = max(1, block_elems // max(1, self.shape[1] * W))
+        for r in range(0, self.shape[0], step):
+            sl = slice(r, r + step)
+            part = WindowHistogram(self.counts[sl], self.start[sl], self.level[sl], self.end[sl])._quantiles(
+                qs, n[sl], vmin[sl], vmax[sl])
+            for q in qs:
+                out[q][sl] = part[q]
+        return out
+
+    def _quantiles(self, qs, n: np.ndarray, vmin: np.ndarray, vmax: np.ndarray) -> dict[float, np.ndarray]:
+        """``quantiles`` of every cell at once (``qs`` checked floats, ``n`` int64)."""
+        c = self.counts.astype(np.int64)
+        zeros = n - c.sum(axis=2)
+        cum = np.cumsum(c, axis=2)
+        del c
+        out = {}
+        for q in qs:
             h = q * np.maximum(n - 1, 0)
             lo = np.floor(h).astype(np.int64)
             hi = np.minimum(lo + 1, np.maximum(n - 1, 0))
@@ -220,9 +333,9 @@ class WindowHistogram:
             v = np.where(r < 0, 0.0, np.clip(rep, vmin, vmax))
         return np.where(rank == 0, vmin, np.where(rank == n - 1, vmax, v))  # the ends are exact
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"hist_counts": self.counts.copy(), "hist_start": self.start.copy(), "hist_level": self.level.copy(),
-                "hist_end": self.end.copy()}
+    def to_arrays(self, copy: bool = True) -> dict[str, np.ndarray]:
+        a = {"hist_counts": self.counts, "hist_start": self.start, "hist_level": self.level, "hist_end": self.end}
+        return {k: v.copy() for k, v in a.items()} if copy else a
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any], shape: tuple[int, int]) -> "WindowHistogram":

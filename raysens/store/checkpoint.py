@@ -19,7 +19,6 @@ newest valid checkpoint wins; format 1 (before issue 18) is refused naming it. n
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from ..core.cellstats import CellStats
 from .codec import PACKED_KEYS, pack_state, unpack_state
+from .npz import npz_bytes
 from .partials import SKIP_REASONS, Partial, PartialFormatError, open_archive
 from .per_sample import PER_SAMPLE, write_unit
 
@@ -110,9 +110,7 @@ class Fold:
         for L, st in self.acc.items():
             if st is not None:
                 arrays.update({f"L{L:03d}_{k}": v for k, v in pack_state(st).items()})
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
-        return buf.getvalue()
+        return npz_bytes(arrays)  # zlib level 1: 5x less CPU than savez_compressed's default
 
     @classmethod
     def decode(cls, payload: bytes, *, name: str, fingerprint: str, layers, units: list[np.ndarray],

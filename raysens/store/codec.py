@@ -1,7 +1,7 @@
 """Compact, lossless array form of a ``CellStats`` for files (partials format 3, checkpoints format 2).
 
 ``CellStats.to_arrays`` is the plain form. On disk (docs/DESIGN.md §6.3) the caller writes the
-arrays with ``np.savez_compressed`` (the causal half's zero limbs and counters compress to almost
+arrays as a zlib-compressed npz (``raysens.store.npz``; the causal half's zero limbs and counters compress to almost
 nothing) and this module only narrows what is wider than it needs to be:
 
 - ``count`` in the smallest unsigned integer type that holds it (int32 again on reading);
@@ -36,7 +36,7 @@ def smallest_uint(a: np.ndarray) -> np.ndarray:
 
 def pack_state(st: CellStats, ids=None) -> dict[str, np.ndarray]:
     """The compact arrays of ``st``; ``ids``: the sorted sample_ids its extremes may name."""
-    a = st.to_arrays()
+    a = st.to_arrays(copy=False)  # only written out; the narrowed arrays below are new ones
     a["count"] = smallest_uint(a["count"])
     if ids is not None:
         table = np.asarray(sorted(int(i) for i in ids), np.int64)

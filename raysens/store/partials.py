@@ -28,6 +28,7 @@ import numpy as np
 
 from ..core.cellstats import CellStats
 from .codec import PACKED_KEYS, pack_state, unpack_state
+from .npz import npz_bytes
 
 SKIP_REASONS = {
     "empty": "missing, null or whitespace-only text",
@@ -63,9 +64,7 @@ def encode_partial(meta: dict, states: dict[int, CellStats],
     for unit, layers in (per_sample or {}).items():
         for L, maps in layers.items():
             arrays[f"U{int(unit)}_L{int(L):03d}_per_sample"] = np.asarray(maps, np.float32)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    return buf.getvalue()
+    return npz_bytes(arrays)  # zlib level 1: 5x less CPU than savez_compressed's default
 
 
 def partial_name(unit: int, payload: bytes) -> str:

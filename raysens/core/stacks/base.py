@@ -112,6 +112,34 @@ class ManualStack:
 
 
 MIN_ROWS = 16  # GEMMs with fewer rows are padded to this many (see mm); the engine pads forwards too
+_THREAD_CHECK: list = []  # the result of check_gemm_threads, once per process
+
+
+def check_gemm_threads() -> bool:
+    """True when a float32 GEMM that MKL may split along its inner dimension (64 × 1536 @ 1536 × 576)
+    gives the same bits at 1 and 2 threads in this process (docs/DESIGN.md §1.9; ``import raysens``
+    sets ``MKL_CBWR=AUTO,STRICT`` so that it does). Checked once per process; warns when not."""
+    if not _THREAD_CHECK:
+        import warnings
+
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(64, 1536, generator=g), torch.randn(1536, 576, generator=g)
+        before = torch.get_num_threads()
+        try:
+            outs = []
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                outs.append(a @ b)
+        finally:
+            torch.set_num_threads(before)
+        _THREAD_CHECK.append(bool(torch.equal(outs[0], outs[1])))
+        if not _THREAD_CHECK[0]:
+            warnings.warn("SensitivityEngine: float32 products in this process depend on the thread count (MKL's "
+                          "strict reproducibility is off: the first product ran before `import raysens`, or "
+                          "MKL_CBWR is set to a non-strict value); Ray actors and in-process runs may then differ "
+                          "in the last bits. Set MKL_CBWR=AUTO,STRICT before the first torch product.",
+                          RuntimeWarning, stacklevel=3)
+    return _THREAD_CHECK[0]
 
 
 def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

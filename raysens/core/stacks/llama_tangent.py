@@ -4,28 +4,25 @@ activations (``LlamaStack.forward``), docs/DESIGN.md §1.10.
 Tangents of the inputs ``[a, b)`` run on the positions ``[a, S)`` only (causal: a tangent at j
 reaches positions ≥ j), against the saved full-sequence activations: per block, the closed-form
 RMSNorm tangent ``w ⊙ r·(dx − x̂·mean(x̂·dx))``, the projections as GEMMs on the tangents, the
-rotary tangent (the same linear map), the softmax-attention tangent with keys/values grouped by
-key/value head (GQA without copies): ``ds = scale·(dq·kᵀ + q·dkᵀ)``, ``dp = p ⊙ (ds − Σ p·ds)``,
-``do = dp·v + p·dv`` (dk, dv zero before a), and the SiLU-gate tangent from the saved
-``[u·silu'(g), silu(g)]``. Shapes: ``chunk`` (tangent rows), ``batch``, ``suffix`` (S − a),
-``d_model``, ``kv_heads``, ``group``, ``head_dim``, ``inter``.
+rotary tangent (the same linear map), the softmax-attention tangent (``tangents.attention_tangent``:
+keys/values grouped by key/value head, GQA without copies, one ``bmm`` per (sample, kv head) over
+every tangent and query head of the group; dk, dv zero before a) and the SiLU-gate tangent from the
+saved ``[u·silu'(g), silu(g)]``. Shapes: ``chunk`` (tangent rows), ``batch``, ``suffix`` (S − a),
+``d_model``, ``heads``, ``kv_heads``, ``head_dim``, ``inter``.
 
-With ``stack.cdtype`` bfloat16 (``precision: bf16``) ``_llama_jvp_low`` runs instead: the residual
-tangent stays float32 and the norm tangents are taken in float32, then rounded to bf16 for one fused
-q|k|v GEMM and one fused gate|up GEMM (bf16 weight copies of the stack); rotary and the attention
-products run on bf16 tangents, the softmax statistic ``Σ p·ds`` and ``dp`` in float32. No Ray.
+With ``stack.cdtype`` bfloat16 (``precision: bf16``) the same code runs with the GEMMs in bf16: the
+residual tangent stays float32 and the norm tangents are taken in float32, then rounded to bf16 for
+one fused q|k|v GEMM and one fused gate|up GEMM (bf16 weight copies of the stack, made once); rotary
+and the attention products run on bf16 tangents, the softmax statistic ``Σ p·ds`` and ``dp`` in
+float32. float32 uses the model's own weights (no fused copies: they would add most of a model's
+size). No Ray.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import mm
-
-
-def _lin(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x [..., in] @ wᵀ`` as one GEMM padded like ``mm`` (thread-count independent)."""
-    return mm(x.reshape(-1, x.shape[-1]), w.t()).view(*x.shape[:-1], w.shape[0])
+from .tangents import attention_tangent, lin
 
 
 def _norm_tangent(dx, xn, r, w):
@@ -41,20 +38,28 @@ def _rope(x, cos, sin):
     return x * cos + rot * sin
 
 
+def _proj(stack, x: torch.Tensor, weights: tuple) -> list[torch.Tensor]:
+    """``[x @ wᵀ for w in weights]`` (nn.Linear weights ``[out, in]``): float32 one GEMM per weight on
+    the model's own weights; a low GEMM dtype one fused GEMM on the stack's cached concatenated copy."""
+    if stack.cdtype == torch.float32:
+        return [lin(x, stack.w(w, True)) for w in weights]
+    y = lin(x.to(stack.cdtype), stack.w_cat(tuple(weights), 0, True))
+    return list(y.split([w.shape[0] for w in weights], -1))
+
+
 @torch.no_grad()
 def llama_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, rows: slice, a: int) -> dict[int, torch.Tensor]:
     """``{layer: [chunk, batch', S − a, d_model]}``: the tangents of hidden_states[layer] at positions
     ``[a, S)`` for input tangents ``dx`` ``[chunk, batch', S − a, d_model]`` (zero before their own
     input position) of samples ``rows`` of the shared forward ``forward_out``."""
-    if stack.cdtype != torch.float32:
-        return _llama_jvp_low(stack, forward_out, layer_ids, dx, rows, a)
     saved, final, (cos, sin), hs = forward_out
     n = len(stack.blocks)
     c, bsz, p, d = dx.shape
     seq = a + p
-    kvh, grp, hd = stack.kv_heads, stack.group, stack.head_dim
-    cs = cos[rows, a:seq][:, None, None]  # [batch, 1, 1, P, head_dim] (broadcast over kv_heads, group)
-    sn = sin[rows, a:seq][:, None, None]
+    kvh, grp, hd, cd = stack.kv_heads, stack.group, stack.head_dim, stack.cdtype
+    hh = kvh * grp
+    cs = cos[rows, a:seq][:, :, None].to(cd)  # [batch, P, 1, head_dim] (broadcast over chunk, heads)
+    sn = sin[rows, a:seq][:, :, None].to(cd)
     out = {}
     if 0 in layer_ids:
         out[0] = dx.clone()
@@ -63,80 +68,25 @@ def llama_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, rows: slice, a: i
         blk, sv = stack.blocks[i], saved[i]
         at, mlp = blk.self_attn, blk.mlp
         dn = _norm_tangent(dx, sv.xn1[rows, a:seq], sv.r1[rows, a:seq], blk.input_layernorm.weight)
-        dq = _lin(dn, at.q_proj.weight).view(c, bsz, p, kvh, grp, hd).permute(0, 1, 3, 4, 2, 5)
-        dk = _lin(dn, at.k_proj.weight).view(c, bsz, p, kvh, hd).transpose(2, 3)  # [c, B, kv, P, hd]
-        dv = _lin(dn, at.v_proj.weight).view(c, bsz, p, kvh, hd).transpose(2, 3)
-        dq = _rope(dq, cs, sn)  # [c, B, kv, group, P, hd]
-        dk = _rope(dk, cs[:, :, 0], sn[:, :, 0])
-        k, v = sv.kr[rows, :, :seq], sv.v[rows, :, :seq]  # [B, kv, S, hd]
-        q = sv.qr[rows, :, :, a:seq]  # [B, kv, group, P, hd]
-        pr = sv.p[rows, :, :, a:seq, :seq]  # [B, kv, group, P, S]
-        ds = torch.matmul(dq, k.unsqueeze(2).transpose(-1, -2))  # [c, B, kv, group, P, S]
-        ds[..., a:] += torch.matmul(q, dk.unsqueeze(3).transpose(-1, -2))
-        ds.mul_(stack.scaling)
-        dp = pr * (ds - (pr * ds).sum(-1, keepdim=True))
-        do = torch.matmul(dp, v.unsqueeze(2)) + torch.matmul(pr[..., a:], dv.unsqueeze(3))  # [c, B, kv, group, P, hd]
-        do = do.permute(0, 1, 4, 2, 3, 5).reshape(c, bsz, p, kvh * grp * hd)
-        dx = dx + _lin(do, at.o_proj.weight)
+        dq, dk, dv = _proj(stack, dn, (at.q_proj.weight, at.k_proj.weight, at.v_proj.weight))
+        dn = None
+        dq = _rope(dq.view(c, bsz, p, hh, hd), cs, sn)  # [chunk, batch, P, heads, hd]
+        dk = _rope(dk.view(c, bsz, p, kvh, hd), cs, sn)  # [chunk, batch, P, kv_heads, hd]
+        dv = dv.view(c, bsz, p, kvh, hd)
+        q = sv.qr[rows, :, :, a:seq].reshape(-1, hh, p, hd)  # [batch, heads, P, hd]
+        pr = sv.p[rows, :, :, a:seq, :seq].reshape(-1, hh, p, seq)  # [batch, heads, P, S]
+        do = attention_tangent(dq, dk, dv, q, sv.kr[rows, :, :seq], sv.v[rows, :, :seq], pr, stack.scaling)
+        dq = dk = dv = None
+        dx = lin(do, stack.w(at.o_proj.weight, True), add=dx)  # [chunk, batch, P, d_model]
+        do = None
         dn = _norm_tangent(dx, sv.xn2[rows, a:seq], sv.r2[rows, a:seq], blk.post_attention_layernorm.weight)
-        ab = sv.ab[rows, a:seq]  # [B, P, 2, inter]
-        dm = _lin(dn, mlp.gate_proj.weight) * ab[:, :, 0] + _lin(dn, mlp.up_proj.weight) * ab[:, :, 1]
-        dx = dx + _lin(dm, mlp.down_proj.weight)
-        if i + 1 in layer_ids and i + 1 < n:
-            out[i + 1] = dx
-    if n in layer_ids:
-        xn, r = final
-        out[n] = _norm_tangent(dx, xn[rows, a:seq], r[rows, a:seq], stack.base.norm.weight)
-    return out
-
-
-def _llama_jvp_low(stack, forward_out, layer_ids, dx, rows, a):
-    """``llama_jvp`` with the GEMMs in ``stack.cdtype`` (bf16) and float32 norms / softmax statistics."""
-    saved, final, (cos, sin), hs = forward_out
-    n = len(stack.blocks)
-    c, bsz, p, d = dx.shape
-    seq = a + p
-    kvh, grp, hd, cd = stack.kv_heads, stack.group, stack.head_dim, stack.cdtype
-    qw, kw = kvh * grp * hd, kvh * hd
-    cs = cos[rows, a:seq][:, None, None].to(cd)  # [batch, 1, 1, P, head_dim]
-    sn = sin[rows, a:seq][:, None, None].to(cd)
-    out = {}
-    if 0 in layer_ids:
-        out[0] = dx.clone()
-    top = min(max(layer_ids), n)
-    for i in range(top):
-        blk, sv = stack.blocks[i], saved[i]
-        at, mlp = blk.self_attn, blk.mlp
-        dn = _norm_tangent(dx, sv.xn1[rows, a:seq], sv.r1[rows, a:seq], blk.input_layernorm.weight).to(cd)
-        qkv = mm(dn.view(-1, d), stack.w_cat((at.q_proj.weight, at.k_proj.weight, at.v_proj.weight), 0, True))
-        qkv = qkv.view(c, bsz, p, qw + 2 * kw)
-        dq = qkv[..., :qw].view(c, bsz, p, kvh, grp, hd).permute(0, 1, 3, 4, 2, 5)
-        dk = qkv[..., qw:qw + kw].view(c, bsz, p, kvh, hd).transpose(2, 3)  # [c, B, kv, P, hd]
-        dv = qkv[..., qw + kw:].view(c, bsz, p, kvh, hd).transpose(2, 3)
-        dq = _rope(dq, cs, sn)  # [c, B, kv, group, P, hd]
-        dk = _rope(dk, cs[:, :, 0], sn[:, :, 0])
-        k, v = sv.kr[rows, :, :seq].to(cd), sv.v[rows, :, :seq].to(cd)  # [B, kv, S, hd]
-        q = sv.qr[rows, :, :, a:seq].to(cd)  # [B, kv, group, P, hd]
-        pr = sv.p[rows, :, :, a:seq, :seq]  # [B, kv, group, P, S] float32
-        ds = torch.matmul(dq, k.unsqueeze(2).transpose(-1, -2)).float()  # [c, B, kv, group, P, S]
-        ds[..., a:] += torch.matmul(q, dk.unsqueeze(3).transpose(-1, -2))
-        ds.mul_(stack.scaling)
-        dp = (ds - (pr * ds).sum(-1, keepdim=True)).mul_(pr).to(cd)
-        ds = None
-        do = torch.matmul(dp, v.unsqueeze(2))  # [c, B, kv, group, P, hd]
-        do += torch.matmul(pr[..., a:].to(cd), dv.unsqueeze(3))
-        dp = None
-        do = do.permute(0, 1, 4, 2, 3, 5).reshape(c * bsz * p, qw)
-        dx = dx + mm(do, stack.w(at.o_proj.weight, True)).view(c, bsz, p, d)
-        dn = _norm_tangent(dx, sv.xn2[rows, a:seq], sv.r2[rows, a:seq], blk.post_attention_layernorm.weight).to(cd)
-        gu = mm(dn.view(-1, d), stack.w_cat((mlp.gate_proj.weight, mlp.up_proj.weight), 0, True))
-        inter = gu.shape[-1] // 2
-        gu = gu.view(c, bsz, p, 2, inter)
-        ab = sv.ab[rows, a:seq].to(cd)  # [B, P, 2, inter]
-        dm = gu[..., 0, :] * ab[:, :, 0]
-        dm.addcmul_(gu[..., 1, :], ab[:, :, 1])
-        gu = None
-        dx = dx + mm(dm.view(-1, inter), stack.w(mlp.down_proj.weight, True)).view(c, bsz, p, d)
+        g, u = _proj(stack, dn, (mlp.gate_proj.weight, mlp.up_proj.weight))  # [chunk, batch, P, inter] each
+        dn = None
+        ab = sv.ab[rows, a:seq].to(cd)  # [batch, P, 2, inter]
+        dm = (g * ab[:, :, 0]).addcmul_(u, ab[:, :, 1])
+        g = u = None
+        dx = lin(dm, stack.w(mlp.down_proj.weight, True), add=dx)
+        dm = None
         if i + 1 in layer_ids and i + 1 < n:
             out[i + 1] = dx
     if n in layer_ids:

@@ -56,37 +56,44 @@ def attention_tangent(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: t
     positions ``[a, S)`` (P = S − a), keys/values at ``[0, S)``, with key/value tangents zero before a
     (causal suffix; a = 0 for an encoder):
     ``ds = scaling·(dq·kᵀ + q·dkᵀ)``, ``dp = p ⊙ (ds − Σ p·ds)``, ``do = dp·v + p·dv``.
+    Grouped-query attention (``kv_heads`` < ``heads``, query head ``h`` reads key/value head
+    ``h // group``) without copies of the keys/values: each product is one ``bmm`` per (sample,
+    key/value head) whose rows are (group, P, chunk) — every tangent and every query head of the group
+    at once, never a broadcast ``matmul`` that would copy the saved keys per tangent.
 
-    Args: dq, dk, dv ``[chunk, batch, P, heads, head_dim]`` (any strides, e.g. views of a q/k/v GEMM
-    output); q ``[batch, heads, P, head_dim]`` (saved, at ``[a, S)``); k, v ``[batch, heads, S,
-    head_dim]``; p ``[batch, heads, P, S]`` saved probabilities (0 at masked keys).
-    Returns do ``[chunk, batch, P, heads·head_dim]`` (contiguous, ready for the output GEMM).
+    Args: dq ``[chunk, batch, P, heads, head_dim]``, dk, dv ``[chunk, batch, P, kv_heads, head_dim]``
+    (any strides, e.g. views of a q/k/v GEMM output); q ``[batch, heads, P, head_dim]`` (saved, at
+    ``[a, S)``); k, v ``[batch, kv_heads, S, head_dim]``; p ``[batch, heads, P, S]`` saved
+    probabilities (0 at masked keys). Returns do ``[chunk, batch, P, heads·head_dim]`` (contiguous,
+    ready for the output GEMM).
     """
     c, bsz, pq, hh, hd = dq.shape
+    kvh = dk.shape[3]
+    grp = hh // kvh
     seq = k.shape[2]
     a = seq - pq
-    bh = bsz * hh
+    bk = bsz * kvh
     if dq.dtype != p.dtype:  # bf16 tangents (precision bf16)
         return _attention_tangent_low(dq, dk, dv, q, k, v, p, scaling)
-    kk, vv = k.reshape(bh, seq, hd), v.reshape(bh, seq, hd)
+    kk, vv = k.reshape(bk, seq, hd), v.reshape(bk, seq, hd)
     # scores tangent in [batch, heads, P, chunk, S] (query-major: rows of p broadcast over chunk)
-    dql = dq.permute(1, 3, 2, 0, 4).reshape(bh, pq * c, hd)
+    dql = dq.unflatten(3, (kvh, grp)).permute(1, 3, 4, 2, 0, 5).reshape(bk, grp * pq * c, hd)
     ds = torch.bmm(dql, kk.transpose(1, 2)).view(bsz, hh, pq, c, seq)
     dql = None
-    dkl = dk.permute(1, 3, 0, 2, 4).reshape(bh, c * pq, hd)  # [batch·heads, chunk·P', hd] (keys ≥ a)
-    qd = torch.bmm(q.reshape(bh, pq, hd), dkl.transpose(1, 2)).view(bsz, hh, pq, c, pq)
+    dkl = dk.permute(1, 3, 0, 2, 4).reshape(bk, c * pq, hd)  # [batch·kv_heads, chunk·P', hd] (keys ≥ a)
+    qd = torch.bmm(q.reshape(bk, grp * pq, hd), dkl.transpose(1, 2)).view(bsz, hh, pq, c, pq)
     dkl = None
     ds[..., a:] += qd
     qd = None
     # dp·v with dp = p ⊙ (ds − Σ p·ds): (p ⊙ ds)·v − (Σ p·ds)·o, o = p·v (cheap: no chunk axis)
     dsp = ds.mul_(p.unsqueeze(3))  # [batch, heads, P, chunk, S]
     dsum = dsp.sum(-1, keepdim=True)  # [batch, heads, P, chunk, 1]
-    do = torch.bmm(dsp.view(bh, pq * c, seq), vv).view(bsz, hh, pq, c, hd)
+    do = torch.bmm(dsp.view(bk, grp * pq * c, seq), vv).view(bsz, hh, pq, c, hd)
     dsp = ds = None
-    o = torch.bmm(p.reshape(bh, pq, seq), vv).view(bsz, hh, pq, 1, hd)
+    o = torch.bmm(p.reshape(bk, grp * pq, seq), vv).view(bsz, hh, pq, 1, hd)
     do.addcmul_(dsum, o, value=-1.0).mul_(scaling)
-    dvl = dv.permute(1, 3, 2, 0, 4).reshape(bh, pq, c * hd)  # [batch·heads, P', chunk·hd]
-    do.view(bh, pq, c * hd).baddbmm_(p[..., a:].reshape(bh, pq, pq), dvl)
+    dvl = dv.permute(1, 3, 2, 0, 4).reshape(bk, pq, c * hd)  # [batch·kv_heads, P', chunk·hd]
+    do.view(bk, grp * pq, c * hd).baddbmm_(p[..., a:].reshape(bk, grp * pq, pq), dvl)
     return do.view(bsz, hh, pq, c, hd).permute(3, 0, 2, 1, 4).reshape(c, bsz, pq, hh * hd)
 
 
@@ -94,22 +101,24 @@ def _attention_tangent_low(dq, dk, dv, q, k, v, p, scaling):
     """``attention_tangent`` for tangents in a low-precision dtype (bf16): the products in that dtype,
     ``dp = p ⊙ (ds − Σ p·ds)`` in float32 (no cancellation against ``Σ p·ds · o`` after rounding)."""
     c, bsz, pq, hh, hd = dq.shape
+    kvh = dk.shape[3]
+    grp = hh // kvh
     seq = k.shape[2]
     a = seq - pq
-    bh = bsz * hh
+    bk = bsz * kvh
     cd = dq.dtype
-    kk, vv = k.reshape(bh, seq, hd).to(cd), v.reshape(bh, seq, hd).to(cd)
-    dql = dq.permute(1, 3, 2, 0, 4).reshape(bh, pq * c, hd)
+    kk, vv = k.reshape(bk, seq, hd).to(cd), v.reshape(bk, seq, hd).to(cd)
+    dql = dq.unflatten(3, (kvh, grp)).permute(1, 3, 4, 2, 0, 5).reshape(bk, grp * pq * c, hd)
     ds = torch.bmm(dql, kk.transpose(1, 2)).view(bsz, hh, pq, c, seq).float()  # [batch, heads, P, chunk, S]
     dql = None
-    dkl = dk.permute(1, 3, 0, 2, 4).reshape(bh, c * pq, hd)
-    ds[..., a:] += torch.bmm(q.reshape(bh, pq, hd).to(cd), dkl.transpose(1, 2)).view(bsz, hh, pq, c, pq)
+    dkl = dk.permute(1, 3, 0, 2, 4).reshape(bk, c * pq, hd)
+    ds[..., a:] += torch.bmm(q.reshape(bk, grp * pq, hd).to(cd), dkl.transpose(1, 2)).view(bsz, hh, pq, c, pq)
     dkl = None
     pe = p.unsqueeze(3)  # [batch, heads, P, 1, S]
     dp = (ds - (ds * pe).sum(-1, keepdim=True)).mul_(pe * scaling).to(cd)
     ds = None
-    do = torch.bmm(dp.view(bh, pq * c, seq), vv).view(bh, pq, c * hd)
+    do = torch.bmm(dp.view(bk, grp * pq * c, seq), vv).view(bk, grp * pq, c * hd)
     dp = None
-    dvl = dv.permute(1, 3, 2, 0, 4).reshape(bh, pq, c * hd)  # [batch·heads, P', chunk·hd]
-    do.baddbmm_(p[..., a:].reshape(bh, pq, pq).to(cd), dvl)
+    dvl = dv.permute(1, 3, 2, 0, 4).reshape(bk, pq, c * hd)  # [batch·kv_heads, P', chunk·hd]
+    do.baddbmm_(p[..., a:].reshape(bk, grp * pq, pq).to(cd), dvl)
     return do.view(bsz, hh, pq, c, hd).permute(3, 0, 2, 1, 4).reshape(c, bsz, pq, hh * hd)

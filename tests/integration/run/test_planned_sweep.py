@@ -29,7 +29,7 @@ def sweep_dict(out) -> dict:
         "name": "planned",
         "dir": str(out),
         "base": {"data": {"limit": N},
-                 "sensitivity": {"estimator": "hutchinson", "num_probes": 2, "budget": 3},
+                 "sensitivity": {"estimator": "hutchinson", "num_probes": 2, "budget": 3, "pilot_samples": 4},
                  # ship_every_units=1: one partial per unit (counted below); not in the fingerprint
                  "cluster": {"use_ray": False, "batch_size": BATCH, "ship_every_units": 1},
                  "output": {"plots": False, "progress_every_s": 0}},

@@ -54,7 +54,8 @@ def test_hand_written_layer_plan_runs_each_layer_in_its_own_mode(tiny_model, tmp
 
 
 def _planned(model, out, *extra):
-    return config(model, out, *BASE, "--sensitivity.budget=3", "--sensitivity.num_probes=2", *extra)
+    return config(model, out, *BASE, "--sensitivity.budget=3", "--sensitivity.num_probes=2",
+                  "--sensitivity.pilot_samples=4", *extra)  # a pilot of half the run
 
 
 def test_planned_run_resume_reuses_the_plan(tiny_model, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import torch
 
 from refs import N_LAYERS, make_model, padded, random_ids, rel_fro
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
+from raysens.core import precision
 from raysens.core.precision import BF16_GENERIC_BOUND, BF16_MAP_BOUND
 
 ARCHS = ("llama", "mistral", "qwen2", "gpt2", "bert")
@@ -107,3 +108,30 @@ def test_unknown_precision_is_refused():
         SensitivityConfig(precision="fp16")
     with pytest.raises(ValueError, match="unknown keys"):
         SensitivityConfig.from_dict({"precison": "bf16"})
+
+
+@pytest.mark.parametrize("flags,want", [("fpu sse avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
+                                        ("fpu sse avx2 avx512f avx512bw", False)])
+def test_cpu_bf16_support_is_read_from_the_flags(tmp_path, flags, want):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert precision.cpu_has_bf16(str(info)) is want
+    (tmp_path / "noflags").write_text("processor\t: 0\nmodel name\t: arm\n")
+    assert precision.cpu_has_bf16(str(tmp_path / "noflags")) is None
+    assert precision.cpu_has_bf16(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("native,warns", [(False, True), (True, False), (None, False)])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(models, monkeypatch, native, warns):
+    """Emulated bf16 products are slower than fp32: say so once per engine (results unaffected)."""
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: native)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        SensitivityEngine(models["gpt2"], SensitivityConfig(precision="bf16"))
+        SensitivityEngine(models["gpt2"], SensitivityConfig(precision="fp32"))
+    msgs = [str(w.message) for w in got if issubclass(w.category, RuntimeWarning) and "bf16 instructions" in str(w.message)]
+    assert len(msgs) == int(warns), msgs
+    if warns:
+        assert "SensitivityEngine: precision 'bf16'" in msgs[0] and "use precision 'fp32'" in msgs[0]

@@ -159,7 +159,9 @@ def test_vjp_consumes_only_the_requested_rows_and_prefix():
     cot = torch.randn(2, 2, 5, 32, generator=g)
     got = stack.vjp(full, 2, cot.clone(), slice(1, 3))
     want = stack.vjp(stack.forward(emb[1:3, :5], mask[1:3, :5], N_LAYERS), 2, cot.clone(), slice(0, 2))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # float32 sums over 8 vs 5 positions round differently (CPU-kernel dependent): the tolerance is
+    # relative to the cotangents' scale, not to each element (small entries are sums that cancel)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-6 * float(want.abs().max()))  # seen: 7.5e-7 of the max
 
 
 @pytest.mark.parametrize("kind,b", [("bert", 6), ("llama", 6), ("llama", 4)])
@@ -245,3 +247,31 @@ def test_numbers_do_not_depend_on_the_thread_count(kind, strategy):
                 np.testing.assert_array_equal(out[1].noise[L], out[2].noise[L])
     finally:
         torch.set_num_threads(before)
+
+
+def test_import_makes_gemms_thread_count_independent():
+    """``import raysens`` sets MKL's strict reproducibility before any product (DESIGN §1.9): GEMMs
+    that MKL splits along their inner dimension (on an AVX-512 Xeon: 32-192 rows × 1536) give the same
+    bits at 1 and 2 threads; a user's own MKL_CBWR is kept."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import raysens, os, torch\n"
+            "from raysens.core.stacks.base import check_gemm_threads\n"
+            "g = torch.Generator().manual_seed(1)\n"
+            "ok = check_gemm_threads()\n"
+            "for m in (32, 64, 128, 192):\n"
+            "    a, b = torch.randn(m, 1536, generator=g), torch.randn(1536, 384, generator=g)\n"
+            "    outs = []\n"
+            "    for t in (1, 2):\n"
+            "        torch.set_num_threads(t); outs.append(a @ b)\n"
+            "    ok = ok and torch.equal(*outs)\n"
+            "print(os.environ['MKL_CBWR'], ok)\n")
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["AUTO,STRICT", "True"]
+    out = subprocess.run([sys.executable, "-c", "import raysens, os; print(os.environ['MKL_CBWR'])"],
+                         env={**env, "MKL_CBWR": "COMPATIBLE"}, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "COMPATIBLE"
