@@ -253,7 +253,8 @@ def test_interrupt_marks_the_manifest_says_how_to_resume_and_the_rerun_is_identi
     args = ["run", "jobs/configs/quickstart.yaml", f"--model.name={tiny_model}", f"--data.source={src}",
             "--data.max_seq_len=10", "--layers=[1,-1]", "--cluster.use_ray=false", "--cluster.batch_size=2",
             "--output.plots=false", "--data.limit=null", f"--output.dir={out}",
-            "--cluster.ship_every_units=1"]  # a partial per unit: the signal lands after two
+            "--cluster.ship_every_units=1",  # a partial per unit: the signal lands after two
+            "--sensitivity.num_probes=1"]  # the reference's K (quickstart.yaml runs K=2)
     env = {**os.environ, faults.UNIT_DELAY: "1.0"}
     p = _cli(args, env)
     _wait_for_partials(out, 2, p)

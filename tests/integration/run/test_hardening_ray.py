@@ -77,7 +77,8 @@ def test_a_signal_on_ray_is_interrupted_and_the_rerun_is_identical(tiny_model, t
     args = ["run", "jobs/configs/quickstart.yaml", f"--model.name={tiny_model}", f"--data.source={src}",
             "--data.max_seq_len=10", "--layers=[1,-1]", "--cluster.use_ray=true", "--cluster.batch_size=2",
             "--cluster.num_actors=1", "--output.plots=false", "--data.limit=null", f"--output.dir={out}",
-            "--cluster.ship_every_units=1"]  # a partial per unit: the signal lands after two of six
+            "--cluster.ship_every_units=1",  # a partial per unit: the signal lands after two of six
+            "--sensitivity.num_probes=1"]  # the reference's K (quickstart.yaml runs K=2)
     p = _cli(args, _ray_env(**{faults.UNIT_DELAY: "1.5"}))
     _wait(lambda: list((out / "partials").glob("unit_*.npz")), 2, p)
     p.send_signal(sig)
