@@ -118,13 +118,16 @@ def _write_stats(run_dir: str, acc: dict[int, CellStats], seq: int) -> None:
     most of it compression); one at a time from S = 1024 (a layer's statistics then take ~1 GiB)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    def write(item: tuple[int, CellStats]) -> None:
+        results.write_layer_stats(run_dir, item[0], item[1].crop(seq))
+
     workers = min(2, os.cpu_count() or 1) if seq <= 512 and len(acc) > 1 else 1
     if workers == 1:
-        for L, st in acc.items():
-            results.write_layer_stats(run_dir, L, st.crop(seq))
+        for item in acc.items():
+            write(item)
         return
     with ThreadPoolExecutor(workers) as ex:  # exceptions re-raised by list(); files are per layer
-        list(ex.map(lambda item: results.write_layer_stats(run_dir, item[0], item[1].crop(seq)), acc.items()))
+        list(ex.map(write, acc.items()))
 
 
 def _observed_len(acc: dict[int, CellStats]) -> int:

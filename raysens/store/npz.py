@@ -16,16 +16,12 @@ from typing import Mapping
 import numpy as np
 
 
-def savez_fast(buf, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write ``arrays`` (name -> array, no pickles) to the binary file object ``buf`` as an npz."""
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """The bytes of an npz of ``arrays`` (name -> array, no pickles) at zlib level 1: partials,
+    checkpoints and stats files."""
+    buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         for k, v in arrays.items():
             with zf.open(f"{k}.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(v), allow_pickle=False)
-
-
-def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """``savez_fast`` into memory."""
-    buf = io.BytesIO()
-    savez_fast(buf, arrays)
     return buf.getvalue()

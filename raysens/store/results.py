@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from ..core.cellstats import NEW_STAT_KEYS, CellStats
 from ..core.welford import WelfordState
 from .fs import exists, read_bytes, resolve, write_bytes  # noqa: F401  (re-exported: results.resolve etc.)
-from .npz import savez_fast
+from .npz import npz_bytes
 
 STAT_KEYS = ("mean", "var", "std", "var_corrected", "std_corrected", "probe_noise", "cell_count")
 CELL_STAT_KEYS = ("max", "max_sample_id", "min", "sum", "max_share", "q25", "median", "q75")  # also Parquet columns
@@ -43,12 +43,6 @@ ROW_STAT_KEYS = ("row_max", "row_max_sample_id", "row_share")  # [pos_out]
 
 def layer_file(layer: int, ext: str = "npz") -> str:
     return f"stats/layer_{int(layer):03d}.{ext}"
-
-
-def _savez_deflate1(buf, arrays: dict) -> None:
-    """``np.savez_compressed`` at zlib level 1 (``raysens.store.npz``): at S = 512 a layer's 88.6 MB of
-    arrays become 18.5 MB in 0.59 s CPU (the default level: 17.3 MB in 1.73 s)."""
-    savez_fast(buf, arrays)
 
 
 def write_layer_stats(run_dir: str, layer: int, state: CellStats | WelfordState) -> None:
@@ -61,9 +55,8 @@ def write_layer_stats(run_dir: str, layer: int, state: CellStats | WelfordState)
     arrays["count"] = np.asarray(stats["count"], np.int64)
     plain = state.to_arrays(copy=False) if isinstance(state, CellStats) else state.to_arrays()  # written, not kept
     arrays.update({f"state_{k}": v for k, v in plain.items()})
-    buf = io.BytesIO()
-    _savez_deflate1(buf, arrays)  # compressed since issue 18: 5× smaller at long S (run dir ≤ 2 GB at S = 512)
-    write_bytes(fs, posixpath.join(base, layer_file(layer)), buf.getvalue())
+    # zlib level 1 (store/npz.py) since issue 18: 5× smaller at long S (run dir ≤ 2 GB at S = 512)
+    write_bytes(fs, posixpath.join(base, layer_file(layer)), npz_bytes(arrays))
     s = state.shape[0]
     ii, jj = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
     table = pa.table({"layer": np.full(s * s, layer, np.int32), "i": ii.ravel().astype(np.int32),
