@@ -23,9 +23,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from . import cellkernel
 from .exactsum import ExactSum
 from .extremes import EXTREME_KEYS, Extremes
 from .sketch import WindowHistogram
+from .sketch import _dtype as _hist_dtype
 from .welford import WelfordState, _as_numpy
 
 SUM_KEYS = ("s1_top", "s1_limbs", "s2_top", "s2_limbs")
@@ -170,6 +172,8 @@ class CellStats:
         xs, m, nz = c.values, c.mask, c.noise
         if xs.shape[1:] != self.shape:
             raise ValueError(f"CellStats.update: batch cells {xs.shape[1:]} != state cells {self.shape}")
+        if cellkernel.available():
+            return self._update_compiled(c)
         batch = Extremes.from_batch(xs, m, c.ids)
         self._own()
         self.count += m.sum(axis=0, dtype=np.int32)
@@ -189,6 +193,23 @@ class CellStats:
             nflat = nz.reshape(b, -1)
             for c in _blocks(np.flatnonzero(nflat.any(axis=0))):
                 self.noise.add(nflat[:, c], c)
+        return self
+
+    def _update_compiled(self, c: CheckedBatch) -> "CellStats":
+        """``update`` in one compiled pass per batch (``raysens.core.cellkernel``): the same bits."""
+        xs, m, nz = c.values, c.mask, c.noise
+        ids = np.asarray(c.ids, np.int64).reshape(-1)
+        self.extremes.merge_rows(xs, m, ids)  # checks the ids before any state changes
+        self._own()
+        self.samples += int(xs.shape[0])
+        h = self.hist
+        if h.counts.dtype != _hist_dtype(self.samples):
+            h.counts = h.counts.astype(_hist_dtype(self.samples))
+        if nz is not None and nz.any():
+            self.noise = self.noise or ExactSum.empty(self.shape)
+        else:
+            nz = None
+        cellkernel.update_cells(self, np.ascontiguousarray(xs), np.ascontiguousarray(m), ids, nz)
         return self
 
     def _own(self) -> None:

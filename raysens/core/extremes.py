@@ -57,11 +57,7 @@ class Extremes:
     def from_batch(cls, x: np.ndarray, m: np.ndarray, sample_ids: Any) -> "Extremes":
         """``x`` float64 ``[batch, S, S]`` (finite where ``m``), ``m`` bool of the same shape,
         ``sample_ids`` one non-negative int per batch row."""
-        ids = np.asarray(sample_ids, np.int64).reshape(-1)
-        if ids.shape[0] != x.shape[0]:
-            raise ValueError(f"Extremes.from_batch: {ids.shape[0]} sample_ids for a batch of {x.shape[0]}")
-        if (ids < 0).any():
-            raise ValueError("Extremes.from_batch: sample_ids must be >= 0")
+        ids = _checked_ids(sample_ids, x.shape[0])
         if x.shape[0] and (ids.shape[0] == 1 or (np.diff(ids) > 0).all()) and m.all():
             return cls._every_cell(x, ids)
         reached = m.any(axis=0)
@@ -69,14 +65,21 @@ class Extremes:
         mn = np.where(m, x, np.inf).min(axis=0)
         at_max = m & (x == mx[None])
         mid = np.where(at_max, ids[:, None, None], _NO_ID).min(axis=0)
-        rows = np.where(m, x, 0.0).sum(axis=2)  # [batch, S]: per-sample row totals
-        row_in = m.any(axis=2)  # [batch, S]: the sample reached row i
-        rmx = np.where(row_in, rows, -np.inf).max(axis=0)
-        rid = np.where(row_in & (rows == rmx[None]), ids[:, None], _NO_ID).min(axis=0)
-        row_reached = row_in.any(axis=0)
+        rmx, rid = _rows(x, m, ids)
         return cls(np.where(reached, mx, 0.0), np.where(reached, mid, -1).astype(np.int64),
-                   np.where(reached, mn, 0.0), np.where(row_reached, rmx, 0.0),
-                   np.where(row_reached, rid, -1).astype(np.int64))
+                   np.where(reached, mn, 0.0), rmx, rid)
+
+    def merge_rows(self, x: np.ndarray, m: np.ndarray, sample_ids: Any) -> "Extremes":
+        """Fold only the per-row part of ``from_batch(x, m, sample_ids)`` in (in place; the per-cell
+        part is ``raysens.core.cellkernel``'s); returns ``self``."""
+        ids = _checked_ids(sample_ids, x.shape[0])
+        if x.shape[0] and (ids.shape[0] == 1 or (np.diff(ids) > 0).all()) and m.all():
+            rows = x.sum(axis=2)  # [batch, S]: per-sample row totals (as _every_cell)
+            rmx, rid = rows.max(axis=0), ids[rows.argmax(axis=0)]
+        else:
+            rmx, rid = _rows(x, m, ids)
+        self.row_max, self.row_max_id = _pick(self.row_max, self.row_max_id, rmx, rid)
+        return self
 
     @classmethod
     def _every_cell(cls, x: np.ndarray, ids: np.ndarray) -> "Extremes":
@@ -138,6 +141,26 @@ class Extremes:
         if any(not np.isfinite(v).all() for v in vals):
             raise ValueError("Extremes.from_arrays: non-finite values")
         return cls(vals[0], a["max_id"].astype(np.int64), vals[1], vals[2], a["row_max_id"].astype(np.int64))
+
+
+def _checked_ids(sample_ids: Any, batch: int) -> np.ndarray:
+    ids = np.asarray(sample_ids, np.int64).reshape(-1)
+    if ids.shape[0] != batch:
+        raise ValueError(f"Extremes.from_batch: {ids.shape[0]} sample_ids for a batch of {batch}")
+    if (ids < 0).any():
+        raise ValueError("Extremes.from_batch: sample_ids must be >= 0")
+    return ids
+
+
+def _rows(x: np.ndarray, m: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row_max float64 [S], row_max_id int64 [S]) of a batch: the largest per-sample row total over
+    the samples that reached the row (0 / -1 where none), the smallest id on ties."""
+    rows = np.where(m, x, 0.0).sum(axis=2)  # [batch, S]: per-sample row totals
+    row_in = m.any(axis=2)  # [batch, S]: the sample reached row i
+    rmx = np.where(row_in, rows, -np.inf).max(axis=0)
+    rid = np.where(row_in & (rows == rmx[None]), ids[:, None], _NO_ID).min(axis=0)
+    row_reached = row_in.any(axis=0)
+    return np.where(row_reached, rmx, 0.0), np.where(row_reached, rid, -1).astype(np.int64)
 
 
 def _pick(va: np.ndarray, ia: np.ndarray, vb: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
