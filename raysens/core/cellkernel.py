@@ -11,8 +11,8 @@ The fine bins (``⌊16·log10 x⌋``) are the one floating-point function: they 
 (``raysens.core.sketch.fine_bin``) before the kernel runs and handed to it, so both paths bin a value
 lying within an ulp of a bin edge alike.
 
-``available()`` says whether numba imported (it is a dependency; ``RAYSENS_JIT=0`` turns the kernel
-off, e.g. to compare against the numpy path). The kernel compiles on first use (a few seconds) and is
+``available()`` says whether numba imports (it is a dependency, imported on first use; ``RAYSENS_JIT=0``
+turns the kernel off, e.g. to compare against the numpy path). The kernel compiles on first use (a few seconds) and is
 cached on disk by numba afterwards.
 """
 
@@ -26,24 +26,29 @@ import numpy as np
 from .exactsum import CHUNK, EMPTY, LIMBS
 from .sketch import NONE, W, _bins
 
-try:  # a dependency; guarded so that a broken numba install degrades to the numpy path, not an ImportError
-    import numba as _nb
-except Exception:  # pragma: no cover - exercised only without numba
-    _nb = None
-
 _TWO32 = float(2 ** CHUNK)
+_COMPILED = ("_chunk", "_add_exact", "_hist_add", "_update", "_add_noise")  # callees first
+_state: dict = {}  # "ok": numba imported and the functions above wrapped (False: numba unusable)
 
 
 def available() -> bool:
-    """Whether ``update_cells`` runs compiled (numba imported, ``RAYSENS_JIT`` not ``0``)."""
-    return _nb is not None and os.environ.get("RAYSENS_JIT", "1") != "0"
+    """Whether ``update_cells`` runs compiled (numba importable, ``RAYSENS_JIT`` not ``0``). numba is
+    imported here, on first use, not with the package: reading results never pays for it."""
+    if os.environ.get("RAYSENS_JIT", "1") == "0":
+        return False
+    if "ok" not in _state:
+        try:
+            import numba
+        except Exception:  # a broken numba install degrades to the numpy path (the same bits, slower)
+            _state["ok"] = False
+            return False
+        g = globals()
+        for name in _COMPILED:  # rebinding the globals lets the compiled callers call compiled callees
+            g[name] = numba.njit(cache=True, nogil=True)(g[name])
+        _state["ok"] = True
+    return _state["ok"]
 
 
-def _jit(fn):
-    return _nb.njit(cache=True, nogil=True)(fn) if _nb is not None else fn
-
-
-@_jit
 def _chunk(a):  # pragma: no cover - compiled
     """int chunk of the top bit of a >= 0 (``exactsum.chunk_of``; ``EMPTY`` for 0)."""
     if a == 0.0:
@@ -52,7 +57,6 @@ def _chunk(a):  # pragma: no cover - compiled
     return (np.int64(e) - 1) >> 5
 
 
-@_jit
 def _add_exact(top, limbs, c, xs, nb, amax, square):  # pragma: no cover - compiled
     """``ExactSum.add`` for one cell ``c``: the values ``xs[:nb]`` (squared first if ``square``)."""
     old = np.int64(top[c])
@@ -87,7 +91,6 @@ def _add_exact(top, limbs, c, xs, nb, amax, square):  # pragma: no cover - compi
     limbs[2, c] += acc2
 
 
-@_jit
 def _hist_add(counts, start, level, end, c, bins, nb, lo, hi):  # pragma: no cover - compiled
     """``WindowHistogram.add`` for one cell ``c``: the fine bins ``bins[:nb]`` (lo / hi: their min / max)."""
     st = np.int64(start[c])
@@ -130,7 +133,6 @@ def _hist_add(counts, start, level, end, c, bins, nb, lo, hi):  # pragma: no cov
     end[c] = last - s2
 
 
-@_jit
 def _update(x, m, bins, ids, count, s1_top, s1_limbs, s2_top, s2_limbs, e_max, e_id, e_min,
             counts, start, level, end):  # pragma: no cover - compiled
     nb, ncell = x.shape
@@ -180,7 +182,6 @@ def _update(x, m, bins, ids, count, s1_top, s1_limbs, s2_top, s2_limbs, e_max, e
         _hist_add(counts, start, level, end, c, bs, npos, lo, hi)
 
 
-@_jit
 def _add_noise(nz, top, limbs):  # pragma: no cover - compiled
     nb, ncell = nz.shape
     xs = np.empty(nb)
@@ -199,6 +200,8 @@ def update_cells(state, x: np.ndarray, m: np.ndarray, ids: np.ndarray, noise: np
     the dtype for its new sample count) in place, except the per-row extremes and ``samples``
     (``CellStats.update`` does those): ``x`` float64 ``[batch, S, S]`` (0 where masked, finite, >= 0),
     ``m`` bool, ``ids`` int64 ``[batch]``, ``noise`` float64 or None."""
+    if not available():
+        raise RuntimeError("cellkernel.update_cells: numba is not available (CellStats.update uses the numpy path then)")
     b = x.shape[0]
     flat = x.reshape(b, -1)  # [batch, S·S]
     bins = _bins(flat, flat > 0)  # int32 [batch, S·S]: numpy's log10 (see the module docstring)
