@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from ..core.cellstats import CellStats, CheckedBatch
+from ..core.cellstats import CellStats, CheckedBatch, warm_kernel
 from ..store.partials import encode_partial
 from ..testing import faults
 
@@ -156,6 +156,8 @@ class UnitWorker:
             engine_cls = SyntheticEngine if is_synthetic(model_name) else SensitivityEngine
             shared[ekey] = make_engine(engine_cls, lm.model, SensitivityConfig.from_dict(sensitivity), device)
         self.engine = shared[ekey]
+        if "kernel" not in shared:  # the compiled fold, compiled (or loaded) with the model, not on unit 1
+            shared["kernel"] = warm_kernel()
         self.layers = self.engine.resolve_layers(list(layers))
         self.max_seq_len = int(max_seq_len)
         self.fingerprint = fingerprint

@@ -13,7 +13,7 @@ lying within an ulp of a bin edge alike.
 
 ``available()`` says whether numba imports (it is a dependency, imported on first use; ``RAYSENS_JIT=0``
 turns the kernel off, e.g. to compare against the numpy path). The kernel compiles on first use (a few seconds) and is
-cached on disk by numba afterwards.
+cached on disk by numba afterwards; ``cellstats.warm_kernel()`` compiles it ahead (a worker does, with its model).
 """
 
 from __future__ import annotations

@@ -35,3 +35,18 @@ def test_auto_gets_the_floor_explicit_values_do_not():
     every = load_config(None, ["--cluster.ship_every_units=2"])
     assert JobUnits(every, None, [], "f").ship_every == (2, 60.0, 0.0)
     assert JobUnits(auto, None, [], "f", ship_every_units=1).ship_every == (1, 60.0, 0.0)  # the follow-up pass
+
+
+def test_a_unit_worker_warms_the_kernel_once_per_process(monkeypatch):
+    """A worker compiles the stats kernel while it loads its model (``cellstats.warm_kernel``), once per process
+    (workers sharing ``shared`` share it), so its first unit costs what the others do."""
+    from raysens.backends import units
+
+    calls = []
+    monkeypatch.setattr(units, "warm_kernel", lambda: calls.append(1) or True)
+    shared: dict = {}
+    kw = dict(model_name="random:tiny-llama", trust_remote_code=False, device="cpu",
+              sensitivity={}, layers=[1], max_seq_len=8, fingerprint="f", shared=shared)
+    units.UnitWorker(**kw)
+    units.UnitWorker(**kw)
+    assert calls == [1] and shared["kernel"] is True

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from raysens.core import cellkernel
-from raysens.core.cellstats import CellStats
+from raysens.core.cellstats import CellStats, warm_kernel
 
 
 def _numpy_update(monkeypatch, state, *args):
@@ -71,3 +71,14 @@ def test_compiled_update_refuses_bad_ids_before_changing_state():
     with pytest.raises(ValueError, match="sample_ids"):
         st.update(np.ones((2, 3, 3)), None, None, [5, -1])
     _same(st, before)
+
+
+def test_warm_kernel_compiles_the_kernel_before_the_first_batch(monkeypatch):
+    """``cellstats.warm_kernel()`` (called by a worker as it loads its model) leaves the kernel's entry points with a
+    compiled overload, so a worker's first unit pays no compile; with the kernel off it is a no-op."""
+    assert warm_kernel() is True
+    for name in ("_update", "_add_noise"):  # the callees are compiled into these
+        assert getattr(cellkernel, name).signatures, name
+    monkeypatch.setenv("RAYSENS_JIT", "0")
+    assert warm_kernel() is False
+
