@@ -10,6 +10,7 @@ drivers and, through the driver, the Ray actors):
 | ``unit_arrived(n)`` (``run.runner.Runner``, after the n-th unit of this invocation arrived and was persisted) | ``RAYSENS_TEST_INTERRUPT_AFTER_UNITS=N``   | raises ``SimulatedInterrupt`` (a ``BaseException``, like Ctrl-C) |
 |                                                    | ``RAYSENS_TEST_UNIT_DELAY_S=T``            | sleeps T seconds after each unit (a slow run: time for a test to send SIGINT / SIGTERM) |
 | ``actor_unit_start(units_done, settings)`` (``backends.ray_pool.SensitivityActor``, before each unit) | ``RAYSENS_TEST_KILL_AFTER_UNITS=N`` and ``RAYSENS_TEST_KILL_MARKER=path`` | after N units the actor process exits (``os._exit(17)``) in its next unit, once per marker file |
+|                                                    | ``RAYSENS_TEST_ACTOR_UNIT_DELAY_S=T``      | the actor sleeps T seconds before each unit (units as slow as real ones: a test that needs every actor to get work) |
 | ``planted_values(settings, sample_ids, values)`` (``backends.units.UnitWorker.process``, after the engine) | ``RAYSENS_TEST_SCALE_SAMPLE=ID:FACTOR`` | sample ``ID``'s maps (every layer) are multiplied by ``FACTOR``: a planted outlier sample |
 | ``compaction_step(step, i)`` (``store.compaction.Compaction._compact``: ``folded`` before the checkpoint write, ``written`` after it, ``old_deleted`` after the previous checkpoint's deletion, ``deleted`` after the i-th folded partial's deletion) | ``RAYSENS_TEST_COMPACT_CRASH=STEP[:I][:K]`` | raises ``SimulatedInterrupt`` at that step (``deleted:I``: after the I-th deletion) of the K-th compaction of the process (default 1) |
 |                                                    | ``RAYSENS_TEST_COMPACT_EXIT=STEP[:I][:K]``  | the process exits there (``os._exit(4)``): a killed driver |
@@ -28,6 +29,7 @@ INTERRUPT = "RAYSENS_TEST_INTERRUPT_AFTER_UNITS"
 UNIT_DELAY = "RAYSENS_TEST_UNIT_DELAY_S"
 ACTOR_KILL = "RAYSENS_TEST_KILL_AFTER_UNITS"
 ACTOR_MARKER = "RAYSENS_TEST_KILL_MARKER"
+ACTOR_DELAY = "RAYSENS_TEST_ACTOR_UNIT_DELAY_S"
 
 
 class SimulatedInterrupt(BaseException):
@@ -61,12 +63,18 @@ def unit_arrived(n_units: int) -> None:
 def actor_settings() -> dict:
     """Driver side: the actor hook's settings, passed to every actor (empty unless armed)."""
     after, marker = _armed(ACTOR_KILL), os.environ.get(ACTOR_MARKER, "")
-    return {"kill_after": after, "kill_marker": marker} if after and marker else {}
+    out = {"kill_after": after, "kill_marker": marker} if after and marker else {}
+    delay = float(os.environ.get(ACTOR_DELAY, "0") or 0)
+    return {**out, "delay_s": delay} if delay > 0 else out
 
 
 def actor_unit_start(units_done: int, settings: dict) -> None:
     """Actor: about to compute a unit after ``units_done`` others."""
-    if not settings or units_done < settings["kill_after"]:
+    if settings.get("delay_s"):
+        import time
+
+        time.sleep(settings["delay_s"])
+    if "kill_after" not in settings or units_done < settings["kill_after"]:
         return
     try:
         fd = os.open(settings["kill_marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)

@@ -3,6 +3,7 @@ authentication, started in their own process groups and torn down completely."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -112,9 +113,11 @@ class LocalCluster:
         active = p.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
         return sum(1 for line in active.splitlines() if "node_" in line)
 
-    def submit(self, args: list[str], timeout: float = 480, wait: bool = True):
-        """`ray job submit --working-dir . -- python ...` from the repository root."""
-        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.url, "--working-dir", ".",
+    def submit(self, args: list[str], timeout: float = 480, wait: bool = True, env_vars: dict | None = None):
+        """`ray job submit --working-dir . -- python ...` from the repository root; ``env_vars``: the
+        job's runtime-env variables (its entrypoint, the driver, sees them)."""
+        renv = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.url, "--working-dir", ".", *renv,
                *([] if wait else ["--no-wait"]), "--", "python", *args]
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=self.env)
 

@@ -43,7 +43,13 @@ def _reference(tmp, args):
 def test_two_node_cluster_both_nodes_compute_and_match_in_process(two_nodes, tmp_path):
     out = two_nodes.tmp / "two-node-results"
     args = [*TINY, "--data.limit=24", "--cluster.num_actors=2"]
-    p = two_nodes.submit([RUN, QUICKSTART, *args, f"--output.dir={out}"])
+    # Ray Data dispatches to whichever pool actor is alive and prefers the node holding a block: of 8
+    # units that take milliseconds, one actor could take all (it did, ~1 run in 3 on 2 cores). Both
+    # actors alive before dispatch (a Ray Data setting the job's driver reads) and units that last 0.5 s
+    # (a test hook in the actors) make "both nodes compute" a property of the run, not of timing.
+    p = two_nodes.submit([RUN, QUICKSTART, *args, f"--output.dir={out}"],
+                         env_vars={"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300",
+                                   "RAYSENS_TEST_ACTOR_UNIT_DELAY_S": "0.5"})
     assert p.returncode == 0 and "succeeded" in p.stdout + p.stderr, (p.stdout + p.stderr)[-4000:]
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "complete" and m["samples"]["computed"] == 24
