@@ -40,6 +40,10 @@ def _armed(name: str) -> int:
     return int(os.environ.get(name, "0") or 0)
 
 
+def _seconds(name: str) -> float:
+    return float(os.environ.get(name, "0") or 0)
+
+
 def partial_persisted(n_written: int) -> None:
     """Driver: the ``n_written``-th partial of this invocation is on disk."""
     after = _armed(DRIVER_EXIT)
@@ -53,7 +57,7 @@ def unit_arrived(n_units: int) -> None:
     after = _armed(INTERRUPT)
     if after and n_units >= after:
         raise SimulatedInterrupt(f"test hook: interrupted after {n_units} units")
-    delay = float(os.environ.get(UNIT_DELAY, "0") or 0)
+    delay = _seconds(UNIT_DELAY)
     if delay > 0:
         import time
 
@@ -64,7 +68,7 @@ def actor_settings() -> dict:
     """Driver side: the actor hook's settings, passed to every actor (empty unless armed)."""
     after, marker = _armed(ACTOR_KILL), os.environ.get(ACTOR_MARKER, "")
     out = {"kill_after": after, "kill_marker": marker} if after and marker else {}
-    delay = float(os.environ.get(ACTOR_DELAY, "0") or 0)
+    delay = _seconds(ACTOR_DELAY)
     return {**out, "delay_s": delay} if delay > 0 else out
 
 

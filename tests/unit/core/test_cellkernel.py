@@ -81,4 +81,3 @@ def test_warm_kernel_compiles_the_kernel_before_the_first_batch(monkeypatch):
         assert getattr(cellkernel, name).signatures, name
     monkeypatch.setenv("RAYSENS_JIT", "0")
     assert warm_kernel() is False
-
