@@ -33,6 +33,7 @@ from .conventions import conform, depends_on_later, encoder_of
 from .autograd_paths import AutogradPaths, pad_batch
 from .cotangents import Cotangents, chunk_loop
 from .forward import ForwardRows, GenericForward, ManualForward
+from .determinism import thread_independent
 from .fused import install_fused_norms
 from .inputs import normalise
 from .memory import MemoryPolicy
@@ -240,7 +241,7 @@ class SensitivityEngine:
         total = {L: torch.zeros(bsz, seq, seq, dtype=torch.float64, device=self.device) for L in layer_ids}
         hutch = cfg.estimator is Estimator.HUTCHINSON
         sumsq = {L: torch.zeros_like(total[L]) for L in layer_ids} if (hutch and k >= 2) else None
-        with matmul_precision(cfg.precision):  # tf32: TF32 matrix products during this call only
+        with matmul_precision(cfg.precision), thread_independent(self.device):  # tf32: this call only
             if mode is Mode.FORWARD:
                 self._run_forward(emb, mask, layer_ids, sids, lengths, total, sumsq)
             else:
