@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from .core.engine import Estimator, SensitivityConfig, SensitivityEngine
-from .core.cellstats import cell_extras
-from .core.extremes import Extremes
-from .core.moments import ExactMoments, checked_batch
-from .core.sketch import WindowHistogram
-from .core.welford import WelfordState
+from .stats.cells import cell_extras
+from .stats.extremes import Extremes
+from .stats.moments import ExactMoments, checked_batch
+from .stats.histogram import WindowHistogram
+from .stats.welford import WelfordState
 
 
 class WelfordAccumulator:
@@ -30,7 +30,7 @@ class WelfordAccumulator:
     differences, log-sensitivities or centred values into it.
 
     ``device`` and ``dtype`` are accepted for compatibility; statistics are kept on the host from exact
-    sums (``raysens.core.welford.WelfordState``): ``mean`` and ``var`` are the correctly rounded values
+    sums (``raysens.stats.welford.WelfordState``): ``mean`` and ``var`` are the correctly rounded values
     of the exact statistics of everything folded in, the same bits under any batch split or merge
     grouping (a float32 accumulator is what made the older tool's large runs drift). Batches of
     different ``S`` are allowed: the state grows and unseen cells stay empty.

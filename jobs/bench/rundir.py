@@ -100,7 +100,7 @@ def growth(samples: list[int], layers: int, seq: int, batch: int, every_list: li
 
 
 def payload(layers: int, seq: int, batch: int, units_in_ckpt: int = 64) -> dict:
-    from raysens.core.cellstats import CellStats
+    from raysens.stats.cells import CellStats
     from raysens.store.checkpoint import Fold
     from raysens.store.partials import decode_partial, encode_partial
 

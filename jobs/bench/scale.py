@@ -120,7 +120,7 @@ def _driver_child(spec: dict) -> dict:
     merged into the running fold (what compaction does with it). Process CPU time, median of ``reps``."""
     import numpy as np
 
-    from raysens.core.cellstats import CellStats
+    from raysens.stats.cells import CellStats
     from raysens.store.partials import decode_partial, encode_partial
 
     rng = np.random.default_rng(0)
@@ -155,7 +155,7 @@ def state(args) -> dict:
     ``np.quantile`` (lognormal cells, merged from batches) next to the stated bound, update CPU time."""
     import numpy as np
 
-    from raysens.core.cellstats import CellStats
+    from raysens.stats.cells import CellStats
 
     rng = np.random.default_rng(0)
     S, B, N = 32, 32, args.samples

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from ..core.cellstats import CellStats, CheckedBatch, warm_kernel
+from ..stats.cells import CellStats, CheckedBatch, warm_kernel
 from ..store.partials import encode_partial
 from ..testing import faults
 

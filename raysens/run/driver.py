@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from .._log import log, now_iso
-from ..core.cellstats import CellStats
+from ..stats.cells import CellStats
 from ..store import results
 from ..store.partials import SKIP_REASONS
 from ..store.rundir import RunDir, RunError
@@ -65,7 +65,7 @@ def _fmt_s(s: float) -> str:
 def finalize(plan: RunPlan, rdir: RunDir, manifest: dict, timings: dict, backend: dict) -> dict:
     """Merge the checkpoint and every partial (one file at a time), write stats, manifest and plots."""
     # the checkpoint's merge (rolling compaction) continued with the remaining partials (exact and
-    # order-independent: raysens.core.cellstats; raysens.store.checkpoint.Fold: accumulators follow the
+    # order-independent: raysens.stats.cells; raysens.store.checkpoint.Fold: accumulators follow the
     # observed lengths, grown as longer partials arrive, never the configured max_seq_len)
     if plan.config.output.compact_every:  # fold the tail too: a finished run keeps a checkpoint and no partial
         rdir.compact(1)

@@ -7,7 +7,7 @@ ids by reason, computed count, summed ``compute_s``, model identity, devices, st
 per-sample export's counters, the set of units folded). ``RunDir.compact`` folds the partials on disk
 into it, writes it as a checkpoint and only then deletes the folded partials; finalize continues the
 same ``Fold`` with the remaining partials. The state is exact and order-independent
-(``raysens.core.cellstats``) and stored losslessly, so the statistics are bit for bit those of a run
+(``raysens.stats.cells``) and stored losslessly, so the statistics are bit for bit those of a run
 that never compacted, whatever was folded when.
 
 File: ``checkpoint/ckpt-<units folded, 10 digits>-<sha256[:16] of the bytes>.npz`` (zlib ``.npz``,
@@ -24,7 +24,7 @@ import re
 
 import numpy as np
 
-from ..core.cellstats import CellStats
+from ..stats.cells import CellStats
 from .codec import PACKED_KEYS, pack_state, unpack_state
 from .npz import npz_bytes
 from .partials import SKIP_REASONS, Partial, PartialFormatError, open_archive

@@ -19,7 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..core.cellstats import CELL_KEYS, NOISE_KEYS, CellStats
+from ..stats.cells import CELL_KEYS, NOISE_KEYS, CellStats
 
 PACKED_KEYS = CELL_KEYS + NOISE_KEYS  # noise_* only when probe noise was folded in
 

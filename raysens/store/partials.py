@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.cellstats import CellStats
+from ..stats.cells import CellStats
 from .codec import PACKED_KEYS, pack_state, unpack_state
 from .npz import npz_bytes
 

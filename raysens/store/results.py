@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..core.cellstats import NEW_STAT_KEYS, CellStats
-from ..core.welford import WelfordState
+from ..stats.cells import NEW_STAT_KEYS, CellStats
+from ..stats.welford import WelfordState
 from .fs import exists, read_bytes, resolve, write_bytes  # noqa: F401  (re-exported: results.resolve etc.)
 from .npz import npz_bytes
 

@@ -12,7 +12,7 @@ Run directory (local path or any ``pyarrow.fs`` URI; ``docs/DESIGN.md`` §6)::
 
 The checkpoint plus the partials are the source of truth: the statistics are always rebuilt from
 them, the checkpoint's merge continued one partial at a time, so driver memory does not grow with the
-number of samples; the per-cell state is exact and order-independent (``raysens.core.cellstats``), so
+number of samples; the per-cell state is exact and order-independent (``raysens.stats.cells``), so
 a resumed or compacted run, or one with another number of actors, gives bit for bit what an
 uninterrupted one gives. numpy/pyarrow only.
 """

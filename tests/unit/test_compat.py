@@ -81,7 +81,7 @@ def test_accumulator_over_batches_equals_numpy_over_all_samples():
     reached = n > 0
     np.testing.assert_array_equal(st["max"][reached], np.nanmax(stack, 0)[reached])
     np.testing.assert_array_equal(st["max_sample_id"], np.where(reached, np.nanargmax(np.where(reached, stack, 0), 0), -1))
-    from raysens.core.sketch import EPS
+    from raysens.stats.histogram import EPS
     med = np.nanmedian(stack, 0)
     assert (np.abs(st["median"][reached] - med[reached]) <= EPS * med[reached] + 1e-300).all()
     assert {"q25", "q75", "max_share", "row_max_sample_id", "sum"} <= set(st)

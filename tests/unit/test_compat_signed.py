@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from raysens.compat import WelfordAccumulator
-from raysens.core.welford import WelfordState
+from raysens.stats.welford import WelfordState
 
 RNG = np.random.default_rng
 

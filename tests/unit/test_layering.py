@@ -86,9 +86,27 @@ def test_the_static_scan_sees_imports():
     assert "torch" in GRAPH["raysens.core.engine"]
 
 
+CORE_ALIASES = {"raysens.core.welford"}  # the README's import path before issue 28: re-exports raysens.stats
+
+
 def test_core_imports_nothing_else_of_raysens():
     bad = _violations(lambda m, t: m.startswith("raysens.core") and _top(t) == "raysens"
-                      and not (_ours(t) or "").startswith("raysens.core"))
+                      and not (_ours(t) or "").startswith("raysens.core")
+                      and not (m in CORE_ALIASES and (_ours(t) or "").startswith("raysens.stats")))
+    assert not bad, bad
+
+
+def test_stats_imports_only_itself_and_no_torch():
+    """The statistics package is numpy only: nothing else of raysens, never torch / transformers / ray."""
+    bad = _violations(lambda m, t: m.startswith("raysens.stats") and (
+        (_top(t) == "raysens" and not (_ours(t) or "").startswith("raysens.stats"))
+        or _top(t) in ("torch", "transformers", "ray")))
+    assert not bad, bad
+
+
+def test_store_never_imports_the_engine():
+    """Reading and writing run directories needs the statistics, never the engine (``raysens.core``)."""
+    bad = _violations(lambda m, t: m.startswith("raysens.store") and (_ours(t) or "").startswith("raysens.core"))
     assert not bad, bad
 
 
@@ -189,7 +207,8 @@ def _loaded_after(stmt: str) -> set[str]:
     ("import raysens.store.results, raysens.store.rundir, raysens.store.partials, raysens.store.corpus",
      {"torch", "ray", "transformers"}),
     ("import raysens.report.commands, raysens.report.plots, raysens.report.content", {"torch", "ray", "transformers"}),
-    ("import raysens.core.engine, raysens.core.welford, raysens.compat", {"ray"}),
+    ("import raysens.core.engine, raysens.stats.welford, raysens.compat", {"ray"}),
+    ("import raysens.stats; raysens.stats.CellStats.empty(4).statistics()", {"torch", "ray", "transformers", "numba"}),
     ("import raysens.run.runner, raysens.run.sweep, raysens.backends.local", {"ray"}),
 ])
 def test_importing_a_layer_loads_nothing_it_must_not(stmt, banned):

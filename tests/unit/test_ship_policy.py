@@ -38,7 +38,7 @@ def test_auto_gets_the_floor_explicit_values_do_not():
 
 
 def test_a_unit_worker_warms_the_kernel_once_per_process(monkeypatch):
-    """A worker compiles the stats kernel while it loads its model (``cellstats.warm_kernel``), once per process
+    """A worker compiles the stats kernel while it loads its model (``cells.warm_kernel``), once per process
     (workers sharing ``shared`` share it), so its first unit costs what the others do."""
     from raysens.backends import units
 

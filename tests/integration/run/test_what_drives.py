@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline_util import KEEP, assert_same_stats, config, PER_UNIT
-from raysens.core.sketch import EPS
+from raysens.stats.histogram import EPS
 from raysens.run.runner import run_local
 from raysens.store.per_sample import read_per_sample
 

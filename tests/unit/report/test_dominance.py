@@ -13,8 +13,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from raysens.core.cellstats import CellStats  # noqa: E402
-from raysens.core.welford import WelfordState  # noqa: E402
+from raysens.stats.cells import CellStats  # noqa: E402
+from raysens.stats.welford import WelfordState  # noqa: E402
 from raysens.report import dominance as dom  # noqa: E402
 from raysens.report.commands import main_report, main_show  # noqa: E402
 from raysens.store.results import load_run, write_layer_stats, write_manifest  # noqa: E402

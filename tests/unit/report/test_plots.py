@@ -16,7 +16,7 @@ from raysens.report import analysis as an  # noqa: E402
 from raysens.report import plot_parts as pp  # noqa: E402
 from raysens.report.plots import render_compare_plots, write_compare_plots, write_run_plots  # noqa: E402
 from raysens.store.results import load_run, write_layer_stats, write_manifest  # noqa: E402
-from raysens.core.welford import WelfordState  # noqa: E402
+from raysens.stats.welford import WelfordState  # noqa: E402
 
 S, B, LAYERS = 12, 30, (1, 4)
 

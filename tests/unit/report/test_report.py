@@ -13,7 +13,7 @@ pytest.importorskip("matplotlib")
 
 from raysens.report.commands import differences, main_compare, main_report, main_show  # noqa: E402
 from raysens.store.results import load_run, write_layer_stats, write_manifest  # noqa: E402
-from raysens.core.welford import WelfordState  # noqa: E402
+from raysens.stats.welford import WelfordState  # noqa: E402
 
 S, B = 10, 20
 PLANT = (7, 3, 50.0)  # (i, j, value): far above every other cell (others are O(1))

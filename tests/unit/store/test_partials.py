@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from raysens.core.cellstats import CellStats
+from raysens.stats.cells import CellStats
 from raysens.store.partials import (FORMAT, PARTIAL_RE, SKIP_REASONS, PartialError, PartialFormatError,
                                     decode_partial, encode_partial, partial_name, read_meta)
 

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from raysens.core.cellstats import CellStats
+from raysens.stats.cells import CellStats
 from raysens.store.partials import encode_partial
 from raysens.store.rundir import RunDir, RunError
 

@@ -1,19 +1,19 @@
 """One compiled pass per batch for ``CellStats.update`` (docs/DESIGN.md §2.4).
 
-The numpy path of ``CellStats.update`` (``raysens.core.cellstats``) makes about twenty vectorised
+The numpy path of ``CellStats.update`` (``raysens.stats.cells``) makes about twenty vectorised
 passes over a batch ``[batch, pos_out·pos_in]``: extremes, two exact sums of three limbs each, the
 fine bins, the histogram windows. Here every cell is visited once, with the batch's values of that
 cell in registers: the same integer and max/min arithmetic, in the same order where order matters,
-so the state's bits are the numpy path's (``tests/unit/core/test_cellkernel.py`` compares every
+so the state's bits are the numpy path's (``tests/unit/stats/test_kernel.py`` compares every
 array of the two after long random sequences that move windows, levels and limbs).
 
 The fine bins (``⌊16·log10 x⌋``) are the one floating-point function: they are computed by numpy
-(``raysens.core.sketch.fine_bin``) before the kernel runs and handed to it, so both paths bin a value
+(``raysens.stats.histogram.fine_bin``) before the kernel runs and handed to it, so both paths bin a value
 lying within an ulp of a bin edge alike.
 
 ``available()`` says whether numba imports (it is a dependency, imported on first use; ``RAYSENS_JIT=0``
 turns the kernel off, e.g. to compare against the numpy path). The kernel compiles on first use (a few seconds) and is
-cached on disk by numba afterwards; ``cellstats.warm_kernel()`` compiles it ahead (a worker does, with its model).
+cached on disk by numba afterwards; ``cells.warm_kernel()`` compiles it ahead (a worker does, with its model).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import os
 import numpy as np
 
 from .exactsum import CHUNK, EMPTY, LIMBS
-from .sketch import NONE, W, _bins
+from .histogram import NONE, W, _bins
 
 _TWO32 = float(2 ** CHUNK)
 _COMPILED = ("_chunk", "_add_exact", "_hist_add", "_update", "_add_noise")  # callees first
@@ -201,7 +201,7 @@ def update_cells(state, x: np.ndarray, m: np.ndarray, ids: np.ndarray, noise: np
     (``CellStats.update`` does those): ``x`` float64 ``[batch, S, S]`` (0 where masked, finite, >= 0),
     ``m`` bool, ``ids`` int64 ``[batch]``, ``noise`` float64 or None."""
     if not available():
-        raise RuntimeError("cellkernel.update_cells: numba is not available (CellStats.update uses the numpy path then)")
+        raise RuntimeError("kernel.update_cells: numba is not available (CellStats.update uses the numpy path then)")
     b = x.shape[0]
     flat = x.reshape(b, -1)  # [batch, S·S]
     bins = _bins(flat, flat > 0)  # int32 [batch, S·S]: numpy's log10 (see the module docstring)

@@ -1,7 +1,7 @@
 """Everything raysens keeps per cell of a ``[pos_out, pos_in]`` map, as one compact mergeable state
-(docs/DESIGN.md §2): counts, exact sums of the values and of their squares (``raysens.core.exactsum``),
-the probe-noise sum, the extremes with their sample_ids (``raysens.core.extremes``) and the windowed
-log histogram for quantiles (``raysens.core.sketch``).
+(docs/DESIGN.md §2): counts, exact sums of the values and of their squares (``raysens.stats.exactsum``),
+the probe-noise sum, the extremes with their sample_ids (``raysens.stats.extremes``) and the windowed
+log histogram for quantiles (``raysens.stats.histogram``).
 
 ``CellStats.from_batch(values, mask, noise, sample_ids)`` builds the state of one batch (vectorised
 over the batch: no per-cell Python), ``update`` folds a batch into a state in place (the same bits as
@@ -23,11 +23,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from . import cellkernel
+from . import kernel
 from .exactsum import ExactSum
 from .extremes import EXTREME_KEYS, Extremes
-from .sketch import WindowHistogram
-from .sketch import _dtype as _hist_dtype
+from .histogram import WindowHistogram
+from .histogram import _dtype as _hist_dtype
 from .welford import WelfordState, _as_numpy
 
 SUM_KEYS = ("s1_top", "s1_limbs", "s2_top", "s2_limbs")
@@ -172,7 +172,7 @@ class CellStats:
         xs, m, nz = c.values, c.mask, c.noise
         if xs.shape[1:] != self.shape:
             raise ValueError(f"CellStats.update: batch cells {xs.shape[1:]} != state cells {self.shape}")
-        if cellkernel.available():
+        if kernel.available():
             return self._update_compiled(c)
         batch = Extremes.from_batch(xs, m, c.ids)
         self._own()
@@ -196,7 +196,7 @@ class CellStats:
         return self
 
     def _update_compiled(self, c: CheckedBatch) -> "CellStats":
-        """``update`` in one compiled pass per batch (``raysens.core.cellkernel``): the same bits."""
+        """``update`` in one compiled pass per batch (``raysens.stats.kernel``): the same bits."""
         xs, m, nz = c.values, c.mask, c.noise
         ids = np.asarray(c.ids, np.int64).reshape(-1)
         self.extremes.merge_rows(xs, m, ids)  # checks the ids before any state changes
@@ -209,7 +209,7 @@ class CellStats:
             self.noise = self.noise or ExactSum.empty(self.shape)
         else:
             nz = None
-        cellkernel.update_cells(self, np.ascontiguousarray(xs), np.ascontiguousarray(m), ids, nz)
+        kernel.update_cells(self, np.ascontiguousarray(xs), np.ascontiguousarray(m), ids, nz)
         return self
 
     def _own(self) -> None:
@@ -287,7 +287,7 @@ class CellStats:
         """``WelfordState.statistics()`` of the moments plus, per cell: ``max`` and ``max_sample_id``
         (−1 where empty), ``min``, ``sum``, ``max_share`` (max / sum; NaN where the sum is 0), ``q25``,
         ``median``, ``q75`` (histogram quantiles) and ``quantile_bound`` (their relative error bound,
-        ``raysens.core.sketch``; NaN where the cell has no positive value); per row: ``row_max``
+        ``raysens.stats.histogram``; NaN where the cell has no positive value); per row: ``row_max``
         (largest per-sample row total), ``row_max_sample_id``, ``row_share`` (row_max / Σ_j sum).
         Float arrays are NaN where no sample reached the cell / row."""
         out = self.welford.statistics()
@@ -360,10 +360,10 @@ def cell_extras(e: Extremes, total: np.ndarray, count: np.ndarray, hist: WindowH
 
 
 def warm_kernel() -> bool:
-    """Compile the compiled fold (``cellkernel``) now, or load it from numba's disk cache (~0.1 s),
+    """Compile the compiled fold (``raysens.stats.kernel``) now, or load it from numba's disk cache (~0.1 s),
     rather than on the first batch (a cold compile takes seconds): a worker calls this while it loads
-    its model, so its first unit costs what the others do. Returns ``cellkernel.available()``."""
-    if not cellkernel.available():
+    its model, so its first unit costs what the others do. Returns ``kernel.available()``."""
+    if not kernel.available():
         return False
     x = np.full((2, 2, 2), 0.5)  # float64 [batch, pos_out, pos_in]
     CellStats.from_batch(x[:1]).update(x, noise=x)  # the calls a run makes, with and without noise

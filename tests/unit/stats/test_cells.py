@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from refs import random_ids, tiny_model
-from raysens.core import sketch
-from raysens.core.cellstats import CELL_KEYS, CellStats
-from raysens.core.exactsum import ExactSum
-from raysens.core.welford import WelfordState
+from raysens.stats import histogram
+from raysens.stats.cells import CELL_KEYS, CellStats
+from raysens.stats.exactsum import ExactSum
+from raysens.stats.welford import WelfordState
 
 
 def _ref(x, m, ids):
@@ -119,7 +119,7 @@ def test_hard_inputs():
     assert st["max_share"][0, 1] == pytest.approx(1e12 / (1e12 + 8))
     assert st["max_sample_id"][0, 2] == 7 and st["median"][0, 2] == 2.5 and st["q25"][0, 2] == 2.5
     assert abs(st["median"][0, 1] - 1.0) <= st["quantile_bound"][0, 1]  # the outlier does not move the median
-    assert st["quantile_bound"][0, 1] == pytest.approx(sketch.level_bound(2))  # 12 decades: level 2 (33 %)
+    assert st["quantile_bound"][0, 1] == pytest.approx(histogram.level_bound(2))  # 12 decades: level 2 (33 %)
     assert st["max_sample_id"][0, 3] == -1 and np.isnan(st["max"][0, 3]) and np.isnan(st["median"][0, 3])
     assert st["median"][1, 3] == 0.123 and st["max_sample_id"][1, 3] == 50
     assert st["var"][0, 2] == 0.0 and st["mean"][0, 2] == 2.5  # all-equal: exact
@@ -143,20 +143,20 @@ def test_quantile_error_within_the_stated_bound():
             assert (rel <= bound * (1 + 1e-12)).all(), (n, sigma, k, float((rel / bound).max()))
             for b in np.unique(bound):
                 worst[b] = max(worst.get(b, 0.0), float(rel[bound == b].max()))
-    assert sketch.EPS == pytest.approx(0.0746, abs=1e-4) and sketch.W == 64
-    assert sketch.level_bound(0) == pytest.approx(sketch.EPS) and sketch.level_bound(1) == pytest.approx(0.155, abs=1e-3)
-    assert min(worst) == pytest.approx(sketch.EPS) and len(worst) >= 3  # several levels were exercised
+    assert histogram.EPS == pytest.approx(0.0746, abs=1e-4) and histogram.W == 64
+    assert histogram.level_bound(0) == pytest.approx(histogram.EPS) and histogram.level_bound(1) == pytest.approx(0.155, abs=1e-3)
+    assert min(worst) == pytest.approx(histogram.EPS) and len(worst) >= 3  # several levels were exercised
     assert all(0 < w <= b for b, w in worst.items())
 
 
 def test_fine_bins_and_levels():
     v = np.array([1e-150, 1e-12, 0.99999, 1.0, 10.0, 9.99e11, 1e150])
-    b = sketch.fine_bin(v)
+    b = histogram.fine_bin(v)
     assert b.tolist()[3:5] == [0, 16] and b[2] == -1
     assert (10.0 ** (b / 16.0) <= v * (1 + 1e-12)).all() and (v < 10.0 ** ((b + 1) / 16.0) * (1 + 1e-12)).all()
     # one cell from 1e-150 to 1e150: the window coarsens until 4,800 fine bins fit in 64 counters (2^7 each)
     st = CellStats.from_batch(v[:, None, None]).statistics()
-    assert 0 < st["median"][0, 0] and st["quantile_bound"][0, 0] == pytest.approx(sketch.level_bound(7))
+    assert 0 < st["median"][0, 0] and st["quantile_bound"][0, 0] == pytest.approx(histogram.level_bound(7))
     assert abs(st["median"][0, 0] - 1.0) <= st["quantile_bound"][0, 0]
     with pytest.raises(ValueError, match=">= 0"):  # A_ij = ||J_ij||^2 is never negative
         CellStats.from_batch(np.array([-3.0, 1.0])[:, None, None])
@@ -248,7 +248,7 @@ def test_state_size_does_not_grow_with_the_sample_count():
         acc.merge(CellStats.from_batch(rng.lognormal(0, 1, (16, 8, 8)), None, None, np.arange(16) + 16 * k))
     assert acc.statistics()["count"] == 480
     per_cell = sum(v.nbytes for v in acc.to_arrays().values() if v.ndim >= 2) / 64 + 8 * 2 / 8  # + the row arrays
-    assert acc.hist.counts.nbytes == 64 * sketch.W * 2 and per_cell <= 216  # was 1,624 bytes per cell
+    assert acc.hist.counts.nbytes == 64 * histogram.W * 2 and per_cell <= 216  # was 1,624 bytes per cell
 
 
 def test_counters_widen_beyond_65535_samples():

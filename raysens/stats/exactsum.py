@@ -162,7 +162,7 @@ def _limb_sums(x: np.ndarray, tops: np.ndarray) -> np.ndarray:
 def _shift(limbs: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
     """``limbs`` int64 ``[L, ...]`` of windows topped at ``old`` re-expressed at ``new`` (>= old,
     same shape as ``old``): new limb j holds old limb j + (new − old); chunks below the window drop."""
-    nl = limbs.shape[0]  # LIMBS here; raysens.core.moments uses wider windows
+    nl = limbs.shape[0]  # LIMBS here; raysens.stats.moments uses wider windows
     d = new.astype(np.int32) - old.astype(np.int32)
     d = np.where(old == EMPTY, nl, d)
     out = np.zeros_like(limbs)

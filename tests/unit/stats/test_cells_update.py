@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raysens.core import sketch
-from raysens.core.cellstats import CellStats
-from raysens.core.exactsum import CHUNK, EMPTY, LIMBS, ExactSum
+from raysens.stats import histogram
+from raysens.stats.cells import CellStats
+from raysens.stats.exactsum import CHUNK, EMPTY, LIMBS, ExactSum
 
 
 def _same(a: CellStats, b: CellStats) -> None:
@@ -67,8 +67,8 @@ def test_each_histogram_path_matches_the_merge():
     got = st.copy().update(batch, None, None, [1])
     _same(got, ref)
     h = got.hist
-    assert h.level.ravel().tolist() == [0, 0, 2, 0] and h.start[0, 1] == sketch.fine_bin(np.array(0.5))
-    assert h.start[1, 1] != sketch.NONE
+    assert h.level.ravel().tolist() == [0, 0, 2, 0] and h.start[0, 1] == histogram.fine_bin(np.array(0.5))
+    assert h.start[1, 1] != histogram.NONE
 
 
 def test_counters_widen_to_uint32_in_update():
@@ -149,7 +149,7 @@ def test_blocked_quantiles_equal_the_unblocked_ones(block):
 
 
 def test_update_in_blocks_of_cells_equals_one_block(monkeypatch):
-    from raysens.core import cellstats
+    from raysens.stats import cells
 
     rng = np.random.default_rng(9)
     xs = [rng.lognormal(0, 3, (4, 9, 9)) * (rng.random((4, 9, 9)) < 0.8) for _ in range(4)]
@@ -157,7 +157,7 @@ def test_update_in_blocks_of_cells_equals_one_block(monkeypatch):
     one = CellStats.from_batch(xs[0])
     for x, nz in zip(xs[1:], noise[1:]):
         one.update(x, None, nz)
-    monkeypatch.setattr(cellstats, "_CELL_BLOCK", 5)
+    monkeypatch.setattr(cells, "_CELL_BLOCK", 5)
     many = CellStats.from_batch(xs[0])
     for x, nz in zip(xs[1:], noise[1:]):
         many.update(x, None, nz)

@@ -7,10 +7,10 @@ are never counted):
   produced it; ties go to the **smallest** sample_id. ``-1`` (and ``max = 0``) where no sample
   reached the cell.
 - ``min`` (float64): the smallest per-sample value (0 where empty); it makes the quantiles of
-  ``raysens.core.sketch`` exact at the ends of a cell's range.
+  ``raysens.stats.histogram`` exact at the ends of a cell's range.
 
 (the sum over samples, for the share of the largest sample ``max / sum``, is the exact sum of
-``raysens.core.exactsum`` kept by ``CellStats``)
+``raysens.stats.exactsum`` kept by ``CellStats``)
 
 and per output row i (the per-sample row total ``Σ_j A_ij`` over the sample's valid cells):
 ``row_max`` / ``row_max_id`` — the largest row total of one sample and its sample_id (same tie rule).
@@ -71,7 +71,7 @@ class Extremes:
 
     def merge_rows(self, x: np.ndarray, m: np.ndarray, sample_ids: Any) -> "Extremes":
         """Fold only the per-row part of ``from_batch(x, m, sample_ids)`` in (in place; the per-cell
-        part is ``raysens.core.cellkernel``'s); returns ``self``."""
+        part is ``raysens.stats.kernel``'s); returns ``self``."""
         ids = _checked_ids(sample_ids, x.shape[0])
         if x.shape[0] and (ids.shape[0] == 1 or (np.diff(ids) > 0).all()) and m.all():
             rows = x.sum(axis=2)  # [batch, S]: per-sample row totals (as _every_cell)

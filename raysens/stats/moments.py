@@ -1,13 +1,13 @@
 """Exact per-cell moments of **any finite float64 values** (signed, any magnitude): the state behind
-the general accumulator (``raysens.core.welford.WelfordState``, ``raysens.compat.WelfordAccumulator``).
+the general accumulator (``raysens.stats.welford.WelfordState``, ``raysens.compat.WelfordAccumulator``).
 
 A float64 Welford/Chan state rounds its running mean: on values with a large common offset (1e9 plus
 unit noise) the variance it reports is off by ~1e-8 relative, and the bits depend on how the data
-were batched and merged. The run's own cell state (``raysens.core.cellstats``) avoids this with exact
+were batched and merged. The run's own cell state (``raysens.stats.cells``) avoids this with exact
 integer sums, but only for values >= 0 (sensitivities). Here the same idea holds for any values:
 
 - ``WideSum`` keeps, per cell, ``WIDE`` = 6 int64 limbs of 32-bit chunks on the global binary grid of
-  ``raysens.core.exactsum`` (top chunk = that of the largest ``|term|`` seen), 192 bits in all. A term
+  ``raysens.stats.exactsum`` (top chunk = that of the largest ``|term|`` seen), 192 bits in all. A term
   adds ``sign · ⌊|term| / 2^bottom⌋`` chunk by chunk (sign-magnitude, so moving the window up only
   relabels limbs and drops the same low bits of every term): the integer it holds is an exact
   function of the multiset of terms — **any order, batching or merge grouping gives the same value**.

@@ -1,4 +1,4 @@
-"""``raysens.core.cellkernel`` (the compiled per-batch fold of ``CellStats.update``) against the numpy
+"""``raysens.stats.kernel`` (the compiled per-batch fold of ``CellStats.update``) against the numpy
 path (``RAYSENS_JIT=0``): every array of ``to_arrays()`` equal after long random sequences of batches
 that move histogram starts and levels, bring new top chunks to the exact sums, mask cells, add probe
 noise late, and cross the uint16 → uint32 counter switch; and the kernel is really the one in use."""
@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raysens.core import cellkernel
-from raysens.core.cellstats import CellStats, warm_kernel
+from raysens.stats import kernel
+from raysens.stats.cells import CellStats, warm_kernel
 
 
 def _numpy_update(monkeypatch, state, *args):
@@ -29,7 +29,7 @@ def _same(a: CellStats, b: CellStats) -> None:
 
 def test_numba_kernel_is_in_use():
     """numba is a dependency: the tests (and runs) must exercise the compiled path, not the fallback."""
-    assert cellkernel.available()
+    assert kernel.available()
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -74,10 +74,10 @@ def test_compiled_update_refuses_bad_ids_before_changing_state():
 
 
 def test_warm_kernel_compiles_the_kernel_before_the_first_batch(monkeypatch):
-    """``cellstats.warm_kernel()`` (called by a worker as it loads its model) leaves the kernel's entry points with a
+    """``cells.warm_kernel()`` (called by a worker as it loads its model) leaves the kernel's entry points with a
     compiled overload, so a worker's first unit pays no compile; with the kernel off it is a no-op."""
     assert warm_kernel() is True
     for name in ("_update", "_add_noise"):  # the callees are compiled into these
-        assert getattr(cellkernel, name).signatures, name
+        assert getattr(kernel, name).signatures, name
     monkeypatch.setenv("RAYSENS_JIT", "0")
     assert warm_kernel() is False

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from raysens.core.welford import WelfordState, merge_states
+from raysens.stats.welford import WelfordState, merge_states
 
 RNG = np.random.default_rng
 
