@@ -46,10 +46,10 @@ class Job:
     is set by a fold once it started changing the local state (a failure after that point leaves
     the state unusable)."""
 
-    __slots__ = ("label", "thread", "error", "dirty", "units")
+    __slots__ = ("label", "thread", "error", "dirty", "units", "kind")
 
-    def __init__(self, label: str, units: list[int]):
-        self.label, self.units = label, list(units)
+    def __init__(self, label: str, units: list[int], kind: str = "ship"):
+        self.label, self.units, self.kind = label, list(units), kind  # kind: "fold" or "ship"
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.dirty = False
@@ -61,16 +61,19 @@ class Lane:
     def __init__(self) -> None:
         self.jobs: list[Job] = []  # submitted, not yet collected by ``wait``
 
-    def submit(self, label: str, units: list[int], fn: Callable[[Job], Any]) -> Job:
-        """Run ``fn(job)`` after every job submitted before it; returns the job at once."""
-        prev = self.jobs[-1] if self.jobs else None
-        job = Job(label, units)
+    def submit(self, label: str, units: list[int], fn: Callable[[Job], Any], after: Job | None = None,
+               kind: str = "ship") -> Job:
+        """Run ``fn(job)`` after every job submitted before it (and after ``after``, a job of another
+        lane); returns the job at once."""
+        prev = [j for j in (self.jobs[-1] if self.jobs else None, after) if j is not None]
+        job = Job(label, units, kind)
 
         def run() -> None:
-            if prev is not None:
-                prev.thread.join()
-                if prev.error is not None:
-                    job.error = Skipped(prev.label)
+            for p in prev:
+                p.thread.join()
+            for p in prev:
+                if p.error is not None:
+                    job.error = Skipped(p.label)
                     return
             try:
                 fn(job)
@@ -82,9 +85,9 @@ class Lane:
         job.thread.start()
         return job
 
-    def busy(self) -> int:
-        """Jobs submitted and not finished."""
-        return sum(j.thread.is_alive() for j in self.jobs)
+    def last(self) -> Job | None:
+        """The job submitted last (None: none since the last ``wait``)."""
+        return self.jobs[-1] if self.jobs else None
 
     def failed(self) -> bool:
         """Whether a finished job failed (its error is waiting to be raised by ``wait``)."""

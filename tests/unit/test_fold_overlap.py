@@ -294,3 +294,49 @@ def test_background_threads_end_with_their_jobs():
         bg.fold(u)
     bg.ship()
     assert not [t for t in threading.enumerate() if t.name.startswith("raysens-")]
+
+
+def test_one_shipment_encodes_at_a_time_and_folds_go_on_beside_it():
+    bg = worker(True)
+    live, most, log = [0], [0], []
+    real = bg._encode
+
+    def slow_encode(snap):
+        live[0] += 1
+        most[0] = max(most[0], live[0])
+        log.append(("encode", tuple(snap["units"])))
+        time.sleep(0.5)
+        out = real(snap)
+        log.append(("encoded", tuple(snap["units"])))
+        live[0] -= 1
+        return out
+
+    bg._encode = slow_encode
+    slow_folds(bg, 0.0, log)
+    units = random_units(8, 6)
+    for i, u in enumerate(units):
+        bg.fold(u)
+        if i % 2 == 1:
+            bg.ship_async()
+    got = bg.collect(wait=True)
+    assert most[0] == 1 and [g[0] for g in got] == [[u["unit"] for u in units[i:i + 2]] for i in (0, 2, 4)]
+    first = (units[0]["unit"], units[1]["unit"])
+    assert log.index(("encode", first)) < log.index(("folded", units[2]["unit"])) < log.index(("encoded", first))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_first_batch_folded_into_an_empty_state_is_from_batch(seed):
+    """A worker starts each layer's state as ``CellStats.empty(S).update(batch)`` (the compiled fold)
+    instead of ``from_batch`` (numpy): every array must be the same."""
+    from raysens.core.cellstats import CellStats
+
+    rng = np.random.default_rng(seed)
+    b, s = int(rng.integers(1, 5)), int(rng.integers(1, 9))
+    x = 10.0 ** rng.uniform(-40, 40, (b, s, s)) * (rng.random((b, s, s)) < rng.random())
+    m = rng.random((b, s, s)) < 0.8 if seed % 3 else None
+    nz = x * rng.random((b, s, s)) * (seed % 4 != 1) if seed % 2 else None
+    c = CellStats.check(x, m, nz, sample_ids=rng.permutation(50)[:b])
+    want, got = CellStats.from_batch(c).to_arrays(), CellStats.empty(s).update(c).to_arrays()
+    assert sorted(want) == sorted(got)
+    for k in want:
+        assert want[k].dtype == got[k].dtype and want[k].tobytes() == got[k].tobytes(), k
