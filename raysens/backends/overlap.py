@@ -7,10 +7,12 @@ code that releases the GIL) and the bookkeeping run at once.
 
 ``Lane`` runs jobs one after another, in submission order, each on a daemon thread (a thread per
 job: no thread outlives its worker; a killed actor loses its unshipped units, as without the lane).
-A job starts only after the previous one finished, and is skipped (``Skipped``) if that one failed,
-so a shipment is never encoded from a state whose fold failed. Order matters nowhere for the bits
-(the state is a function of the multiset of samples, docs/DESIGN.md §2), but the lane keeps it
-anyway: the folds run in the order of the sequential path, on the same arrays.
+A job starts only after the previous one of its lane (and the job named ``after``, of another lane)
+finished, and is skipped (``Skipped``) if one of those failed, so a shipment is never encoded from a
+state whose fold failed. A worker has two lanes: folds, and shipments (each after the fold of its
+last unit), so the next units fold while a shipment encodes. Order matters nowhere for the bits (the
+state is a function of the multiset of samples, docs/DESIGN.md §2), but the fold lane keeps it
+anyway: the folds run in the order of the sequential path, on the same arrays (docs/DESIGN.md §4.2).
 
 ``RAYSENS_FOLD_THREAD=0`` makes workers fold and encode inline (the sequential path), the
 reference the background path must equal bit for bit. No Ray, no torch at import.
