@@ -140,7 +140,10 @@ class UnitWorker:
     compute; at most one unit's results wait to be folded (the next ``fold`` waits for the previous
     fold before handing its own over). ``ship`` waits for the pending folds; a failed background fold
     is raised (``FoldError``, naming the unit) by the next ``fold`` / ``ship`` / ``collect``. The
-    shipped states are those of the sequential path (``background=False``) bit for bit.
+    shipped states are those of the sequential path (``background=False``) bit for bit. The engine's
+    results are read after ``compute`` returned, beside its next call: an engine must not reuse the
+    arrays (or tensors) it returns. ``ship_async`` / ``collect`` also move the encoding off the
+    caller's thread (docs/DESIGN.md §4.2).
     """
 
     def __init__(self, model_name: str, trust_remote_code: bool, device: str, sensitivity: dict,
