@@ -18,7 +18,8 @@ Per path: ``wall`` (first unit to last shipment collected), ``steady`` (seconds 
 first shipment is under way: the caller's cadence from the first shipment's unit to the last unit,
 the steady state of a long-running actor whose background lag is bounded to one fold and one
 shipment), the engine's total compute ``C``, the fold and encoding time ``fold_s`` / ``encode_s``
-(wall, on whichever thread ran them), and the sequential path's bookkeeping ``K = wall_seq − C``
+(wall, on whichever thread ran them; ``*_cpu_s``: that thread's CPU time, the same work on both
+paths whatever the load), and the sequential path's bookkeeping ``K = wall_seq − C``
 (fold, copy and encoding: what the GPU idles through today). Target: background per unit ≤ 1.15 ×
 max(C, K) per unit; ``*_own_max`` use the background run's own fold + encode time for K (the same
 load: on a shared machine the two runs see different loads). ``same_bits``: every array member of every
@@ -118,13 +119,15 @@ def run_path(background: bool, a) -> dict:
                    planted={}, background=background)
     w.engine = SleepEngine(layers, a.unit, a.seq, a.compute_s, a.compute)
     spent = {"fold_s": 0.0, "encode_s": 0.0}  # the bookkeeping's own wall time, on whichever thread
-    for name, key in (("_fold_into", "fold_s"), ("_encode", "encode_s")):
+    cpu = {"fold_cpu_s": 0.0, "encode_cpu_s": 0.0}  # and its CPU time (that thread's)
+    for name, key in (("_fold_into", "fold"), ("_encode", "encode")):
         def timed(*args, _real=getattr(w, name), _key=key):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             try:
                 return _real(*args)
             finally:
-                spent[_key] += time.perf_counter() - t
+                spent[_key + "_s"] += time.perf_counter() - t
+                cpu[_key + "_cpu_s"] += time.thread_time() - c
         setattr(w, name, timed)
     shipments, marks = [], []
     with RssPeak() as rss:
@@ -147,7 +150,8 @@ def run_path(background: bool, a) -> dict:
     steady = (marks[-1] - marks[first]) / max(1, a.units - 1 - first)
     out = {"wall_s": round(wall, 2), "per_unit_s": round(wall / a.units, 3), "steady_per_unit_s": round(steady, 3),
            "compute_s": round(w.engine.total, 2), **{k: round(v, 2) for k, v in spent.items()},
-           "bookkeeping_per_unit_s": round(sum(spent.values()) / a.units, 3), "peak_rss_gb": round(rss.peak / 2 ** 30, 2),
+           "bookkeeping_per_unit_s": round(sum(spent.values()) / a.units, 3),
+           **{k: round(v, 2) for k, v in cpu.items()}, "peak_rss_gb": round(rss.peak / 2 ** 30, 2),
            "shipments": [s[0] for s in shipments], "payload_mb": round(sum(len(s[2]) for s in shipments) / 1e6, 1)}
     out["members"] = [_members(s[2]) for s in shipments]
     del w, shipments
