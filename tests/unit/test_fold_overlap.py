@@ -340,3 +340,21 @@ def test_a_first_batch_folded_into_an_empty_state_is_from_batch(seed):
     assert sorted(want) == sorted(got)
     for k in want:
         assert want[k].dtype == got[k].dtype and want[k].tobytes() == got[k].tobytes(), k
+
+
+def test_an_engine_returning_torch_tensors_is_copied_to_the_host_in_the_fold():
+    """``overlap.to_host``: the copy to the host happens in the (background) fold; the same bits as numpy."""
+    torch = pytest.importorskip("torch")
+
+    class TorchEngine(RandomEngine):
+        def compute(self, *args, **kw):
+            res = super().compute(*args, **kw)
+            res.values = {L: torch.from_numpy(v.copy()) for L, v in res.values.items()}
+            res.noise = {L: torch.from_numpy(v.copy()) for L, v in res.noise.items()}
+            return res
+
+    units = random_units(9, 5)
+    seq, bg = worker(False), worker(True, TorchEngine())
+    for u in units:
+        seq.fold(u), bg.fold(u)
+    assert_same_shipment(seq.ship(), bg.ship())
