@@ -14,13 +14,16 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 
 import numpy as np
 
 from ..stats.cells import CellStats, CheckedBatch, warm_kernel
+from ..stats.kernel import available as kernel_available
 from ..store.partials import encode_partial
 from ..testing import faults
+from .overlap import FoldError, Job, Lane, Skipped, background_default, failure_message, to_host
 
 # ---------------------------------------------------------------------- tokenization (CPU tasks)
 _TOKENIZERS: dict = {}
@@ -131,11 +134,21 @@ class UnitWorker:
     ``shared``: a dict owned by the caller (one per process); workers given the same dict share one
     loaded model, and one engine per distinct sensitivity config, so several runs of one model (a
     sweep's points) cost one model load. Partials carry ``load_id``, which names that load.
+
+    ``background`` (default: ``RAYSENS_FOLD_THREAD`` not ``0``): ``fold`` computes a unit and returns
+    while its results are folded on a background thread (``overlap.Lane``), beside the next unit's
+    compute; at most one unit's results wait to be folded (the next ``fold`` waits for the previous
+    fold before handing its own over). ``ship`` waits for the pending folds; a failed background fold
+    is raised (``FoldError``, naming the unit) by the next ``fold`` / ``ship`` / ``collect``. The
+    shipped states are those of the sequential path (``background=False``) bit for bit. The engine's
+    results are read after ``compute`` returned, beside its next call: an engine must not reuse the
+    arrays (or tensors) it returns. ``ship_async`` / ``collect`` also move the encoding off the
+    caller's thread (docs/DESIGN.md §4.2).
     """
 
     def __init__(self, model_name: str, trust_remote_code: bool, device: str, sensitivity: dict,
                  layers, max_seq_len: int, fingerprint: str, shared: dict | None = None,
-                 per_sample: bool = False, planted: dict | None = None):
+                 per_sample: bool = False, planted: dict | None = None, background: bool | None = None):
         import torch
 
         from ..core.engine import SensitivityConfig, SensitivityEngine
@@ -166,11 +179,15 @@ class UnitWorker:
         self.device = str(device)
         self.model_identity = {"name": lm.name, "source": lm.source, **lm.info}
         self.load_s = time.perf_counter() - t0
+        self.background = background_default() if background is None else bool(background)
+        self._folds, self._ships = Lane(), Lane()  # background folds; shipments being encoded (after their folds)
+        self._shipped: list[tuple[list[int], int, bytes]] = []  # encoded by ship_async, not yet collected
+        self._shipped_lock = threading.Lock()
         self._reset()
 
     def _reset(self) -> None:
         self.acc: dict[int, CellStats] = {}  # layer -> folded state of the pending units
-        self.pending_units: list[int] = []  # unit keys folded but not shipped
+        self.pending_units: list[int] = []  # unit keys folded (or being folded) but not shipped
         self.pending_ids: dict[int, list[int]] = {}  # unit key -> its sample_ids
         self.pending_computed: list[int] = []
         self.pending_skipped: dict[int, str] = {}
@@ -187,30 +204,45 @@ class UnitWorker:
 
     def ship(self) -> tuple[list[int], int, bytes] | None:
         """The pending units' folded state as one partial: ``(unit keys, samples, payload)``; None when
-        nothing is pending. The local state starts empty again."""
+        nothing is pending. Waits for the background folds first (raising a failed one's ``FoldError``).
+        The local state starts empty again. (Shipments begun by ``ship_async`` come from ``collect``.)"""
+        self._surface((self._folds, self._ships))
         if not self.pending_units:
             return None
-        units = sorted(self.pending_units)
-        info = self.pending_info
-        meta = {
-            "fingerprint": self.fingerprint, "units": units, "unit_ids": [self.pending_ids[u] for u in units],
-            "computed_ids": sorted(self.pending_computed),
-            "skipped": {str(k): v for k, v in sorted(self.pending_skipped.items())}, "layers": sorted(self.acc),
-            "compute_s": info["compute_s"], "started": info["started"], "finished": info["finished"],
-            "host": socket.gethostname(), "pid": os.getpid(), "device": self.device, "strategy": info["strategy"],
-            "mode": info["mode"], "model": self.model_identity, "load_id": self.load_id,
-        }
-        payload = encode_partial(meta, self.acc, self.pending_maps or None)
-        samples = sum(len(self.pending_ids[u]) for u in units)
-        self._reset()
-        return units, samples, payload
+        return self._encode(self._detach())
+
+    def ship_async(self) -> list[int]:
+        """Begin shipping the pending units: their state is encoded on a background thread once their
+        folds are done, beside the next units' compute and folds, and ``collect`` returns it. The local
+        state starts empty at once; one shipment is encoded at a time (this waits for the previous
+        one: at most two states in memory). Returns the shipment's unit keys (empty: nothing pending)."""
+        self._surface((self._ships,))
+        if not self.pending_units:
+            return []
+        snap = self._detach()
+        if not self.background:
+            self._put(self._encode(snap))
+        else:
+            self._ships.submit(f"the shipment of units {snap['units']}", snap["units"],
+                               lambda job: self._put(self._encode(snap)), after=self._folds.last())
+        return snap["units"]
+
+    def collect(self, wait: bool = False) -> list[tuple[list[int], int, bytes]]:
+        """The shipments ``ship_async`` finished encoding, oldest first (``wait``: all of them, after
+        the pending folds). Raises a failed background job's ``FoldError``."""
+        self._surface((self._folds, self._ships) if wait else ())
+        with self._shipped_lock:
+            out, self._shipped = self._shipped, []
+        return out
 
     def fold(self, unit: dict) -> None:
-        """Compute one tokenized unit (``tokenize_unit``'s dict) and fold it into the local state. A unit
-        already pending is ignored (a retried call never counts a sample twice); the state changes only
-        once the unit is computed, so an exception leaves it as it was."""
+        """Compute one tokenized unit (``tokenize_unit``'s dict) and fold it into the local state (in the
+        background, see the class doc). A unit already pending is ignored (a retried call never counts a
+        sample twice); the state changes only once the unit is computed and checked, so an exception
+        leaves it as it was (a background one: without that unit)."""
         from ..core.engine import NonFiniteGradientError
 
+        self._surface()  # a failed background fold is raised before computing more
         key = int(unit["unit"])
         if key in self.pending_ids:
             return
@@ -218,9 +250,7 @@ class UnitWorker:
         started = time.time()  # wall-clock start and end go into the meta (pipeline timelines)
         run_ids = [int(i) for i in unit["run_ids"]]
         skipped = {int(i): r for i, r in zip(unit["skipped_ids"], unit["skipped_reasons"])}
-        batches: dict[int, CheckedBatch] = {}  # every layer checked before any state changes
-        maps: dict[int, np.ndarray] = {}
-        strategy = mode = None
+        res = good = strategy = mode = None
         if run_ids:
             seqs = unit["input_ids"]
             width = max(len(s) for s in seqs)
@@ -240,35 +270,115 @@ class UnitWorker:
                 skipped.update({i: "nonfinite" for i in bad})
             strategy, mode = res.strategy, res.mode
             run_ids = [i for i, g in zip(run_ids, good) if g]
-            if good.any():
-                values = faults.planted_values(self.planted, run_ids,
-                                               {L: np.asarray(res.values[L])[good] for L in self.layers})
-                m = np.asarray(res.mask)[good]
-                for L in self.layers:
-                    noise = None if res.noise is None or L not in res.noise else res.noise[L][good]  # planned: K=1 layers have none
-                    vals = values.pop(L)
-                    batches[L] = CellStats.check(vals, m, noise, sample_ids=run_ids)
-                    if self.per_sample:
-                        maps[L] = np.where(m, vals, np.nan).astype(np.float32)
-            del res
-        for L, batch in batches.items():  # fold in place: grow to the longer width (exact, any order)
-            cur, width = self.acc.get(L), batch.values.shape[1]
-            if cur is None:
-                self.acc[L] = CellStats.from_batch(batch)
-                continue
-            if cur.shape[0] < width:
-                cur = self.acc[L] = cur.padded(width)
-            cur.update(batch.padded(cur.shape[0]))
+            if not good.any():
+                res = None
+        if self.background:
+            self._surface((self._folds,))  # backpressure: the previous unit folded before this one waits
+        acc, maps_out, info = self.acc, self.pending_maps, self.pending_info
+        job = lambda j: self._fold_into(acc, maps_out, info, key, res, good, run_ids, j)  # noqa: E731
+        if not self.background:
+            job(Job(f"the fold of unit {key}", [key], "fold"))  # raises here; nothing registered then
         if not self.pending_units:
             self.pending_since = time.perf_counter()
         self.pending_units.append(key)
         self.pending_ids[key] = [int(i) for i in unit["sample_ids"]]
         self.pending_computed.extend(run_ids)
         self.pending_skipped.update(skipped)
-        if maps:
-            self.pending_maps[key] = maps
-        info = self.pending_info
-        info["compute_s"] += time.perf_counter() - t0
+        info["compute_s"] += time.perf_counter() - t0  # the caller's time in fold (compute, waiting)
         info["started"] = started if info["started"] is None else min(info["started"], started)
-        info["finished"] = time.time()
         info["strategy"], info["mode"] = info["strategy"] or strategy, info["mode"] or mode
+        if self.background:
+            self._folds.submit(f"the fold of unit {key}", [key], job, kind="fold")
+
+    def _fold_into(self, acc: dict, maps_out: dict, info: dict, key: int, res, good, run_ids: list[int],
+                   job: Job) -> None:
+        """Copy a unit's results to the host, check every layer, then fold them into ``acc`` (the lane's
+        thread, or the caller's on the sequential path: the same code)."""
+        batches: dict[int, CheckedBatch] = {}  # every layer checked before any state changes
+        maps: dict[int, np.ndarray] = {}
+        if res is not None:
+            values = faults.planted_values(self.planted, run_ids,
+                                           {L: to_host(res.values[L])[good] for L in self.layers})
+            m = to_host(res.mask)[good]
+            for L in self.layers:
+                noise = None if res.noise is None or L not in res.noise else to_host(res.noise[L])[good]  # planned: K=1 layers have none
+                vals = values.pop(L)
+                batches[L] = CellStats.check(vals, m, noise, sample_ids=run_ids)
+                if self.per_sample:
+                    maps[L] = np.where(m, vals, np.nan).astype(np.float32)
+        job.dirty = True
+        for L, batch in batches.items():  # fold in place: grow to the longer width (exact, any order)
+            cur, width = acc.get(L), batch.values.shape[1]
+            if cur is None:  # empty + update: from_batch's bits, through the compiled fold (~8x faster at S=512)
+                acc[L] = CellStats.empty(width).update(batch) if kernel_available() else CellStats.from_batch(batch)
+                continue
+            if cur.shape[0] < width:
+                cur = acc[L] = cur.padded(width)
+            cur.update(batch.padded(cur.shape[0]))
+        if maps:
+            maps_out[key] = maps
+        info["finished"] = time.time()
+
+    def _detach(self) -> dict:
+        """The pending units' state and bookkeeping, taken out; the local state starts empty."""
+        units = sorted(self.pending_units)
+        snap = {"units": units, "acc": self.acc, "unit_ids": [self.pending_ids[u] for u in units],
+                "computed": sorted(self.pending_computed), "skipped": dict(self.pending_skipped),
+                "maps": self.pending_maps, "info": self.pending_info}
+        self._reset()
+        return snap
+
+    def _encode(self, snap: dict) -> tuple[list[int], int, bytes]:
+        info = snap["info"]
+        meta = {
+            "fingerprint": self.fingerprint, "units": snap["units"], "unit_ids": snap["unit_ids"],
+            "computed_ids": snap["computed"],
+            "skipped": {str(k): v for k, v in sorted(snap["skipped"].items())}, "layers": sorted(snap["acc"]),
+            "compute_s": info["compute_s"], "started": info["started"], "finished": info["finished"],
+            "host": socket.gethostname(), "pid": os.getpid(), "device": self.device, "strategy": info["strategy"],
+            "mode": info["mode"], "model": self.model_identity, "load_id": self.load_id,
+        }
+        payload = encode_partial(meta, snap["acc"], snap["maps"] or None)
+        return snap["units"], sum(len(ids) for ids in snap["unit_ids"]), payload
+
+    def _put(self, shipment) -> None:
+        with self._shipped_lock:
+            self._shipped.append(shipment)
+
+    def _surface(self, wait: tuple = ()) -> None:
+        """Wait for the lanes in ``wait`` (for both when a job has failed) and raise a failure as a
+        ``FoldError`` naming the unit, after taking its unit (and, if the state it was changing is now
+        unusable, every pending unit) out of the pending ones: a shipment holds exactly the units folded."""
+        lanes = (self._folds, self._ships)
+        if any(lane.failed() for lane in lanes):
+            wait = lanes
+        if not any(lane.jobs for lane in wait):
+            return
+        failed = [j for lane in wait for j in lane.wait()]
+        if failed:  # the jobs that depended on a failed one are skipped: collect them too
+            failed += [j for lane in lanes if lane not in wait for j in lane.wait()]
+        if not failed:
+            return
+        dropped: list[int] = []
+        for j in failed:
+            if j.kind != "fold":
+                dropped.extend(j.units)  # a shipment not encoded: its units were taken out already
+                continue
+            key = j.units[0]
+            if key not in self.pending_ids:
+                continue  # detached by ship_async: its shipment is skipped (above)
+            if j.dirty:  # the fold stopped half-way through the pending state: none of it can ship
+                dropped.extend(self.pending_units)
+                self._reset()
+                continue
+            ids = set(self.pending_ids.pop(key))
+            self.pending_units.remove(key)
+            self.pending_computed = [i for i in self.pending_computed if i not in ids]
+            for i in ids:
+                self.pending_skipped.pop(i, None)
+            self.pending_maps.pop(key, None)
+            dropped.append(key)
+            if not self.pending_units:
+                self._reset()
+        first = next((j.error for j in failed if not isinstance(j.error, Skipped)), failed[0].error)
+        raise FoldError(failure_message(failed, dropped)) from first
