@@ -171,7 +171,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--ship-every", type=int, default=8, help="units per shipment")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args(argv)
-    from raysens.core.cellstats import warm_kernel
+    from raysens.stats.cells import warm_kernel
 
     warm_kernel()
     seq = run_path(False, a)

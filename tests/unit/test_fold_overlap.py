@@ -15,7 +15,7 @@ import pytest
 
 from raysens.backends.overlap import ENV, FoldError
 from raysens.backends.units import UnitWorker
-from raysens.core import cellkernel
+from raysens.stats import kernel as cellkernel
 from raysens.core.engine import NonFiniteGradientError, SensitivityBatch
 from raysens.store.partials import decode_partial
 
@@ -328,7 +328,7 @@ def test_one_shipment_encodes_at_a_time_and_folds_go_on_beside_it():
 def test_a_first_batch_folded_into_an_empty_state_is_from_batch(seed):
     """A worker starts each layer's state as ``CellStats.empty(S).update(batch)`` (the compiled fold)
     instead of ``from_batch`` (numpy): every array must be the same."""
-    from raysens.core.cellstats import CellStats
+    from raysens.stats.cells import CellStats
 
     rng = np.random.default_rng(seed)
     b, s = int(rng.integers(1, 5)), int(rng.integers(1, 9))
