@@ -16,6 +16,21 @@ class ClusterError(RuntimeError):
 
 
 AUTO_SHIP_MIN_S = 10.0  # ship_every_units auto: at most one shipment per actor per 10 s (ShipPolicy.min_s)
+# ship_every_units auto also spaces an actor's shipments by what the driver pays per received state
+# (write, read back, decode, merge: linear in the state's cells, layers × S²), so that one driver
+# serving the whole pool is busy at most DRIVER_BUSY of the time: 107.7 ms per 28-layer S = 64 state
+# on the EPYC (docs/benchmarks.md, issue 18) is 0.94 µs per cell; S = 512: ~7 s per state
+DRIVER_S_PER_CELL = 0.94e-6
+DRIVER_BUSY = 0.5
+
+
+def driver_spacing_s(config: RunConfig) -> float:
+    """Seconds between one actor's shipments that keep the driver at most ``DRIVER_BUSY`` busy when
+    every actor of the pool (``max_actors`` or ``num_actors``) ships that often: actors × driver
+    seconds per state / ``DRIVER_BUSY``. 28 layers, S = 512, 64 actors: ~14 min; S = 64: ~14 s."""
+    cl = config.cluster
+    cells = len(set(config.layers)) * config.data.max_seq_len ** 2
+    return (cl.max_actors or cl.num_actors) * DRIVER_S_PER_CELL * cells / DRIVER_BUSY
 
 
 @dataclass
@@ -31,7 +46,13 @@ class JobUnits:
     @property
     def ship_every(self) -> tuple[int, float, float]:
         """(units, seconds, minimum seconds) between an actor's shipments for this job
-        (``cluster.ship_every_*``; the minimum, ``AUTO_SHIP_MIN_S``, only with ``ship_every_units: auto``)."""
+        (``cluster.ship_every_*``). With ``ship_every_units: auto`` only: the minimum is
+        ``AUTO_SHIP_MIN_S`` (at most ``ship_every_s``) or, when larger, ``driver_spacing_s``, which
+        also lengthens ``ship_every_s`` (a GPU unit at S = 512 outlasts the default 60 s, and 64
+        actors shipping every unit would need a driver ~5 times faster than one)."""
+        cl = self.config.cluster
         n = self.ship_every_units or self.config.ship_every_units
-        auto = self.ship_every_units is None and self.config.cluster.ship_every_units == "auto"
-        return n, self.config.cluster.ship_every_s, min(AUTO_SHIP_MIN_S, self.config.cluster.ship_every_s) if auto else 0.0
+        if not (self.ship_every_units is None and cl.ship_every_units == "auto"):
+            return n, cl.ship_every_s, 0.0
+        spacing = driver_spacing_s(self.config)
+        return n, max(cl.ship_every_s, spacing), max(min(AUTO_SHIP_MIN_S, cl.ship_every_s), spacing)
