@@ -18,16 +18,17 @@ class ClusterError(RuntimeError):
 AUTO_SHIP_MIN_S = 10.0  # ship_every_units auto: at most one shipment per actor per 10 s (ShipPolicy.min_s)
 # ship_every_units auto also spaces an actor's shipments by what the driver pays per received state
 # (write, read back, decode, merge: linear in the state's cells, layers × S²), so that one driver
-# serving the whole pool is busy at most DRIVER_BUSY of the time: 107.7 ms per 28-layer S = 64 state
-# on the EPYC (docs/benchmarks.md, issue 18) is 0.94 µs per cell; S = 512: ~7 s per state
-DRIVER_S_PER_CELL = 0.94e-6
-DRIVER_BUSY = 0.5
+# serving the whole pool is busy at most DRIVER_BUSY of the time. Measured: 107.7 ms per 28-layer
+# S = 64 state on the EPYC (0.94 µs per cell, issue 18); 8.3 s CPU per 28-layer S = 512 state on the
+# 2-core VM (1.13 µs per cell, jobs/bench/driver_s512.py, docs/benchmarks.md "Issue 31 — Ray backend")
+DRIVER_S_PER_CELL = 1.2e-6
+DRIVER_BUSY = 0.4
 
 
 def driver_spacing_s(config: RunConfig) -> float:
     """Seconds between one actor's shipments that keep the driver at most ``DRIVER_BUSY`` busy when
     every actor of the pool (``max_actors`` or ``num_actors``) ships that often: actors × driver
-    seconds per state / ``DRIVER_BUSY``. 28 layers, S = 512, 64 actors: ~14 min; S = 64: ~14 s."""
+    seconds per state / ``DRIVER_BUSY``. 28 layers, S = 512, 64 actors: ~23 min; S = 64: ~22 s."""
     cl = config.cluster
     cells = len(set(config.layers)) * config.data.max_seq_len ** 2
     return (cl.max_actors or cl.num_actors) * DRIVER_S_PER_CELL * cells / DRIVER_BUSY
