@@ -76,7 +76,7 @@ def measure(seq: int, layers: int, unit: int, reps: int) -> dict:
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def ship_interval(every: tuple, unit_s: float, units: int = 400) -> float:
+def ship_interval(every: tuple, unit_s: float, shipments: int = 4) -> float:
     """Mean seconds between one actor's shipments under ``ShipPolicy(*every)`` with units of ``unit_s``
     (a simulated clock; the first shipment, whose unit time is not known yet, is left out)."""
     from raysens.backends import units as mod
@@ -85,7 +85,9 @@ def ship_interval(every: tuple, unit_s: float, units: int = 400) -> float:
     policy = mod.ShipPolicy(*every)
     w, sizes = SimpleNamespace(pending_units=[], pending_since=0.0), []
     with mock.patch.object(mod.time, "perf_counter", lambda: clock[0]):
-        for k in range(units):
+        k = 0
+        while len(sizes) < shipments:
+            k += 1
             clock[0] += unit_s
             if not w.pending_units:
                 w.pending_since = clock[0]
@@ -124,7 +126,7 @@ def served(cost_s: float, unit_s: float, seq: int, layers: int, auto: bool, busy
     so its busy fraction is about constant: any pool, or none)."""
     best = 0
     for a in range(1, 4097) if not auto else (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096):
-        if a * cost_s / ship_interval(cadence(a, seq, layers, auto), unit_s, units=200) < busy:
+        if a * cost_s / ship_interval(cadence(a, seq, layers, auto), unit_s) < busy:
             best = a
         elif not auto:
             break
@@ -139,8 +141,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--gpu-sample-s", type=float, default=3.7, help="GPU seconds per all-layer sample at --seq")
     ap.add_argument("--json")
+    ap.add_argument("--measured", help="a JSON written by an earlier --json: its per-state cost, not measured again")
     a = ap.parse_args(argv)
-    m = measure(a.seq, a.layers, a.unit, a.reps)
+    m = json.loads(Path(a.measured).read_text()) if a.measured else measure(a.seq, a.layers, a.unit, a.reps)
     _log(json.dumps(m))
     unit_s = a.unit * a.gpu_sample_s
     cost = m["driver_cpu_s_per_state"]  # the driver's own work (wall is inflated by a shared machine's load)

@@ -114,10 +114,10 @@ class ShipPolicy:
     merged by the driver, which at 28 layers costs ~1 µs per cell (S = 512: ~8 s per state).
 
     Sized to the unit time: ``due`` is called as each unit ends, so the time between calls is the
-    unit time ``unit_s``. The time a pending state covers counts its first unit too (``waited`` is
-    measured from that unit's end), and a time limit is met at the unit end nearest to it rather than
-    at the first one past it: with units of 2 min and ``every_s`` 14 min, shipments come every 7 units
-    (14 min), not every 8 (16 min)."""
+    unit time ``unit_s``. The time a pending state covers counts its first unit too (the worker's
+    ``pending_since`` is that unit's end); ``every_s`` is met at the unit end nearest to it rather than
+    at the first one past it (units of 2 min, ``every_s`` 14 min: every 7 units, not every 8), while
+    ``min_s`` is never undercut."""
 
     def __init__(self, every_units: int, every_s: float, min_s: float = 0.0):
         self.every_units, self.every_s, self.min_s = max(1, int(every_units)), float(every_s), float(min_s)
@@ -133,8 +133,9 @@ class ShipPolicy:
         if not n:
             return False
         covered = now - worker.pending_since + self.unit_s  # the first pending unit's own time included
-        waited = covered + 0.5 * self.unit_s  # the unit end nearest to a limit, not the first past it
-        return (n >= self.every_units and waited >= self.min_s) or waited >= self.every_s
+        # the floor is never undercut (it keeps the driver's load down); the time limit is met at the
+        # unit end nearest to it, not at the first one past it
+        return covered >= self.min_s and (n >= self.every_units or covered + 0.5 * self.unit_s >= self.every_s)
 
 
 class UnitWorker:
