@@ -1,7 +1,8 @@
 """How many GPU actors one driver serves at S = 512, 28 layers (issue 31): the driver's cost per
 received state, measured here, against the shipment cadence of ``cluster.ship_every_units: auto``
 (``raysens.backends.spec.JobUnits.ship_every`` sized to the driver's cost, ``ShipPolicy`` sized to the
-unit time) and the old one (``ship_every_s`` 60 s, a shipment every 1-2 GPU units at S = 512).
+unit time) and the old one (``ship_every_s`` 60 s with the old ``ShipPolicy``: a shipment every 2 GPU
+units at S = 512).
 
     python -m jobs.bench.driver_s512 [--seq 512] [--layers 28] [--unit 32] [--reps 3] [--gpu-sample-s 3.7]
                                      [--json jobs/results/driver_s512.json]
@@ -76,13 +77,27 @@ def measure(seq: int, layers: int, unit: int, reps: int) -> dict:
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def ship_interval(every: tuple, unit_s: float, shipments: int = 4) -> float:
-    """Mean seconds between one actor's shipments under ``ShipPolicy(*every)`` with units of ``unit_s``
-    (a simulated clock; the first shipment, whose unit time is not known yet, is left out)."""
+class OldShipPolicy:
+    """``ShipPolicy`` before issue 31 (main at 7758f54), for the baseline column."""
+
+    def __init__(self, every_units: int, every_s: float, min_s: float = 0.0):
+        self.every_units, self.every_s, self.min_s = max(1, int(every_units)), float(every_s), float(min_s)
+
+    def due(self, worker) -> bool:
+        from raysens.backends import units as mod
+
+        n = len(worker.pending_units)
+        waited = mod.time.perf_counter() - worker.pending_since
+        return bool(n) and ((n >= self.every_units and waited >= self.min_s) or waited >= self.every_s)
+
+
+def ship_interval(every: tuple, unit_s: float, shipments: int = 4, old: bool = False) -> float:
+    """Mean seconds between one actor's shipments under ``ShipPolicy(*every)`` (``old``: the policy before
+    issue 31) with units of ``unit_s`` (a simulated clock; the first shipment is left out)."""
     from raysens.backends import units as mod
 
     clock = [0.0]
-    policy = mod.ShipPolicy(*every)
+    policy = (OldShipPolicy if old else mod.ShipPolicy)(*every)
     w, sizes = SimpleNamespace(pending_units=[], pending_since=0.0), []
     with mock.patch.object(mod.time, "perf_counter", lambda: clock[0]):
         k = 0
@@ -115,7 +130,7 @@ def table(cost_s: float, unit_s: float, seq: int, layers: int, pools=(8, 16, 32,
     for a in pools:
         row = {"actors": a}
         for name, auto in (("new", True), ("old", False)):
-            iv = ship_interval(cadence(a, seq, layers, auto), unit_s)
+            iv = ship_interval(cadence(a, seq, layers, auto), unit_s, old=not auto)
             row[f"{name}_interval_s"], row[f"{name}_busy"] = round(iv, 1), round(a * cost_s / iv, 3)
         rows.append(row)
     return rows
@@ -126,7 +141,7 @@ def served(cost_s: float, unit_s: float, seq: int, layers: int, auto: bool, busy
     so its busy fraction is about constant: any pool, or none)."""
     best = 0
     for a in range(1, 4097) if not auto else (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096):
-        if a * cost_s / ship_interval(cadence(a, seq, layers, auto), unit_s) < busy:
+        if a * cost_s / ship_interval(cadence(a, seq, layers, auto), unit_s, old=not auto) < busy:
             best = a
         elif not auto:
             break
