@@ -25,6 +25,8 @@ def resolve(cl: ClusterConfig, device: str, cluster_gpus: float) -> tuple[float,
     """``(gpus per actor, requested, why)``: ``requested`` when the config asks for GPU actors (the job
     then waits for them); ``why`` is the manifest's one-phrase reason."""
     g = cl.gpus_per_actor
+    if g is None and device == "cpu":
+        return 0.0, False, "model.device cpu"
     if g is None and device.startswith("cuda"):
         return 1.0, True, f"model.device {device} (cluster.gpus_per_actor auto: 1)"
     if g is None:

@@ -191,12 +191,19 @@ class SensitivityActor:
                 self.started.start.remote((job, unit["unit"]))  # in order before all_started below (one caller)
             self.workers[job].fold(unit)
             self.units += 1
-            if self.started is not None and ray.get(self.started.all_started.remote()):
+            if self.started is not None and self._all_started(ray):
                 for j in range(len(self.workers)):  # no unit is left for this actor: ship every job's state now
                     ship(j)
             elif unit.get("ship") or self.policies[job].due(self.workers[job]):
                 ship(job)
         return shipment_table(out)
+
+    def _all_started(self, ray) -> bool:
+        try:
+            return bool(ray.get(self.started.all_started.remote()))
+        except Exception:  # noqa: BLE001 - the tracker lost (its node died): ship on the policy and the markers
+            self.started = None
+            return False
 
 
 def _node_cores() -> int:
@@ -283,7 +290,10 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, list, int, bytes], 
         with _signals_deferred():  # a second Ctrl-C must not cut the wind-down short
             rows.close()
             wind_down(set(threading.enumerate()) - before)
-            ray.kill(started)
+            try:
+                ray.kill(started)
+            except Exception:  # noqa: BLE001 - already gone with its node; nothing depends on it any more
+                pass
     info["pipeline_s"] = round(time.perf_counter() - t0, 3)
     return info
 

@@ -28,6 +28,7 @@ def test_resolve_follows_the_config_then_the_cluster():
     assert gpus.resolve(ClusterConfig(), "cuda", 0)[:2] == (1.0, True)  # model.device cuda requests GPUs
     assert gpus.resolve(ClusterConfig(), "auto", 8)[:2] == (1.0, False)
     assert gpus.resolve(ClusterConfig(), "auto", 0)[:2] == (0.0, False)
+    assert gpus.resolve(ClusterConfig(), "cpu", 8)[:2] == (0.0, False)  # a CPU model reserves no GPU
 
 
 def test_waits_for_gpu_nodes_to_join_and_asks_the_autoscaler_once(capfd):
