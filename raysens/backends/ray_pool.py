@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
-from urllib.parse import urlparse
 
 from .._log import log
 from ..config import ClusterConfig
@@ -44,6 +42,7 @@ from . import gpus as gpu_rules
 from .errors import unwrap
 from .shipments import StartedUnits, shipment_table
 from .spec import ClusterError, JobUnits
+from .spec import probe_address as _probe
 from .units import ShipPolicy, UnitWorker, tokenize_batch
 
 TASKS_IN_FLIGHT = 1  # units handed to an actor at a time: a unit is seconds to minutes of work, so a second one
@@ -52,25 +51,6 @@ MAX_BLOCKS = 20_000  # one unit per Ray Data block up to this many units
 
 
 # ---------------------------------------------------------------------- connecting
-def _probe(address: str, timeout: float = 5.0) -> None:
-    """Fail fast (and clearly) when host:port of a cluster address does not answer."""
-    if address in ("auto", "local"):
-        return
-    if address.startswith(("http://", "https://")):
-        raise ClusterError(
-            f"cluster address {address!r} looks like the dashboard/job-submission URL; the driver needs the "
-            "GCS address (host:6379) or a client address (ray://host:10001). To submit a job to that URL, use "
-            "`ray job submit --address <url> ...`")
-    u = urlparse(address if "://" in address else f"tcp://{address}")
-    if not u.hostname or not u.port:
-        raise ClusterError(f"cluster address {address!r} must look like host:port or ray://host:port")
-    try:
-        socket.create_connection((u.hostname, u.port), timeout=timeout).close()
-    except OSError as exc:
-        raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({exc}); is it running and is the "
-                           "port open? (`ray status` on the head node shows its address)") from None
-
-
 def connect(cluster: ClusterConfig) -> dict:
     """Join the configured cluster, else ``$RAY_ADDRESS``, else start an embedded local Ray.
 

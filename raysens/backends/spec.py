@@ -1,9 +1,11 @@
 """What a backend is handed for one job (``JobUnits``) and the error it raises when the cluster is
-out of reach (``ClusterError``). No Ray."""
+out of reach (``ClusterError``, ``probe_address``). No Ray."""
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -13,6 +15,25 @@ from ..store.corpus import Corpus
 
 class ClusterError(RuntimeError):
     """The Ray cluster cannot be reached or joined."""
+
+
+def probe_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast (and clearly) when host:port of a cluster address does not answer."""
+    if address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"cluster address {address!r} looks like the dashboard/job-submission URL; the driver needs the "
+            "GCS address (host:6379) or a client address (ray://host:10001). To submit a job to that URL, use "
+            "`ray job submit --address <url> ...`")
+    u = urlparse(address if "://" in address else f"tcp://{address}")
+    if not u.hostname or not u.port:
+        raise ClusterError(f"cluster address {address!r} must look like host:port or ray://host:port")
+    try:
+        socket.create_connection((u.hostname, u.port), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({exc}); is it running and is the "
+                           "port open? (`ray status` on the head node shows its address)") from None
 
 
 AUTO_SHIP_MIN_S = 10.0  # ship_every_units auto: at most one shipment per actor per 10 s (ShipPolicy.min_s)
