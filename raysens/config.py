@@ -88,7 +88,8 @@ class ClusterConfig:
     actor_resources: dict | None = None  # custom Ray resources each actor requires, e.g. {worker: 1} to place actors on nodes that declare them (ray start --resources)
     batch_size: int | str | None = "auto"  # samples per work unit = per engine call (units are consecutive sample_ids); auto (or null): 32 when the config puts the model on GPUs (model.device cuda, or cluster.gpus_per_actor > 0 with Ray), else 8 — decided from the config alone, so a config always cuts the same units
     cpus_per_actor: float = 1.0  # logical CPUs each actor reserves
-    gpus_per_actor: float | None = None  # None (auto): 1 when the cluster has GPUs, else 0 (CPU actors)
+    gpus_per_actor: float | None = None  # GPUs each actor reserves. > 0: GPU actors requested (GPU batch sizes, TF32 allowed): the job waits up to gpu_wait_s for num_actors × this many GPUs, asking the autoscaler, then fails in one line — never a CPU run; 0: CPU actors; None (auto): 1 when model.device is cuda (requested), else 1 if the cluster shows GPUs when the pass starts and 0 if not (said in a log line)
+    gpu_wait_s: float = 600.0  # how long a job that requests GPU actors waits for the cluster to show their GPUs (KubeRay GPU groups scaled to zero take minutes to come up) before failing
     torch_threads: int | None = None  # intra-op threads per CPU actor; None: (the node's cores - 1) / num_actors, at least 1
     num_cpus: int | None = None  # embedded local Ray only: logical CPUs declared; None: max(4, 2 * num_actors + 2)
     tokenize_cpus: float = 0.25  # logical CPUs per tokenization task
@@ -110,6 +111,8 @@ class ClusterConfig:
             raise ConfigError(f"cluster.batch_size must be >= 1 (or auto), got {self.batch_size}")
         if self.cpus_per_actor < 0 or (self.gpus_per_actor is not None and self.gpus_per_actor < 0):
             raise ConfigError("cluster.cpus_per_actor / cluster.gpus_per_actor must be >= 0")
+        if not self.gpu_wait_s >= 0:
+            raise ConfigError(f"cluster.gpu_wait_s must be >= 0, got {self.gpu_wait_s}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError(f"cluster.torch_threads must be >= 1, got {self.torch_threads}")
         if self.num_cpus is not None and self.num_cpus < 1:

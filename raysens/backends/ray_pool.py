@@ -2,18 +2,22 @@
 and run units through Ray Data and an actor pool.
 
     units (sample_ids) --from_items--> tokenize (CPU tasks, map_batches with a function)
-        --> SensitivityActor pool (map_batches with a class, compute=ActorPoolStrategy, one GPU
-            each when the cluster has GPUs, CPU actors otherwise): each actor folds its units into one
-            local state per job and emits a row only when it ships (``ShipPolicy``: every
-            ``cluster.ship_every_units`` units / ``ship_every_s`` seconds, on a unit flagged ``ship``,
-            on a flush marker): {job, units, samples, payload = the folded partial}; an empty table otherwise
+        --> SensitivityActor pool (map_batches with a class, compute=ActorPoolStrategy, at most
+            ``TASKS_IN_FLIGHT`` units handed to an actor at a time, one unit per block; GPU actors as
+            the config asks, ``gpus.py``): each actor folds its units into one local state per job
+            and emits a row only when it ships (``ShipPolicy``: every ``cluster.ship_every_units``
+            units / ``ship_every_s`` seconds, on a unit flagged ``ship``, once every unit of the pass
+            has started, on a flush marker): {job, units, samples, payload = the folded partial
+            (``large_binary``: a state over 2 GiB ships), node, actor, gpus}; an empty table otherwise
         --> driver (iter_batches, streaming) persists each payload as it arrives.
 
-End of the stream: Ray Data has no teardown hook that can emit rows, so the driver makes the last
-``2 × actors`` units ship at once (``ship``) and appends ``2 × actors`` flush markers (``unit`` −1)
-that make whichever actor takes one ship what it holds. Whatever is still unshipped when the stream
-ends (an actor that got no marker, an actor that died) is missing at the driver, and the runner
-recomputes it in a follow-up pass that ships every unit (``run/runner.py``).
+End of the stream: Ray Data has no teardown hook that can emit rows. A small tracker actor counts the
+units of the pass that have started; an actor that ends a unit when every unit has started will get
+no more work and ships what it holds at once (no tail of single-unit shipments). An actor that went
+idle earlier (the last units went to others) ships on one of the ``2 × actors`` flush markers
+(``unit`` −1) appended to the stream, which Ray Data hands to idle actors. Whatever is still
+unshipped when the stream ends (an actor that got no marker, an actor that died) is missing at the
+driver, and the runner recomputes it in a follow-up pass that ships every unit (``run/runner.py``).
 
 A dead actor is restarted by Ray and its unit retried on the new actor (Ray Data's actor pool
 defaults: ``max_restarts=-1``, ``max_task_retries=-1``); the units it had folded but not shipped are
@@ -23,43 +27,30 @@ every sample is counted exactly once.
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import signal
-import socket
 import threading
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
-from urllib.parse import urlparse
 
+from .._log import log
 from ..config import ClusterConfig
+from ..testing import device as test_device
 from ..testing import faults
+from . import gpus as gpu_rules
+from .errors import unwrap
+from .shipments import StartedUnits, shipment_table
 from .spec import ClusterError, JobUnits
+from .spec import probe_address as _probe
 from .units import ShipPolicy, UnitWorker, tokenize_batch
+
+TASKS_IN_FLIGHT = 1  # units handed to an actor at a time: a unit is seconds to minutes of work, so a second one
+# queued behind it only lets the slowest actor set the finish (Ray Data's default hands each actor ~4)
+MAX_BLOCKS = 20_000  # one unit per Ray Data block up to this many units
 
 
 # ---------------------------------------------------------------------- connecting
-def _probe(address: str, timeout: float = 5.0) -> None:
-    """Fail fast (and clearly) when host:port of a cluster address does not answer."""
-    if address in ("auto", "local"):
-        return
-    if address.startswith(("http://", "https://")):
-        raise ClusterError(
-            f"cluster address {address!r} looks like the dashboard/job-submission URL; the driver needs the "
-            "GCS address (host:6379) or a client address (ray://host:10001). To submit a job to that URL, use "
-            "`ray job submit --address <url> ...`")
-    u = urlparse(address if "://" in address else f"tcp://{address}")
-    if not u.hostname or not u.port:
-        raise ClusterError(f"cluster address {address!r} must look like host:port or ray://host:port")
-    try:
-        socket.create_connection((u.hostname, u.port), timeout=timeout).close()
-    except OSError as exc:
-        raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({exc}); is it running and is the "
-                           "port open? (`ray status` on the head node shows its address)") from None
-
-
 def connect(cluster: ClusterConfig) -> dict:
     """Join the configured cluster, else ``$RAY_ADDRESS``, else start an embedded local Ray.
 
@@ -95,45 +86,79 @@ def ray_session(cluster: ClusterConfig) -> Iterator[dict]:
     import ray
 
     info = connect(cluster)
-    info["resources"] = {k: v for k, v in info["resources"].items() if k in ("CPU", "GPU", "memory")}
     try:
+        if cluster is not None and (cluster.gpus_per_actor or 0) > 0:  # GPU actors requested: wait for them here,
+            gpu_rules.await_gpus(cluster, cluster.gpus_per_actor, _cluster_gpus,  # before any manifest is written
+                                 lambda: _request_gpus(cluster, cluster.gpus_per_actor))
+            info["resources"] = ray.cluster_resources()
+        info["resources"] = {k: v for k, v in info["resources"].items() if k in ("CPU", "GPU", "memory")}
         yield info
     finally:
+        if _requested:
+            _request_gpus(None, 0.0)
         if info["started_here"]:
             ray.shutdown()
 
 
+_requested: list = []  # bundles asked of the autoscaler (cleared when the session ends)
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def _request_gpus(cl: ClusterConfig | None, gpus: float) -> None:
+    """Ask the autoscaler for ``num_actors`` actor-shaped GPU bundles (None: withdraw the request). A
+    cluster without an autoscaler ignores it."""
+    bundles = [] if cl is None else [{"GPU": gpus, "CPU": cl.cpus_per_actor}] * cl.num_actors
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+        _requested[:] = bundles
+    except Exception as exc:  # noqa: BLE001 - a hint to the autoscaler; waiting works without it
+        log(f"could not ask the autoscaler for GPUs ({type(exc).__name__}: {exc}); waiting for them anyway")
+
+
 # ---------------------------------------------------------------------- the actor
 class SensitivityActor:
-    """One float32 model copy per actor; ``__call__`` folds tokenized units into one local state per
-    job and returns the rows of what it ships (often none).
+    """One model copy per actor; ``__call__`` folds tokenized units into one local state per job and
+    returns the rows of what it ships (often none).
 
-    ``ship``: per job, (units, seconds) between shipments. ``fault_settings``: test-only
-    (``raysens.testing.faults``), empty in production.
+    ``ship``: per job, (units, seconds, minimum seconds) between shipments. ``started``: the pass's
+    ``StartedUnits`` tracker (None: not tracked). ``fault_settings`` and ``device_override``: test-only
+    (``raysens.testing``), empty in production.
     """
 
-    def __init__(self, worker_kwargs: list[dict], torch_threads: int, ship: list, fault_settings: dict | None = None):
+    def __init__(self, worker_kwargs: list[dict], torch_threads: int, ship: list, fault_settings: dict | None = None,
+                 device_override: str | None = None, started=None):
+        import ray
         import torch
 
         torch.set_num_threads(max(1, int(torch_threads)))
         shared: dict = {}  # one model load (and one engine per sensitivity config) for all jobs
-        self.workers = [UnitWorker(**kw, shared=shared) for kw in worker_kwargs]
+        self.workers = [UnitWorker(**kw, shared=shared) for kw in test_device.apply(worker_kwargs, device_override)]
         self.policies = [ShipPolicy(*p) for p in ship]
         self.units = 0
         self.fault_settings = fault_settings or {}
-        import ray
-
-        self.node_id = ray.get_runtime_context().get_node_id()  # reported with each shipment (which nodes served)
+        self.started = started
+        ctx = ray.get_runtime_context()
+        self.node_id = ctx.get_node_id()  # reported with each shipment (which nodes served)
+        self.actor_id = ctx.get_actor_id() or ""
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]  # the GPUs Ray gave this actor (the manifest's GPU mode)
 
     def __call__(self, batch):
-        import pyarrow as pa
+        import ray
 
         out = []
 
         def ship(job: int) -> None:
             got = self.workers[job].ship()
             if got is not None:
-                out.append({"job": job, "units": got[0], "samples": got[1], "payload": got[2], "node": self.node_id})
+                out.append({"job": job, "units": got[0], "samples": got[1], "payload": got[2], "node": self.node_id,
+                            "actor": self.actor_id, "gpus": self.gpu_ids})
 
         for unit in batch.to_pylist():
             if unit["unit"] < 0:  # a flush marker: ship everything held
@@ -142,13 +167,23 @@ class SensitivityActor:
                 continue
             faults.actor_unit_start(self.units, self.fault_settings)
             job = unit["job"]
+            if self.started is not None:
+                self.started.start.remote((job, unit["unit"]))  # in order before all_started below (one caller)
             self.workers[job].fold(unit)
             self.units += 1
-            if unit.get("ship") or self.policies[job].due(self.workers[job]):
+            if self.started is not None and self._all_started(ray):
+                for j in range(len(self.workers)):  # no unit is left for this actor: ship every job's state now
+                    ship(j)
+            elif unit.get("ship") or self.policies[job].due(self.workers[job]):
                 ship(job)
-        return pa.Table.from_pylist(out, schema=pa.schema(
-            [("job", pa.int64()), ("units", pa.list_(pa.int64())), ("samples", pa.int64()),
-             ("payload", pa.binary()), ("node", pa.string())]))
+        return shipment_table(out)
+
+    def _all_started(self, ray) -> bool:
+        try:
+            return bool(ray.get(self.started.all_started.remote()))
+        except Exception:  # noqa: BLE001 - the tracker lost (its node died): ship on the policy and the markers
+            self.started = None
+            return False
 
 
 def _node_cores() -> int:
@@ -172,12 +207,16 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, list, int, bytes], 
     cl, model = first.cluster, first.model
     if any(j.config.model != model for j in jobs):
         raise ValueError("run_jobs: all jobs of one pass must use the same model config")
-    gpus = cl.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    have = _cluster_gpus()
+    gpus, requested, why = gpu_rules.resolve(cl, model.device, have)
+    if gpus > 0:  # requested GPUs were awaited when the session started; a later pass checks again (bounded)
+        have = gpu_rules.await_gpus(cl, gpus, _cluster_gpus, (lambda: _request_gpus(cl, gpus)) if requested else None)
+    log(gpu_rules.pool_line(cl, gpus, have, why))
     if gpus > 0:
         threads = cl.torch_threads or max(1, int(cl.cpus_per_actor))
-        device = model.device
+        # an actor given a GPU computes on it: "auto" is not left to the actor, where a CUDA that fails
+        # to come up would silently fall back to the CPU (loud instead: loading onto cuda fails)
+        device = "cuda" if model.device == "auto" else model.device
     else:
         # one core left to the driver and Ray's own processes: on 2 cores a 2-thread actor shared a core
         # with them and ran the quick start at 3.65 s/sample, 1 thread at 2.15 (docs/pipeline-benchmarks.md)
@@ -191,12 +230,11 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, list, int, bytes], 
                             add_special_tokens=c.config.data.add_special_tokens) for c in jobs]
     items = [{"job": i, "unit": int(u[0]), "sample_ids": [int(x) for x in u], "ship": False}
              for i, c in enumerate(jobs) for u in c.units]
+    started = ray.remote(num_cpus=0)(StartedUnits).remote(len(items))  # actors ship once every unit has started
     tail = 2 * (cl.max_actors or cl.num_actors)
-    for it in items[-tail:]:  # the last units ship at once: an actor may get no flush marker
-        it["ship"] = True
     items += [{"job": 0, "unit": -1, "sample_ids": [], "ship": True} for _ in range(tail)]  # flush markers
     _ray_data_progress(ray)
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), math.ceil(len(items) / 2), 1000)))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), MAX_BLOCKS)))  # one unit per block
     ds = ds.map_batches(
         tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=cl.tokenize_cpus,
         # tokenizing a unit takes milliseconds; what costs is a new worker importing transformers and
@@ -207,18 +245,21 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, list, int, bytes], 
         SensitivityActor, batch_format="pyarrow", batch_size=1,
         compute=_pool_strategy(ray, cl), resources=dict(cl.actor_resources) if cl.actor_resources else None,
         fn_constructor_kwargs=dict(worker_kwargs=worker_kwargs, torch_threads=threads,
-                                   ship=[list(c.ship_every) for c in jobs], fault_settings=faults.actor_settings()),
+                                   ship=[list(c.ship_every) for c in jobs], fault_settings=faults.actor_settings(),
+                                   device_override=test_device.device_override(), started=started),
         num_cpus=cl.cpus_per_actor, num_gpus=gpus)  # Ray Data's defaults restart dead actors and retry their units
     info.update(backend="ray", num_actors=cl.num_actors, max_actors=cl.max_actors, gpus_per_actor=gpus,
-                cpus_per_actor=cl.cpus_per_actor,
-                torch_threads=threads)
+                gpu_mode=gpus > 0, gpu_mode_reason=why, cpus_per_actor=cl.cpus_per_actor, torch_threads=threads,
+                ship_every=[list(c.ship_every) for c in jobs])
     t0 = time.perf_counter()
     nodes = info.setdefault("units_by_node", {})  # node id -> units computed there (this pass, so far)
+    actor_gpus = info.setdefault("gpus_by_actor", {})  # actor id -> the GPU ids Ray gave it (actors that shipped)
     before = set(threading.enumerate())
     rows = _rows(ds)
     try:
         for row in rows:
             nodes[row["node"]] = nodes.get(row["node"], 0) + len(row["units"])
+            actor_gpus[row["actor"]] = list(row["gpus"])
             on_result(int(row["job"]), [int(u) for u in row["units"]], int(row["samples"]), row["payload"])
     finally:
         # However the pass ends (Ctrl-C and SIGTERM land in whatever line the main thread is on),
@@ -229,6 +270,10 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, list, int, bytes], 
         with _signals_deferred():  # a second Ctrl-C must not cut the wind-down short
             rows.close()
             wind_down(set(threading.enumerate()) - before)
+            try:
+                ray.kill(started)
+            except Exception:  # noqa: BLE001 - already gone with its node; nothing depends on it any more
+                pass
     info["pipeline_s"] = round(time.perf_counter() - t0, 3)
     return info
 
@@ -302,8 +347,9 @@ def _ray_owned(t: threading.Thread) -> bool:
 def _pool_strategy(ray, cl: ClusterConfig):
     """A fixed pool of ``num_actors``, or an autoscaling one from ``num_actors`` to ``max_actors``."""
     if cl.max_actors is None or cl.max_actors == cl.num_actors:
-        return ray.data.ActorPoolStrategy(size=cl.num_actors)
-    return ray.data.ActorPoolStrategy(min_size=cl.num_actors, max_size=cl.max_actors)
+        return ray.data.ActorPoolStrategy(size=cl.num_actors, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT)
+    return ray.data.ActorPoolStrategy(min_size=cl.num_actors, max_size=cl.max_actors,
+                                      max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT)
 
 
 def _rows(ds) -> Iterator[dict]:
@@ -317,59 +363,6 @@ def _rows(ds) -> Iterator[dict]:
         close = getattr(batches, "close", None)  # a generator: closed now, not when a traceback holding it goes
         if close is not None:
             close()
-
-
-def _known_errors() -> tuple:
-    from ..config import ConfigError
-    from ..core.models import ModelLoadError
-    from ..store.corpus import CorpusError
-    from ..store.partials import PartialError
-    from ..store.rundir import RunError
-
-    return ConfigError, CorpusError, ModelLoadError, PartialError, RunError, ClusterError
-
-
-def unwrap(exc: BaseException) -> BaseException:
-    """The error a worker raised, out of Ray's wrappers (``UserCodeException``, ``RayTaskError``,
-    ``ActorDiedError``...): a raysens error is returned as it was raised (so the command prints its
-    one line); anything else becomes a ``RunError`` naming the cause's type and message."""
-    from ..store.rundir import RunError
-
-    known = _known_errors()
-    seen, chain, cur = set(), [], exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        chain.append(cur)
-        nxt = getattr(cur, "cause", None)  # RayTaskError keeps the worker's exception here
-        cur = nxt if isinstance(nxt, BaseException) else (cur.__cause__ or cur.__context__)
-    for e in chain:  # the innermost raysens error (Ray's dual-class wrappers are instances too)
-        if isinstance(e, known) and type(e).__module__.split(".")[0] != "ray":
-            return e
-    for e in chain:
-        if isinstance(e, known):
-            cause = getattr(e, "cause", None)
-            return cause if isinstance(cause, known) else RunError(str(e).strip().splitlines()[-1])
-    # Ray pickles the worker's exception without its __cause__: the original error survives only as
-    # text in the remote traceback ("CorpusError: …" before "UserCodeException: UDF failed …")
-    by_name = {cls.__name__: cls for cls in known}
-    for e in chain:
-        for m in _EXC_LINE.finditer(_ANSI.sub("", str(e))):
-            name, msg = m.group(1), m.group(2).strip()
-            if name in by_name:
-                return by_name[name](msg)
-    for e in chain:
-        for m in _EXC_LINE.finditer(_ANSI.sub("", str(e))):
-            if not m.group(1).startswith(("Ray", "UserCodeException")):
-                return RunError(f"a Ray worker failed: {m.group(1)}: {m.group(2).strip()}")
-    root = chain[-1]
-    if isinstance(root, RunError):
-        return root
-    msg = str(root).strip().splitlines()
-    return RunError(f"a Ray worker failed: {type(root).__name__}: {msg[-1] if msg else ''}".rstrip(": "))
-
-
-_EXC_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Interrupt)): (.+)$", re.MULTILINE)
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 RAY_DATA_PROGRESS_ENV = "RAYSENS_RAY_DATA_PROGRESS"  # "1": Ray Data's own progress display as well (debugging)

@@ -112,19 +112,33 @@ def make_engine(engine_cls, model, config, device):
 class ShipPolicy:
     """When a worker ships its folded units: after ``every_units`` of them once ``min_s`` seconds have
     passed since its first unshipped unit, or when ``every_s`` seconds have (checked as units end).
-    ``min_s`` (``cluster.ship_every_units: auto`` only) keeps fast workers from shipping a whole state
-    every few seconds: each shipment is written, read back and merged by the driver, which at 28
-    layers, S = 64 costs more than folding the units it carries when units take milliseconds."""
+    ``min_s`` (``cluster.ship_every_units: auto`` only, ``spec.JobUnits.ship_every``) keeps fast
+    workers from shipping a whole state every few seconds: each shipment is written, read back and
+    merged by the driver, which at 28 layers costs ~1 µs per cell (S = 512: ~8 s per state).
+
+    Sized to the unit time: ``due`` is called as each unit ends, so the time between calls is the
+    unit time ``unit_s``. The time a pending state covers counts its first unit too (the worker's
+    ``pending_since`` is that unit's end); ``every_s`` is met at the unit end nearest to it rather than
+    at the first one past it (units of 2 min, ``every_s`` 14 min: every 7 units, not every 8), while
+    ``min_s`` is never undercut."""
 
     def __init__(self, every_units: int, every_s: float, min_s: float = 0.0):
         self.every_units, self.every_s, self.min_s = max(1, int(every_units)), float(every_s), float(min_s)
+        self.unit_s = 0.0  # the last unit's time (between two calls of due)
+        self._last: float | None = None
 
     def due(self, worker: "UnitWorker") -> bool:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.unit_s = now - self._last
+        self._last = now
         n = len(worker.pending_units)
         if not n:
             return False
-        waited = time.perf_counter() - worker.pending_since
-        return (n >= self.every_units and waited >= self.min_s) or waited >= self.every_s
+        covered = now - worker.pending_since + self.unit_s  # the first pending unit's own time included
+        # the floor is never undercut (it keeps the driver's load down); the time limit is met at the
+        # unit end nearest to it, not at the first one past it
+        return covered >= self.min_s and (n >= self.every_units or covered + 0.5 * self.unit_s >= self.every_s)
 
 
 class UnitWorker:

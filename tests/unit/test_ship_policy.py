@@ -50,3 +50,45 @@ def test_a_unit_worker_warms_the_kernel_once_per_process(monkeypatch):
     units.UnitWorker(**kw)
     units.UnitWorker(**kw)
     assert calls == [1] and shared["kernel"] is True
+
+
+def _simulate(policy: ShipPolicy, unit_s: float, units: int, monkeypatch) -> list[int]:
+    """Units of ``unit_s`` seconds on a fake clock through ``policy`` as a worker calls it: units per shipment."""
+    from raysens.backends import units as mod
+
+    clock = [0.0]
+    monkeypatch.setattr(mod.time, "perf_counter", lambda: clock[0])
+    w, sizes = SimpleNamespace(pending_units=[], pending_since=0.0), []
+    for k in range(units):
+        clock[0] += unit_s
+        if not w.pending_units:
+            w.pending_since = clock[0]  # as UnitWorker.fold: the end of the first pending unit
+        w.pending_units.append(k)
+        if policy.due(w):
+            sizes.append(len(w.pending_units))
+            w.pending_units = []
+    return sizes
+
+
+def test_the_cadence_is_sized_to_the_unit_time(monkeypatch):
+    """2-minute units (a GPU unit at S = 512) and a 14-minute spacing: a shipment every 7 units (14 min: the
+    first unit counts, the nearest unit end wins), not every 8; 60 s with 2-minute units: every unit."""
+    assert _simulate(ShipPolicy(64, 840.0, 840.0), 120.0, 28, monkeypatch) == [7, 7, 7, 7]
+    assert _simulate(ShipPolicy(64, 60.0, 10.0), 120.0, 4, monkeypatch) == [2, 1, 1]  # the first unit: time unknown
+    assert _simulate(ShipPolicy(4, 3600.0, 0.0), 1.0, 12, monkeypatch) == [4, 4, 4]  # the unit count still rules
+
+
+def test_auto_spaces_shipments_by_the_drivers_cost():
+    """``ship_every_units: auto`` at 28 layers, S = 512: ``actors × 0.94 µs × cells / 0.5`` between an actor's
+    shipments (64 actors: ~23 min), raising ``ship_every_s`` too; an explicit count is left alone."""
+    from raysens.backends.spec import DRIVER_BUSY, DRIVER_S_PER_CELL, driver_spacing_s
+
+    big = ["--data.max_seq_len=512", f"--layers={list(range(1, 29))}", "--cluster.gpus_per_actor=1"]
+    cfg = load_config(None, [*big, "--cluster.num_actors=64"])
+    want = 64 * DRIVER_S_PER_CELL * 28 * 512 ** 2 / DRIVER_BUSY
+    assert driver_spacing_s(cfg) == want and 1300 < want < 1500
+    assert JobUnits(cfg, None, [], "f").ship_every == (64, want, want)
+    grown = load_config(None, [*big, "--cluster.num_actors=8", "--cluster.max_actors=64"])
+    assert JobUnits(grown, None, [], "f").ship_every == (64, want, want)  # the pool's largest size counts
+    fixed = load_config(None, [*big, "--cluster.num_actors=64", "--cluster.ship_every_units=4"])
+    assert JobUnits(fixed, None, [], "f").ship_every == (4, 60.0, 0.0)
