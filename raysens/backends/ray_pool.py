@@ -11,6 +11,11 @@ and run units through Ray Data and an actor pool.
             (``large_binary``: a state over 2 GiB ships), node, actor, gpus}; an empty table otherwise
         --> driver (iter_batches, streaming) persists each payload as it arrives.
 
+A shipment the policy calls for is encoded on the worker's background lane (``UnitWorker.ship_async``)
+beside the next units' compute and leaves with a later call's rows; at the end of the stream
+(``ship``: a flagged unit, every unit started, a flush marker) an actor waits for its encodings and
+ships everything at once.
+
 End of the stream: Ray Data has no teardown hook that can emit rows. A small tracker actor counts the
 units of the pass that have started; an actor that ends a unit when every unit has started will get
 no more work and ships what it holds at once (no tail of single-unit shipments). An actor that went
@@ -154,11 +159,15 @@ class SensitivityActor:
 
         out = []
 
-        def ship(job: int) -> None:
-            got = self.workers[job].ship()
+        def add(job: int, got) -> None:
             if got is not None:
                 out.append({"job": job, "units": got[0], "samples": got[1], "payload": got[2], "node": self.node_id,
                             "actor": self.actor_id, "gpus": self.gpu_ids})
+
+        def ship(job: int) -> None:  # now: what is being encoded, then what is pending (the end of the stream)
+            for got in self.workers[job].collect(wait=True):
+                add(job, got)
+            add(job, self.workers[job].ship())
 
         for unit in batch.to_pylist():
             if unit["unit"] < 0:  # a flush marker: ship everything held
@@ -174,8 +183,13 @@ class SensitivityActor:
             if self.started is not None and self._all_started(ray):
                 for j in range(len(self.workers)):  # no unit is left for this actor: ship every job's state now
                     ship(j)
-            elif unit.get("ship") or self.policies[job].due(self.workers[job]):
+            elif unit.get("ship"):
                 ship(job)
+            elif self.policies[job].due(self.workers[job]):
+                self.workers[job].ship_async()  # encoded beside the next units' compute; returned by a later call
+        for job, w in enumerate(self.workers):
+            for got in w.collect():
+                add(job, got)
         return shipment_table(out)
 
     def _all_started(self, ray) -> bool:
