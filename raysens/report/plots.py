@@ -10,7 +10,9 @@
 - ``layer_NNN_distance.png`` — sensitivity against distance i − j (mean over the cells at each
   distance, ±1 s.d. over samples and ±2 s.e. of the mean);
 - ``layer_NNN_sink.png`` — the first-token ("sink") column A[i, 0] and its share of the row total;
-- ``layers_summary.png`` — per-layer summaries across layers.
+- ``layers_summary.png`` — per-layer summaries across layers;
+- ``decay.png`` — causal runs: the exponent p of G(r) = γ + β (r+1)^(−p) per layer with its
+  interval, and each layer's distance profile with the fitted law (``decay_plot.py``).
 
 ``write_compare_plots(run_a, run_b, out_dir)`` writes ``compare_layer_NNN.png`` (B − A and
 log10(B / A) per common layer). Works on local paths and ``pyarrow.fs`` URIs. matplotlib is only
@@ -26,6 +28,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from . import analysis as an
+from . import decay
 from . import dominance as dom
 from . import plot_parts as pp
 from ..store.results import LayerStats, RunResult, load_run, resolve, write_bytes
@@ -252,7 +255,10 @@ def summary_png(series: Sequence[tuple[str, dict[int, dict]]], title: str) -> by
 
 
 def layer_summaries(run: RunResult) -> dict[int, dict]:
-    return {L: an.layer_summary(ls.mean) for L, ls in sorted(run.layers.items())}
+    """``analysis.layer_summary`` per layer plus the decay law's ``decay_p``, ``decay_p_lo``,
+    ``decay_p_hi`` and ``decay`` (a table cell; ``raysens.report.decay``)."""
+    fits = decay.run_fits(run)
+    return {L: {**an.layer_summary(ls.mean), **decay.summary_fields(fits[L][0])} for L, ls in sorted(run.layers.items())}
 
 
 def _layer_pngs(run: RunResult, layers) -> dict[str, bytes]:
@@ -302,6 +308,12 @@ def render_run_plots(run: RunLike, workers: int | None = None) -> dict[str, byte
         out["layers_summary.png"] = summary_png([(_model(run), layer_summaries(run))],
                                                 f"{_model(run)} — per-layer summary · {f['estimator']} · "
                                                 f"{an.fmt(f['samples'])} samples")
+        fits = decay.run_fits(run)
+        if any(fit is not None for fit, _ in fits.values()):
+            from .decay_plot import decay_png
+
+            out["decay.png"] = decay_png(fits, f"{_model(run)} — decay with distance · {f['estimator']} · "
+                                               f"{an.fmt(f['samples'])} samples")
     return out
 
 
