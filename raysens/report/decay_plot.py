@@ -34,6 +34,7 @@ def decay_png(fits: dict[int, tuple[DecayFit | None, str]], title: str) -> bytes
                         a1.annotate("", (L, end), (L, f.p), arrowprops=dict(arrowstyle="->", color="C3", lw=1.2))
             span = np.concatenate([lo, hi, p])
             a1.set_ylim(float(span.min()) - 0.1 * (np.ptp(span) + 0.1), float(span.max()) + 0.1 * (np.ptp(span) + 0.1))
+            a1.set_xlim(layers.min() - 0.6, layers.max() + 0.6)
             a1.legend(loc="best", frameon=False, fontsize=8)
         a1.set_xlabel("layer" + (f"   (no fit: {', '.join(map(str, missing))})" if missing else ""))
         a1.set_ylabel("decay exponent p")
