@@ -8,7 +8,7 @@
 - ``layer_NNN_dominance.png`` — share of each cell's sum carried by its largest sample, and each
   row's share of its largest sample (rows above the threshold are labelled with the sample_id);
 - ``layer_NNN_distance.png`` — sensitivity against distance i − j (mean over the cells at each
-  distance, ±1 s.d. over samples and ±2 s.e. of the mean);
+  distance, ±1 s.d. over samples and ±2 s.e. of the mean; causal runs: the fitted decay law);
 - ``layer_NNN_sink.png`` — the first-token ("sink") column A[i, 0] and its share of the row total;
 - ``layers_summary.png`` — per-layer summaries across layers;
 - ``decay.png`` — causal runs: the exponent p of G(r) = γ + β (r+1)^(−p) per layer with its
@@ -160,6 +160,11 @@ def distance_png(run: RunResult, ls: LayerStats) -> bytes:
                                log=pp.wants_log(np.concatenate([prof["mean"], rest["mean"]])))
             if rest["d"].size:
                 ax.plot(rest["d"], rest["mean"], color="C1", lw=1.2, ls="--", label="without the first token (j ≥ 1)")
+            fit = decay.fit_layer(ls.mean, ls.var, ls.cell_count)[0] if causal else None
+            if fit is not None:  # fitted to the dashed line from r = 1 on (decay.py)
+                rr = np.arange(int(fit.r.min()), int(fit.r.max()) + 1)
+                ax.plot(rr, fit.predict(rr), color="C3", lw=1.2, ls=":",
+                        label=rf"fit $\gamma+\beta(r+1)^{{-p}}$, p = {an.fmt(fit.p)} {fit.interval()}")
             if log:  # room for both lines (band floors stay clipped at the axis)
                 ys = np.concatenate([prof["mean"], rest["mean"]])
                 ys = ys[np.isfinite(ys) & (ys > 0)]
