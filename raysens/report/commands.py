@@ -255,7 +255,7 @@ def format_show(run: RunResult, top: int = 10, layers: Sequence[int] | None = No
 
 def _decay_text(ls) -> str:
     """The layer's fitted law G(r) = γ + β (r+1)^(−p) (``raysens.report.decay``) or why there is none."""
-    fit, why = decay.fit_layer(ls.mean, ls.var, ls.cell_count)
+    fit, why = decay.layer_fit(ls)
     return f"G(r) = γ + β(r+1)^−p: {fit.text()}" if fit is not None else f"no fit of G(r) = γ + β(r+1)^−p: {why}"
 
 

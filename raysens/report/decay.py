@@ -44,7 +44,7 @@ import numpy as np
 from .analysis import fmt, is_causal
 
 P_RANGE = (-1.0, 8.0)  # p searched here; an interval reaching a bound is open on that side
-GRID_STEP = 0.01
+GRID_STEP = 0.05  # the profile is smooth: the grid only brackets the minimum and the interval's ends
 MIN_DISTANCES = 5  # 3 parameters and at least 2 degrees of freedom
 LEVEL = 0.95
 
@@ -215,22 +215,21 @@ def distance_means(mean: np.ndarray, var: np.ndarray, cell_count: np.ndarray, *,
     if not mean.shape == var.shape == n.shape or mean.ndim != 2 or mean.shape[0] != mean.shape[1]:
         raise ValueError(f"decay.distance_means: mean, var and cell_count must be one [S, S] shape, got "
                          f"{mean.shape}, {var.shape}, {n.shape}")
-    out: dict[str, list] = {"r": [], "g": [], "se": [], "cells": []}
-    rho = float(cell_correlation)
-    for r in range(max(int(r_min), 0), mean.shape[0]):
-        m, v, c = (np.diagonal(x, offset=-r) for x in (mean, var, n))  # cells (j + r, j), j = 0, 1, …
-        if skip_first:
-            m, v, c = m[1:], v[1:], c[1:]
-        ok = np.isfinite(m) & np.isfinite(v) & (c >= 2)
-        if not ok.any():
-            continue
-        s = np.sqrt(np.maximum(v[ok], 0.0) / c[ok])
-        k = int(ok.sum())
-        out["r"].append(r)
-        out["g"].append(float(m[ok].mean()))
-        out["se"].append(float(np.sqrt((1 - rho) * (s * s).sum() + rho * s.sum() ** 2) / k))
-        out["cells"].append(k)
-    return {k: np.asarray(v_, dtype=int if k in ("r", "cells") else float) for k, v_ in out.items()}
+    s = mean.shape[0]
+    i, j = np.indices(mean.shape)
+    dist = i - j
+    ok = np.isfinite(mean) & np.isfinite(var) & (n >= 2) & (dist >= max(int(r_min), 0))
+    if skip_first:
+        ok &= j >= 1
+    d = dist[ok]
+    sc = np.sqrt(np.maximum(var[ok], 0.0) / n[ok])
+    k = np.bincount(d, minlength=s)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        g = np.bincount(d, mean[ok], minlength=s) / k
+        rho = float(cell_correlation)
+        se = np.sqrt((1 - rho) * np.bincount(d, sc * sc, minlength=s) + rho * np.bincount(d, sc, minlength=s) ** 2) / k
+    r = np.nonzero(k)[0]
+    return {"r": r.astype(int), "g": g[r], "se": se[r], "cells": k[r].astype(int)}
 
 
 def fit_layer(mean: np.ndarray, var: np.ndarray, cell_count: np.ndarray, *, level: float = LEVEL, r_min: int = 1,
@@ -244,9 +243,21 @@ def fit_layer(mean: np.ndarray, var: np.ndarray, cell_count: np.ndarray, *, leve
     return fit_decay(d["r"], d["g"], d["se"], level)
 
 
+def layer_fit(ls) -> tuple[DecayFit | None, str]:
+    """``fit_layer`` with the defaults for a ``LayerStats``, kept on the object (a loaded layer's
+    arrays do not change; the report asks for the same fit from several places)."""
+    hit = ls.__dict__.get("_decay_fit") if hasattr(ls, "__dict__") else None
+    if hit is None:
+        hit = fit_layer(ls.mean, ls.var, ls.cell_count)
+        if hasattr(ls, "__dict__"):
+            ls.__dict__["_decay_fit"] = hit
+    return hit
+
+
 def run_fits(run, **kw) -> dict[int, tuple[DecayFit | None, str]]:
     """``{layer: fit_layer(...)}`` for every layer of a loaded run (``RunResult``)."""
-    return {L: fit_layer(ls.mean, ls.var, ls.cell_count, **kw) for L, ls in sorted(run.layers.items())}
+    return {L: fit_layer(ls.mean, ls.var, ls.cell_count, **kw) if kw else layer_fit(ls)
+            for L, ls in sorted(run.layers.items())}
 
 
 def summary_fields(fit: DecayFit | None) -> dict[str, float]:

@@ -160,7 +160,7 @@ def distance_png(run: RunResult, ls: LayerStats) -> bytes:
                                log=pp.wants_log(np.concatenate([prof["mean"], rest["mean"]])))
             if rest["d"].size:
                 ax.plot(rest["d"], rest["mean"], color="C1", lw=1.2, ls="--", label="without the first token (j ≥ 1)")
-            fit = decay.fit_layer(ls.mean, ls.var, ls.cell_count)[0] if causal else None
+            fit = decay.layer_fit(ls)[0] if causal else None
             if fit is not None:  # fitted to the dashed line from r = 1 on (decay.py)
                 rr = np.arange(int(fit.r.min()), int(fit.r.max()) + 1)
                 ax.plot(rr, fit.predict(rr), color="C3", lw=1.2, ls=":",
