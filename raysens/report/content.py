@@ -132,7 +132,8 @@ def _claims(doc: Doc, run: RunResult, level: int, target: float) -> None:
     for L, p in prec.run_precision(run, target).items():
         rows.append([L, p["count"], p["cells"], prec.parts(p, "median"), prec.parts(p, "p90"),
                      prec.needed(p, "median"), prec.needed(p, "p90"),
-                     ", ".join(an.fmt(p[f"n_needed_data_{q}"]) for q in ("median", "p90"))])
+                     ", ".join(an.fmt(p[f"n_needed_data_{q}"]) if p[f"n_needed_data_{q}"] == p[f"n_needed_data_{q}"]
+                               else "unknown" for q in ("median", "p90"))])
     doc.table(["layer", "samples", "cells", "median relative SE", "p90 relative SE", "samples for median",
                "samples for p90", "without probe noise (median, p90)"], rows)
 
