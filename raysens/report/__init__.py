@@ -1,7 +1,9 @@
 """Reports, plots and summaries of run directories: numpy, pyarrow and matplotlib only (never torch
 or Ray). ``commands.py`` is ``raysens report|show|compare``; ``content.py`` builds a report's
 content, ``render.py`` writes it as HTML/Markdown; ``plots.py`` draws PNGs with the helpers of
-``plot_parts.py``; ``analysis.py`` holds the numbers they all show.
+``plot_parts.py``; ``analysis.py`` holds the numbers they all show; ``decay.py`` fits the decay law
+G(r) = γ + β (r+1)^(−p) per layer (``decay_plot.py`` draws it) and ``precision.py`` says how many
+samples a target relative standard error needs.
 """
 
 _COMMANDS = ("main_report", "main_show", "main_compare", "differences")

@@ -1,10 +1,12 @@
 """``raysens report`` / ``raysens show`` / ``raysens compare``: look at run directories.
 
-- ``raysens report RUN_OR_SWEEP_DIR [--out DIR]`` writes ``report.html`` (self-contained, PNGs
+- ``raysens report RUN_OR_SWEEP_DIR [--out DIR] [--target-se 0.05]`` writes ``report.html`` (self-contained, PNGs
   embedded) and ``report.md`` with the PNG files beside it. A sweep directory is one that holds
   several run directories (each with a ``manifest.json``) up to two levels down.
 - ``raysens show RUN_DIR`` prints counts, skipped samples, the top sensitivities per layer, the rows
-  most dominated by one sample (with their sample_ids), the estimator and timings.
+  most dominated by one sample (with their sample_ids), the decay law's exponent p per layer
+  (``decay.py``), the estimator and timings; with ``--target-se REL`` also the achieved relative SE
+  per layer and the samples needed to reach REL (``precision.py``).
   ``raysens show RUN_DIR --sample ID`` plots one sample's map (from the per-sample export, or
   recomputed by ``raysens.run.sample``, which the CLI hands in: this package does not import torch).
 - ``raysens compare RUN_A RUN_B [--out DIR]`` writes B − A difference heatmaps and prints the largest
@@ -24,8 +26,10 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from . import analysis as an
+from . import decay
 from . import dominance as dom
-from .content import build_report
+from . import precision
+from .content import TARGET_SE, build_report
 from .render import to_html, to_markdown
 from ..store.results import RunResult, exists, load_run, resolve, write_bytes
 from ..store.texts import sample_texts, snippet
@@ -110,6 +114,8 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--share", type=float, default=dom.DEFAULT_SHARE,
                    help="a cell or row is 'dominated' when one sample carries more than this share of its sum "
                         "(default 0.5)")
+    p.add_argument("--target-se", type=float, default=TARGET_SE, metavar="REL",
+                   help="target relative SE of a cell mean for the 'samples a claim needs' table (default 0.05)")
 
 
 def main_report(argv: Sequence[str] | None = None) -> int:
@@ -133,7 +139,9 @@ def main_report(argv: Sequence[str] | None = None) -> int:
         out = (args.out or posixpath.join(root, "report")).rstrip("/")
         if not 0.0 < args.share < 1.0:
             raise CommandError(f"--share must be between 0 and 1, got {args.share}")
-        doc = build_report(kind, root, runs, args.share)
+        if not (args.target_se > 0 and np.isfinite(args.target_se)):
+            raise CommandError(f"--target-se must be > 0, got {args.target_se}")
+        doc = build_report(kind, root, runs, args.share, args.target_se)
         fs, base = resolve(out)
         for name, png in doc.images.items():
             write_bytes(fs, posixpath.join(base, name), png)
@@ -163,6 +171,9 @@ def _show_args(p: argparse.ArgumentParser) -> None:
                    help="plot this sample's map per layer (recomputed unless the run exported it) and exit")
     p.add_argument("--out", metavar="DIR", help="with --sample: where to write sample_<ID>_layer_NNN.png "
                                                  "(default: <run>/plots)")
+    p.add_argument("--target-se", type=float, metavar="REL",
+                   help="print per layer the achieved median / p90 relative SE of a cell mean (data and probe "
+                        "parts) and the samples needed to reach this relative SE (e.g. 0.05)")
 
 
 def _wrap(label: str, items: list[str], width: int = 100) -> list[str]:
@@ -189,7 +200,7 @@ def _dominated_lines(run: RunResult, ls, n_rows: int, share: float, texts: dict)
 
 
 def format_show(run: RunResult, top: int = 10, layers: Sequence[int] | None = None, rows: int = 5,
-                share: float = dom.DEFAULT_SHARE) -> str:
+                share: float = dom.DEFAULT_SHARE, target_se: float | None = None) -> str:
     f = an.run_facts(run.manifest, run.layers)
     m = run.manifest
     model = m.get("model") or {}
@@ -228,15 +239,24 @@ def format_show(run: RunResult, top: int = 10, layers: Sequence[int] | None = No
             + "; ") if p else ""
         lines += ["", f"layer {L}  (S={s}, {ls.count:,} samples; {planned}median SE of a cell mean "
                       f"{an.fmt(se['rel_se'] * 100, 2)}% of it, {an.probe_part(se, known)})",
+                  f"  decay      {_decay_text(ls)}",
                   f"  {'rank':>4}  {'i':>4}  {'j':>4}  {'mean':>11}  {'std':>11}  {'n':>7}"]
         for r, (i, j, mu, sd) in enumerate(an.top_cells(ls.mean, ls.std, top), 1):
             lines.append(f"  {r:>4}  {i:>4}  {j:>4}  {mu:>11.4e}  {sd:>11.3e}  {int(ls.cell_count[i, j]):>7}")
         if rows > 0:
             ids = [r["sample_id"] for r in dom.top_rows(ls, rows)]
             lines += _dominated_lines(run, ls, rows, share, sample_texts(run.manifest, ids) if ids else {})
+    if target_se is not None:
+        lines += precision.format_target(run, target_se, layers)
     if f["estimator"] == "projection":
         lines += ["", "note: 'projection' is the seed tool's ‖uᵀJ_ij‖² with u = 1/√H·1, not the Frobenius norm."]
     return "\n".join(lines)
+
+
+def _decay_text(ls) -> str:
+    """The layer's fitted law G(r) = γ + β (r+1)^(−p) (``raysens.report.decay``) or why there is none."""
+    fit, why = decay.layer_fit(ls)
+    return f"G(r) = γ + β(r+1)^−p: {fit.text()}" if fit is not None else f"no fit of G(r) = γ + β(r+1)^−p: {why}"
 
 
 def main_show(argv: Sequence[str] | None = None, sample_map=None) -> int:
@@ -249,11 +269,13 @@ def main_show(argv: Sequence[str] | None = None, sample_map=None) -> int:
         run = _load("show", args.path)
         if args.layer and not set(args.layer) & set(run.layers):
             raise CommandError(f"layer(s) {args.layer} not in {args.path!r} (layers: {sorted(run.layers)})")
+        if args.target_se is not None and not (args.target_se > 0 and np.isfinite(args.target_se)):
+            raise CommandError(f"--target-se must be > 0, got {args.target_se}")
         if args.sample is not None:
             return _show_sample(run, args, sample_map)
     except CommandError as e:
         return _fail("show", str(e))
-    print(format_show(run, args.top, args.layer, args.rows, args.share))
+    print(format_show(run, args.top, args.layer, args.rows, args.share, args.target_se))
     return 0
 
 

@@ -8,8 +8,10 @@ import re
 from typing import Sequence
 
 from . import analysis as an
+from . import decay
 from . import dominance as dom
 from . import plots
+from . import precision as prec
 from .render import Doc
 from ..store.results import LayerStats, RunResult
 from ..store.texts import sample_texts, snippet
@@ -25,8 +27,10 @@ ESTIMATOR_NOTES = {
 K1_NOTE = ("K = 1: with one probe per sample the probe noise cannot be separated from the variation across "
            "samples. The variance, the std heatmap and the standard errors include both, in unknown shares, and "
            "the corrected variance equals the raw one; rerun with sensitivity.num_probes ≥ 2 to measure it.")
-SUMMARY_COLS = ["mean diagonal", "mean off-diagonal", "diagonal share", "sink share", "mean distance", "row total"]
-SUMMARY_KEYS = ["diag", "offdiag", "diag_share", "sink_share", "distance", "row_total"]
+SUMMARY_COLS = ["mean diagonal", "mean off-diagonal", "diagonal share", "sink share", "mean distance", "row total",
+                "decay p (95% interval)"]
+SUMMARY_KEYS = ["diag", "offdiag", "diag_share", "sink_share", "distance", "row_total", "decay"]
+TARGET_SE = 0.05  # the report's default target relative SE (raysens report --target-se)
 
 
 def _slug(s: str) -> str:
@@ -119,6 +123,42 @@ def _precision(doc: Doc, run: RunResult, level: int) -> None:
               + (["predicted probe relative"] if predicted else []) + ["probe SE, one sample"], rows)
 
 
+def _claims(doc: Doc, run: RunResult, level: int, target: float) -> None:
+    """Samples a claim needs (``raysens.report.precision``): achieved relative SE and samples for ``target``."""
+    doc.h(level, "Samples a claim needs")
+    doc.p(f"Target: relative SE {an.fmt(target * 100, 3)}% per cell. " + prec.HELP[0].upper() + prec.HELP[1:]
+          + ". 'Without probe noise': what more probes per sample (or an exact estimator) would leave.", "muted")
+    rows = []
+    for L, p in prec.run_precision(run, target).items():
+        rows.append([L, p["count"], p["cells"], prec.parts(p, "median"), prec.parts(p, "p90"),
+                     prec.needed(p, "median"), prec.needed(p, "p90"),
+                     ", ".join(an.fmt(p[f"n_needed_data_{q}"]) if p[f"n_needed_data_{q}"] == p[f"n_needed_data_{q}"]
+                               else "unknown" for q in ("median", "p90"))])
+    doc.table(["layer", "samples", "cells", "median relative SE", "p90 relative SE", "samples for median",
+               "samples for p90", "without probe noise (median, p90)"], rows)
+
+
+DECAY_HELP = ("G(r): the mean of E[A_ij] over the cells at distance r = i − j ≥ 1 without the first-token column; "
+              "weighted least squares with G's standard errors from the cells' var / n (cells at one distance taken "
+              "as fully correlated: the widest interval); p's interval from the profile likelihood, widened by "
+              "χ²/dof when that exceeds 1 (docs/DESIGN.md, decay laws).")
+
+
+def _decay(doc: Doc, run: RunResult, level: int, pngs: dict, prefix: str) -> None:
+    """The decay law per layer: plot and table (causal runs; ``raysens.report.decay``)."""
+    fits = decay.run_fits(run)
+    if not any(an.is_causal(ls.mean) for ls in run.layers.values()):
+        return
+    doc.h(level, "Decay with distance")
+    if "decay.png" in pngs:
+        doc.img(prefix + "decay.png", pngs["decay.png"], "decay exponent p per layer and the fitted laws")
+    doc.p(DECAY_HELP, "muted")
+    rows = [[L, an.fmt(f.p), f.interval(), f.gamma, f.beta, f.red_chi2, f"{an.fmt(f.rel_rms * 100, 2)}%",
+             f"{int(f.r.min())}–{int(f.r.max())}", ""] if f is not None else [L, "–", "–", "–", "–", "–", "–", "–", why]
+            for L, (f, why) in fits.items()]
+    doc.table(["layer", "p", "95% interval", "γ", "β", "χ²/dof", "rel. RMS residual", "r", "no fit because"], rows)
+
+
 def _summary_table(doc: Doc, summaries: dict[int, dict], prefix: list | None = None, head: list | None = None) -> None:
     rows = [(prefix or []) + [L] + [s[k] for k in SUMMARY_KEYS] for L, s in sorted(summaries.items())]
     doc.table((head or []) + ["layer"] + SUMMARY_COLS, rows)
@@ -161,7 +201,8 @@ def _dominance(doc: Doc, run: RunResult, ls: LayerStats, level: int, share: floa
         doc.p(f"No row or cell of layer {L} is dominated by one sample at {share:.0%}.")
 
 
-def _run_body(doc: Doc, run: RunResult, level: int, prefix: str, share: float = dom.DEFAULT_SHARE) -> None:
+def _run_body(doc: Doc, run: RunResult, level: int, prefix: str, share: float = dom.DEFAULT_SHARE,
+              target: float = TARGET_SE) -> None:
     """Everything about one run, headings starting at ``level``; images under ``prefix``."""
     pngs = plots.render_run_plots(run)
     ids = [i for ls in run.layers.values() for i in dom.culprits(ls, share)]
@@ -169,11 +210,13 @@ def _run_body(doc: Doc, run: RunResult, level: int, prefix: str, share: float = 
     doc.h(level, "Overview")
     _overview(doc, run)
     _precision(doc, run, level)
+    _claims(doc, run, level, target)
     if "layers_summary.png" in pngs:
         doc.h(level, "Across layers")
         doc.img(prefix + "layers_summary.png", pngs["layers_summary.png"], "per-layer summaries")
         doc.p(SUMMARY_HELP, "muted")
         _summary_table(doc, plots.layer_summaries(run))
+    _decay(doc, run, level, pngs, prefix)
     for L, ls in sorted(run.layers.items()):
         doc.h(level, f"Layer {L}")
         doc.img(prefix + f"layer_{L:03d}_heatmap.png", pngs[f"layer_{L:03d}_heatmap.png"],
@@ -228,14 +271,15 @@ def sweep_overview(doc: Doc, labels: Sequence[str], runs: Sequence[RunResult]) -
                "samples/s"], rows)
 
 
-def build_report(kind: str, root: str, runs: Sequence[RunResult], share: float = dom.DEFAULT_SHARE) -> Doc:
+def build_report(kind: str, root: str, runs: Sequence[RunResult], share: float = dom.DEFAULT_SHARE,
+                 target: float = TARGET_SE) -> Doc:
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     if kind == "run":
         run = runs[0]
         f = an.run_facts(run.manifest, run.layers)
         doc = Doc(f"raysens report — {f['model']}")
         doc.p(f"run directory {run.path} · generated {stamp}", "muted")
-        _run_body(doc, run, 2, "", share)
+        _run_body(doc, run, 2, "", share, target)
         return doc
     doc = Doc(f"raysens sweep report — {posixpath.basename(root) or root}")
     doc.p(f"sweep directory {root} · {len(runs)} runs · generated {stamp}", "muted")
@@ -255,6 +299,6 @@ def build_report(kind: str, root: str, runs: Sequence[RunResult], share: float =
     doc.table(["run", "model", "layer", "seq len", "dataset", "estimator", "samples"] + SUMMARY_COLS, srows)
     for label, r in zip(labels, runs):
         doc.h(2, f"Run {label}")
-        _run_body(doc, r, 3, _slug(label) + "/", share)
+        _run_body(doc, r, 3, _slug(label) + "/", share, target)
     return doc
 

@@ -8,9 +8,11 @@
 - ``layer_NNN_dominance.png`` — share of each cell's sum carried by its largest sample, and each
   row's share of its largest sample (rows above the threshold are labelled with the sample_id);
 - ``layer_NNN_distance.png`` — sensitivity against distance i − j (mean over the cells at each
-  distance, ±1 s.d. over samples and ±2 s.e. of the mean);
+  distance, ±1 s.d. over samples and ±2 s.e. of the mean; causal runs: the fitted decay law);
 - ``layer_NNN_sink.png`` — the first-token ("sink") column A[i, 0] and its share of the row total;
-- ``layers_summary.png`` — per-layer summaries across layers.
+- ``layers_summary.png`` — per-layer summaries across layers;
+- ``decay.png`` — causal runs: the exponent p of G(r) = γ + β (r+1)^(−p) per layer with its
+  interval, and each layer's distance profile with the fitted law (``decay_plot.py``).
 
 ``write_compare_plots(run_a, run_b, out_dir)`` writes ``compare_layer_NNN.png`` (B − A and
 log10(B / A) per common layer). Works on local paths and ``pyarrow.fs`` URIs. matplotlib is only
@@ -26,6 +28,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from . import analysis as an
+from . import decay
 from . import dominance as dom
 from . import plot_parts as pp
 from ..store.results import LayerStats, RunResult, load_run, resolve, write_bytes
@@ -157,6 +160,11 @@ def distance_png(run: RunResult, ls: LayerStats) -> bytes:
                                log=pp.wants_log(np.concatenate([prof["mean"], rest["mean"]])))
             if rest["d"].size:
                 ax.plot(rest["d"], rest["mean"], color="C1", lw=1.2, ls="--", label="without the first token (j ≥ 1)")
+            fit = decay.layer_fit(ls)[0] if causal else None
+            if fit is not None:  # fitted to the dashed line from r = 1 on (decay.py)
+                rr = np.arange(int(fit.r.min()), int(fit.r.max()) + 1)
+                ax.plot(rr, fit.predict(rr), color="C3", lw=1.2, ls=":",
+                        label=rf"fit $\gamma+\beta(r+1)^{{-p}}$, p = {an.fmt(fit.p)} {fit.interval()}")
             if log:  # room for both lines (band floors stay clipped at the axis)
                 ys = np.concatenate([prof["mean"], rest["mean"]])
                 ys = ys[np.isfinite(ys) & (ys > 0)]
@@ -252,7 +260,10 @@ def summary_png(series: Sequence[tuple[str, dict[int, dict]]], title: str) -> by
 
 
 def layer_summaries(run: RunResult) -> dict[int, dict]:
-    return {L: an.layer_summary(ls.mean) for L, ls in sorted(run.layers.items())}
+    """``analysis.layer_summary`` per layer plus the decay law's ``decay_p``, ``decay_p_lo``,
+    ``decay_p_hi`` and ``decay`` (a table cell; ``raysens.report.decay``)."""
+    fits = decay.run_fits(run)
+    return {L: {**an.layer_summary(ls.mean), **decay.summary_fields(fits[L][0])} for L, ls in sorted(run.layers.items())}
 
 
 def _layer_pngs(run: RunResult, layers) -> dict[str, bytes]:
@@ -302,6 +313,12 @@ def render_run_plots(run: RunLike, workers: int | None = None) -> dict[str, byte
         out["layers_summary.png"] = summary_png([(_model(run), layer_summaries(run))],
                                                 f"{_model(run)} — per-layer summary · {f['estimator']} · "
                                                 f"{an.fmt(f['samples'])} samples")
+        fits = decay.run_fits(run)
+        if any(fit is not None for fit, _ in fits.values()):
+            from .decay_plot import decay_png
+
+            out["decay.png"] = decay_png(fits, f"{_model(run)} — decay with distance · {f['estimator']} · "
+                                               f"{an.fmt(f['samples'])} samples")
     return out
 
 

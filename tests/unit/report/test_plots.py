@@ -80,7 +80,7 @@ def assert_not_blank(img, path, min_colours=40):
 def test_write_run_plots_files(run_dir, written):
     names = sorted(os.path.basename(p) for p in written)
     expected = sorted([f"layer_{L:03d}_{kind}.png" for L in LAYERS for kind in ("heatmap", "distance", "sink")]
-                      + ["layers_summary.png"])
+                      + ["layers_summary.png", "decay.png"])  # decay.png: causal runs (issue 29)
     assert names == expected
     for p in written:
         assert os.path.dirname(p) == os.path.join(run_dir, "plots")

@@ -75,7 +75,7 @@ def test_report_html_is_self_contained(report):
                     "Top 10 cells, layer 2", "Timings", "Run configuration", "Versions"):
         assert f">{section}</h" in html, f"section {section!r} missing"
     imgs = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
-    assert len(imgs) == 4  # heatmap, distance, sink, layers summary
+    assert len(imgs) == 5  # heatmap, distance, sink, layers summary, decay (a causal run)
     assert all(base64.b64decode(d)[:8] == b"\x89PNG\r\n\x1a\n" for d in imgs)
     assert "src='layer_" not in html and "<script" not in html  # nothing fetched from outside
     # the configuration table and the estimator with its standard error
@@ -88,7 +88,7 @@ def test_report_markdown_and_pngs(report):
     md = open(os.path.join(report, "report.md"), encoding="utf-8").read()
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md)
     assert sorted(refs) == sorted(["layer_002_heatmap.png", "layer_002_distance.png", "layer_002_sink.png",
-                                   "layers_summary.png"])
+                                   "layers_summary.png", "decay.png"])
     for r in refs:
         assert os.path.getsize(os.path.join(report, r)) > 8_000
     assert "| 1 | 7 | 3 |" in md  # the planted cell tops the table
@@ -104,7 +104,7 @@ def test_report_sweep(tmp_path):
     html = (out / "report.html").read_text(encoding="utf-8")
     assert ">Sweep overview</h2>" in html and ">Per-layer summaries across the sweep</h2>" in html
     assert ">Run s10_toy</h2>" in html and ">Run nested/s10_other</h2>" in html
-    assert html.count("data:image/png;base64,") == 1 + 2 * 4
+    assert html.count("data:image/png;base64,") == 1 + 2 * 5
     assert (out / "sweep_summary.png").stat().st_size > 8_000
     assert (out / "nested_s10_other" / "layer_002_heatmap.png").exists()
     md = (out / "report.md").read_text(encoding="utf-8")
