@@ -80,8 +80,9 @@ def chunk_loop(cot: Cotangents, memory: MemoryPolicy, pos: torch.Tensor, d: torc
                vjp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> int:
     """Rows (pos, d) of ``layer`` in chunks: cotangents ``[chunk, batch, b, hidden]`` through
     ``vjp(v, pos) -> [chunk, batch, b, d_model]``, accumulated into ``total[layer]``/``sumsq[layer]``.
-    A CUDA OOM halves the chunk and retries it (raised at chunk 1 or with an explicit
-    ``chunk_size``). Returns the chunk size that worked."""
+    A CUDA OOM halves the chunk and retries it (raised at chunk 1, with an explicit ``chunk_size``
+    or off CUDA: then the engine splits the unit's samples instead, which keeps the chunk shapes and
+    so the bits). Returns the chunk size that worked."""
     s = 0
     tokens = bsz * b
     while s < len(pos):
@@ -92,7 +93,7 @@ def chunk_loop(cot: Cotangents, memory: MemoryPolicy, pos: torch.Tensor, d: torc
             v = cot.make(p, dd, bsz, b, layer, probes, valid)  # [chunk, batch, b, hidden]
             g = vjp(v, p)  # [chunk, batch, b, d_model]
         except torch.cuda.OutOfMemoryError:
-            if chunk == 1 or memory.chunk_size:
+            if chunk == 1 or memory.chunk_size or memory.device.type != "cuda":  # else: the unit splits (oom.py)
                 raise
             v = g = None
             chunk = memory.after_oom(chunk, tokens)

@@ -82,7 +82,8 @@ def accumulate_forward(jv: torch.Tensor, pos: torch.Tensor, total: torch.Tensor,
 def forward_chunks(memory: MemoryPolicy, n_rows: int, chunk: int, tokens: int,
                    step: Callable[[int, int], None]) -> int:
     """Rows ``[0, n_rows)`` in chunks through ``step(s, e)``; a CUDA OOM halves the chunk and retries
-    it (raised at chunk 1 or with an explicit ``chunk_size``). Returns the chunk that worked."""
+    it (raised at chunk 1, with an explicit ``chunk_size`` or off CUDA: the engine splits the unit's
+    samples instead). Returns the chunk that worked."""
     s = 0
     while s < n_rows:
         e = min(n_rows, s + chunk)
@@ -91,7 +92,7 @@ def forward_chunks(memory: MemoryPolicy, n_rows: int, chunk: int, tokens: int,
             oom.point("chunk")
             step(s, e)
         except torch.cuda.OutOfMemoryError:
-            if chunk == 1 or memory.chunk_size:
+            if chunk == 1 or memory.chunk_size or memory.device.type != "cuda":  # else: the unit splits (oom.py)
                 raise
             chunk = memory.after_oom(chunk, tokens)
             continue
