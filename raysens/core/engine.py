@@ -12,11 +12,11 @@ applies one). Blocks after the deepest target layer are not run, and a ``*ForCau
 never run. This module imports no Ray.
 
 This module holds the public API (``SensitivityEngine``, ``SensitivityBatch``,
-``NonFiniteGradientError``) and the batch loop of ``compute``; the parts live in: ``inputs``
-(padding/truncation), ``schedule`` (causal segments, CPU sample groups), ``memory`` (budget, chunk
-sizes, CUDA OOM policy), ``cotangents`` (cotangent rows, chunked VJP loop, accumulation),
-``autograd_paths`` (the differentiated forward; vmap/loop/replicate), ``stacks`` (manual backward),
-``probes`` and ``options``.
+``NonFiniteGradientError``) and the pass loop of ``compute``; the parts live in: ``inputs``
+(padding/truncation), ``schedule`` (segments, CPU sample groups), ``memory`` (budget, chunk and pass
+sizes, CUDA OOM policy), ``unitsums``/``oom``/``sizing`` (host sums, OOM split, memory model),
+``cotangents`` (rows, chunked VJP loop, accumulation), ``autograd_paths`` (the differentiated
+forward; vmap/loop/replicate), ``stacks`` (manual backward), ``probes`` and ``options``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from .probes import draw_probes, probe_seed, unit_probes
 from .schedule import SEG_COST_MANUAL, Schedule, directions, pick_mode
 from .stacks import ManualStack, make_stack, unsupported_reason
 from .stacks.base import check_gemm_threads
-from .sizing import pass_bytes, too_big_message
+from .sizing import ModelShape, pass_bytes, too_big_message
 from .transforms import pick_forward, pick_reverse
 from .unitsums import UnitSums
 
@@ -260,11 +260,10 @@ class SensitivityEngine:
     def _run_reverse(self, emb, mask, layer_ids, sids, lengths, total, sumsq) -> None:
         """Reverse mode: VJPs per target layer, causal segments, sample groups (``compute``)."""
         bsz, seq = mask.shape
-        probes = None
-        if self.config.estimator is Estimator.HUTCHINSON:
-            cfg = self.config  # [batch, S, K, hidden] per layer
-            probes = {L: unit_probes(cfg.probe_distribution, cfg.seed, sids, lengths, seq, cfg.num_probes,
-                                     self.hidden, L).to(self.device) for L in layer_ids}
+        cfg = self.config  # Hutchinson: probes [batch, S, K, hidden] per layer
+        probes = None if cfg.estimator is not Estimator.HUTCHINSON else {L: unit_probes(
+            cfg.probe_distribution, cfg.seed, sids, lengths, seq, cfg.num_probes, self.hidden, L).to(self.device)
+            for L in layer_ids}
         manual = self._manual is not None and self._manual.fits(seq)
         self._used = Strategy.MANUAL.value if manual else ""
         # manual: one forward per block of samples (its saved activations bounded by the memory
@@ -343,8 +342,9 @@ class SensitivityEngine:
     def _pass_bytes(self, mode, layer_ids, seq, sums) -> int:
         """Device bytes per sample of one pass (sums, probes, shared forward): ``sizing.pass_bytes``."""
         fwd = mode is Mode.FORWARD
-        manual = (self._manual_fwd if fwd else self._manual) is not None
-        saved = self._manual.saved_bytes(seq, max(layer_ids)) if manual and self._manual.fits(seq) else 0
+        manual = (self._manual_fwd if fwd else self._manual) is not None and self._manual.fits(seq)
+        est = self._manual if manual else ModelShape.from_model(self.model)  # generic reverse: its graph, alike
+        saved = 0 if fwd and not manual else est.saved_bytes(seq, max(layer_ids))  # generic jvp: none kept
         k = self.config.num_probes if self.config.estimator is Estimator.HUTCHINSON else 0
         return pass_bytes(sums.bytes_per_sample(), seq, k, self.d_model if fwd else self.hidden,
                           1 if fwd else len(layer_ids), saved)
