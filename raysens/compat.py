@@ -17,70 +17,96 @@ import numpy as np
 import torch
 
 from .core.engine import Estimator, SensitivityConfig, SensitivityEngine
-from .core.cellstats import CellStats
+from .core.cellstats import cell_extras
+from .core.extremes import Extremes
+from .core.moments import ExactMoments, checked_batch
+from .core.sketch import WindowHistogram
 from .core.welford import WelfordState
 
 
 class WelfordAccumulator:
-    """Per-cell Welford/Chan accumulator of ``[B, S, S]`` batches (float64 internally).
+    """Per-cell accumulator of ``[B, S, S]`` batches of **any finite values** (signed, any magnitude),
+    as the older tool's: its documented checks run on ``torch.randn`` matrices, and users fold signed
+    differences, log-sensitivities or centred values into it.
 
-    ``device`` and ``dtype`` are accepted for compatibility; statistics are always kept in float64
-    on the host (a float32 accumulator is what made the older tool's large runs drift). Batches of
+    ``device`` and ``dtype`` are accepted for compatibility; statistics are kept on the host from exact
+    sums (``raysens.core.welford.WelfordState``): ``mean`` and ``var`` are the correctly rounded values
+    of the exact statistics of everything folded in, the same bits under any batch split or merge
+    grouping (a float32 accumulator is what made the older tool's large runs drift). Batches of
     different ``S`` are allowed: the state grows and unseen cells stay empty.
 
-    Besides the moments it keeps the per-cell extremes with their sample_ids and the log histogram
-    (``raysens.core.cellstats.CellStats``): ``get_statistics()`` also has ``max``,
-    ``max_sample_id``, ``max_share``, ``q25``, ``median``, ``q75``, … Samples without an explicit
+    Besides the moments it keeps the per-cell extremes with their sample_ids (``max``,
+    ``max_sample_id``, ``min``, ``row_max``, …) for any values and, while every value folded in is
+    >= 0 (sensitivities), the log histogram: see ``get_statistics``. Samples without explicit
     ``sample_ids`` are numbered in the order they are folded in (0, 1, 2, …).
     """
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64):
         self.device = torch.device(device)
         self.dtype = dtype
-        self.cells: CellStats | None = None
-
-    @property
-    def state(self) -> WelfordState | None:
-        """The Welford moments (as before); the full state is ``cells``."""
-        return None if self.cells is None else self.cells.welford
-
-    def _grow(self, seq_len: int) -> CellStats:
-        if self.cells is None:
-            self.cells = CellStats.empty(seq_len)
-        elif self.cells.shape[0] < seq_len:
-            self.cells = self.cells.padded(seq_len)
-        return self.cells
+        self.state: WelfordState | None = None  # exact moments of every value folded in
+        self.extremes: Extremes | None = None  # per-cell max / min with sample_ids, per-row max row total
+        self.hist: WindowHistogram | None = None  # quantiles; None once a negative value came (or no data)
+        self.signed = False  # a negative value was folded in: no quantiles, no shares
 
     def update(self, x: Any, mask: Any = None, noise: Any = None, sample_ids: Any = None) -> None:
-        """Fold a ``[B, S, S]`` batch (tensor or array); ``mask`` bool ``[B, S, S]`` marks valid cells;
-        ``sample_ids`` (B ints) name the samples in ``max_sample_id`` (default: the next B numbers)."""
-        if sample_ids is None and np.ndim(x) == 3:
-            first = self.cells.samples if self.cells is not None else 0
-            sample_ids = np.arange(first, first + np.shape(x)[0])
-        batch = CellStats.check(x, mask, noise, sample_ids)  # validates: batch axis, shapes, NaN/Inf
-        s = max(batch.values.shape[1], self.cells.shape[0] if self.cells is not None else 0)
-        self._grow(s).update(batch.padded(s))  # in place, the same bits as merging the batch's state
+        """Fold a ``[B, S, S]`` batch (tensor or array, any finite values); ``mask`` bool ``[B, S, S]``
+        marks valid cells; ``noise`` ``[B, S, S]`` (>= 0) the per-sample probe variance; ``sample_ids``
+        (B ints >= 0) name the samples in ``max_sample_id`` (default: the next B numbers)."""
+        what = "WelfordAccumulator.update"
+        xs, m, nz = checked_batch(x, mask, noise, what)
+        first = self.state.samples if self.state is not None else 0
+        ids = np.arange(first, first + xs.shape[0]) if sample_ids is None else np.asarray(sample_ids).reshape(-1)
+        if ids.shape[0] != xs.shape[0] or not np.issubdtype(ids.dtype, np.integer) or (ids < 0).any():
+            raise ValueError(f"{what}: sample_ids must be {xs.shape[0]} integers >= 0 (one per batch row), "
+                             f"got {ids.shape[0]} of dtype {ids.dtype}")
+        s = max(xs.shape[1], self.state.shape[0] if self.state is not None else 0)
+        if s > xs.shape[1]:  # the new cells are masked out
+            grow = ((0, 0), (0, s - xs.shape[1]), (0, s - xs.shape[1]))
+            xs, m = np.pad(xs, grow), np.pad(m, grow)
+            nz = None if nz is None else np.pad(nz, grow)
+        signed = bool((xs < 0).any())
+        self._merge(WelfordState._of(ExactMoments.from_batch(xs, m, nz)), Extremes.from_batch(xs, m, ids),
+                    None if signed else WindowHistogram.from_batch(xs, m), signed)
 
-    def _merge_state(self, batch: CellStats) -> None:
-        s = max(batch.shape[0], self.cells.shape[0] if self.cells is not None else 0)
-        self._grow(s).merge(batch.padded(s) if batch.shape[0] < s else batch)
+    def _merge(self, state: WelfordState, extremes: Extremes, hist: WindowHistogram | None, signed: bool) -> None:
+        """Fold another state's parts in (growing either side to the larger S)."""
+        s = max(state.shape[0], self.state.shape[0] if self.state is not None else 0)
+        if self.state is None:
+            self.state, self.extremes, self.hist = WelfordState.empty(s), Extremes.empty(s), WindowHistogram.empty(s)
+        if self.state.shape[0] < s:
+            self.state, self.extremes = self.state.padded(s), self.extremes.padded(s)
+            self.hist = None if self.hist is None else self.hist.padded(s)
+        if state.shape[0] < s:
+            state, extremes, hist = state.padded(s), extremes.padded(s), None if hist is None else hist.padded(s)
+        self.signed = self.signed or signed
+        self.state.merge(state)
+        self.extremes.merge(extremes)
+        self.hist = None if self.signed else self.hist.merge(hist, self.state.samples)
 
     def merge(self, other: "WelfordAccumulator") -> "WelfordAccumulator":
-        """Chan-merge another accumulator into this one; returns self."""
+        """Merge another accumulator into this one (exact, any grouping); returns self."""
         if not isinstance(other, WelfordAccumulator):
             raise TypeError(f"WelfordAccumulator.merge: expected WelfordAccumulator, got {type(other).__name__}")
-        if other.cells is not None:
-            self._merge_state(other.cells)
+        if other.state is not None:
+            self._merge(other.state.copy(), other.extremes.copy(), None if other.hist is None else other.hist.copy(),
+                        other.signed)
         return self
 
     def get_statistics(self) -> dict[str, Any]:
         """``mean``, ``var``, ``std``, ``var_corrected``, ``std_corrected``, ``probe_noise``,
-        ``cell_count`` (numpy ``[S, S]``) and ``count`` (total samples, int); and what drives a cell:
-        ``max``, ``max_sample_id``, ``min``, ``sum``, ``max_share``, ``q25``, ``median``, ``q75``
-        (``[S, S]``), ``row_max``, ``row_max_sample_id``, ``row_share`` (``[S]``)."""
-        if self.cells is None:
+        ``cell_count`` (numpy ``[S, S]``) and ``count`` (total samples, int); ``sum`` (exact, rounded
+        once), ``max``, ``max_sample_id``, ``min`` (``[S, S]``), ``row_max``, ``row_max_sample_id``
+        (``[S]``: the largest per-sample row total Σ_j x_ij) for any values. Only while every value
+        folded in is >= 0 (sensitivities): the shares of the largest sample ``max_share``,
+        ``row_share`` and the histogram quantiles ``q25``, ``median``, ``q75``, ``quantile_bound``;
+        after a negative value these keys are absent (a share of a signed sum and the log
+        histogram's quantiles have no meaning there)."""
+        if self.state is None:
             raise ValueError("WelfordAccumulator.get_statistics: no data has been added")
-        return self.cells.statistics()
+        out = self.state.statistics()
+        out.update(cell_extras(self.extremes, self.state.total(), self.state.count, self.hist))
+        return out
 
 
 class EstablishedAnalysisMethods:
@@ -146,10 +172,9 @@ class EstablishedAnalysisMethods:
         layer = res.layers[0]
         vals = res.values[layer]  # [batch, pos_out, pos_in]
         noise = None if res.noise is None else res.noise[layer]
-        batch_state = CellStats.from_batch(vals, res.mask, noise, sample_ids=sids)
-        stats = batch_state.welford.statistics()
+        stats = WelfordState.from_batch(vals, res.mask, noise, what="compute_position_jacobian").statistics()
         if accumulator is not None:
-            accumulator._merge_state(batch_state)
+            accumulator.update(vals, res.mask, noise, sample_ids=sids)
         flat = vals[res.mask]
         return {
             "batch_size": int(bsz),

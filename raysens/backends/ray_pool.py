@@ -195,6 +195,7 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, list, int, bytes], 
     for it in items[-tail:]:  # the last units ship at once: an actor may get no flush marker
         it["ship"] = True
     items += [{"job": 0, "unit": -1, "sample_ids": [], "ship": True} for _ in range(tail)]  # flush markers
+    _ray_data_progress(ray)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), math.ceil(len(items) / 2), 1000)))
     ds = ds.map_batches(
         tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=cl.tokenize_cpus,
@@ -369,3 +370,20 @@ def unwrap(exc: BaseException) -> BaseException:
 
 _EXC_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Interrupt)): (.+)$", re.MULTILINE)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+RAY_DATA_PROGRESS_ENV = "RAYSENS_RAY_DATA_PROGRESS"  # "1": Ray Data's own progress display as well (debugging)
+
+
+def _ray_data_progress(ray) -> None:
+    """The driver prints raysens' own one-line progress (``run/driver.py`` ``Progress``); Ray Data's
+    display (tqdm bars at a terminal, and where stdout is not one — ``ray job submit``, CI, a
+    redirected log — a multi-line "Running Dataset … Total Progress … Active & requested resources"
+    block every 10 s) stays off, so a log reads like a log and a terminal shows one progress display.
+    Ray Data's warnings and errors still show. ``RAYSENS_RAY_DATA_PROGRESS=1`` brings its display back."""
+    from ray.util.debug import log_once
+
+    show = os.environ.get(RAY_DATA_PROGRESS_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    ray.data.DataContext.get_current().enable_progress_bars = show
+    if not show:  # consumes Ray Data's one-time "Progress bars disabled. To enable, ..." hint: ours is the env variable
+        log_once("ray_data_progress_manager_disabled")

@@ -291,20 +291,7 @@ class CellStats:
         (largest per-sample row total), ``row_max_sample_id``, ``row_share`` (row_max / Σ_j sum).
         Float arrays are NaN where no sample reached the cell / row."""
         out = self.welford.statistics()
-        total = self.s1.value()
-        e = self.extremes
-        has = e.max_id >= 0
-        row_has = e.row_max_id >= 0
-        row_sum = total.sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            share = np.where(has & (total > 0), e.max / np.where(total > 0, total, 1.0), np.nan)
-            rshare = np.where(row_has & (row_sum > 0), e.row_max / np.where(row_sum > 0, row_sum, 1.0), np.nan)
-        out.update(max=np.where(has, e.max, np.nan), max_sample_id=e.max_id.copy(), min=np.where(has, e.min, np.nan),
-                   sum=np.where(has, total, np.nan), max_share=share, row_max=np.where(row_has, e.row_max, np.nan),
-                   row_max_sample_id=e.row_max_id.copy(), row_share=rshare)
-        q = self.hist.quantiles(QUANTILES.values(), self.count, e.min, e.max)
-        out.update({name: q[v] for name, v in QUANTILES.items()})
-        out["quantile_bound"] = self.hist.bound()
+        out.update(cell_extras(self.extremes, self.s1.value(), self.count, self.hist))
         return out
 
     # ------------------------------------------------------------------ (de)serialization
@@ -349,6 +336,27 @@ class CellStats:
                 and np.array_equal(h.total() > 0, e.max > 0) and (e.min >= 0).all()):
             raise ValueError("CellStats.from_arrays: histogram / extremes do not match the cell counts")
         return cls(count.copy(), sums[0], sums[1], sums[2], e, h, int(samples))
+
+
+def cell_extras(e: Extremes, total: np.ndarray, count: np.ndarray, hist: WindowHistogram | None) -> dict[str, Any]:
+    """What drives a cell (``CellStats.statistics`` documents each key), from the extremes, the per-cell
+    sums ``total`` float64 ``[S, S]`` and counts; the shares (``max_share``, ``row_share``: a part of a
+    sum of non-negative values) and the quantiles only with ``hist``, i.e. for values >= 0."""
+    has = e.max_id >= 0
+    row_has = e.row_max_id >= 0
+    out = dict(max=np.where(has, e.max, np.nan), max_sample_id=e.max_id.copy(), min=np.where(has, e.min, np.nan),
+               sum=np.where(has, total, np.nan), row_max=np.where(row_has, e.row_max, np.nan),
+               row_max_sample_id=e.row_max_id.copy())
+    if hist is None:
+        return out
+    row_sum = total.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["max_share"] = np.where(has & (total > 0), e.max / np.where(total > 0, total, 1.0), np.nan)
+        out["row_share"] = np.where(row_has & (row_sum > 0), e.row_max / np.where(row_sum > 0, row_sum, 1.0), np.nan)
+    q = hist.quantiles(QUANTILES.values(), count, e.min, e.max)
+    out.update({name: q[v] for name, v in QUANTILES.items()})
+    out["quantile_bound"] = hist.bound()
+    return out
 
 
 def warm_kernel() -> bool:

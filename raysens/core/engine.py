@@ -33,6 +33,7 @@ from .conventions import conform, depends_on_later, encoder_of
 from .autograd_paths import AutogradPaths, pad_batch
 from .cotangents import Cotangents, chunk_loop
 from .forward import ForwardRows, GenericForward, ManualForward
+from .determinism import thread_independent
 from .fused import install_fused_norms
 from .inputs import normalise
 from .memory import MemoryPolicy
@@ -250,7 +251,7 @@ class SensitivityEngine:
             run(emb[p0:p1], mask[p0:p1], layer_ids, sids[p0:p1], lengths[p0:p1], total, sumsq)
             sums.store(p0, p1, total, sumsq)
 
-        with matmul_precision(cfg.precision):  # tf32: TF32 matrix products during this call only
+        with matmul_precision(cfg.precision), thread_independent(self.device):  # tf32: this call only
             ok = split_on_oom(one_pass, bsz, self.device, passes, sums.reset,
                               lambda why: too_big_message(seq, len(layer_ids), k, mode.value, self.device,
                                                           self.memory.budget_bytes(), why))
@@ -321,8 +322,7 @@ class SensitivityEngine:
 
     def _result(self, layer_ids, vals_noise, k, sids, lengths, seq) -> SensitivityBatch:
         """Cell masks and the NaN/Inf check of a computed batch (``vals_noise``: ``UnitSums.finish``)."""
-        cfg = self.config
-        bsz = len(sids)
+        cfg, bsz = self.config, len(sids)
         vals, noise = vals_noise
         ar = np.arange(seq)
         lens = lengths.numpy()

@@ -160,14 +160,15 @@ def _limb_sums(x: np.ndarray, tops: np.ndarray) -> np.ndarray:
 
 
 def _shift(limbs: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
-    """``limbs`` int64 ``[LIMBS, ...]`` of windows topped at ``old`` re-expressed at ``new`` (>= old,
+    """``limbs`` int64 ``[L, ...]`` of windows topped at ``old`` re-expressed at ``new`` (>= old,
     same shape as ``old``): new limb j holds old limb j + (new − old); chunks below the window drop."""
+    nl = limbs.shape[0]  # LIMBS here; raysens.core.moments uses wider windows
     d = new.astype(np.int32) - old.astype(np.int32)
-    d = np.where(old == EMPTY, LIMBS, d)
+    d = np.where(old == EMPTY, nl, d)
     out = np.zeros_like(limbs)
-    for j in range(LIMBS):
+    for j in range(nl):
         src = j + d
-        ok = src < LIMBS
+        ok = src < nl
         if ok.any():
-            out[j] = np.where(ok, np.take_along_axis(limbs, np.minimum(src, LIMBS - 1)[None], 0)[0], 0)
+            out[j] = np.where(ok, np.take_along_axis(limbs, np.minimum(src, nl - 1)[None], 0)[0], 0)
     return out

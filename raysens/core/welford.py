@@ -1,57 +1,96 @@
-"""Numerically stable dataset statistics of ``[pos_out, pos_in]`` sensitivity maps.
+"""Dataset statistics of ``[pos_out, pos_in]`` maps of **any finite float64 values** (the public
+moments API and the seed-compatible accumulator's core).
 
-State per cell, float64: ``count`` (n), ``mean``, ``m2`` (sum of squared deviations) and, for the
-``hutchinson`` estimator, ``noise_sum`` (sum over samples of the per-sample probe variance of the
-estimate, i.e. ``σ²_probe / K``). A batch ``[batch, pos_out, pos_in]`` is folded in with an exact
-two-pass mean/M2 and merged with Chan, Golub & LeVeque's (1979) pairwise formula::
+A state built here (``WelfordState.empty``, ``from_batch``, ``update``) keeps, per cell, the count and
+**exact** sums of x, x² and the probe noise (``raysens.core.moments.ExactMoments``): signed values of
+any magnitude, and statistics that are the correctly rounded values of the exact statistics of the
+data held — identical bit for bit under any batch split, order or merge grouping. (A float64
+Welford/Chan state, which this replaced, reaches only ~2e-8 relative variance error on values with a
+1e9 offset and unit noise, and its bits depend on the batching.) Chan, Golub & LeVeque's pairwise
+formula::
 
     n = nA + nB;  δ = meanB − meanA;  mean = meanA + δ·nB/n;  M2 = M2A + M2B + δ²·nA·nB/n
 
-Cells with n = 0 stay empty (mean NaN in the statistics). This module imports neither Ray nor torch
-at import time; torch tensors are accepted as inputs.
+is still what merges a *moments-only* state: one made from float arrays (``WelfordState(count,
+mean, m2, noise_sum, samples)``, the moments of a stats file, ``CellStats.welford``), which has no
+exact sums to merge. Cells with n = 0 stay empty (mean NaN in the statistics). This module imports
+neither Ray nor torch at import time; torch tensors are accepted as inputs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
+from .moments import ExactMoments, WideSum, as_float64, checked_batch
+
 _STATE_KEYS = ("count", "mean", "m2", "noise_sum")
+_EXACT_KEYS = ("s1_top", "s1_limbs", "s2_top", "s2_limbs", "noise_top", "noise_limbs")
 
 
 def _as_numpy(x: Any, what: str) -> np.ndarray:
     """Turn a numpy array / torch tensor / nested list into a float64 numpy array."""
-    if hasattr(x, "detach"):  # torch.Tensor without importing torch
-        x = x.detach().to("cpu").double().numpy()
-    try:
-        return np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"WelfordState.update: {what} must be numeric array-like, got {type(x).__name__}") from exc
+    return as_float64(x, f"WelfordState.update: {what}")
 
 
-@dataclass
 class WelfordState:
-    """Per-cell Welford/Chan state for ``[pos_out, pos_in]`` statistics (all float64 except count).
+    """Per-cell statistics state for ``[pos_out, pos_in]`` maps (see the module doc).
 
-    Shapes: ``count`` int64 ``[pos_out, pos_in]``; ``mean``, ``m2``, ``noise_sum`` float64 of the same
-    shape. ``samples`` is the number of samples folded in (a sample with no valid cell still counts).
+    ``count`` int64 ``[pos_out, pos_in]``; ``mean``, ``m2`` (sum of squared deviations) and
+    ``noise_sum`` (Σ per-sample probe variance) float64 of the same shape; ``samples`` the number of
+    samples folded in (a sample with no valid cell still counts). For an exact state these are
+    derived from the exact sums (computed on first access after a change); ``exact`` is that state,
+    None for a moments-only state.
     """
 
-    count: np.ndarray  # int64 [pos_out, pos_in]: samples that reached the cell
-    mean: np.ndarray  # float64 [pos_out, pos_in]: running mean over those samples
-    m2: np.ndarray  # float64 [pos_out, pos_in]: sum of squared deviations from the mean
-    noise_sum: np.ndarray  # float64 [pos_out, pos_in]: Σ per-sample probe variance of the estimate
-    samples: int = 0  # total samples folded in
+    def __init__(self, count: np.ndarray, mean: np.ndarray, m2: np.ndarray, noise_sum: np.ndarray,
+                 samples: int = 0):
+        """A moments-only state from float arrays (merges by Chan's formula, see the module doc)."""
+        self.exact: ExactMoments | None = None
+        self._count, self._samples = count, int(samples)
+        self._view: dict[str, np.ndarray] | None = {"mean": mean, "m2": m2, "noise_sum": noise_sum}
+
+    @classmethod
+    def _of(cls, exact: ExactMoments) -> "WelfordState":
+        st = cls.__new__(cls)
+        st.exact, st._view = exact, None
+        return st
 
     @classmethod
     def empty(cls, seq_len: int) -> "WelfordState":
-        """An empty ``[seq_len, seq_len]`` state."""
+        """An empty (exact) ``[seq_len, seq_len]`` state."""
         if int(seq_len) < 1:
             raise ValueError(f"WelfordState.empty: seq_len must be >= 1, got {seq_len}")
-        shape = (int(seq_len), int(seq_len))
-        return cls(np.zeros(shape, np.int64), np.zeros(shape), np.zeros(shape), np.zeros(shape), 0)
+        return cls._of(ExactMoments.empty(seq_len))
+
+    # ------------------------------------------------------------------ the moments
+    @property
+    def count(self) -> np.ndarray:
+        return self.exact.count if self.exact is not None else self._count
+
+    @property
+    def samples(self) -> int:
+        return self.exact.samples if self.exact is not None else self._samples
+
+    def _moments(self) -> dict[str, np.ndarray]:
+        if self._view is None:  # exact: derived once per change
+            mo = self.exact.moments()
+            self._view = {"mean": mo["mean"], "m2": mo["m2"], "noise_sum": mo["noise_sum"], "var": mo["var"],
+                          "sum": mo["sum"], "noise_mean": mo["noise_mean"]}
+        return self._view
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self._moments()["mean"]
+
+    @property
+    def m2(self) -> np.ndarray:
+        return self._moments()["m2"]
+
+    @property
+    def noise_sum(self) -> np.ndarray:
+        return self._moments()["noise_sum"]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -62,12 +101,12 @@ class WelfordState:
         """Fold a batch in place and return ``self``.
 
         Args:
-            values: ``[batch, pos_out, pos_in]`` per-sample statistics (e.g. ``‖J_ij‖_F²``).
+            values: ``[batch, pos_out, pos_in]`` per-sample values, any finite float64 (signed).
             mask: optional bool ``[batch, pos_out, pos_in]``; False cells are ignored (padding).
             noise: optional ``[batch, pos_out, pos_in]`` per-sample probe variance of the estimate
-                (``σ²_probe / K``), summed into ``noise_sum`` where the mask holds.
+                (``σ²_probe / K``, >= 0), summed into ``noise_sum`` where the mask holds.
         """
-        batch = WelfordState.from_batch(values, mask, noise)
+        batch = WelfordState.from_batch(values, mask, noise, what="WelfordState.update")
         if batch.shape != self.shape:
             raise ValueError(
                 f"WelfordState.update: batch cells {batch.shape} do not match the accumulator's {self.shape}"
@@ -75,47 +114,28 @@ class WelfordState:
         return self.merge(batch)
 
     @classmethod
-    def from_batch(cls, values: Any, mask: Any = None, noise: Any = None) -> "WelfordState":
-        """Exact two-pass state of one batch ``[batch, pos_out, pos_in]`` (see ``update``)."""
-        x = _as_numpy(values, "values")
-        if x.ndim != 3:
-            hint = " (add a batch axis: x[None] for one sample)" if x.ndim == 2 else ""
-            raise ValueError(
-                f"WelfordState.update: values must be [batch, pos_out, pos_in], got shape {x.shape}{hint}"
-            )
-        if mask is None:
-            m = np.ones(x.shape, bool)
-        else:
-            m = _as_numpy(mask, "mask") != 0
-            if m.shape != x.shape:
-                raise ValueError(f"WelfordState.update: mask shape {m.shape} != values shape {x.shape}")
-        bad = m & ~np.isfinite(x)
-        if bad.any():
-            rows = sorted(set(np.nonzero(bad)[0].tolist()))
-            raise ValueError(f"WelfordState.update: values contain NaN/Inf in batch rows {rows}")
-        n = m.sum(axis=0).astype(np.int64)
-        xs = np.where(m, x, 0.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(n > 0, xs.sum(axis=0) / np.maximum(n, 1), 0.0)
-        dev = np.where(m, x - mean[None], 0.0)
-        m2 = (dev * dev).sum(axis=0)
-        if noise is None:
-            ns = np.zeros_like(mean)
-        else:
-            nz = _as_numpy(noise, "noise")
-            if nz.shape != x.shape:
-                raise ValueError(f"WelfordState.update: noise shape {nz.shape} != values shape {x.shape}")
-            if (m & ~np.isfinite(nz)).any():
-                raise ValueError("WelfordState.update: noise contains NaN/Inf")
-            ns = np.where(m, nz, 0.0).sum(axis=0)
-        return cls(n, mean, m2, ns, int(x.shape[0]))
+    def from_batch(cls, values: Any, mask: Any = None, noise: Any = None, *,
+                   what: str = "WelfordState.from_batch") -> "WelfordState":
+        """Exact state of one batch ``[batch, pos_out, pos_in]`` (see ``update``); errors name ``what``."""
+        return cls._of(ExactMoments.from_batch(*checked_batch(values, mask, noise, what)))
 
     def merge(self, other: "WelfordState") -> "WelfordState":
-        """Chan's pairwise merge of ``other`` into ``self`` (in place); returns ``self``."""
+        """Merge ``other`` into ``self`` (in place; exact when both are exact states, Chan's formula
+        on the float moments otherwise — then ``self`` becomes moments-only); returns ``self``."""
         if not isinstance(other, WelfordState):
             raise TypeError(f"WelfordState.merge: expected WelfordState, got {type(other).__name__}")
         if other.shape != self.shape:
             raise ValueError(f"WelfordState.merge: shapes differ, {self.shape} vs {other.shape}")
+        if self.exact is not None and other.exact is not None:
+            self.exact.merge(other.exact)
+            self._view = None
+            return self
+        mean, m2, noise = self._chan(other)
+        self._count, self._samples = self.count + other.count, self.samples + other.samples
+        self.exact, self._view = None, {"mean": mean, "m2": m2, "noise_sum": noise}
+        return self
+
+    def _chan(self, other: "WelfordState") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         na, nb = self.count.astype(np.float64), other.count.astype(np.float64)
         n = na + nb
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -123,37 +143,43 @@ class WelfordState:
             frac = np.where(n > 0, nb / np.where(n > 0, n, 1.0), 0.0)
             mean = np.where(na == 0, other.mean, np.where(nb == 0, self.mean, self.mean + delta * frac))
             cross = np.where((na > 0) & (nb > 0), delta * delta * na * frac, 0.0)
-        self.m2 = self.m2 + other.m2 + cross
-        self.mean = np.where(n > 0, mean, 0.0)
-        self.count = self.count + other.count
-        self.noise_sum = self.noise_sum + other.noise_sum
-        self.samples += other.samples
-        return self
+        return np.where(n > 0, mean, 0.0), self.m2 + other.m2 + cross, self.noise_sum + other.noise_sum
 
     def padded(self, seq_len: int) -> "WelfordState":
         """A copy grown to ``[seq_len, seq_len]``; new cells are empty (count 0)."""
         s = self.shape[0]
         if seq_len < s:
             raise ValueError(f"WelfordState.padded: cannot shrink {self.shape} to {seq_len}")
-        out = WelfordState.empty(seq_len)
+        if self.exact is not None:
+            return WelfordState._of(self.exact.padded(seq_len))
+        grown = []
         for k in _STATE_KEYS:
-            getattr(out, k)[:s, :s] = getattr(self, k)
-        out.samples = self.samples
-        return out
+            a = np.zeros((seq_len, seq_len), np.int64 if k == "count" else np.float64)
+            a[:s, :s] = getattr(self, k)
+            grown.append(a)
+        return WelfordState(*grown, self.samples)
 
     def copy(self) -> "WelfordState":
+        if self.exact is not None:
+            return WelfordState._of(self.exact.copy())
         return WelfordState(self.count.copy(), self.mean.copy(), self.m2.copy(), self.noise_sum.copy(), self.samples)
 
     # ------------------------------------------------------------------ statistics
     def statistics(self) -> dict[str, Any]:
         """``mean``, ``var`` (Bessel, NaN where n < 2), ``std``, ``var_corrected`` (var minus the mean
         probe variance, clamped at 0), ``std_corrected``, ``probe_noise`` (mean probe variance),
-        ``cell_count`` (int64) — all ``[pos_out, pos_in]`` — and ``count`` (total samples, int)."""
+        ``cell_count`` (int64) — all ``[pos_out, pos_in]`` — and ``count`` (total samples, int). An
+        exact state's ``mean``, ``var`` and ``probe_noise`` are each rounded once from the exact sums
+        (±inf where the value is beyond float64's range)."""
         n = self.count.astype(np.float64)
+        mo = self._moments()
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(n > 0, self.mean, np.nan)
-            var = np.where(n > 1, self.m2 / (n - 1.0), np.nan)
-            noise = np.where(n > 0, self.noise_sum / n, np.nan)
+            mean = np.where(n > 0, mo["mean"], np.nan)
+            if "var" in mo:
+                var, noise = mo["var"], np.where(n > 0, mo["noise_mean"], np.nan)
+            else:
+                var = np.where(n > 1, mo["m2"] / (n - 1.0), np.nan)
+                noise = np.where(n > 0, mo["noise_sum"] / n, np.nan)
             var_c = np.where(n > 1, np.maximum(var - noise, 0.0), np.nan)
         return {
             "mean": mean,
@@ -166,16 +192,27 @@ class WelfordState:
             "count": int(self.samples),
         }
 
+    def total(self) -> np.ndarray:
+        """float64 ``[pos_out, pos_in]``: Σ x per cell (an exact state's is correctly rounded; 0 where empty)."""
+        mo = self._moments()
+        return mo["sum"] if "sum" in mo else mo["mean"] * self.count
+
     # ------------------------------------------------------------------ (de)serialization
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Lossless plain-array form (for ``np.savez`` / Arrow / Ray object store)."""
-        out = {k: getattr(self, k).copy() for k in _STATE_KEYS}
+        """Lossless plain-array form (for ``np.savez`` / Arrow / Ray object store): the moments, and
+        for an exact state its exact sums (``s1_*``, ``s2_*``, ``noise_*``) too."""
+        out = {k: np.array(getattr(self, k), copy=True) for k in _STATE_KEYS}
         out["samples"] = np.asarray(self.samples, np.int64)
+        if self.exact is not None:
+            for name in ("s1", "s2", "noise"):
+                ws = getattr(self.exact, name)
+                out[f"{name}_top"], out[f"{name}_limbs"] = ws.top.copy(), ws.limbs.copy()
         return out
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any]) -> "WelfordState":
-        """Inverse of ``to_arrays``; validates keys, shapes and dtypes."""
+        """Inverse of ``to_arrays``; validates keys, shapes and dtypes (and, for an exact state, that
+        the moments are those of its exact sums)."""
         missing = [k for k in (*_STATE_KEYS, "samples") if k not in arrays]
         if missing:
             raise ValueError(f"WelfordState.from_arrays: missing keys {missing}")
@@ -187,7 +224,20 @@ class WelfordState:
             raise ValueError("WelfordState.from_arrays: mean/m2/noise_sum shapes differ from count")
         if (count < 0).any() or any(not np.isfinite(p).all() for p in parts):
             raise ValueError("WelfordState.from_arrays: negative counts or non-finite values")
-        return cls(count.astype(np.int64), *parts, int(np.asarray(arrays["samples"])))
+        samples = int(np.asarray(arrays["samples"]))
+        if not any(k in arrays for k in _EXACT_KEYS):
+            return cls(count.astype(np.int64), *parts, samples)
+        sums = []
+        for name in ("s1", "s2", "noise"):
+            if f"{name}_top" not in arrays or f"{name}_limbs" not in arrays:
+                raise ValueError(f"WelfordState.from_arrays: missing keys ['{name}_top', '{name}_limbs']")
+            ws = WideSum(np.asarray(arrays[f"{name}_top"]), np.asarray(arrays[f"{name}_limbs"]))
+            ws.check(count.shape, f"WelfordState.from_arrays: {name}")
+            sums.append(WideSum(ws.top.copy(), ws.limbs.copy()))
+        st = cls._of(ExactMoments(count.astype(np.int64), *sums, samples))
+        if not all(np.array_equal(getattr(st, k), p) for k, p in zip(("mean", "m2", "noise_sum"), parts)):
+            raise ValueError("WelfordState.from_arrays: the moments do not match the exact sums (corrupt state)")
+        return st
 
 
 def merge_states(states: "list[WelfordState]") -> WelfordState:
