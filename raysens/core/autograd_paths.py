@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from . import oom
 from .conventions import ModelCall
 from .cotangents import Cotangents, accumulate, chunk_loop
 from .memory import MemoryPolicy
@@ -103,6 +104,7 @@ class AutogradPaths:
             return self._segment_replicate(emb, mask, pos, d, layer_ids, probes, total, sumsq, valid)
         emb, mask, extra = pad_batch(emb, mask)  # dummy samples: no GEMM of < MIN_ROWS rows
         leaf = emb.detach().requires_grad_(True)  # [batch + extra, b, d_model]
+        oom.point("shared_forward")  # one forward serves every chunk of the segment
         with torch.enable_grad(), _count_saved(self.memory) as saved:
             hs = self.forward(leaf, mask, layer_ids)
         layers_run = max(1, min(max(layer_ids), self.n_layers))
@@ -140,6 +142,7 @@ class AutogradPaths:
         for s in range(0, len(pos), chunk):
             p, dd = pos[s:s + chunk], d[s:s + chunk]
             c = len(p)
+            oom.point("chunk")
             leaf = emb.detach().repeat(c, 1, 1).requires_grad_(True)  # [chunk*batch, b, d_model]
             with torch.enable_grad():
                 hs = self.forward(leaf, mask.repeat(c, 1), layer_ids)

@@ -4,8 +4,9 @@ A segment [a, b) of output positions has ``(b - a) · directions`` cotangent row
 each row is a cotangent on the target layer's hidden states, nonzero at one output position
 (``Cotangents.make``: a unit vector for ``exact``, the row's Hutchinson probe, or ``1/√H·1`` for
 ``projection``). ``chunk_loop`` pushes them ``chunk`` at a time through a VJP (halving the chunk on
-a CUDA OOM) and ``accumulate`` adds each row's ``‖vᵀ J_ij‖²`` to ``A[i, j]`` (and its square for the
-probe variance).
+a CUDA OOM; one at chunk 1 goes up to the engine, which splits the unit: ``oom.py``) and
+``accumulate`` adds each row's ``‖vᵀ J_ij‖²`` to ``A[i, j]`` (and its square for the probe
+variance) in a fixed order on every device (``unitsums.scatter_add``).
 
 Dimension names: ``batch`` (samples), ``pos_out`` (output position i), ``pos_in`` (input position
 j), ``d_model`` (embedding width), ``hidden`` (target-layer width H), ``chunk`` (rows per backward),
@@ -19,8 +20,10 @@ from typing import Callable
 
 import torch
 
+from . import oom
 from .memory import MemoryPolicy
 from .options import Estimator
+from .unitsums import scatter_add
 
 
 class Cotangents:
@@ -64,11 +67,11 @@ def accumulate(g: torch.Tensor, pos: torch.Tensor, total: torch.Tensor, sumsq: t
 
     ``g``: VJPs ``[chunk, batch, b, d_model]``; ``pos``: their output positions ``[chunk]``;
     ``total``/``sumsq``: float64 ``[batch, pos_out, pos_in]``, columns ``[0, b)`` are updated."""
+    oom.point("fold")
     sq = g.float().pow(2).sum(-1).double().transpose(0, 1)  # [batch, chunk, pos_in=b]; float32 squares (bf16 VJPs)
-    idx = pos.to(total.device)
-    total[:, :, :b].index_add_(1, idx, sq)
+    scatter_add(total[:, :, :b], 1, pos, sq)  # index_add_, in a fixed order on CUDA too
     if sumsq is not None:
-        sumsq[:, :, :b].index_add_(1, idx, sq * sq)
+        scatter_add(sumsq[:, :, :b], 1, pos, sq * sq)
 
 
 def chunk_loop(cot: Cotangents, memory: MemoryPolicy, pos: torch.Tensor, d: torch.Tensor, chunk: int, bsz: int,
@@ -77,24 +80,26 @@ def chunk_loop(cot: Cotangents, memory: MemoryPolicy, pos: torch.Tensor, d: torc
                vjp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> int:
     """Rows (pos, d) of ``layer`` in chunks: cotangents ``[chunk, batch, b, hidden]`` through
     ``vjp(v, pos) -> [chunk, batch, b, d_model]``, accumulated into ``total[layer]``/``sumsq[layer]``.
-    A CUDA OOM halves the chunk and retries it (raised at chunk 1 or with an explicit
-    ``chunk_size``). Returns the chunk size that worked."""
+    A CUDA OOM halves the chunk and retries it (raised at chunk 1, with an explicit ``chunk_size``
+    or off CUDA: then the engine splits the unit's samples instead, which keeps the chunk shapes and
+    so the bits). Returns the chunk size that worked."""
     s = 0
     tokens = bsz * b
     while s < len(pos):
         p, dd = pos[s:s + chunk], d[s:s + chunk]
         try:
             base = memory.mark()
+            oom.point("chunk")
             v = cot.make(p, dd, bsz, b, layer, probes, valid)  # [chunk, batch, b, hidden]
             g = vjp(v, p)  # [chunk, batch, b, d_model]
         except torch.cuda.OutOfMemoryError:
-            if chunk == 1 or memory.chunk_size:
+            if chunk == 1 or memory.chunk_size or memory.device.type != "cuda":  # else: the unit splits (oom.py)
                 raise
             v = g = None
             chunk = memory.after_oom(chunk, tokens)
             continue
         accumulate(g, p, total[layer], None if sumsq is None else sumsq[layer], b)
-        memory.calibrate(base, len(p) * tokens)
         v = g = None
+        memory.calibrate(base, len(p) * tokens)  # after freeing the chunk's tensors
         s += len(p)
     return chunk

@@ -12,11 +12,11 @@ applies one). Blocks after the deepest target layer are not run, and a ``*ForCau
 never run. This module imports no Ray.
 
 This module holds the public API (``SensitivityEngine``, ``SensitivityBatch``,
-``NonFiniteGradientError``) and the batch loop of ``compute``; the parts live in: ``inputs``
-(padding/truncation), ``schedule`` (causal segments, CPU sample groups), ``memory`` (budget, chunk
-sizes, CUDA OOM policy), ``cotangents`` (cotangent rows, chunked VJP loop, accumulation),
-``autograd_paths`` (the differentiated forward; vmap/loop/replicate), ``stacks`` (manual backward),
-``probes`` and ``options``.
+``NonFiniteGradientError``) and the pass loop of ``compute``; the parts live in: ``inputs``
+(padding/truncation), ``schedule`` (segments, CPU sample groups), ``memory`` (budget, chunk and pass
+sizes, CUDA OOM policy), ``unitsums``/``oom``/``sizing`` (host sums, OOM split, memory model),
+``cotangents`` (rows, chunked VJP loop, accumulation), ``autograd_paths`` (the differentiated
+forward; vmap/loop/replicate), ``stacks`` (manual backward), ``probes`` and ``options``.
 """
 
 from __future__ import annotations
@@ -39,14 +39,17 @@ from .inputs import normalise
 from .memory import MemoryPolicy
 from .options import Estimator, Mode, Precision, ProbeDistribution, SensitivityConfig, Strategy
 from .precision import check_device, compute_dtype, generic_autocast, matmul_precision
-from .probes import draw_forward_probes, draw_probes, probe_seed
+from .oom import SampleMemoryError, point, split_on_oom
+from .probes import draw_probes, probe_seed, unit_probes
 from .schedule import SEG_COST_MANUAL, Schedule, directions, pick_mode
 from .stacks import ManualStack, make_stack, unsupported_reason
 from .stacks.base import check_gemm_threads
+from .sizing import ModelShape, pass_bytes, too_big_message
 from .transforms import pick_forward, pick_reverse
+from .unitsums import UnitSums
 
 __all__ = ["Estimator", "Mode", "Precision", "ProbeDistribution", "SensitivityConfig", "Strategy", "SensitivityEngine",
-           "SensitivityBatch", "NonFiniteGradientError", "draw_probes", "probe_seed", "resolve_layer_indices",
+           "SensitivityBatch", "NonFiniteGradientError", "SampleMemoryError", "draw_probes", "probe_seed", "resolve_layer_indices",
            "is_causal_model"]
 
 
@@ -238,22 +241,30 @@ class SensitivityEngine:
         cfg = self.config
         k = cfg.num_probes if cfg.estimator is Estimator.HUTCHINSON else 1
         mode = self._mode_used = self.mode_for(layer_ids, int(max_seq_len) if max_seq_len else seq)
-        total = {L: torch.zeros(bsz, seq, seq, dtype=torch.float64, device=self.device) for L in layer_ids}
         hutch = cfg.estimator is Estimator.HUTCHINSON
-        sumsq = {L: torch.zeros_like(total[L]) for L in layer_ids} if (hutch and k >= 2) else None
+        sums = UnitSums(layer_ids, bsz, seq, hutch and k >= 2, self.device)  # host; one pass's on the device
+        run = self._run_forward if mode is Mode.FORWARD else self._run_reverse
+        passes = self.memory.passes(bsz, self._pass_bytes(mode, layer_ids, seq, sums))
+
+        def one_pass(p0, p1):  # OOM anywhere inside: the range is split (oom.split_on_oom)
+            total, sumsq = sums.for_pass(p0, p1)
+            run(emb[p0:p1], mask[p0:p1], layer_ids, sids[p0:p1], lengths[p0:p1], total, sumsq)
+            sums.store(p0, p1, total, sumsq)
+
         with matmul_precision(cfg.precision), thread_independent(self.device):  # tf32: this call only
-            if mode is Mode.FORWARD:
-                self._run_forward(emb, mask, layer_ids, sids, lengths, total, sumsq)
-            else:
-                self._run_reverse(emb, mask, layer_ids, sids, lengths, total, sumsq)
-        return self._result(layer_ids, total, sumsq, k, sids, lengths, seq)
+            ok = split_on_oom(one_pass, bsz, self.device, passes, sums.reset,
+                              lambda why: too_big_message(seq, len(layer_ids), k, mode.value, self.device,
+                                                          self.memory.budget_bytes(), why))
+        self.memory.after_split(ok, bsz, passes)
+        return self._result(layer_ids, sums.finish(hutch, k), k, sids, lengths, seq)
 
     def _run_reverse(self, emb, mask, layer_ids, sids, lengths, total, sumsq) -> None:
         """Reverse mode: VJPs per target layer, causal segments, sample groups (``compute``)."""
         bsz, seq = mask.shape
-        probes = None
-        if self.config.estimator is Estimator.HUTCHINSON:
-            probes = {L: self._probes(L, sids, lengths, seq) for L in layer_ids}  # [batch, S, K, hidden]
+        cfg = self.config  # Hutchinson: probes [batch, S, K, hidden] per layer
+        probes = None if cfg.estimator is not Estimator.HUTCHINSON else {L: unit_probes(
+            cfg.probe_distribution, cfg.seed, sids, lengths, seq, cfg.num_probes, self.hidden, L).to(self.device)
+            for L in layer_ids}
         manual = self._manual is not None and self._manual.fits(seq)
         self._used = Strategy.MANUAL.value if manual else ""
         # manual: one forward per block of samples (its saved activations bounded by the memory
@@ -284,11 +295,8 @@ class SensitivityEngine:
         cfg = self.config
         probes = None
         if cfg.estimator is Estimator.HUTCHINSON:  # [batch, pos_in, K, d_model]
-            probes = torch.zeros(bsz, seq, cfg.num_probes, self.d_model)
-            for r, (sid, n) in enumerate(zip(sids.tolist(), lengths.tolist())):
-                probes[r, :n] = draw_forward_probes(cfg.probe_distribution, cfg.seed, sid, n, cfg.num_probes,
-                                                    self.d_model)
-            probes = probes.to(self.device)
+            probes = unit_probes(cfg.probe_distribution, cfg.seed, sids, lengths, seq, cfg.num_probes,
+                                 self.d_model).to(self.device)
         manual = self._manual_fwd is not None and self._manual_fwd.fits(seq)
         path = self._manual_fwd if manual else self._generic_fwd
         self._used = Strategy.MANUAL.value if manual else ""
@@ -312,20 +320,10 @@ class SensitivityEngine:
         for t in [*total.values(), *(sumsq or {}).values()]:
             t.masked_fill_(pad_out, 0.0)
 
-    def _result(self, layer_ids, total, sumsq, k, sids, lengths, seq) -> SensitivityBatch:
-        """Means, probe noise, cell masks and the NaN/Inf check of a computed batch."""
-        cfg = self.config
-        bsz = len(sids)
-        vals, noise = {}, ({} if sumsq is not None else None)
-        for L in layer_ids:
-            if cfg.estimator is Estimator.HUTCHINSON:
-                mean = total[L] / k  # [batch, pos_out, pos_in]
-                if sumsq is not None:
-                    var = ((sumsq[L] - k * mean * mean) / (k - 1)).clamp_min(0)  # within-sample probe variance
-                    noise[L] = (var / k).cpu().numpy()
-                vals[L] = mean.cpu().numpy()
-            else:
-                vals[L] = total[L].cpu().numpy()
+    def _result(self, layer_ids, vals_noise, k, sids, lengths, seq) -> SensitivityBatch:
+        """Cell masks and the NaN/Inf check of a computed batch (``vals_noise``: ``UnitSums.finish``)."""
+        cfg, bsz = self.config, len(sids)
+        vals, noise = vals_noise
         ar = np.arange(seq)
         lens = lengths.numpy()
         valid = ar[None, :] < lens[:, None]  # [batch, S]
@@ -341,6 +339,16 @@ class SensitivityEngine:
         return result
 
     # ------------------------------------------------------------------ internals
+    def _pass_bytes(self, mode, layer_ids, seq, sums) -> int:
+        """Device bytes per sample of one pass (sums, probes, shared forward): ``sizing.pass_bytes``."""
+        fwd = mode is Mode.FORWARD
+        manual = (self._manual_fwd if fwd else self._manual) is not None and self._manual.fits(seq)
+        est = self._manual if manual else ModelShape.from_model(self.model)  # generic reverse: its graph, alike
+        saved = 0 if fwd and not manual else est.saved_bytes(seq, max(layer_ids))  # generic jvp: none kept
+        k = self.config.num_probes if self.config.estimator is Estimator.HUTCHINSON else 0
+        return pass_bytes(sums.bytes_per_sample(), seq, k, self.d_model if fwd else self.hidden,
+                          1 if fwd else len(layer_ids), saved)
+
     def _autograd_strategy(self) -> str:
         """What a call runs when it does not use ``manual`` (auto/manual run ``vmap`` until a missing
         batching rule degrades auto to ``loop``)."""
@@ -372,17 +380,10 @@ class SensitivityEngine:
                              SEG_COST_MANUAL.get(self.device.type, 8.0))
         return path if path.check(self._autograd.forward) is None else None
 
-    def _probes(self, layer, sids, lengths, seq) -> torch.Tensor:
-        """Hutchinson probes ``[batch, S, K, hidden]`` of ``layer`` (zero beyond each sample's length)."""
-        k, h = self.config.num_probes, self.hidden
-        p = torch.zeros(len(sids), seq, k, h)  # [batch, S, K, hidden]
-        for r, (sid, n) in enumerate(zip(sids.tolist(), lengths.tolist())):
-            p[r, :n] = draw_probes(self.config.probe_distribution, self.config.seed, sid, layer, n, k, h)
-        return p.to(self.device)
-
     def _manual_forward(self, emb, mask, upto):
         """The stack's shared forward on the batch padded by ``pad_batch`` (rows beyond it unread)."""
         emb, mask, _ = pad_batch(emb, mask)
+        point("shared_forward")
         return self._manual.forward(emb, mask, upto)
 
     def _run_manual(self, emb, mask, a, b, layer_ids, probes, total, sumsq, *, fwd, rows):

@@ -26,10 +26,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import oom
 from .fused import plain_norms
 from .memory import MemoryPolicy
 from .options import Estimator, Strategy
 from .transforms import ForwardTransform, jvp
+from .unitsums import scatter_add
 
 
 class ForwardRows:
@@ -69,26 +71,28 @@ def accumulate_forward(jv: torch.Tensor, pos: torch.Tensor, total: torch.Tensor,
     ``jv``: tangent outputs ``[chunk, batch, width, hidden]`` of output positions ``out0 ..
     out0+width``; ``pos``: the rows' input positions ``[chunk]``; ``total``/``sumsq``: float64
     ``[batch, pos_out, pos_in]``."""
+    oom.point("fold")
     sq = jv.float().pow(2).sum(-1).double().permute(1, 2, 0)  # [batch, width, chunk]; float32 squares (bf16 tangents)
     w = sq.shape[1]
-    idx = pos.to(total.device)
-    total[:, out0:out0 + w].index_add_(2, idx, sq)
+    scatter_add(total[:, out0:out0 + w], 2, pos, sq)  # index_add_, in a fixed order on CUDA too
     if sumsq is not None:
-        sumsq[:, out0:out0 + w].index_add_(2, idx, sq * sq)
+        scatter_add(sumsq[:, out0:out0 + w], 2, pos, sq * sq)
 
 
 def forward_chunks(memory: MemoryPolicy, n_rows: int, chunk: int, tokens: int,
                    step: Callable[[int, int], None]) -> int:
     """Rows ``[0, n_rows)`` in chunks through ``step(s, e)``; a CUDA OOM halves the chunk and retries
-    it (raised at chunk 1 or with an explicit ``chunk_size``). Returns the chunk that worked."""
+    it (raised at chunk 1, with an explicit ``chunk_size`` or off CUDA: the engine splits the unit's
+    samples instead). Returns the chunk that worked."""
     s = 0
     while s < n_rows:
         e = min(n_rows, s + chunk)
         try:
             base = memory.mark()
+            oom.point("chunk")
             step(s, e)
         except torch.cuda.OutOfMemoryError:
-            if chunk == 1 or memory.chunk_size:
+            if chunk == 1 or memory.chunk_size or memory.device.type != "cuda":  # else: the unit splits (oom.py)
                 raise
             chunk = memory.after_oom(chunk, tokens)
             continue
@@ -225,6 +229,7 @@ class ManualForward:
         upto = max(layer_ids)
         for f0, f1 in self.memory.forward_groups(bsz, self.stack.saved_bytes(seq, upto)):
             e_p, m_p, _ = pad_batch(emb[f0:f1], mask[f0:f1])
+            oom.point("shared_forward")
             fwd = self.stack.forward(e_p, m_p, upto)
             nb = f1 - f0
             for a, b in self.segments(seq):

@@ -1,11 +1,16 @@
-"""Memory policy of one engine: how many cotangent rows go through one backward (``chunk``).
+"""Memory policy of one engine: how many cotangent rows go through one backward (``chunk``) and how
+many samples share one device pass (``passes``).
 
-Holds ``MemoryPolicy``: the memory budget in bytes (``memory_budget_mb``; default 2 GiB on CPU,
-half the free memory on CUDA), the chunk size from that budget or an explicit ``chunk_size``, the
-CPU cap that keeps a backward cache-sized (``backward_tokens``), the manual strategy's samples per
-shared forward, and on CUDA the out-of-memory policy: the measured peak bytes per (cotangent row ×
-token) of the chunks that ran, and halving a chunk that ran out of memory (with a cap on later
-chunks below the size that failed). It also records every chunk-size decision (``chunks_used``).
+Holds ``MemoryPolicy``: the memory budget in bytes (``memory_budget_mb``; default 2 GiB on CPU; on
+CUDA ``CUDA_FRACTION`` of what this process can still use, free + reserved − allocated: the caching
+allocator's free-but-reserved blocks count as available, so the budget does not collapse after the
+first unit), the chunk size from that budget or an explicit ``chunk_size``, the CPU cap that keeps a
+backward cache-sized (``backward_tokens``), the samples per shared forward and per device pass, and on
+CUDA the out-of-memory policy: the measured peak bytes per (cotangent row × token) of the chunks that
+ran (the largest of the last call, not of all time; memory that stays allocated after a chunk, e.g. a
+bf16 weight copy made on first use, is not counted per row), and halving a chunk that ran out of
+memory (with a cap on later chunks below the size that failed). It also records every chunk-size
+decision (``chunks_used``). ``device_budget`` is the same budget for a caller without an engine.
 
 Dimension names: ``batch`` (samples), ``chunk`` (cotangent rows per backward), ``hidden``.
 """
@@ -18,14 +23,32 @@ import torch
 
 from .schedule import DEFAULT_BACKWARD_TOKENS
 
+CPU_BUDGET = 2048 << 20  # default budget on CPU (bytes)
+CUDA_FRACTION = 0.85  # default budget on CUDA: this share of free + reserved − allocated (fragmentation headroom)
+
+
+def device_budget(device: torch.device | str, memory_budget_mb: int | None = None) -> int:
+    """Working-memory budget in bytes on ``device``: ``memory_budget_mb`` when given, else 2 GiB on
+    CPU and on CUDA ``CUDA_FRACTION · (free + reserved − allocated)`` at the time of the call (what
+    this process can still allocate: the driver's free memory plus the caching allocator's
+    free-but-reserved blocks)."""
+    device = torch.device(device)
+    if memory_budget_mb is not None:
+        return int(memory_budget_mb) << 20
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        spare = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(CUDA_FRACTION * (free + max(0, spare)))
+    return CPU_BUDGET
+
 
 class MemoryPolicy:
     """Chunk sizes and memory bookkeeping for one engine on one device.
 
     Args:
         device: the engine's device.
-        memory_budget_mb: bound on backward working memory; None: 2048 MiB on CPU, half the free
-            CUDA memory (queried at each decision).
+        memory_budget_mb: bound on backward working memory; None: ``device_budget`` (2048 MiB on
+            CPU; on CUDA queried at each decision).
         chunk_size: explicit cotangent rows per backward; overrides the budget, the CPU cap and the
             OOM policy (an OOM with an explicit chunk size is raised).
         backward_tokens: CPU target of chunk·samples·tokens per backward; None: 2048.
@@ -33,8 +56,10 @@ class MemoryPolicy:
             there are not per-row memory.
 
     Attributes:
-        row_token_bytes: measured peak working bytes per (cotangent row × token) on CUDA; 0 until a
-            chunk has run (never measured with an explicit ``chunk_size``).
+        row_token_bytes: measured peak working bytes per (cotangent row × token) on CUDA: the
+            largest of the last call (of this call once it exceeds that); 0 until a chunk has run
+            (never measured with an explicit ``chunk_size``).
+        pass_cap: most samples per device pass after an out-of-memory split (0: none seen).
         oom_row_tokens: largest (rows × tokens) known to fit after an OOM; 0 = none seen.
         chunks_used: ``(n_rows, chunk, per_row_bytes)`` for each ``chunk`` call since the last
             ``reset_record`` (``chunk`` before the CPU/OOM cap of ``cap``).
@@ -49,20 +74,20 @@ class MemoryPolicy:
         self.param_storage = set(param_storage)
         self.row_token_bytes = 0.0
         self.oom_row_tokens = 0
+        self.pass_cap = 0
+        self._call_rtb = 0.0  # this call's largest measured row_token_bytes
         self.chunks_used: list[tuple[int, int, int]] = []
 
     def reset_record(self) -> None:
-        """Start a new ``chunks_used`` list (a list a caller holds from before is left as it was)."""
+        """Start a new call: a new ``chunks_used`` list (a list a caller holds from before is left as
+        it was), and the per-row cost becomes the last call's largest measurement (when it measured)."""
         self.chunks_used = []
+        if self._call_rtb:
+            self.row_token_bytes, self._call_rtb = self._call_rtb, 0.0
 
     def budget_bytes(self) -> int:
-        """``memory_budget_mb`` in bytes; default 2 GiB on CPU, half the free memory on CUDA."""
-        budget = self.memory_budget_mb
-        if budget is not None:
-            return int(budget) << 20
-        if self.device.type == "cuda":
-            return torch.cuda.mem_get_info(self.device)[0] // 2
-        return 2048 << 20
+        """``memory_budget_mb`` in bytes, else ``device_budget`` (2 GiB on CPU; CUDA: what is left now)."""
+        return device_budget(self.device, self.memory_budget_mb)
 
     def chunk(self, n_rows: int, per_row_bytes: int) -> int:
         """Cotangent rows per backward for ``n_rows`` rows costing ``per_row_bytes`` each: the
@@ -91,6 +116,26 @@ class MemoryPolicy:
         n = max(1, min(bsz, self.budget_bytes() // per_sample))
         return [(s, min(bsz, s + n)) for s in range(0, bsz, n)]
 
+    def passes(self, bsz: int, per_sample_bytes: int) -> list[tuple[int, int]]:
+        """Sample ranges ``[p0, p1)`` of a unit, each one device pass whose per-sample memory (sums,
+        probes, shared forward: ``per_sample_bytes``) takes at most half the budget (the rest is the
+        chunks'). CPU: one pass (the sums are the host's either way); after an out-of-memory split
+        at most ``pass_cap`` samples."""
+        if self.device.type == "cpu":
+            n = bsz
+        else:
+            n = max(1, min(bsz, self.budget_bytes() // 2 // max(1, per_sample_bytes)))
+        if self.pass_cap:
+            n = max(1, min(n, self.pass_cap))
+        return [(s, min(bsz, s + n)) for s in range(0, bsz, n)]
+
+    def after_split(self, largest_ok: int, bsz: int, passes: list[tuple[int, int]]) -> None:
+        """After a unit's passes: when one was split for memory (its largest pass that ran is below
+        the planned size), later units use passes of at most that size."""
+        planned = max(p1 - p0 for p0, p1 in passes) if passes else bsz
+        if 0 < largest_ok < planned:
+            self.pass_cap = largest_ok
+
     # -- CUDA: measure the real cost of a chunk, halve on OOM
     def mark(self) -> int | None:
         """Before a chunk: reset the CUDA peak counter; returns the allocated bytes (None off CUDA)."""
@@ -100,12 +145,23 @@ class MemoryPolicy:
         return torch.cuda.memory_allocated(self.device)
 
     def calibrate(self, base: int | None, row_tokens: int) -> None:
-        """After a chunk of ``row_tokens`` (rows × tokens) that started at ``mark()`` = ``base``:
-        raise ``row_token_bytes`` to its measured peak per row-token."""
+        """After a chunk of ``row_tokens`` (rows × tokens) that started at ``mark()`` = ``base``, its
+        temporaries freed: its peak per row-token, less what stayed allocated (a weight copy made on
+        first use is not per-row memory). ``row_token_bytes`` rises to it within the call."""
         if base is None or self.chunk_size:
             return
-        used = torch.cuda.max_memory_allocated(self.device) - base
-        self.row_token_bytes = max(self.row_token_bytes, used / max(row_tokens, 1))
+        kept = max(0, torch.cuda.memory_allocated(self.device) - base)
+        used = self.peak_since(base) - kept
+        self.record_row_bytes(used / max(row_tokens, 1))
+
+    def peak_since(self, base: int) -> int:
+        """CUDA bytes allocated at the peak since ``mark()`` above ``base``."""
+        return torch.cuda.max_memory_allocated(self.device) - base
+
+    def record_row_bytes(self, per_row_token: float) -> None:
+        """One measured chunk: this call's largest, and the decisions' figure if it is above it."""
+        self._call_rtb = max(self._call_rtb, per_row_token)
+        self.row_token_bytes = max(self.row_token_bytes, self._call_rtb)
 
     def after_oom(self, chunk: int, tokens: int) -> int:
         """A chunk of ``chunk`` rows × ``tokens`` ran out of CUDA memory: free the cache, return half

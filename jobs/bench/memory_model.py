@@ -1,0 +1,116 @@
+"""Peak host memory of engine units sized by the memory model (issue 31, ``raysens.core.sizing``).
+
+Each measurement is a fresh child process (its ``ru_maxrss`` is that run's alone): a 28-block tiny
+Llama (hidden 16) whose engine runs the real unit bookkeeping — host sums (``UnitSums``), probes
+drawn for every position, the in-place mean/variance, masks, the NaN check and, with ``--fold``, the
+fold of the result into one ``CellStats`` per layer in ``samples_per_fold`` slices — while the
+tangent passes themselves are replaced by one in-place addition per pass over the sums (a real
+forward-mode pass at S=2048 over 28 layers takes hours on 2 CPU cores; its working memory is the
+chunks', bounded by the budget separately). The unit size is ``plan_unit``'s for the budget.
+
+    python -m jobs.bench.memory_model --seq 2048 --layers 28 --budget-gib 4            # no state
+    python -m jobs.bench.memory_model --seq 512 --layers 28 --budget-gib 4 --fold      # with the state
+    ... --baseline-tree /work/wt/mem-base --batch 2     # the same stub on another checkout, fixed batch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _child(spec: dict) -> dict:
+    import numpy as np
+    import torch
+    import transformers as tf
+
+    from raysens.core import engine as engmod
+    from raysens.core.engine import SensitivityConfig, SensitivityEngine
+    from raysens.core.probes import draw_forward_probes
+
+    torch.set_num_threads(1)
+    seq, layers = spec["seq"], spec["layers"]
+    cfg = tf.LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=seq,
+                         attn_implementation="eager", pad_token_id=0)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg).eval()
+
+    def stub_run(self, emb, mask, layer_ids, sids, lengths, total, sumsq):
+        c = self.config
+        for sid, n in zip(np.asarray(sids).tolist(), np.asarray(lengths).tolist()):  # the real probe draw
+            draw_forward_probes(c.probe_distribution, c.seed, sid, n, c.num_probes, self.d_model)
+        for L, t in total.items():  # every page of the pass's sums written, as the accumulation does
+            t.add_(1.0 + L)
+        for L, t in (sumsq or {}).items():
+            t.add_(2.0 + L)
+
+    engmod.SensitivityEngine._run_forward = stub_run
+    eng = SensitivityEngine(model, SensitivityConfig(mode="forward", num_probes=spec["k"]))
+    batch, fold, plan = spec.get("batch"), 0, None
+    if batch is None:
+        from raysens.core.sizing import ModelShape, plan_unit
+
+        plan = plan_unit(ModelShape.from_model(model), seq=seq, target_layers=layers, k=spec["k"], mode="forward",
+                         budget=int(spec["budget_gib"] * (1 << 30)), state_cell_bytes=None if spec["fold"] else 0)
+        batch, fold = plan.samples_per_unit, plan.samples_per_fold
+    ids = torch.randint(3, 100, (batch, seq))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+    r = eng.compute(ids, layers=list(range(1, layers + 1)), sample_ids=list(range(batch)))
+    if spec["fold"]:
+        from raysens.core.cellstats import CellStats
+
+        states = {L: CellStats.empty(seq) for L in r.layers}
+        for L in r.layers:
+            for f0 in range(0, batch, max(1, fold)):
+                f1 = min(batch, f0 + max(1, fold))
+                states[L].update(r.values[L][f0:f1], r.mask[f0:f1], None if r.noise is None else r.noise[L][f0:f1],
+                                 r.sample_ids[f0:f1])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+    out = {"seq": seq, "layers": layers, "k": spec["k"], "batch": batch, "fold": fold, "peak_rss": peak,
+           "rss_before_compute": before, "budget": int(spec["budget_gib"] * (1 << 30))}
+    if plan is not None:
+        out["plan"] = {k: (v if not isinstance(v, float) else round(v, 3)) for k, v in plan.__dict__.items()}
+    return out
+
+
+def run(tree: Path, spec: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_child", json.dumps(spec)], cwd=tree,
+                       env=env, capture_output=True, text=True)  # by path: raysens comes from ``tree``
+    if p.returncode:
+        raise SystemExit(p.stderr[-3000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "_child":
+        print(json.dumps(_child(json.loads(sys.argv[2]))))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--k", type=int, default=1)
+    ap.add_argument("--budget-gib", type=float, default=4.0)
+    ap.add_argument("--fold", action="store_true", help="fold into a CellStats state per layer (the state counts)")
+    ap.add_argument("--batch", type=int, default=None, help="fixed unit size instead of the plan's")
+    ap.add_argument("--baseline-tree", type=Path, default=None, help="also run this checkout (same stub, same batch)")
+    a = ap.parse_args(argv)
+    spec = {"seq": a.seq, "layers": a.layers, "k": a.k, "budget_gib": a.budget_gib, "fold": a.fold, "batch": a.batch}
+    res = run(REPO, spec)
+    print(json.dumps({"tree": str(REPO), **res}))
+    if a.baseline_tree:
+        base = run(a.baseline_tree, {**spec, "batch": res["batch"], "fold": False})
+        print(json.dumps({"tree": str(a.baseline_tree), **base}))
+        print(f"peak RSS new / baseline at batch {res['batch']}: {res['peak_rss'] / base['peak_rss']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
