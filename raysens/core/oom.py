@@ -1,4 +1,4 @@
-"""Out-of-memory anywhere in a unit: split the batch and retry (docs/DESIGN.md §9).
+"""Out-of-memory anywhere in a unit: split the batch and retry (docs/DESIGN.md §10).
 
 ``split_on_oom(run, bsz, ...)`` runs ``run(p0, p1)`` on sample ranges of a batch; an out-of-memory
 error raised anywhere inside (shared forward, chunk, accumulation, the copy to the host) frees the

@@ -1,4 +1,4 @@
-"""One memory model per actor: samples per unit, per device pass and per fold (docs/DESIGN.md §9).
+"""One memory model per actor: samples per unit, per device pass and per fold (docs/DESIGN.md §10).
 
 Sizes come from arithmetic on the model's shape (``ModelShape``: parameters, widths, layers, heads),
 the padded length S, the number of target layers, K, the mode and the per-cell state, within one

@@ -1,5 +1,5 @@
 """The float64 sums of one unit (``total``, ``sumsq``: ``{layer: [batch, pos_out, pos_in]}``) and the
-deterministic scatter that adds rows into them (docs/DESIGN.md §9).
+deterministic scatter that adds rows into them (docs/DESIGN.md §10).
 
 ``UnitSums`` keeps the sums of the whole unit on the host (pinned memory on CUDA, so the copy runs at
 full bus speed) and hands each pass (a sample range ``[p0, p1)``) sums on the device: on CPU views of
