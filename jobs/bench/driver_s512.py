@@ -43,7 +43,7 @@ def _log(msg: str) -> None:
 def measure(seq: int, layers: int, unit: int, reps: int) -> dict:
     import numpy as np
 
-    from raysens.core.cellstats import CellStats
+    from raysens.stats.cells import CellStats
     from raysens.store.partials import decode_partial, encode_partial
 
     rng = np.random.default_rng(0)

@@ -65,7 +65,7 @@ def _child(spec: dict) -> dict:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
     r = eng.compute(ids, layers=list(range(1, layers + 1)), sample_ids=list(range(batch)))
     if spec["fold"]:
-        from raysens.core.cellstats import CellStats
+        from raysens.stats.cells import CellStats
 
         states = {L: CellStats.empty(seq) for L in r.layers}
         for L in r.layers:
