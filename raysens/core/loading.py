@@ -57,7 +57,7 @@ def params_on_meta():
 
     def on_meta(module, name, param):
         register(module, name, param)
-        if param is not None:
+        if param is not None and param.device.type != "meta":  # a tie re-registers a meta parameter: kept
             p = module._parameters[name]
             module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
 
@@ -68,13 +68,25 @@ def params_on_meta():
         torch.nn.Module.register_parameter = register
 
 
-def build_stack(config: Any, model_cls, trust_remote_code: bool = False) -> torch.nn.Module:
-    """``model_cls.from_config(config)`` with parameters on meta, and its stack (``base_model``):
-    the LM head (if any) is dropped with the wrapper, never allocated."""
+def _build(config: Any, model_cls, trust_remote_code: bool = False) -> tuple[torch.nn.Module, dict[int, list[str]]]:
+    """(the stack of ``model_cls.from_config(config)`` built with parameters on meta, the full
+    model's names of every tensor by id: a tensor tied to the LM head may be saved under the head's
+    name only, as ``safetensors.torch.save_model`` does)."""
     with params_on_meta():
         full = model_cls.from_config(config, dtype=WORKING_DTYPE, attn_implementation="eager",
                                      trust_remote_code=trust_remote_code)
-    return full.base_model
+    if not getattr(config, "architectures", None):  # what the checkpoint is (LoadedModel.info["class"])
+        config.architectures = [type(full).__name__]
+    names: dict[int, list[str]] = {}
+    for n, t in list(full.named_parameters(remove_duplicate=False)) + list(full.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), []).append(n)
+    return full.base_model, names
+
+
+def build_stack(config: Any, model_cls, trust_remote_code: bool = False) -> torch.nn.Module:
+    """``model_cls.from_config(config)`` with parameters on meta, and its stack (``base_model``):
+    the LM head (if any) is dropped with the wrapper, never allocated."""
+    return _build(config, model_cls, trust_remote_code)[0]
 
 
 def _targets(stack: torch.nn.Module) -> dict[str, list[tuple[torch.nn.Module, str, bool]]]:
@@ -123,7 +135,7 @@ def load_base_model(path: Path, config: Any, model_cls, device: str | torch.devi
     """The stack of the checkpoint in directory ``path`` (float32, on ``device``, no LM head), or None
     when its safetensors keys do not cover the stack's parameters (see the module doc)."""
     device = torch.device(device)
-    stack = build_stack(config, model_cls, trust_remote_code)
+    stack, full_names = _build(config, model_cls, trust_remote_code)
     prefix = getattr(stack, "base_model_prefix", "") or ""
     where: dict[str, tuple[Path, dict, int]] = {}
     for file in weight_files(path):
@@ -131,13 +143,19 @@ def load_base_model(path: Path, config: Any, model_cls, device: str | torch.devi
         for key, meta in header.items():
             where.setdefault(_normalise(key, prefix), (file, meta, start))
     targets = _targets(stack)
-    params = [k for k, slots in targets.items() if any(p for _, _, p in slots)]
-    if any(k not in where for k in params):
-        return None
+    found = {}
+    for key, slots in targets.items():
+        mod, n, _ = slots[0]
+        aliases = [key] + [_normalise(a, prefix) for a in full_names.get(id(getattr(mod, n)), [])]
+        hit = next((a for a in aliases if a in where), None)
+        if hit is not None:
+            found[key] = where[hit]
+        elif any(p for _, _, p in slots):
+            return None
     by_file: dict[Path, list] = {}
     for key, slots in targets.items():
-        if key in where:
-            file, meta, start = where[key]
+        if key in found:
+            file, meta, start = found[key]
             by_file.setdefault(file, []).append((start + meta["data_offsets"][0], key, meta, slots))
     for file, items in by_file.items():
         with open(file, "rb", buffering=0) as f:
