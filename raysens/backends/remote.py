@@ -50,8 +50,8 @@ def on_worker(cluster: ClusterConfig, fn: Callable, *args, **kwargs) -> Any:
 
     gpus = pool_gpus(cluster)
     threads = cluster.torch_threads or max(1, int(cluster.cpus_per_actor))
-    task = ray.remote(_call).options(num_cpus=cluster.cpus_per_actor, num_gpus=gpus, max_calls=1,
-                                     resources=dict(cluster.actor_resources or {}), max_retries=0)
+    task = ray.remote(num_cpus=cluster.cpus_per_actor, num_gpus=gpus, max_calls=1, max_retries=0,
+                      resources=dict(cluster.actor_resources or {}))(_call)
     try:
         return ray.get(task.remote(fn, threads, args, kwargs))
     except Exception as exc:  # RayTaskError and friends: the cause, as the pool reports it
