@@ -31,6 +31,11 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
+class CheckpointError(ValueError):
+    """A safetensors tensor does not fit the model its config describes (shape, dtype); ``load_model``
+    reports it as a ``ModelLoadError``."""
+
+
 def read_header(path: str | Path) -> tuple[dict, int]:
     """``(header without __metadata__, byte offset of the data)`` of one safetensors file."""
     with open(path, "rb") as f:
@@ -173,16 +178,14 @@ def load_base_model(path: Path, config: Any, model_cls, device: str | torch.devi
 
 
 def _load_one(f, offset: int, key: str, meta: dict, slots: list, device: torch.device) -> None:
-    from .models import ModelLoadError
-
     mod0, name0, _ = slots[0]
     want = getattr(mod0, name0)
     shape = tuple(meta["shape"])
     if shape != tuple(want.shape):
-        raise ModelLoadError(f"load_model: weight {key!r} has shape {list(shape)} in {f.name}, the model "
+        raise CheckpointError(f"load_model: weight {key!r} has shape {list(shape)} in {f.name}, the model "
                              f"config expects {list(want.shape)}")
     if meta["dtype"] not in _DTYPES:
-        raise ModelLoadError(f"load_model: weight {key!r} in {f.name} has dtype {meta['dtype']}, which raysens "
+        raise CheckpointError(f"load_model: weight {key!r} in {f.name} has dtype {meta['dtype']}, which raysens "
                              f"cannot read (use {sorted(_DTYPES)})")
     src_dtype = _DTYPES[meta["dtype"]]
     dtype = WORKING_DTYPE if src_dtype.is_floating_point else src_dtype

@@ -27,9 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from . import synthetic
+from . import synthetic  # torch is imported where a model is built: a driver reads configs without it
 
 # short name -> (python package that ships the files, relative path inside it, kind)
 _PACKAGED = {
@@ -55,6 +53,7 @@ _RANDOM_PRESETS = {
 
 def _random_model(preset: str, with_weights: bool = True):
     """(model or None, tokenizer, config) of a ``random:<preset>`` spec."""
+    import torch
     import transformers
 
     if preset not in _RANDOM_PRESETS:
@@ -110,6 +109,8 @@ def packaged_model_path(short_name: str) -> Path:
 
 def prepare_for_analysis(model: torch.nn.Module) -> torch.nn.Module:
     """float32 once, eval, frozen parameters, eager attention. Idempotent; returns ``model``."""
+    import torch
+
     if any(p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()
     model.eval()
@@ -153,6 +154,7 @@ def _load_dir_or_id(source: str, trust_remote_code: bool, device, **kw):
     """The stack of a local directory or a hub id (its locally cached snapshot), read straight onto
     ``device`` (``core.loading``); ``transformers``' own loader only for a checkpoint layout that
     reader does not know (then the stack is taken out of the full model and moved)."""
+    import torch
     import transformers
 
     from .loading import load_base_model, weight_files
@@ -199,6 +201,7 @@ def _gguf_cache_dir(path: Path) -> Path:
 def _load_gguf(path: Path, trust_remote_code: bool, device):
     """Dequantise a GGUF file once and cache float32 safetensors keyed by the file's size and mtime;
     every load (the first included) reads that cache straight onto ``device``."""
+    import torch
     import transformers
 
     cached = _gguf_cache_dir(path)
@@ -313,6 +316,8 @@ def load_model(name: str, *, device: str | torch.device = "cpu", trust_remote_co
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError) as exc:
+        if type(exc).__name__ == "CheckpointError":  # core.loading: the message says what does not fit
+            raise ModelLoadError(str(exc)) from None
         raise _cannot_load(name, exc) from exc
     model = prepare_for_analysis(model)  # already float32 on device: eval, frozen, eager attention
     _ensure_pad_token(tok)

@@ -111,6 +111,7 @@ def prepare(config: RunConfig, model_identity: bool = True) -> RunPlan:
     unless ``model_identity`` is False: a Ray driver, which reads no weight file), the device and the
     layers, and plan the units. Writes nothing."""
     from ..core.architecture import resolve_layer_indices
+    from ..core.model_config import model_shape
     from ..core.models import load_tokenizer_and_config
     from ..core.weights import model_identity as identity
 
@@ -120,19 +121,23 @@ def prepare(config: RunConfig, model_identity: bool = True) -> RunPlan:
     if not config.cluster.use_ray:
         check_device(config.model.device)
     check_precision(config)
-    _, mcfg = load_tokenizer_and_config(config.model.name, trust_remote_code=config.model.trust_remote_code)
+    m = config.model
+    if model_identity:  # in process: tokenizer, config and weights checked here
+        _, mcfg = load_tokenizer_and_config(m.name, trust_remote_code=m.trust_remote_code)
+        shape = {"model_type": getattr(mcfg, "model_type", None), "num_hidden_layers": int(mcfg.num_hidden_layers),
+                 "hidden_size": int(getattr(mcfg, "hidden_size", 0) or 0)}
+    else:  # a Ray driver: config.json only (no transformers, no torch); the rest in a Ray task (runner)
+        shape = model_shape(m.name, trust_remote_code=m.trust_remote_code)
     inputs = {"corpus": corpus.identity()}
     if model_identity:
-        inputs["model"] = identity(config.model.name, trust_remote_code=config.model.trust_remote_code)
-    n_layers = int(mcfg.num_hidden_layers)
+        inputs["model"] = identity(m.name, trust_remote_code=m.trust_remote_code)
+    n_layers = shape["num_hidden_layers"]
     try:
         layers = resolve_layer_indices(list(config.layers), n_layers)
     except ValueError as exc:
         raise RunError(f"layers: {exc}".replace("SensitivityEngine.compute: ", "")) from None
     return RunPlan(config, config.fingerprint(), _run_dir(config), corpus, n_rows,
-                   plan_units(selected, config.batch_size), layers,
-                   {"model_type": getattr(mcfg, "model_type", None), "num_hidden_layers": n_layers,
-                    "hidden_size": int(getattr(mcfg, "hidden_size", 0) or 0)}, inputs)
+                   plan_units(selected, config.batch_size), layers, shape, inputs)
 
 def adopt_model_identity(plan: RunPlan, rdir: RunDir, identity: dict) -> None:
     """Record the model identity computed elsewhere (a Ray task, next to the weights) in the plan's

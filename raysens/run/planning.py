@@ -1,7 +1,7 @@
 """A planned run's plan (``sensitivity.target_rel_se`` / ``budget``; docs/DESIGN.md §1.11): made
 once by a pilot and kept in the run directory (``plan.json``), so that a resume reuses it and never
-re-plans. No Ray here: the driver tokenizes the pilot samples (``pilot_inputs``); the pilot itself
-(``compute_pilot``: load the model, run both modes) runs where the caller says: in a Ray run one
+re-plans. No Ray here: the pilot (``compute_pilot``: tokenize the pilot samples, load the model, run
+both modes) runs where the caller says: in a Ray run one
 task with a pool actor's resources (``raysens.backends.remote.on_worker``; the driver never loads
 the model), in an in-process run this process. Same samples, same seeds: the same plan.
 
@@ -32,7 +32,7 @@ def prepare_model_side(jobs: list, session: dict | None) -> None:
     planned job's pilot (``backends.remote.on_worker``: the driver reads no weight file and never
     runs the model); in process, here. Then each planned job gets its plan (``attach_plan``:
     plan.json, or the pilot). Called by the runner before it writes anything."""
-    from ..core.weights import model_identity
+    from ..core.weights import checked_identity, model_identity
     from .plan import adopt_model_identity, check_device
 
     idents: dict[tuple, dict] = {}
@@ -48,7 +48,7 @@ def prepare_model_side(jobs: list, session: dict | None) -> None:
             key = (m.name, m.trust_remote_code)
             if key not in idents:
                 if there is not None:
-                    idents[key] = there(model_identity, m.name, trust_remote_code=m.trust_remote_code)
+                    idents[key] = there(checked_identity, m.name, trust_remote_code=m.trust_remote_code)
                 else:  # no session (nothing to compute): the identity the results were made from
                     idents[key] = _recorded_model_identity(job.plan.run_dir) or model_identity(
                         m.name, trust_remote_code=m.trust_remote_code)
@@ -108,20 +108,21 @@ def attach_plan(job, remote=None) -> dict | None:
 
 
 def make_run_plan(config, run_plan, remote=None) -> dict:
-    """Tokenize the pilot samples here (``pilot_inputs``) and run the pilot (``compute_pilot``) in
-    this process, or through ``remote(compute_pilot, ...)`` (a Ray task: the model is loaded there)."""
+    """Run the pilot (``compute_pilot``) in this process, or through ``remote(compute_pilot, ...)`` (a
+    Ray task: the tokenizer and the model are loaded there, not here)."""
     t0 = time.perf_counter()
-    ids, toks = pilot_inputs(config, run_plan)
-    log(f"planning: pilot of {len(ids)} samples (sample_ids {ids[0]}..{ids[-1]}) in both modes"
+    log(f"planning: pilot of the first {config.sensitivity.pilot_samples} computable samples in both modes"
         + (" in a Ray task" if remote is not None else ""))
-    args = (config, toks, ids, tuple(run_plan.layers), run_plan.n_selected)
+    args = (config, run_plan.units, run_plan.corpus, tuple(run_plan.layers), run_plan.n_selected)
     plan = compute_pilot(*args) if remote is None else remote(compute_pilot, *args)
+    ids = plan["pilot"]["sample_ids"]
+    log(f"planning: pilot of {len(ids)} samples (sample_ids {ids[0]}..{ids[-1]}) done")
     plan["pilot"]["wall_s"] = round(time.perf_counter() - t0, 3)
     plan["pilot"]["ran_in"] = "ray task" if remote is not None else "driver"
     return plan
 
 
-def pilot_inputs(config, run_plan) -> tuple[list[int], list[list[int]]]:
+def pilot_inputs(config, units, corpus) -> tuple[list[int], list[list[int]]]:
     """(sample_ids, token lists) of the first ``pilot_samples`` computable samples of the run's
     selection, in sample_id order, tokenized as the run tokenizes them (tokenizer only: no weights)."""
     from ..backends.units import get_tokenizer, tokenize_unit
@@ -129,8 +130,8 @@ def pilot_inputs(config, run_plan) -> tuple[list[int], list[list[int]]]:
     sens, d, m = config.sensitivity, config.data, config.model
     tok = get_tokenizer(m.name, m.trust_remote_code)
     ids, toks = [], []
-    for unit in run_plan.units:
-        u = tokenize_unit(unit, run_plan.corpus.texts(unit), tok, d.max_seq_len, d.min_tokens, d.add_special_tokens)
+    for unit in units:
+        u = tokenize_unit(unit, corpus.texts(unit), tok, d.max_seq_len, d.min_tokens, d.add_special_tokens)
         for sid, t in zip(u["run_ids"], u["input_ids"]):
             if len(ids) < sens.pilot_samples:
                 ids.append(int(sid)), toks.append(list(t))
@@ -142,15 +143,17 @@ def pilot_inputs(config, run_plan) -> tuple[list[int], list[list[int]]]:
     return ids, toks
 
 
-def compute_pilot(config, toks: list[list[int]], ids: list[int], layers: tuple[int, ...], n: int,
-                  device: str | None = None) -> dict:
-    """Load the model (on ``device``; None: ``model.device``, ``auto`` resolved where this runs) and run
-    the pilot (``core.pilot.run_pilot``) on the tokenized samples; returns the plan (a small dict)."""
+def compute_pilot(config, units, corpus, layers: tuple[int, ...], n: int, device: str | None = None) -> dict:
+    """Tokenize the pilot samples (``pilot_inputs``: the run's ``units`` of ``corpus``), load the model
+    (on ``device``; None: ``model.device``, ``auto`` resolved where this runs) and run the pilot
+    (``core.pilot.run_pilot``); returns the plan (a small dict). The tokenizer and the model are
+    loaded here, never on a Ray run's driver."""
     from ..core.engine import SensitivityEngine
     from ..core.models import load_model
     from ..core.pilot import run_pilot
     from ..core.synthetic import SyntheticEngine, is_synthetic
 
+    ids, toks = pilot_inputs(config, units, corpus)
     m = config.model
     device = device or m.device
     if device == "auto":

@@ -161,3 +161,35 @@ def test_cuda_load_is_on_the_device(tmp_path):
     assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in lm.model.parameters())
     for k, v in src.model.state_dict().items():
         assert torch.equal(lm.model.state_dict()[k].cpu(), v), k
+
+
+def test_a_weight_of_the_wrong_shape_is_a_one_line_error(tmp_path):
+    import json
+
+    from raysens.core.models import ModelLoadError
+
+    _save(_llama(False), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 48
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"load_model: weight 'layers.0.mlp.\w+_proj.weight' has shape "
+                                             r"\[\d+, \d+\] in .*model.safetensors, the model config expects"):
+        load_model(str(tmp_path))
+
+
+def test_model_shape_from_config_json_equals_transformers_config(tmp_path):
+    """The driver's torch-free read of config.json (``core.model_config``) gives what transformers'
+    config says, GPT-2's own field names included; a name it cannot read falls back to it."""
+    import sys
+
+    from raysens.core.model_config import model_shape
+    from raysens.core.models import load_tokenizer_and_config
+
+    names = ["minilm", "random:tiny-gpt2"]
+    for kind in ("gpt2", "llama", "bert"):
+        names.append(str(_save(make_model(kind), tmp_path / kind)))
+    for name in names:
+        _, cfg = load_tokenizer_and_config(name)
+        want = {"model_type": cfg.model_type, "num_hidden_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size}
+        assert model_shape(name) == want, name
+    assert "raysens.core.model_config" in sys.modules
