@@ -93,3 +93,43 @@ def test_ray_resume_with_other_weights_is_refused(ray_session, tiny_model, tmp_p
     with pytest.raises(RunError, match=r"model weights of .*model.* changed \(model\.safetensors: size \d+ -> \d+ "
                                        r"bytes, SHA-256 [0-9a-f]{12}… -> [0-9a-f]{12}…\)"):
         run(config(str(mdir), tmp_path / "ray", *args, "--output.resume=true"))
+
+
+DRIVER = r"""
+import json, sys
+from raysens.config import load_config
+from raysens.run.runner import run
+model, out = sys.argv[1], sys.argv[2]
+s = run(load_config(None, [f"--model.name={model}", f"--output.dir={out}", "--data.max_seq_len=10", "--layers=[1,-1]",
+                           "--output.plots=false", "--output.progress_every_s=0", "--cluster.use_ray=true",
+                           "--cluster.num_actors=1", *sys.argv[3:]]))
+hwm = next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print("RESULT " + json.dumps({"status": s.manifest["status"], "torch": "torch" in sys.modules,
+                              "transformers": "transformers" in sys.modules, "peak_mb": hwm,
+                              "ran_in": s.manifest["plan"]["pilot"]["ran_in"]}))
+"""
+
+
+@pytest.mark.slow
+def test_a_planned_ray_runs_driver_imports_neither_torch_nor_transformers(tiny_model, tmp_path):
+    """What keeps a Ray driver's memory small whatever the model (``jobs/bench/driver_rss.py``
+    measures it for SmolLM2): a fresh driver process runs a planned Ray run and never imports torch
+    or transformers (layers from config.json, pilot and identity in a Ray task)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from raysens.core.models import load_model
+
+    lm = load_model(tiny_model)
+    mdir = tmp_path / "model"
+    lm.model.save_pretrained(mdir)
+    lm.tokenizer.save_pretrained(mdir)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.run([sys.executable, "-c", DRIVER, str(mdir), str(tmp_path / "run"), *PLANNED], env=env,
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    res = [json.loads(x[7:]) for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    assert p.returncode == 0 and res, p.stderr[-3000:]
+    assert res[0]["status"] == "complete" and res[0]["ran_in"] == "ray task"
+    assert not res[0]["torch"] and not res[0]["transformers"], res[0]
