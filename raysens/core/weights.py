@@ -1,8 +1,22 @@
 """Content identity of a model's weights (``model_identity``): what a run's manifest records under
-``inputs.model`` and every resume checks, so a run never mixes two versions of a model. File
-digests are computed once and cached (``file_digest``). Checking the weights here (safetensors
-headers and sizes, GGUF magic, shards present) is also what makes missing or truncated weights fail
-before a run writes anything.
+``inputs.model`` and every resume checks, so a run never mixes two versions of a model. Checking the
+weights here (safetensors headers and sizes, GGUF magic, shards present) is also what makes missing
+or truncated weights fail before a run writes anything.
+
+What identifies a model (``file_digest``), per file of its directory (or its GGUF file):
+
+- files up to ``FULL_HASH_MAX`` bytes (config.json, tokenizer files, small weights): name, size and
+  the SHA-256 of every byte (cached per path, size and mtime);
+- larger files (the weights of real models): name, size and ``sample_sha256``, the SHA-256 of the
+  file's header (a safetensors header: every tensor's name, dtype, shape and offsets; else the first
+  MiB) and of ``SAMPLE_BLOCKS`` blocks of ``SAMPLE_BYTES`` spread evenly over the file, the last one
+  ending at its end: at most ~4 MiB read whatever the model's size, so identifying an 8B model costs
+  milliseconds, not minutes. A new checkpoint (a fine-tune, another quantisation, another layout)
+  changes it; an edit of a few values that no sampled block covers does not.
+
+Paths and mtimes are recorded nowhere in the comparison (the same bytes elsewhere are the same
+model). In a Ray run this is computed next to the weights, by a task with a pool actor's resources
+(``raysens.backends.remote``): the driver reads no weight file.
 """
 
 from __future__ import annotations
@@ -15,12 +29,41 @@ from pathlib import Path
 from .models import (_PACKAGED, _PIP_NAME, _RANDOM_PRESETS, ModelLoadError, _looks_like_path, cache_root,
                      packaged_model_path)
 
+FULL_HASH_MAX = 64 << 20  # files up to this size are hashed whole; larger ones by header + samples
+SAMPLE_BLOCKS = 64  # blocks read from a large file, spread evenly, the last ending at its end
+SAMPLE_BYTES = 64 << 10  # bytes per block
+HEAD_BYTES = 1 << 20  # the "header" of a large file that is not safetensors
+
+
+def sample_digest(path: str | Path) -> dict:
+    """``{"file", "size", "sample_sha256", "sample"}`` of a large file: the SHA-256 of its header and
+    of ``SAMPLE_BLOCKS`` evenly spread blocks (see the module doc). Reads at most a few MiB."""
+    p = Path(path)
+    size = p.stat().st_size
+    h = hashlib.sha256(f"{size}|".encode())
+    with open(p, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        start = 8 + n if p.suffix == ".safetensors" and 0 < n and 8 + n <= size else min(size, HEAD_BYTES)
+        f.seek(0)
+        h.update(f.read(start))
+        span = size - start
+        for i in range(SAMPLE_BLOCKS):
+            off = start + (span - SAMPLE_BYTES) * i // max(1, SAMPLE_BLOCKS - 1) if span > SAMPLE_BYTES else start
+            f.seek(max(start, off))
+            h.update(f.read(SAMPLE_BYTES))
+    return {"file": p.name, "size": size, "sample_sha256": h.hexdigest(),
+            "sample": f"header + {SAMPLE_BLOCKS} x {SAMPLE_BYTES} bytes"}
+
+
 def file_digest(path: str | Path) -> dict:
-    """``{"file", "size", "sha256"}`` of one file. The SHA-256 is computed once and cached under
-    ``cache_root()/digests`` keyed by the file's absolute path, size and mtime (a rewritten file has a
-    new mtime, hence a new digest)."""
+    """``{"file", "size", "sha256"}`` of a file up to ``FULL_HASH_MAX`` bytes (the SHA-256 computed once
+    and cached under ``cache_root()/digests`` keyed by the file's absolute path, size and mtime: a
+    rewritten file has a new mtime, hence a new digest); ``sample_digest`` of a larger one."""
     p = Path(path).resolve()
     st = p.stat()
+    if st.st_size > FULL_HASH_MAX:
+        return sample_digest(p)
     key = hashlib.sha256(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
     cache = cache_root() / "digests" / f"{key}.json"
     try:
@@ -85,9 +128,10 @@ def _dir_files(path: Path) -> list[dict]:
 def model_identity(name: str, *, trust_remote_code: bool = False) -> dict:
     """What the weights of ``name`` are, for a run's manifest (``inputs.model``), checked on resume.
 
-    Local directories, GGUF files and the packaged models: every file's size and SHA-256 (cached,
-    ``file_digest``), after checking the weights are there and readable (safetensors headers and
-    sizes, the GGUF magic), so missing or truncated weights fail before a run writes anything.
+    Local directories, GGUF files and the packaged models: every file's size and digest
+    (``file_digest``: whole small files, header + samples of large ones), after checking the weights
+    are there and readable (safetensors headers and sizes, the GGUF magic), so missing or truncated
+    weights fail before a run writes anything.
     ``random:<preset>``: the preset and the torch / transformers versions that generate its weights.
     A hub id: the files of its locally cached snapshot (none known: only the id).
     """
@@ -136,3 +180,13 @@ def model_identity(name: str, *, trust_remote_code: bool = False) -> dict:
             raise ModelLoadError(f"load_model: directory {name!r} has no config.json")
         out["files"] = _dir_files(path)
     return out
+
+
+def checked_identity(name: str, *, trust_remote_code: bool = False) -> dict:
+    """``model_identity`` after loading the tokenizer and config (``load_tokenizer_and_config``): what a
+    Ray run checks in a task next to the weights (``backends.remote``), where an in-process run's
+    ``run.plan.prepare`` checks it, so that a broken model fails before anything is written."""
+    from .models import load_tokenizer_and_config
+
+    load_tokenizer_and_config(name, trust_remote_code=trust_remote_code)
+    return model_identity(name, trust_remote_code=trust_remote_code)

@@ -2,6 +2,9 @@
 
 ``prepare(config)`` reads the corpus's row count and the model's config (not its weights), resolves
 the target layers and cuts the selected sample_ids into work units; it writes nothing. No Ray.
+The model's content identity (``core.weights.model_identity``) is computed here for an in-process
+run; a Ray run's driver reads no weight file: ``prepare(config, model_identity=False)`` leaves it
+out and the runner adopts the one a Ray task computed next to the weights (``adopt_model_identity``).
 """
 
 from __future__ import annotations
@@ -103,12 +106,14 @@ def check_precision(config: RunConfig) -> None:
                    "cluster.gpus_per_actor > 0 with Ray)")
 
 
-def prepare(config: RunConfig) -> RunPlan:
-    """Validate the corpus (every record), the model (config and weights), the device and the layers
-    and plan the units. Writes nothing."""
+def prepare(config: RunConfig, model_identity: bool = True) -> RunPlan:
+    """Validate the corpus (every record), the model (its config; its weights and their identity
+    unless ``model_identity`` is False: a Ray driver, which reads no weight file), the device and the
+    layers, and plan the units. Writes nothing."""
     from ..core.architecture import resolve_layer_indices
+    from ..core.model_config import model_shape
     from ..core.models import load_tokenizer_and_config
-    from ..core.weights import model_identity
+    from ..core.weights import model_identity as identity
 
     corpus = Corpus(config.data)
     n_rows = corpus.num_rows()
@@ -116,18 +121,46 @@ def prepare(config: RunConfig) -> RunPlan:
     if not config.cluster.use_ray:
         check_device(config.model.device)
     check_precision(config)
-    _, mcfg = load_tokenizer_and_config(config.model.name, trust_remote_code=config.model.trust_remote_code)
-    inputs = {"corpus": corpus.identity(),
-              "model": model_identity(config.model.name, trust_remote_code=config.model.trust_remote_code)}
-    n_layers = int(mcfg.num_hidden_layers)
+    m = config.model
+    if model_identity:  # in process: tokenizer, config and weights checked here
+        _, mcfg = load_tokenizer_and_config(m.name, trust_remote_code=m.trust_remote_code)
+        shape = {"model_type": getattr(mcfg, "model_type", None), "num_hidden_layers": int(mcfg.num_hidden_layers),
+                 "hidden_size": int(getattr(mcfg, "hidden_size", 0) or 0)}
+    else:  # a Ray driver: config.json only (no transformers, no torch); the rest in a Ray task (runner)
+        shape = model_shape(m.name, trust_remote_code=m.trust_remote_code)
+    inputs = {"corpus": corpus.identity()}
+    if model_identity:
+        inputs["model"] = identity(m.name, trust_remote_code=m.trust_remote_code)
+    n_layers = shape["num_hidden_layers"]
     try:
         layers = resolve_layer_indices(list(config.layers), n_layers)
     except ValueError as exc:
         raise RunError(f"layers: {exc}".replace("SensitivityEngine.compute: ", "")) from None
     return RunPlan(config, config.fingerprint(), _run_dir(config), corpus, n_rows,
-                   plan_units(selected, config.batch_size), layers,
-                   {"model_type": getattr(mcfg, "model_type", None), "num_hidden_layers": n_layers,
-                    "hidden_size": int(getattr(mcfg, "hidden_size", 0) or 0)}, inputs)
+                   plan_units(selected, config.batch_size), layers, shape, inputs)
+
+def adopt_model_identity(plan: RunPlan, rdir: RunDir, identity: dict) -> None:
+    """Record the model identity computed elsewhere (a Ray task, next to the weights) in the plan's
+    ``inputs`` (the manifest's ``inputs`` and the run directory's are the same dict), after checking
+    it against the run directory's manifest, as ``RunDir.open`` checks the corpus. Raises ``RunError``
+    (nothing is written) when the directory was computed from other weights."""
+    from ..store import results
+    from ..store.rundir import diff_inputs
+
+    try:
+        old = results.read_manifest(plan.run_dir)
+    except (OSError, ValueError):
+        old = None
+    before = (old or {}).get("inputs") if isinstance(old, dict) else None
+    if isinstance(before, dict) and before.get("model"):
+        changed = diff_inputs({"model": before["model"]}, {"model": identity})
+        if changed:
+            raise RunError(f"output directory {plan.run_dir!r} was computed from other inputs: {'; '.join(changed)}. "
+                           "Resuming would mix two datasets; restore the inputs or use another output.dir "
+                           "(nothing was changed)")
+    plan.inputs["model"] = identity
+    rdir.inputs = plan.inputs
+
 
 def open_run_dir(plan: RunPlan) -> RunDir:
     """The plan's run directory, opened: refuses a directory of another config, sets corrupt

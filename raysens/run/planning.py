@@ -1,6 +1,9 @@
 """A planned run's plan (``sensitivity.target_rel_se`` / ``budget``; docs/DESIGN.md §1.11): made
-once by a pilot in this process and kept in the run directory (``plan.json``), so that a resume
-reuses it and never re-plans. No Ray.
+once by a pilot and kept in the run directory (``plan.json``), so that a resume reuses it and never
+re-plans. No Ray here: the pilot (``compute_pilot``: tokenize the pilot samples, load the model, run
+both modes) runs where the caller says: in a Ray run one
+task with a pool actor's resources (``raysens.backends.remote.on_worker``; the driver never loads
+the model), in an in-process run this process. Same samples, same seeds: the same plan.
 
 ``attach_plan(job)`` gives the job's workers the plan (its config's ``sensitivity.layer_plan``; the
 fingerprint stays the one of the config as written) and puts the plan into the job's manifest.
@@ -11,6 +14,7 @@ A sweep calls it once per point (every point is a job of the one runner): one pi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import posixpath
 import time
@@ -20,6 +24,46 @@ from ..store import results
 from ..store.rundir import RunError
 
 PLAN_FILE = "plan.json"
+
+
+def prepare_model_side(jobs: list, session: dict | None) -> None:
+    """What needs the model before a pass, done where the weights are (issue 31): with a Ray session,
+    one Ray task with a pool actor's resources computes each model's content identity and each
+    planned job's pilot (``backends.remote.on_worker``: the driver reads no weight file and never
+    runs the model); in process, here. Then each planned job gets its plan (``attach_plan``:
+    plan.json, or the pilot). Called by the runner before it writes anything."""
+    from ..core.weights import checked_identity, model_identity
+    from .plan import adopt_model_identity, check_device
+
+    idents: dict[tuple, dict] = {}
+    for job in jobs:
+        m = job.config.model
+        there = None
+        if session is not None:
+            from ..backends.remote import on_worker
+
+            check_device(m.device, session["resources"].get("GPU", 0))  # before a task asks for the device
+            there = functools.partial(on_worker, job.config.cluster)
+        if "model" not in job.plan.inputs:  # a Ray run's driver left it out (plan.prepare)
+            key = (m.name, m.trust_remote_code)
+            if key not in idents:
+                if there is not None:
+                    idents[key] = there(checked_identity, m.name, trust_remote_code=m.trust_remote_code)
+                else:  # no session (nothing to compute): the identity the results were made from
+                    idents[key] = _recorded_model_identity(job.plan.run_dir) or model_identity(
+                        m.name, trust_remote_code=m.trust_remote_code)
+            adopt_model_identity(job.plan, job.rdir, idents[key])
+        attach_plan(job, there)
+
+
+def _recorded_model_identity(run_dir: str) -> dict | None:
+    """The model identity in the run directory's manifest (None without one)."""
+    try:
+        m = results.read_manifest(run_dir)
+    except (OSError, ValueError):
+        return None
+    inputs = m.get("inputs")
+    return inputs.get("model") if isinstance(inputs, dict) and isinstance(inputs.get("model"), dict) else None
 
 
 def read_plan(run_dir: str) -> dict | None:
@@ -34,12 +78,13 @@ def write_plan(run_dir: str, plan: dict) -> None:
     results.write_bytes(fs, posixpath.join(base, PLAN_FILE), json.dumps(plan, indent=2).encode())
 
 
-def attach_plan(job) -> dict | None:
+def attach_plan(job, remote=None) -> dict | None:
     """For a planned job (``job.config.sensitivity.planned``): read ``plan.json`` or, when there is
     none, run the pilot and write it; then set ``job.config``'s ``sensitivity.layer_plan`` (what the
     workers run) and ``job.manifest["plan"]``. Returns the plan (None for a job that is not planned).
 
-    A plan file of another fingerprint is refused (the run directory already refuses such a run)."""
+    A plan file of another fingerprint is refused (the run directory already refuses such a run).
+    ``remote``: ``remote(fn, *args)`` runs the pilot's model work elsewhere (a Ray task); None: here."""
     sens = job.config.sensitivity
     if not sens.planned:
         return None
@@ -51,7 +96,7 @@ def attach_plan(job) -> dict | None:
         log(f"{job.name}: reusing the plan in {PLAN_FILE} (no pilot)")
         job.plan_source = PLAN_FILE
     else:
-        plan = make_run_plan(job.config, job.plan)
+        plan = make_run_plan(job.config, job.plan, remote)
         plan["fingerprint"] = job.plan.fingerprint
         write_plan(job.plan.run_dir, plan)
         job.plan_source = "pilot"
@@ -62,21 +107,31 @@ def attach_plan(job) -> dict | None:
     return plan
 
 
-def make_run_plan(config, run_plan) -> dict:
-    """Tokenize the first ``pilot_samples`` computable samples of the run's selection (in sample_id
-    order, as the run tokenizes them), load the model here and run the pilot (``core.pilot.run_pilot``)."""
-    from ..backends.units import get_tokenizer, tokenize_unit
-    from ..core.engine import SensitivityEngine
-    from ..core.models import load_model
-    from ..core.pilot import run_pilot
-    from ..core.synthetic import SyntheticEngine, is_synthetic
-
+def make_run_plan(config, run_plan, remote=None) -> dict:
+    """Run the pilot (``compute_pilot``) in this process, or through ``remote(compute_pilot, ...)`` (a
+    Ray task: the tokenizer and the model are loaded there, not here)."""
     t0 = time.perf_counter()
+    log(f"planning: pilot of the first {config.sensitivity.pilot_samples} computable samples in both modes"
+        + (" in a Ray task" if remote is not None else ""))
+    args = (config, run_plan.units, run_plan.corpus, tuple(run_plan.layers), run_plan.n_selected)
+    plan = compute_pilot(*args) if remote is None else remote(compute_pilot, *args)
+    ids = plan["pilot"]["sample_ids"]
+    log(f"planning: pilot of {len(ids)} samples (sample_ids {ids[0]}..{ids[-1]}) done")
+    plan["pilot"]["wall_s"] = round(time.perf_counter() - t0, 3)
+    plan["pilot"]["ran_in"] = "ray task" if remote is not None else "driver"
+    return plan
+
+
+def pilot_inputs(config, units, corpus) -> tuple[list[int], list[list[int]]]:
+    """(sample_ids, token lists) of the first ``pilot_samples`` computable samples of the run's
+    selection, in sample_id order, tokenized as the run tokenizes them (tokenizer only: no weights)."""
+    from ..backends.units import get_tokenizer, tokenize_unit
+
     sens, d, m = config.sensitivity, config.data, config.model
     tok = get_tokenizer(m.name, m.trust_remote_code)
     ids, toks = [], []
-    for unit in run_plan.units:
-        u = tokenize_unit(unit, run_plan.corpus.texts(unit), tok, d.max_seq_len, d.min_tokens, d.add_special_tokens)
+    for unit in units:
+        u = tokenize_unit(unit, corpus.texts(unit), tok, d.max_seq_len, d.min_tokens, d.add_special_tokens)
         for sid, t in zip(u["run_ids"], u["input_ids"]):
             if len(ids) < sens.pilot_samples:
                 ids.append(int(sid)), toks.append(list(t))
@@ -85,17 +140,29 @@ def make_run_plan(config, run_plan) -> dict:
     if len(ids) < 2:
         raise RunError(f"sensitivity.target_rel_se/budget: the planner's pilot needs 2 computable samples, the run "
                        f"selects {len(ids)}")
-    device = m.device
+    return ids, toks
+
+
+def compute_pilot(config, units, corpus, layers: tuple[int, ...], n: int, device: str | None = None) -> dict:
+    """Tokenize the pilot samples (``pilot_inputs``: the run's ``units`` of ``corpus``), load the model
+    (on ``device``; None: ``model.device``, ``auto`` resolved where this runs) and run the pilot
+    (``core.pilot.run_pilot``); returns the plan (a small dict). The tokenizer and the model are
+    loaded here, never on a Ray run's driver."""
+    from ..core.engine import SensitivityEngine
+    from ..core.models import load_model
+    from ..core.pilot import run_pilot
+    from ..core.synthetic import SyntheticEngine, is_synthetic
+
+    ids, toks = pilot_inputs(config, units, corpus)
+    m = config.model
+    device = device or m.device
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    log(f"planning: pilot of {len(ids)} samples (sample_ids {ids[0]}..{ids[-1]}) in both modes")
     lm = load_model(m.name, device=device, trust_remote_code=m.trust_remote_code)
-    plan = run_pilot(lm.model, sens, toks, ids, run_plan.layers, n=run_plan.n_selected, max_seq_len=d.max_seq_len,
+    return run_pilot(lm.model, config.sensitivity, toks, ids, layers, n=n, max_seq_len=config.data.max_seq_len,
                      device=device, engine_cls=SyntheticEngine if is_synthetic(m.name) else SensitivityEngine)
-    plan["pilot"]["wall_s"] = round(time.perf_counter() - t0, 3)
-    return plan
 
 
 def plan_summary(plan: dict, source: str | None = None) -> dict:

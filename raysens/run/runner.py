@@ -34,7 +34,7 @@ from ..testing import faults
 from . import signals
 from .driver import Progress, finalize
 from .plan import RunPlan, base_manifest, check_device, open_run_dir, prepare
-from .planning import attach_plan
+from .planning import prepare_model_side
 
 
 def _set_hint(exc: BaseException, hint: str) -> None:
@@ -92,7 +92,7 @@ class Runner:
 
     def open(self, name: str, config: RunConfig, started: str, extra: dict | None = None) -> Job:
         """Validate ``config`` and open its run directory (writes nothing but corrupt-partial moves)."""
-        plan = prepare(config)
+        plan = prepare(config, model_identity=not self.use_ray)  # a Ray driver reads no weight file
         rdir = open_run_dir(plan)
         manifest = {**base_manifest(plan, "running", started), **(extra or {})}
         job = Job(name, config, plan, rdir, manifest, len(rdir.todo()))
@@ -121,12 +121,11 @@ class Runner:
         cluster = self.jobs[0].config.cluster if self.jobs else None
         self._written = False
         try:
-            for job in self.jobs:  # planned runs: the plan (plan.json, or a pilot here before any backend starts)
-                attach_plan(job)
             with signals.sigterm_interrupts():
                 with backends.session(cluster, use_ray=need) as session:
                     signals.install()  # again: ray.init replaced the SIGTERM handler
                     try:
+                        prepare_model_side(self.jobs, session)  # identities and pilots, where the weights are
                         self._run_in(session, groups)
                     except BaseException as exc:
                         # marked while the backend is still up: nothing that happens when Ray shuts

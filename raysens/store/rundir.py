@@ -90,13 +90,24 @@ def diff_inputs(old: dict, new: dict) -> list[str]:
             a, b = ofiles.get(fname), nfiles.get(fname)
             if a is None or b is None:
                 parts.append(f"{fname} {'added' if a is None else 'removed'}")
-            elif (a.get("size"), a.get("sha256")) != (b.get("size"), b.get("sha256")):
+            elif _model_file_differs(a, b):
+                key = "sha256" if "sha256" in a and "sha256" in b else "sample_sha256"
                 parts.append(f"{fname}: size {a.get('size')} -> {b.get('size')} bytes, "
-                             f"SHA-256 {_short(a.get('sha256'))} -> {_short(b.get('sha256'))}")
+                             f"{'SHA-256' if key == 'sha256' else 'sampled SHA-256'} "
+                             f"{_short(a.get(key))} -> {_short(b.get(key))}")
         if parts:
             out.append(f"model weights of {nm.get('path') or nm.get('id') or nm.get('preset')!r} changed "
                        f"({', '.join(parts)})")
     return out
+
+
+def _model_file_differs(a: dict, b: dict) -> bool:
+    """Two ``core.weights.file_digest`` entries of one model file differ: by size, or by a digest both
+    have (``sha256`` of the whole file, ``sample_sha256`` of a large one's header and samples; an entry
+    written before sampled digests existed has only ``sha256``: then the size decides)."""
+    if a.get("size") != b.get("size"):
+        return True
+    return any(a.get(k) != b.get(k) for k in ("sha256", "sample_sha256") if k in a and k in b)
 
 
 class RunDir(Compaction):

@@ -82,7 +82,7 @@ def test_resume_after_partial_loss_on_ray(ray_session, local_runs, tiny_model, t
 
 
 def test_planned_run_on_ray_matches_in_process(ray_session, tiny_model, tmp_path):
-    """A planned run (budget; docs/DESIGN.md §1.11) on Ray: the same plan (made by the driver's pilot)
+    """A planned run (budget; docs/DESIGN.md §1.11) on Ray: the same plan (its pilot run in a Ray task)
     and the same statistics as in process; the actors run each layer in its own mode and K."""
     import json
 
@@ -91,7 +91,8 @@ def test_planned_run_on_ray_matches_in_process(ray_session, tiny_model, tmp_path
     s = run(config(tiny_model, tmp_path / "ray", *extra, "--cluster.num_actors=1", "--cluster.cpus_per_actor=1"))
     assert s.manifest["backend"]["backend"] == "ray" and s.manifest["status"] == "complete"
     a, b = (json.loads((tmp_path / d / "plan.json").read_text()) for d in ("local", "ray"))
+    assert a["pilot"]["ran_in"] == "driver" and b["pilot"]["ran_in"] == "ray task"  # issue 31: a pilot in a Ray task
     for p in (a, b):
-        p["pilot"].pop("wall_s")
+        p["pilot"].pop("wall_s"), p["pilot"].pop("ran_in")
     assert a == b and s.manifest["plan"]["layer_plan"] == a["layer_plan"]
     assert_same_stats(s.load(), loc.load(), rtol=MERGE_RTOL)

@@ -65,9 +65,10 @@ def test_bf16_checkpoint_loads_as_float32(tmp_path):
 
     lm = load_model(str(tmp_path))
     _assert_ready(lm.model)
-    assert type(lm.model).__name__ == "LlamaForCausalLM"
+    assert type(lm.model).__name__ == "LlamaModel"  # the stack: no LM head is loaded
+    assert lm.info["class"] == "LlamaForCausalLM" and lm.info["stack_class"] == "LlamaModel"
     assert lm.tokenizer.pad_token == "</s>"  # set from eos when the checkpoint has none
-    ref = {k: v.float() for k, v in src.state_dict().items()}
+    ref = {k: v.float() for k, v in src.model.state_dict().items()}
     got = lm.model.state_dict()
     assert set(ref) == set(got)
     for k, v in ref.items():  # bf16 → fp32 is exact
@@ -130,8 +131,8 @@ def test_smollm2_cached_load_equals_first_load(tmp_path, monkeypatch):
     ids = first.tokenizer("Hello there, small model.", return_tensors="pt")["input_ids"][:, :6]
     assert torch.equal(ids, second.tokenizer("Hello there, small model.", return_tensors="pt")["input_ids"][:, :6])
     with torch.no_grad():
-        h1 = first.model.model(input_ids=ids, output_hidden_states=True).hidden_states
-        h2 = second.model.model(input_ids=ids, output_hidden_states=True).hidden_states
+        h1 = first.model(input_ids=ids, output_hidden_states=True).hidden_states
+        h2 = second.model(input_ids=ids, output_hidden_states=True).hidden_states
     assert len(h1) == len(h2) == 31
     for a, b in zip(h1, h2):
         assert torch.isfinite(a).all()
