@@ -3,7 +3,7 @@ pool actor's resources (its CPUs, one GPU when the pool's actors get one, its cu
 
 The driver of a Ray run reads no weight file and never runs the model (issue 31): the model's
 content identity (``core.weights.model_identity``) and a planned run's pilot
-(``run.planning.compute_pilot``) are computed by ``on_worker(cluster, fn, ...)``, which returns
+(``run.planning.compute_pilot``) are computed by ``on_worker(cluster, model_device, fn, ...)``, which returns
 ``fn``'s (small) result to the driver. The task's worker exits after the call (``max_calls=1``), so
 its model copy, and on a GPU its CUDA context, are gone before the actor pool starts.
 """
@@ -13,24 +13,15 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..config import ClusterConfig
+from .gpus import resolve
 
 
-def pool_gpus(cluster: ClusterConfig) -> float:
-    """GPUs per actor of the pool (``ray_pool.run_jobs``'s rule): ``cluster.gpus_per_actor``, or when
-    it is None (auto) 1 if the cluster has GPUs, else 0."""
+def pool_gpus(cluster: ClusterConfig, model_device: str) -> float:
+    """GPUs per actor of the pool: the pool's own rule (``backends.gpus.resolve``), so the task runs
+    where the pool's actors will."""
     import ray
 
-    if cluster.gpus_per_actor is not None:
-        return float(cluster.gpus_per_actor)
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-
-
-def worker_device(cluster: ClusterConfig, device: str) -> str:
-    """The device a pool actor puts the model on (``ray_pool.run_jobs``'s rule): ``model.device``
-    on a GPU actor (``auto``: CUDA when the worker has it), else ``cpu`` for ``auto``."""
-    if pool_gpus(cluster) > 0:
-        return device
-    return "cpu" if device == "auto" else device
+    return resolve(cluster, model_device, float(ray.cluster_resources().get("GPU", 0)))[0]
 
 
 def _call(fn: Callable, threads: int, args: tuple, kwargs: dict) -> Any:
@@ -40,7 +31,7 @@ def _call(fn: Callable, threads: int, args: tuple, kwargs: dict) -> Any:
     return fn(*args, **kwargs)
 
 
-def on_worker(cluster: ClusterConfig, fn: Callable, *args, **kwargs) -> Any:
+def on_worker(cluster: ClusterConfig, model_device: str, fn: Callable, *args, **kwargs) -> Any:
     """``fn(*args, **kwargs)`` in one Ray task with a pool actor's resources; its result (keep it
     small: it travels to the driver). Errors come back as ``ray_pool.unwrap`` makes them (a raysens
     error as raised, anything else a ``RunError`` naming its cause)."""
@@ -48,7 +39,7 @@ def on_worker(cluster: ClusterConfig, fn: Callable, *args, **kwargs) -> Any:
 
     from .ray_pool import unwrap
 
-    gpus = pool_gpus(cluster)
+    gpus = pool_gpus(cluster, model_device)
     threads = cluster.torch_threads or max(1, int(cluster.cpus_per_actor))
     task = ray.remote(num_cpus=cluster.cpus_per_actor, num_gpus=gpus, max_calls=1, max_retries=0,
                       resources=dict(cluster.actor_resources or {}))(_call)

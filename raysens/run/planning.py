@@ -43,7 +43,7 @@ def prepare_model_side(jobs: list, session: dict | None) -> None:
             from ..backends.remote import on_worker
 
             check_device(m.device, session["resources"].get("GPU", 0))  # before a task asks for the device
-            there = functools.partial(on_worker, job.config.cluster)
+            there = functools.partial(on_worker, job.config.cluster, m.device)
         if "model" not in job.plan.inputs:  # a Ray run's driver left it out (plan.prepare)
             key = (m.name, m.trust_remote_code)
             if key not in idents:
