@@ -6,7 +6,7 @@
 - ``raysens show RUN_DIR`` prints counts, skipped samples, the top sensitivities per layer, the rows
   most dominated by one sample (with their sample_ids), the decay law's exponent p per layer
   (``decay.py``), the estimator and timings; with ``--target-se REL`` also the achieved relative SE
-  per layer and the samples needed to reach REL (``precision.py``).
+  per layer and the samples needed to reach REL (``samples_needed.py``).
   ``raysens show RUN_DIR --sample ID`` plots one sample's map (from the per-sample export, or
   recomputed by ``raysens.run.sample``, which the CLI hands in: this package does not import torch).
 - ``raysens compare RUN_A RUN_B [--out DIR]`` writes B − A difference heatmaps and prints the largest
@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 from . import analysis as an
 from . import decay
 from . import dominance as dom
-from . import precision
+from . import samples_needed
 from .content import TARGET_SE, build_report
 from .render import to_html, to_markdown
 from ..store.results import RunResult, exists, load_run, resolve, write_bytes
@@ -247,7 +247,7 @@ def format_show(run: RunResult, top: int = 10, layers: Sequence[int] | None = No
             ids = [r["sample_id"] for r in dom.top_rows(ls, rows)]
             lines += _dominated_lines(run, ls, rows, share, sample_texts(run.manifest, ids) if ids else {})
     if target_se is not None:
-        lines += precision.format_target(run, target_se, layers)
+        lines += samples_needed.format_target(run, target_se, layers)
     if f["estimator"] == "projection":
         lines += ["", "note: 'projection' is the seed tool's ‖uᵀJ_ij‖² with u = 1/√H·1, not the Frobenius norm."]
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from . import analysis as an
 from . import decay
 from . import dominance as dom
 from . import plots
-from . import precision as prec
+from . import samples_needed as prec
 from .render import Doc
 from ..store.results import LayerStats, RunResult
 from ..store.texts import sample_texts, snippet
@@ -124,7 +124,7 @@ def _precision(doc: Doc, run: RunResult, level: int) -> None:
 
 
 def _claims(doc: Doc, run: RunResult, level: int, target: float) -> None:
-    """Samples a claim needs (``raysens.report.precision``): achieved relative SE and samples for ``target``."""
+    """Samples a claim needs (``raysens.report.samples_needed``): achieved relative SE and samples for ``target``."""
     doc.h(level, "Samples a claim needs")
     doc.p(f"Target: relative SE {an.fmt(target * 100, 3)}% per cell. " + prec.HELP[0].upper() + prec.HELP[1:]
           + ". 'Without probe noise': what more probes per sample (or an exact estimator) would leave.", "muted")

@@ -1,4 +1,4 @@
-"""Samples a claim needs (raysens/report/precision.py, ``raysens show --target-se``) on planted stats
+"""Samples a claim needs (raysens/report/samples_needed.py, ``raysens show --target-se``) on planted stats
 whose per-cell relative standard errors are known in closed form."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from raysens.report import precision as prec
+from raysens.report import samples_needed as prec
 from raysens.report.commands import main_report, main_show
 from raysens.store.results import load_run, write_layer_stats, write_manifest
 from raysens.stats.welford import WelfordState
