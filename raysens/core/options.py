@@ -147,7 +147,7 @@ class SensitivityConfig:
     num_probes: int = 1  # K, Hutchinson probes per output position (≥2 gives a standard error)
     probe_distribution: ProbeDistribution = ProbeDistribution.RADEMACHER  # Hutchinson probe law
     strategy: Strategy = Strategy.AUTO  # how cotangents are batched; see Strategy
-    memory_budget_mb: int | None = None  # bound on backward working memory; None: 2048 CPU, ½ free GPU
+    memory_budget_mb: int | None = None  # bound on backward working memory; None: 2048 CPU, 0.85·(free+reserved−allocated) CUDA
     chunk_size: int | None = None  # cotangents per backward; overrides the memory budget if set
     causal_segments: int | None = None  # causal models: output-position segments run on their prefix only; None: fewest FLOPs (cost model)
     fused_norms: bool = True  # RMSNorm backward by its closed form (same numbers, ~8-10 % faster on CPU); see fused.py
