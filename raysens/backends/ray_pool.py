@@ -52,6 +52,9 @@ from .units import ShipPolicy, UnitWorker, tokenize_batch
 
 TASKS_IN_FLIGHT = 1  # units handed to an actor at a time: a unit is seconds to minutes of work, so a second one
 # queued behind it only lets the slowest actor set the finish (Ray Data's default hands each actor ~4)
+AUTOSCALING_TASKS_IN_FLIGHT = 2  # an autoscaling pool grows only when its utilisation (units in flight per
+# actor) reaches Ray Data's threshold, 1.75 by default (RAY_DATA_DEFAULT_ACTOR_POOL_UTIL_UPSCALING_THRESHOLD):
+# with one unit in flight per actor it never would (tests/e2e/test_two_nodes.py: the pool stayed on one node)
 MAX_BLOCKS = 20_000  # one unit per Ray Data block up to this many units
 
 
@@ -363,7 +366,7 @@ def _pool_strategy(ray, cl: ClusterConfig):
     if cl.max_actors is None or cl.max_actors == cl.num_actors:
         return ray.data.ActorPoolStrategy(size=cl.num_actors, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT)
     return ray.data.ActorPoolStrategy(min_size=cl.num_actors, max_size=cl.max_actors,
-                                      max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT)
+                                      max_tasks_in_flight_per_actor=AUTOSCALING_TASKS_IN_FLIGHT)
 
 
 def _rows(ds) -> Iterator[dict]:
