@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .core.engine import Estimator, SensitivityConfig, SensitivityEngine
-from .stats.cells import cell_extras
+from .stats.cells import CheckedBatch, cell_extras
 from .stats.extremes import Extremes
 from .stats.moments import ExactMoments, checked_batch
 from .stats.histogram import WindowHistogram
@@ -62,9 +62,8 @@ class WelfordAccumulator:
                              f"got {ids.shape[0]} of dtype {ids.dtype}")
         s = max(xs.shape[1], self.state.shape[0] if self.state is not None else 0)
         if s > xs.shape[1]:  # the new cells are masked out
-            grow = ((0, 0), (0, s - xs.shape[1]), (0, s - xs.shape[1]))
-            xs, m = np.pad(xs, grow), np.pad(m, grow)
-            nz = None if nz is None else np.pad(nz, grow)
+            b = CheckedBatch(xs, m, nz, ids).padded(s)
+            xs, m, nz = b.values, b.mask, b.noise
         signed = bool((xs < 0).any())
         self._merge(WelfordState._of(ExactMoments.from_batch(xs, m, nz)), Extremes.from_batch(xs, m, ids),
                     None if signed else WindowHistogram.from_batch(xs, m), signed)
