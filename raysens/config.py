@@ -24,6 +24,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from ._keys import unknown_keys
 from .core.options import SensitivityConfig
 
 BATCH_CPU, BATCH_GPU = 8, 32  # cluster.batch_size: auto on CPU actors / on GPU actors
@@ -262,10 +263,10 @@ def _check_keys(cls, d, prefix: str) -> None:
     if not isinstance(d, dict):
         raise ConfigError(f"{where} must be a mapping, got {d!r}")
     known = [f.name for f in fields(cls)]
-    unknown = sorted(set(d) - set(known), key=str)
-    if unknown:
-        raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''} "
-                          f"{', '.join(prefix + str(u) for u in unknown)}; known keys in {where}: {', '.join(known)}")
+    named = unknown_keys(d, known, prefix)
+    if named:
+        n = len(set(d) - set(known))
+        raise ConfigError(f"unknown config key{'s' if n > 1 else ''} {named}; known keys in {where}: {', '.join(known)}")
 
 
 def _build(cls, d, prefix: str):

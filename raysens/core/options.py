@@ -10,6 +10,8 @@ import numbers
 from dataclasses import dataclass, fields
 from enum import Enum
 
+from .._keys import closest
+
 SEED_BOUND = 1 << 64  # run seeds are integers in [0, 2**64)
 
 
@@ -223,7 +225,9 @@ class SensitivityConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"SensitivityConfig: unknown keys {unknown}; known: {sorted(known)}")
+            near = {u: closest(u, known) for u in unknown}
+            hint = "".join(f" (did you mean {n!r} for {u!r}?)" for u, n in near.items() if n)
+            raise ValueError(f"SensitivityConfig: unknown keys {unknown}{hint}; known: {sorted(known)}")
         return cls(**d)
 
     def to_dict(self) -> dict:

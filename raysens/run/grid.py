@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._keys import unknown_keys
 from ..store import results
 from ..config import ConfigError, RunConfig, merge_dicts, parse_overrides, read_yaml_mapping
 
@@ -84,11 +85,10 @@ class Point:
 def _check_keys(d: Any, known: tuple, where: str) -> None:
     if not isinstance(d, dict):
         raise ConfigError(f"{where} must be a mapping, got {d!r}")
-    unknown = sorted(set(d) - set(known), key=str)
-    if unknown:
-        raise ConfigError(f"unknown sweep key{'s' if len(unknown) > 1 else ''} "
-                          f"{', '.join(f'{where}.{u}' if where != 'sweep' else str(u) for u in unknown)}; "
-                          f"known keys in {where}: {', '.join(known)}")
+    named = unknown_keys(d, known, f"{where}." if where != "sweep" else "")
+    if named:
+        n = len(set(d) - set(known))
+        raise ConfigError(f"unknown sweep key{'s' if n > 1 else ''} {named}; known keys in {where}: {', '.join(known)}")
 
 
 def _as_list(v: Any, key: str) -> list:
