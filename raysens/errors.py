@@ -35,7 +35,10 @@ class RaysensError(Exception):
 
 def _rebuild(cls, args: tuple, state: dict) -> RaysensError:
     """An error unpickled without calling its ``__init__`` (whose arguments may not be ``args``)."""
-    err = cls.__new__(cls)
+    try:
+        err = cls.__new__(cls)
+    except TypeError:  # a builtin base with a __new__ of its own before ours in the layout (MemoryError)
+        err = BaseException.__new__(cls)
     err.args = args
     err.__dict__.update(state)
     return err
