@@ -28,14 +28,12 @@ YAML values, e.g. --data.limit=100 --layers=[3,-1] --cluster.num_actors=2 --outp
 
 
 def _errors():
-    from .backends import ClusterError
+    """(the errors of a bad config: exit 2, those of a failed run: exit 1): the raysens error family
+    (``raysens.errors``) and the OS's (a file that cannot be read or written)."""
     from .config import ConfigError
-    from .core.models import ModelLoadError
-    from .store.corpus import CorpusError
-    from .store.partials import PartialError
-    from .store.rundir import RunError
+    from .errors import RaysensError
 
-    return ConfigError, (CorpusError, RunError, ClusterError, PartialError, ModelLoadError, OSError)
+    return ConfigError, (RaysensError, OSError)
 
 
 def main_run(argv: Sequence[str], default_config: str | None = None) -> int:
@@ -113,7 +111,7 @@ def main_sweep(argv: Sequence[str]) -> int:
         print(f"raysens sweep: error: one SWEEP config file expected, got {positional}", file=sys.stderr)
         return 2
     from .run.grid import corpus_path, expand, load_sweep, with_corpus
-    from .run.sweep import SweepError, run_sweep
+    from .run.sweep import run_sweep
 
     config_error, run_errors = _errors()
     try:
@@ -124,7 +122,7 @@ def main_sweep(argv: Sequence[str]) -> int:
             return 0
         run_sweep(sweep)
     except BaseException as exc:  # noqa: BLE001 - every way out ends in one line and an exit code
-        return _failure("sweep", exc, config_error, (SweepError, *run_errors))
+        return _failure("sweep", exc, config_error, run_errors)
     return 0
 
 

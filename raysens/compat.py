@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .core.engine import Estimator, SensitivityConfig, SensitivityEngine
+from .errors import ArgumentError, detail_of
 from .stats.cells import CheckedBatch, cell_extras
 from .stats.extremes import Extremes
 from .stats.moments import ExactMoments, checked_batch
@@ -158,8 +159,8 @@ class EstablishedAnalysisMethods:
         try:
             cfg = SensitivityConfig(estimator=est, num_probes=1 if probes is None else probes, seed=seed)
         except ValueError as exc:
-            raise ValueError(f"compute_position_jacobian: {exc}".replace("SensitivityConfig: ", "")
-                             .replace("num_probes", "probes")) from None
+            raise ArgumentError(call="compute_position_jacobian",  # its argument is called probes here
+                                detail=detail_of(exc).replace("num_probes", "probes")) from None
         engine = self._engine(cfg)
         ids = _check_ids(inputs, getattr(getattr(self.model, "config", None), "vocab_size", None))
         if ids.ndim == 1:

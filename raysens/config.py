@@ -26,12 +26,13 @@ from typing import Any
 
 from ._keys import unknown_keys
 from .core.options import SensitivityConfig
+from .errors import RaysensError, detail_of
 
 BATCH_CPU, BATCH_GPU = 8, 32  # cluster.batch_size: auto on CPU actors / on GPU actors
 SOURCE_KINDS = ("auto", "bundled", "jsonl", "text", "parquet", "hf_disk", "hf")
 
 
-class ConfigError(ValueError):
+class ConfigError(RaysensError, ValueError):
     """A configuration value or key is invalid; the message names the key."""
 
 
@@ -282,7 +283,7 @@ def _build(cls, d, prefix: str):
             try:
                 kw[name] = SensitivityConfig.from_dict(value)
             except (ValueError, TypeError) as exc:
-                raise ConfigError(f"{key}: {exc}".replace("SensitivityConfig: ", "")) from None
+                raise ConfigError(f"{key}: {detail_of(exc)}") from None
         elif sub is not None:
             kw[name] = _build(sub, value, key + ".")
         else:

@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..errors import RaysensError
+
 ENV = "RAYSENS_FOLD_THREAD"  # "0": fold and encode inline, on the caller's thread
 
 
@@ -34,7 +36,7 @@ def background_default() -> bool:
     return os.environ.get(ENV, "1").strip() != "0"
 
 
-class FoldError(RuntimeError):
+class FoldError(RaysensError, RuntimeError):
     """A background fold or shipment failed; raised by the worker's next call, naming the unit(s).
     The original exception is its ``__cause__``."""
 

@@ -28,6 +28,12 @@ A dead actor is restarted by Ray and its unit retried on the new actor (Ray Data
 defaults: ``max_restarts=-1``, ``max_task_retries=-1``); the units it had folded but not shipped are
 lost with it and recomputed. A shipment naming a unit the driver already has is refused whole, so
 every sample is counted exactly once.
+
+A worker's error reaches the driver as data (``backends/errors.py``): the tokenize step and the
+actor return it in an ``error`` column, and the driver raises it as the same class and message.
+
+Longer than 400 lines because it is the one module that imports ``ray``: the session, the actor, the
+pipeline and the wind-down of Ray Data's threads all hold Ray's handles.
 """
 
 from __future__ import annotations
@@ -44,11 +50,11 @@ from ..config import ClusterConfig
 from ..testing import device as test_device
 from ..testing import faults
 from . import gpus as gpu_rules
-from .errors import unwrap
-from .shipments import StartedUnits, shipment_table
+from .errors import ERROR_COLUMN, carried, carried_error, unwrap
+from .shipments import StartedUnits, error_row, shipment_table, tokenize_carrying
 from .spec import ClusterError, JobUnits
 from .spec import probe_address as _probe
-from .units import ShipPolicy, UnitWorker, tokenize_batch
+from .units import ShipPolicy, UnitWorker
 
 TASKS_IN_FLIGHT = 1  # units handed to an actor at a time: a unit is seconds to minutes of work, so a second one
 # queued behind it only lets the slowest actor set the finish (Ray Data's default hands each actor ~4)
@@ -147,7 +153,10 @@ class SensitivityActor:
 
         torch.set_num_threads(max(1, int(torch_threads)))
         shared: dict = {}  # one model load (and one engine per sensitivity config) for all jobs
-        self.workers = [UnitWorker(**kw, shared=shared) for kw in test_device.apply(worker_kwargs, device_override)]
+        kwargs = test_device.apply(worker_kwargs, device_override)
+        self.workers: list[UnitWorker] = []
+        # a model that does not load: its error is returned by every call (backends/errors.py), not raised
+        self.failed = carried(lambda: self.workers.extend(UnitWorker(**kw, shared=shared) for kw in kwargs))
         self.policies = [ShipPolicy(*p) for p in ship]
         self.units = 0
         self.fault_settings = fault_settings or {}
@@ -157,10 +166,13 @@ class SensitivityActor:
         self.actor_id = ctx.get_actor_id() or ""
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]  # the GPUs Ray gave this actor (the manifest's GPU mode)
 
-    def __call__(self, batch):
-        import ray
+    def __call__(self, batch):  # an error is not raised: it goes to the driver as a row (backends/errors.py)
+        out: list[dict] = []
+        failed = self.failed or carried(lambda: self._fold(batch, out))
+        return shipment_table(out + [error_row(failed)] if failed else out)
 
-        out = []
+    def _fold(self, batch, out: list[dict]) -> None:
+        import ray
 
         def add(job: int, got) -> None:
             if got is not None:
@@ -173,6 +185,8 @@ class SensitivityActor:
             add(job, self.workers[job].ship())
 
         for unit in batch.to_pylist():
+            if unit.get(ERROR_COLUMN) is not None:  # the tokenize step's error: on to the driver
+                return out.append(error_row(unit[ERROR_COLUMN]))
             if unit["unit"] < 0:  # a flush marker: ship everything held
                 for job in range(len(self.workers)):
                     ship(job)
@@ -193,7 +207,6 @@ class SensitivityActor:
         for job, w in enumerate(self.workers):
             for got in w.collect():
                 add(job, got)
-        return shipment_table(out)
 
     def _all_started(self, ray) -> bool:
         try:
@@ -253,7 +266,7 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, list, int, bytes], 
     _ray_data_progress(ray)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), MAX_BLOCKS)))  # one unit per block
     ds = ds.map_batches(
-        tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=cl.tokenize_cpus,
+        tokenize_carrying, batch_format="pyarrow", batch_size=None, num_cpus=cl.tokenize_cpus,
         # tokenizing a unit takes milliseconds; what costs is a new worker importing transformers and
         # loading the tokenizer, so a few long-lived task workers beat many (measured on 2 cores)
         compute=ray.data.TaskPoolStrategy(size=max(1, min(4, cl.num_actors))),
@@ -275,6 +288,8 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, list, int, bytes], 
     rows = _rows(ds)
     try:
         for row in rows:
+            if row[ERROR_COLUMN] is not None:  # a worker's error (backends/errors.py): raised as raised there
+                raise carried_error(row[ERROR_COLUMN])
             nodes[row["node"]] = nodes.get(row["node"], 0) + len(row["units"])
             actor_gpus[row["actor"]] = list(row["gpus"])
             on_result(int(row["job"]), [int(u) for u in row["units"]], int(row["samples"]), row["payload"])

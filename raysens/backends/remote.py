@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..config import ClusterConfig
+from .errors import Failed, carry, unwrap
 from .gpus import resolve
 
 
@@ -25,25 +26,32 @@ def pool_gpus(cluster: ClusterConfig, model_device: str) -> float:
 
 
 def _call(fn: Callable, threads: int, args: tuple, kwargs: dict) -> Any:
+    """``fn``'s result, or ``Failed`` with the error to raise on the driver (``errors.carry``): an
+    error is returned, not raised, so it crosses Ray as the object it is."""
     import torch
 
     torch.set_num_threads(max(1, int(threads)))
-    return fn(*args, **kwargs)
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - carried to the driver as data (backends/errors.py)
+        return Failed(carry(exc))
 
 
 def on_worker(cluster: ClusterConfig, model_device: str, fn: Callable, *args, **kwargs) -> Any:
     """``fn(*args, **kwargs)`` in one Ray task with a pool actor's resources; its result (keep it
-    small: it travels to the driver). Errors come back as ``ray_pool.unwrap`` makes them (a raysens
-    error as raised, anything else a ``RunError`` naming its cause)."""
+    small: it travels to the driver). An error ``fn`` raises is raised here as the same class with
+    the same message (a raysens error; anything else a ``RunError`` naming its type and message,
+    ``errors.carry``); Ray's own failures (the worker died...) as ``errors.unwrap`` makes them."""
     import ray
-
-    from .ray_pool import unwrap
 
     gpus = pool_gpus(cluster, model_device)
     threads = cluster.torch_threads or max(1, int(cluster.cpus_per_actor))
     task = ray.remote(num_cpus=cluster.cpus_per_actor, num_gpus=gpus, max_calls=1, max_retries=0,
                       resources=dict(cluster.actor_resources or {}))(_call)
     try:
-        return ray.get(task.remote(fn, threads, args, kwargs))
+        out = ray.get(task.remote(fn, threads, args, kwargs))
     except Exception as exc:  # RayTaskError and friends: the cause, as the pool reports it
         raise unwrap(exc) from None
+    if isinstance(out, Failed):
+        raise out.error
+    return out

@@ -10,10 +10,11 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ..config import RunConfig
+from ..errors import RaysensError
 from ..store.corpus import Corpus
 
 
-class ClusterError(RuntimeError):
+class ClusterError(RaysensError, RuntimeError):
     """The Ray cluster cannot be reached or joined."""
 
 

@@ -8,6 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
+from raysens.errors import ArgumentError
+
 
 def find_blocks(base: torch.nn.Module, n_layers: int, required: bool = True) -> torch.nn.ModuleList | None:
     """The first ``ModuleList`` of ``n_layers`` modules in ``base``; when there is none, None
@@ -49,18 +51,17 @@ def resolve_layer_indices(layers: int | Sequence[int], n_layers: int) -> tuple[i
         try:
             ls = list(layers)
         except TypeError:
-            raise ValueError(f"SensitivityEngine.compute: layer must be an int or a sequence of ints, "
+            raise ArgumentError(call="SensitivityEngine.compute", detail=f"layer must be an int or a sequence of ints, "
                              f"got {layers!r}") from None
     if not ls:
-        raise ValueError("SensitivityEngine.compute: layers is empty")
+        raise ArgumentError(call="SensitivityEngine.compute", detail="layers is empty")
     out = set()
     for layer in ls:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-            raise ValueError(f"SensitivityEngine.compute: layer must be an int, got {layer!r}")
+            raise ArgumentError(call="SensitivityEngine.compute", detail=f"layer must be an int, got {layer!r}")
         a = int(layer) + n_layers + 1 if layer < 0 else int(layer)
         if not 0 <= a <= n_layers:
-            raise ValueError(
-                f"SensitivityEngine.compute: layer {layer} out of range; this model has hidden_states "
+            raise ArgumentError(call="SensitivityEngine.compute", detail=f"layer {layer} out of range; this model has hidden_states "
                 f"0..{n_layers} (or -{n_layers + 1}..-1)")
         out.add(a)
     return tuple(sorted(out))

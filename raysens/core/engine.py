@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from raysens.errors import RaysensError
 from .analysis_copy import analysis_copy
 from .architecture import find_blocks, is_causal_model, resolve_layer_indices
 from .conventions import conform, depends_on_later, encoder_of
@@ -53,14 +54,13 @@ __all__ = ["Estimator", "Mode", "Precision", "ProbeDistribution", "SensitivityCo
            "is_causal_model"]
 
 
-class NonFiniteGradientError(FloatingPointError):
+class NonFiniteGradientError(RaysensError, FloatingPointError):
     """NaN/Inf appeared in the sensitivities of some samples. ``sample_ids`` names them and
     ``partial`` holds the batch result with those rows' masks cleared (nothing computed is lost)."""
 
     def __init__(self, sample_ids: list[int], partial: "SensitivityBatch"):
         super().__init__(f"SensitivityEngine.compute: NaN/Inf in gradients for sample_ids {sample_ids}")
-        self.sample_ids = sample_ids
-        self.partial = partial
+        self.sample_ids, self.partial = sample_ids, partial
 
 
 @dataclass

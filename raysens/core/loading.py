@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from raysens.errors import RaysensError
+
 WORKING_DTYPE = torch.float32  # what the engine computes in (its bf16 GEMM copies are made lazily)
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -31,7 +33,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
-class CheckpointError(ValueError):
+class WeightsError(RaysensError, ValueError):
     """A safetensors tensor does not fit the model its config describes (shape, dtype); ``load_model``
     reports it as a ``ModelLoadError``."""
 
@@ -182,11 +184,11 @@ def _load_one(f, offset: int, key: str, meta: dict, slots: list, device: torch.d
     want = getattr(mod0, name0)
     shape = tuple(meta["shape"])
     if shape != tuple(want.shape):
-        raise CheckpointError(f"load_model: weight {key!r} has shape {list(shape)} in {f.name}, the model "
-                             f"config expects {list(want.shape)}")
+        raise WeightsError(f"load_model: weight {key!r} has shape {list(shape)} in {f.name}, the model "
+                           f"config expects {list(want.shape)}")
     if meta["dtype"] not in _DTYPES:
-        raise CheckpointError(f"load_model: weight {key!r} in {f.name} has dtype {meta['dtype']}, which raysens "
-                             f"cannot read (use {sorted(_DTYPES)})")
+        raise WeightsError(f"load_model: weight {key!r} in {f.name} has dtype {meta['dtype']}, which raysens "
+                           f"cannot read (use {sorted(_DTYPES)})")
     src_dtype = _DTYPES[meta["dtype"]]
     dtype = WORKING_DTYPE if src_dtype.is_floating_point else src_dtype
     if device.type == "cpu" and src_dtype == dtype:

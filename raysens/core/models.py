@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raysens.errors import RaysensError
+
 from . import synthetic  # torch is imported where a model is built: a driver reads configs without it
 
 # short name -> (python package that ships the files, relative path inside it, kind)
@@ -72,7 +74,7 @@ def _random_model(preset: str, with_weights: bool = True):
     return model, tok, config
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(RaysensError, RuntimeError):
     """The model named in ``load_model`` is missing, unreadable or unsupported."""
 
 
@@ -316,7 +318,9 @@ def load_model(name: str, *, device: str | torch.device = "cpu", trust_remote_co
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError) as exc:
-        if type(exc).__name__ == "CheckpointError":  # core.loading: the message says what does not fit
+        from .loading import WeightsError
+
+        if isinstance(exc, WeightsError):  # core.loading: the message says what does not fit
             raise ModelLoadError(str(exc)) from None
         raise _cannot_load(name, exc) from exc
     model = prepare_for_analysis(model)  # already float32 on device: eval, frozen, eager attention

@@ -22,12 +22,14 @@ from typing import Callable
 
 import torch
 
+from raysens.errors import RaysensError
+
 OOM_ERRORS = (torch.OutOfMemoryError,)  # torch.cuda.OutOfMemoryError is the same class
 SITES = ("shared_forward", "chunk", "fold")
 _ARMED: dict[str, list[int]] = {}  # site -> [calls left before the injected error, errors left]
 
 
-class SampleMemoryError(MemoryError):
+class SampleMemoryError(RaysensError, MemoryError):
     """One sample of a unit does not fit in the memory budget even alone (after every split)."""
 
 

@@ -10,19 +10,21 @@ import numbers
 from dataclasses import dataclass, fields
 from enum import Enum
 
+from raysens.errors import ArgumentError
+
 from .._keys import closest
 
 SEED_BOUND = 1 << 64  # run seeds are integers in [0, 2**64)
 
 
-def check_seed(seed, what: str = "seed") -> int:
+def check_seed(seed, what: str = "seed", call: str = "") -> int:
     """``seed`` as a Python int in [0, 2**64); a bool, float, string or out-of-range value is a
-    ``ValueError`` naming ``what`` (a seed is never truncated or masked: 1.5 is not 1, 2**32 is not 0)."""
+    ``ValueError`` (``ArgumentError``) naming ``what`` (a seed is never truncated or masked: 1.5 is not 1, 2**32 is not 0)."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"{what} must be an integer in [0, 2**64), got {seed!r} ({type(seed).__name__})")
+        raise ArgumentError(call=call, detail=f"{what} must be an integer in [0, 2**64), got {seed!r} ({type(seed).__name__})")
     seed = int(seed)
     if not 0 <= seed < SEED_BOUND:
-        raise ValueError(f"{what} must be an integer in [0, 2**64), got {seed}")
+        raise ArgumentError(call=call, detail=f"{what} must be an integer in [0, 2**64), got {seed}")
     return seed
 
 
@@ -30,10 +32,10 @@ def _check_int(value, what: str, optional: bool) -> None:
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"SensitivityConfig: {what} must be an integer{' or null' if optional else ''}, "
+        raise ArgumentError(call="SensitivityConfig", detail=f"{what} must be an integer{' or null' if optional else ''}, "
                          f"got {value!r} ({type(value).__name__})")
     if value < 1:
-        raise ValueError(f"SensitivityConfig: {what} must be >= 1, got {value}")
+        raise ArgumentError(call="SensitivityConfig", detail=f"{what} must be >= 1, got {value}")
 
 
 class Estimator(str, Enum):
@@ -174,7 +176,7 @@ class SensitivityConfig:
         object.__setattr__(self, "mode", _enum(Mode, self.mode, "mode"))
         object.__setattr__(self, "precision", _enum(Precision, self.precision, "precision"))
         if self.mode is Mode.FORWARD and self.estimator is Estimator.PROJECTION:
-            raise ValueError("SensitivityConfig: mode 'forward' cannot compute estimator 'projection': it is "
+            raise ArgumentError(call="SensitivityConfig", detail="mode 'forward' cannot compute estimator 'projection': it is "
                              "defined by a fixed output-side vector u (‖uᵀJ_ij‖², one VJP per output position), "
                              "which a tangent pushed from the input side does not give; use mode 'reverse' "
                              "or 'auto'")
@@ -182,8 +184,8 @@ class SensitivityConfig:
         for name in ("chunk_size", "memory_budget_mb", "causal_segments", "backward_tokens"):
             _check_int(getattr(self, name), name, optional=True)
         if not isinstance(self.fused_norms, bool):
-            raise ValueError(f"SensitivityConfig: fused_norms must be true or false, got {self.fused_norms!r}")
-        object.__setattr__(self, "seed", check_seed(self.seed, "SensitivityConfig: seed"))
+            raise ArgumentError(call="SensitivityConfig", detail=f"fused_norms must be true or false, got {self.fused_norms!r}")
+        object.__setattr__(self, "seed", check_seed(self.seed, "seed", call="SensitivityConfig"))
         self._check_planning()
 
     @property
@@ -197,7 +199,7 @@ class SensitivityConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not v > 0
                                   or v != v or v == float("inf")):
-                raise ValueError(f"SensitivityConfig: {name} must be a positive number or null, got {v!r}")
+                raise ArgumentError(call="SensitivityConfig", detail=f"{name} must be a positive number or null, got {v!r}")
         _check_int(self.pilot_samples, "pilot_samples", optional=False)
         _check_int(self.max_probes, "max_probes", optional=False)
         if self.layer_plan is not None:
@@ -205,29 +207,29 @@ class SensitivityConfig:
         if not (self.planned or self.layer_plan is not None):
             return
         if self.target_rel_se is not None and self.budget is not None:
-            raise ValueError("SensitivityConfig: set target_rel_se or budget, not both")
+            raise ArgumentError(call="SensitivityConfig", detail="set target_rel_se or budget, not both")
         if self.estimator is not Estimator.HUTCHINSON:
-            raise ValueError(f"SensitivityConfig: a planned run (target_rel_se, budget or layer_plan) needs estimator "
+            raise ArgumentError(call="SensitivityConfig", detail=f"a planned run (target_rel_se, budget or layer_plan) needs estimator "
                              f"'hutchinson' (the only one with probes to plan), got {self.estimator.value!r}")
         if self.mode is not Mode.AUTO:
-            raise ValueError(f"SensitivityConfig: a planned run (target_rel_se, budget or layer_plan) picks each "
+            raise ArgumentError(call="SensitivityConfig", detail=f"a planned run (target_rel_se, budget or layer_plan) picks each "
                              f"layer's mode; leave mode 'auto', got {self.mode.value!r}")
         if self.planned and self.pilot_samples < 2:
-            raise ValueError("SensitivityConfig: pilot_samples must be >= 2 (the variation across samples needs two)")
+            raise ArgumentError(call="SensitivityConfig", detail="pilot_samples must be >= 2 (the variation across samples needs two)")
         if self.max_probes < self.num_probes:
-            raise ValueError(f"SensitivityConfig: max_probes ({self.max_probes}) is below num_probes "
+            raise ArgumentError(call="SensitivityConfig", detail=f"max_probes ({self.max_probes}) is below num_probes "
                              f"({self.num_probes}), the smallest K a plan may use")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SensitivityConfig":
         if not isinstance(d, dict):
-            raise ValueError(f"SensitivityConfig: expected a mapping, got {d!r}")
+            raise ArgumentError(call="SensitivityConfig", detail=f"expected a mapping, got {d!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             near = {u: closest(u, known) for u in unknown}
             hint = "".join(f" (did you mean {n!r} for {u!r}?)" for u, n in near.items() if n)
-            raise ValueError(f"SensitivityConfig: unknown keys {unknown}{hint}; known: {sorted(known)}")
+            raise ArgumentError(call="SensitivityConfig", detail=f"unknown keys {unknown}{hint}; known: {sorted(known)}")
         return cls(**d)
 
     def to_dict(self) -> dict:
@@ -242,7 +244,7 @@ def parse_layer_plan(plan) -> tuple[dict[int, tuple[Mode, int]], list[str]]:
     sorted strings)``. Every forward layer must have the same K (one tangent pass serves them all, so
     a smaller K for some of them would save nothing). Errors name ``SensitivityConfig: layer_plan``."""
     if isinstance(plan, (str, bytes)) or not isinstance(plan, (list, tuple)) or not plan:
-        raise ValueError(f"SensitivityConfig: layer_plan must be a non-empty list of 'layer:mode:K' strings, got {plan!r}")
+        raise ArgumentError(call="SensitivityConfig", detail=f"layer_plan must be a non-empty list of 'layer:mode:K' strings, got {plan!r}")
     out: dict[int, tuple[Mode, int]] = {}
     for item in plan:
         parts = item.split(":") if isinstance(item, str) else []
@@ -252,14 +254,14 @@ def parse_layer_plan(plan) -> tuple[dict[int, tuple[Mode, int]], list[str]]:
         except (ValueError, IndexError):
             ok = False
         if not ok:
-            raise ValueError(f"SensitivityConfig: layer_plan entry {item!r} is not 'layer:mode:K' (layer >= 0, an "
+            raise ArgumentError(call="SensitivityConfig", detail=f"layer_plan entry {item!r} is not 'layer:mode:K' (layer >= 0, an "
                              "absolute hidden_states index; mode forward or reverse; K >= 1)")
         if layer in out:
-            raise ValueError(f"SensitivityConfig: layer_plan names layer {layer} twice")
+            raise ArgumentError(call="SensitivityConfig", detail=f"layer_plan names layer {layer} twice")
         out[layer] = (mode, k)
     fwd_k = {k for m, k in out.values() if m is Mode.FORWARD}
     if len(fwd_k) > 1:
-        raise ValueError(f"SensitivityConfig: layer_plan gives forward layers different K {sorted(fwd_k)}; one "
+        raise ArgumentError(call="SensitivityConfig", detail=f"layer_plan gives forward layers different K {sorted(fwd_k)}; one "
                          "tangent pass serves every forward layer, so they share one K")
     out = dict(sorted(out.items()))
     return out, [f"{L}:{m.value}:{k}" for L, (m, k) in out.items()]
@@ -269,4 +271,4 @@ def _enum(cls, value, what):
     try:
         return cls(value.value if isinstance(value, Enum) else value)
     except ValueError:
-        raise ValueError(f"SensitivityConfig: unknown {what} {value!r}; choose from {[m.value for m in cls]}") from None
+        raise ArgumentError(call="SensitivityConfig", detail=f"unknown {what} {value!r}; choose from {[m.value for m in cls]}") from None

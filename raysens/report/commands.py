@@ -32,10 +32,11 @@ from . import samples_needed
 from .content import TARGET_SE, build_report
 from .render import to_html, to_markdown
 from ..store.results import RunResult, exists, load_run, resolve, write_bytes
+from ..errors import RaysensError
 from ..store.texts import sample_texts, snippet
 
 
-class CommandError(Exception):
+class CommandError(RaysensError):
     """A user-facing error; the message names the problem."""
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from .._log import log
 from ..config import RunConfig
+from ..errors import detail_of
 from ..store.corpus import Corpus
 from ..store.partials import STATE_FORMAT
 from ..store.rundir import RunDir, RunError
@@ -135,7 +136,7 @@ def prepare(config: RunConfig, model_identity: bool = True) -> RunPlan:
     try:
         layers = resolve_layer_indices(list(config.layers), n_layers)
     except ValueError as exc:
-        raise RunError(f"layers: {exc}".replace("SensitivityEngine.compute: ", "")) from None
+        raise RunError(f"layers: {detail_of(exc)}") from None
     return RunPlan(config, config.fingerprint(), _run_dir(config), corpus, n_rows,
                    plan_units(selected, config.batch_size), layers, shape, inputs)
 

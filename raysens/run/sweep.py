@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 
 from .._log import log, now_iso
+from ..errors import RaysensError
 from ..store import results
 from ..store.rundir import diff_inputs
 from .grid import Point, Sweep, expand, prepare_corpus, with_corpus
@@ -45,7 +46,7 @@ from .runner import Job, Runner
 __all__ = ["SweepError", "SweepSummary", "run_sweep"]
 
 
-class SweepError(RuntimeError):
+class SweepError(RaysensError, RuntimeError):
     """The sweep cannot start or some of its points failed; the message names them."""
 
 

@@ -24,6 +24,7 @@ import re
 
 import numpy as np
 
+from ..errors import RaysensError
 from ..stats.cells import CellStats
 from .codec import PACKED_KEYS, pack_state, unpack_state
 from .npz import npz_bytes
@@ -35,7 +36,7 @@ CKPT_FORMAT = "raysens-checkpoint/2"
 CKPT_RE = re.compile(r"^ckpt-(\d{10})-([0-9a-f]{16})\.npz$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RaysensError, ValueError):
     """A checkpoint is corrupt, truncated, or belongs to another configuration or unit plan."""
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from ..config import DataConfig
+from ..errors import RaysensError
 from . import line_index
 from .fs import resolve
 from .line_index import iter_lines as _iter_lines
@@ -39,7 +40,7 @@ from .row_readers import ParquetRows, hf_rows
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "corpus.jsonl"  # raysens/data/corpus.jsonl
 
 
-class CorpusError(ValueError):
+class CorpusError(RaysensError, ValueError):
     """The corpus is missing, empty, unreadable or lacks the text column."""
 
 

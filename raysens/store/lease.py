@@ -25,6 +25,7 @@ import time
 
 import pyarrow.fs as pafs
 
+from ..errors import RaysensError
 from .fs import exists, read_bytes, write_bytes
 
 LEASE = "lease.json"
@@ -32,7 +33,7 @@ HEARTBEAT_S = 10.0  # seconds between heartbeats
 STALE_S = 60.0  # a lease whose heartbeat is older than this is free
 
 
-class LeaseError(RuntimeError):
+class LeaseError(RaysensError, RuntimeError):
     """Another driver holds the run directory's lease."""
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import RaysensError
 from ..stats.cells import CellStats
 from .codec import PACKED_KEYS, pack_state, unpack_state
 from .npz import npz_bytes
@@ -42,7 +43,7 @@ FORMAT = 3  # written by encode_partial; 1 and 2 (before issue 18) are refused w
 STATE_FORMAT = "cellstats/3"  # the per-cell state (manifest "state_format"): exact sums + windowed histogram
 
 
-class PartialError(ValueError):
+class PartialError(RaysensError, ValueError):
     """A persisted partial is corrupt, truncated, or belongs to another configuration."""
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from .._log import log
+from ..errors import RaysensError
 from ..testing import faults
 from .checkpoint import CHECKPOINT
 from .compaction import FOLDED, Compaction
@@ -46,7 +47,7 @@ PARTIALS = "partials"
 _TMP_RE = re.compile(r"^unit_\d{10}-[0-9a-f]{16}\.npz\.tmp$")  # an unfinished write of a partial
 
 
-class RunError(RuntimeError):
+class RunError(RaysensError, RuntimeError):
     """The run cannot start or cannot finish; the message says why. Persisted partials are kept."""
 
 

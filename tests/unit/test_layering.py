@@ -87,7 +87,7 @@ def test_the_static_scan_sees_imports():
 
 
 CORE_ALIASES = {"raysens.core.welford"}  # the README's import path before issue 28: re-exports raysens.stats
-LEAVES = {"raysens._keys"}  # stdlib-only helpers any layer may use (checked below)
+LEAVES = {"raysens._keys", "raysens.errors"}  # stdlib-only helpers any layer may use (checked below)
 
 
 def test_leaves_import_only_the_standard_library():
@@ -103,10 +103,17 @@ def test_core_imports_nothing_else_of_raysens():
     assert not bad, bad
 
 
+def test_the_error_family_is_a_leaf():
+    """``raysens.errors`` imports nothing (every layer, the statistics and the config included, may raise one)."""
+    tree = ast.parse((PKG / "errors.py").read_text())
+    imported = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert [ast.unparse(n) for n in imported] == ["from __future__ import annotations"]
+
+
 def test_stats_imports_only_itself_and_no_torch():
     """The statistics package is numpy only: nothing else of raysens, never torch / transformers / ray."""
     bad = _violations(lambda m, t: m.startswith("raysens.stats") and (
-        (_top(t) == "raysens" and not (_ours(t) or "").startswith("raysens.stats"))
+        (_top(t) == "raysens" and not (_ours(t) or "").startswith("raysens.stats") and _ours(t) not in LEAVES)
         or _top(t) in ("torch", "transformers", "ray")))
     assert not bad, bad
 
@@ -242,7 +249,7 @@ def test_one_import_path_per_thing():
     """The package top holds no alias modules of earlier versions: each thing has one import path
     (``raysens.compat``, the older tool's API, is a product feature and stays)."""
     top = sorted(p.stem for p in PKG.glob("*.py"))
-    assert top == ["__init__", "_keys", "_log", "cli", "compat", "config"], top
+    assert top == ["__init__", "_keys", "_log", "cli", "compat", "config", "errors"], top
     for old in ("engine", "models", "welford", "pipeline", "sweep", "results"):
         r = subprocess.run([sys.executable, "-c", f"import raysens.{old}"], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, old
