@@ -178,6 +178,8 @@ class UnitWorker:
             shared[mkey] = (load_model(model_name, device=device, trust_remote_code=trust_remote_code),
                             f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}")
         lm, self.load_id = shared[mkey]
+        self._model = lm.model  # read by the memory model (unit_plan)
+        self._plans: dict = {}  # padded length -> UnitPlan (None: no budget to plan in)
         ekey = ("engine", mkey, json.dumps(sensitivity, sort_keys=True))
         if ekey not in shared:
             engine_cls = SyntheticEngine if is_synthetic(model_name) else SensitivityEngine
@@ -207,7 +209,8 @@ class UnitWorker:
         self.pending_skipped: dict[int, str] = {}
         self.pending_maps: dict[int, dict[int, np.ndarray]] = {}  # unit -> layer -> maps (output.per_sample)
         self.pending_since = 0.0  # perf_counter when the first pending unit was folded
-        self.pending_info = {"compute_s": 0.0, "started": None, "finished": None, "strategy": None, "mode": None}
+        self.pending_info = {"compute_s": 0.0, "started": None, "finished": None, "strategy": None, "mode": None,
+                             "sub_batch": None}  # sub_batch: the largest sub-batch of a split unit (None: none split)
 
     def process(self, unit: dict) -> bytes:
         """One tokenized unit -> the partial payload of that unit alone (``fold`` then ``ship``)."""
@@ -252,10 +255,27 @@ class UnitWorker:
     def fold(self, unit: dict) -> None:
         """Compute one tokenized unit (``tokenize_unit``'s dict) and fold it into the local state (in the
         background, see the class doc). A unit already pending is ignored (a retried call never counts a
-        sample twice); the state changes only once the unit is computed and checked, so an exception
-        leaves it as it was (a background one: without that unit)."""
-        from ..core.engine import NonFiniteGradientError
+        sample twice).
 
+        Sub-units (issue 31): when the actor has a memory budget (``memory_budget_mb``, or on CUDA the
+        device's), the memory model (``core.sizing.plan_unit``, once per padded length S) says how many
+        samples one engine call may take, and a larger unit is computed in consecutive sub-batches of
+        that size (half of it with the background fold: two sub-batches' results are alive at once),
+        each folded into the state before the next one's results exist, so the host never holds more
+        than a sub-batch's maps. The state is a function of the multiset of samples and a sample's maps
+        do not depend on its batch (on CPU), so the shipped bits are those of the unsplit unit. When even
+        one sample does not fit, the unit fails at once with the plan's one-line reason (``RunError``).
+
+        Exactly once: an exception before any of the unit reached the state leaves the state as it was
+        (a background one: without that unit). Once a sub-batch is folded, the sub-batches are folded
+        straight into the state, not into a per-unit temporary merged at the end: a temporary would hold
+        a second copy of the state (214 B/cell: the very memory the split bounds) and cost a full merge
+        per unit (~1 µs per cell: seconds at S = 512). So a failure after that point leaves the state
+        unusable, like a background fold that failed half-way: every pending unit is dropped and a
+        ``FoldError`` names them. None of them has shipped; the error fails the pass, and the runner
+        recomputes what never shipped (``run/runner.py``: the follow-up pass, or a rerun with the same
+        ``output.dir``), so no sample is counted twice or lost. Such failures are rare: out-of-memory is
+        split and retried inside the engine (``core/oom.py``)."""
         self._surface()  # a failed background fold is raised before computing more
         key = int(unit["unit"])
         if key in self.pending_ids:
@@ -264,7 +284,9 @@ class UnitWorker:
         started = time.time()  # wall-clock start and end go into the meta (pipeline timelines)
         run_ids = [int(i) for i in unit["run_ids"]]
         skipped = {int(i): r for i, r in zip(unit["skipped_ids"], unit["skipped_reasons"])}
-        res = good = strategy = mode = None
+        parts: list[tuple[int, int]] = [(0, 0)]  # sample ranges of the sub-batches; (0, 0): nothing to compute
+        ids = mask = None
+        step, wait_first = len(run_ids), False
         if run_ids:
             seqs = unit["input_ids"]
             width = max(len(s) for s in seqs)
@@ -273,36 +295,150 @@ class UnitWorker:
             for r, s in enumerate(seqs):
                 ids[r, :len(s)] = s
                 mask[r, :len(s)] = 1
+            step, wait_first = self.sub_batch(width, len(run_ids), key)
+            parts = [(s, min(len(run_ids), s + step)) for s in range(0, len(run_ids), step)]
+        info = self.pending_info
+        for i, (s0, s1) in enumerate(parts):
             try:
-                res = self.engine.compute(ids, mask, layers=self.layers, sample_ids=run_ids,
-                                          max_seq_len=self.max_seq_len)
-                good = np.ones(len(run_ids), bool)
-            except NonFiniteGradientError as exc:
-                res = exc.partial
-                bad = set(int(i) for i in exc.sample_ids)
-                good = np.array([i not in bad for i in run_ids])
-                skipped.update({i: "nonfinite" for i in bad})
-            strategy, mode = res.strategy, res.mode
-            run_ids = [i for i, g in zip(run_ids, good) if g]
-            if not good.any():
-                res = None
-        if self.background:
-            self._surface((self._folds,))  # backpressure: the previous unit folded before this one waits
-        acc, maps_out, info = self.acc, self.pending_maps, self.pending_info
-        job = lambda j: self._fold_into(acc, maps_out, info, key, res, good, run_ids, j)  # noqa: E731
-        if not self.background:
-            job(Job(f"the fold of unit {key}", [key], "fold"))  # raises here; nothing registered then
-        if not self.pending_units:
-            self.pending_since = time.perf_counter()
-        self.pending_units.append(key)
-        self.pending_ids[key] = [int(i) for i in unit["sample_ids"]]
-        self.pending_computed.extend(run_ids)
+                if i and wait_first:  # the budget holds one sub-batch's results: the previous one folded first
+                    self._surface((self._folds,))
+                res, good, sub_ids, bad = self._compute(ids, mask, run_ids, s0, s1)
+                if self.background:
+                    self._surface((self._folds,))  # backpressure: the previous (sub-)batch folded before this one waits
+            except BaseException as exc:
+                if i and key in self.pending_ids:  # earlier sub-batches of this unit are in the state
+                    self._abandon(key, i, len(parts), exc)
+                raise
+            skipped.update({b: "nonfinite" for b in bad})
+            acc, maps_out = self.acc, self.pending_maps
+            label = f"the fold of unit {key}" + (f" (sub-batch {i + 1} of {len(parts)})" if len(parts) > 1 else "")
+            job = (lambda j, res=res, good=good, sub_ids=sub_ids, part=i:  # noqa: E731
+                   self._fold_part(acc, maps_out, info, key, res, good, sub_ids, j, part))
+            if not self.background:
+                try:
+                    job(Job(label, [key], "fold"))  # the first one raises here with nothing registered
+                except BaseException as exc:
+                    if i:
+                        self._abandon(key, i, len(parts), exc)
+                    raise
+            if i == 0:  # registered once its first sub-batch is computed (and, inline, folded)
+                first = not self.pending_units
+                self.pending_units.append(key)
+                self.pending_ids[key] = [int(x) for x in unit["sample_ids"]]
+                if len(parts) > 1:
+                    info["sub_batch"] = max(info.get("sub_batch") or 0, step)
+            self.pending_computed.extend(sub_ids)
+            if res is not None:
+                info["strategy"], info["mode"] = info["strategy"] or res.strategy, info["mode"] or res.mode
+            if self.background:
+                self._folds.submit(label, [key], job, kind="fold")
         self.pending_skipped.update(skipped)
+        if first:
+            self.pending_since = time.perf_counter()
         info["compute_s"] += time.perf_counter() - t0  # the caller's time in fold (compute, waiting)
         info["started"] = started if info["started"] is None else min(info["started"], started)
-        info["strategy"], info["mode"] = info["strategy"] or strategy, info["mode"] or mode
-        if self.background:
-            self._folds.submit(f"the fold of unit {key}", [key], job, kind="fold")
+
+    def sub_batch(self, width: int, n: int, key: int = -1) -> tuple[int, bool]:
+        """Samples per engine call for a unit of ``n`` samples padded to ``width``, and whether the
+        background fold must finish before the next sub-batch computes (the budget holds one
+        sub-batch's results only). ``n`` (no split) when the actor has no budget: CPU without
+        ``memory_budget_mb`` (the 2 GiB default bounds the backward's working memory, not the host).
+        Raises ``RunError`` with the plan's one-line reason when one sample does not fit."""
+        plan = self.unit_plan(width)
+        if plan is None:
+            return n, False
+        if not plan.fits:
+            from ..store.rundir import RunError
+
+            why = plan.reason.split(": ", 1)[-1]
+            source = "sensitivity.memory_budget_mb" if self._budget_mb() is not None else "the device's default"
+            raise RunError(f"UnitWorker.fold: unit {key}: one sample at S={width} with {len(self.layers)} target "
+                           f"layers does not fit the per-actor memory budget of {plan.budget >> 20} MiB ({source}): {why}")
+        fit = plan.samples_per_unit
+        step = max(1, fit // 2) if self.background else fit
+        return max(1, min(n, step)), self.background and 2 * step > fit
+
+    def unit_plan(self, width: int):
+        """The memory model's ``UnitPlan`` for padded length ``width`` (cached per length); None when
+        the actor has no budget to plan in (CPU without ``memory_budget_mb``)."""
+        if width in self._plans:
+            return self._plans[width]
+        mb = self._budget_mb()
+        plan = None
+        if mb is not None or self.device.startswith("cuda"):
+            from ..core.sizing import ModelShape, plan_unit
+            from ..core.memory import device_budget
+
+            k, mode, manual = self._plan_shape(width)
+            plan = plan_unit(ModelShape.from_model(self._model), seq=width, target_layers=len(self.layers), k=k,
+                             mode=mode, budget=device_budget(self.device, mb),
+                             device_type="cuda" if self.device.startswith("cuda") else "cpu",
+                             max_unit=1 << 20, manual=manual)
+        self._plans[width] = plan
+        return plan
+
+    def _budget_mb(self):
+        return getattr(getattr(self.engine, "config", None), "memory_budget_mb", None)
+
+    def _plan_shape(self, width: int) -> tuple[int, str, bool]:
+        """K, mode and whether a hand-written stack shares one forward (its activations count per
+        sample), as the engine will run a unit of padded length ``width``."""
+        from ..core.options import Estimator
+
+        eng, cfg = self.engine, self.engine.config
+        if getattr(eng, "groups", None):  # a planned run (PlannedEngine): the largest K, reverse if any layer is
+            keys = [g[0] for g in eng.groups]
+            modes = {getattr(m, "value", m) for m, _ in keys}
+            return max(k for _, k in keys), "reverse" if "reverse" in modes else "forward", True
+        if cfg.estimator is Estimator.EXACT:
+            k = 0
+        elif cfg.estimator is Estimator.PROJECTION:
+            k = 1
+        else:
+            k = int(cfg.num_probes)
+        if not hasattr(eng, "mode_for"):  # the synthetic engine: maps only, no probes, no activations
+            return k, "reverse", False
+        return k, eng.mode_for(self.layers, width).value, eng.strategy_default == "manual"
+
+    def _compute(self, ids, mask, run_ids: list[int], s0: int, s1: int):
+        """One engine call over rows ``[s0, s1)`` of a unit: ``(result or None, good rows, the computed
+        sample ids, the non-finite ones)``. A sub-batch is padded to the unit's width (``pad_to``): a
+        sample's float32 maps depend on the padded width of its call."""
+        from ..core.engine import NonFiniteGradientError
+
+        sub = run_ids[s0:s1]
+        if not sub:
+            return None, None, [], []
+        try:
+            pad = {} if s1 - s0 == len(run_ids) else {"pad_to": ids.shape[1]}  # a sub-batch: the unit's width
+            res = self.engine.compute(ids[s0:s1], mask[s0:s1], layers=self.layers, sample_ids=sub,
+                                      max_seq_len=self.max_seq_len, **pad)
+            good = np.ones(len(sub), bool)
+        except NonFiniteGradientError as exc:
+            res = exc.partial
+            bad = set(int(i) for i in exc.sample_ids)
+            good = np.array([i not in bad for i in sub])
+        bad = [i for i, g in zip(sub, good) if not g]
+        sub = [i for i, g in zip(sub, good) if g]
+        return (res if good.any() else None), good, sub, bad
+
+    def _abandon(self, key: int, done: int, n: int, exc: BaseException) -> None:
+        """Sub-batch ``done + 1`` of unit ``key`` failed after the earlier ones reached the state: wait
+        for the folds, drop every pending unit (none of them can ship) and raise a ``FoldError``."""
+        for _ in self._folds.wait():
+            pass
+        dropped = sorted(self.pending_units)
+        self._reset()
+        raise FoldError(f"UnitWorker: unit {key} failed in sub-batch {done + 1} of {n}, after the first {done} "
+                        f"were folded ({type(exc).__name__}: {exc}); units {dropped} are not shipped "
+                        "(recomputed by the runner, as after a lost actor)") from exc
+
+    def _fold_part(self, acc, maps_out, info, key, res, good, run_ids, job: Job, part: int) -> None:
+        """``_fold_into`` for sub-batch ``part`` of a unit: from the second one on the state already
+        holds part of the unit, so a failure leaves it unusable (``job.dirty`` from the start)."""
+        if part:
+            job.dirty = True
+        self._fold_into(acc, maps_out, info, key, res, good, run_ids, job)
 
     def _fold_into(self, acc: dict, maps_out: dict, info: dict, key: int, res, good, run_ids: list[int],
                    job: Job) -> None:
@@ -311,11 +447,12 @@ class UnitWorker:
         batches: dict[int, CheckedBatch] = {}  # every layer checked before any state changes
         maps: dict[int, np.ndarray] = {}
         if res is not None:
+            rows = slice(None) if good.all() else good  # no copy of the maps when every sample is good
             values = faults.planted_values(self.planted, run_ids,
-                                           {L: to_host(res.values[L])[good] for L in self.layers})
-            m = to_host(res.mask)[good]
+                                           {L: to_host(res.values[L])[rows] for L in self.layers})
+            m = to_host(res.mask)[rows]
             for L in self.layers:
-                noise = None if res.noise is None or L not in res.noise else to_host(res.noise[L])[good]  # planned: K=1 layers have none
+                noise = None if res.noise is None or L not in res.noise else to_host(res.noise[L])[rows]  # planned: K=1 layers have none
                 vals = values.pop(L)
                 batches[L] = CellStats.check(vals, m, noise, sample_ids=run_ids)
                 if self.per_sample:
@@ -329,8 +466,8 @@ class UnitWorker:
             if cur.shape[0] < width:
                 cur = acc[L] = cur.padded(width)
             cur.update(batch.padded(cur.shape[0]))
-        if maps:
-            maps_out[key] = maps
+        if maps:  # a split unit's sub-batches: their rows, in order, padded to the widest (NaN: no cell)
+            maps_out[key] = _append_maps(maps_out.get(key), maps)
         info["finished"] = time.time()
 
     def _detach(self) -> dict:
@@ -352,6 +489,8 @@ class UnitWorker:
             "host": socket.gethostname(), "pid": os.getpid(), "device": self.device, "strategy": info["strategy"],
             "mode": info["mode"], "model": self.model_identity, "load_id": self.load_id,
         }
+        if info.get("sub_batch"):
+            meta["sub_batch"] = info["sub_batch"]  # samples per engine call of the units split for memory
         payload = encode_partial(meta, snap["acc"], snap["maps"] or None)
         return snap["units"], sum(len(ids) for ids in snap["unit_ids"]), payload
 
@@ -396,3 +535,17 @@ class UnitWorker:
                 self._reset()
         first = next((j.error for j in failed if not isinstance(j.error, Skipped)), failed[0].error)
         raise FoldError(failure_message(failed, dropped)) from first
+
+
+def _append_maps(old: dict | None, new: dict) -> dict:
+    """Per-sample maps (layer -> ``[batch, S, S]`` float32, NaN off the mask) of ``old`` then ``new``
+    rows, padded with NaN to the wider S."""
+    if not old:
+        return new
+    out = {}
+    for L, b in new.items():
+        a = old[L]
+        w = max(a.shape[1], b.shape[1])
+        a, b = (np.pad(x, ((0, 0), (0, w - x.shape[1]), (0, w - x.shape[2])), constant_values=np.nan) for x in (a, b))
+        out[L] = np.concatenate([a, b])
+    return out

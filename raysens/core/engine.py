@@ -211,7 +211,8 @@ class SensitivityEngine:
         return self._autograd.forward(emb, mask.to(emb.device), self.resolve_layers(layers))
 
     def compute(self, input_ids: Any, attention_mask: Any = None, *, layers: int | Sequence[int] = -1,
-                sample_ids: Sequence[int] | None = None, max_seq_len: int | None = None) -> SensitivityBatch:
+                sample_ids: Sequence[int] | None = None, max_seq_len: int | None = None,
+                pad_to: int | None = None) -> SensitivityBatch:
         """Sensitivity maps for a batch.
 
         Args:
@@ -221,12 +222,15 @@ class SensitivityEngine:
             sample_ids: stable ids (seed the probes); default ``0..batch-1``.
             max_seq_len: keep the first ``max_seq_len`` real tokens of each sample; ``auto`` picks the
                 mode for this length (the same for every batch of a run), else for the batch's.
+            pad_to: pad the batch to at least this many positions (a sub-batch of a worker's unit:
+                padded as the whole unit, so its maps are the unit's bit for bit; float32 sums depend
+                on the padded width).
         Returns:
             SensitivityBatch with ``values[layer]`` ``[batch, pos_out, pos_in]``, ``pos_* = max length``.
             The call's chunk-size decisions are in ``chunks_used`` afterwards.
         """
         self.memory.reset_record()
-        ids, mask, lengths = normalise(input_ids, attention_mask, max_seq_len, self.pad_id)  # [batch, S] each
+        ids, mask, lengths = normalise(input_ids, attention_mask, max_seq_len, self.pad_id, pad_to)  # [batch, S] each
         self._autograd.call.check_ids(ids, mask, self.pad_id)
         bsz, seq = ids.shape
         sids = np.arange(bsz, dtype=np.int64) if sample_ids is None else np.asarray(sample_ids, np.int64)
