@@ -7,6 +7,10 @@ each unit into one local ``CellStats`` per layer (``UnitWorker.fold``) and ships
 all its pending units as one partial payload (``UnitWorker.ship``, ``raysens.store.partials``) when
 ``ShipPolicy`` says so: every ``cluster.ship_every_units`` units, ``cluster.ship_every_s`` seconds,
 and at the end. The state is order-independent, so which units share a shipment never changes a bit.
+
+Longer than 400 lines because a unit's fold, its sub-batches (``subunits.py``) and the background
+lane's failure handling (``_surface``) keep exactly-once together: each relies on the order in which
+the others register, fold and drop units, so they are read side by side.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..stats.cells import CellStats, CheckedBatch, warm_kernel
 from ..stats.kernel import available as kernel_available
 from ..store.partials import encode_partial
 from ..testing import faults
+from . import subunits
 from .overlap import FoldError, Job, Lane, Skipped, background_default, failure_message, to_host
 
 # ---------------------------------------------------------------------- tokenization (CPU tasks)
@@ -257,14 +262,9 @@ class UnitWorker:
         background, see the class doc). A unit already pending is ignored (a retried call never counts a
         sample twice).
 
-        Sub-units (issue 31): when the actor has a memory budget (``memory_budget_mb``, or on CUDA the
-        device's), the memory model (``core.sizing.plan_unit``, once per padded length S) says how many
-        samples one engine call may take, and a larger unit is computed in consecutive sub-batches of
-        that size (half of it with the background fold: two sub-batches' results are alive at once),
-        each folded into the state before the next one's results exist, so the host never holds more
-        than a sub-batch's maps. The state is a function of the multiset of samples and a sample's maps
-        do not depend on its batch (on CPU), so the shipped bits are those of the unsplit unit. When even
-        one sample does not fit, the unit fails at once with the plan's one-line reason (``RunError``).
+        Sub-units (issue 31, ``subunits.py``): with a memory budget a larger unit is computed in
+        consecutive sub-batches sized by the memory model, each folded before the next is computed; the
+        shipped bits are the unsplit unit's. One sample over the budget: ``RunError``, at once.
 
         Exactly once: an exception before any of the unit reached the state leaves the state as it was
         (a background one: without that unit). Once a sub-batch is folded, the sub-batches are folded
@@ -302,7 +302,8 @@ class UnitWorker:
             try:
                 if i and wait_first:  # the budget holds one sub-batch's results: the previous one folded first
                     self._surface((self._folds,))
-                res, good, sub_ids, bad = self._compute(ids, mask, run_ids, s0, s1)
+                res, good, sub_ids, bad = subunits.compute_part(self.engine, ids, mask, run_ids, s0, s1, self.layers,
+                                                                self.max_seq_len)
                 if self.background:
                     self._surface((self._folds,))  # backpressure: the previous (sub-)batch folded before this one waits
             except BaseException as exc:
@@ -339,88 +340,24 @@ class UnitWorker:
         info["started"] = started if info["started"] is None else min(info["started"], started)
 
     def sub_batch(self, width: int, n: int, key: int = -1) -> tuple[int, bool]:
-        """Samples per engine call for a unit of ``n`` samples padded to ``width``, and whether the
-        background fold must finish before the next sub-batch computes (the budget holds one
-        sub-batch's results only). ``n`` (no split) when the actor has no budget: CPU without
-        ``memory_budget_mb`` (the 2 GiB default bounds the backward's working memory, not the host).
-        Raises ``RunError`` with the plan's one-line reason when one sample does not fit."""
+        """``subunits.sub_batch`` for this worker (samples per engine call, wait for the fold first);
+        ``RunError`` with the plan's one-line reason when one sample does not fit."""
         plan = self.unit_plan(width)
-        if plan is None:
-            return n, False
-        if not plan.fits:
+        if plan is not None and not plan.fits:
             from ..store.rundir import RunError
 
-            why = plan.reason.split(": ", 1)[-1]
-            source = "sensitivity.memory_budget_mb" if self._budget_mb() is not None else "the device's default"
-            raise RunError(f"UnitWorker.fold: unit {key}: one sample at S={width} with {len(self.layers)} target "
-                           f"layers does not fit the per-actor memory budget of {plan.budget >> 20} MiB ({source}): {why}")
-        fit = plan.samples_per_unit
-        step = max(1, fit // 2) if self.background else fit
-        return max(1, min(n, step)), self.background and 2 * step > fit
+            raise RunError(subunits.plan_error(plan, key, width, len(self.layers), self._budget_mb() is not None))
+        return subunits.sub_batch(plan, n, self.background)
 
     def unit_plan(self, width: int):
-        """The memory model's ``UnitPlan`` for padded length ``width`` (cached per length); None when
-        the actor has no budget to plan in (CPU without ``memory_budget_mb``)."""
-        if width in self._plans:
-            return self._plans[width]
-        mb = self._budget_mb()
-        plan = None
-        if mb is not None or self.device.startswith("cuda"):
-            from ..core.sizing import ModelShape, plan_unit
-            from ..core.memory import device_budget
+        """The memory model's ``UnitPlan`` at padded length ``width`` (cached; None: no budget)."""
+        if width not in self._plans:
+            self._plans[width] = subunits.unit_plan(self.engine, self._model, self.device, self.layers, width,
+                                                    self._budget_mb())
+        return self._plans[width]
 
-            k, mode, manual = self._plan_shape(width)
-            plan = plan_unit(ModelShape.from_model(self._model), seq=width, target_layers=len(self.layers), k=k,
-                             mode=mode, budget=device_budget(self.device, mb),
-                             device_type="cuda" if self.device.startswith("cuda") else "cpu",
-                             max_unit=1 << 20, manual=manual)
-        self._plans[width] = plan
-        return plan
-
-    def _budget_mb(self):
-        return getattr(getattr(self.engine, "config", None), "memory_budget_mb", None)
-
-    def _plan_shape(self, width: int) -> tuple[int, str, bool]:
-        """K, mode and whether a hand-written stack shares one forward (its activations count per
-        sample), as the engine will run a unit of padded length ``width``."""
-        from ..core.options import Estimator
-
-        eng, cfg = self.engine, self.engine.config
-        if getattr(eng, "groups", None):  # a planned run (PlannedEngine): the largest K, reverse if any layer is
-            keys = [g[0] for g in eng.groups]
-            modes = {getattr(m, "value", m) for m, _ in keys}
-            return max(k for _, k in keys), "reverse" if "reverse" in modes else "forward", True
-        if cfg.estimator is Estimator.EXACT:
-            k = 0
-        elif cfg.estimator is Estimator.PROJECTION:
-            k = 1
-        else:
-            k = int(cfg.num_probes)
-        if not hasattr(eng, "mode_for"):  # the synthetic engine: maps only, no probes, no activations
-            return k, "reverse", False
-        return k, eng.mode_for(self.layers, width).value, eng.strategy_default == "manual"
-
-    def _compute(self, ids, mask, run_ids: list[int], s0: int, s1: int):
-        """One engine call over rows ``[s0, s1)`` of a unit: ``(result or None, good rows, the computed
-        sample ids, the non-finite ones)``. A sub-batch is padded to the unit's width (``pad_to``): a
-        sample's float32 maps depend on the padded width of its call."""
-        from ..core.engine import NonFiniteGradientError
-
-        sub = run_ids[s0:s1]
-        if not sub:
-            return None, None, [], []
-        try:
-            pad = {} if s1 - s0 == len(run_ids) else {"pad_to": ids.shape[1]}  # a sub-batch: the unit's width
-            res = self.engine.compute(ids[s0:s1], mask[s0:s1], layers=self.layers, sample_ids=sub,
-                                      max_seq_len=self.max_seq_len, **pad)
-            good = np.ones(len(sub), bool)
-        except NonFiniteGradientError as exc:
-            res = exc.partial
-            bad = set(int(i) for i in exc.sample_ids)
-            good = np.array([i not in bad for i in sub])
-        bad = [i for i, g in zip(sub, good) if not g]
-        sub = [i for i, g in zip(sub, good) if g]
-        return (res if good.any() else None), good, sub, bad
+    def _budget_mb(self) -> int | None:
+        return subunits.engine_budget_mb(self.engine)
 
     def _abandon(self, key: int, done: int, n: int, exc: BaseException) -> None:
         """Sub-batch ``done + 1`` of unit ``key`` failed after the earlier ones reached the state: wait
@@ -467,7 +404,7 @@ class UnitWorker:
                 cur = acc[L] = cur.padded(width)
             cur.update(batch.padded(cur.shape[0]))
         if maps:  # a split unit's sub-batches: their rows, in order, padded to the widest (NaN: no cell)
-            maps_out[key] = _append_maps(maps_out.get(key), maps)
+            maps_out[key] = subunits.append_maps(maps_out.get(key), maps)
         info["finished"] = time.time()
 
     def _detach(self) -> dict:
@@ -536,16 +473,3 @@ class UnitWorker:
         first = next((j.error for j in failed if not isinstance(j.error, Skipped)), failed[0].error)
         raise FoldError(failure_message(failed, dropped)) from first
 
-
-def _append_maps(old: dict | None, new: dict) -> dict:
-    """Per-sample maps (layer -> ``[batch, S, S]`` float32, NaN off the mask) of ``old`` then ``new``
-    rows, padded with NaN to the wider S."""
-    if not old:
-        return new
-    out = {}
-    for L, b in new.items():
-        a = old[L]
-        w = max(a.shape[1], b.shape[1])
-        a, b = (np.pad(x, ((0, 0), (0, w - x.shape[1]), (0, w - x.shape[2])), constant_values=np.nan) for x in (a, b))
-        out[L] = np.concatenate([a, b])
-    return out

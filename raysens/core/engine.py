@@ -210,9 +210,8 @@ class SensitivityEngine:
         mask = torch.ones(emb.shape[:2], dtype=torch.long) if attention_mask is None else attention_mask
         return self._autograd.forward(emb, mask.to(emb.device), self.resolve_layers(layers))
 
-    def compute(self, input_ids: Any, attention_mask: Any = None, *, layers: int | Sequence[int] = -1,
-                sample_ids: Sequence[int] | None = None, max_seq_len: int | None = None,
-                pad_to: int | None = None) -> SensitivityBatch:
+    def compute(self, input_ids: Any, attention_mask: Any = None, *, layers: int | Sequence[int] = -1, sample_ids:
+                Sequence[int] | None = None, max_seq_len: int | None = None, pad_to: int | None = None) -> SensitivityBatch:
         """Sensitivity maps for a batch.
 
         Args:
@@ -222,11 +221,8 @@ class SensitivityEngine:
             sample_ids: stable ids (seed the probes); default ``0..batch-1``.
             max_seq_len: keep the first ``max_seq_len`` real tokens of each sample; ``auto`` picks the
                 mode for this length (the same for every batch of a run), else for the batch's.
-            pad_to: pad the batch to at least this many positions (a sub-batch of a worker's unit:
-                padded as the whole unit, so its maps are the unit's bit for bit; float32 sums depend
-                on the padded width).
-        Returns:
-            SensitivityBatch with ``values[layer]`` ``[batch, pos_out, pos_in]``, ``pos_* = max length``.
+        Returns:  (``pad_to``: at least this many positions; a worker's sub-batch is padded as its unit)
+            SensitivityBatch with ``values[layer]`` ``[batch, pos_out, pos_in]``, ``pos_* = max(length, pad_to)``.
             The call's chunk-size decisions are in ``chunks_used`` afterwards.
         """
         self.memory.reset_record()
