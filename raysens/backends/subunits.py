@@ -71,7 +71,8 @@ def sub_batch(plan, n: int, background: bool) -> tuple[int, bool]:
 
 def compute_part(engine: Any, ids, mask, run_ids: list[int], s0: int, s1: int, layers, max_seq_len: int):
     """One engine call over rows ``[s0, s1)`` of a unit (a sub-batch: padded to the unit's width):
-    ``(result or None, good rows, the computed sample ids, the non-finite ones)``."""
+    ``(result or None, good rows, the computed sample ids, the non-finite ones)`` (the result even
+    when no row is good: its strategy and mode are recorded)."""
     from ..core.engine import NonFiniteGradientError
 
     sub = run_ids[s0:s1]
@@ -87,7 +88,7 @@ def compute_part(engine: Any, ids, mask, run_ids: list[int], s0: int, s1: int, l
         good = np.array([i not in bad for i in sub])
     bad = [i for i, g in zip(sub, good) if not g]
     sub = [i for i, g in zip(sub, good) if g]
-    return (res if good.any() else None), good, sub, bad
+    return res, good, sub, bad
 
 
 def plan_error(plan, key: int, width: int, n_layers: int, explicit: bool) -> str:

@@ -311,6 +311,8 @@ class UnitWorker:
                     self._abandon(key, i, len(parts), exc)
                 raise
             skipped.update({b: "nonfinite" for b in bad})
+            ran = None if res is None else (res.strategy, res.mode)  # recorded once the unit is registered
+            res = res if res is not None and good.any() else None
             acc, maps_out = self.acc, self.pending_maps
             label = f"the fold of unit {key}" + (f" (sub-batch {i + 1} of {len(parts)})" if len(parts) > 1 else "")
             job = (lambda j, res=res, good=good, sub_ids=sub_ids, part=i:  # noqa: E731
@@ -329,8 +331,8 @@ class UnitWorker:
                 if len(parts) > 1:
                     info["sub_batch"] = max(info.get("sub_batch") or 0, step)
             self.pending_computed.extend(sub_ids)
-            if res is not None:
-                info["strategy"], info["mode"] = info["strategy"] or res.strategy, info["mode"] or res.mode
+            if ran is not None:
+                info["strategy"], info["mode"] = info["strategy"] or ran[0], info["mode"] or ran[1]
             if self.background:
                 self._folds.submit(label, [key], job, kind="fold")
         self.pending_skipped.update(skipped)
