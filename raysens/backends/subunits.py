@@ -43,9 +43,23 @@ def plan_shape(engine: Any, layers, width: int) -> tuple[int, str, bool]:
     return k, engine.mode_for(layers, width).value, engine.strategy_default == "manual"
 
 
+def process_rss() -> int:
+    """This process's resident bytes now (Linux ``VmRSS``; 0 where unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return 0
+
+
 def unit_plan(engine: Any, model: Any, device: str, layers, width: int, budget_mb: int | None):
     """The ``UnitPlan`` of one actor for padded length ``width``; None when it has no budget to plan
-    in (CPU without ``memory_budget_mb``)."""
+    in (CPU without ``memory_budget_mb``). On CPU the budget bounds the process's peak RSS: what the
+    process already holds (interpreter, torch, the weights: 358 MiB without a model,
+    docs/benchmarks.md) is taken off the host budget."""
     cuda = str(device).startswith("cuda")
     if budget_mb is None and not cuda:
         return None
@@ -53,9 +67,10 @@ def unit_plan(engine: Any, model: Any, device: str, layers, width: int, budget_m
     from ..core.sizing import ModelShape, plan_unit
 
     k, mode, manual = plan_shape(engine, layers, width)
+    budget = device_budget(device, budget_mb)
     return plan_unit(ModelShape.from_model(model), seq=width, target_layers=len(layers), k=k, mode=mode,
-                     budget=device_budget(device, budget_mb), device_type="cuda" if cuda else "cpu",
-                     max_unit=1 << 20, manual=manual)
+                     budget=budget, device_type="cuda" if cuda else "cpu", max_unit=1 << 20, manual=manual,
+                     host_budget=None if cuda else budget - process_rss())
 
 
 def sub_batch(plan, n: int, background: bool) -> tuple[int, bool]:

@@ -12,6 +12,7 @@ import io
 import numpy as np
 import pytest
 
+from raysens.backends import subunits
 from raysens.backends.overlap import FoldError
 from raysens.backends.units import UnitWorker
 from raysens.core import sizing
@@ -37,6 +38,7 @@ BUDGET_MB = 1  # the worker's budget: with the host reserve at 0 (below) room fo
 @pytest.fixture(autouse=True)
 def _no_reserve(monkeypatch):
     monkeypatch.setattr(sizing, "WORK_RESERVE", 0)  # the 256 MiB reserve would dwarf a tiny model's unit
+    monkeypatch.setattr(subunits, "process_rss", lambda: 0)  # and so would the test process's own RSS
 
 
 def worker(engine, background: bool, split: bool = True) -> UnitWorker:
@@ -173,3 +175,15 @@ def test_no_budget_on_cpu_means_whole_units():
     """CPU without memory_budget_mb: the default 2 GiB bounds the backward, not the host; units stay whole."""
     w = UnitWorker("synthetic:L2", False, "cpu", {}, [1], MAX_LEN, "fp", shared={}, planted={}, background=False)
     assert w.unit_plan(MAX_LEN) is None and w.sub_batch(MAX_LEN, 32) == (32, False)
+
+
+def test_on_cpu_the_process_own_memory_comes_off_the_host_budget(engine, monkeypatch):
+    """The budget bounds the worker's peak RSS: what the process holds already is not there to plan with."""
+    w = worker(engine, False)
+    width = 30
+    free = w.unit_plan(width)
+    w._plans.clear()
+    monkeypatch.setattr(subunits, "process_rss", lambda: free.unit_bytes_per_sample * 2)
+    less = w.unit_plan(width)
+    assert less.host_budget == free.host_budget - 2 * free.unit_bytes_per_sample
+    assert less.samples_per_unit < free.samples_per_unit or less.samples_per_unit == 1
