@@ -75,11 +75,11 @@ def _child(spec: dict) -> dict:
         from raysens.core.sizing import ModelShape, plan_unit
 
         shape = ModelShape.from_model(w._model)
-        fit = [L for L in range(1, layers + 1)
-               if plan_unit(shape, seq=seq, target_layers=L, k=1, mode="reverse", budget=spec["budget_mb"] << 20,
-                            max_unit=1 << 20, manual=False).fits]
-        out["most_layers_that_fit"] = max(fit) if fit else 0
         plan = w.unit_plan(seq)
+        fit = [L for L in range(1, layers + 1)  # with the worker's host budget (its own RSS taken off)
+               if plan_unit(shape, seq=seq, target_layers=L, k=1, mode="reverse", budget=spec["budget_mb"] << 20,
+                            host_budget=plan.host_budget, max_unit=1 << 20, manual=False).fits]
+        out["most_layers_that_fit"] = max(fit) if fit else 0
         out["plan"] = {k: v for k, v in plan.__dict__.items() if k != "reason"}
     return out
 
