@@ -7,6 +7,10 @@ each unit into one local ``CellStats`` per layer (``UnitWorker.fold``) and ships
 all its pending units as one partial payload (``UnitWorker.ship``, ``raysens.store.partials``) when
 ``ShipPolicy`` says so: every ``cluster.ship_every_units`` units, ``cluster.ship_every_s`` seconds,
 and at the end. The state is order-independent, so which units share a shipment never changes a bit.
+
+Longer than 400 lines because a unit's fold, its sub-batches (``subunits.py``) and the background
+lane's failure handling (``_surface``) keep exactly-once together: each relies on the order in which
+the others register, fold and drop units, so they are read side by side.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..stats.cells import CellStats, CheckedBatch, warm_kernel
 from ..stats.kernel import available as kernel_available
 from ..store.partials import encode_partial
 from ..testing import faults
+from . import subunits
 from .overlap import FoldError, Job, Lane, Skipped, background_default, failure_message, to_host
 
 # ---------------------------------------------------------------------- tokenization (CPU tasks)
@@ -178,6 +183,8 @@ class UnitWorker:
             shared[mkey] = (load_model(model_name, device=device, trust_remote_code=trust_remote_code),
                             f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}")
         lm, self.load_id = shared[mkey]
+        self._model = lm.model  # read by the memory model (unit_plan)
+        self._plans: dict = {}  # padded length -> UnitPlan (None: no budget to plan in)
         ekey = ("engine", mkey, json.dumps(sensitivity, sort_keys=True))
         if ekey not in shared:
             engine_cls = SyntheticEngine if is_synthetic(model_name) else SensitivityEngine
@@ -207,7 +214,8 @@ class UnitWorker:
         self.pending_skipped: dict[int, str] = {}
         self.pending_maps: dict[int, dict[int, np.ndarray]] = {}  # unit -> layer -> maps (output.per_sample)
         self.pending_since = 0.0  # perf_counter when the first pending unit was folded
-        self.pending_info = {"compute_s": 0.0, "started": None, "finished": None, "strategy": None, "mode": None}
+        self.pending_info = {"compute_s": 0.0, "started": None, "finished": None, "strategy": None, "mode": None,
+                             "sub_batch": None}  # sub_batch: the largest sub-batch of a split unit (None: none split)
 
     def process(self, unit: dict) -> bytes:
         """One tokenized unit -> the partial payload of that unit alone (``fold`` then ``ship``)."""
@@ -252,10 +260,22 @@ class UnitWorker:
     def fold(self, unit: dict) -> None:
         """Compute one tokenized unit (``tokenize_unit``'s dict) and fold it into the local state (in the
         background, see the class doc). A unit already pending is ignored (a retried call never counts a
-        sample twice); the state changes only once the unit is computed and checked, so an exception
-        leaves it as it was (a background one: without that unit)."""
-        from ..core.engine import NonFiniteGradientError
+        sample twice).
 
+        Sub-units (issue 31, ``subunits.py``): with a memory budget a larger unit is computed in
+        consecutive sub-batches sized by the memory model, each folded before the next is computed; the
+        shipped bits are the unsplit unit's. One sample over the budget: ``RunError``, at once.
+
+        Exactly once: an exception before any of the unit reached the state leaves the state as it was
+        (a background one: without that unit). Once a sub-batch is folded, the sub-batches are folded
+        straight into the state, not into a per-unit temporary merged at the end: a temporary would hold
+        a second copy of the state (214 B/cell: the very memory the split bounds) and cost a full merge
+        per unit (~1 µs per cell: seconds at S = 512). So a failure after that point leaves the state
+        unusable, like a background fold that failed half-way: every pending unit is dropped and a
+        ``FoldError`` names them. None of them has shipped; the error fails the pass, and the runner
+        recomputes what never shipped (``run/runner.py``: the follow-up pass, or a rerun with the same
+        ``output.dir``), so no sample is counted twice or lost. Such failures are rare: out-of-memory is
+        split and retried inside the engine (``core/oom.py``)."""
         self._surface()  # a failed background fold is raised before computing more
         key = int(unit["unit"])
         if key in self.pending_ids:
@@ -264,7 +284,9 @@ class UnitWorker:
         started = time.time()  # wall-clock start and end go into the meta (pipeline timelines)
         run_ids = [int(i) for i in unit["run_ids"]]
         skipped = {int(i): r for i, r in zip(unit["skipped_ids"], unit["skipped_reasons"])}
-        res = good = strategy = mode = None
+        parts: list[tuple[int, int]] = [(0, 0)]  # sample ranges of the sub-batches; (0, 0): nothing to compute
+        ids = mask = None
+        step, wait_first = len(run_ids), False
         if run_ids:
             seqs = unit["input_ids"]
             width = max(len(s) for s in seqs)
@@ -273,36 +295,89 @@ class UnitWorker:
             for r, s in enumerate(seqs):
                 ids[r, :len(s)] = s
                 mask[r, :len(s)] = 1
+            step, wait_first = self.sub_batch(width, len(run_ids), key)
+            parts = [(s, min(len(run_ids), s + step)) for s in range(0, len(run_ids), step)]
+        info = self.pending_info
+        for i, (s0, s1) in enumerate(parts):
             try:
-                res = self.engine.compute(ids, mask, layers=self.layers, sample_ids=run_ids,
-                                          max_seq_len=self.max_seq_len)
-                good = np.ones(len(run_ids), bool)
-            except NonFiniteGradientError as exc:
-                res = exc.partial
-                bad = set(int(i) for i in exc.sample_ids)
-                good = np.array([i not in bad for i in run_ids])
-                skipped.update({i: "nonfinite" for i in bad})
-            strategy, mode = res.strategy, res.mode
-            run_ids = [i for i, g in zip(run_ids, good) if g]
-            if not good.any():
-                res = None
-        if self.background:
-            self._surface((self._folds,))  # backpressure: the previous unit folded before this one waits
-        acc, maps_out, info = self.acc, self.pending_maps, self.pending_info
-        job = lambda j: self._fold_into(acc, maps_out, info, key, res, good, run_ids, j)  # noqa: E731
-        if not self.background:
-            job(Job(f"the fold of unit {key}", [key], "fold"))  # raises here; nothing registered then
-        if not self.pending_units:
-            self.pending_since = time.perf_counter()
-        self.pending_units.append(key)
-        self.pending_ids[key] = [int(i) for i in unit["sample_ids"]]
-        self.pending_computed.extend(run_ids)
+                if i and wait_first:  # the budget holds one sub-batch's results: the previous one folded first
+                    self._surface((self._folds,))
+                res, good, sub_ids, bad = subunits.compute_part(self.engine, ids, mask, run_ids, s0, s1, self.layers,
+                                                                self.max_seq_len)
+                if self.background:
+                    self._surface((self._folds,))  # backpressure: the previous (sub-)batch folded before this one waits
+            except BaseException as exc:
+                if i and key in self.pending_ids:  # earlier sub-batches of this unit are in the state
+                    self._abandon(key, i, len(parts), exc)
+                raise
+            skipped.update({b: "nonfinite" for b in bad})
+            ran = None if res is None else (res.strategy, res.mode)  # recorded once the unit is registered
+            res = res if res is not None and good.any() else None
+            acc, maps_out = self.acc, self.pending_maps
+            label = f"the fold of unit {key}" + (f" (sub-batch {i + 1} of {len(parts)})" if len(parts) > 1 else "")
+            job = (lambda j, res=res, good=good, sub_ids=sub_ids, part=i:  # noqa: E731
+                   self._fold_part(acc, maps_out, info, key, res, good, sub_ids, j, part))
+            if not self.background:
+                try:
+                    job(Job(label, [key], "fold"))  # the first one raises here with nothing registered
+                except BaseException as exc:
+                    if i:
+                        self._abandon(key, i, len(parts), exc)
+                    raise
+            if i == 0:  # registered once its first sub-batch is computed (and, inline, folded)
+                first = not self.pending_units
+                self.pending_units.append(key)
+                self.pending_ids[key] = [int(x) for x in unit["sample_ids"]]
+                if len(parts) > 1:
+                    info["sub_batch"] = max(info.get("sub_batch") or 0, step)
+            self.pending_computed.extend(sub_ids)
+            if ran is not None:
+                info["strategy"], info["mode"] = info["strategy"] or ran[0], info["mode"] or ran[1]
+            if self.background:
+                self._folds.submit(label, [key], job, kind="fold")
         self.pending_skipped.update(skipped)
+        if first:
+            self.pending_since = time.perf_counter()
         info["compute_s"] += time.perf_counter() - t0  # the caller's time in fold (compute, waiting)
         info["started"] = started if info["started"] is None else min(info["started"], started)
-        info["strategy"], info["mode"] = info["strategy"] or strategy, info["mode"] or mode
-        if self.background:
-            self._folds.submit(f"the fold of unit {key}", [key], job, kind="fold")
+
+    def sub_batch(self, width: int, n: int, key: int = -1) -> tuple[int, bool]:
+        """``subunits.sub_batch`` for this worker (samples per engine call, wait for the fold first);
+        ``RunError`` with the plan's one-line reason when one sample does not fit."""
+        plan = self.unit_plan(width)
+        if plan is not None and not plan.fits:
+            from ..store.rundir import RunError
+
+            raise RunError(subunits.plan_error(plan, key, width, len(self.layers), self._budget_mb() is not None))
+        return subunits.sub_batch(plan, n, self.background)
+
+    def unit_plan(self, width: int):
+        """The memory model's ``UnitPlan`` at padded length ``width`` (cached; None: no budget)."""
+        if width not in self._plans:
+            self._plans[width] = subunits.unit_plan(self.engine, self._model, self.device, self.layers, width,
+                                                    self._budget_mb())
+        return self._plans[width]
+
+    def _budget_mb(self) -> int | None:
+        return subunits.engine_budget_mb(self.engine)
+
+    def _abandon(self, key: int, done: int, n: int, exc: BaseException) -> None:
+        """Sub-batch ``done + 1`` of unit ``key`` failed after the earlier ones reached the state: wait
+        for the folds, drop every pending unit (none of them can ship) and raise a ``FoldError``."""
+        for _ in self._folds.wait():
+            pass
+        dropped = sorted(self.pending_units)
+        self._reset()
+        raise FoldError(f"UnitWorker: unit {key} failed in sub-batch {done + 1} of {n}, after the first {done} "
+                        f"were folded ({type(exc).__name__}: {exc}); units {dropped} are not shipped "
+                        "(recomputed by the runner, as after a lost actor)") from exc
+
+    def _fold_part(self, acc, maps_out, info, key, res, good, run_ids, job: Job, part: int) -> None:
+        """``_fold_into`` for sub-batch ``part`` of a unit: from the second one on the state already
+        holds part of the unit, so a failure leaves it unusable (``job.dirty`` from the start)."""
+        if part:
+            job.dirty = True
+        self._fold_into(acc, maps_out, info, key, res, good, run_ids, job)
 
     def _fold_into(self, acc: dict, maps_out: dict, info: dict, key: int, res, good, run_ids: list[int],
                    job: Job) -> None:
@@ -311,11 +386,12 @@ class UnitWorker:
         batches: dict[int, CheckedBatch] = {}  # every layer checked before any state changes
         maps: dict[int, np.ndarray] = {}
         if res is not None:
+            rows = slice(None) if good.all() else good  # no copy of the maps when every sample is good
             values = faults.planted_values(self.planted, run_ids,
-                                           {L: to_host(res.values[L])[good] for L in self.layers})
-            m = to_host(res.mask)[good]
+                                           {L: to_host(res.values[L])[rows] for L in self.layers})
+            m = to_host(res.mask)[rows]
             for L in self.layers:
-                noise = None if res.noise is None or L not in res.noise else to_host(res.noise[L])[good]  # planned: K=1 layers have none
+                noise = None if res.noise is None or L not in res.noise else to_host(res.noise[L])[rows]  # planned: K=1 layers have none
                 vals = values.pop(L)
                 batches[L] = CellStats.check(vals, m, noise, sample_ids=run_ids)
                 if self.per_sample:
@@ -329,8 +405,8 @@ class UnitWorker:
             if cur.shape[0] < width:
                 cur = acc[L] = cur.padded(width)
             cur.update(batch.padded(cur.shape[0]))
-        if maps:
-            maps_out[key] = maps
+        if maps:  # a split unit's sub-batches: their rows, in order, padded to the widest (NaN: no cell)
+            maps_out[key] = subunits.append_maps(maps_out.get(key), maps)
         info["finished"] = time.time()
 
     def _detach(self) -> dict:
@@ -352,6 +428,8 @@ class UnitWorker:
             "host": socket.gethostname(), "pid": os.getpid(), "device": self.device, "strategy": info["strategy"],
             "mode": info["mode"], "model": self.model_identity, "load_id": self.load_id,
         }
+        if info.get("sub_batch"):
+            meta["sub_batch"] = info["sub_batch"]  # samples per engine call of the units split for memory
         payload = encode_partial(meta, snap["acc"], snap["maps"] or None)
         return snap["units"], sum(len(ids) for ids in snap["unit_ids"]), payload
 
@@ -396,3 +474,4 @@ class UnitWorker:
                 self._reset()
         first = next((j.error for j in failed if not isinstance(j.error, Skipped)), failed[0].error)
         raise FoldError(failure_message(failed, dropped)) from first
+

@@ -210,8 +210,8 @@ class SensitivityEngine:
         mask = torch.ones(emb.shape[:2], dtype=torch.long) if attention_mask is None else attention_mask
         return self._autograd.forward(emb, mask.to(emb.device), self.resolve_layers(layers))
 
-    def compute(self, input_ids: Any, attention_mask: Any = None, *, layers: int | Sequence[int] = -1,
-                sample_ids: Sequence[int] | None = None, max_seq_len: int | None = None) -> SensitivityBatch:
+    def compute(self, input_ids: Any, attention_mask: Any = None, *, layers: int | Sequence[int] = -1, sample_ids:
+                Sequence[int] | None = None, max_seq_len: int | None = None, pad_to: int | None = None) -> SensitivityBatch:
         """Sensitivity maps for a batch.
 
         Args:
@@ -221,12 +221,12 @@ class SensitivityEngine:
             sample_ids: stable ids (seed the probes); default ``0..batch-1``.
             max_seq_len: keep the first ``max_seq_len`` real tokens of each sample; ``auto`` picks the
                 mode for this length (the same for every batch of a run), else for the batch's.
-        Returns:
-            SensitivityBatch with ``values[layer]`` ``[batch, pos_out, pos_in]``, ``pos_* = max length``.
+        Returns:  (``pad_to``: at least this many positions; a worker's sub-batch is padded as its unit)
+            SensitivityBatch with ``values[layer]`` ``[batch, pos_out, pos_in]``, ``pos_* = max(length, pad_to)``.
             The call's chunk-size decisions are in ``chunks_used`` afterwards.
         """
         self.memory.reset_record()
-        ids, mask, lengths = normalise(input_ids, attention_mask, max_seq_len, self.pad_id)  # [batch, S] each
+        ids, mask, lengths = normalise(input_ids, attention_mask, max_seq_len, self.pad_id, pad_to)  # [batch, S] each
         self._autograd.call.check_ids(ids, mask, self.pad_id)
         bsz, seq = ids.shape
         sids = np.arange(bsz, dtype=np.int64) if sample_ids is None else np.asarray(sample_ids, np.int64)

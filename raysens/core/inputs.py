@@ -10,7 +10,7 @@ import torch
 
 
 def normalise(input_ids: Any, attention_mask: Any, max_seq_len: int | None,
-              pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              pad_id: int, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Strip padding (left or right), keep the first ``max_seq_len`` real tokens, re-pad on the right
     with ``pad_id``.
 
@@ -19,6 +19,7 @@ def normalise(input_ids: Any, attention_mask: Any, max_seq_len: int | None,
         attention_mask: ``[batch, seq]``, 1 for real tokens; None means no padding.
         max_seq_len: keep at most this many real tokens per sample (≥ 1), or None.
         pad_id: token id written at padded positions.
+        pad_to: pad to at least this width (a sub-batch of a unit, padded like the whole unit).
     Returns:
         ids (int64 ``[batch, S]``, CPU), mask (int64 ``[batch, S]``, 1 = real token, right-padded)
         and lengths (int64 ``[batch]``, real tokens per sample).
@@ -41,7 +42,7 @@ def normalise(input_ids: Any, attention_mask: Any, max_seq_len: int | None,
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
     if (lengths == 0).any():
         raise ValueError(f"SensitivityEngine.compute: batch rows {torch.nonzero(lengths == 0).flatten().tolist()} have no tokens")
-    seq = int(lengths.max())
+    seq = max(int(lengths.max()), int(pad_to or 0))
     out = torch.full((len(rows), seq), pad_id, dtype=torch.long)
     msk = torch.zeros((len(rows), seq), dtype=torch.long)
     for r, row in enumerate(rows):

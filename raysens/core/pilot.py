@@ -93,14 +93,15 @@ class PlannedEngine:
         return self._first.resolve_layers(layers)
 
     def compute(self, input_ids: Any, attention_mask: Any = None, *, layers=-1, sample_ids=None,
-                max_seq_len: int | None = None) -> SensitivityBatch:
+                max_seq_len: int | None = None, pad_to: int | None = None) -> SensitivityBatch:
         want = self.resolve_layers(layers)
         if set(want) != set(self.plan):
             raise ValueError(f"PlannedEngine.compute: layers {list(want)} are not the plan's layers {sorted(self.plan)}")
         values, noise, bad, parts = {}, {}, set(), []
         for (mode, k), lay, eng in self.groups:
             try:
-                res = eng.compute(input_ids, attention_mask, layers=lay, sample_ids=sample_ids, max_seq_len=max_seq_len)
+                res = eng.compute(input_ids, attention_mask, layers=lay, sample_ids=sample_ids, max_seq_len=max_seq_len,
+                                  pad_to=pad_to)
             except NonFiniteGradientError as exc:
                 res = exc.partial
                 bad.update(int(i) for i in exc.sample_ids)

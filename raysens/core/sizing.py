@@ -56,6 +56,10 @@ class ModelShape:
 
     @classmethod
     def from_model(cls, model: Any) -> "ModelShape":
+        """From a loaded model (its parameters counted); a model without parameters (the synthetic
+        one) from its config alone."""
+        if not hasattr(model, "parameters"):
+            return cls.from_config(model.config, 0)
         ps = list(model.parameters())
         return cls.from_config(model.config, sum(p.numel() for p in ps),
                                max(1, sum(p.numel() * p.element_size() for p in ps) // max(1, sum(p.numel() for p in ps))))
@@ -125,16 +129,16 @@ def plan_unit(shape: ModelShape, *, seq: int, target_layers: int, k: int, mode: 
     unit = min(max_unit, free // per_unit) if per_unit else max_unit
     reasons = []
     if unit < 1:
-        reasons.append(f"host: state {state >> 20} MiB + one sample {(per_unit + fold_one) >> 20} MiB "
-                       f"> {host >> 20} MiB")
+        reasons.append(f"host: state {_mib(state)} + one sample {_mib(per_unit + fold_one)} + reserve "
+                       f"{_mib(WORK_RESERVE)} > {_mib(host)}")
     unit = max(1, int(unit))
     if device_type == "cpu":
         n_pass = unit
     else:
         n_pass = dev_budget // 2 // max(1, per_pass)  # passes of several samples: half the budget
         if per_pass > ONE_SAMPLE_SHARE * dev_budget:  # one sample alone may take more, leaving the chunks a quarter
-            reasons.append(f"device: one sample's pass {per_pass >> 20} MiB > {ONE_SAMPLE_SHARE:g} of the "
-                           f"budget {dev_budget >> 20} MiB")
+            reasons.append(f"device: one sample's pass {_mib(per_pass)} > {ONE_SAMPLE_SHARE:g} of the "
+                           f"budget {_mib(dev_budget)}")
         n_pass = max(1, min(unit, int(n_pass)))
     left = host - state - WORK_RESERVE - unit * per_unit  # what the fold's temporaries may use
     n_fold = max(1, min(unit, int(left // fold_one))) if fold_one else unit
@@ -143,6 +147,11 @@ def plan_unit(shape: ModelShape, *, seq: int, target_layers: int, k: int, mode: 
         reason = ("plan_unit: " + "; ".join(reasons) + ": lower max_seq_len or the number of target layers, "
                   "or raise memory_budget_mb")
     return UnitPlan(budget, host, unit, n_pass, n_fold, per_pass, per_unit, state, not reasons, reason)
+
+
+def _mib(n: int) -> str:
+    """Bytes in MiB for a message (one decimal below 100 MiB)."""
+    return f"{n / (1 << 20):.1f} MiB" if n < 100 << 20 else f"{n >> 20} MiB"
 
 
 def plan_for_model(model: Any, *, seq: int, target_layers: int, k: int, mode: str, device: Any = "cpu",

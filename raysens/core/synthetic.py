@@ -86,7 +86,8 @@ class SyntheticEngine:
     def resolve_layers(self, layers: int | Sequence[int]) -> tuple[int, ...]:
         return resolve_layer_indices(layers, self.spec.blocks)
 
-    def compute(self, input_ids, attention_mask=None, *, layers=-1, sample_ids=None, max_seq_len=None):
+    def compute(self, input_ids, attention_mask=None, *, layers=-1, sample_ids=None, max_seq_len=None,
+                pad_to=None):
         """``SensitivityBatch`` of deterministic causal maps, after sleeping the unit's latency."""
         from .engine import SensitivityBatch
 
@@ -96,7 +97,7 @@ class SyntheticEngine:
         lengths = am.astype(bool).sum(1).astype(np.int64)
         if max_seq_len is not None:
             lengths = np.minimum(lengths, int(max_seq_len))
-        bsz, seq = len(lengths), int(lengths.max())
+        bsz, seq = len(lengths), max(int(lengths.max()), int(pad_to or 0))
         sids = np.arange(bsz, dtype=np.int64) if sample_ids is None else np.asarray(sample_ids, np.int64)
         valid = np.arange(seq)[None, :] < lengths[:, None]  # [batch, S]
         mask = valid[:, :, None] & valid[:, None, :]  # [batch, pos_out, pos_in]

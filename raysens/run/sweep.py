@@ -107,7 +107,7 @@ def run_sweep(sweep: Sweep, use_ray: bool | None = None) -> SweepSummary:
     for p in points:
         m = _read_manifest(p.config.output.dir)
         if m.get("status") == "complete" and m.get("fingerprint") == p.config.fingerprint():
-            changed = diff_inputs(m["inputs"], _inputs(p.config)) if isinstance(m.get("inputs"), dict) else []
+            changed = diff_inputs(m["inputs"], _inputs(p.config, use_ray)) if isinstance(m.get("inputs"), dict) else []
             if changed:
                 runner.close()
                 raise SweepError(f"point {p.name}: output directory {p.config.output.dir!r} was computed from other "
@@ -157,20 +157,41 @@ def run_sweep(sweep: Sweep, use_ray: bool | None = None) -> SweepSummary:
     return SweepSummary(sweep.dir, smanifest)
 
 
-_INPUTS: dict = {}  # (data config, model) -> content identity, computed once per sweep invocation
+_INPUTS: dict = {}  # ("model", model, use_ray) / ("corpus", data config) -> identity, once per sweep invocation
 
 
-def _inputs(config) -> dict:
+def _inputs(config, use_ray: bool) -> dict:
     """The content identity a point's manifest records (``run/plan.py: prepare``), memoised: a
-    sweep's points share their corpus and models."""
-    from ..core.weights import model_identity
+    sweep's points share their corpus and models. The corpus is identified here; the model in this
+    process only for an in-process sweep: a Ray sweep's driver reads no weight file (issue 31; a
+    KubeRay head mounts no model volume), so its model identity comes from ``_worker_identity``."""
     from ..store.corpus import Corpus
 
-    key = (repr(config.data), config.model.name, config.model.trust_remote_code)
-    if key not in _INPUTS:
-        _INPUTS[key] = {"corpus": Corpus(config.data).identity(),
-                        "model": model_identity(config.model.name, trust_remote_code=config.model.trust_remote_code)}
-    return _INPUTS[key]
+    mkey = ("model", config.model.name, config.model.trust_remote_code, bool(use_ray))
+    if mkey not in _INPUTS:  # one per model, whatever the points' data
+        if use_ray:
+            _INPUTS[mkey] = _worker_identity(config)
+        else:
+            from ..core.weights import model_identity
+
+            _INPUTS[mkey] = model_identity(config.model.name, trust_remote_code=config.model.trust_remote_code)
+    ckey = ("corpus", repr(config.data))
+    if ckey not in _INPUTS:
+        _INPUTS[ckey] = Corpus(config.data).identity()
+    return {"corpus": _INPUTS[ckey], "model": _INPUTS[mkey]}
+
+
+def _worker_identity(config) -> dict:
+    """The model's content identity computed where the weights are, as a Ray run's is
+    (``run/planning.py: prepare_model_side``): one Ray task with a pool actor's resources
+    (``backends.remote.on_worker``), in a Ray session joined (or started) for it."""
+    from .. import backends
+    from ..backends.remote import on_worker
+    from ..core.weights import checked_identity
+
+    m = config.model
+    with backends.session(config.cluster, use_ray=True):
+        return on_worker(config.cluster, m.device, checked_identity, m.name, trust_remote_code=m.trust_remote_code)
 
 
 def _mark_due(mem: MemoryMonitor, done: int, total: int) -> bool:
