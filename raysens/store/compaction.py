@@ -13,7 +13,9 @@ newest valid checkpoint wins and partials whose units it covers are leftovers, d
 merged twice); a checkpoint of an earlier format is refused naming it; a corrupt checkpoint (checksum, parse or consistency failure) is moved to
 ``checkpoint/corrupt/`` and the next older valid one (or none) is used — units that then have
 neither a checkpoint nor a partial are recomputed like missing units, and finalize refuses to merge
-while any unit is missing. numpy/pyarrow only.
+while any unit is missing. With a merger (``set_merger``: on Ray, a tree of merge tasks, issue 31)
+the partials of a compaction or of the final merge are folded as ONE payload merging them
+(``partials.merge_partials``): the same checkpoint bytes, the same steps. numpy/pyarrow only.
 """
 
 from __future__ import annotations
@@ -70,8 +72,9 @@ class Compaction:
                 raise self._error(f"partials {names[0]}..{names[-1]} changed while the run was going on ({exc}); "
                                   "rerun to recompute them") from None
             if p is not None:
+                files = set(names)
                 with self._lock:
-                    want = sorted(u for u, n in self.done.items() if n in set(names))
+                    want = sorted(u for u, n in self.done.items() if n in files)
                 if sorted(p.units) != want:
                     raise self._error(f"the tree of merges returned units {p.units[:4]}... for partials "
                                       f"{names[0]}..{names[-1]}; rerun to recompute them")
