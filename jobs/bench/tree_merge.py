@@ -2,6 +2,7 @@
 
     python -m jobs.bench.tree_merge [--seq 256] [--layers 28] [--states 16] [--unit 32] [--cpus 2]
                                     [--json jobs/results/tree_merge_S256.json]
+    python -m jobs.bench.tree_merge --parts [--seq 256] [--layers 28] [--json ...]
 
 Side by side in one command, each mode in a fresh child process (this checkout's raysens): the
 same ``states`` partial payloads (``unit`` lognormal causal samples with probe noise at width
@@ -18,6 +19,10 @@ Reported per mode: the driver process's CPU seconds (``process_time``: every thr
 Ray's included) and wall seconds of the compaction, the driver's peak RSS, the checkpoint's name
 (it carries the SHA-256 of the bytes: equal names = the same checkpoint bit for bit), the load average.
 The tree mode's worker CPU is the merge tasks' own ``process_time``, summed (measured in the tasks).
+
+``--parts``: the driver's CPU seconds per piece for one such state, to extrapolate to other counts:
+reading the file, ``ray.put`` (the tree's per-state cost on the driver), ``decode_partial``,
+``Fold.add`` into an empty fold and ``Fold.encode`` of the checkpoint (per compaction, both modes).
 """
 
 from __future__ import annotations
@@ -130,6 +135,53 @@ def child(mode: str, src: str, run_dir: str, seq: int, layers: int, states: int,
             "loadavg_1m_before_after": [round(load0[0], 2), round(os.getloadavg()[0], 2)]}
 
 
+def parts(seq: int, layers: int, unit: int) -> dict:
+    import numpy as np
+
+    from raysens.stats.cells import CellStats
+    from raysens.store.checkpoint import Fold
+    from raysens.store.partials import decode_partial, encode_partial
+
+    rng = np.random.default_rng(0)
+    ids = list(range(unit))
+    mask = np.broadcast_to(np.tril(np.ones((seq, seq), bool)), (unit, seq, seq))
+    st = CellStats.from_batch(rng.lognormal(0, 2, (unit, seq, seq)) * mask, mask, rng.random((unit, seq, seq)) * mask, ids)
+    meta = {"fingerprint": FP, "units": [0], "unit_ids": [ids], "computed_ids": ids, "skipped": {},
+            "layers": list(range(1, layers + 1)), "compute_s": 1.0, "device": "cpu"}
+    payload = encode_partial(meta, {L: st for L in range(1, layers + 1)})
+    del st
+
+    def cpu(f, n=3):
+        ts = []
+        for _ in range(n):
+            c = time.process_time()
+            f()
+            ts.append(time.process_time() - c)
+        return round(float(np.median(ts)), 3)
+
+    out = {"seq": seq, "layers": layers, "unit": unit, "payload_mib": round(len(payload) / 2**20, 1)}
+    with tempfile.TemporaryDirectory(prefix="rs-tree-") as tmp:
+        path = Path(tmp, "p.npz")
+        path.write_bytes(payload)
+        out["read_s"] = cpu(path.read_bytes)
+    fold = Fold(range(1, layers + 1))
+    c = time.process_time()
+    p = decode_partial(payload)
+    out["decode_s"] = round(time.process_time() - c, 3)
+    c = time.process_time()
+    fold.add(p, "unused")
+    out["fold_add_s"] = round(time.process_time() - c, 3)
+    del p
+    out["checkpoint_encode_s"] = cpu(lambda: fold.encode(FP), 2)
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    refs = []
+    out["put_s"] = cpu(lambda: refs.append(ray.put(payload)), 4)
+    out["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=256)
@@ -138,12 +190,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--unit", type=int, default=32)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--json")
+    ap.add_argument("--parts", action="store_true", help="the driver's CPU seconds per piece for one state")
     ap.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "RUN_DIR"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     shape = dict(seq=a.seq, layers=a.layers, states=a.states, unit=a.unit)
     if a.child:
         print(json.dumps(child(*a.child, cpus=a.cpus, **shape)))
         return {}
+    if a.parts:
+        out = parts(a.seq, a.layers, a.unit)
+        print(json.dumps(out, indent=1))
+        if a.json:
+            Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+        return out
     tmp = Path(tempfile.mkdtemp(prefix="rs-tree-"))
     try:
         (tmp / "payloads").mkdir()
