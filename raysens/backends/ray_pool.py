@@ -397,4 +397,3 @@ def _ray_data_progress(ray) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = show
     if not show:  # consumes Ray Data's one-time "Progress bars disabled. To enable, ..." hint: ours is the env variable
         log_once("ray_data_progress_manager_disabled")
-
