@@ -43,3 +43,20 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, list, int, bytes], 
     from . import local
 
     return local.run_jobs(jobs, on_result, info)
+
+
+def tree_merger(fan_in: int | None = None) -> Callable:
+    """A ``RunDir`` merger (``store.compaction``: ``merger(payloads, names=, checks=)``) that merges
+    partials in a tree of Ray tasks on the cluster's workers (``merges.tree_merge``, ``fan_in``
+    partials per task, default ``spec.TREE_FAN_IN``). For a run on Ray, inside its session."""
+    from .spec import TREE_FAN_IN
+
+    fan_in = int(fan_in or TREE_FAN_IN)
+
+    def merge(payloads, *, names, checks):
+        from . import merges
+
+        return merges.tree_merge(payloads, fan_in, names=names, checks=checks)
+
+    merge.fan_in = fan_in  # the runner folds through it from this many partials on
+    return merge

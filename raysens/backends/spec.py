@@ -45,6 +45,10 @@ AUTO_SHIP_MIN_S = 10.0  # ship_every_units auto: at most one shipment per actor 
 # 2-core VM (1.13 µs per cell, jobs/bench/driver_s512.py, docs/benchmarks.md "Issue 31 — Ray backend")
 DRIVER_S_PER_CELL = 1.2e-6
 DRIVER_BUSY = 0.4
+# the tree of merges (ray_pool.tree_merge, issue 31): a compaction or the final merge of at least this many
+# partials runs store.partials.merge_partials as Ray tasks of TREE_FAN_IN partials each, level by level,
+# and the driver decodes the one merged state
+TREE_FAN_IN = 4
 
 
 def driver_spacing_s(config: RunConfig) -> float:

@@ -148,6 +148,9 @@ class Runner:
         if session is not None:
             for job in self.jobs:
                 check_device(job.config.model.device, session["resources"].get("GPU", 0))
+            for job in self.jobs:  # compaction and the final merge fold one state merged by a tree of Ray tasks
+                merger = backends.tree_merger()  # (issue 31), not one state per shipment, on the driver
+                job.rdir.set_merger(merger, min_partials=merger.fan_in)
         for job in self.jobs:  # like a standalone run: "running" until the job is finalized
             results.write_manifest(job.plan.run_dir, job.manifest)
         self._written = True

@@ -44,6 +44,12 @@ def checkpoint_name(units: int, payload: bytes) -> str:
     return f"ckpt-{int(units):010d}-{hashlib.sha256(payload).hexdigest()[:16]}.npz"
 
 
+def _per_shipment(meta: dict, key: str, single: str) -> list:
+    """``meta[key]`` of a merged partial (``partials.merge_partials``: one entry per shipment it merges,
+    in fold order), else ``[meta[single]]`` (one shipment)."""
+    return list(meta[key]) if key in meta else [meta.get(single)]
+
+
 class Fold:
     """The final merge over a set of units (see the module doc)."""
 
@@ -90,13 +96,13 @@ class Fold:
             self.skipped[reason].append(sid)
             self.skipped[reason].sort()
         self.computed += len(p.computed_ids)
-        self.compute_s += float(p.meta.get("compute_s", 0.0))
-        self.model = self.model or p.meta.get("model")
-        self.devices.add(p.meta.get("device"))
-        if p.meta.get("strategy"):
-            self.strategies.add(p.meta["strategy"])
-        if p.meta.get("mode"):
-            self.modes.add(p.meta["mode"])
+        m = p.meta  # a merged partial (partials.merge_partials) lists what it merged per shipment, in order
+        for s in _per_shipment(m, "compute_s_parts", "compute_s"):  # the same float additions, one per shipment
+            self.compute_s += float(s if s is not None else 0.0)
+        self.model = self.model or m.get("model")
+        self.devices.update(_per_shipment(m, "devices", "device"))
+        self.strategies.update(x for x in _per_shipment(m, "strategies", "strategy") if x)
+        self.modes.update(x for x in _per_shipment(m, "modes", "mode") if x)
         self.unit_keys.update(p.units)
 
     # ------------------------------------------------------------------ the file

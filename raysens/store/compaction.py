@@ -13,7 +13,9 @@ newest valid checkpoint wins and partials whose units it covers are leftovers, d
 merged twice); a checkpoint of an earlier format is refused naming it; a corrupt checkpoint (checksum, parse or consistency failure) is moved to
 ``checkpoint/corrupt/`` and the next older valid one (or none) is used — units that then have
 neither a checkpoint nor a partial are recomputed like missing units, and finalize refuses to merge
-while any unit is missing. numpy/pyarrow only.
+while any unit is missing. With a merger (``set_merger``: on Ray, a tree of merge tasks, issue 31)
+the partials of a compaction or of the final merge are folded as ONE payload merging them
+(``partials.merge_partials``): the same checkpoint bytes, the same steps. numpy/pyarrow only.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .._log import log
 from ..testing import faults
 from .checkpoint import CHECKPOINT, CKPT_RE, CheckpointError, Fold, checkpoint_name
 from .fs import read_bytes, write_bytes
-from .partials import PartialFormatError
+from .partials import PartialError, PartialFormatError, decode_partial
 
 FOLDED = ""  # RunDir.done's value for a unit inside the checkpoint (no partial file)
 
@@ -42,6 +44,44 @@ class Compaction:
         self.ckpt_name: str | None = None
         self.compaction = {"checkpoint": None, "units_folded": 0, "compactions": 0, "leftovers_deleted": 0}
         self._broken: str | None = None  # a compaction failed half-way: the in-memory fold is not trusted
+        # a tree of merges (issue 31; the runner injects backends' Ray one): merger(payloads, names, checks)
+        # returns ONE partial payload merging ``payloads`` (an iterable of partial files' bytes, read lazily,
+        # ``names`` their file names, ``checks`` decode_partial's run checks), or None to fold one by one here
+        self.merger = None
+        self.merge_min = 4  # fold through the merger only from this many partials on
+
+    def set_merger(self, merger, min_partials: int = 4) -> None:
+        """Fold the partials of a compaction or of the final merge through ``merger`` (see
+        ``_init_compaction``; None: one by one) when there are at least ``min_partials`` of them.
+        Only how the fold is computed changes: the same checkpoint bytes and statistics, bit for bit
+        (``partials.merge_partials``), the same crash safety. Not used with ``output.per_sample``."""
+        self.merger = merger
+        self.merge_min = max(2, int(min_partials))
+
+    def _fold_files(self, fold: Fold, names: list[str]) -> None:
+        """Fold the partial files ``names`` (in this order) into ``fold``: through the merger when one
+        is set and there are enough of them, else one by one."""
+        if self.merger is not None and not self.per_sample and len(names) >= self.merge_min:
+            checks = {"fingerprint": self.fingerprint, "units": self.by_key, "layers": self.layers,
+                      "max_seq_len": self.max_seq_len}
+            payloads = (read_bytes(self.fs, self._path(name)) for name in names)
+            try:
+                payload = self.merger(payloads, names=list(names), checks=checks)
+                p = None if payload is None else decode_partial(payload, **checks)
+            except PartialError as exc:
+                raise self._error(f"partials {names[0]}..{names[-1]} changed while the run was going on ({exc}); "
+                                  "rerun to recompute them") from None
+            if p is not None:
+                files = set(names)
+                with self._lock:
+                    want = sorted(u for u, n in self.done.items() if n in files)
+                if sorted(p.units) != want:
+                    raise self._error(f"the tree of merges returned units {p.units[:4]}... for partials "
+                                      f"{names[0]}..{names[-1]}; rerun to recompute them")
+                fold.add(p, self.run_dir)
+                return
+        for name in names:
+            fold.add(self._read(name), self.run_dir)
 
     def _ckpt_path(self, name: str) -> str:
         return posixpath.join(self.cdir, name)
@@ -115,8 +155,7 @@ class Compaction:
         names = sorted(set(done.values()))
         fold = self.fold or Fold(self.layers, self.per_sample)
         try:
-            for name in names:
-                fold.add(self._read(name), self.run_dir)
+            self._fold_files(fold, names)
             faults.compaction_step("folded")
             payload = fold.encode(self.fingerprint)
             ckpt = checkpoint_name(fold.units, payload)
@@ -157,6 +196,5 @@ class Compaction:
                               f"checkpoint (first sample_ids {[int(u[0]) for u in missing[:5]]}); rerun to compute them")
         fold = self.fold or Fold(self.layers, self.per_sample)
         self._broken = f"{self.run_dir!r} was already merged by this RunDir (the checkpoint in memory is consumed)"
-        for p in self.partials():
-            fold.add(p, self.run_dir)
+        self._fold_files(fold, self.files())
         return fold

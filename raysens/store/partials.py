@@ -198,3 +198,85 @@ def decode_partial(payload: bytes, *, name: str | None = None, fingerprint: str 
                                        f"[{n}, S, S]")
                 per_sample[key][int(L)] = maps
     return Partial(meta, states, per_sample)
+
+
+# ---------------------------------------------------------------------- a tree of merges (issue 31)
+def merged_parts(meta: dict, key: str, single: str) -> list:
+    """What a partial's ``meta`` holds for ``key`` per shipment it merges (``merge_partials``), in
+    fold order: the list ``meta[key]`` of a merged partial, else ``[meta[single]]``."""
+    return list(meta[key]) if key in meta else [meta.get(single)]
+
+
+def merge_partials(payloads, *, names: list[str] | None = None, fingerprint: str | None = None,
+                   units: dict | None = None, layers=None, max_seq_len: int | None = None,
+                   drop_per_sample: bool = False) -> bytes:
+    """ONE partial payload holding the union of the units of ``payloads`` (partials of one run, no
+    unit in two of them), in their order. Folding it (``checkpoint.Fold.add``) gives the fold, and
+    the encoded checkpoint, that folding them one after another in this order gives, bit for bit: the
+    states merge exactly (``raysens.stats.cells``: any order, any grouping), the ids are unions, and
+    what the fold sums or collects per shipment is kept per shipment, in order (``compute_s_parts``,
+    ``devices``, ``strategies``, ``modes``, ``models``, ``load_ids``; ``merged``: how many shipments).
+    Each payload is validated like ``decode_partial`` (``names[i]``: its file name, so its checksum
+    too; ``fingerprint``, ``units``, ``layers``, ``max_seq_len``: the run's) and decoded one at a time
+    (memory: the running state plus one payload). Per-sample maps (``output.per_sample``) are not
+    carried: a payload holding them raises ``PartialError`` unless ``drop_per_sample`` (a run that
+    does not export them). Raises ``PartialError`` naming what is wrong. numpy only."""
+    acc: dict[int, CellStats] = {}
+    unit_ids: dict[int, list[int]] = {}
+    computed: list[int] = []
+    skipped: dict[str, str] = {}
+    parts = {k: [] for k in ("compute_s_parts", "devices", "strategies", "modes", "models", "load_ids")}
+    started, finished, fp, merged = [], [], None, 0
+    for i, payload in enumerate(payloads):
+        name = names[i] if names is not None else None
+        p = decode_partial(payload, name=name, fingerprint=fingerprint, units=units, layers=layers,
+                           max_seq_len=max_seq_len)
+        where = name or f"partial {i}"
+        if p.per_sample and not drop_per_sample:
+            raise PartialError(f"merge_partials: {where} holds per-sample maps (output.per_sample); the tree of "
+                               "merges does not carry them: fold such partials one by one")
+        if fp is None:
+            fp = p.meta.get("fingerprint")
+        elif p.meta.get("fingerprint") != fp:
+            raise PartialError(f"merge_partials: {where} has fingerprint {p.meta.get('fingerprint')}, the first {fp}")
+        for key, ids in zip(p.units, p.meta["unit_ids"]):
+            if key in unit_ids:
+                raise PartialError(f"merge_partials: unit {key} is in two of the partials (every unit is merged once)")
+            unit_ids[key] = [int(x) for x in ids]
+        computed += [int(x) for x in p.computed_ids]
+        skipped.update(p.meta["skipped"])
+        for L, st in p.states.items():  # exactly Fold.add's merge: pad to the wider, then merge
+            cur = acc.get(L)
+            if cur is None:
+                acc[L] = st  # decoded here: ours to merge into
+                continue
+            if cur.shape[0] < st.shape[0]:
+                cur = acc[L] = cur.padded(st.shape[0])
+            cur.merge(st.padded(cur.shape[0]) if st.shape[0] < cur.shape[0] else st)
+        m = p.meta
+        parts["compute_s_parts"] += [float(x or 0.0) for x in merged_parts(m, "compute_s_parts", "compute_s")]
+        parts["devices"] += merged_parts(m, "devices", "device")
+        parts["strategies"] += [x for x in merged_parts(m, "strategies", "strategy") if x]
+        parts["modes"] += [x for x in merged_parts(m, "modes", "mode") if x]
+        parts["models"] += [x for x in merged_parts(m, "models", "model") if x]
+        parts["load_ids"] += [x for x in merged_parts(m, "load_ids", "load_id") if x]
+        started += [m["started"]] if m.get("started") is not None else []
+        finished += [m["finished"]] if m.get("finished") is not None else []
+        merged += int(m.get("merged", 1))
+        del p
+    if not unit_ids:
+        raise PartialError("merge_partials: no partial to merge")
+    keys = sorted(unit_ids)
+    compute_s = 0.0
+    for s in parts["compute_s_parts"]:  # the fold's order: the sum a one-by-one fold would reach
+        compute_s += s
+    meta = {"fingerprint": fp, "units": keys, "unit_ids": [unit_ids[k] for k in keys],
+            "computed_ids": sorted(computed), "skipped": {k: skipped[k] for k in sorted(skipped, key=int)},
+            "layers": sorted(acc), "compute_s": compute_s,
+            "started": min(started) if started else None, "finished": max(finished) if finished else None,
+            "device": parts["devices"][0] if parts["devices"] else None,
+            "strategy": parts["strategies"][0] if parts["strategies"] else None,
+            "mode": parts["modes"][0] if parts["modes"] else None,
+            "model": parts["models"][0] if parts["models"] else None,
+            "load_id": parts["load_ids"][0] if parts["load_ids"] else None, "merged": merged, **parts}
+    return encode_partial(meta, acc)

@@ -1,0 +1,98 @@
+"""The tree of merges on a local Ray (issue 31; docs/DESIGN.md §9.4): a Ray run whose compactions
+fold through ``merges.tree_merge`` (``merge_partials`` as Ray tasks) gives stats files equal bit for
+bit to the same run with the merger off, and ``tree_merge`` itself returns what an in-process merge
+returns, or raises the ``PartialError`` of a partial that is not what its name says."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from pipeline_util import assert_same_stats, config
+from raysens.backends import merges
+from raysens.run.runner import run
+from raysens.store.checkpoint import Fold
+from raysens.store.partials import PartialError, decode_partial, merge_partials, partial_name
+from raysens.store.rundir import RunDir
+
+pytestmark = pytest.mark.ray
+N, BATCH = 24, 3  # 8 units
+
+
+def _cfg(model, out):
+    return config(model, out, f"--data.limit={N}", f"--cluster.batch_size={BATCH}", "--cluster.num_actors=2",
+                  "--cluster.cpus_per_actor=1", "--cluster.ship_every_units=1", "--output.compact_every=4")
+
+
+def _stats_files(d):
+    out = {}
+    for f in sorted(os.listdir(os.path.join(d, "stats"))):
+        if f.endswith(".npz"):
+            with np.load(os.path.join(d, "stats", f)) as z:
+                out[f] = {k: z[k] for k in z.files}
+    return out
+
+
+def test_a_ray_run_with_the_tree_of_merges_equals_the_run_without(ray_session, tiny_model, tmp_path, monkeypatch):
+    merged = []
+    real = merges.tree_merge
+
+    def counted(payloads, fan_in=None, **kw):
+        out = real(payloads, fan_in, **kw)
+        merged.append((len(kw["names"]), out is not None))
+        return out
+
+    monkeypatch.setattr(merges, "tree_merge", counted)
+    tree = run(_cfg(tiny_model, tmp_path / "tree"))
+    assert merged and all(ok for _, ok in merged) and all(k >= 4 for k, _ in merged)  # the tree did merge
+    monkeypatch.setattr(RunDir, "set_merger", lambda self, *a, **k: None)  # the merger off
+    n = len(merged)
+    off = run(_cfg(tiny_model, tmp_path / "off"))
+    assert len(merged) == n  # not called
+    assert tree.manifest["samples"] == off.manifest["samples"] and tree.manifest["samples"]["computed"] == N
+    assert_same_stats(tree.load(), off.load(), rtol=0.0)
+    a, b = _stats_files(tree.run_dir), _stats_files(off.run_dir)
+    assert list(a) == list(b) and a
+    for f in a:
+        assert list(a[f]) == list(b[f])
+        for k in a[f]:
+            assert a[f][k].dtype == b[f][k].dtype and np.array_equal(a[f][k], b[f][k], equal_nan=True), (f, k)
+
+
+def _payloads(n_units=7, size=3, layers=(1, 4), fp="f" * 16):
+    """Synthetic partials (one unit each, widths 2..6, K=2 probe noise, one skipped id) and their names."""
+    from raysens.stats.cells import CellStats
+    from raysens.store.partials import encode_partial
+
+    out = []
+    for u in range(n_units):
+        ids = list(range(u * size, (u + 1) * size))
+        computed = [i for i in ids if i != 4]
+        rng = np.random.default_rng(u)
+        s = 2 + u % 5
+        mask = np.broadcast_to(np.tril(np.ones((s, s), bool)), (len(computed), s, s))
+        states = {L: CellStats.from_batch(rng.lognormal(0, 2, mask.shape) * mask, mask, rng.random(mask.shape) * mask,
+                                          computed) for L in layers}
+        meta = {"fingerprint": fp, "units": [ids[0]], "unit_ids": [ids], "computed_ids": computed,
+                "skipped": {"4": "empty"} if 4 in ids else {}, "layers": list(layers), "compute_s": 0.1 * u + 0.01,
+                "device": "cpu", "strategy": "manual", "mode": "reverse"}
+        out.append(encode_partial(meta, states))
+    return out, [partial_name(int(decode_partial(p).units[0]), p) for p in out], layers, fp
+
+
+def test_tree_merge_equals_the_in_process_merge_and_names_a_bad_partial(ray_session):
+    payloads, names, layers, fp = _payloads()
+    out = merges.tree_merge(iter(payloads), 3, names=names, checks={"fingerprint": fp})
+    ref = merge_partials(payloads)
+    one_by_one, via_tree, in_process = Fold(layers), Fold(layers), Fold(layers)
+    for p in payloads:
+        one_by_one.add(decode_partial(p), "unused")
+    via_tree.add(decode_partial(out), "unused")
+    in_process.add(decode_partial(ref), "unused")
+    assert via_tree.encode(fp) == one_by_one.encode(fp) == in_process.encode(fp)
+    assert decode_partial(out).meta["merged"] == len(payloads)
+    bad = [payloads[0], payloads[1][:-10] + b"\0" * 10] + payloads[2:]
+    with pytest.raises(PartialError, match=f"{names[1]}: checksum mismatch"):
+        merges.tree_merge(bad, 4, names=names, checks={})
