@@ -48,14 +48,18 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, list, int, bytes], 
 def tree_merger(fan_in: int | None = None) -> Callable:
     """A ``RunDir`` merger (``store.compaction``: ``merger(payloads, names=, checks=)``) that merges
     partials in a tree of Ray tasks on the cluster's workers (``merges.tree_merge``, ``fan_in``
-    partials per task, default ``spec.TREE_FAN_IN``). For a run on Ray, inside its session."""
+    partials per task, default ``spec.TREE_FAN_IN``), when folding them on the driver would take at
+    least ``spec.TREE_MIN_S``. For a run on Ray, inside its session."""
     from .spec import TREE_FAN_IN
 
     fan_in = int(fan_in or TREE_FAN_IN)
 
     def merge(payloads, *, names, checks):
-        from . import merges
+        from . import merges, spec
 
+        cells = len(names) * len(checks.get("layers") or ()) * int(checks.get("max_seq_len") or 0) ** 2
+        if cells * spec.DRIVER_S_PER_CELL < spec.TREE_MIN_S:
+            return None  # small states: folded on the driver, one by one (spec.TREE_MIN_S)
         return merges.tree_merge(payloads, fan_in, names=names, checks=checks)
 
     merge.fan_in = fan_in  # the runner folds through it from this many partials on

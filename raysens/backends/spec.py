@@ -45,10 +45,14 @@ AUTO_SHIP_MIN_S = 10.0  # ship_every_units auto: at most one shipment per actor 
 # 2-core VM (1.13 µs per cell, jobs/bench/driver_s512.py, docs/benchmarks.md "Issue 31 — Ray backend")
 DRIVER_S_PER_CELL = 1.2e-6
 DRIVER_BUSY = 0.4
-# the tree of merges (ray_pool.tree_merge, issue 31): a compaction or the final merge of at least this many
+# the tree of merges (merges.tree_merge, issue 31): a compaction or the final merge of at least this many
 # partials runs store.partials.merge_partials as Ray tasks of TREE_FAN_IN partials each, level by level,
 # and the driver decodes the one merged state
 TREE_FAN_IN = 4
+# ... when folding them on the driver would take at least this long (DRIVER_S_PER_CELL × cells): below it,
+# starting tasks and moving the payloads through the object store costs more than it saves (the quick
+# start's 30 layers × 32² × 8 partials: 0.3 s; 4 states of 28 layers at S = 512: 35 s)
+TREE_MIN_S = 10.0
 
 
 def driver_spacing_s(config: RunConfig) -> float:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline_util import assert_same_stats, config
-from raysens.backends import merges
+from raysens.backends import merges, spec
 from raysens.run.runner import run
 from raysens.store.checkpoint import Fold
 from raysens.store.partials import PartialError, decode_partial, merge_partials, partial_name
@@ -45,6 +45,7 @@ def test_a_ray_run_with_the_tree_of_merges_equals_the_run_without(ray_session, t
         return out
 
     monkeypatch.setattr(merges, "tree_merge", counted)
+    monkeypatch.setattr(spec, "TREE_MIN_S", 0.0)  # tiny states: the tree would not be worth it (spec.TREE_MIN_S)
     tree = run(_cfg(tiny_model, tmp_path / "tree"))
     assert merged and all(ok for _, ok in merged) and all(k >= 4 for k, _ in merged)  # the tree did merge
     monkeypatch.setattr(RunDir, "set_merger", lambda self, *a, **k: None)  # the merger off

@@ -23,3 +23,22 @@ def test_groups_cover_every_partial_once_within_the_fan_in(fan_in):
         while m > 1:
             m, depth = len(_groups(m, fan_in)), depth + 1
         assert fan_in ** depth >= n and (depth == 0 or fan_in ** (depth - 1) < n), (n, depth)
+
+
+def test_the_tree_is_used_only_when_folding_on_the_driver_would_take_long(monkeypatch):
+    from raysens import backends
+    from raysens.backends import merges, spec
+
+    calls = []
+    monkeypatch.setattr(merges, "tree_merge", lambda payloads, fan_in, **kw: calls.append(len(kw["names"])) or b"x")
+
+    def untouched():
+        raise AssertionError("the payloads of a small merge are not read")
+        yield  # pragma: no cover
+
+    merge = backends.tree_merger(4)
+    small = {"layers": list(range(30)), "max_seq_len": 32}  # the quick start: 8 partials ≈ 0.3 s on the driver
+    assert merge(untouched(), names=[f"p{i}" for i in range(8)], checks=small) is None and calls == []
+    big = {"layers": list(range(28)), "max_seq_len": 512}  # 4 states of 28 layers at S = 512 ≈ 35 s
+    assert 4 * 28 * 512 ** 2 * spec.DRIVER_S_PER_CELL >= spec.TREE_MIN_S
+    assert merge(iter([b"a"] * 4), names=[f"p{i}" for i in range(4)], checks=big) == b"x" and calls == [4]
