@@ -38,8 +38,9 @@ class PassData:
     emb: torch.Tensor  # [batch, S, d_model] input embeddings on the device (S: the tokens this part runs)
     mask: torch.Tensor  # [batch, S] 1 = real token (right-padded)
     layer_ids: Sequence[int]  # absolute target hidden_states indices, sorted
-    probes: Any  # Hutchinson probes or None: reverse {layer: [batch, pos_out, K, hidden]}, forward [batch, pos_in, K, d_model]
-    total: dict[int, torch.Tensor]  # layer -> float64 [batch, pos_out, pos_in]: Σ of the rows' squared norms (added in place)
+    # Hutchinson probes or None: reverse {layer: [batch, pos_out, K, hidden]}, forward [batch, pos_in, K, d_model]
+    probes: Any
+    total: dict[int, torch.Tensor]  # layer -> float64 [batch, pos_out, pos_in]: Σ of the rows' squared norms
     sumsq: dict[int, torch.Tensor] | None  # layer -> the same for their squares (probe variance; K ≥ 2), or None
 
     def part(self, rows: slice, width: int | None = None) -> "PassData":

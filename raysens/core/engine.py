@@ -273,7 +273,8 @@ class SensitivityEngine:
         self._used = Strategy.MANUAL.value if manual else ""
         # manual: one forward per block of samples (its saved activations bounded by the memory
         # budget) serves all segments; autograd: one forward per segment and sample group
-        forwards = self.memory.forward_groups(bsz, self._manual.saved_bytes(seq, max(layer_ids))) if manual else [(0, bsz)]
+        upto = max(layer_ids)
+        forwards = self.memory.forward_groups(bsz, self._manual.saved_bytes(seq, upto)) if manual else [(0, bsz)]
         with generic_autocast(Precision.FP32 if manual else self.config.precision, self.device):
             self._reverse_groups(batch, forwards, manual)
 

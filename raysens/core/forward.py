@@ -122,7 +122,8 @@ class GenericForward:
 
         def fold(out, s, e):
             for L in layer_ids:
-                accumulate_forward(out[L][:, :bsz], pos[s:e], batch.total[L], None if batch.sumsq is None else batch.sumsq[L])
+                accumulate_forward(out[L][:, :bsz], pos[s:e], batch.total[L],
+                                   None if batch.sumsq is None else batch.sumsq[L])
 
         with torch.no_grad(), plain_norms():
             run_chunks(self.memory, len(pos), chunk, tokens, compute, fold)
