@@ -18,10 +18,7 @@ Plain Python at import (``schedule`` stays torch-free); ``run_chunks`` needs tor
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .memory import MemoryPolicy
+from typing import Any, Callable
 
 
 def spans(n: int, size: int) -> list[tuple[int, int]]:
@@ -34,11 +31,12 @@ def group_size(n: int, target: int, per_item: int) -> int:
     return max(1, min(n, target // max(per_item, 1)))
 
 
-def run_chunks(memory: "MemoryPolicy", n_rows: int, chunk: int, tokens: int,
+def run_chunks(memory, n_rows: int, chunk: int, tokens: int,
                compute: Callable[[int, int], Any], fold: Callable[[Any, int, int], None]) -> int:
     """Rows ``[0, n_rows)`` in chunks of ``chunk``: ``out = compute(s, e)`` then ``fold(out, s, e)``.
 
-    ``tokens``: samples × tokens of one row (the memory policy's unit). An out-of-memory error in
+    ``memory``: the engine's ``memory.MemoryPolicy`` (not imported here: it imports ``schedule``,
+    which imports this module). ``tokens``: samples × tokens of one row (the memory policy's unit). An out-of-memory error in
     ``compute`` on CUDA halves the chunk and retries the span (raised instead at chunk 1, with an
     explicit ``chunk_size`` or off CUDA: then the engine splits the unit's samples, which keeps the
     chunk shapes and so the bits: ``oom.py``). An error in ``fold`` is never retried here (part of
