@@ -43,13 +43,13 @@ def _child(spec: dict) -> dict:
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(cfg).eval()
 
-    def stub_run(self, emb, mask, layer_ids, sids, lengths, total, sumsq):
+    def stub_run(self, batch, sids, lengths):  # batch: cotangents.PassData
         c = self.config
         for sid, n in zip(np.asarray(sids).tolist(), np.asarray(lengths).tolist()):  # the real probe draw
             draw_forward_probes(c.probe_distribution, c.seed, sid, n, c.num_probes, self.d_model)
-        for L, t in total.items():  # every page of the pass's sums written, as the accumulation does
+        for L, t in batch.total.items():  # every page of the pass's sums written, as the accumulation does
             t.add_(1.0 + L)
-        for L, t in (sumsq or {}).items():
+        for L, t in (batch.sumsq or {}).items():
             t.add_(2.0 + L)
 
     engmod.SensitivityEngine._run_forward = stub_run

@@ -20,8 +20,9 @@ from typing import Iterator, Sequence
 import torch
 
 from . import oom
+from .rows import spans
 from .conventions import ModelCall
-from .cotangents import Cotangents, accumulate, chunk_loop
+from .cotangents import Cotangents, PassData, accumulate, chunk_loop
 from .memory import MemoryPolicy
 from .options import Strategy
 from .stacks import MIN_ROWS
@@ -65,6 +66,11 @@ def _count_saved(memory: MemoryPolicy) -> Iterator[list[int]]:
         yield saved
 
 
+def _vjp_loop(h: torch.Tensor, leaf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``vᵀ ∂h/∂leaf`` one cotangent row at a time (``loop``): ``[chunk, *leaf.shape]``."""
+    return torch.stack([torch.autograd.grad(h, leaf, vi, retain_graph=True)[0] for vi in v])
+
+
 class AutogradPaths:
     """Autograd strategies on one engine's model.
 
@@ -93,16 +99,16 @@ class AutogradPaths:
         deepest target layer are not run where its hidden states are read by hooks)."""
         return self.call(emb, mask, layer_ids)
 
-    def run_segment(self, emb, mask, a, b, layer_ids, probes, total, sumsq) -> None:
-        """Segment [a, b) for a sample group: ``emb`` ``[batch, b, d_model]``, ``mask`` ``[batch, b]``,
-        ``probes`` ``{layer: [batch, S, K, hidden]}`` or None; adds into ``total``/``sumsq``
-        ``{layer: [batch, pos_out, pos_in]}`` (views of the group's rows)."""
-        bsz = emb.shape[0]
-        pos, d = self.cot.rows(a, b)
-        valid = mask.to(torch.float32)  # [batch, b]
+    def run_segment(self, batch: PassData, a: int) -> None:
+        """Segment [a, b) for a sample group ``batch`` cut to the prefix: ``emb`` ``[batch, b,
+        d_model]``, ``mask`` ``[batch, b]``, ``probes`` ``{layer: [batch, S, K, hidden]}`` or None;
+        adds into its ``total``/``sumsq`` ``{layer: [batch, pos_out, pos_in]}`` (views of the group's rows)."""
+        bsz, b = batch.mask.shape
+        rows = self.cot.rows(a, b)
         if self.strategy is Strategy.REPLICATE:
-            return self._segment_replicate(emb, mask, pos, d, layer_ids, probes, total, sumsq, valid)
-        emb, mask, extra = pad_batch(emb, mask)  # dummy samples: no GEMM of < MIN_ROWS rows
+            return self._segment_replicate(batch, rows)
+        layer_ids = batch.layer_ids
+        emb, mask, extra = pad_batch(batch.emb, batch.mask)  # dummy samples: no GEMM of < MIN_ROWS rows
         leaf = emb.detach().requires_grad_(True)  # [batch + extra, b, d_model]
         oom.point("shared_forward")  # one forward serves every chunk of the segment
         with torch.enable_grad(), _count_saved(self.memory) as saved:
@@ -113,42 +119,56 @@ class AutogradPaths:
         tokens = bsz * b
         prior = 10 * saved[0] // layers_run + 8 * tokens * (self.cot.hidden + leaf.shape[-1])
         per_row = max(prior, int(self.memory.row_token_bytes * tokens))
-        chunk = self.memory.cap(self.memory.chunk(len(pos), per_row), tokens)
+        chunk = self.memory.cap(self.memory.chunk(len(rows[0]), per_row), tokens)
         for L in layer_ids:
             if not hs[L].requires_grad:  # layer 0 of a model whose embedding output is e itself
                 hs[L] = hs[L] + 0 * leaf if hs[L] is not leaf else leaf
-            chunk = chunk_loop(self.cot, self.memory, pos, d, chunk, bsz, b, L, probes, valid, total, sumsq,
+            chunk = chunk_loop(self.cot, self.memory, batch, rows, L, chunk,
                                lambda v, p, h=hs[L]: self.vjp(h, leaf, pad_rows(v, extra))[:, :bsz])
 
     def vjp(self, h: torch.Tensor, leaf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``[chunk, batch, S, d_model]``: ``vᵀ ∂h/∂leaf`` for cotangents ``v`` ``[chunk, *h.shape]``,
-        batched (``vmap``; also ``auto``/``manual`` on a length manual can't do) or one by one."""
+        batched (``vmap``; also ``auto``/``manual`` on a length manual can't do) or one by one.
+
+        ``auto`` moves to ``loop`` for good when the batched backward raises where one backward per
+        row runs: torch reports an operator without a batching rule (or a ``vmap`` it cannot do) as
+        a plain ``RuntimeError``, so the capability is checked by running the loop, not by reading
+        the message. Out-of-memory errors are never taken for it; an error the loop raises too goes
+        up unchanged (the strategy stays)."""
         if self.strategy in (Strategy.AUTO, Strategy.VMAP, Strategy.MANUAL):
             try:
                 return torch.autograd.grad(h, leaf, v, retain_graph=True, is_grads_batched=True)[0]
-            except RuntimeError as exc:
-                if self.strategy is not Strategy.AUTO or "atching rule" not in str(exc) and "vmap" not in str(exc):
+            except oom.OOM_ERRORS:
+                raise
+            except RuntimeError:
+                if self.strategy is not Strategy.AUTO:
                     raise
-                self.strategy = Strategy.LOOP  # auto: no batching rule for some op -> loop
-        return torch.stack([torch.autograd.grad(h, leaf, vi, retain_graph=True)[0] for vi in v])
+            out = _vjp_loop(h, leaf, v)  # raises (strategy unchanged) when the loop cannot either
+            self.strategy = Strategy.LOOP  # auto: the batched backward cannot, one per row can
+            return out
+        return _vjp_loop(h, leaf, v)
 
-    def _segment_replicate(self, emb, mask, pos, d, layer_ids, probes, total, sumsq, valid) -> None:
+    def _segment_replicate(self, batch: PassData, rows: tuple[torch.Tensor, torch.Tensor]) -> None:
         """``replicate``: per chunk, the batch copied ``chunk`` times (``[chunk·batch, b, d_model]``),
         one cotangent row per copy, one plain backward per layer."""
+        emb, mask, layer_ids = batch.emb, batch.mask, batch.layer_ids
+        pos, d = rows
         bsz, b = emb.shape[:2]
+        valid = mask.to(torch.float32)  # [batch, b]
         with torch.enable_grad(), _count_saved(self.memory) as saved:
             self.forward(emb[:1].detach().requires_grad_(True), mask[:1], layer_ids)
         chunk = self.memory.chunk(len(pos), saved[0] * bsz + 8 * bsz * b * self.cot.hidden)
-        for s in range(0, len(pos), chunk):
-            p, dd = pos[s:s + chunk], d[s:s + chunk]
+        for s, e in spans(len(pos), chunk):
+            p, dd = pos[s:e], d[s:e]
             c = len(p)
             oom.point("chunk")
             leaf = emb.detach().repeat(c, 1, 1).requires_grad_(True)  # [chunk*batch, b, d_model]
             with torch.enable_grad():
                 hs = self.forward(leaf, mask.repeat(c, 1), layer_ids)
                 for i, L in enumerate(layer_ids):
-                    v = self.cot.make(p, dd, bsz, b, L, probes, valid)  # [chunk, batch, b, hidden]
+                    v = self.cot.make(p, dd, bsz, b, L, batch.probes, valid)  # [chunk, batch, b, hidden]
                     h = hs[L] if hs[L] is not leaf else leaf * 1
                     g = torch.autograd.grad(h, leaf, v.reshape(c * bsz, b, -1),
                                             retain_graph=i < len(layer_ids) - 1)[0]
-                    accumulate(g.reshape(c, bsz, b, -1), p, total[L], None if sumsq is None else sumsq[L], b)
+                    accumulate(g.reshape(c, bsz, b, -1), p, batch.total[L],
+                               None if batch.sumsq is None else batch.sumsq[L], b)

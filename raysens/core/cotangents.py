@@ -11,19 +11,50 @@ variance) in a fixed order on every device (``unitsums.scatter_add``).
 Dimension names: ``batch`` (samples), ``pos_out`` (output position i), ``pos_in`` (input position
 j), ``d_model`` (embedding width), ``hidden`` (target-layer width H), ``chunk`` (rows per backward),
 ``K`` (Hutchinson probes).
+
+``PassData`` is the state of one pass (its inputs, target layers, probes and sums) that every
+strategy's loop hands down, cut to a sample group with ``PassData.part``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
 from . import oom
 from .memory import MemoryPolicy
 from .options import Estimator
+from .rows import run_chunks
 from .unitsums import scatter_add
+
+
+@dataclass
+class PassData:
+    """The inputs and sums of one pass, or of a group of its samples (axis 0 of every tensor is the sample)."""
+
+    emb: torch.Tensor  # [batch, S, d_model] input embeddings on the device (S: the tokens this part runs)
+    mask: torch.Tensor  # [batch, S] 1 = real token (right-padded)
+    layer_ids: Sequence[int]  # absolute target hidden_states indices, sorted
+    # Hutchinson probes or None: reverse {layer: [batch, pos_out, K, hidden]}, forward [batch, pos_in, K, d_model]
+    probes: Any
+    total: dict[int, torch.Tensor]  # layer -> float64 [batch, pos_out, pos_in]: Σ of the rows' squared norms
+    sumsq: dict[int, torch.Tensor] | None  # layer -> the same for their squares (probe variance; K ≥ 2), or None
+
+    def part(self, rows: slice, width: int | None = None) -> "PassData":
+        """Samples ``rows`` (views, sums included); ``emb``/``mask`` cut to their first ``width``
+        tokens when given (a causal segment's prefix). Probes and sums keep every position."""
+        cut = slice(None, width)
+        probes = self.probes
+        if isinstance(probes, dict):
+            probes = {L: p[rows] for L, p in probes.items()}
+        elif probes is not None:
+            probes = probes[rows]
+        return PassData(self.emb[rows, cut], self.mask[rows, cut], self.layer_ids, probes,
+                        {L: t[rows] for L, t in self.total.items()},
+                        None if self.sumsq is None else {L: t[rows] for L, t in self.sumsq.items()})
 
 
 class Cotangents:
@@ -74,32 +105,26 @@ def accumulate(g: torch.Tensor, pos: torch.Tensor, total: torch.Tensor, sumsq: t
         scatter_add(sumsq[:, :, :b], 1, pos, sq * sq)
 
 
-def chunk_loop(cot: Cotangents, memory: MemoryPolicy, pos: torch.Tensor, d: torch.Tensor, chunk: int, bsz: int,
-               b: int, layer: int, probes: dict[int, torch.Tensor] | None, valid: torch.Tensor,
-               total: dict[int, torch.Tensor], sumsq: dict[int, torch.Tensor] | None,
-               vjp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> int:
-    """Rows (pos, d) of ``layer`` in chunks: cotangents ``[chunk, batch, b, hidden]`` through
-    ``vjp(v, pos) -> [chunk, batch, b, d_model]``, accumulated into ``total[layer]``/``sumsq[layer]``.
-    A CUDA OOM halves the chunk and retries it (raised at chunk 1, with an explicit ``chunk_size``
-    or off CUDA: then the engine splits the unit's samples instead, which keeps the chunk shapes and
-    so the bits). Returns the chunk size that worked."""
-    s = 0
-    tokens = bsz * b
-    while s < len(pos):
-        p, dd = pos[s:s + chunk], d[s:s + chunk]
-        try:
-            base = memory.mark()
-            oom.point("chunk")
-            v = cot.make(p, dd, bsz, b, layer, probes, valid)  # [chunk, batch, b, hidden]
-            g = vjp(v, p)  # [chunk, batch, b, d_model]
-        except torch.cuda.OutOfMemoryError:
-            if chunk == 1 or memory.chunk_size or memory.device.type != "cuda":  # else: the unit splits (oom.py)
-                raise
-            v = g = None
-            chunk = memory.after_oom(chunk, tokens)
-            continue
-        accumulate(g, p, total[layer], None if sumsq is None else sumsq[layer], b)
-        v = g = None
-        memory.calibrate(base, len(p) * tokens)  # after freeing the chunk's tensors
-        s += len(p)
-    return chunk
+def chunk_loop(cot: Cotangents, memory: MemoryPolicy, batch: PassData, rows: tuple[torch.Tensor, torch.Tensor],
+               layer: int, chunk: int, vjp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> int:
+    """Rows ``(pos, d)`` of ``layer`` for the sample group ``batch`` (``emb``/``mask`` cut to the
+    segment's prefix ``[0, b)``) in chunks (``rows.run_chunks``): cotangents ``[chunk, batch, b,
+    hidden]`` through ``vjp(v, pos) -> [chunk, batch, b, d_model]``, accumulated into
+    ``batch.total[layer]``/``batch.sumsq[layer]``. A CUDA OOM halves the chunk and retries it
+    (raised at chunk 1, with an explicit ``chunk_size`` or off CUDA: then the engine splits the
+    unit's samples instead, which keeps the chunk shapes and so the bits). Returns the chunk size
+    that worked."""
+    pos, d = rows
+    bsz, b = batch.mask.shape
+    valid = batch.mask.to(torch.float32)  # [batch, b]
+    sumsq = None if batch.sumsq is None else batch.sumsq[layer]
+
+    def compute(s, e):
+        p = pos[s:e]
+        v = cot.make(p, d[s:e], bsz, b, layer, batch.probes, valid)  # [chunk, batch, b, hidden]
+        return vjp(v, p)  # [chunk, batch, b, d_model]
+
+    def fold(g, s, e):
+        accumulate(g, pos[s:e], batch.total[layer], sumsq, b)
+
+    return run_chunks(memory, len(pos), chunk, bsz * b, compute, fold)

@@ -15,12 +15,14 @@ This module holds the public API (``SensitivityEngine``, ``SensitivityBatch``,
 ``NonFiniteGradientError``) and the pass loop of ``compute``; the parts live in: ``inputs``
 (padding/truncation), ``schedule`` (segments, CPU sample groups), ``memory`` (budget, chunk and pass
 sizes, CUDA OOM policy), ``unitsums``/``oom``/``sizing`` (host sums, OOM split, memory model),
-``cotangents`` (rows, chunked VJP loop, accumulation), ``autograd_paths`` (the differentiated
+``rows`` (the one batching helper: sample groups, chunks of rows), ``cotangents`` (rows, chunked VJP
+loop, accumulation, ``PassData``: the state of one pass), ``autograd_paths`` (the differentiated
 forward; vmap/loop/replicate), ``stacks`` (manual backward), ``probes`` and ``options``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -32,7 +34,7 @@ from .analysis_copy import analysis_copy
 from .architecture import find_blocks, is_causal_model, resolve_layer_indices
 from .conventions import conform, depends_on_later, encoder_of
 from .autograd_paths import AutogradPaths, pad_batch
-from .cotangents import Cotangents, chunk_loop
+from .cotangents import Cotangents, PassData, chunk_loop
 from .forward import ForwardRows, GenericForward, ManualForward
 from .determinism import thread_independent
 from .fused import install_fused_norms
@@ -248,7 +250,7 @@ class SensitivityEngine:
 
         def one_pass(p0, p1):  # OOM anywhere inside: the range is split (oom.split_on_oom)
             total, sumsq = sums.for_pass(p0, p1)
-            run(emb[p0:p1], mask[p0:p1], layer_ids, sids[p0:p1], lengths[p0:p1], total, sumsq)
+            run(PassData(emb[p0:p1], mask[p0:p1], layer_ids, None, total, sumsq), sids[p0:p1], lengths[p0:p1])
             sums.store(p0, p1, total, sumsq)
 
         with matmul_precision(cfg.precision), thread_independent(self.device):  # tf32: this call only
@@ -258,13 +260,15 @@ class SensitivityEngine:
         self.memory.after_split(ok, bsz, passes)
         return self._result(layer_ids, sums.finish(hutch, k), k, sids, lengths, seq)
 
-    def _run_reverse(self, emb, mask, layer_ids, sids, lengths, total, sumsq) -> None:
+    def _run_reverse(self, batch: PassData, sids, lengths) -> None:
         """Reverse mode: VJPs per target layer, causal segments, sample groups (``compute``)."""
-        bsz, seq = mask.shape
+        bsz, seq = batch.mask.shape
+        layer_ids = batch.layer_ids
         cfg = self.config  # Hutchinson: probes [batch, S, K, hidden] per layer
-        probes = None if cfg.estimator is not Estimator.HUTCHINSON else {L: unit_probes(
-            cfg.probe_distribution, cfg.seed, sids, lengths, seq, cfg.num_probes, self.hidden, L).to(self.device)
-            for L in layer_ids}
+        if cfg.estimator is Estimator.HUTCHINSON:
+            batch = dataclasses.replace(batch, probes={L: unit_probes(
+                cfg.probe_distribution, cfg.seed, sids, lengths, seq, cfg.num_probes, self.hidden, L).to(self.device)
+                for L in layer_ids})
         manual = self._manual is not None and self._manual.fits(seq)
         self._used = Strategy.MANUAL.value if manual else ""
         # manual: one forward per block of samples (its saved activations bounded by the memory
@@ -272,31 +276,29 @@ class SensitivityEngine:
         upto = max(layer_ids)
         forwards = self.memory.forward_groups(bsz, self._manual.saved_bytes(seq, upto)) if manual else [(0, bsz)]
         with generic_autocast(Precision.FP32 if manual else self.config.precision, self.device):
-            self._reverse_groups(forwards, manual, emb, mask, layer_ids, probes, total, sumsq, seq, upto)
+            self._reverse_groups(batch, forwards, manual)
 
-    def _reverse_groups(self, forwards, manual, emb, mask, layer_ids, probes, total, sumsq, seq, upto) -> None:
+    def _reverse_groups(self, batch: PassData, forwards, manual: bool) -> None:
         """The loop of ``_run_reverse``: shared forwards (manual), segments, CPU sample groups."""
+        seq = batch.mask.shape[1]
         for f0, f1 in forwards:
-            fwd = self._manual_forward(emb[f0:f1], mask[f0:f1], upto) if manual else None
+            fwd = self._manual_forward(batch.emb[f0:f1], batch.mask[f0:f1], max(batch.layer_ids)) if manual else None
             for a, b in self.schedule.segments(seq, manual):
                 for g0, g1 in self.schedule.groups(f1 - f0, b - a, b):  # CPU: sample groups sized for the cache
-                    sub = slice(f0 + g0, f0 + g1)
-                    run = self._run_manual if manual else self._autograd.run_segment
-                    run(emb[sub, :b], mask[sub, :b], a, b, layer_ids,
-                        None if probes is None else {L: p[sub] for L, p in probes.items()},
-                        {L: t[sub] for L, t in total.items()},
-                        None if sumsq is None else {L: t[sub] for L, t in sumsq.items()},
-                        **({"fwd": fwd, "rows": slice(g0, g1)} if manual else {}))
+                    part = batch.part(slice(f0 + g0, f0 + g1), b)  # the group's samples, the prefix [0, b)
+                    if manual:
+                        self._run_manual(part, a, fwd, slice(g0, g1))
+                    else:
+                        self._autograd.run_segment(part, a)
             fwd = None
 
-    def _run_forward(self, emb, mask, layer_ids, sids, lengths, total, sumsq) -> None:
+    def _run_forward(self, batch: PassData, sids, lengths) -> None:
         """Forward mode: tangents at every input position, all target layers per pass (``forward.py``)."""
-        bsz, seq = mask.shape
+        bsz, seq = batch.mask.shape
         cfg = self.config
-        probes = None
         if cfg.estimator is Estimator.HUTCHINSON:  # [batch, pos_in, K, d_model]
-            probes = unit_probes(cfg.probe_distribution, cfg.seed, sids, lengths, seq, cfg.num_probes,
-                                 self.d_model).to(self.device)
+            batch = dataclasses.replace(batch, probes=unit_probes(cfg.probe_distribution, cfg.seed, sids, lengths, seq,
+                                                                  cfg.num_probes, self.d_model).to(self.device))
         manual = self._manual_fwd is not None and self._manual_fwd.fits(seq)
         path = self._manual_fwd if manual else self._generic_fwd
         self._used = Strategy.MANUAL.value if manual else ""
@@ -305,19 +307,15 @@ class SensitivityEngine:
         # carries one segment's rows (manual causal suffix segments: a few input positions; the
         # generic path and non-causal models: all S), so the group is sized by the widest segment
         width = max(b - a for a, b in path.segments(seq)) if manual else seq
-        g = bsz if self.device.type != "cpu" else max(1, min(bsz, self.memory.backward_tokens // max(nd * width * seq, 1)))
         mcfg = self.model.config
         inter = int(getattr(mcfg, "intermediate_size", None) or getattr(mcfg, "n_inner", None) or 4 * self.hidden)
         heads = int(getattr(mcfg, "num_attention_heads", 1) or 1)
         row_token_bytes = 4 * (8 * self.d_model + 3 * inter + 3 * heads * seq)
         with generic_autocast(Precision.FP32 if manual else cfg.precision, self.device):
-            for g0 in range(0, bsz, g):
-                sub = slice(g0, min(bsz, g0 + g))
-                path.run(emb[sub], mask[sub], layer_ids, None if probes is None else probes[sub],
-                         {L: t[sub] for L, t in total.items()},
-                         None if sumsq is None else {L: t[sub] for L, t in sumsq.items()}, row_token_bytes)
-        pad_out = ~mask.bool()[:, :, None]  # [batch, pos_out, 1]: padded outputs are 0, as in reverse mode
-        for t in [*total.values(), *(sumsq or {}).values()]:
+            for g0, g1 in self.schedule.sample_groups(bsz, nd * width * seq):
+                path.run(batch.part(slice(g0, g1)), row_token_bytes)
+        pad_out = ~batch.mask.bool()[:, :, None]  # [batch, pos_out, 1]: padded outputs are 0, as in reverse mode
+        for t in [*batch.total.values(), *(batch.sumsq or {}).values()]:
             t.masked_fill_(pad_out, 0.0)
 
     def _result(self, layer_ids, vals_noise, k, sids, lengths, seq) -> SensitivityBatch:
@@ -386,15 +384,15 @@ class SensitivityEngine:
         point("shared_forward")
         return self._manual.forward(emb, mask, upto)
 
-    def _run_manual(self, emb, mask, a, b, layer_ids, probes, total, sumsq, *, fwd, rows):
-        """One segment [a, b) for samples ``rows`` of the shared forward ``fwd`` with the manual
-        backward: ``emb`` ``[batch, b, d_model]``, ``total``/``sumsq`` ``{layer: [batch, pos_out, pos_in]}``."""
-        bsz = emb.shape[0]
-        pos, d = self._cot.rows(a, b)
-        valid = mask.to(torch.float32)  # [batch, b]
+    def _run_manual(self, batch: PassData, a: int, fwd, rows: slice) -> None:
+        """One segment [a, b) of the sample group ``batch`` (cut to the prefix: ``emb`` ``[batch, b,
+        d_model]``, ``total``/``sumsq`` ``{layer: [batch, pos_out, pos_in]}``), which is the samples
+        ``rows`` of the shared forward ``fwd``, with the manual backward."""
+        bsz, b = batch.mask.shape
+        pos_d = self._cot.rows(a, b)
         tokens = bsz * b
         per_row = max(self._manual.row_token_bytes(b), int(self.memory.row_token_bytes)) * tokens
-        chunk = self.memory.cap(self.memory.chunk(len(pos), per_row), tokens)
-        for L in layer_ids:
-            chunk = chunk_loop(self._cot, self.memory, pos, d, chunk, bsz, b, L, probes, valid, total, sumsq,
+        chunk = self.memory.cap(self.memory.chunk(len(pos_d[0]), per_row), tokens)
+        for L in batch.layer_ids:
+            chunk = chunk_loop(self._cot, self.memory, batch, pos_d, L, chunk,
                                lambda v, p: self._manual.vjp(fwd, L, v, rows, p.to(self.device)))

@@ -22,14 +22,14 @@ Dimension names: ``batch``, ``pos_out`` (output position i), ``pos_in`` (input p
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
 import torch
 
 from . import oom
+from .cotangents import PassData
 from .fused import plain_norms
 from .memory import MemoryPolicy
 from .options import Estimator, Strategy
+from .rows import run_chunks
 from .transforms import ForwardTransform, jvp
 from .unitsums import scatter_add
 
@@ -79,28 +79,6 @@ def accumulate_forward(jv: torch.Tensor, pos: torch.Tensor, total: torch.Tensor,
         scatter_add(sumsq[:, out0:out0 + w], 2, pos, sq * sq)
 
 
-def forward_chunks(memory: MemoryPolicy, n_rows: int, chunk: int, tokens: int,
-                   step: Callable[[int, int], None]) -> int:
-    """Rows ``[0, n_rows)`` in chunks through ``step(s, e)``; a CUDA OOM halves the chunk and retries
-    it (raised at chunk 1, with an explicit ``chunk_size`` or off CUDA: the engine splits the unit's
-    samples instead). Returns the chunk that worked."""
-    s = 0
-    while s < n_rows:
-        e = min(n_rows, s + chunk)
-        try:
-            base = memory.mark()
-            oom.point("chunk")
-            step(s, e)
-        except torch.cuda.OutOfMemoryError:
-            if chunk == 1 or memory.chunk_size or memory.device.type != "cuda":  # else: the unit splits (oom.py)
-                raise
-            chunk = memory.after_oom(chunk, tokens)
-            continue
-        memory.calibrate(base, (e - s) * tokens)
-        s = e
-    return chunk
-
-
 class GenericForward:
     """Forward mode through the model's own modules (any architecture).
 
@@ -119,43 +97,54 @@ class GenericForward:
         self.memory = memory
         self.rows = rows
 
-    def run(self, emb: torch.Tensor, mask: torch.Tensor, layer_ids: Sequence[int], probes: torch.Tensor | None,
-            total: dict[int, torch.Tensor], sumsq: dict[int, torch.Tensor] | None, row_token_bytes: int) -> None:
-        """All tangent rows of a sample group (``row_token_bytes``: working bytes of one tangent row
-        per token, the memory prior): ``emb`` ``[batch, S, d_model]``, ``mask`` ``[batch, S]``,
-        ``probes`` ``[batch, pos_in, K, d_model]`` or None; adds into ``total``/``sumsq``
-        ``{layer: [batch, pos_out, pos_in]}`` (views of the group's rows). The whole sequence runs
-        for every tangent (causal suffixes are the manual path's)."""
+    def run(self, batch: PassData, row_token_bytes: int) -> None:
+        """All tangent rows of a sample group ``batch`` (``row_token_bytes``: working bytes of one
+        tangent row per token, the memory prior): ``emb`` ``[batch, S, d_model]``, ``mask``
+        ``[batch, S]``, ``probes`` ``[batch, pos_in, K, d_model]`` or None; adds into its
+        ``total``/``sumsq`` ``{layer: [batch, pos_out, pos_in]}`` (views of the group's rows). The
+        whole sequence runs for every tangent (causal suffixes are the manual path's)."""
         from .autograd_paths import pad_batch, pad_rows
 
+        mask, layer_ids, probes = batch.mask, batch.layer_ids, batch.probes
         bsz, seq = mask.shape
         pos, d = self.rows.rows(0, seq)
         valid = mask.to(torch.float32)  # [batch, S]
-        emb_p, mask_p, extra = pad_batch(emb, mask)
+        emb_p, mask_p, extra = pad_batch(batch.emb, mask)
         tokens = emb_p.shape[0] * seq
         chunk = self.memory.cap(self.memory.chunk(len(pos), max(row_token_bytes, int(self.memory.row_token_bytes)) * tokens), tokens)
 
         def f(e):
             return self.forward(e, mask_p, layer_ids)
 
-        def step(s, e):
+        def compute(s, e):
             t = pad_rows(self.rows.make(pos[s:e], d[s:e], bsz, seq, probes, valid), extra)  # [chunk, batch', S, d_model]
-            out = self._jvp(f, emb_p, t)
+            return self._jvp(f, emb_p, t)
+
+        def fold(out, s, e):
             for L in layer_ids:
-                accumulate_forward(out[L][:, :bsz], pos[s:e], total[L], None if sumsq is None else sumsq[L])
+                accumulate_forward(out[L][:, :bsz], pos[s:e], batch.total[L],
+                                   None if batch.sumsq is None else batch.sumsq[L])
 
         with torch.no_grad(), plain_norms():
-            forward_chunks(self.memory, len(pos), chunk, tokens, step)
+            run_chunks(self.memory, len(pos), chunk, tokens, compute, fold)
 
     def _jvp(self, f, primal: torch.Tensor, tangents: torch.Tensor) -> dict[int, torch.Tensor]:
-        """``{layer: [chunk, batch, S, hidden]}``: ``J t`` for each tangent ``t`` of ``tangents``."""
+        """``{layer: [chunk, batch, S, hidden]}``: ``J t`` for each tangent ``t`` of ``tangents``.
+
+        ``vmap`` moves to ``loop`` for good when it raises where ``loop`` runs (an operator without
+        a batching rule: torch raises a plain ``RuntimeError``, so the capability is checked by
+        running the loop, not by reading the message); out-of-memory errors go up, and so does an
+        error the loop raises too (the strategy stays)."""
         if self.strategy is ForwardTransform.VMAP:
             try:
                 return jvp(self.strategy, f, primal, tangents)
-            except RuntimeError as exc:
-                if "atching rule" not in str(exc) and "vmap" not in str(exc):
-                    raise
-                self.strategy = ForwardTransform.LOOP
+            except oom.OOM_ERRORS:
+                raise
+            except RuntimeError:
+                pass
+            out = jvp(ForwardTransform.LOOP, f, primal, tangents)  # raises (strategy unchanged) when it cannot either
+            self.strategy = ForwardTransform.LOOP
+            return out
         return jvp(self.strategy, f, primal, tangents)
 
 
@@ -220,15 +209,17 @@ class ManualForward:
                     return f"hidden_states[{L}], suffix from {a}: JVP relative error {err:.2e} > {rtol:g}"
         return None
 
-    def run(self, emb, mask, layer_ids, probes, total, sumsq, row_token_bytes: int) -> None:
+    def run(self, batch: PassData, row_token_bytes: int) -> None:
         """Like ``GenericForward.run``, on the stack's saved activations and suffix segments."""
         from .autograd_paths import pad_batch
 
-        bsz, seq = mask.shape
-        valid = mask.to(torch.float32)
+        layer_ids = batch.layer_ids
+        bsz, seq = batch.mask.shape
         upto = max(layer_ids)
         for f0, f1 in self.memory.forward_groups(bsz, self.stack.saved_bytes(seq, upto)):
-            e_p, m_p, _ = pad_batch(emb[f0:f1], mask[f0:f1])
+            part = batch.part(slice(f0, f1))
+            valid = part.mask.to(torch.float32)  # [batch, S]
+            e_p, m_p, _ = pad_batch(part.emb, part.mask)
             oom.point("shared_forward")
             fwd = self.stack.forward(e_p, m_p, upto)
             nb = f1 - f0
@@ -238,13 +229,14 @@ class ManualForward:
                 chunk = self.memory.cap(self.memory.chunk(
                     len(pos), max(row_token_bytes, int(self.memory.row_token_bytes)) * tokens), tokens)
 
-                def step(s, e, a=a, pos=pos, d=d):
-                    t = self.rows.make(pos[s:e], d[s:e], nb, seq - a, None if probes is None else probes[f0:f1],
-                                       valid[f0:f1], offset=a)
-                    out = self.stack.jvp(fwd, layer_ids, t, slice(0, nb), a)
-                    for L in layer_ids:
-                        accumulate_forward(out[L], pos[s:e], total[L][f0:f1],
-                                           None if sumsq is None else sumsq[L][f0:f1], out0=a)
+                def compute(s, e, a=a, pos=pos, d=d):
+                    t = self.rows.make(pos[s:e], d[s:e], nb, seq - a, part.probes, valid, offset=a)
+                    return self.stack.jvp(fwd, layer_ids, t, slice(0, nb), a)
 
-                forward_chunks(self.memory, len(pos), chunk, tokens, step)
+                def fold(out, s, e, a=a, pos=pos):
+                    for L in layer_ids:
+                        accumulate_forward(out[L], pos[s:e], part.total[L],
+                                           None if part.sumsq is None else part.sumsq[L], out0=a)
+
+                run_chunks(self.memory, len(pos), chunk, tokens, compute, fold)
             fwd = None

@@ -19,7 +19,7 @@ import numpy as np
 
 from .engine import NonFiniteGradientError, SensitivityBatch, SensitivityEngine
 from .options import Mode, SensitivityConfig, parse_layer_plan
-from .planner import PILOT_PROBES, make_plan, pilot_from_samples
+from .planner import PILOT_PROBES, CostShape, Objective, make_plan, pilot_from_samples
 
 
 def plain_config(config: SensitivityConfig, mode: Mode, k: int) -> SensitivityConfig:
@@ -52,9 +52,11 @@ def run_pilot(model, config: SensitivityConfig, input_ids: list[list[int]], samp
             mean.setdefault(L, {})[mode.value], var.setdefault(L, {})[mode.value] = m, v
             noise.setdefault(L, {})[mode.value] = z
     pilots = {L: pilot_from_samples(mean[L], var[L], noise[L], PILOT_PROBES) for L in resolved}
-    plan = make_plan(pilots, n=n, seq=int(max_seq_len), causal=causal, manual_reverse=manual["reverse"],
-                     manual_forward=manual["forward"], k_min=config.num_probes, k_max=config.max_probes,
-                     total=config.target_error.value == "total", target=config.target_rel_se, budget=config.budget)
+    plan = make_plan(pilots, CostShape(seq=int(max_seq_len), causal=causal, manual_reverse=manual["reverse"],
+                                       manual_forward=manual["forward"]),
+                     Objective(n=n, k_min=config.num_probes, k_max=config.max_probes,
+                               total=config.target_error.value == "total", target=config.target_rel_se,
+                               budget=config.budget))
     plan["pilot"] = {"sample_ids": [int(i) for i in sample_ids], "probes": PILOT_PROBES,
                      "manual_paths": manual, "causal": causal}
     return plan

@@ -160,16 +160,39 @@ class Planner:
         return max(self.error(L, m, k) for L, (m, k) in choice.items())
 
 
-def make_plan(pilots: dict[int, LayerPilot], *, n: int, seq: int, causal: bool, manual_reverse: bool,
-              manual_forward: bool, k_min: int, k_max: int, total: bool, target: float | None = None,
-              budget: float | None = None) -> dict:
+@dataclass(frozen=True)
+class CostShape:
+    """What the cost model needs to know of a run (``unit_costs``'s arguments)."""
+
+    seq: int  # padded length S the run computes at
+    causal: bool  # the model is causal (triangular costs)
+    manual_reverse: bool  # the reverse pass runs a hand-written stack
+    manual_forward: bool  # the forward (tangent) pass runs a hand-written stack
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a plan is asked for: a target error or a cost budget, over n samples, K in a range."""
+
+    n: int  # samples the run will fold in (the plan predicts the SE of a mean over n samples)
+    k_min: int  # smallest K (``num_probes``)
+    k_max: int  # largest K (``max_probes``)
+    total: bool  # the target is the total SE (data + probes) rather than the probe part
+    target: float | None = None  # relative SE every layer must reach; None: ``budget`` is used
+    budget: float | None = None  # multiple of a ``mode: auto``, K=1 run's cost (when ``target`` is None)
+
+
+def make_plan(pilots: dict[int, LayerPilot], shape: CostShape, goal: Objective) -> dict:
     """The plan as a JSON-able dict (manifest ``plan``, ``plan.json``): per layer mode, K and the
     predicted relative SE (total and probe part), the costs and the pilot's summaries.
 
-    ``budget`` is a multiple of the cost of a ``mode: auto``, K=1 run over the same layers (the cheaper
-    of all-forward and all-reverse at K=1, as ``schedule.pick_mode`` would choose)."""
+    ``goal.budget`` is a multiple of the cost of a ``mode: auto``, K=1 run over the same layers (the
+    cheaper of all-forward and all-reverse at K=1, as ``schedule.pick_mode`` would choose)."""
+    n, seq, k_min, k_max, total = goal.n, shape.seq, goal.k_min, goal.k_max, goal.total
+    target, budget = goal.target, goal.budget
     layers = sorted(pilots)
-    rev, fwd = unit_costs(layers, seq=seq, causal=causal, manual_reverse=manual_reverse, manual_forward=manual_forward)
+    rev, fwd = unit_costs(layers, seq=seq, causal=shape.causal, manual_reverse=shape.manual_reverse,
+                          manual_forward=shape.manual_forward)
     ref = min(sum(rev.values()), fwd[max(layers)])  # mode auto, K=1
     pl = Planner(pilots, rev, fwd, n, k_min, k_max, total)
     if target is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .options import Estimator, Mode, SensitivityConfig
+from .rows import group_size, spans
 
 # Cost model of a causal segment [a, b) per sample, in "one token through the model" units:
 # backward (b-a)·directions·b, forward FWD_COST·b, plus a fixed SEG_COST (dispatch of one more
@@ -110,10 +111,16 @@ class Schedule:
         output positions × ``directions`` × samples × ``width`` tokens are kept near ``backward_tokens``
         so that a backward's working set stays in cache (MiniLM S=32 K=1: 2 samples per backward ran
         1.3x faster than 8); at least one sample per group. CUDA: one group."""
+        return self.sample_groups(bsz, rows * self.directions * width)
+
+    def sample_groups(self, bsz: int, row_tokens: int) -> list[tuple[int, int]]:
+        """Sample groups ``[g0, g1)`` of a ``bsz``-sample batch whose (co)tangent rows × tokens per
+        sample are ``row_tokens``: on CPU as many samples as keep a pass near ``backward_tokens``
+        (``rows.group_size``, at least one), on CUDA one group. Reverse segments (``groups``) and
+        forward-mode passes both use it."""
         if self.device_type != "cpu":
             return [(0, bsz)]
-        g = max(1, min(bsz, self.backward_tokens // max(rows * self.directions * width, 1)))
-        return [(s, min(bsz, s + g)) for s in range(0, bsz, g)]
+        return spans(bsz, group_size(bsz, self.backward_tokens, row_tokens))
 
 
 # ---------------------------------------------------------------------- forward or reverse mode

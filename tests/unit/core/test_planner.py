@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from raysens.core.planner import (LayerPilot, Planner, make_plan, pilot_from_samples, plan_cost, predict,
-                                  unit_costs)
+from raysens.core.planner import (CostShape, LayerPilot, Objective, Planner, make_plan, pilot_from_samples, plan_cost,
+                                  predict, unit_costs)
 
 
 def _pilot(rng, cells=40, probe_scale=(1.0, 1.0)) -> LayerPilot:
@@ -158,8 +158,9 @@ def _mode_split_pilots(seed=3):
 
 def test_make_plan_is_deterministic_json_and_mixes_modes():
     pilots = _mode_split_pilots()
-    kw = dict(n=50, seq=16, causal=True, manual_reverse=True, manual_forward=True, k_min=1, k_max=32, total=False)
-    a, b = make_plan(pilots, budget=1.5, **kw), make_plan(pilots, budget=1.5, **kw)
+    shape = CostShape(seq=16, causal=True, manual_reverse=True, manual_forward=True)
+    goal = Objective(n=50, k_min=1, k_max=32, total=False, budget=1.5)
+    a, b = make_plan(pilots, shape, goal), make_plan(pilots, shape, goal)
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
     assert json.loads(json.dumps(a)) == a
     assert a["feasible"] and a["cost"]["relative_to_auto_k1"] <= 1.5 + 1e-9
@@ -172,12 +173,13 @@ def test_make_plan_is_deterministic_json_and_mixes_modes():
 
 def test_make_plan_target_and_unreachable_target():
     pilots = _mode_split_pilots()
-    kw = dict(n=50, seq=16, causal=True, manual_reverse=True, manual_forward=True, k_min=2, k_max=8, total=True)
-    u = make_plan(pilots, target=1e-4, **kw)  # below the data part: unreachable
+    shape = CostShape(seq=16, causal=True, manual_reverse=True, manual_forward=True)
+    # below the data part: unreachable
+    u = make_plan(pilots, shape, Objective(n=50, k_min=2, k_max=8, total=True, target=1e-4))
     floor = u["floor"]
     assert not u["feasible"] and u["worst_predicted"] == pytest.approx(floor)
     assert all(v["num_probes"] == 8 for v in u["layers"].values())  # the most precise plan, said so
-    t = make_plan(pilots, target=1.2 * floor, **kw)
+    t = make_plan(pilots, shape, Objective(n=50, k_min=2, k_max=8, total=True, target=1.2 * floor))
     assert t["feasible"] and floor <= t["worst_predicted"] <= 1.2 * floor
     assert all(v["num_probes"] >= 2 for v in t["layers"].values())  # num_probes is the smallest K
     assert t["cost"]["per_sample"] < u["cost"]["per_sample"]
