@@ -1,6 +1,6 @@
 """Statistics at scale (issue 18): the pipeline's own bookkeeping with the synthetic engine.
 
-The synthetic engine (``raysens.core.synthetic``) computes nothing: what is measured is the per-cell
+The synthetic engine (``raysens.core.models.synthetic``) computes nothing: what is measured is the per-cell
 state (update, encode, ship, decode, merge), the run directory and the driver. Every run is a fresh
 child process (``python -m jobs.bench.scale _child JSON``), so its peak RSS (``ru_maxrss`` of the
 child; with Ray: of the driver process) belongs to that run alone; the run directory's size is

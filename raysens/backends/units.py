@@ -104,7 +104,7 @@ def make_engine(engine_cls, model, config, device):
     ``PlannedEngine`` that runs one such engine per distinct (mode, K) of the plan."""
     if config.layer_plan is None:
         return engine_cls(model, config, device=device)
-    from ..core.pilot import PlannedEngine
+    from ..core.planning.pilot import PlannedEngine
 
     return PlannedEngine(model, config, device=device, engine_cls=engine_cls)
 
@@ -167,7 +167,7 @@ class UnitWorker:
 
         from ..core.engine import SensitivityConfig, SensitivityEngine
         from ..core.models import load_model
-        from ..core.synthetic import SyntheticEngine, is_synthetic
+        from ..core.models.synthetic import SyntheticEngine, is_synthetic
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

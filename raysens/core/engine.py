@@ -27,26 +27,26 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .analysis_copy import analysis_copy
-from .architecture import find_blocks, is_causal_model, resolve_layer_indices
-from .conventions import conform, depends_on_later, encoder_of
-from .autograd_paths import AutogradPaths, pad_batch
-from .cotangents import Cotangents, chunk_loop
-from .forward import ForwardRows, GenericForward, ManualForward
-from .determinism import thread_independent
-from .fused import install_fused_norms
+from .models.analysis_copy import analysis_copy
+from .models.structure import find_blocks, is_causal_model, resolve_layer_indices
+from .models.conventions import conform, depends_on_later, encoder_of
+from .passes.reverse import AutogradPaths, pad_batch
+from .passes.cotangents import Cotangents, chunk_loop
+from .passes.forward import ForwardRows, GenericForward, ManualForward
+from .passes.determinism import thread_independent
+from .passes.fused import install_fused_norms
 from .inputs import normalise
-from .memory import MemoryPolicy
+from .memory.budget import MemoryPolicy
 from .options import Estimator, Mode, Precision, ProbeDistribution, SensitivityConfig, Strategy
-from .precision import check_device, compute_dtype, generic_autocast, matmul_precision
-from .oom import SampleMemoryError, point, split_on_oom
-from .probes import draw_probes, probe_seed, unit_probes
-from .schedule import SEG_COST_MANUAL, Schedule, directions, pick_mode
+from .passes.precision import check_device, compute_dtype, generic_autocast, matmul_precision
+from .memory.oom import SampleMemoryError, point, split_on_oom
+from .passes.probes import draw_probes, probe_seed, unit_probes
+from .passes.schedule import SEG_COST_MANUAL, Schedule, directions, pick_mode
 from .stacks import ManualStack, make_stack, unsupported_reason
-from .stacks.base import check_gemm_threads
-from .sizing import ModelShape, pass_bytes, too_big_message
-from .transforms import pick_forward, pick_reverse
-from .unitsums import UnitSums
+from .stacks.interface import check_gemm_threads
+from .memory.sizing import ModelShape, pass_bytes, too_big_message
+from .passes.transforms import pick_forward, pick_reverse
+from .memory.unitsums import UnitSums
 
 __all__ = ["Estimator", "Mode", "Precision", "ProbeDistribution", "SensitivityConfig", "Strategy", "SensitivityEngine",
            "SensitivityBatch", "NonFiniteGradientError", "SampleMemoryError", "draw_probes", "probe_seed", "resolve_layer_indices",

@@ -110,10 +110,10 @@ def prepare(config: RunConfig, model_identity: bool = True) -> RunPlan:
     """Validate the corpus (every record), the model (its config; its weights and their identity
     unless ``model_identity`` is False: a Ray driver, which reads no weight file), the device and the
     layers, and plan the units. Writes nothing."""
-    from ..core.architecture import resolve_layer_indices
-    from ..core.model_config import model_shape
+    from ..core.models.structure import resolve_layer_indices
+    from ..core.models.model_config import model_shape
     from ..core.models import load_tokenizer_and_config
-    from ..core.weights import model_identity as identity
+    from ..core.models.identity import model_identity as identity
 
     corpus = Corpus(config.data)
     n_rows = corpus.num_rows()

@@ -32,7 +32,7 @@ def prepare_model_side(jobs: list, session: dict | None) -> None:
     planned job's pilot (``backends.remote.on_worker``: the driver reads no weight file and never
     runs the model); in process, here. Then each planned job gets its plan (``attach_plan``:
     plan.json, or the pilot). Called by the runner before it writes anything."""
-    from ..core.weights import checked_identity, model_identity
+    from ..core.models.identity import checked_identity, model_identity
     from .plan import adopt_model_identity, check_device
 
     idents: dict[tuple, dict] = {}
@@ -150,8 +150,8 @@ def compute_pilot(config, units, corpus, layers: tuple[int, ...], n: int, device
     loaded here, never on a Ray run's driver."""
     from ..core.engine import SensitivityEngine
     from ..core.models import load_model
-    from ..core.pilot import run_pilot
-    from ..core.synthetic import SyntheticEngine, is_synthetic
+    from ..core.planning.pilot import run_pilot
+    from ..core.models.synthetic import SyntheticEngine, is_synthetic
 
     ids, toks = pilot_inputs(config, units, corpus)
     m = config.model

@@ -162,7 +162,7 @@ _INPUTS: dict = {}  # (data config, model) -> content identity, computed once pe
 def _inputs(config) -> dict:
     """The content identity a point's manifest records (``run/plan.py: prepare``), memoised: a
     sweep's points share their corpus and models."""
-    from ..core.weights import model_identity
+    from ..core.models.identity import model_identity
     from ..store.corpus import Corpus
 
     key = (repr(config.data), config.model.name, config.model.trust_remote_code)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import MIN_ROWS, ManualStack
+from .interface import MIN_ROWS, ManualStack
 
 __all__ = ["MIN_ROWS", "ManualStack", "make_stack", "unsupported_reason"]
 

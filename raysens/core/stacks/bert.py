@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import (ManualStack, additive_mask, addmm_, at_positions, attention_backward,
+from .interface import (ManualStack, additive_mask, addmm_, at_positions, attention_backward,
                      ln_backward as _ln_backward, ln_forward as _ln, mm)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ManualStack, additive_mask, attention_backward, ln_backward, ln_forward, mm
+from .interface import ManualStack, additive_mask, attention_backward, ln_backward, ln_forward, mm
 
 
 def gpt2_unsupported_reason(model: torch.nn.Module) -> str | None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import ManualStack, additive_mask, at_positions as _at, attention_backward, mm
+from .interface import ManualStack, additive_mask, at_positions as _at, attention_backward, mm
 
 
 def llama_unsupported_reason(model: torch.nn.Module) -> str | None:

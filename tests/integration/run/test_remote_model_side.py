@@ -26,9 +26,9 @@ def _without_timing(plan: dict) -> dict:
 def _driver_must_not_touch_weights(monkeypatch):
     """In this (the driver's) process, loading a model or digesting a weight file fails the test;
     Ray's workers import their own, untouched, modules."""
-    import raysens.core.loading as loading
+    import raysens.core.models.loading as loading
     import raysens.core.models as models
-    import raysens.core.weights as weights
+    import raysens.core.models.identity as weights
 
     def refuse(*a, **k):
         raise AssertionError("the driver loaded the model or read a weight file")

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from raysens.core.planner import (LayerPilot, Planner, make_plan, pilot_from_samples, plan_cost, predict,
+from raysens.core.planning.planner import (LayerPilot, Planner, make_plan, pilot_from_samples, plan_cost, predict,
                                   unit_costs)
 
 
@@ -141,7 +141,7 @@ def test_min_error_plan_for_a_budget_is_the_brute_force_optimum(seed, total):
 
 
 def test_unit_costs_are_the_cost_model():
-    from raysens.core.schedule import mode_costs
+    from raysens.core.passes.schedule import mode_costs
 
     rev, fwd = unit_costs([1, 4], seq=16, causal=True, manual_reverse=True, manual_forward=True)
     kw = dict(seq=16, out_directions=1, in_directions=1, causal=True)

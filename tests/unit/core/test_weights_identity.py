@@ -9,7 +9,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from raysens.core import weights
+from raysens.core.models import identity as weights
 from raysens.store.rundir import diff_inputs
 
 

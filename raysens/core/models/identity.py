@@ -26,7 +26,7 @@ import json
 import os
 from pathlib import Path
 
-from .models import (_PACKAGED, _PIP_NAME, _RANDOM_PRESETS, ModelLoadError, _looks_like_path, cache_root,
+from .hub import (_PACKAGED, _PIP_NAME, _RANDOM_PRESETS, ModelLoadError, _looks_like_path, cache_root,
                      packaged_model_path)
 
 FULL_HASH_MAX = 64 << 20  # files up to this size are hashed whole; larger ones by header + samples
@@ -186,7 +186,7 @@ def checked_identity(name: str, *, trust_remote_code: bool = False) -> dict:
     """``model_identity`` after loading the tokenizer and config (``load_tokenizer_and_config``): what a
     Ray run checks in a task next to the weights (``backends.remote``), where an in-process run's
     ``run.plan.prepare`` checks it, so that a broken model fails before anything is written."""
-    from .models import load_tokenizer_and_config
+    from .hub import load_tokenizer_and_config
 
     load_tokenizer_and_config(name, trust_remote_code=trust_remote_code)
     return model_identity(name, trust_remote_code=trust_remote_code)

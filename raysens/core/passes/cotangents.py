@@ -20,10 +20,10 @@ from typing import Callable
 
 import torch
 
-from . import oom
-from .memory import MemoryPolicy
-from .options import Estimator
-from .unitsums import scatter_add
+from ..memory import oom
+from ..memory.budget import MemoryPolicy
+from ..options import Estimator
+from ..memory.unitsums import scatter_add
 
 
 class Cotangents:

@@ -26,12 +26,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import oom
+from ..memory import oom
 from .fused import plain_norms
-from .memory import MemoryPolicy
-from .options import Estimator, Strategy
+from ..memory.budget import MemoryPolicy
+from ..options import Estimator, Strategy
 from .transforms import ForwardTransform, jvp
-from .unitsums import scatter_add
+from ..memory.unitsums import scatter_add
 
 
 class ForwardRows:
@@ -126,7 +126,7 @@ class GenericForward:
         ``probes`` ``[batch, pos_in, K, d_model]`` or None; adds into ``total``/``sumsq``
         ``{layer: [batch, pos_out, pos_in]}`` (views of the group's rows). The whole sequence runs
         for every tangent (causal suffixes are the manual path's)."""
-        from .autograd_paths import pad_batch, pad_rows
+        from .reverse import pad_batch, pad_rows
 
         bsz, seq = mask.shape
         pos, d = self.rows.rows(0, seq)
@@ -222,7 +222,7 @@ class ManualForward:
 
     def run(self, emb, mask, layer_ids, probes, total, sumsq, row_token_bytes: int) -> None:
         """Like ``GenericForward.run``, on the stack's saved activations and suffix segments."""
-        from .autograd_paths import pad_batch
+        from .reverse import pad_batch
 
         bsz, seq = mask.shape
         valid = mask.to(torch.float32)

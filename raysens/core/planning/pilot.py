@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .engine import NonFiniteGradientError, SensitivityBatch, SensitivityEngine
-from .options import Mode, SensitivityConfig, parse_layer_plan
+from ..engine import NonFiniteGradientError, SensitivityBatch, SensitivityEngine
+from ..options import Mode, SensitivityConfig, parse_layer_plan
 from .planner import PILOT_PROBES, make_plan, pilot_from_samples
 
 

@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from .options import Precision
+from ..options import Precision
 
 # bf16's documented bounds: the relative Frobenius distance of an exact map (or of a Hutchinson estimate
 # with the same probes) from its fp32 value, per layer (docs/DESIGN.md §1.12, measured in docs/benchmarks.md).

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .schedule import mode_costs
+from ..passes.schedule import mode_costs
 
 MODES = ("forward", "reverse")
 PILOT_PROBES = 2  # probes per sample in the pilot: the fewest that measure the probe variance per cell

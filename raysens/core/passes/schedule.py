@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .options import Estimator, Mode, SensitivityConfig
+from ..options import Estimator, Mode, SensitivityConfig
 
 # Cost model of a causal segment [a, b) per sample, in "one token through the model" units:
 # backward (b-a)·directions·b, forward FWD_COST·b, plus a fixed SEG_COST (dispatch of one more
