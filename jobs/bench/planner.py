@@ -39,7 +39,8 @@ def _means(res, layers):
 def main(argv=None):
     from raysens.core.engine import SensitivityConfig, SensitivityEngine
     from raysens.core.models import load_model
-    from raysens.core.planning.pilot import PlannedEngine, run_pilot
+    from raysens.core.planning.pilot import run_pilot
+    from raysens.core.planning.planned import PlannedEngine
     from raysens.core.planning.planner import plan_cost, unit_costs
 
     ap = argparse.ArgumentParser(prog="python -m jobs.bench.planner", description=__doc__.split("\n")[0])

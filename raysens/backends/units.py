@@ -104,7 +104,7 @@ def make_engine(engine_cls, model, config, device):
     ``PlannedEngine`` that runs one such engine per distinct (mode, K) of the plan."""
     if config.layer_plan is None:
         return engine_cls(model, config, device=device)
-    from ..core.planning.pilot import PlannedEngine
+    from ..core.planning.planned import PlannedEngine
 
     return PlannedEngine(model, config, device=device, engine_cls=engine_cls)
 

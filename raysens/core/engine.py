@@ -43,7 +43,7 @@ from .memory.oom import SampleMemoryError, point, split_on_oom
 from .passes.probes import draw_probes, probe_seed, unit_probes
 from .passes.schedule import SEG_COST_MANUAL, Schedule, directions, pick_mode
 from .stacks import ManualStack, make_stack, unsupported_reason
-from .stacks.interface import check_gemm_threads
+from .stacks.gemm import check_gemm_threads
 from .memory.sizing import ModelShape, pass_bytes, too_big_message
 from .passes.transforms import pick_forward, pick_reverse
 from .memory.unitsums import UnitSums

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from . import synthetic
-from .hub import _PACKAGED, _gguf_cache_dir, load_tokenizer_and_config, packaged_model_path
+from .hub import _gguf_cache_dir, load_tokenizer_and_config, packaged_model_path
+from .registry import _PACKAGED
 
 _FIELDS = {"num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
            "hidden_size": ("hidden_size", "n_embd", "d_model", "dim")}

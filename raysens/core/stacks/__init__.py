@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .interface import MIN_ROWS, ManualStack
+from .gemm import MIN_ROWS
+from .interface import ManualStack
 
 __all__ = ["MIN_ROWS", "ManualStack", "make_stack", "unsupported_reason"]
 

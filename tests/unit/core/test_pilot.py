@@ -13,7 +13,8 @@ import pytest
 
 from refs import random_ids, reference, tiny_model
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
-from raysens.core.planning.pilot import PlannedEngine, run_pilot
+from raysens.core.planning.pilot import run_pilot
+from raysens.core.planning.planned import PlannedEngine
 
 PLAN = ("1:forward:2", "2:forward:2", "3:reverse:4")
 N_REP = 160  # replicates of one sample (distinct sample_ids: independent probes)
