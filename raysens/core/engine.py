@@ -38,7 +38,7 @@ from .passes.fused import install_fused_norms
 from .inputs import normalise
 from .memory.budget import MemoryPolicy
 from .options import Estimator, Mode, Precision, ProbeDistribution, SensitivityConfig, Strategy
-from .passes.precision import check_device, compute_dtype, generic_autocast, matmul_precision
+from .passes.precision import check_precision_device, compute_dtype, generic_autocast, matmul_precision
 from .memory.oom import SampleMemoryError, point, split_on_oom
 from .passes.probes import draw_probes, probe_seed, unit_probes
 from .passes.schedule import SEG_COST_MANUAL, Schedule, directions, pick_mode
@@ -103,7 +103,7 @@ class SensitivityEngine:
         # the caller's model, flags, forwards and config are never changed
         self.model = encoder_of(analysis_copy(model, device))  # an encoder-decoder model: its encoder
         self.device = next(self.model.parameters()).device
-        check_device(cfg.precision, self.device)  # tf32: CUDA only
+        check_precision_device(cfg.precision, self.device)  # tf32: CUDA only
         if self.device.type == "cpu":
             check_gemm_threads()  # bit-for-bit across thread counts (§1.9): warns once if MKL splits GEMMs
         self.fused_norms = install_fused_norms(self.model) if cfg.fused_norms else 0  # modules switched

@@ -92,7 +92,7 @@ def run_sweep(sweep: Sweep, use_ray: bool | None = None) -> SweepSummary:
             st.update(samples=_samples(job.final), wall_s=job.final["timings"]["wall_s"])
             s = job.final["samples"]
             print(f"point {job.name}: {s['computed']} samples computed, {s['skipped']} skipped -> "
-                  f"{job.plan.run_dir}", flush=True)
+                  f"{job.prepared.run_dir}", flush=True)
         elif job.status in ("failed", "incomplete"):
             st["error"] = job.error
             if job.status == "incomplete":
@@ -123,7 +123,7 @@ def run_sweep(sweep: Sweep, use_ray: bool | None = None) -> SweepSummary:
             runner.close()  # release the leases of the points already opened
             raise SweepError(f"point {p.name}: {exc}") from exc
         status[p.name] = {"status": "pending", "this_run": "resumed" if job.rdir.done else "new"}
-    total = sum(j.plan.n_selected for j in runner.jobs)
+    total = sum(j.prepared.n_selected for j in runner.jobs)
     n_skipped = len(points) - len(runner.jobs)
     log(f"sweep {sweep.name}: {len(points)} points ({n_skipped} already complete, {len(runner.jobs)} to run, "
         f"{runner.todo_samples} samples to compute) -> {sweep.dir}")
@@ -160,7 +160,7 @@ _INPUTS: dict = {}  # (data config, model) -> content identity, computed once pe
 
 
 def _inputs(config) -> dict:
-    """The content identity a point's manifest records (``run/plan.py: prepare``), memoised: a
+    """The content identity a point's manifest records (``run/prepare.py: prepare``), memoised: a
     sweep's points share their corpus and models."""
     from ..core.models.identity import model_identity
     from ..store.corpus import Corpus

@@ -55,7 +55,7 @@ def _short(h) -> str:
 
 
 def diff_inputs(old: dict, new: dict) -> list[str]:
-    """What differs between two ``inputs`` identities (``run/plan.py: input_identity``), one phrase
+    """What differs between two ``inputs`` identities (``run/prepare.py: input_identity``), one phrase
     each; paths and modification times are not compared (the same bytes elsewhere are the same input)."""
     out = []
     oc, nc = old.get("corpus") or {}, new.get("corpus") or {}

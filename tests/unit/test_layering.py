@@ -81,7 +81,7 @@ def _top(t: str) -> str:
 
 def test_the_static_scan_sees_imports():
     # guards against a scan that finds nothing (every never-arrow test would then pass vacuously)
-    assert "raysens.core.engine" in GRAPH["raysens.run.plan"] or "raysens.core.models.structure" in GRAPH["raysens.run.plan"]
+    assert "raysens.core.engine" in GRAPH["raysens.run.prepare"] or "raysens.core.models.structure" in GRAPH["raysens.run.prepare"]
     assert "ray" in GRAPH["raysens.backends.ray_pool"]
     assert "torch" in GRAPH["raysens.core.engine"]
 

@@ -186,7 +186,7 @@ def model_identity(name: str, *, trust_remote_code: bool = False) -> dict:
 def checked_identity(name: str, *, trust_remote_code: bool = False) -> dict:
     """``model_identity`` after loading the tokenizer and config (``load_tokenizer_and_config``): what a
     Ray run checks in a task next to the weights (``backends.remote``), where an in-process run's
-    ``run.plan.prepare`` checks it, so that a broken model fails before anything is written."""
+    ``run.prepare.prepare`` checks it, so that a broken model fails before anything is written."""
     from .hub import load_tokenizer_and_config
 
     load_tokenizer_and_config(name, trust_remote_code=trust_remote_code)
