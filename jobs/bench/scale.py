@@ -19,6 +19,9 @@ start-up (imports, Ray, actors) cancels, in-process and on Ray with one actor (z
 driver can serve (a GPU actor's unit time / that CPU), shipping every unit or every 64 units.
 ``long``: one in-process run at a long sequence length: wall, peak RSS, run-directory bytes.
 Runs alternate in-process / Ray. The machine (2 cores) is shared with other engineers: timings vary.
+
+Why this module is long: one benchmark end to end: its corpus, the child process per run with its
+RSS and directory-size sampling, the four measured scenarios and the table.
 """
 
 from __future__ import annotations

@@ -28,6 +28,10 @@ A dead actor is restarted by Ray and its unit retried on the new actor (Ray Data
 defaults: ``max_restarts=-1``, ``max_task_retries=-1``); the units it had folded but not shipped are
 lost with it and recomputed. A shipment naming a unit the driver already has is refused whole, so
 every sample is counted exactly once.
+
+Why this module is long: it is the one module that imports ``ray`` (a layering rule): connecting,
+the actor, the pool strategy, progress and the wind-down stay together so that no other module needs
+Ray.
 """
 
 from __future__ import annotations

