@@ -146,7 +146,7 @@ def pilot_inputs(config, units, corpus) -> tuple[list[int], list[list[int]]]:
 def compute_pilot(config, units, corpus, layers: tuple[int, ...], n: int, device: str | None = None) -> dict:
     """Tokenize the pilot samples (``pilot_inputs``: the run's ``units`` of ``corpus``), load the model
     (on ``device``; None: ``model.device``, ``auto`` resolved where this runs) and run the pilot
-    (``core.pilot.run_pilot``); returns the plan (a small dict). The tokenizer and the model are
+    (``core.planning.pilot.run_pilot``); returns the plan (a small dict). The tokenizer and the model are
     loaded here, never on a Ray run's driver."""
     from ..core.engine import SensitivityEngine
     from ..core.models import load_model

@@ -106,7 +106,7 @@ def diff_inputs(old: dict, new: dict) -> list[str]:
 
 
 def _model_file_differs(a: dict, b: dict) -> bool:
-    """Two ``core.weights.file_digest`` entries of one model file differ: by size, or by a digest both
+    """Two ``core.models.identity.file_digest`` entries of one model file differ: by size, or by a digest both
     have (``sha256`` of the whole file, ``sample_sha256`` of a large one's header and samples; an entry
     written before sampled digests existed has only ``sha256``: then the size decides)."""
     if a.get("size") != b.get("size"):

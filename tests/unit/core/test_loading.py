@@ -178,7 +178,7 @@ def test_a_weight_of_the_wrong_shape_is_a_one_line_error(tmp_path):
 
 
 def test_model_shape_from_config_json_equals_transformers_config(tmp_path):
-    """The driver's torch-free read of config.json (``core.model_config``) gives what transformers'
+    """The driver's torch-free read of config.json (``core.models.model_config``) gives what transformers'
     config says, GPT-2's own field names included; a name it cannot read falls back to it."""
     import sys
 

@@ -1,4 +1,4 @@
-"""The planner (raysens/core/planner.py, docs/DESIGN.md §1.11) against independent numpy references:
+"""The planner (raysens/core/planning/planner.py, docs/DESIGN.md §1.11) against independent numpy references:
 the predicted standard error against a simulation of the estimator, the pilot's variance split
 against simulated probes, and the min-cost / min-error plans against brute force over every plan
 of small cases."""
