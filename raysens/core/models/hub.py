@@ -3,7 +3,7 @@
 Every loaded model is ready for ``raysens.core.engine``: the model's stack only (``base_model``: the
 engine differentiates hidden states, so an LM head is never allocated), float32 (converted tensor by
 tensor as it is read, whatever dtype the weights were stored in), built directly on ``device``
-(``core.loading``: no full host copy on the way to a GPU), eval mode, parameters frozen
+(``loading``: no full host copy on the way to a GPU), eval mode, parameters frozen
 (``requires_grad_(False)``), eager attention (fused SDPA has no batching rule under ``vmap``), and a
 tokenizer with a padding token.
 
@@ -34,6 +34,7 @@ from typing import Any
 
 from . import synthetic  # torch is imported where a model is built: a driver reads configs without it
 from .registry import _PACKAGED, _PIP_NAME, _RANDOM_PRESETS, _looks_like_path, source_kind
+
 
 def _random_model(preset: str, with_weights: bool = True):
     """(model or None, tokenizer, config) of a ``random:<preset>`` spec."""
