@@ -1,6 +1,6 @@
 """The Ray pipeline measured alone: throughput with many actors of a synthetic model.
 
-A synthetic model (``raysens.core.synthetic``: ``synthetic:L<blocks>-lat<seconds>``) sleeps a fixed
+A synthetic model (``raysens.core.models.synthetic``: ``synthetic:L<blocks>-lat<seconds>``) sleeps a fixed
 latency per work unit — a GPU's time per unit that costs no CPU here — and returns maps of the real
 shapes, so the partials have realistic sizes. With N actors the ideal steady rate is N / latency
 units per second; parallel efficiency = measured steady rate / ideal. The steady rate is taken from

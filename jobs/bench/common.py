@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from raysens.core.engine import SensitivityEngine
-from raysens.core.fused import uninstall_fused_norms
+from raysens.core.passes.fused import uninstall_fused_norms
 
 REPO = Path(__file__).resolve().parents[2]  # the repository root: cwd of `python -m jobs.bench.*` children
 

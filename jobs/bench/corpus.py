@@ -5,7 +5,7 @@ memory map) and the whole-column reads they replaced (``old``, kept here private
 Generates once, under ``--dir`` (streamed, constant memory): a 100k-row and a 10M-row Parquet file
 (short random texts, row groups of 100k rows) and a 1M-line JSONL file. Every measurement runs in
 fresh processes: the *driver* (row count + content identity + shuffled selection, as
-``run/plan.py: prepare`` does) and then a *tokenize worker* (the tokenizer loaded, then
+``run/prepare.py: prepare`` does) and then a *tokenize worker* (the tokenizer loaded, then
 ``Corpus.texts`` + ``tokenize_unit`` for every unit of the selection, as ``backends/units.py`` does);
 peak RSS from ``getrusage(RUSAGE_SELF).ru_maxrss``, and the worker's growth over its RSS once the
 tokenizer is loaded (before any corpus read). ``new`` runs twice: a cold cache (digests and line index

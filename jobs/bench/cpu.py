@@ -14,6 +14,9 @@ Launched through the dispatcher, from the repository root (raysens installed, ~6
      subprocess is this module (internal)::
 
          python -m jobs.bench.cpu _mem exact|jacrev --seq-len 16 --npy FILE.npy --threads 2
+
+Why this module is long: one benchmark mode end to end: its arguments, the seed loop and raysens on
+two real models, the jacrev baseline, the child-process memory probe and the summary.
 """
 
 from __future__ import annotations

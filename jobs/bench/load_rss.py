@@ -8,7 +8,7 @@ Saves a random-weight Llama-family model (built from a ``transformers`` config, 
 LM head, as Llama-3 has) as safetensors into a temporary directory, then loads it in a fresh child
 process per variant, one after another, and prints JSON:
 
-- ``new``: ``raysens.core.models.load_model(dir, device=...)`` (``core.loading``: the stack only,
+- ``new``: ``raysens.core.models.load_model(dir, device=...)`` (``core.models.loading``: the stack only,
   read tensor by tensor straight into its float32 tensors on the device);
 - ``old_dir``: what ``load_model`` did before for a directory: ``AutoModelForCausalLM.from_pretrained
   (dtype=float32)`` on the host, ``prepare_for_analysis``, then ``.to(device)``;

@@ -1,4 +1,4 @@
-"""Peak host memory of engine units sized by the memory model (issue 31, ``raysens.core.sizing``).
+"""Peak host memory of engine units sized by the memory model (issue 31, ``raysens.core.memory.sizing``).
 
 Each measurement is a fresh child process (its ``ru_maxrss`` is that run's alone): a 28-block tiny
 Llama (hidden 16) whose engine runs the real unit bookkeeping — host sums (``UnitSums``), probes
@@ -33,7 +33,7 @@ def _child(spec: dict) -> dict:
 
     from raysens.core import engine as engmod
     from raysens.core.engine import SensitivityConfig, SensitivityEngine
-    from raysens.core.probes import draw_forward_probes
+    from raysens.core.passes.probes import draw_forward_probes
 
     torch.set_num_threads(1)
     seq, layers = spec["seq"], spec["layers"]
@@ -56,7 +56,7 @@ def _child(spec: dict) -> dict:
     eng = SensitivityEngine(model, SensitivityConfig(mode="forward", num_probes=spec["k"]))
     batch, fold, plan = spec.get("batch"), 0, None
     if batch is None:
-        from raysens.core.sizing import ModelShape, plan_unit
+        from raysens.core.memory.sizing import ModelShape, plan_unit
 
         plan = plan_unit(ModelShape.from_model(model), seq=seq, target_layers=layers, k=spec["k"], mode="forward",
                          budget=int(spec["budget_gib"] * (1 << 30)), state_cell_bytes=None if spec["fold"] else 0)

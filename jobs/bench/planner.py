@@ -10,7 +10,7 @@ is the median over cells of |mean − exact mean| / exact mean, where both means
 samples (so only probe noise is measured: the planner is asked for ``target_error: probe``). The
 worst layer's error is averaged over the seeds. Cost: the deterministic cost model per sample
 (``schedule.mode_costs``, the planner's own measure, as a multiple of a mode-auto K=1 run) and the
-measured seconds per sample. A planned run first runs the pilot (``core.pilot.run_pilot``: the first
+measured seconds per sample. A planned run first runs the pilot (``core.planning.pilot.run_pilot``: the first
 ``--pilot`` samples with K=2 in both modes; its cost is listed separately, one-off per run). The
 exact maps (forward exact, S·D tangents per sample) are cached in ``--cache``.
 """
@@ -39,8 +39,9 @@ def _means(res, layers):
 def main(argv=None):
     from raysens.core.engine import SensitivityConfig, SensitivityEngine
     from raysens.core.models import load_model
-    from raysens.core.pilot import PlannedEngine, run_pilot
-    from raysens.core.planner import plan_cost, unit_costs
+    from raysens.core.planning.pilot import run_pilot
+    from raysens.core.planning.planned import PlannedEngine
+    from raysens.core.planning.planner import plan_cost, unit_costs
 
     ap = argparse.ArgumentParser(prog="python -m jobs.bench.planner", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2")

@@ -11,7 +11,7 @@ bf16 alternating ``--rounds`` times: seconds per sample and the ratio (target �
 and per layer the distance of bf16's mean map over the samples from fp32's (the same probes);
 ``error`` — exact maps at three depths (1, n/2, n), per layer the relative Frobenius distance of
 bf16 from fp32: per map (mean and max over samples) and of the mean map over the samples (bound
-``raysens.core.precision.BF16_MAP_BOUND``); ``hutch`` — the dataset mean of Hutchinson K=1 at those
+``raysens.core.passes.precision.BF16_MAP_BOUND``); ``hutch`` — the dataset mean of Hutchinson K=1 at those
 depths: bf16 vs fp32 with the same probes, next to the probe's own error (fp32 K=1 vs the exact
 mean). Results: ``docs/benchmarks.md``.
 """

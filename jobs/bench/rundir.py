@@ -3,7 +3,7 @@
 Two measurements, recorded in ``docs/pipeline-benchmarks.md`` and ``jobs/results/rundir_bytes.json``::
 
     # bytes of a run directory after 1k, 10k, 100k samples, with and without compaction: a synthetic
-    # model (raysens.core.synthetic, no latency) with all its layers, in process (no Ray)
+    # model (raysens.core.models.synthetic, no latency) with all its layers, in process (no Ray)
     python -m jobs.bench.rundir growth --samples 1000 10000 100000 --layers 4 --seq 16 --compact-every 0 64
     # bytes per unit of the old (1) and new (2) partial formats and of a checkpoint, 28 layers S=64
     python -m jobs.bench.rundir payload --layers 28 --seq 64 --batch 8

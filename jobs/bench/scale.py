@@ -1,6 +1,6 @@
 """Statistics at scale (issue 18): the pipeline's own bookkeeping with the synthetic engine.
 
-The synthetic engine (``raysens.core.synthetic``) computes nothing: what is measured is the per-cell
+The synthetic engine (``raysens.core.models.synthetic``) computes nothing: what is measured is the per-cell
 state (update, encode, ship, decode, merge), the run directory and the driver. Every run is a fresh
 child process (``python -m jobs.bench.scale _child JSON``), so its peak RSS (``ru_maxrss`` of the
 child; with Ray: of the driver process) belongs to that run alone; the run directory's size is
@@ -19,6 +19,9 @@ start-up (imports, Ray, actors) cancels, in-process and on Ray with one actor (z
 driver can serve (a GPU actor's unit time / that CPU), shipping every unit or every 64 units.
 ``long``: one in-process run at a long sequence length: wall, peak RSS, run-directory bytes.
 Runs alternate in-process / Ray. The machine (2 cores) is shared with other engineers: timings vary.
+
+Why this module is long: one benchmark end to end: its corpus, the child process per run with its
+RSS and directory-size sampling, the four measured scenarios and the table.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Peak host RSS of one worker folding one unit, with and without sub-units (issue 31,
 ``raysens.backends.subunits``), side by side, each in a fresh child process (``VmHWM``).
 
-The synthetic engine (``synthetic:L28``, ``raysens.core.synthetic``) returns float64 maps of the real
+The synthetic engine (``synthetic:L28``, ``raysens.core.models.synthetic``) returns float64 maps of the real
 shapes (``[batch, S, S]`` per target layer) at no model cost, so what is measured is the worker's own
 memory: the engine's results of one call, their check and fold into the actor's state (214 B/cell per
 layer), and the state. ``whole``: the unit in one engine call (no budget: today's CPU default);
@@ -72,7 +72,7 @@ def _child(spec: dict) -> dict:
         out.update(error=str(exc), error_after_s=round(time.perf_counter() - t0, 3), calls=calls,
                    peak_mb=round(_vm("VmHWM"), 1))
     if spec["budget_mb"] is not None:
-        from raysens.core.sizing import ModelShape, plan_unit
+        from raysens.core.memory.sizing import ModelShape, plan_unit
 
         shape = ModelShape.from_model(w._model)
         plan = w.unit_plan(seq)

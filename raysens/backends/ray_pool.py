@@ -32,8 +32,9 @@ every sample is counted exactly once.
 A worker's error reaches the driver as data (``backends/errors.py``): the tokenize step and the
 actor return it in an ``error`` column, and the driver raises it as the same class and message.
 
-Longer than 400 lines because it is the one module that imports ``ray``: the session, the actor, the
-pipeline and the wind-down of Ray Data's threads all hold Ray's handles.
+Why this module is long: it is the one module that imports ``ray`` (a layering rule): connecting,
+the actor, the pool strategy, progress and the wind-down stay together so that no other module needs
+Ray.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 pool actor's resources (its CPUs, one GPU when the pool's actors get one, its custom resources).
 
 The driver of a Ray run reads no weight file and never runs the model (issue 31): the model's
-content identity (``core.weights.model_identity``) and a planned run's pilot
+content identity (``core.models.identity.model_identity``) and a planned run's pilot
 (``run.planning.compute_pilot``) are computed by ``on_worker(cluster, model_device, fn, ...)``, which returns
 ``fn``'s (small) result to the driver. The task's worker exits after the call (``max_calls=1``), so
 its model copy, and on a GPU its CUDA context, are gone before the actor pool starts.

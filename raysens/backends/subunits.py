@@ -63,8 +63,8 @@ def unit_plan(engine: Any, model: Any, device: str, layers, width: int, budget_m
     cuda = str(device).startswith("cuda")
     if budget_mb is None and not cuda:
         return None
-    from ..core.memory import device_budget
-    from ..core.sizing import ModelShape, plan_unit
+    from ..core.memory.budget import device_budget
+    from ..core.memory.sizing import ModelShape, plan_unit
 
     k, mode, manual = plan_shape(engine, layers, width)
     budget = device_budget(device, budget_mb)

@@ -8,7 +8,9 @@ all its pending units as one partial payload (``UnitWorker.ship``, ``raysens.sto
 ``ShipPolicy`` says so: every ``cluster.ship_every_units`` units, ``cluster.ship_every_s`` seconds,
 and at the end. The state is order-independent, so which units share a shipment never changes a bit.
 
-Longer than 400 lines because a unit's fold, its sub-batches (``subunits.py``) and the background
+Why this module is long: tokenization, engine construction and the worker's fold / ship are what
+every backend runs; one module for them is what keeps the Ray and in-process backends computing the
+same units the same way. Sub-batches (``subunits.py``) and the background
 lane's failure handling (``_surface``) keep exactly-once together: each relies on the order in which
 the others register, fold and drop units, so they are read side by side.
 """
@@ -109,7 +111,7 @@ def make_engine(engine_cls, model, config, device):
     ``PlannedEngine`` that runs one such engine per distinct (mode, K) of the plan."""
     if config.layer_plan is None:
         return engine_cls(model, config, device=device)
-    from ..core.pilot import PlannedEngine
+    from ..core.planning.planned import PlannedEngine
 
     return PlannedEngine(model, config, device=device, engine_cls=engine_cls)
 
@@ -172,7 +174,7 @@ class UnitWorker:
 
         from ..core.engine import SensitivityConfig, SensitivityEngine
         from ..core.models import load_model
-        from ..core.synthetic import SyntheticEngine, is_synthetic
+        from ..core.models.synthetic import SyntheticEngine, is_synthetic
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -275,7 +277,7 @@ class UnitWorker:
         ``FoldError`` names them. None of them has shipped; the error fails the pass, and the runner
         recomputes what never shipped (``run/runner.py``: the follow-up pass, or a rerun with the same
         ``output.dir``), so no sample is counted twice or lost. Such failures are rare: out-of-memory is
-        split and retried inside the engine (``core/oom.py``)."""
+        split and retried inside the engine (``core/memory/oom.py``)."""
         self._surface()  # a failed background fold is raised before computing more
         key = int(unit["unit"])
         if key in self.pending_ids:

@@ -18,6 +18,11 @@ sizes, CUDA OOM policy), ``unitsums``/``oom``/``sizing`` (host sums, OOM split, 
 ``rows`` (the one batching helper: sample groups, chunks of rows), ``cotangents`` (rows, chunked VJP
 loop, accumulation, ``PassData``: the state of one pass), ``autograd_paths`` (the differentiated
 forward; vmap/loop/replicate), ``stacks`` (manual backward), ``probes`` and ``options``.
+
+Why this module is long: it is the public engine: the checks of its configuration and inputs, and
+the orchestration of one unit over the passes (schedule, shared forward, reverse / forward passes,
+out-of-memory splits, per-unit sums); the passes themselves live in ``passes/``, ``memory/`` and
+``stacks/``.
 """
 
 from __future__ import annotations
@@ -30,26 +35,26 @@ import numpy as np
 import torch
 
 from raysens.errors import RaysensError
-from .analysis_copy import analysis_copy
-from .architecture import find_blocks, is_causal_model, resolve_layer_indices
-from .conventions import conform, depends_on_later, encoder_of
-from .autograd_paths import AutogradPaths, pad_batch
-from .cotangents import Cotangents, PassData, chunk_loop
-from .forward import ForwardRows, GenericForward, ManualForward
-from .determinism import thread_independent
-from .fused import install_fused_norms
+from .models.analysis_copy import analysis_copy
+from .models.structure import find_blocks, is_causal_model, resolve_layer_indices
+from .models.conventions import conform, depends_on_later, encoder_of
+from .passes.reverse import AutogradPaths, pad_batch
+from .passes.cotangents import Cotangents, PassData, chunk_loop
+from .passes.forward import ForwardRows, GenericForward, ManualForward
+from .passes.determinism import thread_independent
+from .passes.fused import install_fused_norms
 from .inputs import normalise
-from .memory import MemoryPolicy
+from .memory.budget import MemoryPolicy
 from .options import Estimator, Mode, Precision, ProbeDistribution, SensitivityConfig, Strategy
-from .precision import check_device, compute_dtype, generic_autocast, matmul_precision
-from .oom import SampleMemoryError, point, split_on_oom
-from .probes import draw_probes, probe_seed, unit_probes
-from .schedule import SEG_COST_MANUAL, Schedule, directions, pick_mode
+from .passes.precision import check_precision_device, compute_dtype, generic_autocast, matmul_precision
+from .memory.oom import SampleMemoryError, point, split_on_oom
+from .passes.probes import draw_probes, probe_seed, unit_probes
+from .passes.schedule import SEG_COST_MANUAL, Schedule, directions, pick_mode
 from .stacks import ManualStack, make_stack, unsupported_reason
-from .stacks.base import check_gemm_threads
-from .sizing import ModelShape, pass_bytes, too_big_message
-from .transforms import pick_forward, pick_reverse
-from .unitsums import UnitSums
+from .stacks.gemm import check_gemm_threads
+from .memory.sizing import ModelShape, pass_bytes, too_big_message
+from .passes.transforms import pick_forward, pick_reverse
+from .memory.unitsums import UnitSums
 
 __all__ = ["Estimator", "Mode", "Precision", "ProbeDistribution", "SensitivityConfig", "Strategy", "SensitivityEngine",
            "SensitivityBatch", "NonFiniteGradientError", "SampleMemoryError", "draw_probes", "probe_seed", "resolve_layer_indices",
@@ -105,7 +110,7 @@ class SensitivityEngine:
         # the caller's model, flags, forwards and config are never changed
         self.model = encoder_of(analysis_copy(model, device))  # an encoder-decoder model: its encoder
         self.device = next(self.model.parameters()).device
-        check_device(cfg.precision, self.device)  # tf32: CUDA only
+        check_precision_device(cfg.precision, self.device)  # tf32: CUDA only
         if self.device.type == "cpu":
             check_gemm_threads()  # bit-for-bit across thread counts (§1.9): warns once if MKL splits GEMMs
         self.fused_norms = install_fused_norms(self.model) if cfg.fused_norms else 0  # modules switched

@@ -158,7 +158,7 @@ class SensitivityConfig:
     backward_tokens: int | None = None  # CPU: target chunk·samples·tokens of one batched backward (cache-sized working set); None: 2048 CPU, no target CUDA
     seed: int = 0  # run seed; probes come from a generator seeded by (seed, sample_id, layer) (reverse) or (seed, sample_id, input position) (forward)
     mode: Mode = Mode.AUTO  # reverse (VJP per target layer) | forward (JVP: all layers in one pass) | auto (cost model); see Mode
-    # accuracy-aware planning (core/planner.py, docs/DESIGN.md §1.11): set target_rel_se or budget and
+    # accuracy-aware planning (core/planning/planner.py, docs/DESIGN.md §1.11): set target_rel_se or budget and
     # a pilot picks each layer's mode and K; all None/default: today's single mode and num_probes
     target_rel_se: float | None = None  # plan for this median-over-cells relative SE of the dataset mean per cell, at least cost
     budget: float | None = None  # plan for the smallest worst-layer relative SE at this cost per sample (a multiple of a mode-auto K=1 run's)

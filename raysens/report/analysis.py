@@ -3,6 +3,9 @@
 All inputs are ``[pos_out, pos_in]`` arrays as stored in a run directory: ``mean`` (NaN where no
 sample reached the cell), ``std``/``var`` (NaN where n < 2) and ``cell_count``. Nothing here imports
 matplotlib, Ray or torch.
+
+Why this module is long: a set of small, independent numpy summaries that plots, the report and
+``show`` read from the same run-directory arrays.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""What a ``raysens report`` contains, as :class:`raysens.report.render.Doc` blocks."""
+"""What a ``raysens report`` contains, as :class:`raysens.report.render.Doc` blocks.
+
+Why this module is long: every section of a report, in reading order; each helper is short and used
+by one section.
+"""
 
 from __future__ import annotations
 

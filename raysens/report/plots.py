@@ -17,6 +17,9 @@
 ``write_compare_plots(run_a, run_b, out_dir)`` writes ``compare_layer_NNN.png`` (B − A and
 log10(B / A) per common layer). Works on local paths and ``pyarrow.fs`` URIs. matplotlib is only
 imported when a plot is drawn (``pip install raysens[plots]``).
+
+Why this module is long: one function per plot kind and the writers for a run, a comparison and a
+sweep, which share the loading, titles and colour-scale helpers.
 """
 
 from __future__ import annotations

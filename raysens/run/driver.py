@@ -15,7 +15,7 @@ from ..stats.cells import CellStats
 from ..store import results
 from ..store.partials import SKIP_REASONS
 from ..store.rundir import RunDir, RunError
-from .plan import RunPlan
+from .prepare import PreparedRun
 
 __all__ = ["Progress", "finalize", "write_plots", "RunError"]
 
@@ -62,16 +62,16 @@ def _fmt_s(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
 
 
-def finalize(plan: RunPlan, rdir: RunDir, manifest: dict, timings: dict, backend: dict) -> dict:
+def finalize(prepared: PreparedRun, rdir: RunDir, manifest: dict, timings: dict, backend: dict) -> dict:
     """Merge the checkpoint and every partial (one file at a time), write stats, manifest and plots."""
     # the checkpoint's merge (rolling compaction) continued with the remaining partials (exact and
     # order-independent: raysens.stats.cells; raysens.store.checkpoint.Fold: accumulators follow the
     # observed lengths, grown as longer partials arrive, never the configured max_seq_len)
-    if plan.config.output.compact_every:  # fold the tail too: a finished run keeps a checkpoint and no partial
+    if prepared.config.output.compact_every:  # fold the tail too: a finished run keeps a checkpoint and no partial
         rdir.compact(1)
     fold = rdir.fold_all()
     acc, per_sample, computed, compute_s = fold.acc, fold.per_sample, fold.computed, fold.compute_s
-    if not plan.config.output.per_sample:
+    if not prepared.config.output.per_sample:
         per_sample = None
     skipped, model, devices, strategies, modes = fold.skipped, fold.model, fold.devices, fold.strategies, fold.modes
     skipped = {r: ids for r, ids in skipped.items() if ids}
@@ -81,22 +81,22 @@ def finalize(plan: RunPlan, rdir: RunDir, manifest: dict, timings: dict, backend
     m["samples"] = {**m["samples"], "computed": computed, "skipped": n_skipped,
                     "skipped_by_reason": {r: len(v) for r, v in skipped.items()}, "skipped_ids": skipped,
                     "skip_reasons": {r: SKIP_REASONS[r] for r in skipped}}
-    m["units"] = {**m["units"], "reused": len(plan.units) - rdir.written, "computed_this_run": rdir.written,
+    m["units"] = {**m["units"], "reused": len(prepared.units) - rdir.written, "computed_this_run": rdir.written,
                   "corrupt_recomputed": rdir.corrupt,
-                  "compaction": {**rdir.compaction, "compact_every": plan.config.output.compact_every}}
+                  "compaction": {**rdir.compaction, "compact_every": prepared.config.output.compact_every}}
     m["timings"] = {**m["timings"], **timings, "finished": now_iso(), "compute_s_total": round(compute_s, 3)}
     m["backend"] = {**backend, "devices": sorted(d for d in devices if d), "strategies": sorted(strategies),
                     "modes": sorted(modes)}
     if computed == 0:
         m["status"] = "failed"
-        m["error"] = (f"no sample could be computed: all {plan.n_selected} selected samples were skipped "
+        m["error"] = (f"no sample could be computed: all {prepared.n_selected} selected samples were skipped "
                       f"({m['samples']['skipped_by_reason']})")
-        results.write_manifest(plan.run_dir, m)
-        raise RunError(f"{m['error']}; see {plan.run_dir}/manifest.json")
+        results.write_manifest(prepared.run_dir, m)
+        raise RunError(f"{m['error']}; see {prepared.run_dir}/manifest.json")
     acc = {L: st if st is not None else CellStats.empty(1) for L, st in acc.items()}
     seq = _observed_len(acc)
     m["seq_len"] = seq
-    _write_stats(plan.run_dir, acc, seq)
+    _write_stats(prepared.run_dir, acc, seq)
     m["stats"] = {str(L): results.layer_file(L) for L in acc}
     if per_sample is not None:
         if per_sample["missing_units"]:
@@ -106,9 +106,9 @@ def finalize(plan: RunPlan, rdir: RunDir, manifest: dict, timings: dict, backend
                 f"(computed before output.per_sample was on): {per_sample['missing_units'][:5]}")
         m["per_sample"] = per_sample
     m["status"] = "complete"
-    results.write_manifest(plan.run_dir, m)  # complete before plotting: a plotting failure loses nothing
-    if plan.config.output.plots:
-        m["plots"] = write_plots(plan.run_dir)
+    results.write_manifest(prepared.run_dir, m)  # complete before plotting: a plotting failure loses nothing
+    if prepared.config.output.plots:
+        m["plots"] = write_plots(prepared.run_dir)
     return m
 
 

@@ -30,6 +30,9 @@ half repeats an earlier one (the corpus repeats a few passages): N different tex
 sample_ids. The sweep uses it as ``base.data`` (kind text). It exists so a scaled-down sweep
 can run 10,000 samples here, where the bundled corpus has 1,377 rows; real sweeps point
 ``data.source`` at a real dataset. Running a sweep: ``raysens.run.sweep``. No torch, no Ray.
+
+Why this module is long: the sweep file's schema, its checks and its expansion into points, with the
+per-point corpus window those points need.
 """
 
 from __future__ import annotations

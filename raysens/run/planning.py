@@ -32,8 +32,8 @@ def prepare_model_side(jobs: list, session: dict | None) -> None:
     planned job's pilot (``backends.remote.on_worker``: the driver reads no weight file and never
     runs the model); in process, here. Then each planned job gets its plan (``attach_plan``:
     plan.json, or the pilot). Called by the runner before it writes anything."""
-    from ..core.weights import checked_identity, model_identity
-    from .plan import adopt_model_identity, check_device
+    from ..core.models.identity import checked_identity, model_identity
+    from .prepare import adopt_model_identity, check_device
 
     idents: dict[tuple, dict] = {}
     for job in jobs:
@@ -44,15 +44,15 @@ def prepare_model_side(jobs: list, session: dict | None) -> None:
 
             check_device(m.device, session["resources"].get("GPU", 0))  # before a task asks for the device
             there = functools.partial(on_worker, job.config.cluster, m.device)
-        if "model" not in job.plan.inputs:  # a Ray run's driver left it out (plan.prepare)
+        if "model" not in job.prepared.inputs:  # a Ray run's driver left it out (prepare.prepare)
             key = (m.name, m.trust_remote_code)
             if key not in idents:
                 if there is not None:
                     idents[key] = there(checked_identity, m.name, trust_remote_code=m.trust_remote_code)
                 else:  # no session (nothing to compute): the identity the results were made from
-                    idents[key] = _recorded_model_identity(job.plan.run_dir) or model_identity(
+                    idents[key] = _recorded_model_identity(job.prepared.run_dir) or model_identity(
                         m.name, trust_remote_code=m.trust_remote_code)
-            adopt_model_identity(job.plan, job.rdir, idents[key])
+            adopt_model_identity(job.prepared, job.rdir, idents[key])
         attach_plan(job, there)
 
 
@@ -88,17 +88,17 @@ def attach_plan(job, remote=None) -> dict | None:
     sens = job.config.sensitivity
     if not sens.planned:
         return None
-    plan = read_plan(job.plan.run_dir)
+    plan = read_plan(job.prepared.run_dir)
     if plan is not None:
-        if plan.get("fingerprint") != job.plan.fingerprint:
-            raise RunError(f"{job.plan.run_dir}/{PLAN_FILE} belongs to another configuration (fingerprint "
-                           f"{plan.get('fingerprint')}, this config {job.plan.fingerprint}); use another output.dir")
+        if plan.get("fingerprint") != job.prepared.fingerprint:
+            raise RunError(f"{job.prepared.run_dir}/{PLAN_FILE} belongs to another configuration (fingerprint "
+                           f"{plan.get('fingerprint')}, this config {job.prepared.fingerprint}); use another output.dir")
         log(f"{job.name}: reusing the plan in {PLAN_FILE} (no pilot)")
         job.plan_source = PLAN_FILE
     else:
-        plan = make_run_plan(job.config, job.plan, remote)
-        plan["fingerprint"] = job.plan.fingerprint
-        write_plan(job.plan.run_dir, plan)
+        plan = make_layer_plan(job.config, job.prepared, remote)
+        plan["fingerprint"] = job.prepared.fingerprint
+        write_plan(job.prepared.run_dir, plan)
         job.plan_source = "pilot"
     log(f"{job.name}: plan {' '.join(plan['layer_plan'])} (predicted worst relative SE "
         f"{plan['worst_predicted']:.3g}, cost {plan['cost']['relative_to_auto_k1']:.2f}x mode auto K=1)")
@@ -107,13 +107,13 @@ def attach_plan(job, remote=None) -> dict | None:
     return plan
 
 
-def make_run_plan(config, run_plan, remote=None) -> dict:
+def make_layer_plan(config, prepared, remote=None) -> dict:
     """Run the pilot (``compute_pilot``) in this process, or through ``remote(compute_pilot, ...)`` (a
     Ray task: the tokenizer and the model are loaded there, not here)."""
     t0 = time.perf_counter()
     log(f"planning: pilot of the first {config.sensitivity.pilot_samples} computable samples in both modes"
         + (" in a Ray task" if remote is not None else ""))
-    args = (config, run_plan.units, run_plan.corpus, tuple(run_plan.layers), run_plan.n_selected)
+    args = (config, prepared.units, prepared.corpus, tuple(prepared.layers), prepared.n_selected)
     plan = compute_pilot(*args) if remote is None else remote(compute_pilot, *args)
     ids = plan["pilot"]["sample_ids"]
     log(f"planning: pilot of {len(ids)} samples (sample_ids {ids[0]}..{ids[-1]}) done")
@@ -146,12 +146,12 @@ def pilot_inputs(config, units, corpus) -> tuple[list[int], list[list[int]]]:
 def compute_pilot(config, units, corpus, layers: tuple[int, ...], n: int, device: str | None = None) -> dict:
     """Tokenize the pilot samples (``pilot_inputs``: the run's ``units`` of ``corpus``), load the model
     (on ``device``; None: ``model.device``, ``auto`` resolved where this runs) and run the pilot
-    (``core.pilot.run_pilot``); returns the plan (a small dict). The tokenizer and the model are
+    (``core.planning.pilot.run_pilot``); returns the plan (a small dict). The tokenizer and the model are
     loaded here, never on a Ray run's driver."""
     from ..core.engine import SensitivityEngine
     from ..core.models import load_model
-    from ..core.pilot import run_pilot
-    from ..core.synthetic import SyntheticEngine, is_synthetic
+    from ..core.planning.pilot import run_pilot
+    from ..core.models.synthetic import SyntheticEngine, is_synthetic
 
     ids, toks = pilot_inputs(config, units, corpus)
     m = config.model

@@ -14,6 +14,9 @@ A *job* is one run directory being computed: a plain run (``raysens run``) is on
 3. A job whose units did not all arrive is reported as incomplete (rerun to compute them).
 
 ``on_change(job)`` is called whenever a job's status changes (the sweep rewrites ``sweep.json``).
+
+Why this module is long: one runner for runs and sweeps: opening the jobs, the pass over a backend
+and finalisation are one sequence with shared interrupt and error handling.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from ..store.rundir import RunDir, RunError
 from ..testing import faults
 from . import signals
 from .driver import Progress, finalize
-from .plan import RunPlan, base_manifest, check_device, open_run_dir, prepare
+from .prepare import PreparedRun, base_manifest, check_device, open_run_dir, prepare
 from .planning import prepare_model_side
 
 
@@ -58,7 +61,7 @@ class Job:
 
     name: str  # the run's name (a sweep point's name; the run directory's basename for a plain run)
     config: RunConfig
-    plan: RunPlan
+    prepared: PreparedRun
     rdir: RunDir
     manifest: dict  # the manifest written when the job starts; finalize completes it
     left: int  # units still to arrive
@@ -92,10 +95,10 @@ class Runner:
 
     def open(self, name: str, config: RunConfig, started: str, extra: dict | None = None) -> Job:
         """Validate ``config`` and open its run directory (writes nothing but corrupt-partial moves)."""
-        plan = prepare(config, model_identity=not self.use_ray)  # a Ray driver reads no weight file
-        rdir = open_run_dir(plan)
-        manifest = {**base_manifest(plan, "running", started), **(extra or {})}
-        job = Job(name, config, plan, rdir, manifest, len(rdir.todo()))
+        prepared = prepare(config, model_identity=not self.use_ray)  # a Ray driver reads no weight file
+        rdir = open_run_dir(prepared)
+        manifest = {**base_manifest(prepared, "running", started), **(extra or {})}
+        job = Job(name, config, prepared, rdir, manifest, len(rdir.todo()))
         self.jobs.append(job)
         return job
 
@@ -111,7 +114,7 @@ class Runner:
         (``signals.Terminated``); the error is re-raised (storage errors as ``RunError``, Ray's
         wrappers already unwrapped to their cause by the backend) and every lease is released.
         """
-        total = sum(j.plan.n_selected for j in self.jobs)
+        total = sum(j.prepared.n_selected for j in self.jobs)
         todo = self.todo_samples
         self.progress = Progress(total, total - todo, progress_every_s)
         groups: dict[tuple, list[Job]] = {}
@@ -152,7 +155,7 @@ class Runner:
                 merger = backends.tree_merger()  # (issue 31), not one state per shipment, on the driver
                 job.rdir.set_merger(merger, min_partials=merger.fan_in)
         for job in self.jobs:  # like a standalone run: "running" until the job is finalized
-            results.write_manifest(job.plan.run_dir, job.manifest)
+            results.write_manifest(job.prepared.run_dir, job.manifest)
         self._written = True
         for group in groups.values():
             self._pass(group)
@@ -182,8 +185,8 @@ class Runner:
     def resume_hint(self) -> str:
         """``5/9 units are saved in DIR; rerun the same command to resume``."""
         done = sum(len(j.rdir.done) for j in self.jobs)
-        total = sum(len(j.plan.units) for j in self.jobs)
-        where = self.jobs[0].plan.run_dir if len(self.jobs) == 1 else f"{len(self.jobs)} run directories"
+        total = sum(len(j.prepared.units) for j in self.jobs)
+        where = self.jobs[0].prepared.run_dir if len(self.jobs) == 1 else f"{len(self.jobs)} run directories"
         return f"{done}/{total} units are saved in {where}; rerun the same command to resume"
 
     def close(self) -> None:
@@ -200,7 +203,7 @@ class Runner:
             m = {**job.manifest, "status": status, "error": reason,
                  "units": {**job.manifest["units"], "done": len(job.rdir.done)}}
             try:
-                results.write_manifest(job.plan.run_dir, m)
+                results.write_manifest(job.prepared.run_dir, m)
             except Exception as exc:  # the original error matters more than this one
                 log(f"{job.name}: could not mark the manifest {status} ({type(exc).__name__}: {exc})")
             self._on_change(job)
@@ -251,7 +254,7 @@ class Runner:
                     log(f"follow-up pass: {sum(len(j.rdir.todo()) for j in job_left)} unit(s) were folded by an actor "
                         "but never shipped (no end-of-stream flush reached it, or it died); recomputing them")
                     work = job_left
-                specs = [backends.JobUnits(j.config, j.plan.corpus, j.rdir.todo(), j.plan.fingerprint,
+                specs = [backends.JobUnits(j.config, j.prepared.corpus, j.rdir.todo(), j.prepared.fingerprint,
                                            ship_every_units=1 if attempt else None) for j in work]
                 backends.run_jobs(specs, on_result, use_ray=self.use_ray, info=backend)
         loads = set().union(*(j.load_ids for j in group))
@@ -266,7 +269,7 @@ class Runner:
                 job.status = "incomplete"
                 job.error = (f"{len(missing)} units produced no result (first sample_ids "
                              f"{[int(u[0]) for u in missing[:5]]}); rerun with the same output.dir to compute them")
-                results.write_manifest(job.plan.run_dir, {**job.manifest, "status": "incomplete", "error": job.error})
+                results.write_manifest(job.prepared.run_dir, {**job.manifest, "status": "incomplete", "error": job.error})
                 self._on_change(job)
 
     def _finish(self, job: Job, backend: dict, pass_size: int) -> None:
@@ -278,14 +281,14 @@ class Runner:
             timings["note"] = ("the run shares its model's pass with the model's other runs: wall time from that "
                                "pass's start to this run's last unit")
         try:
-            job.final = finalize(job.plan, rdir, job.manifest, timings,
+            job.final = finalize(job.prepared, rdir, job.manifest, timings,
                                  {**backend, "model_load_ids": sorted(x for x in job.load_ids if x)})
             job.status = "complete"
         except RunError as exc:
             job.status, job.error = "failed", str(exc)
             log(f"{job.name} failed: {exc}")
-            if results.read_manifest(job.plan.run_dir).get("status") != "failed":
-                results.write_manifest(job.plan.run_dir, {**job.manifest, "status": "failed", "error": str(exc)})
+            if results.read_manifest(job.prepared.run_dir).get("status") != "failed":
+                results.write_manifest(job.prepared.run_dir, {**job.manifest, "status": "failed", "error": str(exc)})
         self._on_change(job)
 
 
@@ -326,8 +329,8 @@ def run_local(config: RunConfig) -> RunSummary:
 
 def _run(config: RunConfig, use_ray: bool) -> RunSummary:
     job = _run_one(config, use_ray)
-    _print_summary(job.plan, job.final)
-    return RunSummary(job.plan.run_dir, job.final)
+    _print_summary(job.prepared, job.final)
+    return RunSummary(job.prepared.run_dir, job.final)
 
 
 def with_overrides(config: RunConfig, **sections) -> RunConfig:
@@ -339,25 +342,25 @@ def with_overrides(config: RunConfig, **sections) -> RunConfig:
     return dataclasses.replace(config, **out)
 
 
-def _print_summary(plan: RunPlan, m: dict) -> None:
+def _print_summary(prepared: PreparedRun, m: dict) -> None:
     s = m["samples"]
     log(f"done: {s['computed']} samples computed, {s['skipped']} skipped "
         f"{s.get('skipped_by_reason') or ''} in {m['timings']['wall_s']:.1f}s")
-    print(f"results: {plan.run_dir}")
+    print(f"results: {prepared.run_dir}")
     heat = [p for p in m.get("plots", []) if "heatmap" in p]
-    if len(plan.layers) <= 3:
-        for L in plan.layers:
-            print(f"  layer {L}: {plan.run_dir}/stats/layer_{L:03d}.npz")
+    if len(prepared.layers) <= 3:
+        for L in prepared.layers:
+            print(f"  layer {L}: {prepared.run_dir}/stats/layer_{L:03d}.npz")
         for p in heat:
-            print(f"  heatmap: {plan.run_dir}/{p}")
+            print(f"  heatmap: {prepared.run_dir}/{p}")
     else:  # many layers: one line each kind, not one per layer
-        print(f"  stats: {plan.run_dir}/stats/layer_NNN.npz for {len(plan.layers)} layers "
-              f"({plan.layers[0]}..{plan.layers[-1]})")
+        print(f"  stats: {prepared.run_dir}/stats/layer_NNN.npz for {len(prepared.layers)} layers "
+              f"({prepared.layers[0]}..{prepared.layers[-1]})")
         if "plots/layers_summary.png" in m.get("plots", []):
-            print(f"  layer profile: {plan.run_dir}/plots/layers_summary.png")
+            print(f"  layer profile: {prepared.run_dir}/plots/layers_summary.png")
         if heat:
-            print(f"  heatmap: {plan.run_dir}/{heat[-1]} (and one per layer: plots/layer_NNN_heatmap.png)")
-    print(f"load with: raysens.load_run({plan.run_dir!r})")
+            print(f"  heatmap: {prepared.run_dir}/{heat[-1]} (and one per layer: plots/layer_NNN_heatmap.png)")
+    print(f"load with: raysens.load_run({prepared.run_dir!r})")
 
 
 def _run_one(config: RunConfig, use_ray: bool) -> Job:
@@ -366,11 +369,11 @@ def _run_one(config: RunConfig, use_ray: bool) -> Job:
     started = now_iso()
     runner = Runner(use_ray)
     job = runner.open(config.output.dir or "run", config, started)  # validates: raises before anything is written
-    plan = job.plan
-    log(f"run {plan.fingerprint}: {plan.n_selected} samples of {plan.n_rows} in {len(plan.units)} units, "
-        f"layers {list(plan.layers)}, {config.sensitivity.estimator.value}, precision "
+    prepared = job.prepared
+    log(f"run {prepared.fingerprint}: {prepared.n_selected} samples of {prepared.n_rows} in {len(prepared.units)} units, "
+        f"layers {list(prepared.layers)}, {config.sensitivity.estimator.value}, precision "
         f"{config.sensitivity.precision.value}; {runner.todo_samples} samples to "
-        f"compute -> {plan.run_dir}")
+        f"compute -> {prepared.run_dir}")
     runner.run(config.output.progress_every_s)
     if job.status != "complete":
         err = RunError(job.error or f"run ended {job.status}")
@@ -381,5 +384,5 @@ def _run_one(config: RunConfig, use_ray: bool) -> Job:
     m["timings"]["wall_s"] = round(time.perf_counter() - t0, 3)  # including validation, final merge and plots
     if runner.session:
         m["backend"]["address"] = runner.session["address"]
-    results.write_manifest(plan.run_dir, m)
+    results.write_manifest(prepared.run_dir, m)
     return job

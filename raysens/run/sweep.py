@@ -93,7 +93,7 @@ def run_sweep(sweep: Sweep, use_ray: bool | None = None) -> SweepSummary:
             st.update(samples=_samples(job.final), wall_s=job.final["timings"]["wall_s"])
             s = job.final["samples"]
             print(f"point {job.name}: {s['computed']} samples computed, {s['skipped']} skipped -> "
-                  f"{job.plan.run_dir}", flush=True)
+                  f"{job.prepared.run_dir}", flush=True)
         elif job.status in ("failed", "incomplete"):
             st["error"] = job.error
             if job.status == "incomplete":
@@ -124,7 +124,7 @@ def run_sweep(sweep: Sweep, use_ray: bool | None = None) -> SweepSummary:
             runner.close()  # release the leases of the points already opened
             raise SweepError(f"point {p.name}: {exc}") from exc
         status[p.name] = {"status": "pending", "this_run": "resumed" if job.rdir.done else "new"}
-    total = sum(j.plan.n_selected for j in runner.jobs)
+    total = sum(j.prepared.n_selected for j in runner.jobs)
     n_skipped = len(points) - len(runner.jobs)
     log(f"sweep {sweep.name}: {len(points)} points ({n_skipped} already complete, {len(runner.jobs)} to run, "
         f"{runner.todo_samples} samples to compute) -> {sweep.dir}")
@@ -161,7 +161,7 @@ _INPUTS: dict = {}  # ("model", model, use_ray) / ("corpus", data config) -> ide
 
 
 def _inputs(config, use_ray: bool) -> dict:
-    """The content identity a point's manifest records (``run/plan.py: prepare``), memoised: a
+    """The content identity a point's manifest records (``run/prepare.py: prepare``), memoised: a
     sweep's points share their corpus and models. The corpus is identified here; the model in this
     process only for an in-process sweep: a Ray sweep's driver reads no weight file (issue 31; a
     KubeRay head mounts no model volume), so its model identity comes from ``_worker_identity``."""
@@ -172,7 +172,7 @@ def _inputs(config, use_ray: bool) -> dict:
         if use_ray:
             _INPUTS[mkey] = _worker_identity(config)
         else:
-            from ..core.weights import model_identity
+            from ..core.models.identity import model_identity
 
             _INPUTS[mkey] = model_identity(config.model.name, trust_remote_code=config.model.trust_remote_code)
     ckey = ("corpus", repr(config.data))
@@ -187,7 +187,7 @@ def _worker_identity(config) -> dict:
     (``backends.remote.on_worker``), in a Ray session joined (or started) for it."""
     from .. import backends
     from ..backends.remote import on_worker
-    from ..core.weights import checked_identity
+    from ..core.models.identity import checked_identity
 
     m = config.model
     with backends.session(config.cluster, use_ray=True):

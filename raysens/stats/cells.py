@@ -14,6 +14,10 @@ N actors, any unit assignment, crashes and resumes). Values must be finite, >= 0
 Per cell: ``count`` int32, two ``ExactSum`` (25 bytes each), ``max``/``min`` float64, ``max_id``
 int64, the histogram (132 bytes): **214 bytes** (+25 with probe noise), against 1,624 for the
 Welford + extremes + fixed 388-bin histogram state before issue 18.
+
+Why this module is long: the per-cell state is one mergeable object (built from a batch, merged,
+encoded, read as statistics) whose operations share the layout of its blocks; split, that private
+layout would become an interface between modules.
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ values are exact.
 **Memory** per cell: ``W`` counters (uint16 while the state holds at most 65,535 samples, uint32
 beyond), ``start`` (int16), ``level`` and ``end`` (uint8): **132 bytes** (260 beyond 65,535 samples) instead of
 the fixed 388-bin histogram's 1,552. numpy only.
+
+Why this module is long: the grid, the per-cell window and its level rule, merging and the quantile
+readout are one data structure whose invariants are argued together; much of the length is that
+argument, in this docstring.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ Parquet row groups of the selected rows (``row_readers.py``), ``datasets`` rows 
 memory-mapped Arrow table, JSONL / text lines through a cached line-offset index
 (``line_index.py``). Only gzip-compressed JSONL (no random access) is still read whole, once per
 process.
+
+Why this module is long: every corpus source behind one ``Corpus`` with stable sample ids
+(selection, identity, description, text access); the row readers and line indexes are in their own
+modules.
 """
 
 from __future__ import annotations

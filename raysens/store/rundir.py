@@ -15,6 +15,10 @@ them, the checkpoint's merge continued one partial at a time, so driver memory d
 number of samples; the per-cell state is exact and order-independent (``raysens.stats.cells``), so
 a resumed or compacted run, or one with another number of actors, gives bit for bit what an
 uninterrupted one gives. numpy/pyarrow only.
+
+Why this module is long: a run directory's life (open, validate against the config, resume, take
+partials, compaction bookkeeping) is one state machine on ``RunDir``; the file formats it reads and
+writes are in their own modules.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ def _short(h) -> str:
 
 
 def diff_inputs(old: dict, new: dict) -> list[str]:
-    """What differs between two ``inputs`` identities (``run/plan.py: input_identity``), one phrase
+    """What differs between two ``inputs`` identities (``run/prepare.py: input_identity``), one phrase
     each; paths and modification times are not compared (the same bytes elsewhere are the same input)."""
     out = []
     oc, nc = old.get("corpus") or {}, new.get("corpus") or {}
@@ -103,7 +107,7 @@ def diff_inputs(old: dict, new: dict) -> list[str]:
 
 
 def _model_file_differs(a: dict, b: dict) -> bool:
-    """Two ``core.weights.file_digest`` entries of one model file differ: by size, or by a digest both
+    """Two ``core.models.identity.file_digest`` entries of one model file differ: by size, or by a digest both
     have (``sha256`` of the whole file, ``sample_sha256`` of a large one's header and samples; an entry
     written before sampled digests existed has only ``sha256``: then the size decides)."""
     if a.get("size") != b.get("size"):

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from refs import make_model, random_ids, reference, rel_fro  # noqa: E402
 
 from raysens.core.engine import SampleMemoryError, SensitivityConfig, SensitivityEngine  # noqa: E402
-from raysens.core.unitsums import scatter_add, scatter_rounds  # noqa: E402
+from raysens.core.memory.unitsums import scatter_add, scatter_rounds  # noqa: E402
 
 try:
     import pytest

@@ -11,7 +11,7 @@ import functools
 import numpy as np
 import torch
 
-from raysens.core.fused import uninstall_fused_norms
+from raysens.core.passes.fused import uninstall_fused_norms
 
 VOCAB = 100
 HIDDEN = 32

@@ -17,7 +17,7 @@ from raysens.errors import ArgumentError, RaysensError, detail_of
 PKG = Path(__file__).resolve().parents[2] / "raysens"
 # exceptions that never reach the user: control flow inside one module (a lane job skipped, a probe
 # stopped, the test-only simulated Ctrl-C, the SIGTERM signal turned into an exception)
-INTERNAL = {"raysens.backends.overlap.Skipped", "raysens.core.conventions.Stop",
+INTERNAL = {"raysens.backends.overlap.Skipped", "raysens.core.models.conventions.Stop",
             "raysens.testing.faults.SimulatedInterrupt", "raysens.run.signals.Terminated"}
 
 
@@ -62,10 +62,10 @@ def test_every_user_facing_error_is_a_raysens_error():
     ("raysens.config.ConfigError", ValueError), ("raysens.store.corpus.CorpusError", ValueError),
     ("raysens.store.rundir.RunError", RuntimeError), ("raysens.backends.spec.ClusterError", RuntimeError),
     ("raysens.run.sweep.SweepError", RuntimeError), ("raysens.store.partials.PartialError", ValueError),
-    ("raysens.store.checkpoint.CheckpointError", ValueError), ("raysens.core.loading.WeightsError", ValueError),
-    ("raysens.store.lease.LeaseError", RuntimeError), ("raysens.core.models.ModelLoadError", RuntimeError),
+    ("raysens.store.checkpoint.CheckpointError", ValueError), ("raysens.core.models.loading.WeightsError", ValueError),
+    ("raysens.store.lease.LeaseError", RuntimeError), ("raysens.core.models.hub.ModelLoadError", RuntimeError),
     ("raysens.core.engine.NonFiniteGradientError", FloatingPointError),
-    ("raysens.core.oom.SampleMemoryError", MemoryError), ("raysens.backends.overlap.FoldError", RuntimeError),
+    ("raysens.core.memory.oom.SampleMemoryError", MemoryError), ("raysens.backends.overlap.FoldError", RuntimeError),
     ("raysens.errors.ArgumentError", ValueError)])
 def test_each_error_keeps_its_builtin_base(name, builtin):
     assert issubclass(CLASSES[name], builtin) and issubclass(CLASSES[name], RaysensError)
@@ -102,7 +102,7 @@ def test_restated_errors_use_the_detail_and_say_the_same():
     """Config keys, the engine's layers and compat's arguments restate a core error under their own
     name: the text is the one the old ``.replace`` of the prefix gave."""
     from raysens.config import ConfigError, load_config
-    from raysens.core.architecture import resolve_layer_indices
+    from raysens.core.models.structure import resolve_layer_indices
     from raysens.core.options import SensitivityConfig
 
     with pytest.raises(ArgumentError) as ei:
@@ -121,7 +121,7 @@ def test_restated_errors_use_the_detail_and_say_the_same():
 
 @pytest.mark.parametrize("make", [
     lambda: __import__("raysens.backends.overlap", fromlist=["x"]).FoldError("the fold of unit 3 failed"),
-    lambda: __import__("raysens.core.oom", fromlist=["x"]).SampleMemoryError("sample 4 does not fit"),
+    lambda: __import__("raysens.core.memory.oom", fromlist=["x"]).SampleMemoryError("sample 4 does not fit"),
     lambda: __import__("raysens.report.commands", fromlist=["x"]).CommandError("no run in /x"),
     lambda: __import__("raysens.store.lease", fromlist=["x"]).LeaseError("another driver holds /x"),
 ])

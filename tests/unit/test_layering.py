@@ -1,5 +1,5 @@
-"""The package's layers (docs/DESIGN.md §3): the import arrows that must never exist, no import
-circles, and modules small enough to read.
+"""The package's layers (docs/DESIGN.md §3, "The package layout"): the import arrows that must never
+exist, no import circles, folders a reader can take in, and long modules that say why they are long.
 
 Two kinds of check: a static one over every ``import`` statement in the source (including imports
 inside functions, which are arrows too), and a dynamic one that imports a layer in a fresh
@@ -17,8 +17,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "raysens"
-MAX_LINES = 400
-LONG_REASON = "Longer than 400 lines because"
+LONG_LINES = 300  # a module longer than this states why at its top
+LONG_REASON = "Why this module is long:"
+MAX_MODULES = 12  # modules side by side in one folder (not counting __init__)
 
 
 def _module_name(path: Path) -> str:
@@ -81,7 +82,7 @@ def _top(t: str) -> str:
 
 def test_the_static_scan_sees_imports():
     # guards against a scan that finds nothing (every never-arrow test would then pass vacuously)
-    assert "raysens.core.engine" in GRAPH["raysens.run.plan"] or "raysens.core.architecture" in GRAPH["raysens.run.plan"]
+    assert "raysens.core.models.structure" in GRAPH["raysens.run.prepare"]
     assert "ray" in GRAPH["raysens.backends.ray_pool"]
     assert "torch" in GRAPH["raysens.core.engine"]
 
@@ -116,6 +117,47 @@ def test_stats_imports_only_itself_and_no_torch():
         (_top(t) == "raysens" and not (_ours(t) or "").startswith("raysens.stats") and _ours(t) not in LEAVES)
         or _top(t) in ("torch", "transformers", "ray")))
     assert not bad, bad
+
+
+def _in(pkg: str):
+    """Predicate: the module of ours an import refers to is ``pkg`` or inside it."""
+    return lambda t: (lambda o: o == pkg or o.startswith(pkg + "."))(_ours(t) or "")
+
+
+@pytest.mark.parametrize("low, high", [
+    # the hand-written stacks are torch only: nothing else of the engine
+    ("raysens.core.stacks", "raysens.core.models"), ("raysens.core.stacks", "raysens.core.passes"),
+    ("raysens.core.stacks", "raysens.core.memory"), ("raysens.core.stacks", "raysens.core.planning"),
+    ("raysens.core.stacks", "raysens.core.engine"),
+    # model adaptation knows nothing of how the engine differentiates, sizes or plans
+    ("raysens.core.models", "raysens.core.passes"), ("raysens.core.models", "raysens.core.memory"),
+    ("raysens.core.models", "raysens.core.stacks"), ("raysens.core.models", "raysens.core.planning"),
+    # memory accounting is below model adaptation, the stacks and the engine
+    ("raysens.core.memory", "raysens.core.models"), ("raysens.core.memory", "raysens.core.stacks"),
+    ("raysens.core.memory", "raysens.core.engine"), ("raysens.core.memory", "raysens.core.planning"),
+    # the passes are the engine's parts: they never call the engine or the planning above it
+    ("raysens.core.passes", "raysens.core.engine"), ("raysens.core.passes", "raysens.core.planning"),
+    # the public engine never reaches up into planning (planning wraps the engine)
+    ("raysens.core.engine", "raysens.core.planning"),
+    # options are plain Python read by the config: nothing of the engine
+    ("raysens.core.options", "raysens.core.engine"), ("raysens.core.options", "raysens.core.models"),
+    ("raysens.core.options", "raysens.core.passes"),
+])
+def test_arrows_inside_the_engine_point_down(low, high):
+    """The engine's packages (docs/DESIGN.md, "The package layout"): ``low`` never imports ``high``."""
+    src, dst = _in(low), _in(high)
+    bad = _violations(lambda m, t: src(m) and dst(t))
+    assert not bad, bad
+
+
+def test_the_arrow_check_sees_real_arrows():
+    # guards against _in / _ours never matching (every arrow test above would pass vacuously)
+    assert _violations(lambda m, t: _in("raysens.core.engine")(m) and _in("raysens.core.passes")(t))
+    assert _violations(lambda m, t: _in("raysens.core.passes")(m) and _in("raysens.core.memory")(t))
+
+
+def test_options_do_not_import_torch():
+    assert not _violations(lambda m, t: m == "raysens.core.options" and _top(t) in ("torch", "transformers", "ray"))
 
 
 def test_store_never_imports_the_engine():
@@ -223,6 +265,9 @@ def _loaded_after(stmt: str) -> set[str]:
      {"torch", "ray", "transformers"}),
     ("import raysens.report.commands, raysens.report.plots, raysens.report.content", {"torch", "ray", "transformers"}),
     ("import raysens.core.engine, raysens.stats.welford, raysens.compat", {"ray"}),
+    # the engine's faces are lazy: importing them (and naming a model) loads no torch
+    ("import raysens.core, raysens.core.models.registry, raysens.core.passes, raysens.core.memory, "
+     "raysens.core.planning; raysens.core.models.registry.source_kind('minilm')", {"torch", "ray", "transformers"}),
     ("import raysens.stats; raysens.stats.CellStats.empty(4).statistics()", {"torch", "ray", "transformers", "numba"}),
     ("import raysens.run.runner, raysens.run.sweep, raysens.backends.local", {"ray"}),
 ])
@@ -235,15 +280,32 @@ def test_the_dynamic_check_can_fail():
     assert "torch" in _loaded_after("import raysens.core.engine")
 
 
-def test_modules_are_small_or_say_why():
+def test_long_modules_say_why():
+    """One concern per module, not a line cap: a module over ``LONG_LINES`` lines says at its top (in its
+    docstring) why it is long, so that a long module is a decision, not an accident."""
     files = list(PKG.rglob("*.py")) + list((ROOT / "jobs").rglob("*.py"))
     long = []
     for p in files:
         n = len(p.read_text().splitlines())
         doc = ast.get_docstring(ast.parse(p.read_text())) or ""
-        if n > MAX_LINES and LONG_REASON not in doc:
+        if n > LONG_LINES and LONG_REASON not in doc:
             long.append(f"{p.relative_to(ROOT)} ({n} lines)")
-    assert not long, f"modules over {MAX_LINES} lines without '{LONG_REASON} …' in their docstring: {long}"
+    assert not long, f"modules over {LONG_LINES} lines without '{LONG_REASON} …' in their docstring: {long}"
+
+
+def _folders() -> list[Path]:
+    return sorted({p.parent for p in PKG.rglob("*.py") if "__pycache__" not in p.parts})
+
+
+WIDE_PENDING = {"store": "issue 28: the corpus reader and the run directory are still side by side"}
+
+
+@pytest.mark.parametrize("folder", [pytest.param(
+    f, marks=[pytest.mark.xfail(strict=True, reason=WIDE_PENDING[f.name])] if f.name in WIDE_PENDING else [],
+    id=str(f.relative_to(ROOT))) for f in _folders()])
+def test_no_folder_holds_more_than_a_dozen_modules(folder):
+    mods = sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__")
+    assert len(mods) <= MAX_MODULES, f"{folder.relative_to(ROOT)} holds {len(mods)} modules: {mods}"
 
 
 def test_one_import_path_per_thing():

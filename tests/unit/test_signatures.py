@@ -20,8 +20,8 @@ MAX_PARAMS = 8
 # function name -> its parameter count today (keyed by name, not path: the core's files move into
 # subpackages); their callers are outside the engine's pass code
 PENDING = {
-    "run_pilot": 9,  # core/pilot.py; called by raysens/run/planning.py and jobs/bench/planner.py
-    "plan_unit": 12,  # core/sizing.py; called by raysens/run/plan.py, core/sizing.py and jobs/bench
+    "run_pilot": 9,  # core/planning/pilot.py; called by raysens/run/planning.py and jobs/bench/planner.py
+    "plan_unit": 12,  # core/memory/sizing.py; called by raysens/backends/subunits.py, core/memory/sizing.py and jobs/bench
 }
 
 

@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from .base import MIN_ROWS, ManualStack
+from .gemm import MIN_ROWS
+from .interface import ManualStack
 from .bert import BertStack, bert_unsupported_reason
 from .gpt2 import GPT2Stack, gpt2_unsupported_reason
 from .llama import LlamaStack, llama_unsupported_reason

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import (ManualStack, additive_mask, addmm_, at_positions, attention_backward,
-                     ln_backward as _ln_backward, ln_forward as _ln, mm)
+from .formulas import additive_mask, at_positions, attention_backward, ln_backward as _ln_backward, ln_forward as _ln
+from .gemm import addmm_, mm
+from .interface import ManualStack
 
 
 def bert_unsupported_reason(model: torch.nn.Module) -> str | None:

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ManualStack, additive_mask, attention_backward, ln_backward, ln_forward, mm
+from .formulas import additive_mask, attention_backward, ln_backward, ln_forward
+from .gemm import mm
+from .interface import ManualStack
 
 
 def gpt2_unsupported_reason(model: torch.nn.Module) -> str | None:

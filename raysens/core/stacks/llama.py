@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import ManualStack, additive_mask, at_positions as _at, attention_backward, mm
+from .formulas import additive_mask, at_positions as _at, attention_backward
+from .gemm import mm
+from .interface import ManualStack
 
 
 def llama_unsupported_reason(model: torch.nn.Module) -> str | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import MIN_ROWS
+from .gemm import MIN_ROWS
 
 
 def lin(x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:

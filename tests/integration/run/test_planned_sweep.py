@@ -142,7 +142,7 @@ def test_interrupted_planned_sweep_resumes_with_its_plans(points, standalone, tm
     def no_pilot(*a, **k):
         raise AssertionError("a restarted planned sweep ran a pilot again")
 
-    monkeypatch.setattr(planning, "make_run_plan", no_pilot)
+    monkeypatch.setattr(planning, "make_layer_plan", no_pilot)
     s = runsweep.run_sweep(sweep)
     c = {e["name"]: e for e in s.manifest["points"]}
     assert [c[n]["this_run"] for n in names] == ["skipped (already complete)", "resumed", "new", "new"]

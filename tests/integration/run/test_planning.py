@@ -85,7 +85,7 @@ def test_planned_run_resume_reuses_the_plan(tiny_model, tmp_path, monkeypatch):
     def no_pilot(*a, **k):
         raise AssertionError("a resume ran the pilot again")
 
-    monkeypatch.setattr(planning, "make_run_plan", no_pilot)
+    monkeypatch.setattr(planning, "make_layer_plan", no_pilot)
     stored = json.loads((out / planning.PLAN_FILE).read_text())
     res = run_local(_planned(tiny_model, out)).load()
     assert res.manifest["status"] == "complete" and res.manifest["plan"] == stored

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline_util import config
 from raysens.report.commands import format_show
-from raysens.run.plan import RunError
+from raysens.run.prepare import RunError
 from raysens.run.runner import run_local
 from raysens.store.results import load_run
 

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline_util import KEEP, config
 from raysens.run import planning
-from raysens.run.plan import prepare
+from raysens.run.prepare import prepare
 from raysens.run.runner import run, run_local
 
 pytestmark = pytest.mark.ray
@@ -26,9 +26,9 @@ def _without_timing(plan: dict) -> dict:
 def _driver_must_not_touch_weights(monkeypatch):
     """In this (the driver's) process, loading a model or digesting a weight file fails the test;
     Ray's workers import their own, untouched, modules."""
-    import raysens.core.loading as loading
+    import raysens.core.models.loading as loading
     import raysens.core.models as models
-    import raysens.core.weights as weights
+    import raysens.core.models.identity as weights
 
     def refuse(*a, **k):
         raise AssertionError("the driver loaded the model or read a weight file")
@@ -43,8 +43,8 @@ def test_pilot_in_a_ray_task_gives_the_local_plan(ray_session, tiny_model, tmp_p
 
     cfg = config(tiny_model, tmp_path / "r", *PLANNED, "--cluster.use_ray=true")
     rp = prepare(cfg)
-    local = planning.make_run_plan(cfg, rp)
-    remote = planning.make_run_plan(cfg, rp, functools.partial(on_worker, cfg.cluster, cfg.model.device))
+    local = planning.make_layer_plan(cfg, rp)
+    remote = planning.make_layer_plan(cfg, rp, functools.partial(on_worker, cfg.cluster, cfg.model.device))
     assert local["pilot"]["ran_in"] == "driver" and remote["pilot"]["ran_in"] == "ray task"
     assert _without_timing(remote) == _without_timing(local)
     assert local["layer_plan"] and local["pilot"]["sample_ids"] == [0, 1, 2, 3]

@@ -15,7 +15,7 @@ import pytest
 from raysens.backends import subunits
 from raysens.backends.overlap import FoldError
 from raysens.backends.units import UnitWorker
-from raysens.core import sizing
+from raysens.core.memory import sizing
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
 from raysens.store.partials import decode_partial
 from raysens.store.rundir import RunError

@@ -116,7 +116,7 @@ def test_inputs_embeds_rule_that_differs_is_refused():
 def test_causality_is_measured():
     """``conventions.depends_on_later``: a perturbation of the last input moves earlier outputs of
     an encoder and of no causal model (the engine's verification of a causal model type)."""
-    from raysens.core.conventions import depends_on_later
+    from raysens.core.models.conventions import depends_on_later
 
     for name, causal in (("llama", True), ("mamba", True), ("roberta", False), ("t5-seq2seq", False)):
         eng = SensitivityEngine(build(name), SensitivityConfig(estimator="exact", mode="reverse"))

@@ -1,4 +1,4 @@
-"""``raysens.core.determinism``: the CPU softmax backward the generic paths use gives the same bits for
+"""``raysens.core.passes.determinism``: the CPU softmax backward the generic paths use gives the same bits for
 1 and 2 torch threads inside ``thread_independent``, equals torch's kernel to rounding, and torch's own
 kernel is back outside the block (a caller's model behaves as before)."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from raysens.core.determinism import thread_independent
+from raysens.core.passes.determinism import thread_independent
 
 SHAPES = [(1, 4, 9, 9), (3, 4, 9, 17), (12, 9, 9), (2, 12, 33, 33), (2, 3, 100, 100)]
 
@@ -39,7 +39,7 @@ def test_softmax_backward_is_thread_count_independent_and_right():
 
 
 def test_torch_kernel_is_back_after_the_block_and_blocks_nest():
-    from raysens.core import determinism
+    from raysens.core.passes import determinism
 
     g, o = _inputs((1, 4, 9, 9))
     before = torch._softmax_backward_data(g, o, -1, torch.float32)
@@ -57,7 +57,7 @@ def test_torch_kernel_is_back_after_the_block_and_blocks_nest():
 
 
 def test_other_devices_are_left_alone():
-    from raysens.core import determinism
+    from raysens.core.passes import determinism
 
     with thread_independent("meta"):
         assert determinism._STATE["depth"] == 0

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from raysens.core.options import ProbeDistribution
-from raysens.core.probes import draw_forward_probes, position_seed, position_seeds, probe_seed, unit_probes
-from raysens.core.unitsums import UnitSums, occurrence_rank, scatter_rounds
+from raysens.core.passes.probes import draw_forward_probes, position_seed, position_seeds, probe_seed, unit_probes
+from raysens.core.memory.unitsums import UnitSums, occurrence_rank, scatter_rounds
 
 
 def _old_position_seed(seed, sid, j):  # the definition: two SeedSequence hashes (numpy's own)

@@ -1,4 +1,4 @@
-"""Out-of-memory anywhere in a unit (``raysens.core.oom``): injected at the shared forward, in a chunk
+"""Out-of-memory anywhere in a unit (``raysens.core.memory.oom``): injected at the shared forward, in a chunk
 and in the fold, the engine splits the unit and retries; the statistics equal an uninterrupted run
 bit for bit on CPU. One sample that cannot fit fails with one line naming the budget."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from refs import random_ids, tiny_model
-from raysens.core import oom
+from raysens.core.memory import oom
 from raysens.core.engine import SampleMemoryError, SensitivityConfig, SensitivityEngine
 
 

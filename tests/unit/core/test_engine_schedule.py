@@ -1,4 +1,4 @@
-"""How the engine schedules work (``raysens.core.schedule``: causal segments, CPU sample groups) and
+"""How the engine schedules work (``raysens.core.passes.schedule``: causal segments, CPU sample groups) and
 that no schedule changes the numbers: segment edges against a brute-force search of the cost model,
 grouped batches against one group and against the float64 ``jacrev`` reference."""
 
@@ -12,7 +12,7 @@ import torch
 
 from refs import N_LAYERS, random_ids, reference, rel_fro, tiny_model
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
-from raysens.core.schedule import (DEFAULT_BACKWARD_TOKENS, FWD_COST, SEG_COST, SEG_COST_MANUAL, Schedule,
+from raysens.core.passes.schedule import (DEFAULT_BACKWARD_TOKENS, FWD_COST, SEG_COST, SEG_COST_MANUAL, Schedule,
                                    directions, dp_segments)
 
 

@@ -26,7 +26,7 @@ from refs import make_model, padded, random_ids, reference, rel_fro
 from raysens.core import engine as engine_mod
 from raysens.core.engine import SampleMemoryError, SensitivityConfig, SensitivityEngine
 from raysens.core.options import Strategy
-from raysens.core.transforms import ForwardTransform
+from raysens.core.passes.transforms import ForwardTransform
 
 
 class _ReadsANumber(torch.autograd.Function):

@@ -14,8 +14,8 @@ import torch
 
 from refs import N_LAYERS, make_model, minilm, padded, random_ids, reference, rel_fro, tiny_model
 from raysens.core.engine import Mode, NonFiniteGradientError, SensitivityConfig, SensitivityEngine
-from raysens.core.probes import draw_forward_probes, draw_probes, position_seed, probe_seed
-from raysens.core.schedule import mode_costs, pick_mode
+from raysens.core.passes.probes import draw_forward_probes, draw_probes, position_seed, probe_seed
+from raysens.core.passes.schedule import mode_costs, pick_mode
 
 FORWARD_KINDS = ("llama", "qwen2", "mistral", "gpt2", "bert")
 
@@ -253,7 +253,7 @@ def test_manual_tangent_path_equals_generic(models, kind):
 
 @pytest.mark.parametrize("kind", FORWARD_KINDS)
 def test_fallback_when_the_manual_tangent_check_fails(models, kind, monkeypatch):
-    from raysens.core import forward
+    from raysens.core.passes import forward
 
     monkeypatch.setattr(forward.ManualForward, "check", lambda self, f, rtol=1e-4: "planted failure")
     model = models[kind]

@@ -122,7 +122,7 @@ def test_hand_written_sample_independent_of_batch_and_padding(models, kind):
 def test_the_check_catches_a_wrong_tangent(models, kind, monkeypatch):
     """A tangent path off by a small amount at one layer fails the one-off check (so the engine
     falls back to the generic path)."""
-    from raysens.core import forward
+    from raysens.core.passes import forward
 
     eng = _manual(_engine(models[kind], estimator="exact", mode="forward"))
     stack = eng._manual

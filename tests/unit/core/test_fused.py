@@ -10,7 +10,7 @@ import torch
 
 from refs import N_LAYERS, make_model, random_ids, reference, rel_fro
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
-from raysens.core.fused import _RMSNormFn, install_fused_norms, uninstall_fused_norms
+from raysens.core.passes.fused import _RMSNormFn, install_fused_norms, uninstall_fused_norms
 
 
 def test_rmsnorm_fn_gradcheck_float64():

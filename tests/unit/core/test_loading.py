@@ -1,4 +1,4 @@
-"""Loading straight onto the device (``raysens.core.loading`` through ``load_model``): the stack only
+"""Loading straight onto the device (``raysens.core.models.loading`` through ``load_model``): the stack only
 (no LM head tensor is ever allocated), float32, bit for bit the checkpoint's weights, and the
 engine's numbers on it equal to those on a reference model built by ``transformers``."""
 
@@ -10,7 +10,7 @@ import torch
 
 from refs import make_model, minilm, padded, random_ids
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
-from raysens.core.loading import build_stack, load_base_model
+from raysens.core.models.loading import build_stack, load_base_model
 from raysens.core.models import load_model
 
 
@@ -178,11 +178,11 @@ def test_a_weight_of_the_wrong_shape_is_a_one_line_error(tmp_path):
 
 
 def test_model_shape_from_config_json_equals_transformers_config(tmp_path):
-    """The driver's torch-free read of config.json (``core.model_config``) gives what transformers'
+    """The driver's torch-free read of config.json (``core.models.model_config``) gives what transformers'
     config says, GPT-2's own field names included; a name it cannot read falls back to it."""
     import sys
 
-    from raysens.core.model_config import model_shape
+    from raysens.core.models.model_config import model_shape
     from raysens.core.models import load_tokenizer_and_config
 
     names = ["minilm", "random:tiny-gpt2"]
@@ -192,4 +192,4 @@ def test_model_shape_from_config_json_equals_transformers_config(tmp_path):
         _, cfg = load_tokenizer_and_config(name)
         want = {"model_type": cfg.model_type, "num_hidden_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size}
         assert model_shape(name) == want, name
-    assert "raysens.core.model_config" in sys.modules
+    assert "raysens.core.models.model_config" in sys.modules

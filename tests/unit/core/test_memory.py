@@ -1,11 +1,11 @@
-"""``raysens.core.memory.MemoryPolicy``: budget, chunk sizes, CPU cap, samples per shared forward,
+"""``raysens.core.memory.budget.MemoryPolicy``: budget, chunk sizes, CPU cap, samples per shared forward,
 the OOM halving and the bytes counted as activations (weights excluded)."""
 
 from __future__ import annotations
 
 import torch
 
-from raysens.core.memory import MemoryPolicy
+from raysens.core.memory.budget import MemoryPolicy
 
 
 def test_budget_and_chunk_from_budget():

@@ -1,4 +1,4 @@
-"""The per-actor memory model (``raysens.core.sizing``) and the CUDA budget of ``MemoryPolicy``, with
+"""The per-actor memory model (``raysens.core.memory.sizing``) and the CUDA budget of ``MemoryPolicy``, with
 the CUDA memory queries mocked: the budget counts the caching allocator's free-but-reserved blocks,
 stays the same across consecutive units, and the per-row calibration neither keeps an old maximum
 forever nor counts memory that stays allocated (a bf16 weight copy) as per-row memory."""
@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raysens.core import memory as memmod
-from raysens.core.memory import CUDA_FRACTION, MemoryPolicy, device_budget
-from raysens.core.sizing import CELL_STATE_BYTES, ModelShape, pass_bytes, plan_unit, sums_bytes
+from raysens.core.memory import budget as memmod
+from raysens.core.memory.budget import CUDA_FRACTION, MemoryPolicy, device_budget
+from raysens.core.memory.sizing import CELL_STATE_BYTES, ModelShape, pass_bytes, plan_unit, sums_bytes
 
 GiB = 1 << 30
 

@@ -1,4 +1,4 @@
-"""The planner's pilot and the engine that runs a plan (raysens/core/pilot.py, docs/DESIGN.md §1.11),
+"""The planner's pilot and the engine that runs a plan (raysens/core/planning/pilot.py and planned.py, docs/DESIGN.md §1.11),
 against float64 ``torch.func.jacrev`` references: a mixed-mode plan gives each layer its own mode's
 and K's estimates (unbiased, with that K's noise), the pilot's probe variances match the Rademacher
 variance formula on the exact Jacobian, and configs without planning keep their dict (fingerprint)."""
@@ -13,7 +13,8 @@ import pytest
 
 from refs import random_ids, reference, tiny_model
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
-from raysens.core.pilot import PlannedEngine, run_pilot
+from raysens.core.planning.pilot import run_pilot
+from raysens.core.planning.planned import PlannedEngine
 
 PLAN = ("1:forward:2", "2:forward:2", "3:reverse:4")
 N_REP = 160  # replicates of one sample (distinct sample_ids: independent probes)

@@ -1,4 +1,4 @@
-"""The planner (raysens/core/planner.py, docs/DESIGN.md §1.11) against independent numpy references:
+"""The planner (raysens/core/planning/planner.py, docs/DESIGN.md §1.11) against independent numpy references:
 the predicted standard error against a simulation of the estimator, the pilot's variance split
 against simulated probes, and the min-cost / min-error plans against brute force over every plan
 of small cases."""
@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from raysens.core.planner import (CostShape, LayerPilot, Objective, Planner, make_plan, pilot_from_samples, plan_cost,
-                                  predict, unit_costs)
+from raysens.core.planning.planner import (CostShape, LayerPilot, Objective, Planner, make_plan, pilot_from_samples, plan_cost,
+                                           predict, unit_costs)
 
 
 def _pilot(rng, cells=40, probe_scale=(1.0, 1.0)) -> LayerPilot:
@@ -141,7 +141,7 @@ def test_min_error_plan_for_a_budget_is_the_brute_force_optimum(seed, total):
 
 
 def test_unit_costs_are_the_cost_model():
-    from raysens.core.schedule import mode_costs
+    from raysens.core.passes.schedule import mode_costs
 
     rev, fwd = unit_costs([1, 4], seq=16, causal=True, manual_reverse=True, manual_forward=True)
     kw = dict(seq=16, out_directions=1, in_directions=1, causal=True)

@@ -12,8 +12,8 @@ import torch
 
 from refs import N_LAYERS, make_model, padded, random_ids, rel_fro
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
-from raysens.core import precision
-from raysens.core.precision import BF16_GENERIC_BOUND, BF16_MAP_BOUND
+from raysens.core.passes import precision
+from raysens.core.passes.precision import BF16_GENERIC_BOUND, BF16_MAP_BOUND
 
 ARCHS = ("llama", "mistral", "qwen2", "gpt2", "bert")
 LAYERS = list(range(N_LAYERS + 1))

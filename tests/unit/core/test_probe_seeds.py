@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from raysens.core.options import SensitivityConfig
-from raysens.core.probes import _entropy, draw_probes, probe_seed
+from raysens.core.passes.probes import _entropy, draw_probes, probe_seed
 from raysens.core.options import ProbeDistribution
 
 

@@ -1,4 +1,4 @@
-"""The one batching helper of every pass (``raysens/core/rows.py``): the spans and group sizes are the
+"""The one batching helper of every pass (``raysens/core/passes/rows.py``): the spans and group sizes are the
 ones the passes used before it (chunk shapes decide the bits), and ``run_chunks`` halves a chunk on
 a CUDA out-of-memory error in ``compute`` only, never retrying a ``fold``."""
 
@@ -9,8 +9,8 @@ import types
 import pytest
 import torch
 
-from raysens.core.rows import group_size, run_chunks, spans
-from raysens.core.schedule import Schedule
+from raysens.core.passes.rows import group_size, run_chunks, spans
+from raysens.core.passes.schedule import Schedule
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 16, 33])

@@ -1,4 +1,4 @@
-"""Synthetic models (raysens.core.synthetic) for pipeline benchmarks: names, shapes, determinism —
+"""Synthetic models (raysens.core.models.synthetic) for pipeline benchmarks: names, shapes, determinism —
 a sample's maps do not depend on its batch, so pipeline equality checks hold with them."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from raysens.core.models import ModelLoadError, load_model, load_tokenizer_and_config
-from raysens.core.synthetic import SyntheticEngine, parse
+from raysens.core.models.synthetic import SyntheticEngine, parse
 
 
 def test_names_parse_and_bad_names_are_refused():

@@ -1,4 +1,4 @@
-"""A model's content identity (``core.weights``): small files by their SHA-256, large ones by the
+"""A model's content identity (``core.models.identity``): small files by their SHA-256, large ones by the
 SHA-256 of their header and evenly spread samples (a few MiB read whatever the size), and the resume
 check (``store.rundir.diff_inputs``) that compares them."""
 
@@ -9,7 +9,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from raysens.core import weights
+from raysens.core.models import identity as weights
 from raysens.store.rundir import diff_inputs
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from jobs.bench import planner
-from raysens.core.planner import plan_cost, unit_costs
+from raysens.core.planning.planner import plan_cost, unit_costs
 
 
 def test_planner_bench_on_a_tiny_model(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from raysens import backends
 from raysens.backends import remote
-from raysens.core import weights
+from raysens.core.models import identity as weights
 from raysens.run import grid
 from raysens.run import sweep as runsweep
 

@@ -258,7 +258,7 @@ def test_import_makes_gemms_thread_count_independent():
     import sys
 
     code = ("import raysens, os, torch\n"
-            "from raysens.core.stacks.base import check_gemm_threads\n"
+            "from raysens.core.stacks.gemm import check_gemm_threads\n"
             "g = torch.Generator().manual_seed(1)\n"
             "ok = check_gemm_threads()\n"
             "for m in (32, 64, 128, 192):\n"

@@ -43,7 +43,7 @@ def run_chunks(memory, n_rows: int, chunk: int, tokens: int,
     the span may have been added): it goes up to the unit split, which resets the pass's sums.
     Each chunk's peak memory calibrates the policy after its tensors are freed. Returns the chunk
     size that worked."""
-    from . import oom
+    from ..memory import oom
 
     s = 0
     while s < n_rows:

@@ -21,7 +21,7 @@ import gc
 
 import torch
 
-from .schedule import DEFAULT_BACKWARD_TOKENS
+from ..passes.schedule import DEFAULT_BACKWARD_TOKENS
 
 CPU_BUDGET = 2048 << 20  # default budget on CPU (bytes)
 CUDA_FRACTION = 0.85  # default budget on CUDA: this share of free + reserved − allocated (fragmentation headroom)

@@ -1,4 +1,5 @@
-"""What is decided before any work starts: the validated plan of a run, its units and its manifest.
+"""What is decided before any work starts: the prepared run (``PreparedRun``: the validated config, its
+units, its layers, its inputs) and its manifest. (A "layer plan" is something else: ``run.planning``.)
 
 ``prepare(config)`` reads the corpus's row count and the model's config (not its weights), resolves
 the target layers and cuts the selected sample_ids into work units; it writes nothing. No Ray.
@@ -32,7 +33,7 @@ def plan_units(selected: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 
 @dataclass
-class RunPlan:
+class PreparedRun:
     """Everything decided before any work starts (validated; nothing written yet)."""
 
     config: RunConfig
@@ -107,14 +108,14 @@ def check_precision(config: RunConfig) -> None:
                    "cluster.gpus_per_actor > 0 with Ray)")
 
 
-def prepare(config: RunConfig, model_identity: bool = True) -> RunPlan:
+def prepare(config: RunConfig, model_identity: bool = True) -> PreparedRun:
     """Validate the corpus (every record), the model (its config; its weights and their identity
     unless ``model_identity`` is False: a Ray driver, which reads no weight file), the device and the
     layers, and plan the units. Writes nothing."""
-    from ..core.architecture import resolve_layer_indices
-    from ..core.model_config import model_shape
+    from ..core.models.structure import resolve_layer_indices
+    from ..core.models.model_config import model_shape
     from ..core.models import load_tokenizer_and_config
-    from ..core.weights import model_identity as identity
+    from ..core.models.identity import model_identity as identity
 
     corpus = Corpus(config.data)
     n_rows = corpus.num_rows()
@@ -137,11 +138,11 @@ def prepare(config: RunConfig, model_identity: bool = True) -> RunPlan:
         layers = resolve_layer_indices(list(config.layers), n_layers)
     except ValueError as exc:
         raise RunError(f"layers: {detail_of(exc)}") from None
-    return RunPlan(config, config.fingerprint(), _run_dir(config), corpus, n_rows,
+    return PreparedRun(config, config.fingerprint(), _run_dir(config), corpus, n_rows,
                    plan_units(selected, config.batch_size), layers, shape, inputs)
 
-def adopt_model_identity(plan: RunPlan, rdir: RunDir, identity: dict) -> None:
-    """Record the model identity computed elsewhere (a Ray task, next to the weights) in the plan's
+def adopt_model_identity(prepared: PreparedRun, rdir: RunDir, identity: dict) -> None:
+    """Record the model identity computed elsewhere (a Ray task, next to the weights) in the prepared run's
     ``inputs`` (the manifest's ``inputs`` and the run directory's are the same dict), after checking
     it against the run directory's manifest, as ``RunDir.open`` checks the corpus. Raises ``RunError``
     (nothing is written) when the directory was computed from other weights."""
@@ -149,25 +150,26 @@ def adopt_model_identity(plan: RunPlan, rdir: RunDir, identity: dict) -> None:
     from ..store.rundir import diff_inputs
 
     try:
-        old = results.read_manifest(plan.run_dir)
+        old = results.read_manifest(prepared.run_dir)
     except (OSError, ValueError):
         old = None
     before = (old or {}).get("inputs") if isinstance(old, dict) else None
     if isinstance(before, dict) and before.get("model"):
         changed = diff_inputs({"model": before["model"]}, {"model": identity})
         if changed:
-            raise RunError(f"output directory {plan.run_dir!r} was computed from other inputs: {'; '.join(changed)}. "
+            raise RunError(f"output directory {prepared.run_dir!r} was computed from other inputs: {'; '.join(changed)}. "
                            "Resuming would mix two datasets; restore the inputs or use another output.dir "
                            "(nothing was changed)")
-    plan.inputs["model"] = identity
-    rdir.inputs = plan.inputs
+    prepared.inputs["model"] = identity
+    rdir.inputs = prepared.inputs
 
 
-def open_run_dir(plan: RunPlan) -> RunDir:
-    """The plan's run directory, opened: refuses a directory of another config, sets corrupt
+def open_run_dir(prepared: PreparedRun) -> RunDir:
+    """The prepared run's directory, opened: refuses a directory of another config, sets corrupt
     partials aside and collects the valid ones (``RunDir.open``)."""
-    rdir = RunDir(plan.run_dir, plan.units, plan.fingerprint, plan.layers, plan.config.data.max_seq_len,
-                  plan.config.output.resume, inputs=plan.inputs, per_sample=plan.config.output.per_sample)
+    cfg = prepared.config
+    rdir = RunDir(prepared.run_dir, prepared.units, prepared.fingerprint, prepared.layers, cfg.data.max_seq_len,
+                  cfg.output.resume, inputs=prepared.inputs, per_sample=cfg.output.per_sample)
     rdir.open()
     return rdir
 
@@ -184,20 +186,20 @@ def versions() -> dict:
     return out
 
 
-def base_manifest(plan: RunPlan, status: str, started: str) -> dict:
-    cfg = plan.config
+def base_manifest(prepared: PreparedRun, status: str, started: str) -> dict:
+    cfg = prepared.config
     sens = cfg.sensitivity.to_dict()
     return {
-        "format": "raysens-run/1", "state_format": STATE_FORMAT, "status": status, "fingerprint": plan.fingerprint,
+        "format": "raysens-run/1", "state_format": STATE_FORMAT, "status": status, "fingerprint": prepared.fingerprint,
         "config": cfg.to_dict(), "versions": versions(),
-        "model": {"name": cfg.model.name, **plan.model_config},
+        "model": {"name": cfg.model.name, **prepared.model_config},
         "estimator": sens["estimator"], "num_probes": sens["num_probes"], "seed": sens["seed"],
         "precision": sens["precision"],
-        "layers": list(plan.layers), "max_seq_len": cfg.data.max_seq_len,
-        "corpus": {**plan.corpus.describe(), "rows": plan.n_rows},
-        "inputs": plan.inputs,
-        "samples": {"corpus_rows": plan.n_rows, "total": plan.n_selected},
-        "units": {"total": len(plan.units), "batch_size": cfg.batch_size,
+        "layers": list(prepared.layers), "max_seq_len": cfg.data.max_seq_len,
+        "corpus": {**prepared.corpus.describe(), "rows": prepared.n_rows},
+        "inputs": prepared.inputs,
+        "samples": {"corpus_rows": prepared.n_rows, "total": prepared.n_selected},
+        "units": {"total": len(prepared.units), "batch_size": cfg.batch_size,
                   **({} if isinstance(cfg.cluster.batch_size, int) else
                      {"batch_size_rule": f"auto: {'GPU' if cfg.on_gpu else 'CPU'} default"})},
         "timings": {"started": started},

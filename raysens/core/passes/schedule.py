@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .options import Estimator, Mode, SensitivityConfig
+from ..options import Estimator, Mode, SensitivityConfig
 from .rows import group_size, spans
 
 # Cost model of a causal segment [a, b) per sample, in "one token through the model" units:

@@ -11,18 +11,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import synthetic
-from .models import _PACKAGED, _gguf_cache_dir, load_tokenizer_and_config, packaged_model_path
+from .hub import _gguf_cache_dir, load_tokenizer_and_config, packaged_model_path
+from .registry import source_kind
 
 _FIELDS = {"num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
            "hidden_size": ("hidden_size", "n_embd", "d_model", "dim")}
 
 
 def _config_json(name: str) -> Path | None:
-    if not isinstance(name, str) or synthetic.is_synthetic(name) or name.startswith("random:"):
+    kind = source_kind(name) if isinstance(name, str) else None
+    if kind in (None, "synthetic", "random"):
         return None
     try:
-        path = packaged_model_path(name) if name in _PACKAGED else Path(name).expanduser()
+        path = packaged_model_path(name) if kind == "packaged" else Path(name).expanduser()
     except Exception:  # noqa: BLE001 - the fallback reports it
         return None
     if path.suffix == ".gguf" and path.is_file():

@@ -159,7 +159,7 @@ def plan_for_model(model: Any, *, seq: int, target_layers: int, k: int, mode: st
     """``plan_unit`` for a loaded model on ``device`` with the budget of ``memory.device_budget``."""
     import torch
 
-    from .memory import device_budget
+    from .budget import device_budget
 
     dev = torch.device(device)
     return plan_unit(ModelShape.from_model(model), seq=seq, target_layers=target_layers, k=k, mode=mode,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .schedule import mode_costs
+from ..passes.schedule import mode_costs
 
 MODES = ("forward", "reverse")
 PILOT_PROBES = 2  # probes per sample in the pilot: the fewest that measure the probe variance per cell
@@ -216,7 +216,7 @@ def make_plan(pilots: dict[int, LayerPilot], shape: CostShape, goal: Objective) 
             "n_samples": int(n), "seq": int(seq), "k_range": [int(k_min), int(k_max)], "feasible": bool(feasible),
             "worst_predicted": pl.worst(choice), "floor": pl.floor(),
             "cost": {"per_sample": cost, "auto_k1_per_sample": ref, "relative_to_auto_k1": cost / ref,
-                     "units": "token-block passes x MODE_EFFICIENCY (core/schedule.py: mode_costs)"},
+                     "units": "token-block passes x MODE_EFFICIENCY (core/passes/schedule.py: mode_costs)"},
             "layers": per_layer,
             "layer_plan": [f"{L}:{m}:{k}" for L, (m, k) in choice.items()]}
 

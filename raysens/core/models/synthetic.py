@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .architecture import resolve_layer_indices
+from .structure import resolve_layer_indices
 
 PREFIX = "synthetic:"
 _SPEC = re.compile(r"^synthetic:L(\d+)(?:-lat(\d+(?:\.\d+)?))?$")
@@ -89,7 +89,7 @@ class SyntheticEngine:
     def compute(self, input_ids, attention_mask=None, *, layers=-1, sample_ids=None, max_seq_len=None,
                 pad_to=None):
         """``SensitivityBatch`` of deterministic causal maps, after sleeping the unit's latency."""
-        from .engine import SensitivityBatch
+        from ..engine import SensitivityBatch
 
         t0 = time.perf_counter()
         ids = np.asarray(input_ids)

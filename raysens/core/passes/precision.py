@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from .options import Precision
+from ..options import Precision
 
 # bf16's documented bounds: the relative Frobenius distance of an exact map (or of a Hutchinson estimate
 # with the same probes) from its fp32 value, per layer (docs/DESIGN.md §1.12, measured in docs/benchmarks.md).
@@ -34,7 +34,7 @@ BF16_MAP_BOUND = 2e-2
 BF16_GENERIC_BOUND = 5e-2
 
 
-def check_device(precision: Precision, device: torch.device) -> None:
+def check_precision_device(precision: Precision, device: torch.device) -> None:
     """``tf32`` needs CUDA: a one-line ``ValueError`` naming the option otherwise. ``bf16`` on a CPU
     without bf16 instructions (``avx512_bf16`` / AMX): a warning — the products are emulated there and
     run slower than fp32 (SmolLM2-shaped GEMMs 4.7x slower on an AVX-512 Xeon without them,

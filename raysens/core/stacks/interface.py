@@ -1,5 +1,6 @@
 """Hand-written batched backward of whole transformer stacks (``Strategy.MANUAL``): the shared
-interface and the backward formulas the architectures share.
+interface (``ManualStack``). The backward formulas the architectures share are in ``formulas.py``, the
+GEMM helpers that keep products independent of batch size and thread count in ``gemm.py``.
 
 Why: with autograd, every causal segment of output positions ``[a, b)`` needs its own forward on
 the prefix ``[0, b)`` (the graph of a full-length forward would push zeros through all positions
@@ -21,6 +22,9 @@ autograd through the model's own modules. Shapes use ``chunk`` (cotangents), ``b
 from __future__ import annotations
 
 import torch
+
+from .gemm import addmm_, mm
+
 
 class ManualStack:
     """Interface of a hand-written stack: ``forward(emb, mask, upto)`` saves what the backward
@@ -109,122 +113,3 @@ class ManualStack:
             if not (err <= rtol and hs_err <= rtol):
                 return f"hidden_states[{L}]: VJP relative error {err:.2e}, forward {hs_err:.2e} > {rtol:g}"
         return None
-
-
-MIN_ROWS = 16  # GEMMs with fewer rows are padded to this many (see mm); the engine pads forwards too
-_THREAD_CHECK: list = []  # the result of check_gemm_threads, once per process
-
-
-def check_gemm_threads() -> bool:
-    """True when a float32 GEMM that MKL may split along its inner dimension (64 × 1536 @ 1536 × 576)
-    gives the same bits at 1 and 2 threads in this process (docs/DESIGN.md §1.9; ``import raysens``
-    sets ``MKL_CBWR=AUTO,STRICT`` so that it does). Checked once per process; warns when not."""
-    if not _THREAD_CHECK:
-        import warnings
-
-        g = torch.Generator().manual_seed(0)
-        a, b = torch.randn(64, 1536, generator=g), torch.randn(1536, 576, generator=g)
-        before = torch.get_num_threads()
-        try:
-            outs = []
-            for t in (1, 2):
-                torch.set_num_threads(t)
-                outs.append(a @ b)
-        finally:
-            torch.set_num_threads(before)
-        _THREAD_CHECK.append(bool(torch.equal(outs[0], outs[1])))
-        if not _THREAD_CHECK[0]:
-            warnings.warn("SensitivityEngine: float32 products in this process depend on the thread count (MKL's "
-                          "strict reproducibility is off: the first product ran before `import raysens`, or "
-                          "MKL_CBWR is set to a non-strict value); Ray actors and in-process runs may then differ "
-                          "in the last bits. Set MKL_CBWR=AUTO,STRICT before the first torch product.",
-                          RuntimeWarning, stacklevel=3)
-    return _THREAD_CHECK[0]
-
-
-def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``a [M, K] @ w [K, N]`` whose rows do not depend on M or on the thread count. MKL runs GEMMs
-    of ≤ 6 rows with the inner dimension split across threads (measured on the 2-core VM: the same
-    product differs by ~1e-7 between 1 and 2 threads), so a tiny segment or a top-block product would
-    make a sample's numbers depend on its batch and on the process (the pipeline guarantees the same
-    statistics from Ray actors and the in-process path); padding to ``MIN_ROWS`` rows avoids that."""
-    m = a.shape[0]
-    if a.dtype != w.dtype:  # a bf16 weight copy (precision bf16): the product in bf16
-        a = a.to(w.dtype)
-    if m >= MIN_ROWS:
-        return a @ w
-    pad = a.new_zeros(MIN_ROWS, a.shape[1])
-    pad[:m] = a
-    return (pad @ w)[:m]
-
-
-def addmm_(c: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``c += a @ w`` in place, padded like ``mm`` (the same kernel for every M). With a bf16 weight
-    copy the product is taken in bf16 and added to ``c`` in ``c``'s dtype."""
-    if w.dtype != c.dtype:
-        return c.add_(mm(a, w))
-    m = c.shape[0]
-    if m >= MIN_ROWS:
-        return c.addmm_(a, w)
-    cp, ap = c.new_zeros(MIN_ROWS, c.shape[1]), a.new_zeros(MIN_ROWS, a.shape[1])
-    cp[:m], ap[:m] = c, a
-    return c.copy_(cp.addmm_(ap, w)[:m])
-
-
-def attention_backward(go, p, q, k, v, scaling):
-    """Backward of softmax attention (frozen weights) for a chunk of cotangents, heads grouped by
-    key/value head (GQA without copies; group = 1 for multi-head attention).
-
-    Args: go ``[chunk, batch, pos, kv_heads, group, head_dim]`` (d output); p ``[batch, kv_heads,
-    group, pos_q, pos_k]`` probabilities; q ``[batch, kv_heads, group, pos, head_dim]``; k, v
-    ``[batch, kv_heads, pos, head_dim]``; scores = q·kᵀ·scaling.
-    Returns gq ``[batch, kv_heads, group, pos, chunk, head_dim]``, gk ``[batch, kv_heads, chunk, pos,
-    head_dim]``, gv ``[batch, kv_heads, pos, chunk, head_dim]`` (layouts that make every product one bmm).
-    """
-    c, bsz, b, kvh, grp, hd = go.shape
-    cd = go.dtype  # float32, or bf16 (precision bf16: products in bf16, softmax statistics in float32)
-    bk = bsz * kvh
-    go = go.permute(1, 3, 4, 2, 0, 5).contiguous()  # [batch, kv_heads, group, pos, chunk, hd]
-    v, k = v.reshape(bk, b, hd).to(cd), k.reshape(bk, b, hd).to(cd)
-    gp = torch.bmm(go.view(bk, grp * b * c, hd), v.transpose(1, 2)).view(bsz, kvh, grp, b, c, b).float()
-    pe = p.unsqueeze(-2)  # [batch, kv_heads, group, pos_q, 1, pos_k]
-    dsum = (gp * pe).sum(-1, keepdim=True)
-    gs = gp.sub_(dsum).mul_(pe * scaling).to(cd)  # d scores · scaling: [batch, kv_heads, group, pos_q, chunk, pos_k]
-    gq = torch.bmm(gs.view(bk, grp * b * c, b), k).view(bsz, kvh, grp, b, c, hd)
-    # dk[c, t] = Σ_(group, s) gs[.., s, c, t] q[.., s];  dv[c, t] = Σ_(group, s) p[.., s, t] go[.., s, c]
-    gk = torch.bmm(gs.view(bk, grp * b, c * b).transpose(1, 2), q.reshape(bk, grp * b, hd).to(cd)).view(bsz, kvh, c, b, hd)
-    pt = p.reshape(bk, grp * b, b).transpose(1, 2).to(cd)  # [bk, pos_k, group·pos_q]
-    gv = torch.bmm(pt, go.view(bk, grp * b, c * hd)).view(bsz, kvh, b, c, hd)
-    return gq, gk, gv
-
-
-def additive_mask(mask: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention mask from ``mask`` ``[batch, S]`` (1 = real token): 0 where a query may
-    attend, the dtype's minimum elsewhere (padded keys; later keys when ``causal``), as Hugging Face's
-    eager attention adds it. ``[batch, 1, 1, S, S]`` causal, ``[batch, 1, 1, 1, S]`` otherwise
-    (broadcast over kv_heads, group and, for encoders, queries)."""
-    bsz, seq = mask.shape
-    keep = mask.bool()[:, None, None, None, :]  # [batch, 1, 1, 1, S_k]
-    if causal:
-        keep = keep & torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
-    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill_(~keep, torch.finfo(dtype).min)
-
-
-def at_positions(t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Saved ``[batch, S, ...]`` at (row c, sample, ``pos[c]``) -> ``[chunk, batch, ...]``."""
-    return t[:, pos].transpose(0, 1)
-
-
-def ln_forward(x, ln):
-    """LayerNorm forward through the module (exact numbers) plus (x̂, 1/σ) for its backward."""
-    xc = x - x.mean(-1, keepdim=True)
-    r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + ln.eps)
-    return ln(x), xc * r, r
-
-
-def ln_backward(g, xn, r, w):
-    """d/dx of LayerNorm for cotangents ``g`` ``[..., d_model]`` (overwritten): r·(ĝ − mean ĝ − x̂·mean(ĝ·x̂)), ĝ = g·w."""
-    g.mul_(w)
-    m1 = g.mean(-1, keepdim=True)
-    m2 = (g * xn).mean(-1, keepdim=True)
-    return g.sub_(m1).addcmul_(xn, m2, value=-1.0).mul_(r)

@@ -24,11 +24,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import oom
-from .memory import MemoryPolicy
-from .options import Estimator
+from ..memory import oom
+from ..memory.budget import MemoryPolicy
+from ..options import Estimator
+from ..memory.unitsums import scatter_add
 from .rows import run_chunks
-from .unitsums import scatter_add
 
 
 @dataclass

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import torch
 
-from . import oom
-from .cotangents import PassData
+from ..memory import oom
 from .fused import plain_norms
-from .memory import MemoryPolicy
-from .options import Estimator, Strategy
+from ..memory.budget import MemoryPolicy
+from ..options import Estimator, Strategy
+from .cotangents import PassData
 from .rows import run_chunks
 from .transforms import ForwardTransform, jvp
-from .unitsums import scatter_add
+from ..memory.unitsums import scatter_add
 
 
 class ForwardRows:
@@ -103,7 +103,7 @@ class GenericForward:
         ``[batch, S]``, ``probes`` ``[batch, pos_in, K, d_model]`` or None; adds into its
         ``total``/``sumsq`` ``{layer: [batch, pos_out, pos_in]}`` (views of the group's rows). The
         whole sequence runs for every tangent (causal suffixes are the manual path's)."""
-        from .autograd_paths import pad_batch, pad_rows
+        from .reverse import pad_batch, pad_rows
 
         mask, layer_ids, probes = batch.mask, batch.layer_ids, batch.probes
         bsz, seq = mask.shape
@@ -211,7 +211,7 @@ class ManualForward:
 
     def run(self, batch: PassData, row_token_bytes: int) -> None:
         """Like ``GenericForward.run``, on the stack's saved activations and suffix segments."""
-        from .autograd_paths import pad_batch
+        from .reverse import pad_batch
 
         layer_ids = batch.layer_ids
         bsz, seq = batch.mask.shape

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from .options import SEED_BOUND, ProbeDistribution, check_seed
+from ..options import SEED_BOUND, ProbeDistribution, check_seed
 
 
 _WORD = (1 << 32) - 1

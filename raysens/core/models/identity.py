@@ -26,8 +26,8 @@ import json
 import os
 from pathlib import Path
 
-from .models import (_PACKAGED, _PIP_NAME, _RANDOM_PRESETS, ModelLoadError, _looks_like_path, cache_root,
-                     packaged_model_path)
+from .hub import ModelLoadError, cache_root, packaged_model_path
+from .registry import _PIP_NAME, _RANDOM_PRESETS, _looks_like_path, source_kind
 
 FULL_HASH_MAX = 64 << 20  # files up to this size are hashed whole; larger ones by header + samples
 SAMPLE_BLOCKS = 64  # blocks read from a large file, spread evenly, the last ending at its end
@@ -143,25 +143,26 @@ def model_identity(name: str, *, trust_remote_code: bool = False) -> dict:
         except md.PackageNotFoundError:
             return None
 
-    if name.startswith("random:"):
+    kind = source_kind(name)
+    if kind == "random":
         preset = name[len("random:"):]
         if preset not in _RANDOM_PRESETS:
             raise ModelLoadError(f"load_model: unknown random preset {preset!r}; choose from {sorted(_RANDOM_PRESETS)}")
         return {"kind": "random", "preset": preset, "config": _RANDOM_PRESETS[preset][0],
                 "torch": version("torch"), "transformers": version("transformers")}
-    if name in _PACKAGED:
+    if kind == "packaged":
         path = packaged_model_path(name)
         out = {"kind": "packaged", "package": _PIP_NAME[name], "version": version(_PIP_NAME[name]),
                "path": str(path)}
-    elif name.endswith(".gguf") or _looks_like_path(name):
+    elif kind in ("gguf", "missing") or (kind == "local" and _looks_like_path(name)):
         path = Path(name).expanduser().resolve()
         if not path.exists():
             raise ModelLoadError(f"load_model: model path {name!r} does not exist ({path})")
         out = {"kind": "gguf" if path.is_file() else "dir", "path": str(path)}
-    elif Path(name).expanduser().exists():
+    elif kind == "local":
         path = Path(name).expanduser().resolve()
         out = {"kind": "dir", "path": str(path)}
-    else:
+    else:  # a hub id (a synthetic name has no files either: only its name is recorded)
         try:
             from huggingface_hub import snapshot_download
 
@@ -185,8 +186,8 @@ def model_identity(name: str, *, trust_remote_code: bool = False) -> dict:
 def checked_identity(name: str, *, trust_remote_code: bool = False) -> dict:
     """``model_identity`` after loading the tokenizer and config (``load_tokenizer_and_config``): what a
     Ray run checks in a task next to the weights (``backends.remote``), where an in-process run's
-    ``run.plan.prepare`` checks it, so that a broken model fails before anything is written."""
-    from .models import load_tokenizer_and_config
+    ``run.prepare.prepare`` checks it, so that a broken model fails before anything is written."""
+    from .hub import load_tokenizer_and_config
 
     load_tokenizer_and_config(name, trust_remote_code=trust_remote_code)
     return model_identity(name, trust_remote_code=trust_remote_code)
