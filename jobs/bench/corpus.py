@@ -101,8 +101,8 @@ def generate(d: Path, name: str) -> Path:
 def _old_driver(data) -> tuple[int, np.ndarray]:
     """Row count + identity as before: Parquet count_rows + every file's SHA-256; JSONL every line
     parsed and the records and the file hashed; selection from the int64 permutation."""
-    from raysens.store.corpus import Corpus
-    from raysens.store.line_index import iter_lines
+    from raysens.corpus.reader import Corpus
+    from raysens.corpus.line_index import iter_lines
 
     c = Corpus(data)
     if c.kind == "parquet":
@@ -123,8 +123,8 @@ def _old_driver(data) -> tuple[int, np.ndarray]:
 
 
 def _old_column(data) -> list:
-    from raysens.store.corpus import Corpus
-    from raysens.store.line_index import iter_lines
+    from raysens.corpus.reader import Corpus
+    from raysens.corpus.line_index import iter_lines
 
     c = Corpus(data)
     if c.kind == "parquet":
@@ -157,7 +157,7 @@ def child_driver(args) -> dict:
     if args.impl == "old":
         n, ids = _old_driver(data)
     else:
-        from raysens.store.corpus import Corpus
+        from raysens.corpus.reader import Corpus
 
         c = Corpus(data)
         n = c.num_rows()
@@ -172,7 +172,7 @@ def child_worker(args) -> dict:
     import pyarrow.dataset  # noqa: F401  (imports both implementations need: not counted as reads)
     import pyarrow.parquet  # noqa: F401
 
-    import raysens.store.corpus  # noqa: F401
+    import raysens.corpus.reader  # noqa: F401
     from raysens.backends.units import get_tokenizer, tokenize_unit
 
     tok = get_tokenizer(args.model, False)
@@ -187,7 +187,7 @@ def child_worker(args) -> dict:
         col = None
         texts_of = lambda u: [col[int(i)] for i in u]  # noqa: E731
     else:
-        from raysens.store.corpus import Corpus
+        from raysens.corpus.reader import Corpus
 
         corpus = Corpus(data)
         texts_of = corpus.texts

@@ -139,7 +139,7 @@ def _memory_child(samples: int, tmp: str) -> dict:
     """Runs in a fresh process: the driver whose memory is measured."""
     from raysens.backends.ray_pool import connect
     from raysens.run.runner import run
-    from raysens.store.corpus import bundled_corpus_path
+    from raysens.corpus.reader import bundled_corpus_path
 
     texts = [json.loads(line)["text"] for line in open(bundled_corpus_path())]
     src = Path(tmp) / "corpus.jsonl"

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..config import RunConfig
 from ..errors import RaysensError
-from ..store.corpus import Corpus
+from ..corpus.reader import Corpus
 
 
 class ClusterError(RaysensError, RuntimeError):

@@ -53,7 +53,7 @@ def tokenize_unit(unit_ids, texts, tokenizer, max_seq_len: int, min_tokens: int,
     unit_ids = [int(i) for i in unit_ids]
     run_ids, run_texts, skipped_ids, reasons = [], [], [], []
     for sid, t in zip(unit_ids, texts):
-        if isinstance(t, bytes):  # a text-file line that is not UTF-8 (store.corpus.UNDECODABLE)
+        if isinstance(t, bytes):  # a text-file line that is not UTF-8 (corpus.reader.UNDECODABLE)
             skipped_ids.append(sid), reasons.append("not_utf8")
         elif t is not None and not isinstance(t, str):
             skipped_ids.append(sid), reasons.append("not_text")

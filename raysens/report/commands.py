@@ -36,7 +36,7 @@ from .content import TARGET_SE, build_report
 from .render import to_html, to_markdown
 from ..store.results import RunResult, exists, load_run, resolve, write_bytes
 from ..errors import RaysensError
-from ..store.texts import sample_texts, snippet
+from ..corpus.texts import sample_texts, snippet
 
 
 class CommandError(RaysensError):

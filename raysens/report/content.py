@@ -18,7 +18,7 @@ from . import plots
 from . import samples_needed as prec
 from .render import Doc
 from ..store.results import LayerStats, RunResult
-from ..store.texts import sample_texts, snippet
+from ..corpus.texts import sample_texts, snippet
 
 ESTIMATOR_NOTES = {
     "exact": "exact: A_ij = ‖J_ij‖_F² computed exactly (one VJP per output unit); no estimator noise.",

@@ -261,7 +261,7 @@ def expand(sweep: Sweep, resolve_all_layers: bool = True) -> list[Point]:
 # ---------------------------------------------------------------------- generated corpus
 def window_corpus(samples: int, words: int) -> tuple[str, int]:
     """Text of ``samples`` lines of ``words`` consecutive words of the bundled corpus (see module doc)."""
-    from ..store.corpus import bundled_corpus_path
+    from ..corpus.reader import bundled_corpus_path
 
     stream: list[str] = []
     with open(bundled_corpus_path()) as f:

@@ -22,7 +22,7 @@ import numpy as np
 from .._log import log
 from ..config import RunConfig
 from ..errors import detail_of
-from ..store.corpus import Corpus
+from ..corpus.reader import Corpus
 from ..store.partials import STATE_FORMAT
 from ..store.rundir import RunDir, RunError
 

@@ -18,7 +18,7 @@ def sample_maps(run_dir: str, sample_id: int, layers=None) -> dict[int, np.ndarr
     sample is skipped (empty, too short, non-finite)."""
     from ..backends.units import UnitWorker, get_tokenizer, tokenize_unit
     from ..config import RunConfig
-    from ..store.corpus import Corpus
+    from ..corpus.reader import Corpus
     from ..store.partials import decode_partial
     from ..store.results import read_manifest
 

@@ -165,7 +165,7 @@ def _inputs(config, use_ray: bool) -> dict:
     sweep's points share their corpus and models. The corpus is identified here; the model in this
     process only for an in-process sweep: a Ray sweep's driver reads no weight file (issue 31; a
     KubeRay head mounts no model volume), so its model identity comes from ``_worker_identity``."""
-    from ..store.corpus import Corpus
+    from ..corpus.reader import Corpus
 
     mkey = ("model", config.model.name, config.model.trust_remote_code, bool(use_ray))
     if mkey not in _INPUTS:  # one per model, whatever the points' data

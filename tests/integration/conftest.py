@@ -45,7 +45,7 @@ def nan_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bundled_texts():
-    from raysens.store.corpus import bundled_corpus_path
+    from raysens.corpus.reader import bundled_corpus_path
 
     with open(bundled_corpus_path()) as f:
         return [json.loads(line)["text"] for line in f]

@@ -59,7 +59,7 @@ def test_every_user_facing_error_is_a_raysens_error():
 
 
 @pytest.mark.parametrize("name, builtin", [
-    ("raysens.config.ConfigError", ValueError), ("raysens.store.corpus.CorpusError", ValueError),
+    ("raysens.config.ConfigError", ValueError), ("raysens.corpus.reader.CorpusError", ValueError),
     ("raysens.store.rundir.RunError", RuntimeError), ("raysens.backends.spec.ClusterError", RuntimeError),
     ("raysens.run.sweep.SweepError", RuntimeError), ("raysens.store.partials.PartialError", ValueError),
     ("raysens.store.checkpoint.CheckpointError", ValueError), ("raysens.core.models.loading.WeightsError", ValueError),

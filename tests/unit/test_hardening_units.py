@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_ray_errors_are_unwrapped_to_the_cause():
     from raysens.backends.errors import unwrap
-    from raysens.store.corpus import CorpusError
+    from raysens.corpus.reader import CorpusError
     from raysens.store.rundir import RunError
 
     class UserCodeException(Exception):  # shaped like Ray's wrappers: the cause in .cause / __cause__

@@ -20,7 +20,7 @@ import raysens
 from pipeline_util import KEEP, assert_same_stats, config
 from raysens.config import ConfigError
 from raysens.run.runner import run_local
-from raysens.store.corpus import CorpusError
+from raysens.corpus.reader import CorpusError
 from raysens.store.rundir import RunError
 from raysens.testing import faults
 

@@ -16,7 +16,7 @@ import pytest
 import raysens
 from pipeline_util import assert_same_stats, config
 from raysens.run.runner import Runner, run_local
-from raysens.store.corpus import CorpusError
+from raysens.corpus.reader import CorpusError
 from raysens.testing import faults
 
 ROOT = Path(__file__).resolve().parents[3]

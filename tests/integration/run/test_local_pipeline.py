@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline_util import KEEP, assert_same_stats, config, PER_UNIT
-from raysens.store.corpus import CorpusError
+from raysens.corpus.reader import CorpusError
 from raysens.store.rundir import RunError
 from raysens.run.runner import run_local
 from raysens.store.results import load_run
@@ -176,7 +176,7 @@ def test_shuffled_selection_runs_the_picked_ids(tiny_model, tmp_path):
     s = run_local(config(tiny_model, tmp_path / "r", "--data.limit=6", "--data.shuffle=true",
                          "--data.shuffle_seed=5", KEEP))
     from raysens.config import DataConfig
-    from raysens.store.corpus import Corpus
+    from raysens.corpus.reader import Corpus
 
     ids = Corpus(DataConfig(limit=6, shuffle=True, shuffle_seed=5)).select(s.manifest["samples"]["corpus_rows"])
     assert sorted(int(p[5:15]) for p in _partials(s.run_dir)) == sorted(int(u) for u in ids[::8])

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raysens.config import DataConfig
-from raysens.store.corpus import Corpus, CorpusError
+from raysens.corpus.reader import Corpus, CorpusError
 
 TEXTS = ["The first sample is here.", "", "Second real sentence of text.", "  ", "A third one, longer than the rest."]
 

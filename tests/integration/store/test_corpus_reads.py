@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from raysens.config import DataConfig
-from raysens.store import corpus as corpus_mod
-from raysens.store import line_index
-from raysens.store.corpus import UNDECODABLE, Corpus, CorpusError, _decode_line
+from raysens.corpus import reader as corpus_mod
+from raysens.corpus import line_index
+from raysens.corpus.reader import UNDECODABLE, Corpus, CorpusError, _decode_line
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import pytest
 from raysens.backends import errors, shipments
 from raysens.backends.overlap import FoldError
 from raysens.backends.ray_pool import SensitivityActor
-from raysens.store.corpus import CorpusError
+from raysens.corpus.reader import CorpusError
 from raysens.store.rundir import RunError
 
 

@@ -23,7 +23,7 @@ def sample_texts(manifest: dict, ids: Iterable[int]) -> dict[int, str]:
         return {}
     try:
         from ..config import RunConfig
-        from .corpus import Corpus
+        from .reader import Corpus
 
         data = RunConfig.from_dict(manifest.get("config") or {}).data
         return dict(zip(ids, Corpus(data).texts(ids)))

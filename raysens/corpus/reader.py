@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 from ..config import DataConfig
 from ..errors import RaysensError
 from . import line_index
-from .fs import resolve
+from ..store.fs import resolve
 from .line_index import iter_lines as _iter_lines
 from .row_readers import ParquetRows, hf_rows
 
