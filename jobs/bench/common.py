@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks in ``jobs/bench/`` (not launched itself): logging, the benchmark
+"""Engine helpers shared by the benchmarks in ``jobs/bench/`` and the experiments in ``jobs/experiments/``
+(not launched itself; logging, JSON, RSS and child processes are in ``jobs.harness``): the benchmark
 sentences and inputs, relative errors, the FLOP floor, timing under contention, and the older tool's
 VJP loop (the "seed loop") that the CPU and GPU modes of ``jobs.bench.benchmark`` compare against.
 
@@ -26,8 +27,6 @@ import torch
 from raysens.core.engine import SensitivityEngine
 from raysens.core.fused import uninstall_fused_norms
 
-REPO = Path(__file__).resolve().parents[2]  # the repository root: cwd of `python -m jobs.bench.*` children
-
 SENTENCES = [
     "The old lighthouse keeper climbed the narrow stairs every evening to light the lamp.",
     "Researchers measured how quickly the glacier retreated over the last three decades.",
@@ -48,18 +47,6 @@ SENTENCES = [
 ]
 
 
-def log(*a):
-    print(*a, flush=True)
-
-
-def write_json(res, path) -> None:
-    """Write a benchmark's result as indented JSON and say where (``--json PATH``)."""
-    import json
-
-    Path(path).write_text(json.dumps(res, indent=1, default=str))
-    log(f"wrote {path}")
-
-
 # ----------------------------------------------------------------------------- inputs and errors
 def make_inputs(tok, n: int, seq: int, offset: int = 0):
     """``n`` samples of exactly ``seq`` tokens: windows over the repeated sentence list."""
@@ -73,6 +60,13 @@ def make_inputs(tok, n: int, seq: int, offset: int = 0):
         rows.append(ids[start:start + seq])
     x = torch.tensor(rows, dtype=torch.long)
     return x, torch.ones_like(x)
+
+
+def engine(model, **cfg) -> SensitivityEngine:
+    """A ``SensitivityEngine`` of ``model`` with ``SensitivityConfig(**cfg)``."""
+    from raysens.core.engine import SensitivityConfig
+
+    return SensitivityEngine(model, SensitivityConfig(**cfg))
 
 
 def rel_fro(a, b) -> float:
