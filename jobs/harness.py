@@ -176,7 +176,8 @@ def alternate(names, rounds: int = 1):
 _BOOT = r"""
 import importlib, importlib.util, json, sys
 repo, target, spec = sys.argv[1], sys.argv[2], sys.argv[3]
-s = importlib.util.spec_from_file_location("jobs", repo + "/jobs/__init__.py", submodule_search_locations=[repo + "/jobs"])
+s = importlib.util.spec_from_file_location("jobs", repo + "/jobs/__init__.py",
+                                          submodule_search_locations=[repo + "/jobs"])
 m = importlib.util.module_from_spec(s); sys.modules["jobs"] = m; s.loader.exec_module(m)
 module, func = target.split(":")
 res = getattr(importlib.import_module(module), func)(json.loads(spec))

@@ -139,7 +139,7 @@ def driver(args) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m jobs.bench.actors", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="mode", required=True)
     s = sub.add_parser("scaling", help="throughput with N synthetic actors (one subprocess and Ray per N)")
     s.add_argument("--actors", type=int, nargs="+", default=[1, 4, 16, 32])

@@ -30,7 +30,8 @@ from raysens.core.engine import SensitivityConfig, SensitivityEngine
 
 from jobs.harness import log, proc_status_mib, reset_peak_rss, run_child
 
-from .common import (CLEAN, Contention, block_params, chunk_sizes, cpu_seconds, floor_flops, make_inputs, matmul_gflops, quiet_wait, rel_fro, seed_loop, seed_model_copy)
+from .common import (CLEAN, Contention, block_params, chunk_sizes, cpu_seconds, floor_flops, make_inputs,
+                     matmul_gflops, quiet_wait, rel_fro, seed_loop, seed_model_copy)
 
 
 def add_arguments(c: argparse.ArgumentParser) -> None:

@@ -144,7 +144,7 @@ def served(cost_s: float, unit_s: float, seq: int, layers: int, auto: bool, busy
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m jobs.bench.driver_s512", description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--unit", type=int, default=32, help="samples per unit (the GPU auto batch size)")

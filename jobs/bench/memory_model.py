@@ -1,8 +1,8 @@
 """Peak host memory of engine units sized by the memory model (issue 31, ``raysens.core.sizing``).
 
-Each measurement is a fresh child process (``jobs.harness.run_child``; its ``ru_maxrss`` is that run's alone): a 28-block tiny
-Llama (hidden 16) whose engine runs the real unit bookkeeping — host sums (``UnitSums``), probes
-drawn for every position, the in-place mean/variance, masks, the NaN check and, with ``--fold``, the
+Each measurement is a fresh child process (``jobs.harness.run_child``; its ``ru_maxrss`` is that run's
+alone): a 28-block tiny Llama (hidden 16) whose engine runs the real unit bookkeeping — host sums
+(``UnitSums``), probes drawn for every position, the in-place mean/variance, masks, the NaN check and, with ``--fold``, the
 fold of the result into one ``CellStats`` per layer in ``samples_per_fold`` slices — while the
 tangent passes themselves are replaced by one in-place addition per pass over the sums (a real
 forward-mode pass at S=2048 over 28 layers takes hours on 2 CPU cores; its working memory is the
@@ -83,7 +83,8 @@ def run(tree: Path, spec: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m jobs.bench.memory_model", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--k", type=int, default=1)
