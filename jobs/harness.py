@@ -185,6 +185,14 @@ print("RESULT " + json.dumps(res, default=str), flush=True)
 """
 
 
+def provenance(spec=None) -> dict:
+    """Where this process's ``raysens`` and ``jobs`` come from (a child's record of the tree it measured)."""
+    import jobs
+    import raysens
+
+    return {"raysens": str(Path(raysens.__file__).resolve().parent), "jobs": str(Path(jobs.__file__).resolve().parent)}
+
+
 def ready() -> None:
     """Called in a child: the parent's RSS sampler (``run_child(..., sample_rss=True)``) starts now."""
     print(READY, flush=True)
