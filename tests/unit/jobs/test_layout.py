@@ -85,9 +85,15 @@ def test_folders_hold_what_they_say_and_share_the_harness():
 
 def test_one_harness_no_private_spawners_loggers_or_samplers():
     """Child processes, JSON, RSS sampling, logging and the synthetic corpus are the harness's alone."""
-    text = (JOBS / "harness.py").read_text()
-    heavy = {n for n in ("torch", "numpy", "ray", "raysens") if f"import {n}" in text or f"from {n}" in text}
+    top = set()  # what importing the harness loads (its module-level imports)
+    for node in ast.parse((JOBS / "harness.py").read_text()).body:
+        if isinstance(node, ast.Import):
+            top |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            top.add((node.module or "").split(".")[0])
+    heavy = top & {"torch", "numpy", "ray", "raysens", "psutil"}
     assert not heavy, f"jobs/harness.py imports {heavy}: a child's RSS and imports would change"
+    assert top <= set(sys.stdlib_module_names) | {"__future__"}, sorted(top - set(sys.stdlib_module_names))
     for p in _py_files():
         if p.name == "harness.py" or p.parent.name == "tools" or p.stem in OWN_HELPERS or p.parent == JOBS:
             continue
