@@ -10,7 +10,8 @@
 set -u
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RAYSENS_TEST_THREADS=${RAYSENS_TEST_THREADS:-4}
+# the root: raysens and jobs; tests/unit: the test helpers (refs), as pyproject's pytest `pythonpath`
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/tests/unit${PYTHONPATH:+:$PYTHONPATH}" RAYSENS_TEST_THREADS=${RAYSENS_TEST_THREADS:-4}
 PY=${PYTHON:-python3}
 T0=$(date +%s)
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,17 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.bench.common import log
+from jobs.harness import log, run_command, synthetic_corpus, write_json
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 BATCH = 8
-
-
-def _corpus(path: Path, rows: int, seq: int) -> None:
-    """``rows`` distinct lines long enough for ``seq`` synthetic tokens (4 characters each)."""
-    with open(path, "w") as f:
-        for r in range(rows):
-            f.write(f"row {r} " + "lorem ipsum dolor " * (seq // 4 + 2) + "\n")
 
 
 def _overrides(model: str, corpus: Path, samples: int, seq: int, layers: int, actors: int, out: Path) -> list[str]:
@@ -82,16 +73,13 @@ def scaling(args) -> dict:
     for n in args.actors:
         tmp = Path(tempfile.mkdtemp(prefix="rs-actors-"))
         units = n * args.units_per_actor
-        _corpus(tmp / "corpus.txt", units * BATCH, args.seq)
+        synthetic_corpus(tmp / "corpus.txt", units * BATCH, args.seq)
         model = f"synthetic:L{args.layers}-lat{args.latency}"
         cmd = [sys.executable, "jobs/run.py", QUICKSTART,
                *_overrides(model, tmp / "corpus.txt", units * BATCH, args.seq, args.layers, n, tmp / "run")]
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2],
-                           env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+        run_command(cmd, env={"RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
         wall = time.perf_counter() - t0
-        if p.returncode != 0:
-            raise SystemExit(f"actors={n}: the run failed:\n{(p.stdout + p.stderr)[-3000:]}")
         m = json.loads((tmp / "run" / "manifest.json").read_text())
         tl = _timeline(tmp / "run")
         ideal = n / args.latency
@@ -151,7 +139,7 @@ def driver(args) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m jobs.bench.actors", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="mode", required=True)
     s = sub.add_parser("scaling", help="throughput with N synthetic actors (one subprocess and Ray per N)")
     s.add_argument("--actors", type=int, nargs="+", default=[1, 4, 16, 32])
@@ -165,9 +153,7 @@ def main(argv=None):
         p.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
     res = scaling(args) if args.mode == "scaling" else driver(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
-    print(json.dumps(res, indent=1))
+    write_json(res, args.json, echo=True)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,22 @@ Without a mode, ``cpu`` is run (``python -m jobs.bench.benchmark --rounds 3`` = 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
+
+from jobs.harness import write_json
+
+
+# the modes with their own arguments (``python -m jobs.bench.<mode>``), passed on unchanged
+PASSED_ON = {"pipeline": "the distributed pipeline",
+             "actors": "pipeline throughput with many synthetic actors",
+             "strategies": "manual vs vmap engine strategies",
+             "generic": "generic vs hand-written path at equal shapes",
+             "modes": "forward vs reverse mode",
+             "precision": "bf16 vs fp32 precision, speed and error",
+             "corpus": "corpus reads, first unit and peak RSS",
+             "rundir": "run-directory bytes, compaction and partial formats"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,63 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="mode")
     cpu.add_arguments(sub.add_parser("cpu", help="seed loop vs raysens on SmolLM2 and MiniLM; exact vs jacrev"))
     gpu.add_arguments(sub.add_parser("gpu", help="random-weight Qwen2-1.5B shape, strict fp32 and TF32"))
-    sub.add_parser("pipeline", help="the distributed pipeline: python -m jobs.bench.pipeline (arguments passed on)")
-    sub.add_parser("actors", help="pipeline throughput with many synthetic actors: python -m jobs.bench.actors "
-                   "(arguments passed on)")
-    sub.add_parser("strategies", help="manual vs vmap engine strategies: python -m jobs.bench.strategies "
-                                      "(arguments passed on)")
-    sub.add_parser("generic", help="generic vs hand-written path at equal shapes: python -m jobs.bench.generic "
-                                   "(arguments passed on)")
-    sub.add_parser("modes", help="forward vs reverse mode: python -m jobs.bench.modes (arguments passed on)")
-    sub.add_parser("precision", help="bf16 vs fp32 precision, speed and error: python -m jobs.bench.precision "
-                                     "(arguments passed on)")
-    sub.add_parser("corpus", help="corpus reads, first unit and peak RSS: python -m jobs.bench.corpus "
-                                  "(arguments passed on)")
-    sub.add_parser("rundir", help="run-directory bytes, compaction and partial formats: python -m jobs.bench.rundir "
-                                  "(arguments passed on)")
+    for mode, what in PASSED_ON.items():
+        sub.add_parser(mode, help=f"{what}: python -m jobs.bench.{mode} (arguments passed on)")
     return ap
 
 
-def _write(res: dict, path: Path) -> None:
-    from .common import write_json
-
-    write_json(res, path)
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["pipeline"]:
-        from . import pipeline
-
-        return pipeline.main(argv[1:])
-    if argv[:1] == ["actors"]:
-        from . import actors
-
-        return actors.main(argv[1:])
-    if argv[:1] == ["strategies"]:
-        from . import strategies
-
-        return strategies.main(argv[1:])
-    if argv[:1] == ["generic"]:  # generic vs hand-written path (jobs/bench/generic.py)
-        from . import generic
-
-        return generic.main(argv[1:])
-    if argv[:1] == ["modes"]:  # forward vs reverse mode (jobs/bench/modes.py)
-        from . import modes
-
-        return modes.main(argv[1:])
-    if argv[:1] == ["precision"]:  # bf16 vs fp32: speed and error (jobs/bench/precision.py)
-        from . import precision
-
-        return precision.main(argv[1:])
-    if argv[:1] == ["corpus"]:  # corpus reads (jobs/bench/corpus.py)
-        from . import corpus
-
-        return corpus.main(argv[1:])
-    if argv[:1] == ["rundir"]:  # run-directory bytes (jobs/bench/rundir.py)
-        from . import rundir
-
-        return rundir.main(argv[1:])
+    if argv[:1] and argv[0] in PASSED_ON:
+        return importlib.import_module(f"jobs.bench.{argv[0]}").main(argv[1:])
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["cpu"] + argv  # no mode: cpu
     args = _parser().parse_args(argv)
@@ -115,8 +83,7 @@ def main(argv=None):
         from .cpu import cpu_main
 
         res = cpu_main(args)
-        if args.json:
-            _write(res, Path(args.json))
+        write_json(res, args.json)
     else:
         from .gpu import gpu_main
 
@@ -124,7 +91,7 @@ def main(argv=None):
         if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
-            _write(res, out / "benchmark_gpu.json")
+            write_json(res, out / "benchmark_gpu.json")
     return res
 
 

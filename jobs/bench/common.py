@@ -1,10 +1,12 @@
-"""Helpers shared by the benchmarks in ``jobs/bench/`` (not launched itself): logging, the benchmark
+"""Engine helpers shared by the benchmarks in ``jobs/bench/`` and the experiments in ``jobs/experiments/``
+(not launched itself; logging, JSON, RSS and child processes are in ``jobs.harness``): the benchmark
 sentences and inputs, relative errors, the FLOP floor, timing under contention, and the older tool's
 VJP loop (the "seed loop") that the CPU and GPU modes of ``jobs.bench.benchmark`` compare against.
 
-Imports torch, numpy and ``raysens.core`` only (no Ray), so that the GPU mode runs on a machine with
-torch, transformers, numpy and safetensors and the working tree (``python -m jobs.bench.benchmark gpu``
-from the repository root).
+Imports torch and numpy at the top and ``raysens.core`` only inside the functions that need it (no
+Ray), so that the GPU mode runs on a machine with torch, transformers, numpy and safetensors and the
+working tree (``python -m jobs.bench.benchmark gpu`` from the repository root), and a child measuring
+another checkout (``jobs.harness.run_child``) imports this module whatever that tree's layout.
 
 FLOP floor (docs/DESIGN.md §1.7): one VJP back to the embeddings with frozen parameters costs about one
 forward, ``2·N·S`` FLOPs (N = parameters of the transformer blocks); K probes at every output
@@ -19,14 +21,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from raysens.core.engine import SensitivityEngine
-from raysens.core.passes.fused import uninstall_fused_norms
-
-REPO = Path(__file__).resolve().parents[2]  # the repository root: cwd of `python -m jobs.bench.*` children
+if TYPE_CHECKING:
+    from raysens.core.engine import SensitivityEngine
 
 SENTENCES = [
     "The old lighthouse keeper climbed the narrow stairs every evening to light the lamp.",
@@ -48,18 +49,6 @@ SENTENCES = [
 ]
 
 
-def log(*a):
-    print(*a, flush=True)
-
-
-def write_json(res, path) -> None:
-    """Write a benchmark's result as indented JSON and say where (``--json PATH``)."""
-    import json
-
-    Path(path).write_text(json.dumps(res, indent=1, default=str))
-    log(f"wrote {path}")
-
-
 # ----------------------------------------------------------------------------- inputs and errors
 def make_inputs(tok, n: int, seq: int, offset: int = 0):
     """``n`` samples of exactly ``seq`` tokens: windows over the repeated sentence list."""
@@ -73,6 +62,13 @@ def make_inputs(tok, n: int, seq: int, offset: int = 0):
         rows.append(ids[start:start + seq])
     x = torch.tensor(rows, dtype=torch.long)
     return x, torch.ones_like(x)
+
+
+def engine(model, **cfg) -> SensitivityEngine:
+    """A ``SensitivityEngine`` of ``model`` with ``SensitivityConfig(**cfg)``."""
+    from raysens.core.engine import SensitivityConfig, SensitivityEngine
+
+    return SensitivityEngine(model, SensitivityConfig(**cfg))
 
 
 def rel_fro(a, b) -> float:
@@ -231,6 +227,8 @@ def seed_loop(model, input_ids, attention_mask, target_layer, *, timings: dict |
 
 def seed_model_copy(model):
     """bf16 copy of ``model`` as the older tool held it (its default attention implementation)."""
+    from raysens.core.passes.fused import uninstall_fused_norms
+
     m = copy.deepcopy(model).to(torch.bfloat16)
     uninstall_fused_norms(m)  # the seed ran Hugging Face's own modules (an engine may have switched them)
     try:  # HF's default for these architectures is SDPA; the older tool did not switch to eager

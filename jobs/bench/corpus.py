@@ -25,27 +25,18 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
+from jobs.harness import log, maxrss_mib, run_child, write_json
+
 CORPORA = {"pq100k": ("parquet", 100_000), "pq10m": ("parquet", 10_000_000), "jsonl1m": ("jsonl", 1_000_000)}
 ROW_GROUP = 100_000
-REPO = Path(__file__).resolve().parents[2]
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 
 # ---------------------------------------------------------------------- corpus generation (streamed)
 def _texts(rng: np.random.Generator, n: int, vocab: np.ndarray) -> list[str]:
@@ -152,7 +143,7 @@ def _data(path: str, samples: int):
 
 def child_driver(args) -> dict:
     t0 = time.perf_counter()
-    base = _rss_mib()
+    base = maxrss_mib()
     data = _data(args.path, args.samples)
     if args.impl == "old":
         n, ids = _old_driver(data)
@@ -164,7 +155,7 @@ def child_driver(args) -> dict:
         c.identity()
         ids = c.select(n)
     np.save(args.ids, ids)
-    return {"rows": n, "selected": len(ids), "driver_s": time.perf_counter() - t0, "driver_rss_mib": _rss_mib(),
+    return {"rows": n, "selected": len(ids), "driver_s": time.perf_counter() - t0, "driver_rss_mib": maxrss_mib(),
             "driver_rss_at_start_mib": base}
 
 
@@ -177,7 +168,7 @@ def child_worker(args) -> dict:
 
     tok = get_tokenizer(args.model, False)
     tok(["warm up"])
-    base = _rss_mib()
+    base = maxrss_mib()
     ids = np.load(args.ids)
     units = [ids[i:i + args.batch] for i in range(0, len(ids), args.batch)]
     data = _data(args.path, args.samples)
@@ -200,17 +191,20 @@ def child_worker(args) -> dict:
         if first is None:
             first = time.perf_counter() - t0
     return {"worker_first_unit_s": first, "worker_all_units_s": time.perf_counter() - t0, "units": len(units),
-            "tokenized": kept, "worker_rss_mib": _rss_mib(), "worker_rss_before_reads_mib": base,
-            "worker_growth_mib": _rss_mib() - base, "texts_sha256": digest.hexdigest()}
+            "tokenized": kept, "worker_rss_mib": maxrss_mib(), "worker_rss_before_reads_mib": base,
+            "worker_growth_mib": maxrss_mib() - base, "texts_sha256": digest.hexdigest()}
+
+
+def child(spec: dict) -> dict:
+    """Child-process body (``jobs.harness.run_child``): the driver's or the worker's part (``spec["mode"]``)."""
+    args = SimpleNamespace(**spec)
+    return child_driver(args) if args.mode == "driver" else child_worker(args)
 
 
 def _child(mode: str, path: Path, samples: int, impl: str, args, env: dict, ids: Path) -> dict:
-    cmd = [sys.executable, "-m", "jobs.bench.corpus", "--child", mode, "--path", str(path), "--samples", str(samples),
-           "--impl", impl, "--batch", str(args.batch), "--model", args.model, "--ids", str(ids)]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
-    if p.returncode:
-        raise SystemExit(f"{mode} child failed ({' '.join(cmd)}):\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    spec = {"mode": mode, "path": str(path), "samples": samples, "impl": impl, "batch": args.batch,
+            "model": args.model, "ids": str(ids)}
+    return run_child("jobs.bench.corpus:child", spec, env=env, timeout=3600)
 
 
 def measure(args) -> dict:
@@ -270,24 +264,14 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="random:tiny-llama", help="whose tokenizer the worker loads")
     ap.add_argument("--repeats", type=int, default=1, help="measure each case N times: fastest time, largest RSS")
     ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--child", choices=["driver", "worker"], help=argparse.SUPPRESS)
-    ap.add_argument("--path", help=argparse.SUPPRESS)
-    ap.add_argument("--ids", help=argparse.SUPPRESS)
     return ap
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    if args.child:
-        args.samples = args.samples[0]
-        args.impl = args.impl[0]
-        print(json.dumps(child_driver(args) if args.child == "driver" else child_worker(args)))
-        return None
     res = measure(args)
     res["command"] = "python -m jobs.bench.corpus " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
-        log(f"wrote {args.json}")
+    write_json(res, args.json)
     return res
 
 

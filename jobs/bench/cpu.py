@@ -10,10 +10,8 @@ Launched through the dispatcher, from the repository root (raysens installed, ~6
   1. seed loop vs raysens ``hutchinson`` K=1 (same number of VJPs per sample, S), alternating
      runs in one process after a warm-up, on SmolLM2 and MiniLM, target layer -1;
   2. raysens ``exact`` vs a ``torch.func.jacrev`` full-Jacobian baseline on MiniLM at S=16, each in
-     its own subprocess so that the peak RSS (``VmHWM``) belongs to one method only. That
-     subprocess is this module (internal)::
-
-         python -m jobs.bench.cpu _mem exact|jacrev --seq-len 16 --npy FILE.npy --threads 2
+     its own child process (``jobs.harness.run_child`` of :func:`mem_child`) so that the peak RSS
+     (``VmHWM``) belongs to one method only.
 
 Why this module is long: one benchmark mode end to end: its arguments, the seed loop and raysens on
 two real models, the jacrev baseline, the child-process memory probe and the summary.
@@ -23,22 +21,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
 
-from .common import (CLEAN, REPO, Contention, block_params, chunk_sizes, cpu_seconds, floor_flops, log,
-                     make_inputs, matmul_gflops, quiet_wait, rel_fro, seed_loop, seed_model_copy)
+from jobs.harness import log, proc_status_mib, reset_peak_rss, run_child
+
+from .common import (CLEAN, Contention, block_params, chunk_sizes, cpu_seconds, floor_flops, make_inputs,
+                     matmul_gflops, quiet_wait, rel_fro, seed_loop, seed_model_copy)
 
 
 def add_arguments(c: argparse.ArgumentParser) -> None:
@@ -159,8 +155,10 @@ def jacrev_map(engine: SensitivityEngine, emb, mask, layer: int):
     return jac.pow(2).sum((1, 3)).double().numpy(), jac.numel() * jac.element_size() / 2 ** 20
 
 
-def mem_child(method: str, seq: int, out_npy: str, threads: int = 2) -> None:
-    """Subprocess body: one method, report time and peak RSS (VmHWM) above the post-load level."""
+def mem_child(spec: dict) -> dict:
+    """Child-process body (``spec``: method, seq, npy, threads): one method, its time and peak RSS
+    (VmHWM) above the post-load level; the map is saved to ``spec["npy"]``."""
+    method, seq, out_npy, threads = spec["method"], spec["seq"], spec["npy"], spec.get("threads", 2)
     torch.set_num_threads(threads)
     from raysens.core.models import load_model
 
@@ -177,11 +175,8 @@ def mem_child(method: str, seq: int, out_npy: str, threads: int = 2) -> None:
     import gc
 
     gc.collect()
-    try:  # reset the peak-RSS mark (VmHWM) so that the warm-up's peak does not count
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    base = _vm("VmRSS")
+    reset_peak_rss()  # the peak-RSS mark (VmHWM): the warm-up's peak does not count
+    base = proc_status_mib("VmRSS")
     t, c0 = time.perf_counter(), cpu_seconds()
     if method == "exact":
         a = engine.compute(ids, am, layers=-1).values[L][0]
@@ -191,20 +186,8 @@ def mem_child(method: str, seq: int, out_npy: str, threads: int = 2) -> None:
         extra = {"jacobian_mb": jac_mb}
     dt, cpu = time.perf_counter() - t, cpu_seconds() - c0
     np.save(out_npy, a)
-    print(json.dumps({"method": method, "seq": seq, "time_s": dt, "cpu_s": cpu, "rss_before_mb": base,
-                      "peak_rss_mb": _vm("VmHWM"), **extra}))
-
-
-def _vm(key: str) -> float:
-    """VmRSS / VmHWM of this process in MiB (Linux); ru_maxrss as a fallback."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"method": method, "seq": seq, "time_s": dt, "cpu_s": cpu, "rss_before_mb": base,
+            "peak_rss_mb": proc_status_mib("VmHWM"), **extra}
 
 
 def bench_exact_vs_jacrev(seq: int, max_wait: float = 30.0, threads: int = 2) -> dict:
@@ -216,14 +199,13 @@ def bench_exact_vs_jacrev(seq: int, max_wait: float = 30.0, threads: int = 2) ->
             log(f"\n== MiniLM exact-vs-jacrev, S={seq}: {method} (own subprocess) ...")
             quiet_wait(max_wait)
             npy = os.path.join(d, f"{method}.npy")
-            p = subprocess.run([sys.executable, "-m", "jobs.bench.cpu", "_mem", method, "--seq-len", str(seq),
-                                "--npy", npy, "--threads", str(threads)],
-                               capture_output=True, text=True, cwd=REPO)
-            if p.returncode != 0:
-                log(p.stderr[-3000:])
-                res[method] = {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc {p.returncode}"}
+            try:
+                res[method] = run_child("jobs.bench.cpu:mem_child",
+                                        {"method": method, "seq": seq, "npy": npy, "threads": threads})
+            except RuntimeError as e:
+                log(str(e))
+                res[method] = {"error": str(e).strip().splitlines()[-1]}
                 continue
-            res[method] = json.loads(p.stdout.strip().splitlines()[-1])
             res[method]["map"] = np.load(npy)
             r = res[method]
             log(f"   {method}: {r['time_s']:.2f} s (CPU {r['cpu_s']:.2f} s), peak RSS {r['peak_rss_mb']:.0f} MiB "
@@ -295,20 +277,3 @@ def _summary(results: dict, gf: float, exact_seq_len: int) -> None:
             elif r:
                 log(f"MiniLM {m}: failed: {r.get('error')}")
     log(f"total wall time {results['wall_s']:.0f} s")
-
-
-def main(argv=None) -> None:
-    """The internal ``_mem`` subprocess of :func:`bench_exact_vs_jacrev`."""
-    ap = argparse.ArgumentParser(description="internal: one method of exact-vs-jacrev in its own process")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("_mem")
-    m.add_argument("method", choices=["exact", "jacrev"])
-    m.add_argument("--seq-len", type=int, default=16)
-    m.add_argument("--npy", required=True)
-    m.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    mem_child(args.method, args.seq_len, args.npy, args.threads)
-
-
-if __name__ == "__main__":
-    main()

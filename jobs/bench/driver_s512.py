@@ -26,18 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
-
-def _log(msg: str) -> None:
-    print(f"[driver_s512] {msg}", file=sys.stderr, flush=True)
+from jobs.harness import log, maxrss_mib, write_json
 
 
 def measure(seq: int, layers: int, unit: int, reps: int) -> dict:
@@ -74,7 +69,7 @@ def measure(seq: int, layers: int, unit: int, reps: int) -> dict:
     return {"seq": seq, "layers": layers, "unit": unit, "state_raw_bytes": raw, "payload_bytes": len(payload),
             "actor_encode_wall_s": round(enc[0], 2), "driver_cpu_s_per_state": round(float(np.median(cpu)), 3),
             "driver_wall_s_per_state": round(float(np.median(wall)), 3),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mib": round(maxrss_mib(), 1)}
 
 
 class OldShipPolicy:
@@ -149,7 +144,7 @@ def served(cost_s: float, unit_s: float, seq: int, layers: int, auto: bool, busy
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m jobs.bench.driver_s512", description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--unit", type=int, default=32, help="samples per unit (the GPU auto batch size)")
@@ -159,7 +154,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--measured", help="a JSON written by an earlier --json: its per-state cost, not measured again")
     a = ap.parse_args(argv)
     m = json.loads(Path(a.measured).read_text()) if a.measured else measure(a.seq, a.layers, a.unit, a.reps)
-    _log(json.dumps(m))
+    log(f"[driver_s512] {json.dumps(m)}", err=True)
     unit_s = a.unit * a.gpu_sample_s
     cost = m["driver_cpu_s_per_state"]  # the driver's own work (wall is inflated by a shared machine's load)
     out = {**m, "gpu_unit_s": round(unit_s, 1), "cost_s_per_state_used": cost,
@@ -167,9 +162,7 @@ def main(argv=None) -> dict:
                                           "old": served(cost, unit_s, a.seq, a.layers, False)},
            "by_pool": table(cost, unit_s, a.seq, a.layers),
            "end_of_run_merge_s_at_64": round(64 * cost, 1)}
-    print(json.dumps(out, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+    write_json(out, a.json, echo=True)
     return out
 
 

@@ -5,8 +5,8 @@
         --json jobs/results/forward_rate.json                         # this tree vs another, alternately
     python -m jobs.bench.forward_rate --tokens 1024 2048 4096         # backward_tokens values side by side
 
-Every measurement is one child process (``python -m jobs.bench.forward_rate _child JSON``, with
-``PYTHONPATH`` = this checkout or ``--baseline-tree``): it loads the model, warms up on 2 samples,
+Every measurement is one child process (``jobs.harness.run_child`` of ``child``, with ``raysens``
+from this checkout or from ``--baseline-tree``): it loads the model, warms up on 2 samples,
 times one ``compute`` of the samples (all layers, forward mode, K=1, ``backward_tokens`` as given)
 and a 2048² fp32 ``torch.matmul`` at the same thread count. Trees and token values alternate for
 ``--rounds`` rounds; the best time of each counts, and the best matmul of the whole command is the
@@ -19,9 +19,6 @@ matmul rate — the issue's target is ≥ 0.65 for SmolLM2 (0.52 before). No Ray
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,13 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# absolute: the child runs this file as a script with the measured tree's jobs/ and raysens/ on PYTHONPATH
-from jobs.bench.common import block_params, log, make_inputs, matmul_gflops, rel_fro, write_json
-
-REPO = Path(__file__).resolve().parents[2]
+from jobs.bench.common import block_params, make_inputs, matmul_gflops, rel_fro
+from jobs.harness import alternate, log, run_child, trees, write_json
 
 
-def _child(spec: dict) -> dict:
+def child(spec: dict) -> dict:
     """One timed measurement in this process (``spec``: model, samples, seq_len, tokens, threads)."""
     from raysens.core.engine import SensitivityConfig, SensitivityEngine
     from raysens.core.models import load_model
@@ -62,29 +57,17 @@ def _child(spec: dict) -> dict:
             "mean_maps": {str(L): m.tolist() for L, m in mean.items()}}
 
 
-def _spawn(spec: dict, tree: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=tree)
-    # this file run as a script (the baseline checkout need not have it): raysens comes from PYTHONPATH
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_child", json.dumps(spec)], cwd=tree,
-                       env=env, capture_output=True, text=True)
-    if p.returncode:
-        raise RuntimeError(p.stderr[-3000:])
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
 def bench_model(name: str, args) -> dict:
-    trees = {"this": str(REPO)}
-    if args.baseline_tree:
-        trees = {"baseline": str(Path(args.baseline_tree).resolve()), **trees}
-    variants = [(t, k) for t in trees for k in args.tokens]
+    roots = trees(args.baseline_tree)
+    order = ["baseline", "this"] if args.baseline_tree else ["this"]  # the baseline first: speedups are over it
+    variants = [(t, k) for t in order for k in args.tokens]
     runs: dict = {v: [] for v in variants}
-    for _ in range(max(1, args.rounds)):
-        for tree, tok in variants:
-            r = _spawn({"model": name, "samples": args.samples, "seq_len": args.seq_len, "tokens": tok,
-                        "threads": args.threads}, trees[tree])
-            runs[(tree, tok)].append(r)
-            log(f"  {name} {tree} tokens={tok}: {r['s_per_sample']:.3f} s/sample, matmul {r['matmul_gflops']:.0f} "
-                f"GFLOP/s ({r['raysens']})")
+    for _, (tree, tok) in alternate(variants, args.rounds):
+        spec = {"model": name, "samples": args.samples, "seq_len": args.seq_len, "tokens": tok, "threads": args.threads}
+        r = run_child("jobs.bench.forward_rate:child", spec, tree=roots[tree])
+        runs[(tree, tok)].append(r)
+        log(f"  {name} {tree} tokens={tok}: {r['s_per_sample']:.3f} s/sample, matmul {r['matmul_gflops']:.0f} "
+            f"GFLOP/s ({r['raysens']})")
     first = runs[variants[0]][0]
     out = {"model": name, "layers": first["layers"], "seq_len": args.seq_len, "samples": args.samples,
            "threads": first["threads"], "variants": {}}
@@ -108,10 +91,6 @@ def bench_model(name: str, args) -> dict:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["_child"]:
-        print(json.dumps(_child(json.loads(argv[1]))))
-        return 0
     ap = argparse.ArgumentParser(prog="python -m jobs.bench.forward_rate", description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["smollm2", "minilm"])
     ap.add_argument("--samples", type=int, default=8)

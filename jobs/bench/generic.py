@@ -26,7 +26,7 @@ import torch
 
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
 
-from .common import log, write_json
+from jobs.harness import log, write_json
 
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
 

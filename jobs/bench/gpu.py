@@ -30,8 +30,9 @@ import torch
 
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
 
-from .common import (block_params, chunk_sizes, floor_flops, log, ray_imported, rel_fro, seed_loop,
-                     seed_model_copy)
+from jobs.harness import log
+
+from .common import block_params, chunk_sizes, floor_flops, ray_imported, rel_fro, seed_loop, seed_model_copy
 
 
 PRECISIONS = ("fp32", "tf32", "bf16")  # timed in this order, one call (SensitivityConfig.precision)

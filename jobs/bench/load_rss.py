@@ -16,7 +16,7 @@ process per variant, one after another, and prints JSON:
   float32 init) then ``safetensors.torch.load_model``, then ``.to(device)``.
 
 Each child imports torch and transformers first and records its RSS (``rss_before_mb``), then
-loads; the parent samples the child's RSS every 5 ms (psutil) and the child reports its peak RSS
+loads; the parent samples the child's RSS every 5 ms (``jobs.harness.RssSampler``) and the child reports its peak RSS
 (``VmHWM``; ``ru_maxrss`` would include the parent's RSS at the fork) after the load and again after
 a first use of every weight (a sum: ``transformers`` maps the file and reads it lazily on the CPU, so
 the old directory path costs its host memory at first use). ``peak_over_file``: the child's peak RSS / the weight file's size; ``load_over_file``:
@@ -27,57 +27,53 @@ target is ``load_over_file`` <= 1.3 for ``new``; ``load_and_use_over_file`` coun
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-CHILD = r"""
-import json, sys, time
-import psutil, torch, transformers
-from transformers.models.llama import modeling_llama  # noqa: F401  (imports before the baseline RSS)
-import safetensors.torch  # noqa: F401
-from raysens.core import models, loading  # noqa: F401
-variant, path, device = sys.argv[1], sys.argv[2], sys.argv[3]
-proc = psutil.Process()
-before = proc.memory_info().rss
-print("READY", flush=True)
-t0 = time.perf_counter()
-if variant == "new":
-    lm = models.load_model(path, device=device)
-    model = lm.model
-elif variant == "old_dir":
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
-                                                              use_safetensors=True)
-    model = models.prepare_for_analysis(model).to(device)
-elif variant == "old_cached":
-    config = transformers.AutoConfig.from_pretrained(path)
-    config._attn_implementation = "eager"
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    safetensors.torch.load_model(model, path + "/model.safetensors")
-    model = models.prepare_for_analysis(model).to(device)
-else:
-    raise SystemExit(f"unknown variant {variant}")
-if device.startswith("cuda"):
-    torch.cuda.synchronize()
-wall = time.perf_counter() - t0
-def hwm():  # this process's peak RSS (VmHWM: reset at exec, unlike ru_maxrss, which keeps the parent's)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-after, hwm_load = proc.memory_info().rss / 2**20, hwm()
-with torch.no_grad():  # first use: a lazily mapped checkpoint (transformers' mmap) is read only now
-    n = sum(p.numel() for p in model.parameters())
-    touched = float(sum(p.float().sum().item() for p in model.parameters()))
-print("RESULT " + json.dumps({"rss_before_mb": before / 2**20, "rss_after_mb": after, "vm_hwm_load_mb": hwm_load,
-                              "vm_hwm_after_use_mb": hwm(), "rss_after_use_mb": proc.memory_info().rss / 2**20,
-                              "load_s": wall, "parameters": n, "class": type(model).__name__,
-                              "device": str(next(model.parameters()).device)}), flush=True)
-"""
+from jobs.harness import add_json_arg, log, proc_status_mib, ready, run_child, write_json
+
+
+def child(spec: dict) -> dict:
+    """Child-process body: one load (``spec``: variant, path, device) and a first use of every weight."""
+    import safetensors.torch
+    import torch
+    import transformers
+    from transformers.models.llama import modeling_llama  # noqa: F401  (imports before the baseline RSS)
+
+    from raysens.core import loading, models  # noqa: F401
+
+    variant, path, device = spec["variant"], spec["path"], spec["device"]
+    before = proc_status_mib("VmRSS")
+    ready()  # the parent's sampler starts
+    t0 = time.perf_counter()
+    if variant == "new":
+        lm = models.load_model(path, device=device)
+        model = lm.model
+    elif variant == "old_dir":
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                  attn_implementation="eager", use_safetensors=True)
+        model = models.prepare_for_analysis(model).to(device)
+    elif variant == "old_cached":
+        config = transformers.AutoConfig.from_pretrained(path)
+        config._attn_implementation = "eager"
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        safetensors.torch.load_model(model, path + "/model.safetensors")
+        model = models.prepare_for_analysis(model).to(device)
+    else:
+        raise SystemExit(f"unknown variant {variant}")
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    # this process's peak RSS: VmHWM (reset at exec, unlike ru_maxrss, which keeps the parent's)
+    after, hwm_load = proc_status_mib("VmRSS"), proc_status_mib("VmHWM")
+    with torch.no_grad():  # first use: a lazily mapped checkpoint (transformers' mmap) is read only now
+        n = sum(p.numel() for p in model.parameters())
+        float(sum(p.float().sum().item() for p in model.parameters()))
+    return {"rss_before_mb": before, "rss_after_mb": after, "vm_hwm_load_mb": hwm_load,
+            "vm_hwm_after_use_mb": proc_status_mib("VmHWM"), "rss_after_use_mb": proc_status_mib("VmRSS"),
+            "load_s": wall, "parameters": n, "class": type(model).__name__,
+            "device": str(next(model.parameters()).device)}
 
 
 def make_checkpoint(out: Path, hidden: int, layers: int, vocab: int, dtype: str) -> Path:
@@ -98,50 +94,20 @@ def make_checkpoint(out: Path, hidden: int, layers: int, vocab: int, dtype: str)
 
 
 def measure(variant: str, path: Path, device: str) -> dict:
-    import psutil
-
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    p = subprocess.Popen([sys.executable, "-c", CHILD, variant, str(path), device], stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, text=True, env=env)
-    ps = psutil.Process(p.pid)
-    peak, stop = [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            try:
-                peak[0] = max(peak[0], ps.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.005)
-
-    lines = []
-    t = None
-    for line in p.stdout:
-        lines.append(line)
-        if line.startswith("READY") and t is None:
-            t = threading.Thread(target=sample, daemon=True)
-            t.start()
-    p.wait()
-    stop.set()
-    if t is not None:
-        t.join()
-    res = [json.loads(x[len("RESULT "):]) for x in lines if x.startswith("RESULT ")]
-    if p.returncode or not res:
-        raise RuntimeError(f"{variant}: child failed (rc {p.returncode}): {''.join(lines)[-2000:]}")
-    out = res[0]
-    out["sampled_peak_mb"] = peak[0] / 2**20
-    return out
+    """One variant in a child process; the parent samples its RSS every 5 ms from its READY line."""
+    return run_child("jobs.bench.load_rss:child", {"variant": variant, "path": str(path), "device": device},
+                     sample_rss=True, every_s=0.005)
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m jobs.bench.load_rss", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=5)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--variants", nargs="+", default=["new", "old_dir", "old_cached"])
-    ap.add_argument("--json", default=None, help="also write the result here")
+    add_json_arg(ap)
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="raysens-load-rss-") as d:
         path = make_checkpoint(Path(d), a.hidden, a.layers, a.vocab, a.dtype)
@@ -157,12 +123,10 @@ def main(argv=None) -> dict:
                      load_over_file=round((peak - r["rss_before_mb"]) * 2**20 / size, 3),
                      load_and_use_over_file=round((use - r["rss_before_mb"]) * 2**20 / size, 3))
             res["variants"][v] = {k: (round(x, 3) if isinstance(x, float) else x) for k, x in r.items()}
-            print(f"{v}: peak {peak:.0f} MB, before load {r['rss_before_mb']:.0f} MB, "
-                  f"load/file {res['variants'][v]['load_over_file']}, "
-                  f"load+first use/file {res['variants'][v]['load_and_use_over_file']}, {r['load_s']:.1f} s", file=sys.stderr)
-    print(json.dumps(res, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1))
+            log(f"{v}: peak {peak:.0f} MB, before load {r['rss_before_mb']:.0f} MB, "
+                f"load/file {res['variants'][v]['load_over_file']}, "
+                f"load+first use/file {res['variants'][v]['load_and_use_over_file']}, {r['load_s']:.1f} s", err=True)
+    write_json(res, a.json, echo=True)
     return res
 
 

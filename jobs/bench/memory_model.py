@@ -1,8 +1,8 @@
 """Peak host memory of engine units sized by the memory model (issue 31, ``raysens.core.memory.sizing``).
 
-Each measurement is a fresh child process (its ``ru_maxrss`` is that run's alone): a 28-block tiny
-Llama (hidden 16) whose engine runs the real unit bookkeeping — host sums (``UnitSums``), probes
-drawn for every position, the in-place mean/variance, masks, the NaN check and, with ``--fold``, the
+Each measurement is a fresh child process (``jobs.harness.run_child``; its ``ru_maxrss`` is that run's
+alone): a 28-block tiny Llama (hidden 16) whose engine runs the real unit bookkeeping — host sums
+(``UnitSums``), probes drawn for every position, the in-place mean/variance, masks, the NaN check and, with ``--fold``, the
 fold of the result into one ``CellStats`` per layer in ``samples_per_fold`` slices — while the
 tangent passes themselves are replaced by one in-place addition per pass over the sums (a real
 forward-mode pass at S=2048 over 28 layers takes hours on 2 CPU cores; its working memory is the
@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from jobs.harness import REPO, log, maxrss_mib, run_child
 
 
-def _child(spec: dict) -> dict:
+def child(spec: dict) -> dict:
     import numpy as np
     import torch
     import transformers as tf
@@ -62,7 +58,7 @@ def _child(spec: dict) -> dict:
                          budget=int(spec["budget_gib"] * (1 << 30)), state_cell_bytes=None if spec["fold"] else 0)
         batch, fold = plan.samples_per_unit, plan.samples_per_fold
     ids = torch.randint(3, 100, (batch, seq))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+    before = int(maxrss_mib() * 2**20)
     r = eng.compute(ids, layers=list(range(1, layers + 1)), sample_ids=list(range(batch)))
     if spec["fold"]:
         from raysens.stats.cells import CellStats
@@ -73,7 +69,7 @@ def _child(spec: dict) -> dict:
                 f1 = min(batch, f0 + max(1, fold))
                 states[L].update(r.values[L][f0:f1], r.mask[f0:f1], None if r.noise is None else r.noise[L][f0:f1],
                                  r.sample_ids[f0:f1])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+    peak = int(maxrss_mib() * 2**20)
     out = {"seq": seq, "layers": layers, "k": spec["k"], "batch": batch, "fold": fold, "peak_rss": peak,
            "rss_before_compute": before, "budget": int(spec["budget_gib"] * (1 << 30))}
     if plan is not None:
@@ -82,19 +78,13 @@ def _child(spec: dict) -> dict:
 
 
 def run(tree: Path, spec: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_child", json.dumps(spec)], cwd=tree,
-                       env=env, capture_output=True, text=True)  # by path: raysens comes from ``tree``
-    if p.returncode:
-        raise SystemExit(p.stderr[-3000:])
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    """One measurement in a child process whose raysens comes from ``tree``."""
+    return run_child("jobs.bench.memory_model:child", spec, tree=tree)
 
 
 def main(argv=None) -> None:
-    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "_child":
-        print(json.dumps(_child(json.loads(sys.argv[2]))))
-        return
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m jobs.bench.memory_model", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--k", type=int, default=1)
@@ -105,11 +95,11 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     spec = {"seq": a.seq, "layers": a.layers, "k": a.k, "budget_gib": a.budget_gib, "fold": a.fold, "batch": a.batch}
     res = run(REPO, spec)
-    print(json.dumps({"tree": str(REPO), **res}))
+    log(json.dumps({"tree": str(REPO), **res}))
     if a.baseline_tree:
         base = run(a.baseline_tree, {**spec, "batch": res["batch"], "fold": False})
-        print(json.dumps({"tree": str(a.baseline_tree), **base}))
-        print(f"peak RSS new / baseline at batch {res['batch']}: {res['peak_rss'] / base['peak_rss']:.2f}")
+        log(json.dumps({"tree": str(a.baseline_tree), **base}))
+        log(f"peak RSS new / baseline at batch {res['batch']}: {res['peak_rss'] / base['peak_rss']:.2f}")
 
 
 if __name__ == "__main__":

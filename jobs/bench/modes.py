@@ -15,19 +15,14 @@ both modes run S·K passes per sample). Results: ``docs/benchmarks.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 import torch
 
-from .common import block_params, floor_flops, log, make_inputs, rel_fro, write_json
+from jobs.harness import log, write_json
 
-
-def _engine(model, **cfg):
-    from raysens.core.engine import SensitivityConfig, SensitivityEngine
-
-    return SensitivityEngine(model, SensitivityConfig(**cfg))
+from .common import block_params, engine, floor_flops, make_inputs, rel_fro
 
 
 def _time(eng, ids, am, layers, rounds):
@@ -48,7 +43,7 @@ def _bench_model(name, args, parts):
     seq = args.seq_len
     ids, am = make_inputs(lm.tokenizer, args.samples, seq)
     causal = name != "minilm"
-    eng = {m: _engine(lm.model, mode=m) for m in ("forward", "reverse", "auto")}
+    eng = {m: engine(lm.model, mode=m) for m in ("forward", "reverse", "auto")}
     npar = block_params(eng["reverse"])
     floor1 = floor_flops(npar, seq, 1, causal) / n  # one block's share per sample
     if "all" in parts:
@@ -74,7 +69,7 @@ def _bench_model(name, args, parts):
                              "auto_over_fastest": t["auto"] / fastest}
     if "exact" in parts and name == "minilm":
         ids16, am16 = make_inputs(lm.tokenizer, min(2, args.samples), 16)
-        ex = {m: _engine(lm.model, estimator="exact", mode=m) for m in ("forward", "reverse")}
+        ex = {m: engine(lm.model, estimator="exact", mode=m) for m in ("forward", "reverse")}
         t = {}
         for m in ("forward", "reverse"):
             t[m], _ = _time(ex[m], ids16, am16, list(range(n + 1)), 1)
@@ -83,13 +78,13 @@ def _bench_model(name, args, parts):
         depths = sorted({1, n // 2, n})
         qn = min(4, args.samples)
         qids, qam = ids[:qn], am[:qn]
-        exact = _engine(lm.model, estimator="exact", mode="forward").compute(qids, qam, layers=depths)
+        exact = engine(lm.model, estimator="exact", mode="forward").compute(qids, qam, layers=depths)
         q = {}
         for k in (1, 4):
             for m in ("forward", "reverse"):
                 errs = {L: [] for L in depths}
                 for seed in range(3):
-                    r = _engine(lm.model, num_probes=k, seed=seed, mode=m).compute(qids, qam, layers=depths)
+                    r = engine(lm.model, num_probes=k, seed=seed, mode=m).compute(qids, qam, layers=depths)
                     for L in depths:
                         for i in range(qn):
                             v = exact.mask[i]
@@ -120,9 +115,7 @@ def main(argv=None):
     parts = set(args.parts.split(","))
     res = {"torch_threads": torch.get_num_threads(), "seq_len": args.seq_len, "samples": args.samples,
            "models": [_bench_model(m, args, parts) for m in args.models]}
-    print(json.dumps(res, indent=1))
-    if args.json:
-        write_json(res, args.json)
+    write_json(res, args.json, echo=True)
     return res
 
 

@@ -17,7 +17,7 @@ engine's own seconds. Ray's extra start-up cost is reported separately. Runs alt
 
 ``memory``: peak resident memory of the *driver* process (sampled every 50 ms in a thread, plus
 ``ru_maxrss``) for 1k and 10k samples of a tiny random-weight model on 2 CPU actors; each size runs
-in a fresh process (``python -m jobs.bench.pipeline _memory_child SAMPLES TMPDIR``, internal). The
+in a fresh process (``jobs.harness.run_child`` of ``memory_child``). The
 growth above the driver's memory once Ray is up is what must stay flat.
 """
 
@@ -26,16 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]  # cwd of the `python -m jobs.bench.pipeline` child processes
+from jobs.harness import RssSampler, log, maxrss_mib, run_child, write_json
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -107,7 +105,7 @@ def overhead(model: str, samples: int, seq_len: int, batch: int, reps: int, thre
                     runs.append({"kind": kind, "samples": n, "rep": r, "wall_s": round(time.perf_counter() - t, 2),
                                  "cpu_s": round(cpu.cpu_s, 2), "engine_s": s.manifest["timings"]["compute_s_total"],
                                  "load_avg_1m": round(os.getloadavg()[0], 1)})
-                    print(f"[bench] {runs[-1]}", file=sys.stderr, flush=True)
+                    log(f"[bench] {runs[-1]}", err=True)
 
     def med(kind, n, key):
         return statistics.median(x[key] for x in runs if x["kind"] == kind and x["samples"] == n)
@@ -130,13 +128,9 @@ def overhead(model: str, samples: int, seq_len: int, batch: int, reps: int, thre
     return out
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _memory_child(samples: int, tmp: str) -> dict:
-    """Runs in a fresh process: the driver whose memory is measured."""
+def memory_child(spec: dict) -> dict:
+    """Runs in a fresh process (``spec``: samples, tmp): the driver whose memory is measured."""
+    samples, tmp = spec["samples"], spec["tmp"]
     from raysens.backends.ray_pool import connect
     from raysens.run.runner import run
     from raysens.corpus.reader import bundled_corpus_path
@@ -152,39 +146,24 @@ def _memory_child(samples: int, tmp: str) -> dict:
     connect(cfg.cluster)  # Ray up first: the baseline includes it
     import ray
 
-    base = _rss_mb()
-    peak = [base]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_mb())
-            time.sleep(0.05)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    t = time.perf_counter()
-    s = run(cfg)
-    wall = time.perf_counter() - t
-    stop.set()
-    th.join()
+    with RssSampler(every_s=0.05) as rss:
+        base = rss.first_mib
+        t = time.perf_counter()
+        s = run(cfg)
+        wall = time.perf_counter() - t
     ray.shutdown()
     return {"samples": samples, "computed": s.manifest["samples"]["computed"], "units": s.manifest["units"]["total"],
             "wall_s": round(wall, 1), "driver_rss_before_run_mb": round(base, 1),
-            "driver_rss_peak_mb": round(peak[0], 1), "driver_rss_growth_mb": round(peak[0] - base, 1),
-            "driver_ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "driver_rss_peak_mb": round(rss.peak_mib, 1), "driver_rss_growth_mb": round(rss.peak_mib - base, 1),
+            "driver_ru_maxrss_mb": round(maxrss_mib(), 1)}
 
 
 def memory(sizes: list[int]) -> list[dict]:
     out = []
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix="rsmem") as tmp:
-            p = subprocess.run([sys.executable, "-m", "jobs.bench.pipeline", "_memory_child", str(n), tmp],
-                               capture_output=True, text=True, timeout=3600, cwd=REPO)
-            if p.returncode != 0:
-                raise RuntimeError(f"memory run for {n} samples failed:\n{p.stderr[-3000:]}")
-            out.append(json.loads(p.stdout.strip().splitlines()[-1]))
-            print(f"[bench] memory {n}: {out[-1]}", file=sys.stderr, flush=True)
+            out.append(run_child("jobs.bench.pipeline:memory_child", {"samples": n, "tmp": tmp}, timeout=3600))
+            log(f"[bench] memory {n}: {out[-1]}", err=True)
     return out
 
 
@@ -216,23 +195,14 @@ def main(argv=None) -> int:
         p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     for p in (o, m, a):
         p.add_argument("--json", help="also write the results here")
-    c = sub.add_parser("_memory_child")
-    c.add_argument("samples", type=int)
-    c.add_argument("tmp")
     args = ap.parse_args(argv)
-    if args.cmd == "_memory_child":
-        print(json.dumps(_memory_child(args.samples, args.tmp)))
-        return 0
     res = {"machine": machine()}
     if args.cmd in ("overhead", "all"):
         res["overhead"] = overhead(args.model, args.samples, args.seq_len, args.batch, args.reps, args.threads, args.layers)
     if args.cmd in ("memory", "all"):
         res["memory"] = memory(args.sizes)
     res["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
-    text = json.dumps(res, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    write_json(res, args.json, echo=True)
     return 0
 
 

@@ -25,18 +25,14 @@ import time
 import numpy as np
 import torch
 
-from .common import log, make_inputs, rel_fro, write_json
+from jobs.harness import log, write_json
 
-
-def _engine(model, **cfg):
-    from raysens.core.engine import SensitivityConfig, SensitivityEngine
-
-    return SensitivityEngine(model, SensitivityConfig(**cfg))
+from .common import engine, make_inputs, rel_fro
 
 
 def speed(model, ids, am, layers, rounds) -> dict:
     """fp32 and bf16 (Hutchinson K=1, auto mode) alternating; best s/sample of each and fp32/bf16."""
-    eng = {p: _engine(model, precision=p) for p in ("fp32", "bf16")}
+    eng = {p: engine(model, precision=p) for p in ("fp32", "bf16")}
     for e in eng.values():  # warm-up (and bf16 weight copies) on one sample, untimed
         e.compute(ids[:1], am[:1], layers=layers)
     t: dict = {p: [] for p in eng}
@@ -58,7 +54,7 @@ def speed(model, ids, am, layers, rounds) -> dict:
 def map_errors(model, ids, am, depths) -> dict:
     """Exact maps in fp32 and bf16 at ``depths``: per layer the relative Frobenius distance per map
     (mean, max over samples) and of the mean map over the samples."""
-    res = {p: _engine(model, estimator="exact", mode="forward", precision=p).compute(ids, am, layers=depths)
+    res = {p: engine(model, estimator="exact", mode="forward", precision=p).compute(ids, am, layers=depths)
            for p in ("fp32", "bf16")}
     a, b = res["fp32"], res["bf16"]
     out = {}
@@ -75,7 +71,7 @@ def hutch_errors(model, ids, am, depths, exact, seeds=(0, 1, 2)) -> dict:
     ex = {L: exact.values[L].mean(0) for L in depths}
     bf, probe = {L: [] for L in depths}, {L: [] for L in depths}
     for s in seeds:
-        r = {p: _engine(model, num_probes=1, seed=s, mode="forward", precision=p).compute(ids, am, layers=depths)
+        r = {p: engine(model, num_probes=1, seed=s, mode="forward", precision=p).compute(ids, am, layers=depths)
              for p in ("fp32", "bf16")}
         for L in depths:
             m32, m16 = r["fp32"].values[L].mean(0), r["bf16"].values[L].mean(0)
@@ -129,9 +125,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
     res = {"torch_threads": torch.get_num_threads(), "models": [bench_model(m, args, parts) for m in args.models]}
-    print(json.dumps(res, indent=1))
-    if args.json:
-        write_json(res, args.json)
+    write_json(res, args.json, echo=True)
     return res
 
 

@@ -30,14 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.bench.common import log, write_json
-
-
-def _corpus(path: Path, rows: int, seq: int) -> None:
-    """``rows`` distinct lines long enough for ``seq`` synthetic tokens (4 characters each)."""
-    with open(path, "w") as f:
-        for r in range(rows):
-            f.write(f"row {r} " + "lorem ipsum dolor " * (seq // 4 + 2) + "\n")
+from jobs.harness import log, synthetic_corpus, write_json
 
 
 def _bytes(d: Path) -> dict:
@@ -60,7 +53,7 @@ def growth(samples: list[int], layers: int, seq: int, batch: int, every_list: li
     from raysens.run.runner import run_local
 
     corpus = workdir / "corpus.txt"
-    _corpus(corpus, max(samples), seq)
+    synthetic_corpus(corpus, max(samples), seq)
     rows = []
     for n in samples:
         for every in every_list:

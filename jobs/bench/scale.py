@@ -2,7 +2,8 @@
 
 The synthetic engine (``raysens.core.models.synthetic``) computes nothing: what is measured is the per-cell
 state (update, encode, ship, decode, merge), the run directory and the driver. Every run is a fresh
-child process (``python -m jobs.bench.scale _child JSON``), so its peak RSS (``ru_maxrss`` of the
+child process (``jobs.harness.run_child`` of ``child``; with ``--baseline-tree``, under that
+checkout's raysens), so its peak RSS (``ru_maxrss`` of the
 child; with Ray: of the driver process) belongs to that run alone; the run directory's size is
 polled every 0.2 s (its peak) and taken at the end.
 
@@ -29,39 +30,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from jobs.harness import dir_bytes, log, maxrss_mib, run_child, synthetic_corpus, write_json
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-
-
-def _log(msg: str) -> None:
-    print(f"[scale] {msg}", file=sys.stderr, flush=True)
-
-
-def _corpus(path: Path, rows: int, seq: int) -> None:
-    """``rows`` distinct lines long enough for ``seq`` synthetic tokens (4 characters each)."""
-    with open(path, "w") as f:
-        for r in range(rows):
-            f.write(f"row {r} " + "lorem ipsum dolor " * (seq // 4 + 2) + "\n")
-
-
-def _dir_bytes(d: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(d):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(root, f))
-            except OSError:
-                pass
-    return total
 
 
 def _child(spec: dict) -> dict:
@@ -70,7 +48,7 @@ def _child(spec: dict) -> dict:
     from raysens.run.runner import run, run_local
 
     tmp = Path(spec["tmp"])
-    _corpus(tmp / "corpus.txt", spec["samples"], spec["seq"])
+    synthetic_corpus(tmp / "corpus.txt", spec["samples"], spec["seq"])
     out = tmp / "run"
     ov = [f"--model.name=synthetic:L{spec['layers']}", f"--data.source={tmp / 'corpus.txt'}", "--data.kind=text",
           f"--data.limit={spec['samples']}", f"--data.max_seq_len={spec['seq']}",
@@ -84,7 +62,7 @@ def _child(spec: dict) -> dict:
 
     def poll():
         while not stop.is_set():
-            peak[0] = max(peak[0], _dir_bytes(out))
+            peak[0] = max(peak[0], dir_bytes(out))
             time.sleep(0.2)
 
     th = threading.Thread(target=poll, daemon=True)
@@ -94,27 +72,25 @@ def _child(spec: dict) -> dict:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     stop.set()
     th.join()
-    final = _dir_bytes(out)
+    final = dir_bytes(out)
     return {**{k: spec[k] for k in ("kind", "samples", "layers", "seq", "batch")}, "wall_s": round(wall, 2),
             "cpu_s": round(cpu, 2),  # this process's CPU (in-process: all the bookkeeping; Ray: the driver's)
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mib": round(maxrss_mib(), 1),
             "rundir_peak_bytes": max(peak[0], final), "rundir_final_bytes": final}
 
 
 def _spawn(spec: dict, tree: str | None = None) -> dict:
-    """Run ``spec`` in a child process of this tree, or of ``tree`` (another checkout: the baseline)."""
-    root = Path(tree) if tree else REPO
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    """Run ``spec`` in a child process with this tree's raysens, or ``tree``'s (another checkout: the baseline)."""
     with tempfile.TemporaryDirectory(prefix="rs-scale-") as tmp:
-        # this file run as a script (the baseline checkout need not have it): raysens comes from PYTHONPATH
-        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_child", json.dumps({**spec, "tmp": tmp})],
-                           capture_output=True, text=True, cwd=root, timeout=7200, env=env)
-        if p.returncode != 0:
-            raise RuntimeError(f"run {spec} failed:\n{(p.stdout + p.stderr)[-3000:]}")
-        res = json.loads(p.stdout.strip().splitlines()[-1])
+        res = run_child("jobs.bench.scale:child", {**spec, "tmp": tmp}, tree=tree, timeout=7200)
     res["tree"] = "baseline" if tree else "new"
-    _log(json.dumps(res))
+    log(f"[scale] {json.dumps(res)}", err=True)
     return res
+
+
+def child(spec: dict) -> dict:
+    """Child-process body: the driver's cost per state (``kind`` driver) or one run."""
+    return _driver_child(spec) if spec["kind"] == "driver" else _child(spec)
 
 
 def _driver_child(spec: dict) -> dict:
@@ -201,7 +177,7 @@ def state(args) -> dict:
             tb += time.process_time() - t
     out["merge_from_batch_cpu_ms_8x64x64"] = round(1e3 * ta / 40, 3)
     out["update_cpu_ms_8x64x64"] = round(1e3 * tb / 40, 3) if tb else None
-    _log(json.dumps(out))
+    log(f"[scale] {json.dumps(out)}", err=True)
     return out
 
 
@@ -299,13 +275,7 @@ def main(argv=None) -> int:
     st.add_argument("--samples", type=int, default=512)
     st.add_argument("--json")
     st.add_argument("--baseline-tree")
-    c = sub.add_parser("_child")
-    c.add_argument("spec")
     args = ap.parse_args(argv)
-    if args.cmd == "_child":
-        spec = json.loads(args.spec)
-        print(json.dumps(_driver_child(spec) if spec["kind"] == "driver" else _child(spec)))
-        return 0
     res: dict = {"cpus": len(os.sched_getaffinity(0)), "load_avg_1m_start": os.getloadavg()[0]}
     if args.cmd in ("rate", "all"):
         res["rate"] = rate(args)
@@ -326,11 +296,8 @@ def main(argv=None) -> int:
                                           args.baseline_tree))
     res["load_avg_1m_end"] = os.getloadavg()[0]
     res["table"] = table(res) if args.cmd not in ("driver", "state") else json.dumps(res[args.cmd])
-    print(res["table"], file=sys.stderr)
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    log(res["table"], err=True)
+    write_json(res, args.json, echo=True)
     return 0
 
 

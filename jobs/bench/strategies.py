@@ -23,7 +23,9 @@ import torch
 
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
 
-from .common import log, make_inputs, write_json
+from jobs.harness import log, write_json
+
+from .common import make_inputs
 
 
 def _model(name: str, n: int, seq: int):

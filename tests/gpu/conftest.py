@@ -1,15 +1,11 @@
 """The ``gpu`` marker: tests that need a CUDA device, skipped without one (``jobs/device_check.sh``
-runs them on a lent GPU machine). Only the Ray-free core is imported."""
+runs them on a lent GPU machine). Only the Ray-free core is imported; ``refs`` (tiny models, the
+float64 oracle) comes from tests/unit through pyproject's ``pythonpath``."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # refs.py: tiny models, float64 oracle
 
 
 def pytest_configure(config):

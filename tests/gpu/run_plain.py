@@ -1,7 +1,9 @@
 """Run the ``gpu`` tests without pytest (the lent GPU machines may lack it): every ``test_*`` function
-of ``tests/gpu/test_*.py``, one line per test, exit status 1 if any failed.
+of ``tests/gpu/test_*.py``, one line per test, exit status 1 if any failed. The repository root
+(``raysens``) and ``tests/unit`` (``refs``) come from ``PYTHONPATH``, as pytest's ``pythonpath`` gives
+them (``jobs/device_check.sh`` sets it):
 
-    python tests/gpu/run_plain.py [name-substring ...]
+    PYTHONPATH=.:tests/unit python tests/gpu/run_plain.py [name-substring ...]
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))  # the repository root: raysens
-sys.path.insert(0, str(HERE.parents[0] / "unit"))  # refs
 
 
 def main(argv: list[str]) -> int:
     import torch
+
+    try:
+        import raysens  # noqa: F401
+        import refs  # noqa: F401
+    except ImportError as e:
+        print(f"run_plain: {e}: run from the repository root with PYTHONPATH=.:tests/unit")
+        return 2
 
     if not torch.cuda.is_available():
         print("SKIP all: no CUDA device")

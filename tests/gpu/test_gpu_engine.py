@@ -9,17 +9,14 @@ machines), ``python tests/gpu/run_plain.py``: no fixtures, no parametrize, no pl
 from __future__ import annotations
 
 import gc
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from refs import make_model, random_ids, reference, rel_fro  # noqa: E402
+from refs import make_model, random_ids, reference, rel_fro  # tests/unit/refs.py (pyproject: pythonpath)
 
-from raysens.core.engine import SampleMemoryError, SensitivityConfig, SensitivityEngine  # noqa: E402
-from raysens.core.memory.unitsums import scatter_add, scatter_rounds  # noqa: E402
+from raysens.core.engine import SampleMemoryError, SensitivityConfig, SensitivityEngine
+from raysens.core.memory.unitsums import scatter_add, scatter_rounds
 
 try:
     import pytest

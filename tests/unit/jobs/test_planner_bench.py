@@ -1,4 +1,4 @@
-"""``python -m jobs.bench.planner`` keeps running (tiny random model, exact maps as the reference):
+"""``python -m jobs.experiments.planner`` keeps running (tiny random model, exact maps as the reference):
 every planned run stays within its budget, and the pure runs' costs are the cost model's."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from jobs.bench import planner
+from jobs.experiments import planner
 from raysens.core.planning.planner import plan_cost, unit_costs
 
 

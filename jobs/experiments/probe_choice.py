@@ -5,8 +5,8 @@ justifies the default ``probe_distribution`` of ``raysens.core.engine.Sensitivit
 repository root::
 
     . .venv/bin/activate
-    python -m jobs.bench.probe_choice                 # 4 samples, S=12, last layer, 20 seeds
-    python -m jobs.bench.probe_choice --samples 4 --seq-len 12 --seeds 20 --json /tmp/probe_choice.json
+    python -m jobs.experiments.probe_choice                 # 4 samples, S=12, last layer, 20 seeds
+    python -m jobs.experiments.probe_choice --samples 4 --seq-len 12 --seeds 20 --json /tmp/probe_choice.json
 
 For each probe law (rademacher, gaussian, sphere) and K ∈ {1, 4}: the relative Frobenius error
 ``‖Â − A‖_F / ‖A‖_F`` of each sample's ``[S, S]`` map, averaged over samples and over run seeds
@@ -23,23 +23,22 @@ by few coordinate directions.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
 
-from .common import SENTENCES as _ALL_SENTENCES
-from .common import rel_fro_per_sample as rel_fro
+from jobs.bench.common import SENTENCES as _ALL_SENTENCES
+from jobs.bench.common import rel_fro_per_sample as rel_fro
+from jobs.harness import log, write_json
 
 SENTENCES = _ALL_SENTENCES[:6]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m jobs.bench.probe_choice", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m jobs.experiments.probe_choice", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=12)
@@ -69,8 +68,8 @@ def main(argv=None):
     ref = exact.compute(ids, layers=L, sample_ids=sids).values[L]  # [samples, S, S]
     proj = SensitivityEngine(lm.model, SensitivityConfig(estimator="projection")).compute(
         ids, layers=L, sample_ids=sids).values[L]
-    print(f"{args.model}: {len(rows)} samples, S={args.seq_len}, layer {L}, {args.seeds} seeds, "
-          f"exact in {time.perf_counter() - t0:.1f} s", flush=True)
+    log(f"{args.model}: {len(rows)} samples, S={args.seq_len}, layer {L}, {args.seeds} seeds, "
+          f"exact in {time.perf_counter() - t0:.1f} s")
 
     results = {"model": args.model, "samples": len(rows), "seq_len": args.seq_len, "layer": L,
                "seeds": args.seeds, "torch": torch.__version__,
@@ -89,22 +88,20 @@ def main(argv=None):
                 "distribution": dist, "K": k, "mean_rel_err": float(e.mean()),
                 "stderr": float(e.mean(1).std(ddof=1) / np.sqrt(len(e))),
                 "per_sample": e.mean(0).tolist()})
-            print(f"  K={k} {dist:10s}: mean rel. Frobenius error {e.mean():.4f}", flush=True)
+            log(f"  K={k} {dist:10s}: mean rel. Frobenius error {e.mean():.4f}")
 
-    print("\n" + "=" * 72)
-    print(f"{'estimator':24s} {'K':>2s} {'rel. Frobenius error (mean ± s.e.)':>36s}")
+    log("\n" + "=" * 72)
+    log(f"{'estimator':24s} {'K':>2s} {'rel. Frobenius error (mean ± s.e.)':>36s}")
     for r in results["hutchinson"]:
-        print(f"{'hutchinson/' + r['distribution']:24s} {r['K']:2d} "
+        log(f"{'hutchinson/' + r['distribution']:24s} {r['K']:2d} "
               f"{r['mean_rel_err']:28.4f} ± {r['stderr']:.4f}")
-    print(f"{'projection (seed tool)':24s} {'-':>2s} {results['projection_rel_err']:28.4f}   (deterministic)")
+    log(f"{'projection (seed tool)':24s} {'-':>2s} {results['projection_rel_err']:28.4f}   (deterministic)")
     for k in args.probes:
         best = min((r for r in results["hutchinson"] if r["K"] == k), key=lambda r: r["mean_rel_err"])
-        print(f"K={k}: lowest error: {best['distribution']}")
+        log(f"K={k}: lowest error: {best['distribution']}")
     results["wall_s"] = time.perf_counter() - t0
-    print(f"wall time {results['wall_s']:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
-        print(f"wrote {args.json}")
+    log(f"wall time {results['wall_s']:.0f} s")
+    write_json(results, args.json)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Accuracy-aware planning (docs/DESIGN.md §1.11): cost against worst-layer error for all-forward,
 all-reverse and planned runs, exact maps as the reference, in one process.
 
-    python -m jobs.bench.planner [--model smollm2] [--layers 1 4 8 12 15] [--samples 8] [--seq-len 16]
+    python -m jobs.experiments.planner [--model smollm2] [--layers 1 4 8 12 15] [--samples 8] [--seq-len 16]
                                  [--seeds 3] [--fwd-k 1 2 4 8 16] [--rev-k 1 2 4] [--budgets 1 1.5 2 3 4 6]
                                  [--threads 2] [--device cpu|cuda] [--json PATH]
 
@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import log, make_inputs, write_json
+from jobs.bench.common import make_inputs
+from jobs.harness import log, write_json
 
 
 def _err(mean: np.ndarray, ref: np.ndarray) -> float:
@@ -43,7 +44,7 @@ def main(argv=None):
     from raysens.core.planning.planned import PlannedEngine
     from raysens.core.planning.planner import plan_cost, unit_costs
 
-    ap = argparse.ArgumentParser(prog="python -m jobs.bench.planner", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m jobs.experiments.planner", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 4, 8, 12, 15])
     ap.add_argument("--samples", type=int, default=8)

@@ -1,6 +1,6 @@
 """Correctness of the Ray-free core on a CUDA device (run on a lent GPU machine; no Ray needed).
 
-    python -m jobs.bench.gpu_check       # from the repository root; exits non-zero if any check fails
+    python -m jobs.checks.gpu_check       # from the repository root; exits non-zero if any check fails
 
 No raysens install needed (``python -m`` from the root imports the working tree's raysens); torch
 with CUDA, transformers and numpy are.
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import transformers
 
+from jobs.harness import log
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
 
 
@@ -45,7 +46,7 @@ def reference(model, ids, layer):
 
 
 def main(argv=None) -> int:
-    argparse.ArgumentParser(prog="python -m jobs.bench.gpu_check", description=__doc__.split("\n")[0],
+    argparse.ArgumentParser(prog="python -m jobs.checks.gpu_check", description=__doc__.split("\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog=__doc__.split("\n", 1)[1]).parse_args(argv)
     assert torch.cuda.is_available(), "gpu_check: no CUDA device"
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
             err = np.linalg.norm(res.values[L][0] - ref) / np.linalg.norm(ref)
             ok = err <= 1e-5
             failures += not ok
-            print(f"{name:6s} exact layer {L}: rel Frobenius error vs jacrev(float64) {err:.2e} {'OK' if ok else 'FAIL'}")
+            log(f"{name:6s} exact layer {L}: rel Frobenius error vs jacrev(float64) {err:.2e} {'OK' if ok else 'FAIL'}")
         cfg = SensitivityConfig(estimator="hutchinson", num_probes=3, seed=7)
         gpu = SensitivityEngine(model, cfg).compute(ids, layers=-1, sample_ids=[5, 9])
         cpu = SensitivityEngine(copy.deepcopy(model).cpu(), cfg).compute(ids.cpu(), layers=-1, sample_ids=[5, 9])
@@ -70,8 +71,8 @@ def main(argv=None) -> int:
         err = np.abs(gpu.values[L] - cpu.values[L]).max() / np.abs(cpu.values[L]).max()
         ok = err <= 1e-5
         failures += not ok
-        print(f"{name:6s} hutchinson cuda vs cpu (same probes): max rel diff {err:.2e} {'OK' if ok else 'FAIL'}")
-    print(f"gpu_check: {failures} failure(s) on {torch.cuda.get_device_name()}")
+        log(f"{name:6s} hutchinson cuda vs cpu (same probes): max rel diff {err:.2e} {'OK' if ok else 'FAIL'}")
+    log(f"gpu_check: {failures} failure(s) on {torch.cuda.get_device_name()}")
     return 1 if failures else 0
 
 
