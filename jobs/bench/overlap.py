@@ -83,6 +83,14 @@ class SleepEngine:
                               estimator="bench", num_probes=1, strategy="bench")
 
 
+def _thread_faults() -> int:
+    """Minor page faults of the calling thread so far (0 where RUSAGE_THREAD is missing)."""
+    import resource
+
+    who = getattr(resource, "RUSAGE_THREAD", None)
+    return resource.getrusage(who).ru_minflt if who is not None else 0
+
+
 class RssPeak:
     """Peak resident set size of this process while in the ``with`` block (sampled)."""
 
@@ -120,22 +128,27 @@ def run_path(background: bool, a) -> dict:
     w.engine = SleepEngine(layers, a.unit, a.seq, a.compute_s, a.compute)
     spent = {"fold_s": 0.0, "encode_s": 0.0}  # the bookkeeping's own wall time, on whichever thread
     cpu = {"fold_cpu_s": 0.0, "encode_cpu_s": 0.0}  # and its CPU time (that thread's)
+    faults = {"fold_faults": 0, "encode_faults": 0}  # minor page faults of that thread (fresh pages)
     for name, key in (("_fold_into", "fold"), ("_encode", "encode")):
         def timed(*args, _real=getattr(w, name), _key=key):
-            t, c = time.perf_counter(), time.thread_time()
+            t, c, f = time.perf_counter(), time.thread_time(), _thread_faults()
             try:
                 return _real(*args)
             finally:
                 spent[_key + "_s"] += time.perf_counter() - t
                 cpu[_key + "_cpu_s"] += time.thread_time() - c
+                faults[_key + "_faults"] += _thread_faults() - f
         setattr(w, name, timed)
-    shipments, marks = [], []
+    shipments, marks, waits = [], [], []
+    first = a.ship_every - 1  # steady state: from the first shipment's unit on
     with RssPeak() as rss:
         t0 = time.perf_counter()
         for u in range(a.units):
             ids = list(range(u * a.unit, (u + 1) * a.unit))
+            t, c0 = time.perf_counter(), w.engine.total
             w.fold({"unit": ids[0], "sample_ids": ids, "run_ids": ids, "input_ids": [[5] * a.seq] * a.unit,
                     "skipped_ids": [], "skipped_reasons": []})
+            waits.append(time.perf_counter() - t - (w.engine.total - c0))  # the caller's time in fold beside compute
             if (u + 1) % a.ship_every == 0:
                 if background:
                     w.ship_async()
@@ -146,12 +159,14 @@ def run_path(background: bool, a) -> dict:
             _log(f"{'background' if background else 'sequential'} unit {u}: {marks[-1]:.1f} s")
         shipments += w.collect(wait=True) if background else [s for s in [w.ship()] if s]
         wall = time.perf_counter() - t0
-    first = a.ship_every - 1  # steady state: from the first shipment's unit on
     steady = (marks[-1] - marks[first]) / max(1, a.units - 1 - first)
     out = {"wall_s": round(wall, 2), "per_unit_s": round(wall / a.units, 3), "steady_per_unit_s": round(steady, 3),
            "compute_s": round(w.engine.total, 2), **{k: round(v, 2) for k, v in spent.items()},
            "bookkeeping_per_unit_s": round(sum(spent.values()) / a.units, 3),
-           **{k: round(v, 2) for k, v in cpu.items()}, "peak_rss_gb": round(rss.peak / 2 ** 30, 2),
+           **{k: round(v, 2) for k, v in cpu.items()}, **faults, "peak_rss_gb": round(rss.peak / 2 ** 30, 2),
+           "caller_wait_per_unit_s": round(sum(waits) / a.units, 3),
+           "caller_wait_steady_per_unit_s": round(sum(waits[first + 1:]) / max(1, a.units - 1 - first), 3),
+           "unit_marks_s": [round(m, 2) for m in marks],
            "shipments": [s[0] for s in shipments], "payload_mb": round(sum(len(s[2]) for s in shipments) / 1e6, 1)}
     out["members"] = [_members(s[2]) for s in shipments]
     del w, shipments

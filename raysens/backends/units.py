@@ -23,7 +23,8 @@ from ..stats.cells import CellStats, CheckedBatch, warm_kernel
 from ..stats.kernel import available as kernel_available
 from ..store.partials import encode_partial
 from ..testing import faults
-from .overlap import FoldError, Job, Lane, Skipped, background_default, failure_message, to_host
+from .overlap import (FoldError, Job, Lane, Skipped, background_default, failure_message, queue_default, rows,
+                      to_host)
 
 # ---------------------------------------------------------------------- tokenization (CPU tasks)
 _TOKENIZERS: dict = {}
@@ -194,6 +195,7 @@ class UnitWorker:
         self.model_identity = {"name": lm.name, "source": lm.source, **lm.info}
         self.load_s = time.perf_counter() - t0
         self.background = background_default() if background is None else bool(background)
+        self.fold_queue = queue_default()  # computed units whose results may wait for the fold lane
         self._folds, self._ships = Lane(), Lane()  # background folds; shipments being encoded (after their folds)
         self._shipped: list[tuple[list[int], int, bytes]] = []  # encoded by ship_async, not yet collected
         self._shipped_lock = threading.Lock()
@@ -286,8 +288,9 @@ class UnitWorker:
             run_ids = [i for i, g in zip(run_ids, good) if g]
             if not good.any():
                 res = None
-        if self.background:
-            self._surface((self._folds,))  # backpressure: the previous unit folded before this one waits
+        if self.background:  # backpressure: at most fold_queue units' results wait (overlap.queue_default)
+            self._folds.settle(self.fold_queue - 1)
+            self._surface()
         acc, maps_out, info = self.acc, self.pending_maps, self.pending_info
         job = lambda j: self._fold_into(acc, maps_out, info, key, res, good, run_ids, j)  # noqa: E731
         if not self.background:
@@ -312,10 +315,10 @@ class UnitWorker:
         maps: dict[int, np.ndarray] = {}
         if res is not None:
             values = faults.planted_values(self.planted, run_ids,
-                                           {L: to_host(res.values[L])[good] for L in self.layers})
-            m = to_host(res.mask)[good]
+                                           {L: rows(to_host(res.values[L]), good) for L in self.layers})
+            m = rows(to_host(res.mask), good)
             for L in self.layers:
-                noise = None if res.noise is None or L not in res.noise else to_host(res.noise[L])[good]  # planned: K=1 layers have none
+                noise = None if res.noise is None or L not in res.noise else rows(to_host(res.noise[L]), good)  # planned: K=1 layers have none
                 vals = values.pop(L)
                 batches[L] = CellStats.check(vals, m, noise, sample_ids=run_ids)
                 if self.per_sample:

@@ -1,8 +1,8 @@
 """Issue 31: a worker folds (and encodes shipments) on a background thread beside the next unit's
 compute (``UnitWorker(background=True)``, ``raysens.backends.overlap``). The shipped states must be
 the sequential path's bit for bit (every array of the partial), a failed background fold must be
-raised by the next call naming the unit, a shipment holds exactly the units folded, and at most one
-unit's results wait to be folded. No Ray."""
+raised by the next call naming the unit, a shipment holds exactly the units folded, and at most
+``RAYSENS_FOLD_QUEUE`` (default 1) units' results wait to be folded. No Ray."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from raysens.backends.overlap import ENV, FoldError
+from raysens.backends.overlap import ENV, QUEUE_ENV, FoldError
 from raysens.backends.units import UnitWorker
 from raysens.stats import kernel as cellkernel
 from raysens.core.engine import NonFiniteGradientError, SensitivityBatch
@@ -251,21 +251,43 @@ def test_a_failed_fold_skips_the_shipment_begun_after_it():
     assert bg.collect(wait=True) == [] and bg.pending_units == []
 
 
-def test_at_most_one_unit_waits_to_be_folded():
-    """Backpressure: when a unit's compute starts, at most the previous unit is not folded yet (and
-    with slow folds, exactly that one: the fold runs beside the compute)."""
+def gated_folds(w: UnitWorker, log: list, lag: int, timeout: float = 1.0) -> None:
+    """Make ``w``'s i-th fold wait (before folding) until the (i + lag)-th compute has begun, or
+    ``timeout`` seconds (the last units, with no compute after them): the folds lag the computes by
+    as much as the backpressure allows, whatever the machine's load (no sleeps to race)."""
+    real, started = w._fold_into, [0]
+
+    def gated(acc, maps_out, info, key, *rest):
+        i, started[0] = started[0], started[0] + 1
+        deadline = time.monotonic() + timeout
+        while sum(1 for e in list(log) if e[0] == "compute") < i + 1 + lag and time.monotonic() < deadline:
+            time.sleep(0.002)
+        real(acc, maps_out, info, key, *rest)
+        log.append(("folded", key))
+
+    w._fold_into = gated
+
+
+@pytest.mark.parametrize("queue", [1, 2])
+def test_at_most_fold_queue_units_wait_to_be_folded(monkeypatch, queue):
+    """Backpressure: when a unit's compute starts, at most ``RAYSENS_FOLD_QUEUE`` (default 1) earlier
+    units are not folded yet — and with folds that lag, exactly that many (the folds run beside the
+    compute). The shipment is the sequential path's, bit for bit."""
+    if queue != 1:
+        monkeypatch.setenv(QUEUE_ENV, str(queue))
     log: list = []
     eng = RandomEngine(on_compute=lambda: log.append(("compute", None)))
-    bg = worker(True, eng)
-    slow_folds(bg, 0.05, log)
-    units = random_units(6, 6)
+    bg, seq = worker(True, eng), worker(False)
+    assert bg.fold_queue == queue
+    gated_folds(bg, log, lag=queue)
+    units = random_units(6, 7)
     unfolded = []
     for u in units:
-        bg.fold(u)
+        bg.fold(u), seq.fold(u)
         folded = sum(1 for e in log if e[0] == "folded")
         computed = sum(1 for e in log if e[0] == "compute")
         unfolded.append(computed - folded)
-    bg.ship()
+    assert_same_shipment(seq.ship(), bg.ship())
     at_compute, computed, folded = [], 0, 0
     for kind, _ in log:
         if kind == "compute":
@@ -273,8 +295,15 @@ def test_at_most_one_unit_waits_to_be_folded():
             computed += 1
         else:
             folded += 1
-    assert max(unfolded) == 1 and max(at_compute) == 1 and at_compute[0] == 0
+    assert max(unfolded) == queue and max(at_compute) == queue and at_compute[0] == 0
     assert folded == computed == len(units)
+
+
+@pytest.mark.parametrize("raw", ["0", "two", "-1"])
+def test_a_bad_fold_queue_is_refused_in_one_line(monkeypatch, raw):
+    monkeypatch.setenv(QUEUE_ENV, raw)
+    with pytest.raises(ValueError, match=rf"UnitWorker: RAYSENS_FOLD_QUEUE='{raw}' must be an integer >= 1"):
+        worker(True)
 
 
 def test_the_env_switch_and_the_kernel_releases_the_gil(monkeypatch):
