@@ -23,8 +23,7 @@ from ..stats.cells import CellStats, CheckedBatch, warm_kernel
 from ..stats.kernel import available as kernel_available
 from ..store.partials import encode_partial
 from ..testing import faults
-from .overlap import (FoldError, Job, Lane, Skipped, background_default, failure_message, queue_default, rows,
-                      to_host)
+from .overlap import FoldError, Job, Lane, Skipped, background_default, failure_message, queue_default, rows, to_host
 
 # ---------------------------------------------------------------------- tokenization (CPU tasks)
 _TOKENIZERS: dict = {}
