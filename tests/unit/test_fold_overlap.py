@@ -119,6 +119,22 @@ def slow_folds(w: UnitWorker, delay: float, log: list | None = None) -> None:
     w._fold_into = slow
 
 
+def held_folds(w: UnitWorker, key: int, until, log: list | None = None) -> None:
+    """Make ``w``'s fold of unit ``key`` wait (before folding) until ``until()`` is true (10 s at
+    most: a test whose condition never comes fails on its own assertions); ``log`` gets ('folded', key)."""
+    real = w._fold_into
+
+    def held(acc, maps_out, info, k, *rest):
+        deadline = time.monotonic() + 10.0
+        while k == key and not until() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        real(acc, maps_out, info, k, *rest)
+        if log is not None:
+            log.append(("folded", k))
+
+    w._fold_into = held
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_background_equals_sequential_bit_for_bit(seed):
     units = random_units(seed, 14)
@@ -165,10 +181,12 @@ def test_ship_after_n_folds_holds_all_n():
     units = random_units(3, 6)
     seq, bg = worker(False), worker(True)
     log: list = []
-    slow_folds(bg, 0.05, log)
+    release = threading.Event()
+    held_folds(bg, units[-1]["unit"], release.is_set, log)  # the last fold waits for ship
     for u in units:
         seq.fold(u), bg.fold(u)
     assert len(log) < len(units)  # the last fold is still running when ship is called
+    release.set()
     shipped = bg.ship()
     assert len(log) == len(units) and shipped[0] == [u["unit"] for u in units]
     assert shipped[1] == sum(len(u["sample_ids"]) for u in units)
@@ -242,7 +260,7 @@ def test_a_fold_that_fails_half_way_drops_every_pending_unit():
 def test_a_failed_fold_skips_the_shipment_begun_after_it():
     rng = np.random.default_rng(3)
     bg = worker(True, RandomEngine(negative={21}))
-    slow_folds(bg, 0.05)
+    held_folds(bg, 20, lambda: bool(bg._ships.jobs))  # unit 20's fold fails only once the shipment is begun
     bg.fold(unit(10, 2, rng)), bg.fold(unit(20, 2, rng))
     assert bg.ship_async() == [10, 20]
     with pytest.raises(FoldError, match=r"unit 20 failed.*not run after it: the shipment of units \[10, 20\]"
@@ -326,15 +344,24 @@ def test_background_threads_end_with_their_jobs():
 
 
 def test_one_shipment_encodes_at_a_time_and_folds_go_on_beside_it():
+    """The first shipment's encoding lasts until unit 2 is folded (10 s at most): unit 2 is folded
+    during it unless folds wait for encodings — no sleep to race on a loaded machine."""
     bg = worker(True)
     live, most, log = [0], [0], []
     real = bg._encode
+    units = random_units(8, 6)
+    first = (units[0]["unit"], units[1]["unit"])
 
     def slow_encode(snap):
         live[0] += 1
         most[0] = max(most[0], live[0])
         log.append(("encode", tuple(snap["units"])))
-        time.sleep(0.5)
+        if tuple(snap["units"]) == first:
+            deadline = time.monotonic() + 10.0
+            while ("folded", units[2]["unit"]) not in log and time.monotonic() < deadline:
+                time.sleep(0.002)
+        else:
+            time.sleep(0.2)  # long enough for a second encoding to overlap, if one could
         out = real(snap)
         log.append(("encoded", tuple(snap["units"])))
         live[0] -= 1
@@ -342,14 +369,12 @@ def test_one_shipment_encodes_at_a_time_and_folds_go_on_beside_it():
 
     bg._encode = slow_encode
     slow_folds(bg, 0.0, log)
-    units = random_units(8, 6)
     for i, u in enumerate(units):
         bg.fold(u)
         if i % 2 == 1:
             bg.ship_async()
     got = bg.collect(wait=True)
     assert most[0] == 1 and [g[0] for g in got] == [[u["unit"] for u in units[i:i + 2]] for i in (0, 2, 4)]
-    first = (units[0]["unit"], units[1]["unit"])
     assert log.index(("folded", units[2]["unit"])) < log.index(("encoded", first))  # folded during encode 1
 
 
