@@ -9,7 +9,12 @@ real one (``CellStats.check``, the compiled kernel) and each shipment is a real 
 the whole state (zlib level 1).
 
     python -m jobs.bench.overlap [--seq 512] [--layers 28] [--unit 4] [--compute-s 2] [--units 24]
-                                 [--ship-every 8] [--compute sleep|torch] [--json jobs/results/overlap.json]
+                                 [--ship-every 8] [--compute sleep|torch] [--fold-queues 1,2]
+                                 [--json jobs/results/overlap.json]
+
+``--fold-queues``: one background run per ``RAYSENS_FOLD_QUEUE`` depth (units whose results may wait for
+the fold lane; 1 is the depth before issue 31's second overlap pass), side by side under ``by_fold_queue``;
+the last one is the ``background`` the ratios describe (default: 2).
 
 ``--compute torch``: the compute is 4096Â² matmuls for ``compute-s`` seconds, on the GPU when there is
 one (a device check: kernel launches and waits on the caller's thread beside the background fold).
@@ -24,7 +29,9 @@ paths whatever the load), and the sequential path's bookkeeping ``K = wall_seq â
 max(C, K) per unit; ``*_own_max`` use the background run's own fold + encode time for K (the same
 load: on a shared machine the two runs see different loads). ``same_bits``: every array member of every
 shipment has the same CRC-32 and size on both paths (the unit tests compare the arrays bit for bit).
-Peak RSS of each path: sampled every 0.1 s (``/proc/self/status``). The machine may be shared: the
+``caller_wait*``: the caller's seconds in ``fold`` beyond the
+engine's compute (backpressure: what is not hidden); ``*_faults``: minor page faults of the thread that
+ran the fold / encoding (fresh pages). Peak RSS of each path: sampled every 0.1 s (``/proc/self/status``). The machine may be shared: the
 two paths run one after the other, and the ratios are what to read.
 """
 
@@ -83,6 +90,14 @@ class SleepEngine:
                               estimator="bench", num_probes=1, strategy="bench")
 
 
+def _thread_faults() -> int:
+    """Minor page faults of the calling thread so far (0 where RUSAGE_THREAD is missing)."""
+    import resource
+
+    who = getattr(resource, "RUSAGE_THREAD", None)
+    return resource.getrusage(who).ru_minflt if who is not None else 0
+
+
 class RssPeak:
     """Peak resident set size of this process while in the ``with`` block (sampled)."""
 
@@ -120,22 +135,27 @@ def run_path(background: bool, a) -> dict:
     w.engine = SleepEngine(layers, a.unit, a.seq, a.compute_s, a.compute)
     spent = {"fold_s": 0.0, "encode_s": 0.0}  # the bookkeeping's own wall time, on whichever thread
     cpu = {"fold_cpu_s": 0.0, "encode_cpu_s": 0.0}  # and its CPU time (that thread's)
+    faults = {"fold_faults": 0, "encode_faults": 0}  # minor page faults of that thread (fresh pages)
     for name, key in (("_fold_into", "fold"), ("_encode", "encode")):
         def timed(*args, _real=getattr(w, name), _key=key):
-            t, c = time.perf_counter(), time.thread_time()
+            t, c, f = time.perf_counter(), time.thread_time(), _thread_faults()
             try:
                 return _real(*args)
             finally:
                 spent[_key + "_s"] += time.perf_counter() - t
                 cpu[_key + "_cpu_s"] += time.thread_time() - c
+                faults[_key + "_faults"] += _thread_faults() - f
         setattr(w, name, timed)
-    shipments, marks = [], []
+    shipments, marks, waits = [], [], []
+    first = a.ship_every - 1  # steady state: from the first shipment's unit on
     with RssPeak() as rss:
         t0 = time.perf_counter()
         for u in range(a.units):
             ids = list(range(u * a.unit, (u + 1) * a.unit))
+            t, c0 = time.perf_counter(), w.engine.total
             w.fold({"unit": ids[0], "sample_ids": ids, "run_ids": ids, "input_ids": [[5] * a.seq] * a.unit,
                     "skipped_ids": [], "skipped_reasons": []})
+            waits.append(time.perf_counter() - t - (w.engine.total - c0))  # the caller's time in fold beside compute
             if (u + 1) % a.ship_every == 0:
                 if background:
                     w.ship_async()
@@ -146,12 +166,14 @@ def run_path(background: bool, a) -> dict:
             _log(f"{'background' if background else 'sequential'} unit {u}: {marks[-1]:.1f} s")
         shipments += w.collect(wait=True) if background else [s for s in [w.ship()] if s]
         wall = time.perf_counter() - t0
-    first = a.ship_every - 1  # steady state: from the first shipment's unit on
     steady = (marks[-1] - marks[first]) / max(1, a.units - 1 - first)
     out = {"wall_s": round(wall, 2), "per_unit_s": round(wall / a.units, 3), "steady_per_unit_s": round(steady, 3),
            "compute_s": round(w.engine.total, 2), **{k: round(v, 2) for k, v in spent.items()},
            "bookkeeping_per_unit_s": round(sum(spent.values()) / a.units, 3),
-           **{k: round(v, 2) for k, v in cpu.items()}, "peak_rss_gb": round(rss.peak / 2 ** 30, 2),
+           **{k: round(v, 2) for k, v in cpu.items()}, **faults, "peak_rss_gb": round(rss.peak / 2 ** 30, 2),
+           "caller_wait_per_unit_s": round(sum(waits) / a.units, 3),
+           "caller_wait_steady_per_unit_s": round(sum(waits[first + 1:]) / max(1, a.units - 1 - first), 3),
+           "unit_marks_s": [round(m, 2) for m in marks],
            "shipments": [s[0] for s in shipments], "payload_mb": round(sum(len(s[2]) for s in shipments) / 1e6, 1)}
     out["members"] = [_members(s[2]) for s in shipments]
     del w, shipments
@@ -169,14 +191,27 @@ def main(argv=None) -> dict:
                     help="the engine's compute: sleep, or torch matmuls (on the GPU when there is one)")
     ap.add_argument("--units", type=int, default=24, help="units per path")
     ap.add_argument("--ship-every", type=int, default=8, help="units per shipment")
+    ap.add_argument("--fold-queues", default="2",
+                    help="background runs, one per RAYSENS_FOLD_QUEUE depth, comma-separated (e.g. 1,2: the "
+                         "old depth beside the new, in this process); the last is reported as 'background'")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args(argv)
+    import os
+
+    from raysens.backends.overlap import QUEUE_ENV
     from raysens.stats.cells import warm_kernel
 
     warm_kernel()
     seq = run_path(False, a)
-    bg = run_path(True, a)
-    same = seq.pop("members") == bg.pop("members") and seq["shipments"] == bg["shipments"]
+    members, runs = seq.pop("members"), {}
+    for q in [int(v) for v in a.fold_queues.split(",")]:
+        os.environ[QUEUE_ENV] = str(q)
+        runs[q] = run_path(True, a)
+        runs[q]["fold_queue"] = q
+        runs[q]["same_bits"] = runs[q].pop("members") == members and runs[q]["shipments"] == seq["shipments"]
+    os.environ.pop(QUEUE_ENV)
+    bg = runs[q]
+    same = all(r["same_bits"] for r in runs.values())
     c = seq["compute_s"] / a.units
     k = (seq["wall_s"] - seq["compute_s"]) / a.units  # the sequential path's bookkeeping per unit
     bound = max(c, k)
@@ -190,7 +225,13 @@ def main(argv=None) -> dict:
                "background_wall_over_own_max": round(bg["per_unit_s"] / own, 3),
                "sequential_wall_over_max": round(seq["per_unit_s"] / bound, 3),
                "speedup_wall": round(seq["wall_s"] / bg["wall_s"], 3),
-           }, "target": "background_steady_over_max <= 1.15"}
+           }, "target": "background_steady_over_max <= 1.15",
+           "by_fold_queue": {q: {"steady_over_max": round(r["steady_per_unit_s"] / bound, 3),
+                                 "wall_over_max": round(r["per_unit_s"] / bound, 3),
+                                 "steady_over_own_max": round(r["steady_per_unit_s"] / max(c, r["bookkeeping_per_unit_s"]), 3),
+                                 "caller_wait_steady_per_unit_s": r["caller_wait_steady_per_unit_s"],
+                                 "fold_cpu_s": r["fold_cpu_s"], "encode_cpu_s": r["encode_cpu_s"],
+                                 "peak_rss_gb": r["peak_rss_gb"], "same_bits": r["same_bits"]} for q, r in runs.items()}}
     text = json.dumps(res, indent=1)
     print(text)
     if a.json:

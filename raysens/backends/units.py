@@ -30,7 +30,7 @@ from ..stats.kernel import available as kernel_available
 from ..store.partials import encode_partial
 from ..testing import faults
 from . import subunits
-from .overlap import FoldError, Job, Lane, Skipped, background_default, failure_message, to_host
+from .overlap import FoldError, Job, Lane, Skipped, background_default, failure_message, queue_default, to_host
 
 # ---------------------------------------------------------------------- tokenization (CPU tasks)
 _TOKENIZERS: dict = {}
@@ -203,6 +203,7 @@ class UnitWorker:
         self.model_identity = {"name": lm.name, "source": lm.source, **lm.info}
         self.load_s = time.perf_counter() - t0
         self.background = background_default() if background is None else bool(background)
+        self.fold_queue = queue_default()  # computed units whose results may wait for the fold lane
         self._folds, self._ships = Lane(), Lane()  # background folds; shipments being encoded (after their folds)
         self._shipped: list[tuple[list[int], int, bytes]] = []  # encoded by ship_async, not yet collected
         self._shipped_lock = threading.Lock()
@@ -306,8 +307,9 @@ class UnitWorker:
                     self._surface((self._folds,))
                 res, good, sub_ids, bad = subunits.compute_part(self.engine, ids, mask, run_ids, s0, s1, self.layers,
                                                                 self.max_seq_len)
-                if self.background:
-                    self._surface((self._folds,))  # backpressure: the previous (sub-)batch folded before this one waits
+                if self.background:  # backpressure: at most fold_queue (sub-)batches' results wait (overlap.queue_default)
+                    self._folds.settle(self.fold_queue - 1)
+                    self._surface()
             except BaseException as exc:
                 if i and key in self.pending_ids:  # earlier sub-batches of this unit are in the state
                     self._abandon(key, i, len(parts), exc)

@@ -134,11 +134,13 @@ def _hist_add(counts, start, level, end, c, bins, nb, lo, hi):  # pragma: no cov
 
 
 def _update(x, m, bins, ids, count, s1_top, s1_limbs, s2_top, s2_limbs, e_max, e_id, e_min,
-            counts, start, level, end):  # pragma: no cover - compiled
-    nb, ncell = x.shape
+            counts, start, level, end, c0, c1):  # pragma: no cover - compiled
+    """Cells ``c0 <= c < c1`` (each on its own: any split of the cells gives the same bits); ``bins``
+    holds those cells' fine bins only (``bins[b, c - c0]``)."""
+    nb = x.shape[0]
     xs = np.empty(nb)
     bs = np.empty(nb, np.int64)
-    for c in range(ncell):
+    for c in range(c0, c1):
         n = 0
         mx = -1.0
         mn = np.inf
@@ -157,7 +159,7 @@ def _update(x, m, bins, ids, count, s1_top, s1_limbs, s2_top, s2_limbs, e_max, e
                 mn = v
             if v > 0:
                 xs[npos] = v
-                bb = np.int64(bins[b, c])
+                bb = np.int64(bins[b, c - c0])
                 bs[npos] = bb
                 if npos == 0 or bb < lo:
                     lo = bb
@@ -195,23 +197,39 @@ def _add_noise(nz, top, limbs):  # pragma: no cover - compiled
             _add_exact(top, limbs, c, xs, nb, amax, False)
 
 
+_BLOCK_VALUES = 1 << 15  # batch rows x cells per block of update_cells (256 KiB per float64 temporary)
+_MIN_BLOCK = 1 << 10  # cells per block at least (the kernel's call costs ~20 µs)
+
+
 def update_cells(state, x: np.ndarray, m: np.ndarray, ids: np.ndarray, noise: np.ndarray | None) -> None:
     """Fold a checked batch into ``state`` (a ``CellStats`` whose arrays it owns, counters already of
     the dtype for its new sample count) in place, except the per-row extremes and ``samples``
     (``CellStats.update`` does those): ``x`` float64 ``[batch, S, S]`` (0 where masked, finite, >= 0),
-    ``m`` bool, ``ids`` int64 ``[batch]``, ``noise`` float64 or None."""
+    ``m`` bool, ``ids`` int64 ``[batch]``, ``noise`` float64 or None.
+
+    The cells go through in blocks (``_BLOCK_VALUES`` values each): a block's fine bins are computed
+    and folded while its values are still in the CPU's cache, and the temporaries stay small (reused
+    by the allocator instead of fresh pages for every batch: whole-batch temporaries of a
+    ``[4, 512, 512]`` batch cost ~50 MB of page faults per layer, most of a background fold's extra
+    CPU, docs/DESIGN.md §4.2). Cells are independent: the same bits for any block size."""
     if not available():
         raise RuntimeError("kernel.update_cells: numba is not available (CellStats.update uses the numpy path then)")
     b = x.shape[0]
     flat = x.reshape(b, -1)  # [batch, S·S]
-    bins = _bins(flat, flat > 0)  # int32 [batch, S·S]: numpy's log10 (see the module docstring)
+    mflat = m.reshape(b, -1)
     ncell = flat.shape[1]
     e, h = state.extremes, state.hist
-    _update(flat, m.reshape(b, -1), bins, ids, state.count.reshape(-1),
-            state.s1.top.reshape(-1), state.s1.limbs.reshape(LIMBS, -1),
-            state.s2.top.reshape(-1), state.s2.limbs.reshape(LIMBS, -1),
-            e.max.reshape(-1), e.max_id.reshape(-1), e.min.reshape(-1),
-            h.counts.reshape(ncell, W), h.start.reshape(-1), h.level.reshape(-1), h.end.reshape(-1))
+    cells = (ids, state.count.reshape(-1),
+              state.s1.top.reshape(-1), state.s1.limbs.reshape(LIMBS, -1),
+              state.s2.top.reshape(-1), state.s2.limbs.reshape(LIMBS, -1),
+              e.max.reshape(-1), e.max_id.reshape(-1), e.min.reshape(-1),
+              h.counts.reshape(ncell, W), h.start.reshape(-1), h.level.reshape(-1), h.end.reshape(-1))
+    step = max(_MIN_BLOCK, _BLOCK_VALUES // max(b, 1))
+    for c0 in range(0, ncell, step):
+        c1 = min(ncell, c0 + step)
+        xb = flat[:, c0:c1]
+        bins = _bins(xb, xb > 0)  # int32 [batch, c1 - c0]: numpy's log10 (see the module docstring)
+        _update(flat, mflat, bins, *cells, c0, c1)
     if noise is not None:
         _add_noise(noise.reshape(b, -1), state.noise.top.reshape(-1), state.noise.limbs.reshape(LIMBS, -1))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "tests" / "unit"
 # tests of the whole tree, not of one package, that stay at the top of tests/unit
-TOP_LEVEL = {"test_layering.py", "test_signatures.py", "test_fold_overlap.py", "test_test_tree.py"}
+TOP_LEVEL = {"test_layering.py", "test_signatures.py", "test_test_tree.py"}
 EDIT = re.compile(r"sys\.path\.(insert|append|extend|remove|pop)\(|sys\.path\s*(\+?=|\[)")
 
 

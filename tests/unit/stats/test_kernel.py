@@ -81,3 +81,23 @@ def test_warm_kernel_compiles_the_kernel_before_the_first_batch(monkeypatch):
         assert getattr(kernel, name).signatures, name
     monkeypatch.setenv("RAYSENS_JIT", "0")
     assert warm_kernel() is False
+
+
+def test_compiled_update_in_blocks_of_cells_equals_numpy_update(monkeypatch):
+    """``update_cells`` folds the cells block by block (``_BLOCK_VALUES``); blocks that split rows and
+    end mid-row give the numpy path's bits (the test above has one block per batch)."""
+    monkeypatch.setattr(kernel, "_BLOCK_VALUES", 7)
+    monkeypatch.setattr(kernel, "_MIN_BLOCK", 5)  # 5..7 cells per block: most blocks end mid-row
+    rng = np.random.default_rng(7)
+    s = 13
+    fast, slow = CellStats.empty(s), CellStats.empty(s)
+    for t in range(12):
+        b = int(rng.integers(1, 5))
+        x = np.exp(rng.normal(rng.normal(0, 10), 3.0, (b, s, s))) * np.tril(np.ones((s, s)))
+        m = rng.random((b, s, s)) < 0.8
+        noise = rng.random((b, s, s)) if t % 2 else None
+        ids = rng.permutation(1000)[:b]
+        fast.update(x, m, noise, ids)
+        _numpy_update(monkeypatch, slow, x, m, noise, ids)
+        _same(fast, slow)
+    assert fast.count.sum() > 0 and (fast.hist.level > 0).any()  # levels moved: windows re-levelled per block

@@ -1,8 +1,8 @@
 """Issue 31: a worker folds (and encodes shipments) on a background thread beside the next unit's
 compute (``UnitWorker(background=True)``, ``raysens.backends.overlap``). The shipped states must be
 the sequential path's bit for bit (every array of the partial), a failed background fold must be
-raised by the next call naming the unit, a shipment holds exactly the units folded, and at most one
-unit's results wait to be folded. No Ray."""
+raised by the next call naming the unit, a shipment holds exactly the units folded, and at most
+``RAYSENS_FOLD_QUEUE`` (default 1) units' results wait to be folded. No Ray."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from raysens.backends.overlap import ENV, FoldError
+from raysens.backends.overlap import ENV, QUEUE_ENV, FoldError
 from raysens.backends.units import UnitWorker
 from raysens.stats import kernel as cellkernel
 from raysens.core.engine import NonFiniteGradientError, SensitivityBatch
@@ -119,6 +119,22 @@ def slow_folds(w: UnitWorker, delay: float, log: list | None = None) -> None:
     w._fold_into = slow
 
 
+def held_folds(w: UnitWorker, key: int, until, log: list | None = None) -> None:
+    """Make ``w``'s fold of unit ``key`` wait (before folding) until ``until()`` is true (10 s at
+    most: a test whose condition never comes fails on its own assertions); ``log`` gets ('folded', key)."""
+    real = w._fold_into
+
+    def held(acc, maps_out, info, k, *rest):
+        deadline = time.monotonic() + 10.0
+        while k == key and not until() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        real(acc, maps_out, info, k, *rest)
+        if log is not None:
+            log.append(("folded", k))
+
+    w._fold_into = held
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_background_equals_sequential_bit_for_bit(seed):
     units = random_units(seed, 14)
@@ -165,10 +181,12 @@ def test_ship_after_n_folds_holds_all_n():
     units = random_units(3, 6)
     seq, bg = worker(False), worker(True)
     log: list = []
-    slow_folds(bg, 0.05, log)
+    release = threading.Event()
+    held_folds(bg, units[-1]["unit"], release.is_set, log)  # the last fold waits for ship
     for u in units:
         seq.fold(u), bg.fold(u)
     assert len(log) < len(units)  # the last fold is still running when ship is called
+    release.set()
     shipped = bg.ship()
     assert len(log) == len(units) and shipped[0] == [u["unit"] for u in units]
     assert shipped[1] == sum(len(u["sample_ids"]) for u in units)
@@ -242,7 +260,7 @@ def test_a_fold_that_fails_half_way_drops_every_pending_unit():
 def test_a_failed_fold_skips_the_shipment_begun_after_it():
     rng = np.random.default_rng(3)
     bg = worker(True, RandomEngine(negative={21}))
-    slow_folds(bg, 0.05)
+    held_folds(bg, 20, lambda: bool(bg._ships.jobs))  # unit 20's fold fails only once the shipment is begun
     bg.fold(unit(10, 2, rng)), bg.fold(unit(20, 2, rng))
     assert bg.ship_async() == [10, 20]
     with pytest.raises(FoldError, match=r"unit 20 failed.*not run after it: the shipment of units \[10, 20\]"
@@ -251,21 +269,43 @@ def test_a_failed_fold_skips_the_shipment_begun_after_it():
     assert bg.collect(wait=True) == [] and bg.pending_units == []
 
 
-def test_at_most_one_unit_waits_to_be_folded():
-    """Backpressure: when a unit's compute starts, at most the previous unit is not folded yet (and
-    with slow folds, exactly that one: the fold runs beside the compute)."""
+def gated_folds(w: UnitWorker, log: list, lag: int, timeout: float = 1.0) -> None:
+    """Make ``w``'s i-th fold wait (before folding) until the (i + lag)-th compute has begun, or
+    ``timeout`` seconds (the last units, with no compute after them): the folds lag the computes by
+    as much as the backpressure allows, whatever the machine's load (no sleeps to race)."""
+    real, started = w._fold_into, [0]
+
+    def gated(acc, maps_out, info, key, *rest):
+        i, started[0] = started[0], started[0] + 1
+        deadline = time.monotonic() + timeout
+        while sum(1 for e in list(log) if e[0] == "compute") < i + 1 + lag and time.monotonic() < deadline:
+            time.sleep(0.002)
+        real(acc, maps_out, info, key, *rest)
+        log.append(("folded", key))
+
+    w._fold_into = gated
+
+
+@pytest.mark.parametrize("queue", [1, 2])
+def test_at_most_fold_queue_units_wait_to_be_folded(monkeypatch, queue):
+    """Backpressure: when a unit's compute starts, at most ``RAYSENS_FOLD_QUEUE`` (default 1) earlier
+    units are not folded yet — and with folds that lag, exactly that many (the folds run beside the
+    compute). The shipment is the sequential path's, bit for bit."""
+    if queue != 1:
+        monkeypatch.setenv(QUEUE_ENV, str(queue))
     log: list = []
     eng = RandomEngine(on_compute=lambda: log.append(("compute", None)))
-    bg = worker(True, eng)
-    slow_folds(bg, 0.05, log)
-    units = random_units(6, 6)
+    bg, seq = worker(True, eng), worker(False)
+    assert bg.fold_queue == queue
+    gated_folds(bg, log, lag=queue)
+    units = random_units(6, 7)
     unfolded = []
     for u in units:
-        bg.fold(u)
+        bg.fold(u), seq.fold(u)
         folded = sum(1 for e in log if e[0] == "folded")
         computed = sum(1 for e in log if e[0] == "compute")
         unfolded.append(computed - folded)
-    bg.ship()
+    assert_same_shipment(seq.ship(), bg.ship())
     at_compute, computed, folded = [], 0, 0
     for kind, _ in log:
         if kind == "compute":
@@ -273,8 +313,15 @@ def test_at_most_one_unit_waits_to_be_folded():
             computed += 1
         else:
             folded += 1
-    assert max(unfolded) == 1 and max(at_compute) == 1 and at_compute[0] == 0
+    assert max(unfolded) == queue and max(at_compute) == queue and at_compute[0] == 0
     assert folded == computed == len(units)
+
+
+@pytest.mark.parametrize("raw", ["0", "two", "-1"])
+def test_a_bad_fold_queue_is_refused_in_one_line(monkeypatch, raw):
+    monkeypatch.setenv(QUEUE_ENV, raw)
+    with pytest.raises(ValueError, match=rf"UnitWorker: RAYSENS_FOLD_QUEUE='{raw}' must be an integer >= 1"):
+        worker(True)
 
 
 def test_the_env_switch_and_the_kernel_releases_the_gil(monkeypatch):
@@ -297,15 +344,24 @@ def test_background_threads_end_with_their_jobs():
 
 
 def test_one_shipment_encodes_at_a_time_and_folds_go_on_beside_it():
+    """The first shipment's encoding lasts until unit 2 is folded (10 s at most): unit 2 is folded
+    during it unless folds wait for encodings — no sleep to race on a loaded machine."""
     bg = worker(True)
     live, most, log = [0], [0], []
     real = bg._encode
+    units = random_units(8, 6)
+    first = (units[0]["unit"], units[1]["unit"])
 
     def slow_encode(snap):
         live[0] += 1
         most[0] = max(most[0], live[0])
         log.append(("encode", tuple(snap["units"])))
-        time.sleep(0.5)
+        if tuple(snap["units"]) == first:
+            deadline = time.monotonic() + 10.0
+            while ("folded", units[2]["unit"]) not in log and time.monotonic() < deadline:
+                time.sleep(0.002)
+        else:
+            time.sleep(0.2)  # long enough for a second encoding to overlap, if one could
         out = real(snap)
         log.append(("encoded", tuple(snap["units"])))
         live[0] -= 1
@@ -313,14 +369,12 @@ def test_one_shipment_encodes_at_a_time_and_folds_go_on_beside_it():
 
     bg._encode = slow_encode
     slow_folds(bg, 0.0, log)
-    units = random_units(8, 6)
     for i, u in enumerate(units):
         bg.fold(u)
         if i % 2 == 1:
             bg.ship_async()
     got = bg.collect(wait=True)
     assert most[0] == 1 and [g[0] for g in got] == [[u["unit"] for u in units[i:i + 2]] for i in (0, 2, 4)]
-    first = (units[0]["unit"], units[1]["unit"])
     assert log.index(("folded", units[2]["unit"])) < log.index(("encoded", first))  # folded during encode 1
 
 
