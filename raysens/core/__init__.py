@@ -21,7 +21,7 @@ The arrows between these packages are drawn in docs/DESIGN.md ("The package layo
 
 from __future__ import annotations
 
-import importlib
+from .lazy import face
 
 _PUBLIC = {
     "SensitivityEngine": "engine", "SensitivityBatch": "engine", "NonFiniteGradientError": "engine",
@@ -36,11 +36,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_PUBLIC))
+__getattr__, __dir__ = face(__name__, _PUBLIC, globals())

@@ -65,6 +65,15 @@ def _is_missing_matplotlib(exc: ImportError) -> bool:
     return (exc.name or "").split(".")[0] == "matplotlib" or "matplotlib" in str(exc)
 
 
+def _failed(cmd: str, exc: Exception) -> int:
+    """Exit status 1 and one line for a ``CommandError`` or a missing matplotlib; anything else is raised."""
+    if isinstance(exc, CommandError):
+        return _fail(cmd, str(exc))
+    if isinstance(exc, ImportError) and _is_missing_matplotlib(exc):
+        return _fail(cmd, NO_MATPLOTLIB)
+    raise exc
+
+
 def find_runs(path: str, cmd: str = "report", depth: int = 2) -> tuple[str, list[str]]:
     """``("run", [path])`` for a run directory, ``("sweep", [run dirs…])`` for a directory holding
     run directories (up to ``depth`` levels down); raises :class:`CommandError` otherwise."""
@@ -151,12 +160,8 @@ def main_report(argv: Sequence[str] | None = None) -> int:
             write_bytes(fs, posixpath.join(base, name), png)
         write_bytes(fs, posixpath.join(base, "report.md"), to_markdown(doc).encode())
         write_bytes(fs, posixpath.join(base, "report.html"), to_html(doc).encode())
-    except CommandError as e:
-        return _fail("report", str(e))
-    except ImportError as e:
-        if not _is_missing_matplotlib(e):
-            raise
-        return _fail("report", NO_MATPLOTLIB)
+    except (CommandError, ImportError) as e:
+        return _failed("report", e)
     print(f"raysens report: wrote {posixpath.join(out, 'report.html')} and report.md "
           f"({len(doc.images)} plots, {len(runs)} run{'s' if len(runs) != 1 else ''})")
     return 0
@@ -365,12 +370,8 @@ def main_compare(argv: Sequence[str] | None = None) -> int:
         from .plots import compare_png, write_pngs
 
         paths = write_pngs(out, {f"compare_layer_{L:03d}.png": compare_png(a, b, L, diffs[L]) for L in common})
-    except CommandError as e:
-        return _fail("compare", str(e))
-    except ImportError as e:
-        if not _is_missing_matplotlib(e):
-            raise
-        return _fail("compare", NO_MATPLOTLIB)
+    except (CommandError, ImportError) as e:
+        return _failed("compare", e)
     print(format_compare(a, b, diffs, args.top))
     print(f"\nwrote {len(paths)} plot{'s' if len(paths) != 1 else ''} to {out}/")
     return 0

@@ -14,7 +14,7 @@ engine's own float32 module tree), ``synthetic`` (weightless models for pipeline
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import face
 
 _PUBLIC = {"load_model": "hub", "load_tokenizer_and_config": "hub", "LoadedModel": "hub",
            "ModelLoadError": "hub", "packaged_model_path": "hub", "prepare_for_analysis": "hub",
@@ -23,11 +23,4 @@ _PUBLIC = {"load_model": "hub", "load_tokenizer_and_config": "hub", "LoadedModel
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_PUBLIC))
+__getattr__, __dir__ = face(__name__, _PUBLIC, globals())

@@ -23,6 +23,17 @@ def _converted(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     return t.detach().to(device=device or t.device, dtype=dtype)
 
 
+def use_eager_attention(model: torch.nn.Module) -> None:
+    """Switch a Hugging Face model to eager attention (the engine differentiates the eager kernels;
+    SDPA / flash have no forward-mode derivative or a different rounding)."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "_attn_implementation", "eager") != "eager":
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("eager")
+        else:  # pragma: no cover - older transformers
+            cfg._attn_implementation = "eager"
+
+
 def analysis_copy(model: torch.nn.Module, device: str | torch.device | None = None) -> torch.nn.Module:
     """A module tree like ``model`` for the engine: its own modules and config, the caller's weight
     storages where no conversion is needed, float32, frozen, eval, eager attention."""
@@ -35,12 +46,8 @@ def analysis_copy(model: torch.nn.Module, device: str | torch.device | None = No
     out = copy.deepcopy(model, memo)
     out.eval()
     out.requires_grad_(False)
+    use_eager_attention(out)
     cfg = getattr(out, "config", None)
-    if cfg is not None and getattr(cfg, "_attn_implementation", "eager") != "eager":
-        if hasattr(out, "set_attn_implementation"):
-            out.set_attn_implementation("eager")
-        else:  # pragma: no cover - older transformers
-            cfg._attn_implementation = "eager"
     if cfg is not None and getattr(cfg, "_experts_implementation", None) not in (None, "eager"):
         # mixture-of-experts layers: grouped_mm has no forward-mode derivative; eager loops over experts
         cfg._experts_implementation = "eager"

@@ -98,16 +98,13 @@ def prepare_for_analysis(model: torch.nn.Module) -> torch.nn.Module:
     """float32 once, eval, frozen parameters, eager attention. Idempotent; returns ``model``."""
     import torch
 
+    from .analysis_copy import use_eager_attention
+
     if any(p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()
     model.eval()
     model.requires_grad_(False)
-    cfg = getattr(model, "config", None)
-    if cfg is not None and getattr(cfg, "_attn_implementation", "eager") != "eager":
-        if hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation("eager")
-        else:  # pragma: no cover - older transformers
-            cfg._attn_implementation = "eager"
+    use_eager_attention(model)
     return model
 
 

@@ -50,6 +50,15 @@ def ln_tangent(dx: torch.Tensor, xn: torch.Tensor, r: torch.Tensor, w: torch.Ten
     return (dx - m1).addcmul_(xn, m2, value=-1.0).mul_(r * w)
 
 
+def _dims(dq: torch.Tensor, dk: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
+    """(chunk, batch, P, heads, head_dim, kv_heads, group, S, a = S − P, batch·kv_heads) of an
+    attention tangent's inputs (``attention_tangent``'s shapes)."""
+    c, bsz, pq, hh, hd = dq.shape
+    kvh = dk.shape[3]
+    seq = k.shape[2]
+    return c, bsz, pq, hh, hd, kvh, hh // kvh, seq, seq - pq, bsz * kvh
+
+
 def attention_tangent(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                       v: torch.Tensor, p: torch.Tensor, scaling: float) -> torch.Tensor:
     """Tangent of multi-head softmax attention ``o = softmax(q·kᵀ·scaling + mask)·v`` for queries at
@@ -67,12 +76,7 @@ def attention_tangent(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: t
     probabilities (0 at masked keys). Returns do ``[chunk, batch, P, heads·head_dim]`` (contiguous,
     ready for the output GEMM).
     """
-    c, bsz, pq, hh, hd = dq.shape
-    kvh = dk.shape[3]
-    grp = hh // kvh
-    seq = k.shape[2]
-    a = seq - pq
-    bk = bsz * kvh
+    c, bsz, pq, hh, hd, kvh, grp, seq, a, bk = _dims(dq, dk, k)
     if dq.dtype != p.dtype:  # bf16 tangents (precision bf16)
         return _attention_tangent_low(dq, dk, dv, q, k, v, p, scaling)
     kk, vv = k.reshape(bk, seq, hd), v.reshape(bk, seq, hd)
@@ -100,12 +104,7 @@ def attention_tangent(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: t
 def _attention_tangent_low(dq, dk, dv, q, k, v, p, scaling):
     """``attention_tangent`` for tangents in a low-precision dtype (bf16): the products in that dtype,
     ``dp = p ⊙ (ds − Σ p·ds)`` in float32 (no cancellation against ``Σ p·ds · o`` after rounding)."""
-    c, bsz, pq, hh, hd = dq.shape
-    kvh = dk.shape[3]
-    grp = hh // kvh
-    seq = k.shape[2]
-    a = seq - pq
-    bk = bsz * kvh
+    c, bsz, pq, hh, hd, kvh, grp, seq, a, bk = _dims(dq, dk, k)
     cd = dq.dtype
     kk, vv = k.reshape(bk, seq, hd).to(cd), v.reshape(bk, seq, hd).to(cd)
     dql = dq.unflatten(3, (kvh, grp)).permute(1, 3, 4, 2, 0, 5).reshape(bk, grp * pq * c, hd)
