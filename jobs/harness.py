@@ -43,7 +43,8 @@ def write_json(res, path=None, *, echo: bool = False) -> None:
     if echo:
         print(text, flush=True)
     if path:
-        Path(path).write_text(text)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
         log(f"wrote {path}", err=echo)
 
 
@@ -74,6 +75,12 @@ def proc_status_mib(key: str = "VmRSS", pid: int | str = "self") -> float:
 def maxrss_mib() -> float:
     """This process's peak RSS as ``getrusage(RUSAGE_SELF).ru_maxrss`` in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def thread_minflt() -> int:
+    """Minor page faults of the calling thread so far (``RUSAGE_THREAD``; 0 where it is missing)."""
+    who = getattr(resource, "RUSAGE_THREAD", None)
+    return resource.getrusage(who).ru_minflt if who is not None else 0
 
 
 def reset_peak_rss() -> None:

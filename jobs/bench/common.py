@@ -49,6 +49,23 @@ SENTENCES = [
 ]
 
 
+# ----------------------------------------------------------------------------- either core layout
+def core_module(new: str, old: str):
+    """``raysens.core.<new>`` (the split core, e.g. ``"passes.fused"``), or ``raysens.core.<old>`` (the flat
+    core before issue 28, e.g. ``"fused"``) in a tree without it: a child measuring a baseline tree
+    (``--baseline-tree``) imports its modules through this whatever that tree's layout. Only a missing
+    ``raysens.core.<new>`` (or a package on its path) falls back; any other import error is raised."""
+    import importlib
+
+    want = f"raysens.core.{new}"
+    try:
+        return importlib.import_module(want)
+    except ModuleNotFoundError as exc:
+        if not exc.name or not (want == exc.name or want.startswith(exc.name + ".")):
+            raise
+        return importlib.import_module(f"raysens.core.{old}")
+
+
 # ----------------------------------------------------------------------------- inputs and errors
 def make_inputs(tok, n: int, seq: int, offset: int = 0):
     """``n`` samples of exactly ``seq`` tokens: windows over the repeated sentence list."""
@@ -227,7 +244,7 @@ def seed_loop(model, input_ids, attention_mask, target_layer, *, timings: dict |
 
 def seed_model_copy(model):
     """bf16 copy of ``model`` as the older tool held it (its default attention implementation)."""
-    from raysens.core.passes.fused import uninstall_fused_norms
+    uninstall_fused_norms = core_module("passes.fused", "fused").uninstall_fused_norms
 
     m = copy.deepcopy(model).to(torch.bfloat16)
     uninstall_fused_norms(m)  # the seed ran Hugging Face's own modules (an engine may have switched them)

@@ -29,7 +29,9 @@ def child(spec: dict) -> dict:
 
     from raysens.core import engine as engmod
     from raysens.core.engine import SensitivityConfig, SensitivityEngine
-    from raysens.core.passes.probes import draw_forward_probes
+    from jobs.bench.common import core_module
+
+    draw_forward_probes = core_module("passes.probes", "probes").draw_forward_probes
 
     torch.set_num_threads(1)
     seq, layers = spec["seq"], spec["layers"]
@@ -52,7 +54,10 @@ def child(spec: dict) -> dict:
     eng = SensitivityEngine(model, SensitivityConfig(mode="forward", num_probes=spec["k"]))
     batch, fold, plan = spec.get("batch"), 0, None
     if batch is None:
-        from raysens.core.memory.sizing import ModelShape, plan_unit
+        from jobs.bench.common import core_module
+
+        sizing = core_module("memory.sizing", "sizing")
+        ModelShape, plan_unit = sizing.ModelShape, sizing.plan_unit
 
         plan = plan_unit(ModelShape.from_model(model), seq=seq, target_layers=layers, k=spec["k"], mode="forward",
                          budget=int(spec["budget_gib"] * (1 << 30)), state_cell_bytes=None if spec["fold"] else 0)

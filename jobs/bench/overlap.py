@@ -40,18 +40,16 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import json
-import sys
-import threading
 import time
 import zipfile
-from pathlib import Path
 
 import numpy as np
 
+from jobs.harness import RssSampler, log, thread_minflt, write_json
 
-def _log(msg: str) -> None:
-    print(f"[overlap] {msg}", file=sys.stderr, flush=True)
+
+def _say(msg: str) -> None:
+    log(f"[overlap] {msg}", err=True)
 
 
 class SleepEngine:
@@ -90,36 +88,6 @@ class SleepEngine:
                               estimator="bench", num_probes=1, strategy="bench")
 
 
-def _thread_faults() -> int:
-    """Minor page faults of the calling thread so far (0 where RUSAGE_THREAD is missing)."""
-    import resource
-
-    who = getattr(resource, "RUSAGE_THREAD", None)
-    return resource.getrusage(who).ru_minflt if who is not None else 0
-
-
-class RssPeak:
-    """Peak resident set size of this process while in the ``with`` block (sampled)."""
-
-    def __enter__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        self.peak = max(self.peak, int(line.split()[1]) * 1024)
-            self._stop.wait(0.1)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-
-
 def _members(payload: bytes) -> dict:
     """Array member name -> (CRC-32, size) of a partial (the meta member, with timings, left out)."""
     with zipfile.ZipFile(io.BytesIO(payload)) as z:
@@ -138,17 +106,17 @@ def run_path(background: bool, a) -> dict:
     faults = {"fold_faults": 0, "encode_faults": 0}  # minor page faults of that thread (fresh pages)
     for name, key in (("_fold_into", "fold"), ("_encode", "encode")):
         def timed(*args, _real=getattr(w, name), _key=key):
-            t, c, f = time.perf_counter(), time.thread_time(), _thread_faults()
+            t, c, f = time.perf_counter(), time.thread_time(), thread_minflt()
             try:
                 return _real(*args)
             finally:
                 spent[_key + "_s"] += time.perf_counter() - t
                 cpu[_key + "_cpu_s"] += time.thread_time() - c
-                faults[_key + "_faults"] += _thread_faults() - f
+                faults[_key + "_faults"] += thread_minflt() - f
         setattr(w, name, timed)
     shipments, marks, waits = [], [], []
     first = a.ship_every - 1  # steady state: from the first shipment's unit on
-    with RssPeak() as rss:
+    with RssSampler(every_s=0.1) as rss:  # this process's VmRSS
         t0 = time.perf_counter()
         for u in range(a.units):
             ids = list(range(u * a.unit, (u + 1) * a.unit))
@@ -163,14 +131,14 @@ def run_path(background: bool, a) -> dict:
                 else:
                     shipments.append(w.ship())
             marks.append(time.perf_counter() - t0)  # the caller is done with unit u
-            _log(f"{'background' if background else 'sequential'} unit {u}: {marks[-1]:.1f} s")
+            _say(f"{'background' if background else 'sequential'} unit {u}: {marks[-1]:.1f} s")
         shipments += w.collect(wait=True) if background else [s for s in [w.ship()] if s]
         wall = time.perf_counter() - t0
     steady = (marks[-1] - marks[first]) / max(1, a.units - 1 - first)
     out = {"wall_s": round(wall, 2), "per_unit_s": round(wall / a.units, 3), "steady_per_unit_s": round(steady, 3),
            "compute_s": round(w.engine.total, 2), **{k: round(v, 2) for k, v in spent.items()},
            "bookkeeping_per_unit_s": round(sum(spent.values()) / a.units, 3),
-           **{k: round(v, 2) for k, v in cpu.items()}, **faults, "peak_rss_gb": round(rss.peak / 2 ** 30, 2),
+           **{k: round(v, 2) for k, v in cpu.items()}, **faults, "peak_rss_gb": round(rss.peak_mib / 2 ** 10, 2),
            "caller_wait_per_unit_s": round(sum(waits) / a.units, 3),
            "caller_wait_steady_per_unit_s": round(sum(waits[first + 1:]) / max(1, a.units - 1 - first), 3),
            "unit_marks_s": [round(m, 2) for m in marks],
@@ -232,11 +200,7 @@ def main(argv=None) -> dict:
                                  "caller_wait_steady_per_unit_s": r["caller_wait_steady_per_unit_s"],
                                  "fold_cpu_s": r["fold_cpu_s"], "encode_cpu_s": r["encode_cpu_s"],
                                  "peak_rss_gb": r["peak_rss_gb"], "same_bits": r["same_bits"]} for q, r in runs.items()}}
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(text + "\n")
+    write_json(res, a.json, echo=True)
     return res
 
 

@@ -5,7 +5,7 @@ Two measurements, recorded in ``docs/pipeline-benchmarks.md`` and ``jobs/results
     # bytes of a run directory after 1k, 10k, 100k samples, with and without compaction: a synthetic
     # model (raysens.core.models.synthetic, no latency) with all its layers, in process (no Ray)
     python -m jobs.bench.rundir growth --samples 1000 10000 100000 --layers 4 --seq 16 --compact-every 0 64
-    # bytes per unit of the old (1) and new (2) partial formats and of a checkpoint, 28 layers S=64
+    # bytes per unit of the partial format (the one written today) and of a checkpoint, 28 layers S=64
     python -m jobs.bench.rundir payload --layers 28 --seq 64 --batch 8
     python -m jobs.bench.rundir all --json jobs/results/rundir_bytes.json     # both, the defaults above
 
@@ -14,8 +14,9 @@ and reports the directory's bytes at the end (every file under it) and the peak 
 that sums the sizes every 0.5 s while it runs, split into partials, checkpoint and the rest (with
 compaction, finalize folds the last units too: a finished run keeps its checkpoint and no partial).
 ``payload`` encodes one unit's states (lognormal causal maps, every sample the full S: the worst
-case for the histogram) in both formats, times encode and decode, and folds 64 such units into a
-checkpoint.
+case for the histogram) in the partial format written today (``raysens.store.partials.FORMAT``; formats
+1 and 2 of issue 10's table are refused since issue 18 and cannot be written any more), times encode
+and decode, and folds 64 such units into a checkpoint.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def growth(samples: list[int], layers: int, seq: int, batch: int, every_list: li
 def payload(layers: int, seq: int, batch: int, units_in_ckpt: int = 64) -> dict:
     from raysens.stats.cells import CellStats
     from raysens.store.checkpoint import Fold
-    from raysens.store.partials import decode_partial, encode_partial
+    from raysens.store.partials import FORMAT, decode_partial, encode_partial
 
     def unit(u: int):
         rng = np.random.default_rng(u)
@@ -103,16 +104,16 @@ def payload(layers: int, seq: int, batch: int, units_in_ckpt: int = 64) -> dict:
         causal = np.tril(np.ones((seq, seq)))
         states = {L: CellStats.from_batch(rng.lognormal(-2.0, 2.0, (batch, seq, seq)) * causal, sample_ids=ids)
                   for L in range(1, layers + 1)}
-        meta = {"fingerprint": "f" * 16, "unit": ids[0], "sample_ids": ids, "computed_ids": ids, "skipped": {},
+        meta = {"fingerprint": "f" * 16, "units": [ids[0]], "unit_ids": [ids], "computed_ids": ids, "skipped": {},
                 "layers": list(range(1, layers + 1)), "compute_s": 1.0}
         return meta, states
 
     meta, states = unit(0)
     res = {"layers": layers, "seq": seq, "batch": batch}
     decode_partial(encode_partial(meta, states))  # warm-up
-    for fmt in (1, 2):
+    for fmt in (FORMAT,):  # the only format encode_partial writes
         t0 = time.perf_counter()
-        data = encode_partial(meta, states, fmt=fmt)
+        data = encode_partial(meta, states)
         t1 = time.perf_counter()
         decode_partial(data)
         t2 = time.perf_counter()

@@ -9,7 +9,7 @@ polled every 0.2 s (its peak) and taken at the end.
 
     python -m jobs.bench.scale rate [--small 64] [--large 2048] [--layers 28] [--seq 64] [--reps 1]
     python -m jobs.bench.scale long [--seq 512] [--layers 28] [--samples 32]
-    python -m jobs.bench.scale driver [--layers 28] [--seq 64] [--unit 32]   # driver CPU per received state
+    python -m jobs.bench.scale driver [--layers 28] [--seq 64] [--unit 32] [--rounds 1]  # driver CPU per state
     python -m jobs.bench.scale state [--samples 512]     # bytes/cell, quantile errors vs np.quantile, update CPU
     python -m jobs.bench.scale all --json jobs/results/scale.json      # the issue's target table
     ... --baseline-tree /tmp/main-checkout    # also run another checkout (same sizes, alternately)
@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from jobs.harness import dir_bytes, log, maxrss_mib, run_child, synthetic_corpus, write_json
+from jobs.harness import alternate, dir_bytes, log, maxrss_mib, run_child, synthetic_corpus, write_json
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -182,10 +182,11 @@ def state(args) -> dict:
 
 
 def driver(args) -> list[dict]:
+    """One child per tree and round, the trees alternating (new, baseline, new, ...: ``--rounds``)."""
     out = []
-    for tree in [None] + ([args.baseline_tree] if args.baseline_tree else []):
-        out.append(_spawn({"kind": "driver", "layers": args.layers, "seq": args.seq, "unit": args.unit,
-                           "reps": args.reps, "gpu_sample_s": args.gpu_sample_s}, tree))
+    for rnd, tree in alternate([None] + ([args.baseline_tree] if args.baseline_tree else []), args.rounds):
+        out.append({**_spawn({"kind": "driver", "layers": args.layers, "seq": args.seq, "unit": args.unit,
+                              "reps": args.reps, "gpu_sample_s": args.gpu_sample_s}, tree), "round": rnd})
     return out
 
 
@@ -268,6 +269,7 @@ def main(argv=None) -> int:
     d.add_argument("--seq", type=int, default=64)
     d.add_argument("--unit", type=int, default=32, help="samples per unit")
     d.add_argument("--reps", type=int, default=15)
+    d.add_argument("--rounds", type=int, default=1, help="child processes per tree, the trees alternating")
     d.add_argument("--gpu-sample-s", type=float, default=0.03, help="GPU seconds per all-layer sample (benchmark notes)")
     d.add_argument("--json")
     d.add_argument("--baseline-tree")
@@ -283,6 +285,10 @@ def main(argv=None) -> int:
         res["long"] = long(args)
     if args.cmd == "driver":
         res["driver"] = driver(args)
+        if args.baseline_tree:  # the best child of each tree (the machine is shared: the least disturbed)
+            best = {t: min(r["driver_cpu_ms_per_state"] for r in res["driver"] if r["tree"] == t)
+                    for t in ("new", "baseline")}
+            res["driver_cpu_ratio_new_over_baseline"] = round(best["new"] / best["baseline"], 3)
     if args.cmd == "state":
         res["state"] = state(args)
     if args.cmd == "all":

@@ -18,25 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _vm(key: str) -> float:
-    """``VmRSS`` / ``VmHWM`` of this process in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from jobs.harness import log, proc_status_mib as _vm, run_child
 
 
-def _child(spec: dict) -> dict:
+def child(spec: dict) -> dict:
+    """One case in a fresh process (``run_child("jobs.bench.subunits:child", spec)``)."""
     from raysens.backends.units import UnitWorker
     from raysens.store.rundir import RunError
 
@@ -72,7 +60,10 @@ def _child(spec: dict) -> dict:
         out.update(error=str(exc), error_after_s=round(time.perf_counter() - t0, 3), calls=calls,
                    peak_mb=round(_vm("VmHWM"), 1))
     if spec["budget_mb"] is not None:
-        from raysens.core.memory.sizing import ModelShape, plan_unit
+        from jobs.bench.common import core_module
+
+        sizing = core_module("memory.sizing", "sizing")
+        ModelShape, plan_unit = sizing.ModelShape, sizing.plan_unit
 
         shape = ModelShape.from_model(w._model)
         plan = w.unit_plan(seq)
@@ -85,19 +76,12 @@ def _child(spec: dict) -> dict:
 
 
 def run(spec: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_child", json.dumps(spec)], cwd=REPO,
-                       env=env, capture_output=True, text=True)
-    if p.returncode:
-        raise SystemExit(p.stderr[-3000:])
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_child("jobs.bench.subunits:child", spec)
 
 
 def main(argv=None) -> None:
-    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "_child":
-        print(json.dumps(_child(json.loads(sys.argv[2]))))
-        return
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m jobs.bench.subunits", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--unit", type=int, default=32)
@@ -110,9 +94,9 @@ def main(argv=None) -> None:
     for name, budget in (("whole", None), ("split", a.budget_mb)):
         if a.only in (None, name):
             res[name] = run({**spec, "budget_mb": budget})
-            print(json.dumps({"case": name, **res[name]}), flush=True)
+            log(json.dumps({"case": name, **res[name]}))
     if len(res) == 2 and "peak_mb" in res["whole"] and "error" not in res["split"]:
-        print(f"peak RSS split / whole: {res['split']['peak_mb'] / res['whole']['peak_mb']:.3f} "
+        log(f"peak RSS split / whole: {res['split']['peak_mb'] / res['whole']['peak_mb']:.3f} "
               f"({res['split']['peak_mb']:.0f} / {res['whole']['peak_mb']:.0f} MiB)")
 
 

@@ -30,19 +30,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from jobs.harness import log, maxrss_mib, run_child, write_json
+
 FP = "b" * 16
 
 
-def _log(msg: str) -> None:
-    print(f"[tree_merge] {msg}", file=sys.stderr, flush=True)
+def _say(msg: str) -> None:
+    log(f"[tree_merge] {msg}", err=True)
 
 
 def make_payloads(out: Path, seq: int, layers: int, states: int, unit: int) -> dict:
@@ -72,11 +71,16 @@ def make_payloads(out: Path, seq: int, layers: int, states: int, unit: int) -> d
         payload = encode_partial(meta, {L: st for L in range(1, layers + 1)})
         (out / f"{j:04d}.npz").write_bytes(payload)
         sizes.append(len(payload))
-        _log(f"payload {j + 1}/{states}: {len(payload) / 2**20:.1f} MiB")
+        _say(f"payload {j + 1}/{states}: {len(payload) / 2**20:.1f} MiB")
     return {"payload_mib": round(sum(sizes) / len(sizes) / 2**20, 1)}
 
 
-def child(mode: str, src: str, run_dir: str, seq: int, layers: int, states: int, unit: int, cpus: int) -> dict:
+def child(spec: dict) -> dict:
+    """One mode in a fresh process (``run_child("jobs.bench.tree_merge:child", spec)``)."""
+    return compact(**spec)
+
+
+def compact(mode: str, src: str, run_dir: str, seq: int, layers: int, states: int, unit: int, cpus: int) -> dict:
     import numpy as np
 
     from raysens.store.rundir import RunDir
@@ -130,7 +134,7 @@ def child(mode: str, src: str, run_dir: str, seq: int, layers: int, states: int,
     rd.close()
     assert folded == states, folded
     return {"mode": mode, "driver_cpu_s": round(cpu, 2), "wall_s": round(wall, 2), "checkpoint": ckpt,
-            "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "driver_peak_rss_mib": round(maxrss_mib(), 1),
             "merge_tasks": tasks if mode == "tree" else 0, "worker_cpu_s": task_cpu,
             "loadavg_1m_before_after": [round(load0[0], 2), round(os.getloadavg()[0], 2)]}
 
@@ -183,7 +187,7 @@ def parts(seq: int, layers: int, unit: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m jobs.bench.tree_merge", description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--states", type=int, default=16)
@@ -191,31 +195,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--json")
     ap.add_argument("--parts", action="store_true", help="the driver's CPU seconds per piece for one state")
-    ap.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "RUN_DIR"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     shape = dict(seq=a.seq, layers=a.layers, states=a.states, unit=a.unit)
-    if a.child:
-        print(json.dumps(child(*a.child, cpus=a.cpus, **shape)))
-        return {}
     if a.parts:
         out = parts(a.seq, a.layers, a.unit)
-        print(json.dumps(out, indent=1))
-        if a.json:
-            Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+        write_json(out, a.json, echo=True)
         return out
     tmp = Path(tempfile.mkdtemp(prefix="rs-tree-"))
     try:
         (tmp / "payloads").mkdir()
         out = {**shape, "cpus": a.cpus, "cores": os.cpu_count(), **make_payloads(tmp / "payloads", **shape)}
         for mode in ("driver", "tree"):
-            cmd = [sys.executable, "-m", "jobs.bench.tree_merge", "--child", mode, str(tmp / "payloads"),
-                   str(tmp / mode), f"--seq={a.seq}", f"--layers={a.layers}", f"--states={a.states}",
-                   f"--unit={a.unit}", f"--cpus={a.cpus}"]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode:
-                raise SystemExit(f"{mode} child failed:\n{r.stderr[-3000:]}")
-            out[mode] = json.loads(r.stdout.strip().splitlines()[-1])
-            _log(json.dumps(out[mode]))
+            out[mode] = run_child("jobs.bench.tree_merge:child", {
+                "mode": mode, "src": str(tmp / "payloads"), "run_dir": str(tmp / mode), "cpus": a.cpus, **shape})
+            _say(json.dumps(out[mode]))
             shutil.rmtree(tmp / mode, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -223,9 +216,7 @@ def main(argv=None) -> dict:
     out["same_checkpoint_bytes"] = d["checkpoint"] == t["checkpoint"]
     out["driver_cpu_ratio_tree_over_driver"] = round(t["driver_cpu_s"] / d["driver_cpu_s"], 3)
     out["wall_ratio_tree_over_driver"] = round(t["wall_s"] / d["wall_s"], 3)
-    print(json.dumps(out, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+    write_json(out, a.json, echo=True)
     return out
 
 

@@ -118,7 +118,7 @@ class Precision(str, Enum):
 class ProbeDistribution(str, Enum):
     """Hutchinson probe law (all have E[vvᵀ] = I)."""
 
-    RADEMACHER = "rademacher"  # ±1 entries; lowest variance of the three (see jobs/bench/probe_choice.py)
+    RADEMACHER = "rademacher"  # ±1 entries; lowest variance of the three (see jobs/experiments/probe_choice.py)
     GAUSSIAN = "gaussian"  # N(0, 1) entries
     SPHERE = "sphere"  # uniform on the sphere of radius √H
 

@@ -80,3 +80,16 @@ def test_corpus_json_and_alternation(tmp_path, capsys):
     assert json.loads(out.out) == {"a": 1, "p": str(tmp_path)} and "wrote" in out.err
     assert list(harness.alternate(["base", "this"], 2)) == [(0, "base"), (0, "this"), (1, "base"), (1, "this")]
     assert harness.dir_bytes(tmp_path) == path.stat().st_size + (tmp_path / "r.json").stat().st_size
+
+
+def test_thread_minflt_counts_the_fresh_pages_this_thread_touches():
+    before = harness.thread_minflt()
+    x = bytearray(32 << 20)  # 8192 fresh pages, each written once (huge pages would make it fewer faults)
+    x[::4096] = b"x" * len(x[::4096])
+    assert harness.thread_minflt() - before >= 8
+    del x
+
+
+def test_write_json_makes_the_folder(tmp_path):
+    harness.write_json({"a": [1, 2]}, tmp_path / "new" / "deeper" / "r.json")
+    assert json.loads((tmp_path / "new" / "deeper" / "r.json").read_text()) == {"a": [1, 2]}
