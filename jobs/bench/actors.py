@@ -99,14 +99,14 @@ def scaling(args) -> dict:
 
 def driver(args) -> dict:
     """What the driver alone sustains per partial: read its meta (load id), persist it (RunDir.add)."""
-    from raysens.backends.units import UnitWorker, tokenize_unit
+    from raysens.backends.units import UnitWorker, WorkerSpec, tokenize_unit
     from raysens.core.models import load_tokenizer_and_config
     from raysens.store.partials import decode_partial, read_meta
-    from raysens.store.rundir import RunDir
+    from raysens.store.rundir import RunDir, RunIdentity
 
     model = f"synthetic:L{args.layers}"
     tok, _ = load_tokenizer_and_config(model)
-    w = UnitWorker(model, False, "cpu", {}, list(range(1, args.layers + 1)), args.seq, "bench")
+    w = UnitWorker(WorkerSpec(model, False, "cpu", {}, list(range(1, args.layers + 1)), args.seq, "bench"))
     text = "lorem ipsum dolor " * (args.seq // 4 + 2)
     units = [np.arange(u * BATCH, (u + 1) * BATCH) for u in range(args.units)]
     payloads = [w.process(tokenize_unit(u, [text] * BATCH, tok, args.seq, 2)) for u in units]
@@ -118,8 +118,8 @@ def driver(args) -> dict:
             fn(p)
         out[name] = round((time.perf_counter() - t0) / len(payloads), 5)
     for writers in (0, 4):  # synchronous writes vs the background pool the runner uses
-        rdir = RunDir(tempfile.mkdtemp(prefix="rs-driver-"), units, "bench", tuple(range(1, args.layers + 1)),
-                      args.seq, writers=writers)
+        rdir = RunDir(tempfile.mkdtemp(prefix="rs-driver-"), units,
+                      RunIdentity("bench", tuple(range(1, args.layers + 1)), args.seq), writers=writers)
         rdir.open()
         t0 = time.perf_counter()
         for u, p in zip(units, payloads):

@@ -59,8 +59,13 @@ def child(spec: dict) -> dict:
         sizing = core_module("memory.sizing", "sizing")
         ModelShape, plan_unit = sizing.ModelShape, sizing.plan_unit
 
-        plan = plan_unit(ModelShape.from_model(model), seq=seq, target_layers=layers, k=spec["k"], mode="forward",
-                         budget=int(spec["budget_gib"] * (1 << 30)), state_cell_bytes=None if spec["fold"] else 0)
+        work = dict(seq=seq, target_layers=layers, k=spec["k"], mode="forward",
+                    state_cell_bytes=None if spec["fold"] else 0)
+        budget = int(spec["budget_gib"] * (1 << 30))
+        if hasattr(sizing, "Workload"):  # issue 28's signature; a baseline tree before it takes loose keywords
+            plan = plan_unit(ModelShape.from_model(model), sizing.Workload(**work), budget=budget)
+        else:
+            plan = plan_unit(ModelShape.from_model(model), budget=budget, **work)
         batch, fold = plan.samples_per_unit, plan.samples_per_fold
     ids = torch.randint(3, 100, (batch, seq))
     before = int(maxrss_mib() * 2**20)

@@ -95,10 +95,10 @@ def _members(payload: bytes) -> dict:
 
 
 def run_path(background: bool, a) -> dict:
-    from raysens.backends.units import UnitWorker
+    from raysens.backends.units import UnitWorker, WorkerSpec
 
     layers = list(range(1, a.layers + 1))
-    w = UnitWorker(f"synthetic:L{a.layers}", False, "cpu", {}, layers, a.seq, "bench", shared={},
+    w = UnitWorker(WorkerSpec(f"synthetic:L{a.layers}", False, "cpu", {}, layers, a.seq, "bench"), shared={},
                    planted={}, background=background)
     w.engine = SleepEngine(layers, a.unit, a.seq, a.compute_s, a.compute)
     spent = {"fold_s": 0.0, "encode_s": 0.0}  # the bookkeeping's own wall time, on whichever thread

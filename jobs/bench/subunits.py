@@ -25,13 +25,13 @@ from jobs.harness import log, proc_status_mib as _vm, run_child
 
 def child(spec: dict) -> dict:
     """One case in a fresh process (``run_child("jobs.bench.subunits:child", spec)``)."""
-    from raysens.backends.units import UnitWorker
+    from raysens.backends.units import UnitWorker, WorkerSpec
     from raysens.store.rundir import RunError
 
     seq, layers, n = spec["seq"], spec["layers"], spec["unit"]
     sens = {} if spec["budget_mb"] is None else {"memory_budget_mb": spec["budget_mb"]}
-    w = UnitWorker(f"synthetic:L{layers}", False, "cpu", sens, list(range(1, layers + 1)), seq, "bench", shared={},
-                   planted={}, background=spec["background"])
+    w = UnitWorker(WorkerSpec(f"synthetic:L{layers}", False, "cpu", sens, list(range(1, layers + 1)), seq, "bench"),
+                   shared={}, planted={}, background=spec["background"])
     unit = {"unit": 0, "sample_ids": list(range(n)), "run_ids": list(range(n)), "input_ids": [[5] * seq] * n,
             "skipped_ids": [], "skipped_reasons": []}
     calls: list[int] = []
@@ -68,8 +68,8 @@ def child(spec: dict) -> dict:
         shape = ModelShape.from_model(w._model)
         plan = w.unit_plan(seq)
         fit = [L for L in range(1, layers + 1)  # with the worker's host budget (its own RSS taken off)
-               if plan_unit(shape, seq=seq, target_layers=L, k=1, mode="reverse", budget=spec["budget_mb"] << 20,
-                            host_budget=plan.host_budget, max_unit=1 << 20, manual=False).fits]
+               if plan_unit(shape, sizing.Workload(seq=seq, target_layers=L, k=1, mode="reverse", manual=False),
+                            budget=spec["budget_mb"] << 20, host_budget=plan.host_budget, max_unit=1 << 20).fits]
         out["most_layers_that_fit"] = max(fit) if fit else 0
         out["plan"] = {k: v for k, v in plan.__dict__.items() if k != "reason"}
     return out

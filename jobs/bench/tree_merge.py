@@ -83,10 +83,10 @@ def child(spec: dict) -> dict:
 def compact(mode: str, src: str, run_dir: str, seq: int, layers: int, states: int, unit: int, cpus: int) -> dict:
     import numpy as np
 
-    from raysens.store.rundir import RunDir
+    from raysens.store.rundir import RunDir, RunIdentity
 
     units = [np.arange(j * unit, (j + 1) * unit) for j in range(states)]
-    rd = RunDir(run_dir, units, FP, tuple(range(1, layers + 1)), seq)
+    rd = RunDir(run_dir, units, RunIdentity(FP, tuple(range(1, layers + 1)), seq))
     task_cpu = None
     if mode == "tree":
         import ray

@@ -40,7 +40,7 @@ def _means(res, layers):
 def main(argv=None):
     from raysens.core.engine import SensitivityConfig, SensitivityEngine
     from raysens.core.models import load_model
-    from raysens.core.planning.pilot import run_pilot
+    from raysens.core.planning.pilot import PilotSamples, run_pilot
     from raysens.core.planning.planned import PlannedEngine
     from raysens.core.planning.planner import plan_cost, unit_costs
 
@@ -121,8 +121,8 @@ def main(argv=None):
         for seed in range(args.seeds):
             cfg = SensitivityConfig(budget=b, target_error="probe", seed=seed, pilot_samples=args.pilot)
             t0 = time.perf_counter()
-            plan = run_pilot(lm.model, cfg, [list(map(int, x)) for x in ids[:args.pilot]], sids[:args.pilot], layers,
-                             n=n, max_seq_len=seq, device=args.device)
+            plan = run_pilot(lm.model, cfg, PilotSamples([list(map(int, x)) for x in ids[:args.pilot]], sids[:args.pilot],
+                                                         seq), layers, n=n, device=args.device)
             plan["pilot"]["wall_s"] = time.perf_counter() - t0
             per_seed[seed] = plan
         plans.append({"budget": b, "plans": {s: {"layer_plan": p["layer_plan"], "cost": p["cost"]["relative_to_auto_k1"],

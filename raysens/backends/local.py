@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .units import ShipPolicy, UnitWorker, get_tokenizer, tokenize_unit
+from .units import ShipPolicy, UnitWorker, WorkerSpec, get_tokenizer, tokenize_unit
 
 
 def run_jobs(jobs, on_result: Callable[[int, list, int, bytes], None], info: dict) -> dict:
@@ -13,9 +13,9 @@ def run_jobs(jobs, on_result: Callable[[int, list, int, bytes], None], info: dic
     ``on_result(job index, unit keys, n, payload)`` per shipment (``ShipPolicy``, and at each job's end)."""
     shared: dict = {}
     m = jobs[0].config.model
-    workers = [UnitWorker(m.name, m.trust_remote_code, m.device, j.config.sensitivity.to_dict(),
-                          list(j.config.layers), j.config.data.max_seq_len, j.fingerprint, shared=shared,
-                          per_sample=j.config.output.per_sample)
+    workers = [UnitWorker(WorkerSpec(m.name, m.trust_remote_code, m.device, j.config.sensitivity.to_dict(),
+                                     list(j.config.layers), j.config.data.max_seq_len, j.fingerprint,
+                                     per_sample=j.config.output.per_sample), shared=shared)
                for j in jobs]
     info.update(backend="local", device=workers[0].device)
     tok = get_tokenizer(m.name, m.trust_remote_code)

@@ -44,6 +44,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from typing import Callable, Iterator
 
 from .._log import log
@@ -55,7 +56,7 @@ from .errors import ERROR_COLUMN, carried, carried_error, unwrap
 from .shipments import StartedUnits, error_row, shipment_table, tokenize_carrying
 from .spec import ClusterError, JobUnits
 from .spec import probe_address as _probe
-from .units import ShipPolicy, UnitWorker
+from .units import ShipPolicy, UnitWorker, WorkerSpec
 
 TASKS_IN_FLIGHT = 1  # units handed to an actor at a time: a unit is seconds to minutes of work, so a second one
 # queued behind it only lets the slowest actor set the finish (Ray Data's default hands each actor ~4)
@@ -137,6 +138,12 @@ def _request_gpus(cl: ClusterConfig | None, gpus: float) -> None:
         log(f"could not ask the autoscaler for GPUs ({type(exc).__name__}: {exc}); waiting for them anyway")
 
 
+def _worker(kw: dict, shared: dict) -> UnitWorker:
+    """One job's ``UnitWorker`` from its ``worker_kwargs`` dict (``WorkerSpec``'s fields and ``planted``)."""
+    fields = {k: v for k, v in kw.items() if k != "planted"}
+    return UnitWorker(WorkerSpec(**fields), shared=shared, planted=kw.get("planted"))
+
+
 # ---------------------------------------------------------------------- the actor
 class SensitivityActor:
     """One model copy per actor; ``__call__`` folds tokenized units into one local state per job and
@@ -157,7 +164,7 @@ class SensitivityActor:
         kwargs = test_device.apply(worker_kwargs, device_override)
         self.workers: list[UnitWorker] = []
         # a model that does not load: its error is returned by every call (backends/errors.py), not raised
-        self.failed = carried(lambda: self.workers.extend(UnitWorker(**kw, shared=shared) for kw in kwargs))
+        self.failed = carried(lambda: self.workers.extend(_worker(kw, shared) for kw in kwargs))
         self.policies = [ShipPolicy(*p) for p in ship]
         self.units = 0
         self.fault_settings = fault_settings or {}
@@ -253,10 +260,11 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, list, int, bytes], 
         # with them and ran the quick start at 3.65 s/sample, 1 thread at 2.15 (docs/pipeline-benchmarks.md)
         threads = cl.torch_threads or max(1, (_node_cores() - 1) // cl.num_actors)
         device = "cpu" if model.device == "auto" else model.device
-    worker_kwargs = [dict(model_name=model.name, trust_remote_code=model.trust_remote_code, device=device,
-                          sensitivity=c.config.sensitivity.to_dict(), layers=list(c.config.layers),
-                          max_seq_len=c.config.data.max_seq_len, fingerprint=c.fingerprint,
-                          per_sample=c.config.output.per_sample, planted=faults.planted_settings()) for c in jobs]
+    worker_kwargs = [dict(asdict(WorkerSpec(model_name=model.name, trust_remote_code=model.trust_remote_code,
+                                            device=device, sensitivity=c.config.sensitivity.to_dict(),
+                                            layers=list(c.config.layers), max_seq_len=c.config.data.max_seq_len,
+                                            fingerprint=c.fingerprint, per_sample=c.config.output.per_sample)),
+                          planted=faults.planted_settings()) for c in jobs]
     tokenize_kwargs = [dict(corpus=c.corpus, max_seq_len=c.config.data.max_seq_len, min_tokens=c.config.data.min_tokens,
                             add_special_tokens=c.config.data.add_special_tokens) for c in jobs]
     items = [{"job": i, "unit": int(u[0]), "sample_ids": [int(x) for x in u], "ship": False}

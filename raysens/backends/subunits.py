@@ -64,12 +64,13 @@ def unit_plan(engine: Any, model: Any, device: str, layers, width: int, budget_m
     if budget_mb is None and not cuda:
         return None
     from ..core.memory.budget import device_budget
-    from ..core.memory.sizing import ModelShape, plan_unit
+    from ..core.memory.sizing import ModelShape, Workload, plan_unit
 
     k, mode, manual = plan_shape(engine, layers, width)
     budget = device_budget(device, budget_mb)
-    return plan_unit(ModelShape.from_model(model), seq=width, target_layers=len(layers), k=k, mode=mode,
-                     budget=budget, device_type="cuda" if cuda else "cpu", max_unit=1 << 20, manual=manual,
+    return plan_unit(ModelShape.from_model(model), Workload(seq=width, target_layers=len(layers), k=k, mode=mode,
+                                                            manual=manual),
+                     budget=budget, device_type="cuda" if cuda else "cpu", max_unit=1 << 20,
                      host_budget=None if cuda else budget - process_rss())
 
 

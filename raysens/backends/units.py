@@ -22,6 +22,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -148,6 +149,21 @@ class ShipPolicy:
         return covered >= self.min_s and (n >= self.every_units or covered + 0.5 * self.unit_s >= self.every_s)
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What one job's worker computes: the run's side of a ``UnitWorker``. Plain values only (the Ray
+    pool ships them to its actors as dicts, ``dataclasses.asdict``; ``WorkerSpec(**d)`` rebuilds one)."""
+
+    model_name: str  # model.name (a Hugging Face id, a local path, ``random:...`` or ``synthetic:...``)
+    trust_remote_code: bool  # model.trust_remote_code
+    device: str  # model.device: ``cpu``, ``cuda[:i]`` or ``auto`` (cuda when available)
+    sensitivity: dict  # the sensitivity config as a dict (``SensitivityConfig.to_dict()``)
+    layers: list  # target layers as configured (resolved by the engine)
+    max_seq_len: int  # data.max_seq_len: partial states are sized for it
+    fingerprint: str  # the run config's fingerprint, written into every partial
+    per_sample: bool = False  # output.per_sample: put every sample's float32 map in the partial
+
+
 class UnitWorker:
     """Holds one float32 model copy, folds tokenized units into a local state and ships it as
     partial payloads (bytes).
@@ -165,17 +181,25 @@ class UnitWorker:
     results are read after ``compute`` returned, beside its next call: an engine must not reuse the
     arrays (or tensors) it returns. ``ship_async`` / ``collect`` also move the encoding off the
     caller's thread (docs/DESIGN.md §4.2).
+
+    ``spec``: what this job's worker computes (``WorkerSpec``); ``planted``: the test hook's settings
+    (``testing/faults.py``; None: read from the environment).
     """
 
-    def __init__(self, model_name: str, trust_remote_code: bool, device: str, sensitivity: dict,
-                 layers, max_seq_len: int, fingerprint: str, shared: dict | None = None,
-                 per_sample: bool = False, planted: dict | None = None, background: bool | None = None):
+    def __init__(self, spec: WorkerSpec, shared: dict | None = None, planted: dict | None = None,
+                 background: bool | None = None):
         import torch
 
         from ..core.engine import SensitivityConfig, SensitivityEngine
         from ..core.models import load_model
         from ..core.models.synthetic import SyntheticEngine, is_synthetic
 
+        if not isinstance(spec, WorkerSpec):
+            raise TypeError(f"UnitWorker: spec must be a WorkerSpec, not {type(spec).__name__} "
+                            "(build one with WorkerSpec(**fields))")
+        model_name, trust_remote_code, device = spec.model_name, spec.trust_remote_code, spec.device
+        sensitivity, layers, max_seq_len = spec.sensitivity, spec.layers, spec.max_seq_len
+        fingerprint, per_sample = spec.fingerprint, spec.per_sample
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         t0 = time.perf_counter()
@@ -319,8 +343,14 @@ class UnitWorker:
             res = res if res is not None and good.any() else None
             acc, maps_out = self.acc, self.pending_maps
             label = f"the fold of unit {key}" + (f" (sub-batch {i + 1} of {len(parts)})" if len(parts) > 1 else "")
-            job = (lambda j, res=res, good=good, sub_ids=sub_ids, part=i:  # noqa: E731
-                   self._fold_part(acc, maps_out, info, key, res, good, sub_ids, j, part))
+
+            def job(j, res=res, good=good, sub_ids=sub_ids, part=i, acc=acc, maps_out=maps_out):
+                # from the second sub-batch on the state already holds part of the unit, so a failure
+                # leaves it unusable (``j.dirty`` from the start)
+                if part:
+                    j.dirty = True
+                self._fold_into(acc, maps_out, info, key, res, good, sub_ids, j)
+
             if not self.background:
                 try:
                     job(Job(label, [key], "fold"))  # the first one raises here with nothing registered
@@ -375,13 +405,6 @@ class UnitWorker:
         raise FoldError(f"UnitWorker: unit {key} failed in sub-batch {done + 1} of {n}, after the first {done} "
                         f"were folded ({type(exc).__name__}: {exc}); units {dropped} are not shipped "
                         "(recomputed by the runner, as after a lost actor)") from exc
-
-    def _fold_part(self, acc, maps_out, info, key, res, good, run_ids, job: Job, part: int) -> None:
-        """``_fold_into`` for sub-batch ``part`` of a unit: from the second one on the state already
-        holds part of the unit, so a failure leaves it unusable (``job.dirty`` from the start)."""
-        if part:
-            job.dirty = True
-        self._fold_into(acc, maps_out, info, key, res, good, run_ids, job)
 
     def _fold_into(self, acc: dict, maps_out: dict, info: dict, key: int, res, good, run_ids: list[int],
                    job: Job) -> None:

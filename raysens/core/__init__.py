@@ -30,7 +30,7 @@ _PUBLIC = {
     "Precision": "options", "ProbeDistribution": "options", "TargetError": "options",
     "load_model": "models", "load_tokenizer_and_config": "models", "LoadedModel": "models",
     "ModelLoadError": "models",
-    "PlannedEngine": "planning.planned", "run_pilot": "planning.pilot",
+    "PlannedEngine": "planning.planned", "run_pilot": "planning.pilot", "PilotSamples": "planning.pilot",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -150,7 +150,7 @@ def compute_pilot(config, units, corpus, layers: tuple[int, ...], n: int, device
     loaded here, never on a Ray run's driver."""
     from ..core.engine import SensitivityEngine
     from ..core.models import load_model
-    from ..core.planning.pilot import run_pilot
+    from ..core.planning.pilot import PilotSamples, run_pilot
     from ..core.models.synthetic import SyntheticEngine, is_synthetic
 
     ids, toks = pilot_inputs(config, units, corpus)
@@ -161,7 +161,7 @@ def compute_pilot(config, units, corpus, layers: tuple[int, ...], n: int, device
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     lm = load_model(m.name, device=device, trust_remote_code=m.trust_remote_code)
-    return run_pilot(lm.model, config.sensitivity, toks, ids, layers, n=n, max_seq_len=config.data.max_seq_len,
+    return run_pilot(lm.model, config.sensitivity, PilotSamples(toks, ids, config.data.max_seq_len), layers, n=n,
                      device=device, engine_cls=SyntheticEngine if is_synthetic(m.name) else SensitivityEngine)
 
 

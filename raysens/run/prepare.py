@@ -24,7 +24,7 @@ from ..config import RunConfig
 from ..errors import detail_of
 from ..corpus.reader import Corpus
 from ..store.partials import STATE_FORMAT
-from ..store.rundir import RunDir, RunError
+from ..store.rundir import RunDir, RunError, RunIdentity
 
 
 def plan_units(selected: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -168,8 +168,9 @@ def open_run_dir(prepared: PreparedRun) -> RunDir:
     """The prepared run's directory, opened: refuses a directory of another config, sets corrupt
     partials aside and collects the valid ones (``RunDir.open``)."""
     cfg = prepared.config
-    rdir = RunDir(prepared.run_dir, prepared.units, prepared.fingerprint, prepared.layers, cfg.data.max_seq_len,
-                  cfg.output.resume, inputs=prepared.inputs, per_sample=cfg.output.per_sample)
+    rdir = RunDir(prepared.run_dir, prepared.units,
+                  RunIdentity(prepared.fingerprint, prepared.layers, cfg.data.max_seq_len, inputs=prepared.inputs),
+                  cfg.output.resume, per_sample=cfg.output.per_sample)
     rdir.open()
     return rdir
 

@@ -16,7 +16,7 @@ def sample_maps(run_dir: str, sample_id: int, layers=None) -> dict[int, np.ndarr
     """``{layer: [n, n] float32}`` for ``sample_id`` of the run in ``run_dir`` (``layers``: absolute
     ``hidden_states`` indices of the run, default all of them). Raises ``ValueError`` when the
     sample is skipped (empty, too short, non-finite)."""
-    from ..backends.units import UnitWorker, get_tokenizer, tokenize_unit
+    from ..backends.units import UnitWorker, WorkerSpec, get_tokenizer, tokenize_unit
     from ..config import RunConfig
     from ..corpus.reader import Corpus
     from ..store.partials import decode_partial
@@ -31,8 +31,9 @@ def sample_maps(run_dir: str, sample_id: int, layers=None) -> dict[int, np.ndarr
     unit = tokenize_unit([sid], Corpus(d).texts([sid]), tok, d.max_seq_len, d.min_tokens, d.add_special_tokens)
     if not unit["run_ids"]:
         raise ValueError(f"sample {sid} is skipped by this run's settings ({unit['skipped_reasons'][0]})")
-    worker = UnitWorker(cfg.model.name, cfg.model.trust_remote_code, cfg.model.device, cfg.sensitivity.to_dict(),
-                        layers, d.max_seq_len, m.get("fingerprint", ""), per_sample=True)
+    worker = UnitWorker(WorkerSpec(cfg.model.name, cfg.model.trust_remote_code, cfg.model.device,
+                                   cfg.sensitivity.to_dict(), layers, d.max_seq_len, m.get("fingerprint", ""),
+                                   per_sample=True))
     p = decode_partial(worker.process(unit))
     if p.skipped:
         raise ValueError(f"sample {sid} could not be computed ({p.skipped[sid]})")

@@ -30,6 +30,7 @@ import posixpath
 import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -115,12 +116,28 @@ def _model_file_differs(a: dict, b: dict) -> bool:
     return any(a.get(k) != b.get(k) for k in ("sha256", "sample_sha256") if k in a and k in b)
 
 
-class RunDir(Compaction):
-    """Partials of one run directory: what is already done, what arrives, what it all merges to."""
+@dataclass(frozen=True)
+class RunIdentity:
+    """What identifies a run's partials: a directory's partials (and manifest) of another run are refused."""
 
-    def __init__(self, run_dir: str, units: list[np.ndarray], fingerprint: str, layers: tuple[int, ...],
-                 max_seq_len: int, resume: bool = True, inputs: dict | None = None, writers: int | None = None,
-                 per_sample: bool = False):
+    fingerprint: str  # the run config's fingerprint; partials of another are refused
+    layers: tuple[int, ...]  # absolute hidden_states indices every partial must hold
+    max_seq_len: int  # partial states larger than this are refused
+    inputs: dict | None = None  # content identity of corpus and model; a manifest with other inputs is refused
+
+
+class RunDir(Compaction):
+    """Partials of one run directory: what is already done, what arrives, what it all merges to.
+
+    ``run_dir``: local path or pyarrow.fs URI; ``units``: every unit of the run; ``identity``: what the
+    partials must belong to (``RunIdentity``); ``resume``: False refuses a directory that already has
+    partials; ``writers``: background writer threads (None: 0 on a local disk, 4 on an object store);
+    ``per_sample``: output.per_sample (partials carry per-sample maps)."""
+
+    def __init__(self, run_dir: str, units: list[np.ndarray], identity: RunIdentity, resume: bool = True,
+                 writers: int | None = None, per_sample: bool = False):
+        fingerprint, layers, max_seq_len, inputs = (identity.fingerprint, identity.layers, identity.max_seq_len,
+                                                    identity.inputs)
         self.run_dir = run_dir  # local path or pyarrow.fs URI
         self.units = units  # every unit of the run (arrays of sample_ids), in sample_id order
         self.by_key = {int(u[0]): u for u in units}  # unit key (first sample_id) -> its sample_ids

@@ -21,6 +21,7 @@ import gc
 
 import torch
 
+from ..passes.rows import group_size, spans  # rows imports memory only inside run_chunks: no cycle
 from ..passes.schedule import DEFAULT_BACKWARD_TOKENS
 
 CPU_BUDGET = 2048 << 20  # default budget on CPU (bytes)
@@ -104,17 +105,15 @@ class MemoryPolicy:
         """CPU: at most ``backward_tokens // tokens`` rows (cache-sized backward; not with an explicit
         ``chunk_size``); after a CUDA OOM: below the size that failed. ``tokens`` = samples × width."""
         if self.device.type == "cpu" and not self.chunk_size:
-            chunk = max(1, min(chunk, self.backward_tokens // tokens))
+            chunk = group_size(chunk, self.backward_tokens, tokens)
         if self.oom_row_tokens:
-            chunk = max(1, min(chunk, self.oom_row_tokens // tokens))
+            chunk = group_size(chunk, self.oom_row_tokens, tokens)
         return chunk
 
     def forward_groups(self, bsz: int, per_sample_bytes: int) -> list[tuple[int, int]]:
         """Manual strategy: sample ranges ``[f0, f1)`` per shared forward, so that its saved
         activations (``per_sample_bytes`` each) stay within the budget (at least one sample)."""
-        per_sample = max(1, per_sample_bytes)
-        n = max(1, min(bsz, self.budget_bytes() // per_sample))
-        return [(s, min(bsz, s + n)) for s in range(0, bsz, n)]
+        return spans(bsz, group_size(bsz, self.budget_bytes(), per_sample_bytes))
 
     def passes(self, bsz: int, per_sample_bytes: int) -> list[tuple[int, int]]:
         """Sample ranges ``[p0, p1)`` of a unit, each one device pass whose per-sample memory (sums,
@@ -124,10 +123,10 @@ class MemoryPolicy:
         if self.device.type == "cpu":
             n = bsz
         else:
-            n = max(1, min(bsz, self.budget_bytes() // 2 // max(1, per_sample_bytes)))
+            n = group_size(bsz, self.budget_bytes() // 2, per_sample_bytes)
         if self.pass_cap:
             n = max(1, min(n, self.pass_cap))
-        return [(s, min(bsz, s + n)) for s in range(0, bsz, n)]
+        return spans(bsz, n)
 
     def after_split(self, largest_ok: int, bsz: int, passes: list[tuple[int, int]]) -> None:
         """After a unit's passes: when one was split for memory (its largest pass that ran is below

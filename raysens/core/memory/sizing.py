@@ -98,20 +98,32 @@ class UnitPlan:
     reason: str = ""
 
 
-def plan_unit(shape: ModelShape, *, seq: int, target_layers: int, k: int, mode: str, budget: int,
-              device_type: str = "cpu", host_budget: int | None = None, state_cell_bytes: int | None = None,
-              max_unit: int = 64, manual: bool = True, weights_on_budget: bool = False) -> UnitPlan:
+@dataclass(frozen=True)
+class Workload:
+    """What ``plan_unit`` sizes: one actor's samples at one padded length (the model apart)."""
+
+    seq: int  # padded length S
+    target_layers: int  # how many target layers the state and the sums hold
+    k: int  # Hutchinson probes (0/1 for exact/projection)
+    mode: str  # ``forward`` or ``reverse``
+    manual: bool = True  # a hand-written stack shares one forward per pass (its activations count per sample)
+    state_cell_bytes: int | None = None  # bytes per cell of the state (None: 214, +25 for K >= 2)
+
+
+def plan_unit(shape: ModelShape, work: Workload, *, budget: int, device_type: str = "cpu",
+              host_budget: int | None = None, max_unit: int = 64, weights_on_budget: bool = False) -> UnitPlan:
     """Samples per unit, pass and fold for one actor.
 
     Args:
-        shape: the model; seq: padded length S; target_layers: how many; k: Hutchinson probes (0/1
-            for exact/projection); mode: ``forward`` or ``reverse``; budget: per-actor bytes
-            (``memory.device_budget``); device_type: ``cuda`` or ``cpu`` (CPU: device = host, one pass);
-        host_budget: host bytes (default: ``budget``); state_cell_bytes: per cell of the state
-            (default 214, +25 for K ≥ 2); max_unit: largest unit wanted; manual: a hand-written stack
-            shares one forward per pass (its activations count per sample); weights_on_budget: the
-            weights are not loaded yet and count against ``budget`` (planning before loading).
+        shape: the model; work: what is sized (``Workload``: S, target layers, K, mode, the pass's
+            path and the state's cell); budget: per-actor bytes (``memory.device_budget``);
+            device_type: ``cuda`` or ``cpu`` (CPU: device = host, one pass);
+        host_budget: host bytes (default: ``budget``); max_unit: largest unit wanted;
+            weights_on_budget: the weights are not loaded yet and count against ``budget`` (planning
+            before loading).
     """
+    seq, target_layers, k, mode = work.seq, work.target_layers, work.k, work.mode
+    manual, state_cell_bytes = work.manual, work.state_cell_bytes
     host = budget if host_budget is None else int(host_budget)
     dev_budget = budget - (shape.param_bytes if weights_on_budget else 0)
     cell = state_cell_bytes if state_cell_bytes is not None else CELL_STATE_BYTES + (NOISE_CELL_BYTES if k >= 2 else 0)
@@ -154,16 +166,16 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB" if n < 100 << 20 else f"{n >> 20} MiB"
 
 
-def plan_for_model(model: Any, *, seq: int, target_layers: int, k: int, mode: str, device: Any = "cpu",
-                   memory_budget_mb: int | None = None, **kw) -> UnitPlan:
+def plan_for_model(model: Any, work: Workload, *, device: Any = "cpu", memory_budget_mb: int | None = None,
+                   **kw) -> UnitPlan:
     """``plan_unit`` for a loaded model on ``device`` with the budget of ``memory.device_budget``."""
     import torch
 
     from .budget import device_budget
 
     dev = torch.device(device)
-    return plan_unit(ModelShape.from_model(model), seq=seq, target_layers=target_layers, k=k, mode=mode,
-                     budget=device_budget(dev, memory_budget_mb), device_type=dev.type, **kw)
+    return plan_unit(ModelShape.from_model(model), work, budget=device_budget(dev, memory_budget_mb),
+                     device_type=dev.type, **kw)
 
 
 def too_big_message(seq: int, n_layers: int, k: int, mode: str, device: Any, budget: int, why: str) -> str:

@@ -8,6 +8,7 @@ Dimension names: ``batch``, ``pos_out``, ``pos_in``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -18,14 +19,24 @@ from .planned import plain_config
 from .planner import PILOT_PROBES, CostShape, Objective, make_plan, pilot_from_samples
 
 
-def run_pilot(model, config: SensitivityConfig, input_ids: list[list[int]], sample_ids: Sequence[int],
-              layers: Sequence[int], *, n: int, max_seq_len: int, device=None, engine_cls=SensitivityEngine) -> dict:
+@dataclass(frozen=True)
+class PilotSamples:
+    """The pilot's samples, tokenized as the run tokenizes them."""
+
+    input_ids: list[list[int]]  # one token list per pilot sample
+    sample_ids: Sequence[int]  # their sample_ids in the run (they seed the probes)
+    max_seq_len: int  # the run's data.max_seq_len (the padded length the plan is costed at)
+
+
+def run_pilot(model, config: SensitivityConfig, samples: PilotSamples, layers: Sequence[int], *, n: int,
+              device=None, engine_cls=SensitivityEngine) -> dict:
     """Compute the pilot samples in both modes with ``PILOT_PROBES`` probes and return the plan
     (``planner.make_plan``) with a ``pilot`` section (sample_ids, probes, modes' paths).
 
-    ``input_ids``: one token list per pilot sample (tokenized as the run tokenizes them);
+    ``samples``: the pilot's tokens, sample_ids and max_seq_len (``PilotSamples``);
     ``n``: the samples the run will fold in. Deterministic: the probes come from the run's seed and
     the sample_ids, and the engine's numbers do not depend on the thread count (§1.9)."""
+    input_ids, sample_ids, max_seq_len = samples.input_ids, samples.sample_ids, samples.max_seq_len
     width = max(len(s) for s in input_ids)
     ids = np.zeros((len(input_ids), width), np.int64)
     mask = np.zeros_like(ids)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from raysens.backends.overlap import ENV, QUEUE_ENV, FoldError
-from raysens.backends.units import UnitWorker
+from raysens.backends.units import UnitWorker, WorkerSpec
 from raysens.stats import kernel as cellkernel
 from raysens.core.engine import NonFiniteGradientError, SensitivityBatch
 from raysens.store.partials import decode_partial
@@ -63,7 +63,7 @@ class RandomEngine:
 
 
 def worker(background: bool, engine=None, per_sample: bool = True) -> UnitWorker:
-    w = UnitWorker("synthetic:L4", False, "cpu", {}, [1], S, "fp", shared={}, per_sample=per_sample,
+    w = UnitWorker(WorkerSpec("synthetic:L4", False, "cpu", {}, [1], S, "fp", per_sample=per_sample), shared={},
                    planted={}, background=background)
     w.engine, w.layers = engine or RandomEngine(), LAYERS
     return w

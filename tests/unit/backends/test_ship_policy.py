@@ -45,10 +45,10 @@ def test_a_unit_worker_warms_the_kernel_once_per_process(monkeypatch):
     calls = []
     monkeypatch.setattr(units, "warm_kernel", lambda: calls.append(1) or True)
     shared: dict = {}
-    kw = dict(model_name="random:tiny-llama", trust_remote_code=False, device="cpu",
-              sensitivity={}, layers=[1], max_seq_len=8, fingerprint="f", shared=shared)
-    units.UnitWorker(**kw)
-    units.UnitWorker(**kw)
+    spec = units.WorkerSpec(model_name="random:tiny-llama", trust_remote_code=False, device="cpu",
+                            sensitivity={}, layers=[1], max_seq_len=8, fingerprint="f")
+    units.UnitWorker(spec, shared=shared)
+    units.UnitWorker(spec, shared=shared)
     assert calls == [1] and shared["kernel"] is True
 
 

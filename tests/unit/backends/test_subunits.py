@@ -14,7 +14,7 @@ import pytest
 
 from raysens.backends import subunits
 from raysens.backends.overlap import FoldError
-from raysens.backends.units import UnitWorker
+from raysens.backends.units import UnitWorker, WorkerSpec
 from raysens.core.memory import sizing
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
 from raysens.store.partials import decode_partial
@@ -42,7 +42,7 @@ def _no_reserve(monkeypatch):
 
 
 def worker(engine, background: bool, split: bool = True) -> UnitWorker:
-    w = UnitWorker("synthetic:L2", False, "cpu", {}, [1], MAX_LEN, "fp", shared={}, per_sample=True,
+    w = UnitWorker(WorkerSpec("synthetic:L2", False, "cpu", {}, [1], MAX_LEN, "fp", per_sample=True), shared={},
                    planted={}, background=background)
     w.engine, w.layers, w._model = engine, LAYERS, engine.model
     w._budget_mb = lambda: BUDGET_MB
@@ -173,7 +173,8 @@ def test_one_sample_over_the_budget_fails_in_one_line(engine, monkeypatch):
 
 def test_no_budget_on_cpu_means_whole_units():
     """CPU without memory_budget_mb: the default 2 GiB bounds the backward, not the host; units stay whole."""
-    w = UnitWorker("synthetic:L2", False, "cpu", {}, [1], MAX_LEN, "fp", shared={}, planted={}, background=False)
+    w = UnitWorker(WorkerSpec("synthetic:L2", False, "cpu", {}, [1], MAX_LEN, "fp"), shared={}, planted={},
+                   background=False)
     assert w.unit_plan(MAX_LEN) is None and w.sub_batch(MAX_LEN, 32) == (32, False)
 
 

@@ -55,3 +55,21 @@ def test_cpu_does_not_measure_and_activation_bytes_skip_weights():
     assert mem.row_token_bytes == 0.0
     assert mem.activation_bytes(w) == 0 and mem.activation_bytes(w.t()) == 0  # a view of a weight
     assert mem.activation_bytes(torch.zeros(3, 5)) == 60
+
+
+def test_grouping_sizes_over_a_grid():
+    """``cap`` / ``forward_groups`` / ``passes`` size their groups with ``passes.rows`` (``group_size``,
+    ``spans``): over a grid, every range list tiles ``[0, n)`` in order with groups of the budget's
+    size (the bits depend on these sizes), written out here as the plain formula."""
+    budget = 1 << 20
+    cuda = MemoryPolicy(torch.device("cuda"), memory_budget_mb=1)  # an explicit budget: no CUDA query
+    cpu = MemoryPolicy(torch.device("cpu"), memory_budget_mb=1, backward_tokens=1000)
+    for n in (1, 2, 3, 7, 64):
+        for per in (0, 1, 1000, budget // 5, budget // 2 + 1, budget, 3 * budget):
+            for pol, got, target in ((cpu, cpu.forward_groups(n, per), budget),
+                                     (cuda, cuda.passes(n, per), budget // 2)):
+                size = max(1, min(n, target // max(1, per)))
+                assert got == [(s, min(n, s + size)) for s in range(0, n, size)], (pol.device, n, per)
+                assert got[0][0] == 0 and got[-1][1] == n and all(a[1] == b[0] for a, b in zip(got, got[1:]))
+        for tokens in (1, 3, 999, 1000, 1001):
+            assert cpu.cap(n, tokens) == max(1, min(n, 1000 // tokens)), (n, tokens)

@@ -10,7 +10,7 @@ import torch
 
 from raysens.core.memory import budget as memmod
 from raysens.core.memory.budget import CUDA_FRACTION, MemoryPolicy, device_budget
-from raysens.core.memory.sizing import CELL_STATE_BYTES, ModelShape, pass_bytes, plan_unit, sums_bytes
+from raysens.core.memory.sizing import CELL_STATE_BYTES, ModelShape, Workload, pass_bytes, plan_unit, sums_bytes
 
 GiB = 1 << 30
 
@@ -93,7 +93,7 @@ QWEN15 = ModelShape(params=1_543_714_304, param_bytes=4 * 1_543_714_304, d_model
 
 
 def test_plan_on_cpu_s512_fits_and_sizes_the_unit():
-    p = plan_unit(QWEN15, seq=512, target_layers=28, k=1, mode="forward", budget=4 * GiB, manual=False)
+    p = plan_unit(QWEN15, Workload(seq=512, target_layers=28, k=1, mode="forward", manual=False), budget=4 * GiB)
     sums = 8 * 512 * 512 * 28  # 58.7 MB
     state = CELL_STATE_BYTES * 512 * 512 * 28  # 1.57 GB
     probes = 4 * 512 * 1 * 1536
@@ -109,33 +109,36 @@ def test_plan_on_cpu_s512_fits_and_sizes_the_unit():
 
 
 def test_plan_s2048_28_layers_does_not_fit_4gib_and_says_why():
-    p = plan_unit(QWEN15, seq=2048, target_layers=28, k=1, mode="forward", budget=4 * GiB)
+    p = plan_unit(QWEN15, Workload(seq=2048, target_layers=28, k=1, mode="forward"), budget=4 * GiB)
     assert not p.fits and p.samples_per_unit == 1
     assert "state 23968 MiB" in p.reason and "max_seq_len" in p.reason and "\n" not in p.reason
     # without the state (a state kept elsewhere: state_cell_bytes=0) one sample's unit fits 4 GiB
-    p = plan_unit(QWEN15, seq=2048, target_layers=28, k=1, mode="forward", budget=4 * GiB, state_cell_bytes=0,
-                  manual=False)
+    p = plan_unit(QWEN15, Workload(seq=2048, target_layers=28, k=1, mode="forward", state_cell_bytes=0, manual=False),
+                  budget=4 * GiB)
     assert p.fits and p.samples_per_unit == 1
 
 
 def test_plan_on_gpu_counts_the_pass_inside_the_device_budget():
     # Llama-3-8B shape, S=1024, 32 target layers, K=2, 60 GiB left on an 80 GB card, 200 GiB host
     llama8 = ModelShape(8_030_261_248, 2 * 8_030_261_248, 4096, 4096, 32, 32, 14336)
-    kw = dict(target_layers=32, k=2, mode="reverse", budget=60 * GiB, device_type="cuda", host_budget=200 * GiB,
-              state_cell_bytes=0)
-    p = plan_unit(llama8, seq=1024, **kw)
+    kw = dict(budget=60 * GiB, device_type="cuda", host_budget=200 * GiB)
+
+    def work(seq):
+        return Workload(seq=seq, target_layers=32, k=2, mode="reverse", state_cell_bytes=0)
+
+    p = plan_unit(llama8, work(1024), **kw)
     # sums (total + sumsq), one probe tensor [S, K, H] per target layer, the shared forward (scores: heads·S²)
     per_pass = 2 * 8 * 1024 * 1024 * 32 + 4 * 1024 * 2 * 4096 * 32 + 4 * 32 * 1024 * (5 * 4096 + 32 * 1024 + 2 * 14336 + 2)
     assert p.pass_bytes_per_sample == per_pass == 12_348_293_120
     assert p.samples_per_pass == (30 * GiB) // per_pass == 2 and p.fits
     assert p.samples_per_unit >= p.samples_per_pass
     # weights counted when planning before the load: (60 GiB − 16 GB) / 2 holds 1
-    q = plan_unit(llama8, seq=1024, weights_on_budget=True, **kw)
+    q = plan_unit(llama8, work(1024), weights_on_budget=True, **kw)
     assert q.samples_per_pass == (60 * GiB - llama8.param_bytes) // 2 // per_pass == 1
     # S=2048: one sample's pass (34 GB, 16 GiB of it attention scores) fits 3/4 of 60 GiB, alone
-    r = plan_unit(llama8, seq=2048, **kw)
+    r = plan_unit(llama8, work(2048), **kw)
     assert r.samples_per_pass == 1 and r.fits and r.pass_bytes_per_sample > 30 * GiB
-    s = plan_unit(llama8, seq=2048, **{**kw, "budget": 40 * GiB})
+    s = plan_unit(llama8, work(2048), **{**kw, "budget": 40 * GiB})
     assert not s.fits and "device: one sample's pass" in s.reason
 
 

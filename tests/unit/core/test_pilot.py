@@ -13,7 +13,7 @@ import pytest
 
 from refs import random_ids, reference, tiny_model
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
-from raysens.core.planning.pilot import run_pilot
+from raysens.core.planning.pilot import PilotSamples, run_pilot
 from raysens.core.planning.planned import PlannedEngine
 
 PLAN = ("1:forward:2", "2:forward:2", "3:reverse:4")
@@ -90,7 +90,7 @@ def test_pilot_measures_each_modes_probe_variance():
     ids = random_ids(6, seed=9)
     rows = [ids.tolist()] * 120
     cfg = SensitivityConfig(budget=2.0, seed=3)
-    plan = run_pilot(model, cfg, rows, list(range(120)), [1, 3], n=100, max_seq_len=6)
+    plan = run_pilot(model, cfg, PilotSamples(rows, list(range(120)), 6), [1, 3], n=100)
     for L in (1, 3):
         A, J = reference(model, ids, L)
         sel = A > 1e-12 * A.max()
@@ -101,7 +101,7 @@ def test_pilot_measures_each_modes_probe_variance():
             assert s[f"rel_sd_probe_{mode}"] == pytest.approx(want, rel=0.15), (L, mode)
         # no data variation here; what is left is the error of var − noise over 120 samples (clamped at 0)
         assert s["rel_sd_data"] ** 2 < 0.1 * min(s["rel_sd_probe_forward"], s["rel_sd_probe_reverse"]) ** 2
-    again = run_pilot(model, cfg, rows, list(range(120)), [1, 3], n=100, max_seq_len=6)
+    again = run_pilot(model, cfg, PilotSamples(rows, list(range(120)), 6), [1, 3], n=100)
     assert json.dumps(plan, sort_keys=True) == json.dumps(again, sort_keys=True)  # deterministic
     assert plan["pilot"]["probes"] == 2 and plan["cost"]["relative_to_auto_k1"] <= 2.0 + 1e-9
 

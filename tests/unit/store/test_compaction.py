@@ -12,7 +12,7 @@ import pytest
 
 from raysens.stats.cells import CellStats
 from raysens.store.partials import encode_partial
-from raysens.store.rundir import RunDir, RunError
+from raysens.store.rundir import RunDir, RunError, RunIdentity
 from raysens.testing import faults
 
 FP = "c" * 16
@@ -72,7 +72,7 @@ def _payload(*units, per_sample=False):
 
 
 def _open(path, **kw):
-    rd = RunDir(str(path), _units(), FP, LAYERS, S_MAX, **kw)
+    rd = RunDir(str(path), _units(), RunIdentity(FP, LAYERS, S_MAX), **kw)
     rd.open()
     return rd
 

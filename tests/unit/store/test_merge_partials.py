@@ -14,7 +14,7 @@ import pytest
 from raysens.stats.cells import CellStats
 from raysens.store.checkpoint import Fold
 from raysens.store.partials import PartialError, decode_partial, encode_partial, merge_partials, partial_name
-from raysens.store.rundir import RunDir, RunError
+from raysens.store.rundir import RunDir, RunError, RunIdentity
 from raysens.testing import faults
 
 FP = "d" * 16
@@ -187,7 +187,7 @@ class Merger:
 
 
 def _open(path, merger=None, min_partials=2):
-    rd = RunDir(str(path), _units(), FP, LAYERS, S_MAX)
+    rd = RunDir(str(path), _units(), RunIdentity(FP, LAYERS, S_MAX))
     if merger is not None:
         rd.set_merger(merger, min_partials)
     rd.open()
@@ -225,7 +225,7 @@ def test_a_merger_returning_none_folds_one_by_one_and_per_sample_runs_never_use_
     fold, _ = _run(tmp_path / "none", ships, 0, lambda payloads, names, checks: calls.append(names))
     assert calls and len(calls[0]) == len(ships)
     _assert_same_fold(fold, ref)
-    rd = RunDir(str(tmp_path / "ps"), _units(), FP, LAYERS, S_MAX, per_sample=True)
+    rd = RunDir(str(tmp_path / "ps"), _units(), RunIdentity(FP, LAYERS, S_MAX), per_sample=True)
     rd.set_merger(lambda *a, **k: pytest.fail("the merger ran for an output.per_sample run"))
     rd.open()
     for p in ships:

@@ -12,7 +12,7 @@ import pytest
 
 from raysens.stats.cells import CellStats
 from raysens.store.partials import encode_partial
-from raysens.store.rundir import RunDir, RunError
+from raysens.store.rundir import RunDir, RunError, RunIdentity
 
 FP = "f" * 16
 
@@ -33,7 +33,7 @@ def _payload(*units):
 @pytest.mark.parametrize("writers", [0, 1, 4])
 def test_every_partial_lands_once_and_reads_back_in_order(tmp_path, writers):
     units = _units(12)
-    rd = RunDir(str(tmp_path / "run"), units, FP, (1,), 3, writers=writers)
+    rd = RunDir(str(tmp_path / "run"), units, RunIdentity(FP, (1,), 3), writers=writers)
     rd.open()
     try:
         for u in units[::-1]:  # arrival order does not matter
@@ -48,7 +48,7 @@ def test_every_partial_lands_once_and_reads_back_in_order(tmp_path, writers):
 
 def test_a_failed_write_is_a_run_error_and_the_unit_stays_to_do(tmp_path, monkeypatch):
     units = _units(3)
-    rd = RunDir(str(tmp_path / "run"), units, FP, (1,), 3, writers=2)
+    rd = RunDir(str(tmp_path / "run"), units, RunIdentity(FP, (1,), 3), writers=2)
     rd.open()
     real = RunDir._write
 
@@ -69,7 +69,7 @@ def test_a_failed_write_is_a_run_error_and_the_unit_stays_to_do(tmp_path, monkey
 @pytest.mark.parametrize("writers", [0, 2])
 def test_a_shipment_overlapping_units_already_taken_is_refused_whole(tmp_path, writers):
     units = _units(6)
-    rd = RunDir(str(tmp_path / "run"), units, FP, (1,), 3, writers=writers)
+    rd = RunDir(str(tmp_path / "run"), units, RunIdentity(FP, (1,), 3), writers=writers)
     rd.open()
     try:
         assert rd.add([0, 4], _payload(units[0], units[2])) == [0, 4]  # units 0 and 2 (keys 0 and 4)
@@ -81,7 +81,7 @@ def test_a_shipment_overlapping_units_already_taken_is_refused_whole(tmp_path, w
         assert rd.written == 5 and rd.samples_written == 10
     finally:
         rd.close()
-    rd2 = RunDir(str(tmp_path / "run"), units, FP, (1,), 3)  # a resume finds the same done units
+    rd2 = RunDir(str(tmp_path / "run"), units, RunIdentity(FP, (1,), 3))  # a resume finds the same done units
     rd2.open()
     assert sorted(rd2.done) == [0, 2, 4, 6, 10] and len(rd2.files()) == 2
     rd2.close()
