@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .tangents import attention_tangent, lin, ln_tangent
+from .tangents import attention_tangent, layer_outputs, lin, ln_tangent
 
 
 @torch.no_grad()
@@ -30,10 +30,7 @@ def gpt2_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, rows: slice, a: in
     c, bsz, p, d = dx.shape
     seq = a + p
     hh, hd = stack.heads, stack.head_dim
-    out = {}
-    if 0 in layer_ids:
-        out[0] = dx.clone()
-    top = min(max(layer_ids), n)
+    out, top = layer_outputs(dx, layer_ids, n)
     for i in range(top):
         blk, sv = stack.blocks[i], saved[i]
         at, mlp = blk.attn, blk.mlp

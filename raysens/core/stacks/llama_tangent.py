@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .tangents import attention_tangent, lin
+from .tangents import attention_tangent, layer_outputs, lin
 
 
 def _norm_tangent(dx, xn, r, w):
@@ -63,10 +63,7 @@ def llama_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, rows: slice, a: i
     hh = kvh * grp
     cs = cos[rows, a:seq][:, :, None].to(cd)  # [batch, P, 1, head_dim] (broadcast over chunk, heads)
     sn = sin[rows, a:seq][:, :, None].to(cd)
-    out = {}
-    if 0 in layer_ids:
-        out[0] = dx.clone()
-    top = min(max(layer_ids), n)
+    out, top = layer_outputs(dx, layer_ids, n)
     for i in range(top):
         blk, sv = stack.blocks[i], saved[i]
         at, mlp = blk.self_attn, blk.mlp

@@ -50,6 +50,13 @@ def ln_tangent(dx: torch.Tensor, xn: torch.Tensor, r: torch.Tensor, w: torch.Ten
     return (dx - m1).addcmul_(xn, m2, value=-1.0).mul_(r * w)
 
 
+def layer_outputs(dx: torch.Tensor, layer_ids, n: int) -> tuple[dict, int]:
+    """The start of a stack's tangent pass: the outputs ``{layer: tangent}`` holding hidden_states[0]
+    (the input tangents ``dx``, copied) when it is asked for, and how many blocks to run."""
+    out = {0: dx.clone()} if 0 in layer_ids else {}
+    return out, min(max(layer_ids), n)
+
+
 def _dims(dq: torch.Tensor, dk: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
     """(chunk, batch, P, heads, head_dim, kv_heads, group, S, a = S − P, batch·kv_heads) of an
     attention tangent's inputs (``attention_tangent``'s shapes)."""
