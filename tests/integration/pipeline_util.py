@@ -40,3 +40,15 @@ def assert_same_stats(a, b, rtol=0.0, atol=0.0):
 STATE_EXACT = ("count", "max_id", "row_max_id", "min", "s1_top", "s1_limbs", "s2_top", "s2_limbs", "hist_counts",
                "hist_start", "hist_level", "hist_end")
 EXACT = ("max", "max_sample_id", "min", "row_max", "row_max_sample_id", "q25", "median", "q75")
+
+
+def stats_files(run_dir) -> dict:
+    """``{file name: {member: array}}`` of a run directory's ``stats/*.npz`` (to compare two runs bit for bit)."""
+    import os
+
+    out = {}
+    for f in sorted(os.listdir(os.path.join(run_dir, "stats"))):
+        if f.endswith(".npz"):
+            with np.load(os.path.join(run_dir, "stats", f)) as z:
+                out[f] = {k: z[k] for k in z.files}
+    return out

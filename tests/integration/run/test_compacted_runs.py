@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline_util import config, PER_UNIT
+from pipeline_util import PER_UNIT, config, stats_files
 from raysens.run import grid
 from raysens.run import sweep as runsweep
 from raysens.run.runner import run_local
@@ -25,17 +25,9 @@ def _cfg(model, out, every, *extra):
                   f"--output.compact_every={every}", "--output.per_sample=true", *extra)
 
 
-def _stats(d):
-    out = {}
-    for f in sorted(os.listdir(os.path.join(d, "stats"))):
-        if f.endswith(".npz"):
-            with np.load(os.path.join(d, "stats", f)) as z:
-                out[f] = {k: z[k] for k in z.files}
-    return out
-
 
 def assert_bitwise(a, b):
-    sa, sb = _stats(a), _stats(b)
+    sa, sb = stats_files(a), stats_files(b)
     assert list(sa) == list(sb) and sa
     for f in sa:
         assert list(sa[f]) == list(sb[f])

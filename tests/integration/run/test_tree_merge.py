@@ -5,12 +5,11 @@ returns, or raises the ``PartialError`` of a partial that is not what its name s
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 
-from pipeline_util import assert_same_stats, config
+from pipeline_util import assert_same_stats, config, stats_files
 from raysens.backends import merges, spec
 from raysens.run.runner import run
 from raysens.store.checkpoint import Fold
@@ -25,14 +24,6 @@ def _cfg(model, out):
     return config(model, out, f"--data.limit={N}", f"--cluster.batch_size={BATCH}", "--cluster.num_actors=2",
                   "--cluster.cpus_per_actor=1", "--cluster.ship_every_units=1", "--output.compact_every=4")
 
-
-def _stats_files(d):
-    out = {}
-    for f in sorted(os.listdir(os.path.join(d, "stats"))):
-        if f.endswith(".npz"):
-            with np.load(os.path.join(d, "stats", f)) as z:
-                out[f] = {k: z[k] for k in z.files}
-    return out
 
 
 def test_a_ray_run_with_the_tree_of_merges_equals_the_run_without(ray_session, tiny_model, tmp_path, monkeypatch):
@@ -54,7 +45,7 @@ def test_a_ray_run_with_the_tree_of_merges_equals_the_run_without(ray_session, t
     assert len(merged) == n  # not called
     assert tree.manifest["samples"] == off.manifest["samples"] and tree.manifest["samples"]["computed"] == N
     assert_same_stats(tree.load(), off.load(), rtol=0.0)
-    a, b = _stats_files(tree.run_dir), _stats_files(off.run_dir)
+    a, b = stats_files(tree.run_dir), stats_files(off.run_dir)
     assert list(a) == list(b) and a
     for f in a:
         assert list(a[f]) == list(b[f])
