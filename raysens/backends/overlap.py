@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import RaysensError
+from ..errors import ArgumentError, RaysensError
 
 ENV = "RAYSENS_FOLD_THREAD"  # "0": fold and encode inline, on the caller's thread
 QUEUE_ENV = "RAYSENS_FOLD_QUEUE"  # units whose results may wait for the fold lane (default 1)
@@ -49,7 +49,7 @@ def queue_default() -> int:
     except ValueError:
         n = 0
     if n < 1:
-        raise ValueError(f"UnitWorker: {QUEUE_ENV}={raw!r} must be an integer >= 1 (units waiting to be folded)")
+        raise ArgumentError(call="UnitWorker", detail=f"{QUEUE_ENV}={raw!r} must be an integer >= 1 (units waiting to be folded)")
     return n
 
 
