@@ -6,11 +6,14 @@
 - ``raysens show RUN_DIR`` prints counts, skipped samples, the top sensitivities per layer, the rows
   most dominated by one sample (with their sample_ids), the decay law's exponent p per layer
   (``decay.py``), the estimator and timings; with ``--target-se REL`` also the achieved relative SE
-  per layer and the samples needed to reach REL (``samples_needed.py``).
+  per layer and the samples needed to reach REL (``samples_needed.py``). On a paired run (issue 29) it then
+  prints the sides and per layer the cells changed at the run's FDR, the paired vs unpaired SE, the largest
+  changes, p per side with Δp, and with ``--target-se`` the pairs a claim about the difference needs
+  (``paired.py``, ``differences.py``).
   ``raysens show RUN_DIR --sample ID`` plots one sample's map (from the per-sample export, or
   recomputed by ``raysens.run.sample``, which the CLI hands in: this package does not import torch).
 - ``raysens compare RUN_A RUN_B [--out DIR]`` writes B − A difference heatmaps and prints the largest
-  differences.
+  differences, saying once that they are unpaired (a paired run gives them error bars and a test).
 
 Each ``main_*`` takes an argv list and returns an exit code (0 ok, 1 bad input, 2 usage).
 
@@ -31,6 +34,7 @@ import pyarrow.fs as pafs
 from . import analysis as an
 from . import decay
 from . import dominance as dom
+from . import paired
 from . import samples_needed
 from .content import TARGET_SE, build_report
 from .render import to_html, to_markdown
@@ -257,6 +261,9 @@ def format_show(run: RunResult, top: int = 10, layers: Sequence[int] | None = No
             lines += _dominated_lines(run, ls, rows, share, sample_texts(run.manifest, ids) if ids else {})
     if target_se is not None:
         lines += samples_needed.format_target(run, target_se, layers)
+    pv = paired.view(run)
+    if pv is not None:  # a paired run: the layers above are side a's; the differences follow
+        lines += paired.format_paired(pv, layers, top=min(top, 5), target_se=target_se)
     if f["estimator"] == "projection":
         lines += ["", "note: 'projection' is the seed tool's ‖uᵀJ_ij‖² with u = 1/√H·1, not the Frobenius norm."]
     return "\n".join(lines)
@@ -335,8 +342,14 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=10, help="differences to list per layer (default 10)")
 
 
+UNPAIRED_NOTE = ("note: B − A here is the difference of two independent runs (unpaired): each cell's noise is the "
+                 "sum of both runs' and no cell is tested. A paired run (a `paired:` section in the run config) "
+                 "computes both sides on the same tokens and probes and gives each cell's difference a standard "
+                 "error and an FDR-controlled test (`raysens show` / `raysens report` on it).")
+
+
 def format_compare(a: RunResult, b: RunResult, diffs: dict[int, dict], top: int = 10) -> str:
-    lines = [f"A: {a.path}", f"B: {b.path}"]
+    lines = [f"A: {a.path}", f"B: {b.path}", UNPAIRED_NOTE]
     only = sorted(set(a.layers) ^ set(b.layers))
     if only:
         lines.append(f"layers in only one run (skipped): {only}")

@@ -13,7 +13,9 @@ from typing import Sequence
 
 from . import analysis as an
 from . import decay
+from . import differences as dm
 from . import dominance as dom
+from . import paired as pr
 from . import plots
 from . import samples_needed as prec
 from .render import Doc
@@ -163,6 +165,77 @@ def _decay(doc: Doc, run: RunResult, level: int, pngs: dict, prefix: str) -> Non
     doc.table(["layer", "p", "95% interval", "γ", "β", "χ²/dof", "rel. RMS residual", "r", "no fit because"], rows)
 
 
+PAIRED_HELP = ("Both sides were computed on the same tokens with the same probes; per cell the run kept the "
+               "statistics of the per-sample difference D = A(a) − A(b). A cell 'changed' when the two-sided t-test "
+               "of mean D = 0 (n − 1 degrees of freedom) survives Benjamini–Hochberg at the run's false-discovery rate "
+               "over the layer's tested cells (cells with at least 2 pairs and a D not identically 0). Paired SE: "
+               "sqrt(var(D) / n); unpaired SE at equal cost: sqrt(var_a / n + var_b / n), what two independent runs "
+               "of the same size would give (medians over the tested cells). a / b: exp of the mean of ln A(a) − "
+               "ln A(b) over the cells (where both > 0). Δp = p_a − p_b of the two sides' decay fits; its interval "
+               "combines each side's profile-likelihood half-widths in quadrature, which is conservative here "
+               "because the paired sides are positively correlated (docs/DESIGN.md, paired runs).")
+
+
+def _paired(doc: Doc, run: RunResult, level: int, pngs: dict, prefix: str, target: float) -> None:
+    """A paired run's differences (issue 29): per-layer sentences and table, Δp, the heatmaps, and the
+    samples a claim about the difference needs (``paired.py``, ``differences.py``)."""
+    v = pr.view(run)
+    if v is None:
+        return
+    a, b = v.labels
+    doc.h(level, f"Paired differences: {a} − {b}")
+    doc.kv([("side a", pr._side_text(v.info.get("a"))), ("side b", pr._side_text(v.info.get("b"))),
+            ("false-discovery rate", f"{an.fmt(v.fdr * 100)} % per layer (Benjamini–Hochberg)")]
+           + ([("layer map", ", ".join(f"a {k} ↔ b {w}" for k, w in v.info["layer_map"].items()))]
+              if v.info.get("layer_map") else []))
+    doc.p(PAIRED_HELP, "muted")
+    layers = []
+    for L in v.layers:
+        try:
+            layers.append((L, v.summary(L)))
+        except (OSError, ValueError, KeyError) as e:
+            doc.p(f"Layer {L}: no difference statistics ({e}).", "note")
+    if not layers:
+        return
+    if "paired_summary.png" in pngs:
+        doc.img(prefix + "paired_summary.png", pngs["paired_summary.png"],
+                "per layer: share of the cells changed, paired / unpaired SE, Δp")
+    for _, s in layers:
+        doc.p(s.sentence(v.labels) + ".")
+    doc.table(["layer", "pairs", "cells tested", "changed", "up (a > b)", "down (a < b)", "share changed",
+               "median paired SE", "median unpaired SE", "ratio", "a / b over changed", "a / b over tested"],
+              [[L, s.pairs, s.tested, s.changed, s.up, s.down, f"{an.fmt(s.share * 100, 3)}%", s.median_se_paired,
+                s.median_se_unpaired, s.se_ratio, s.times_changed, s.times_tested] for L, s in layers])
+    if v.causal():
+        rows = []
+        for L, _ in layers:
+            dec = v.decay(L)
+            (fa, wa), (fb, wb), (dp, why) = dec["a"], dec["b"], dec["dp"]
+            rows.append([L, decay.cell(fa), decay.cell(fb), an.fmt(dp.dp) if dp else "–", dp.interval() if dp else "–",
+                         ("yes" if dp.excludes_zero() else "no") if dp else "–", why])
+        doc.h(level + 1, "Decay exponent per side and Δp")
+        doc.table(["layer", f"p ({a})", f"p ({b})", "Δp", "95% interval", "excludes 0", "no Δp because"], rows)
+    doc.h(level + 1, "Samples a claim about the difference needs")
+    doc.p(f"Relative SE of a cell's mean difference, se(D̄) / |D̄|, median and 90th percentile over the changed cells "
+          f"(all tested cells where none changed), and the pairs that bring it to {an.fmt(target * 100, 3)}%: "
+          "n · (relative SE / target)².", "muted")
+    rows = []
+    for L, s in layers:
+        p = dm.difference_precision(v.diff(L), target, v.fdr)
+        rows.append([L, p["over"], p["cells"], f"{an.fmt(p['rel_median'] * 100, 3)}%", f"{an.fmt(p['rel_p90'] * 100, 3)}%",
+                     p["n_needed_median"], p["n_needed_p90"], p["count"]])
+    doc.table(["layer", "over", "cells", "median relative SE", "p90 relative SE", "pairs for median",
+               "pairs for p90", "pairs in the run"], rows)
+    for L, s in layers:
+        name = f"layer_{L:03d}_paired.png"
+        if name in pngs:
+            doc.h(level + 1, f"Layer {L}: {a} − {b}")
+            doc.img(prefix + name, pngs[name], f"layer {L}: mean difference {a} − {b}, cells not changed at FDR "
+                                               f"{an.fmt(s.fdr * 100)} % grey; paired / unpaired SE per cell")
+            if s.top:
+                doc.table(["i", "j", f"mean {a} − {b}", "SE", "q"], [list(t) for t in s.top])
+
+
 def _summary_table(doc: Doc, summaries: dict[int, dict], prefix: list | None = None, head: list | None = None) -> None:
     rows = [(prefix or []) + [L] + [s[k] for k in SUMMARY_KEYS] for L, s in sorted(summaries.items())]
     doc.table((head or []) + ["layer"] + SUMMARY_COLS, rows)
@@ -221,6 +294,7 @@ def _run_body(doc: Doc, run: RunResult, level: int, prefix: str, share: float = 
         doc.p(SUMMARY_HELP, "muted")
         _summary_table(doc, plots.layer_summaries(run))
     _decay(doc, run, level, pngs, prefix)
+    _paired(doc, run, level, pngs, prefix, target)
     for L, ls in sorted(run.layers.items()):
         doc.h(level, f"Layer {L}")
         doc.img(prefix + f"layer_{L:03d}_heatmap.png", pngs[f"layer_{L:03d}_heatmap.png"],
