@@ -171,9 +171,10 @@ PAIRED_HELP = ("Both sides were computed on the same tokens with the same probes
                "over the layer's tested cells (cells with at least 2 pairs and a D not identically 0). Paired SE: "
                "sqrt(var(D) / n); unpaired SE at equal cost: sqrt(var_a / n + var_b / n), what two independent runs "
                "of the same size would give (medians over the tested cells). a / b: exp of the mean of ln A(a) − "
-               "ln A(b) over the cells (where both > 0). Δp = p_a − p_b of the two sides' decay fits; its interval "
-               "combines each side's profile-likelihood half-widths in quadrature, which is conservative here "
-               "because the paired sides are positively correlated (docs/DESIGN.md, paired runs).")
+               "ln A(b) over the cells (where both > 0). Δp = p_a − p_b: both sides' decay laws fitted at once with the "
+               "covariance of their distance profiles that the paired cells measured, interval from the profile "
+               "likelihood in Δp (raysens.report.differences.joint_delta_p; where that is not possible, each side's "
+               "half-widths in quadrature, which ignores the sides' positive correlation and is wider).")
 
 
 def _paired(doc: Doc, run: RunResult, level: int, pngs: dict, prefix: str, target: float) -> None:

@@ -67,9 +67,10 @@ class PairedView:
         return self._sum[layer]
 
     def decay(self, layer: int) -> dict[str, tuple]:
-        """``differences.paired_decay`` of the layer: each side's fit and Δp."""
+        """``differences.paired_decay`` of the layer: each side's fit and Δp (the joint fit with the
+        paired covariance)."""
         if layer not in self._dec:
-            self._dec[layer] = dm.paired_decay(self.run.layers[layer], self.b(layer))
+            self._dec[layer] = dm.paired_decay(self.run.layers[layer], self.b(layer), self.diff(layer))
         return self._dec[layer]
 
     def causal(self) -> bool:

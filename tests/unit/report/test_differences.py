@@ -142,3 +142,38 @@ def test_samples_a_difference_claim_needs(pairs):
     assert p2["meets_median"] is True and p2["n_needed_median"] <= 200
     with pytest.raises(ValueError, match="must be > 0"):
         dm.difference_precision(d, 0.0)
+
+
+def _diffs(xa, xb):
+    d = xa - xb
+    return {"mean_diff": d.mean(0), "var_diff": d.var(0, ddof=1), "n_pairs": np.full(d.shape[1:], d.shape[0])}
+
+
+def test_the_joint_fit_uses_the_paired_covariance_and_is_narrower_than_the_quadrature():
+    rng = np.random.default_rng(11)
+    common = rng.lognormal(0.0, 0.5, (200, 32, 32))
+    xa = power_maps(0.8, common=common * rng.lognormal(0.0, 0.3, common.shape))
+    xb = power_maps(0.5, common=common * rng.lognormal(0.0, 0.3, common.shape))
+    a, b = Side(xa), Side(xb)
+    joint, why = dm.joint_delta_p(a, b, _diffs(xa, xb))
+    quad, _ = dm.delta_p(decay.layer_fit(a)[0], decay.layer_fit(b)[0])
+    assert why == "" and joint.method == dm.JOINT
+    assert joint.lo < 0.3 < joint.hi and joint.excludes_zero()
+    assert joint.hi - joint.lo < 0.8 * (quad.hi - quad.lo)
+    assert abs(joint.dp - quad.dp) < 0.05
+    assert dm.paired_decay(a, b, _diffs(xa, xb))["dp"][0].method == dm.JOINT
+    assert dm.paired_decay(a, b)["dp"][0].method != dm.JOINT  # without the differences: quadrature
+    # the same sides with independent factors: no shared covariance, about the quadrature's width
+    xi = power_maps(0.5, common=rng.lognormal(0.0, 0.5, common.shape) * rng.lognormal(0.0, 0.3, common.shape))
+    ind, _ = dm.joint_delta_p(a, Side(xi), _diffs(xa, xi))
+    assert ind.hi - ind.lo > joint.hi - joint.lo
+    assert ind.lo < 0.3 < ind.hi
+
+
+def test_the_joint_interval_includes_zero_when_the_exponents_agree():
+    rng = np.random.default_rng(12)
+    common = rng.lognormal(0.0, 0.5, (200, 24, 24))
+    xa = power_maps(0.7, s=24, common=common * rng.lognormal(0.0, 0.2, common.shape))
+    xb = power_maps(0.7, s=24, common=common * rng.lognormal(0.0, 0.2, common.shape))
+    dp, _ = dm.joint_delta_p(Side(xa), Side(xb), _diffs(xa, xb))
+    assert dp.lo < 0 < dp.hi and not dp.excludes_zero()
