@@ -89,3 +89,43 @@ class Side:
         self.mean = x.mean(0)
         self.var = x.var(0, ddof=1)
         self.cell_count = np.full(self.mean.shape, x.shape[0])
+
+
+LABELS = ["toy", "toy, layers.1.mlp × 1.01"]
+
+
+def make_paired_run(path, s: int = 16, n: int = 160, fdr: float = 0.05) -> dict:
+    """A paired run directory written by the store's own writer (``results.write_manifest`` +
+    ``paired_results.write_paired_layer`` on ``PairedCells`` folded from synthetic maps): layer 1 with
+    37 cells shifted by 10 paired SEs (causal map, no power law), layer 3 with a decay law of exponent
+    0.8 on side a and 0.5 on side b (shared per-sample factors). Returns ``{layer: (a, b)}``."""
+    from raysens.stats.paired import PairedCells
+    from raysens.store import paired_results
+    from raysens.store.results import write_manifest
+
+    a1, b1, changed, _ = paired_samples(s=s, n=n, k_changed=37, causal=True, seed=1)
+    rng = np.random.default_rng(3)
+    common = rng.lognormal(0.0, 0.5, (n, s, s))
+    a3 = power_maps(0.8, n=n, s=s, common=common * rng.lognormal(0.0, 0.2, common.shape))
+    b3 = power_maps(0.5, n=n, s=s, common=common * rng.lognormal(0.0, 0.2, common.shape))
+    maps = {1: (a1, b1), 3: (a3, b3)}
+    ids = np.arange(n)
+    for L, (a, b) in maps.items():
+        st = PairedCells.empty(s)
+        for k in range(0, n, 40):  # folded in batches, as a run does
+            st.update(a[k:k + 40], b[k:k + 40], None, sample_ids=ids[k:k + 40])
+        paired_results.write_paired_layer(str(path), L, st, fdr)
+    layers = sorted(maps)
+    write_manifest(str(path), {
+        "config": {"model": {"name": "toy"}, "data": {"source": "bundled", "max_seq_len": s},
+                   "sensitivity": {"estimator": "exact"}, "layers": layers},
+        "model": {"name": "toy", "class": "LlamaModel", "model_type": "llama", "num_hidden_layers": 4,
+                  "hidden_size": 32, "parameters": 1000},
+        "estimator": "exact", "seed": 0, "layers": layers, "max_seq_len": s,
+        "samples": {"total": n, "computed": n, "skipped": 0},
+        "paired": {"a": {"name": "toy"}, "b": {"name": "toy", "scale": {"module": "layers.1.mlp", "factor": 1.01}},
+                   "labels": LABELS, "layer_map": {}, "fdr": fdr,
+                   "stats_b": {str(L): paired_results.b_file(L) for L in layers},
+                   "stats_diff": {str(L): paired_results.diff_file(L) for L in layers}},
+    })
+    return {L: (*maps[L], changed if L == 1 else None) for L in layers}
