@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from raysens.stats.cells import CellStats
-from raysens.stats.paired import (DIFF_KEYS, CheckedPair, DiffStats, PairedCells, bh_qvalues, two_sided_t_p)
+from raysens.stats.paired import DIFF_KEYS, CheckedPair, DiffStats, PairedCells, bh_qvalues, two_sided_t_p
 
 S = 6
 
