@@ -412,10 +412,15 @@ class PairedCells:
             a, b = CellStats.from_arrays(parts["a"]), CellStats.from_arrays(parts["b"])
         except ValueError as exc:
             raise ValueError(f"PairedCells.from_arrays: {exc}") from None
-        d = DiffStats.from_arrays(parts["d"])
+        return cls.joined(a, b, DiffStats.from_arrays(parts["d"]), "PairedCells.from_arrays")
+
+    @classmethod
+    def joined(cls, a: CellStats, b: CellStats, d: DiffStats, what: str = "PairedCells.joined") -> "PairedCells":
+        """The paired state of its three parts, checked to hold the same pairs (the mask is shared:
+        equal shapes, sample counts and cell counts); errors start with ``what``."""
         if not (a.shape == b.shape == d.shape and a.samples == b.samples and np.array_equal(a.count, b.count)
                 and np.array_equal(a.count, d.count)):
-            raise ValueError("PairedCells.from_arrays: sides a, b and the differences do not hold the same pairs "
+            raise ValueError(f"{what}: sides a, b and the differences do not hold the same pairs "
                              "(shapes, samples or cell counts differ)")
         return cls(a, b, d)
 
