@@ -136,7 +136,7 @@ def format_paired(v: PairedView, layers: Sequence[int] | None = None, top: int =
         lines += ["", f"paired layer {L}  ({s.pairs:,} pairs)", f"  {s.sentence(v.labels)}",
                   f"  {s.se_text()}", f"  {s.times_text(v.labels)}"]
         if s.top:
-            lines.append(f"  largest changes:  {'i':>4}  {'j':>4}  {a + ' − ' + b:>14}  {'SE':>10}  {'q':>9}")
+            lines.append(f"  largest changes:  {'i':>4}  {'j':>4}  {'a − b':>14}  {'SE':>10}  {'q':>9}")
             for i, j, m, se, q in s.top[:top]:
                 lines.append(f"  {'':16}  {i:>4}  {j:>4}  {m:>+14.4e}  {se:>10.3e}  {q:>9.2e}")
         if an.is_causal(v.run.layers[L].mean):

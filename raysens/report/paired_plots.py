@@ -103,9 +103,11 @@ def layer_png(v: pr.PairedView, layer: int) -> bytes:
         if "se_unpaired" in d:
             with np.errstate(invalid="ignore", divide="ignore"):
                 ratio = np.where(tested, np.asarray(d["se_diff"], float) / np.asarray(d["se_unpaired"], float), np.nan)
-            ratio = np.where(np.isfinite(ratio), ratio, np.nan)
+            white = ~tested & (mean == 0)  # identical in every pair: white here too
+            ratio = np.where(np.isfinite(ratio), ratio, np.where(white, 0.0, np.nan))
             pp.heatmap(fig, a2, ratio, cmap="cividis", label="paired SE / unpaired SE",
-                       title=f"paired / unpaired SE at equal cost (median {an.fmt(s.se_ratio, 3)})")
+                       title=f"paired / unpaired SE at equal cost (median {an.fmt(s.se_ratio, 3)})",
+                       structural_zero=white)
         else:
             a2.set_axis_off()
         pp.suptitle(fig, f"{v.title()} — layer {layer} · {s.pairs:,} pairs · paired difference "
@@ -151,10 +153,11 @@ def summary_png(v: pr.PairedView) -> bytes:
                             dp.excludes_zero() else "C7", capsize=3, ms=5)
             ax.axhline(0.0, color="#777777", lw=1, ls="--")
             ax.set_ylabel(f"Δp = p({a}) − p({b})")
-            ax.set_title("decay exponent difference (95 %, conservative)")
+            ax.set_title("decay exponent difference (95 %; orange: excludes 0)")
         for ax in np.atleast_1d(axes):
             ax.set_xlabel("layer")
             ax.grid(True, color="#e6e6e6", lw=0.7)
+            ax.set_axisbelow(True)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         pp.suptitle(fig, f"{v.title()} — paired run, per layer", fontweight="bold")
         return pp.to_png(fig)

@@ -3,7 +3,6 @@ the store's own writer from synthetic pairs with a known difference (``paired_ut
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -13,7 +12,7 @@ from paired_util import LABELS, make_paired_run
 from raysens.report import differences as dm
 from raysens.report import paired as pr
 from raysens.report.commands import main_compare, main_report, main_show
-from raysens.store import paired_results
+from raysens.report.render import _md_text
 from raysens.store.results import load_run
 
 
@@ -75,7 +74,7 @@ def test_report_and_plots_of_a_paired_run(paired_dir, tmp_path):
     v = pr.view(load_run(path))
     assert f"Paired differences: {LABELS[0]} − {LABELS[1]}" in md
     for L in (1, 3):
-        assert v.summary(L).sentence(v.labels) in md
+        assert _md_text(v.summary(L).sentence(v.labels)) in md  # as Markdown shows it ("&gt;" for ">")
         assert (out / f"layer_{L:03d}_paired.png").stat().st_size > 10_000
     assert (out / "paired_summary.png").is_file()
     assert "Decay exponent per side and Δp" in md and "Samples a claim about the difference needs" in md
