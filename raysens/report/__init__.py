@@ -4,7 +4,7 @@ content, ``render.py`` writes it as HTML/Markdown; ``plots.py`` draws PNGs with 
 ``plot_parts.py``; ``analysis.py`` holds the numbers they all show; ``decay.py`` fits the decay law
 G(r) = γ + β (r+1)^(−p) per layer (``decay_plot.py`` draws it) and ``precision.py`` says how many
 samples a target relative standard error needs; ``differences.py`` summarises a paired run (changed cells
-at the run's FDR, paired vs unpaired SE, Δp) and ``paired_plots.py`` draws it.
+at the run's FDR, paired vs unpaired SE, Δp) and ``paired.py`` reads, prints and draws it.
 """
 
 # ``differences`` is the module ``differences.py`` (paired runs); the unpaired helper of ``raysens compare`` is

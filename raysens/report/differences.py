@@ -42,6 +42,10 @@ wide, never too narrow for that reason). An end is open when a side's interval r
 difference, rel_c = se_diff_c / |mean_diff_c|; the median and 90th percentile over the changed cells
 (over all tested cells with a non-zero mean difference when none changed), and the pairs that would
 bring each to the target, ceil(n · (rel / target)²) (``samples_needed.samples_needed``).
+
+Why this module is long: the three figures a paired run adds per layer (changed cells, Δp with two
+ways to form its interval, samples a difference claim needs) share the same difference arrays and
+helpers; the joint Δp fit alone is a third of it.
 """
 
 from __future__ import annotations

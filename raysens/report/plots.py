@@ -14,7 +14,7 @@
 - ``decay.png`` — causal runs: the exponent p of G(r) = γ + β (r+1)^(−p) per layer with its
   interval, and each layer's distance profile with the fitted law (``decay_plot.py``).
 - paired runs (manifest ``"paired"``, issue 29): ``layer_NNN_paired.png`` (the mean difference a − b,
-  cells that did not change at the run's FDR greyed) and ``paired_summary.png`` (``paired_plots.py``).
+  cells that did not change at the run's FDR greyed) and ``paired_summary.png`` (``paired.py``).
 
 ``write_compare_plots(run_a, run_b, out_dir)`` writes ``compare_layer_NNN.png`` (B − A and
 log10(B / A) per common layer). Works on local paths and ``pyarrow.fs`` URIs. matplotlib is only
@@ -324,8 +324,8 @@ def render_run_plots(run: RunLike, workers: int | None = None) -> dict[str, byte
 
             out["decay.png"] = decay_png(fits, f"{_model(run)} — decay with distance · {f['estimator']} · "
                                                f"{an.fmt(f['samples'])} samples")
-        if isinstance(run.manifest.get("paired"), dict):  # a paired run: the differences (paired_plots.py)
-            from .paired_plots import render_paired_plots
+        if isinstance(run.manifest.get("paired"), dict):  # a paired run: the differences (paired.py)
+            from .paired import render_paired_plots
 
             out.update(render_paired_plots(run))
     return out

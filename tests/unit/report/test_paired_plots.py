@@ -1,4 +1,4 @@
-"""The paired-run heatmap (raysens/report/paired_plots.py, issue 29): exactly the significant cells are
+"""The paired-run heatmap (raysens/report/paired.py, issue 29): exactly the significant cells are
 coloured, centred at 0; the tested but not significant ones are grey, identical ones white, untested
 hatched — checked on the masked array handed to imshow and on the rendered pixels."""
 
@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from paired_util import paired_samples, reference_differences  # noqa: E402
-from raysens.report import paired_plots as ppl  # noqa: E402
+from raysens.report import paired as ppl  # noqa: E402
 from raysens.report import plot_parts as pp  # noqa: E402
 
 
