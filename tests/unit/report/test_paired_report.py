@@ -39,6 +39,12 @@ def test_the_view_reads_both_sides_and_the_differences(paired_dir):
     assert (sig & ~changed).sum() <= 3  # … and few false ones
     assert s.changed == int(sig.sum()) and s.tested == int(np.isfinite(d["p"]).sum())
     assert s.tested == 16 * 17 // 2  # the causal mask (j > i: D ≡ 0) is not tested
+    low = np.tril(np.ones((16, 16), bool))
+    n = a.shape[0]
+    assert s.median_se_paired == pytest.approx(np.median(np.sqrt((a - b).var(0, ddof=1) / n)[low]), rel=1e-9)
+    unpaired = np.sqrt(a.var(0, ddof=1) / n + b.var(0, ddof=1) / n)
+    assert s.median_se_unpaired == pytest.approx(np.median(unpaired[low]), rel=1e-9)
+    assert s.se_ratio < 0.1  # the sides share their per-sample factor
     assert pr.view(type(run)(run.path, {k: x for k, x in run.manifest.items() if k != "paired"}, run.layers)) is None
 
 
