@@ -190,6 +190,8 @@ def _paired(doc: Doc, run: RunResult, level: int, pngs: dict, prefix: str, targe
            + ([("layer map", ", ".join(f"a {k} ↔ b {w}" for k, w in v.info["layer_map"].items()))]
               if v.info.get("layer_map") else []))
     doc.p(PAIRED_HELP, "muted")
+    if v.info.get("common_probes") is False:
+        doc.p(pr.NOT_COMMON[0].upper() + pr.NOT_COMMON[1:] + ".", "note")
     layers = []
     for L in v.layers:
         try:

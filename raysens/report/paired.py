@@ -117,6 +117,10 @@ def view(run: RunResult) -> PairedView | None:
     return PairedView(run, info, (str(labels[0]), str(labels[1])), float(fdr if fdr is not None else 0.05), layers)
 
 
+NOT_COMMON = ("the two sides drew different probes (different hidden sizes): the probe noise does not cancel in "
+              "the differences, only the data part does")
+
+
 def _side_text(side: Any) -> str:
     if not isinstance(side, dict):
         return str(side) if side is not None else "?"
@@ -140,7 +144,9 @@ def format_paired(v: PairedView, layers: Sequence[int] | None = None, top: int =
              f"  b          {_side_text(v.info.get('b'))}"]
     lm = v.info.get("layer_map")
     if lm:
-        lines.append(f"  layer map  " + ", ".join(f"a {k} ↔ b {w}" for k, w in lm.items()))
+        lines.append("  layer map  " + ", ".join(f"a {k} ↔ b {w}" for k, w in lm.items()))
+    if v.info.get("common_probes") is False:
+        lines.append(f"  note       {NOT_COMMON}")
     if target_se is not None:
         target_se = check_target(target_se)
     for L in v.layers:

@@ -96,3 +96,13 @@ def test_compare_of_two_ordinary_runs_says_once_that_it_is_unpaired(paired_dir, 
     assert main_compare([path, path, "--out", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert out.count("unpaired") == 1 and "paired run" in out
+
+
+def test_show_says_when_the_probes_were_not_common(paired_dir):
+    path, _ = paired_dir
+    run = load_run(path)
+    assert not any(pr.NOT_COMMON in x for x in pr.format_paired(pr.view(run), [1]))
+    run.manifest["paired"]["common_probes"] = False
+    lines = pr.format_paired(pr.view(run), [1])
+    assert f"  note       {pr.NOT_COMMON}" in lines
+    assert not any("paired layer 3" in x for x in lines)  # --layer 1 only
