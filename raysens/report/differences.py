@@ -266,6 +266,8 @@ def joint_delta_p(a, b, d: Mapping[str, Any], level: float = decay.LEVEL, *, r_m
     fb, wb = decay.layer_fit(b)
     if fa is None or fb is None:
         return None, "; ".join(f"side {s}: {w}" for s, f, w in (("a", fa, wa), ("b", fb, wb)) if f is None)
+    if fa.lo_open or fa.hi_open or fb.lo_open or fb.hi_open:
+        return None, "a side's interval for p reaches the search bound (the quadrature says which end is open)"
     kw = dict(r_min=r_min, skip_first=skip_first)
     da, db = (decay.distance_means(x.mean, x.var, x.cell_count, **kw) for x in (a, b))
     dd = decay.distance_means(np.asarray(d["mean_diff"], float), np.asarray(d["var_diff"], float),
@@ -282,7 +284,7 @@ def joint_delta_p(a, b, d: Mapping[str, Any], level: float = decay.LEVEL, *, r_m
     f = lambda pa, pb: _joint_chi2(pa, pb, lnx, ga, gb, sa, sb, rho)  # noqa: E731
     step = decay.GRID_STEP
     half = 1.5 * max(fb.p_hi - fb.p_lo, 4 * step)  # p_b searched around its own fit (each δ moves it a little)
-    pbs = np.arange(fb.p - half, fb.p + half + step / 20, step / 5)
+    pbs = np.linspace(fb.p - half, fb.p + half, int(min(max(2 * half / (step / 5), 20), 400)) + 1)
 
     def prof(delta: float, refine: bool = True) -> tuple[float, float]:
         """min over p_b of χ²(p_b + δ, p_b): on the grid (step 0.01), then (``refine``) at the vertex of
@@ -298,7 +300,8 @@ def joint_delta_p(a, b, d: Mapping[str, Any], level: float = decay.LEVEL, *, r_m
 
     d0 = fa.p - fb.p
     wide = math.hypot(fa.p_hi - fa.p_lo, fb.p_hi - fb.p_lo)  # the quadrature interval is wider than this
-    deltas = np.arange(d0 - wide - 4 * step, d0 + wide + 4 * step + step / 20, step / 5)
+    span = wide + 4 * step
+    deltas = np.linspace(d0 - span, d0 + span, int(min(max(2 * span / (step / 5), 40), 400)) + 1)
     prof_grid = np.array([prof(x, refine=False)[0] for x in deltas])
     k = int(np.argmin(prof_grid))
     best = decay._golden(lambda x: prof(x)[0], deltas[max(k - 1, 0)], deltas[min(k + 1, deltas.size - 1)], 1e-6)
