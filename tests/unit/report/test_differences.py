@@ -177,3 +177,20 @@ def test_the_joint_interval_includes_zero_when_the_exponents_agree():
     xb = power_maps(0.7, s=24, common=common * rng.lognormal(0.0, 0.2, common.shape))
     dp, _ = dm.joint_delta_p(Side(xa), Side(xb), _diffs(xa, xb))
     assert dp.lo < 0 < dp.hi and not dp.excludes_zero()
+
+
+def test_an_open_interval_leaves_dp_to_the_quadrature(monkeypatch):
+    import dataclasses
+
+    rng = np.random.default_rng(13)
+    common = rng.lognormal(0.0, 0.5, (100, 16, 16))
+    xa, xb = power_maps(0.8, n=100, s=16, common=common), power_maps(0.5, n=100, s=16, common=common)
+    a, b = Side(xa), Side(xb)
+    fa, fb = decay.layer_fit(a)[0], decay.layer_fit(b)[0]
+    opened = dataclasses.replace(fb, p_hi=decay.P_RANGE[1], hi_open=True)
+    monkeypatch.setattr(decay, "layer_fit", lambda ls: (fa, "") if ls is a else (opened, ""))
+    dp, why = dm.joint_delta_p(a, b, _diffs(xa, xb))
+    assert dp is None and "search bound" in why
+    q = dm.paired_decay(a, b, _diffs(xa, xb))["dp"][0]
+    assert q.method != dm.JOINT and q.lo_open and not q.hi_open  # p_b's open top end opens Δp's bottom end
+    assert q.interval().startswith("[≤")
