@@ -196,10 +196,31 @@ NOT_SIGNIFICANT = "#c8c8c8"  # tested, q > FDR
 IDENTICAL = "#ffffff"  # D = 0 in every pair (not tested): the causal mask, or two identical sides
 
 
+def block_view(mean_diff: np.ndarray, significant: np.ndarray, tested: np.ndarray,
+               k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A long map as k×k blocks (like ``plot_parts.heatmap``): per block the mean of its significant
+    cells' differences, significant where any cell is, tested where any cell is; a block of untested
+    cells keeps a difference of 0 only if all of them have it."""
+    m = np.asarray(mean_diff, float)
+    sig = np.asarray(significant, bool) & np.isfinite(m)
+    bm = pp.block_means(np.where(sig, m, np.nan), k)
+    s = m.shape[0]
+    n = -(-s // k)
+
+    def any_(z: np.ndarray) -> np.ndarray:
+        pad = np.zeros((n * k, n * k), bool)
+        pad[:s, :s] = z
+        return pad.reshape(n, k, n, k).any(axis=(1, 3))
+
+    bsig, btest = any_(sig), any_(np.asarray(tested, bool))
+    nonzero = any_(~(m == 0))
+    return np.where(bsig, bm, np.where(nonzero, np.nan, 0.0)), bsig, btest
+
+
 def diff_panel(fig, ax, mean_diff: np.ndarray, significant: np.ndarray, tested: np.ndarray, *, title: str,
-               label: str) -> dict:
+               label: str, block: int = 1, size: int | None = None) -> dict:
     """Draw ``mean_diff`` where ``significant`` (diverging ``RdBu_r``, symmetric limits = the largest
-    significant |difference|, symmetric-log when those span more than 3 decades); grey where tested and
+    significant |difference|, symmetric-log, at most 3 decades, when those span more than 2); grey where tested and
     not significant, white where untested with a difference of exactly 0, hatched elsewhere. Returns
     the images (``"diff"``: the coloured one; its array is ``mean_diff`` masked where not significant)
     and which special cells occurred."""
@@ -211,19 +232,24 @@ def diff_panel(fig, ax, mean_diff: np.ndarray, significant: np.ndarray, tested: 
     tested = np.asarray(tested, bool)
     grey = tested & ~sig
     white = ~tested & (m == 0)
-    s = m.shape[0]
     a = np.abs(m[sig])
     lim = float(a.max()) if a.size else 0.0
-    symlog = bool(a.size and pp.wants_log(a, 3.0))
+    symlog = bool(a.size and pp.wants_log(a, 2.0))
+    ticks = None
     if lim == 0:
         norm = mcolors.Normalize(vmin=-1, vmax=1)
     elif symlog:
-        norm = mcolors.SymLogNorm(linthresh=float(a[a > 0].min()), linscale=0.5, vmin=-lim, vmax=lim, base=10)
+        lin = max(float(a[a > 0].min()), lim * 1e-3)
+        norm = mcolors.SymLogNorm(linthresh=lin, linscale=0.5, vmin=-lim, vmax=lim, base=10)  # ≤ 3 decades log
+        dec = [10.0 ** e for e in np.arange(np.floor(np.log10(lim)), np.log10(lin), -1.0)]
+        ticks = sorted([-x for x in dec] + [0.0] + dec)
     else:
         norm = mcolors.Normalize(vmin=-lim, vmax=lim)
     ax.set_facecolor(pp.NO_DATA)
     ax.patch.set_hatch("////")
-    kw = dict(aspect="equal", origin="upper", interpolation="nearest")
+    n = m.shape[0] * block  # a block map (``block_view``) on the original positions
+    s = size or n
+    kw = dict(aspect="equal", origin="upper", interpolation="nearest", extent=(-0.5, n - 0.5, n - 0.5, -0.5))
     ims = {}
     for name, where, colour in (("grey", grey, NOT_SIGNIFICANT), ("white", white, IDENTICAL)):
         if where.any():
@@ -233,7 +259,7 @@ def diff_panel(fig, ax, mean_diff: np.ndarray, significant: np.ndarray, tested: 
     ims["diff"] = ax.imshow(np.ma.masked_where(~sig, m), cmap=cm, norm=norm, **kw)
     ax.set_xlim(-0.5, s - 0.5)
     ax.set_ylim(s - 0.5, -0.5)
-    cb = fig.colorbar(ims["diff"], ax=ax, shrink=0.92, pad=0.02)
+    cb = fig.colorbar(ims["diff"], ax=ax, shrink=0.92, pad=0.02, ticks=ticks)
     cb.set_label(label + (" (symmetric log)" if symlog else ""))
     ax.set_title(title)
     ax.set_xlabel("input position j")
@@ -264,18 +290,23 @@ def layer_png(v: PairedView, layer: int) -> bytes:
     mean = np.asarray(d["mean_diff"], float)
     tested = dm.tested_mask(d)
     sig = tested & (np.asarray(d["q"], float) <= s.fdr)
+    title = f"{s.changed:,} of {s.tested:,} cells changed at FDR {an.fmt(s.fdr * 100)} % ({s.up:,} up, {s.down:,} down)"
+    k = -(-mean.shape[0] // pp.MAX_PIXELS)
+    shown = (mean, sig, tested)
+    if k > 1:  # a long sequence: k×k blocks, each coloured by its changed cells (none: grey)
+        shown = block_view(mean, sig, tested, k)
+        title += f"\n({k}×{k} blocks: the mean over a block's changed cells)"
     with pp.style():
         fig, (a1, a2) = pp.new_figure(12.5, 5.9, 1, 2)
-        flags = diff_panel(fig, a1, mean, sig, tested, label=f"mean {a} − {b}  of " + pp.SQ_NORM,
-                           title=f"{s.changed:,} of {s.tested:,} cells changed at FDR {an.fmt(s.fdr * 100)} % "
-                                 f"({s.up:,} up, {s.down:,} down)")
+        flags = diff_panel(fig, a1, *shown, label=f"mean {a} − {b}  of " + pp.SQ_NORM, title=title, block=k,
+                           size=mean.shape[0])
         if "se_unpaired" in d:
             with np.errstate(invalid="ignore", divide="ignore"):
                 ratio = np.where(tested, np.asarray(d["se_diff"], float) / np.asarray(d["se_unpaired"], float), np.nan)
             white = ~tested & (mean == 0)  # identical in every pair: white here too
             ratio = np.where(np.isfinite(ratio), ratio, np.where(white, 0.0, np.nan))
             pp.heatmap(fig, a2, ratio, cmap="cividis", label="paired SE / unpaired SE",
-                       title=f"paired / unpaired SE at equal cost (median {an.fmt(s.se_ratio, 3)})",
+                       title=f"paired / unpaired SE (median {an.fmt(s.se_ratio, 3)})",
                        structural_zero=white)
         else:
             a2.set_axis_off()

@@ -70,3 +70,24 @@ def test_untested_cells_with_a_difference_are_hatched_not_white():
         out = ppl.diff_panel(fig, ax, m, sig, tested, title="t", label="x")
     assert out == {**out, "grey": True, "white": False, "nan": True}
     assert "white" not in out["images"]
+
+
+def test_a_long_map_is_drawn_as_blocks_coloured_by_their_changed_cells():
+    m = np.array([[1.0, 3.0, 0.0, 0.0],
+                  [2.0, 0.5, 0.0, 0.0],
+                  [0.2, 0.1, 0.3, 0.0],
+                  [0.4, np.nan, 0.1, 0.2]])
+    tested = np.isfinite(m) & (m != 0)
+    sig = np.zeros((4, 4), bool)
+    sig[0, 0] = sig[0, 1] = True  # block (0, 0): mean of 1 and 3; block (1, 0): tested, none changed
+    bm, bsig, btest = ppl.block_view(m, sig, tested, 2)
+    assert bm[0, 0] == 2.0 and bsig.tolist() == [[True, False], [False, False]]
+    assert btest.tolist() == [[True, False], [True, True]]
+    assert bm[0, 1] == 0.0  # every cell identical (0): white
+    assert np.isnan(bm[1, 0]) and np.isnan(bm[1, 1])  # grey (tested, nothing changed)
+    with pp.style():
+        fig, ax = pp.new_figure(3, 3)
+        out = ppl.diff_panel(fig, ax, bm, bsig, btest, title="t", label="x", block=2, size=4)
+    assert out["images"]["diff"].get_extent() == [-0.5, 3.5, 3.5, -0.5]  # on the original positions
+    assert ax.get_xlim() == (-0.5, 3.5)
+    assert out["white"] and out["grey"] and not out["nan"]
