@@ -132,7 +132,9 @@ class LayerDifference:
             parts.append(f"{fmt(self.times_changed, 3)}× over the changed cells")
         if math.isfinite(self.times_tested):
             parts.append(f"{fmt(self.times_tested, 3)}× over all tested cells")
-        return f"{a} / {b} (geometric mean): " + ", ".join(parts) if parts else f"{a} / {b}: undefined (no cell > 0 on both sides)"
+        if not parts:
+            return f"{a} / {b}: undefined (no cell > 0 on both sides)"
+        return f"{a} / {b} (geometric mean): " + ", ".join(parts)
 
 
 def layer_difference(layer: int, d: Mapping[str, Any], fdr: float | None = None, k: int = 10) -> LayerDifference:

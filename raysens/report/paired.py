@@ -167,7 +167,8 @@ def format_paired(v: PairedView, layers: Sequence[int] | None = None, top: int =
             dec = v.decay(L)
             for side, lab in (("a", a), ("b", b)):
                 fit, why = dec[side]
-                lines.append(f"  p ({lab}): " + (f"{an.fmt(fit.p)} {fit.interval()}" if fit is not None else f"no fit: {why}"))
+                text = f"{an.fmt(fit.p)} {fit.interval()}" if fit is not None else f"no fit: {why}"
+                lines.append(f"  p ({lab}): {text}")
             dp, why = dec["dp"]
             lines.append(f"  {dp.text()}" + (" — excludes 0" if dp.excludes_zero() else " — includes 0")
                          if dp is not None else f"  Δp: none ({why})")
