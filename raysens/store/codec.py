@@ -10,7 +10,11 @@ nothing) and this module only narrows what is wider than it needs to be:
 
 Everything else — the exact sums' chunk indices and integer limbs, the float64 extremes, the
 histogram's counters, start, level and end — is stored as it is: the state round-trips bit for bit.
-numpy only.
+
+A paired run's state (``raysens.stats.paired.PairedCells``, issue 29) packs as the two sides' packed
+arrays under ``a.`` and ``b.`` and the differences' under ``d.`` (their two counters narrowed the same
+way); ``unpack_state`` returns a ``PairedCells`` when it sees those prefixes, so partials and
+checkpoints carry paired states unchanged (``PACKED_KEYS`` lists the prefixed keys too). numpy only.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from typing import Mapping
 import numpy as np
 
 from ..stats.cells import CELL_KEYS, NOISE_KEYS, CellStats
+from ..stats.paired import DIFF_KEYS, PAIRED_KEYS, DiffStats, PairedCells, is_paired_arrays
 
-PACKED_KEYS = CELL_KEYS + NOISE_KEYS  # noise_* only when probe noise was folded in
+# noise_* only when probe noise was folded in; a.*, b.*, d.*: a paired state
+PACKED_KEYS = CELL_KEYS + NOISE_KEYS + PAIRED_KEYS
+_DIFF_COUNTS = ("count", "log_count")
 
 
 def smallest_uint(a: np.ndarray) -> np.ndarray:
@@ -34,8 +41,13 @@ def smallest_uint(a: np.ndarray) -> np.ndarray:
     return a.astype(np.uint64)
 
 
-def pack_state(st: CellStats, ids=None) -> dict[str, np.ndarray]:
+def pack_state(st: CellStats | PairedCells, ids=None) -> dict[str, np.ndarray]:
     """The compact arrays of ``st``; ``ids``: the sorted sample_ids its extremes may name."""
+    if isinstance(st, PairedCells):
+        out = {f"{side}.{k}": v for side in "ab" for k, v in pack_state(getattr(st, side), ids).items()}
+        d = st.d.to_arrays(copy=False)
+        out.update({f"d.{k}": smallest_uint(v) if k in _DIFF_COUNTS else v for k, v in d.items()})
+        return out
     a = st.to_arrays(copy=False)  # only written out; the narrowed arrays below are new ones
     a["count"] = smallest_uint(a["count"])
     if ids is not None:
@@ -51,8 +63,38 @@ def pack_state(st: CellStats, ids=None) -> dict[str, np.ndarray]:
     return a
 
 
-def unpack_state(arrays: Mapping[str, np.ndarray], ids=None) -> CellStats:
-    """Inverse of ``pack_state`` (validated by ``CellStats.from_arrays``); raises ValueError."""
+def unpack_state(arrays: Mapping[str, np.ndarray], ids=None) -> CellStats | PairedCells:
+    """Inverse of ``pack_state`` (validated by ``CellStats.from_arrays``, and for a paired state by
+    ``DiffStats.from_arrays`` and ``PairedCells.joined``); raises ValueError."""
+    if is_paired_arrays(arrays):
+        parts: dict[str, dict[str, np.ndarray]] = {"a": {}, "b": {}, "d": {}}
+        for k, v in arrays.items():
+            side, dot, key = k.partition(".")
+            if not dot or side not in parts:
+                raise ValueError(f"paired state: unexpected key {k!r} (keys are a.*, b.*, d.*)")
+            parts[side][key] = v
+        a, b = (_unpack_side(parts[s], ids, f"side {s}") for s in "ab")
+        d = {k: np.asarray(v) for k, v in parts["d"].items()}
+        for k in _DIFF_COUNTS:
+            c = d.get(k)
+            if c is not None:
+                if c.dtype.kind != "u" or (c.size and int(c.max()) > np.iinfo(np.int32).max):
+                    raise ValueError(f"d.{k} must be unsigned integers below 2^31, got {c.dtype}")
+                d[k] = c.astype(np.int32)
+        missing = [f"d.{k}" for k in DIFF_KEYS if k not in d]
+        if missing:
+            raise ValueError(f"missing keys {missing}")
+        return PairedCells.joined(a, b, DiffStats.from_arrays(d), "paired state")
+    return _unpack_side(arrays, ids, None)
+
+
+def _unpack_side(arrays: Mapping[str, np.ndarray], ids, side: str | None) -> CellStats:
+    """One ``CellStats`` from its packed arrays (``side``: which side of a paired state, for errors)."""
+    if side is not None:
+        try:
+            return _unpack_side(arrays, ids, None)
+        except ValueError as exc:
+            raise ValueError(f"{side}: {exc}") from None
     missing = [k for k in CELL_KEYS if k not in arrays]
     if missing:
         raise ValueError(f"missing keys {missing}")

@@ -45,10 +45,13 @@ def layer_file(layer: int, ext: str = "npz") -> str:
     return f"stats/layer_{int(layer):03d}.{ext}"
 
 
-def write_layer_stats(run_dir: str, layer: int, state: CellStats | WelfordState) -> None:
+def write_layer_stats(run_dir: str, layer: int, state: CellStats | WelfordState, path: str | None = None) -> None:
     """Persist one layer's statistics (npz + parquet) and its lossless state (a plain
-    ``WelfordState`` writes only the moment statistics)."""
+    ``WelfordState`` writes only the moment statistics). ``path``: the npz's path in the run directory
+    (default ``layer_file(layer)``; the parquet beside it: a paired run's side b, ``paired_results``)."""
     fs, base = resolve(run_dir)
+    npz_path = path or layer_file(layer)
+    pq_path = npz_path[:-len(".npz")] + ".parquet" if npz_path.endswith(".npz") else npz_path + ".parquet"
     stats = state.statistics()
     cols = STAT_KEYS + (CELL_STAT_KEYS if isinstance(state, CellStats) else ())
     arrays = {k: stats[k] for k in cols + (ROW_STAT_KEYS + ("quantile_bound",) if isinstance(state, CellStats) else ())}
@@ -56,14 +59,14 @@ def write_layer_stats(run_dir: str, layer: int, state: CellStats | WelfordState)
     plain = state.to_arrays(copy=False) if isinstance(state, CellStats) else state.to_arrays()  # written, not kept
     arrays.update({f"state_{k}": v for k, v in plain.items()})
     # zlib level 1 (store/npz.py) since issue 18: 5× smaller at long S (run dir ≤ 2 GB at S = 512)
-    write_bytes(fs, posixpath.join(base, layer_file(layer)), npz_bytes(arrays))
+    write_bytes(fs, posixpath.join(base, npz_path), npz_bytes(arrays))
     s = state.shape[0]
     ii, jj = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
     table = pa.table({"layer": np.full(s * s, layer, np.int32), "i": ii.ravel().astype(np.int32),
                       "j": jj.ravel().astype(np.int32), **{k: stats[k].ravel() for k in cols}})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    write_bytes(fs, posixpath.join(base, layer_file(layer, "parquet")), sink.getvalue().to_pybytes())
+    write_bytes(fs, posixpath.join(base, pq_path), sink.getvalue().to_pybytes())
 
 
 def write_manifest(run_dir: str, manifest: dict) -> None:
@@ -126,9 +129,10 @@ class RunResult:
         return self.layers[layer]
 
 
-def load_layer(run_dir: str, layer: int) -> LayerStats:
+def load_layer(run_dir: str, layer: int, path: str | None = None) -> LayerStats:
+    """One layer's statistics file (``path``: the npz's path in the run directory, default ``layer_file(layer)``)."""
     fs, base = resolve(run_dir)
-    raw = np.load(io.BytesIO(read_bytes(fs, posixpath.join(base, layer_file(layer)))), allow_pickle=False)
+    raw = np.load(io.BytesIO(read_bytes(fs, posixpath.join(base, path or layer_file(layer)))), allow_pickle=False)
     st = {k[len("state_"):]: raw[k] for k in raw.files if k.startswith("state_")}
     if "hist_counts" in st:
         state = CellStats.from_arrays(st)
