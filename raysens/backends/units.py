@@ -361,7 +361,7 @@ class UnitWorker:
                 # leaves it unusable (``j.dirty`` from the start)
                 if part:
                     j.dirty = True
-                self._fold_into(acc, maps_out, info, key, res, good, sub_ids, j, res_b)
+                self._fold_into(acc, maps_out, info, key, res if res_b is None else (res, res_b), good, sub_ids, j)
 
             if not self.background:
                 try:
@@ -434,12 +434,12 @@ class UnitWorker:
                         "(recomputed by the runner, as after a lost actor)") from exc
 
     def _fold_into(self, acc: dict, maps_out: dict, info: dict, key: int, res, good, run_ids: list[int],
-                   job: Job, res_b=None) -> None:
+                   job: Job) -> None:
         """Copy a unit's results to the host, check every layer, then fold them into ``acc`` (the lane's
-        thread, or the caller's on the sequential path: the same code). ``res_b``: side b's result of a
-        paired run (``acc`` then holds one ``PairedCells`` per layer)."""
+        thread, or the caller's on the sequential path: the same code). A paired run: ``res`` is the
+        results of both sides ``(a, b)`` (or None) and ``acc`` holds one ``PairedCells`` per layer."""
         if self.paired is not None:
-            return self._fold_pair(acc, maps_out, info, key, res, res_b, good, run_ids, job)
+            return self._fold_pair(acc, maps_out, info, key, res, good, run_ids, job)
         batches: dict[int, CheckedBatch] = {}  # every layer checked before any state changes
         maps: dict[int, np.ndarray] = {}
         if res is not None:
@@ -466,7 +466,7 @@ class UnitWorker:
             maps_out[key] = subunits.append_maps(maps_out.get(key), maps)
         info["finished"] = time.time()
 
-    def _fold_pair(self, acc: dict, maps_out: dict, info: dict, key: int, res, res_b, good, run_ids: list[int],
+    def _fold_pair(self, acc: dict, maps_out: dict, info: dict, key: int, pair, good, run_ids: list[int],
                    job: Job) -> None:
         """``_fold_into`` of a paired run: per layer, side a's and side b's maps of the same samples are
         checked together (``PairedCells.check``) and folded into one ``PairedCells``. Per-sample maps
@@ -474,6 +474,7 @@ class UnitWorker:
         from ..stats.paired import PairedCells
         from .paired import pad3
 
+        res, res_b = pair if pair is not None else (None, None)
         checked: dict[int, object] = {}  # every layer checked before any state changes
         widths: dict[int, int] = {}
         maps: dict[int, np.ndarray] = {}
