@@ -191,3 +191,21 @@ def test_a_planned_run_is_refused(tiny_model, tmp_path):
                                        r"cannot be paired"):
         run_local(config(tiny_model, tmp_path / "r", "--data.limit=4", "--sensitivity.budget=3",
                          "--paired.random_init=true"))
+
+
+def test_the_bundled_paired_config_runs_from_the_command_line(tiny_model, tmp_path):
+    """``raysens run jobs/configs/paired_minilm_random.yaml`` with the tiny model in place of MiniLM."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    out = tmp_path / "cli"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.run([sys.executable, "-m", "raysens.cli", "run", "jobs/configs/paired_minilm_random.yaml",
+                        f"--model.name={tiny_model}", "--data.max_seq_len=8", "--layers=[1,-1]", "--data.limit=4",
+                        "--cluster.use_ray=false", "--output.plots=false", "--paired.init_seed=3", f"--output.dir={out}"],
+                       cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "paired: side a = MiniLM-L6, side b = MiniLM-L6 random init; side b in stats/b/" in p.stdout
+    assert (out / "stats" / "diff" / "layer_002.npz").exists() and (out / "stats" / "b" / "layer_001.parquet").exists()
