@@ -209,3 +209,16 @@ def test_the_bundled_paired_config_runs_from_the_command_line(tiny_model, tmp_pa
     assert p.returncode == 0, p.stderr[-3000:]
     assert "paired: side a = MiniLM-L6, side b = MiniLM-L6 random init; side b in stats/b/" in p.stdout
     assert (out / "stats" / "diff" / "layer_002.npz").exists() and (out / "stats" / "b" / "layer_001.parquet").exists()
+
+
+@pytest.mark.ray
+def test_another_model_on_ray_matches_in_process(ray_session, tiny_model, tmp_path):
+    """Side b another model (a directory): on Ray its identity is computed by a Ray task (the driver reads
+    no weight file), recorded as inputs.model_b, and the stats are the in-process run's bit for bit."""
+    other = _saved(tmp_path, "other")
+    extra = ("--data.limit=6", BATCH, f"--paired.model.name={other}")
+    loc = run_local(config(tiny_model, tmp_path / "local", *extra))
+    s = run(config(tiny_model, tmp_path / "ray", *extra, "--cluster.num_actors=1", "--cluster.cpus_per_actor=1"))
+    assert s.manifest["inputs"]["model_b"]["files"] == loc.manifest["inputs"]["model_b"]["files"]
+    assert s.manifest["paired"]["b"]["identity"]["files"] == loc.manifest["inputs"]["model_b"]["files"]
+    assert_same_files(all_stats(s.run_dir), all_stats(loc.run_dir))
