@@ -141,6 +141,11 @@ class SideB:
         if ekey not in shared:
             shared[ekey] = make_engine(engine_cls, self.model, SensitivityConfig.from_dict(sens), device)
         self.engine = shared[ekey]
+        ca, cb = _causal(lm_a.model), _causal(self.model)
+        if ca is not None and cb is not None and ca != cb:
+            raise PairedError(f"paired run: side a ({lm_a.name}) is {'causal' if ca else 'bidirectional'} and side b "
+                              f"({self.identity.get('name')}) is {'causal' if cb else 'bidirectional'}: their maps mask "
+                              "different cells; pair models of the same kind")
         lmap = {int(k): int(v) for k, v in (side_b.get("layer_map") or {}).items()}
         n_a = int(lm_a.model.config.num_hidden_layers)
         by_abs = {(k if k >= 0 else n_a + 1 + k): v for k, v in lmap.items()}
@@ -151,6 +156,15 @@ class SideB:
     def engine_layers(self) -> list[int]:
         """Side b's distinct target layers (what its engine computes)."""
         return sorted(set(self.layers))
+
+
+def _causal(model) -> bool | None:
+    """Whether a stack is causal (None: not a transformers model, e.g. the synthetic one)."""
+    if not hasattr(model, "config") or not hasattr(model, "parameters"):
+        return None
+    from ..core.models.structure import is_causal_model
+
+    return bool(is_causal_model(model))
 
 
 def pad3(a: np.ndarray | None, width: int, fill) -> np.ndarray | None:

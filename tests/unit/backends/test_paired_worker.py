@@ -152,3 +152,9 @@ def test_the_memory_model_counts_both_sides(monkeypatch):
     msg = str(e.value)
     assert "\n" not in msg and "does not fit the per-actor memory budget of 1 MiB (sensitivity.memory_budget_mb)" in msg
     assert "a paired run: both models and both sides' sums count against it" in msg
+
+
+def test_a_causal_and_a_bidirectional_model_are_not_paired():
+    with pytest.raises(PairedError, match=r"^paired run: side a \(random:tiny-llama\) is causal and side b "
+                                          r"\(random:tiny-bert\) is bidirectional: their maps mask different cells"):
+        UnitWorker(spec(side(model={"name": "random:tiny-bert", "trust_remote_code": False})), shared={})
