@@ -395,9 +395,7 @@ class UnitWorker:
         res_b, good_b, _, _ = subunits.compute_part(self.paired.engine, ids, mask, run_ids, s0, s1,
                                                     self.paired.engine_layers, self.max_seq_len)
         check_modes(res, res_b)
-        if res is None:  # every row of side a failed: side a's partial result is None only with no rows
-            res = res_b
-        both = good & good_b
+        both = good & good_b if res is not None and res_b is not None else np.zeros(s1 - s0, bool)
         sub = run_ids[s0:s1]
         return res, res_b, both, [i for i, g in zip(sub, both) if g], [i for i, g in zip(sub, both) if not g]
 
