@@ -142,15 +142,17 @@ def test_killed_actor_and_resume_give_the_same_bits(ray_session, local_pair, tin
 
 
 # ---------------------------------------------------------------------- refusals and mapped depths
-def _saved(tmp_path, name: str, layers: int = 2, extra_token: str | None = None) -> str:
-    """A tiny random Llama saved to a directory with MiniLM's tokenizer (``extra_token``: one more token)."""
+def _saved(tmp_path, name: str, layers: int = 2, extra_token: str | None = None, hidden: int | None = None) -> str:
+    """A tiny random Llama saved to a directory with MiniLM's tokenizer (``extra_token``: one more token;
+    ``hidden``: another width)."""
     import torch
     import transformers
 
     from raysens.core.models import load_tokenizer_and_config
 
     tok, cfg = load_tokenizer_and_config("random:tiny-llama")
-    cfg = transformers.LlamaConfig(**{**cfg.to_dict(), "num_hidden_layers": layers})
+    cfg = transformers.LlamaConfig(**{**cfg.to_dict(), "num_hidden_layers": layers,
+                                      **({"hidden_size": hidden} if hidden else {})})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         model = transformers.LlamaModel(cfg)
@@ -184,6 +186,18 @@ def test_depths_must_match_unless_mapped(tiny_model, tmp_path):
     assert s.manifest["paired"]["layer_map"] == {"1": 1, "2": 3}
     assert s.manifest["paired"]["b"]["num_hidden_layers"] == 3
     assert s.manifest["inputs"]["model_b"]["kind"] == "dir" and s.manifest["paired"]["b"]["identity"]["files"]
+
+
+def test_another_width_is_recorded_as_probes_not_common(tiny_model, tmp_path):
+    from raysens.run.prepare import base_manifest, prepare
+
+    wide = _saved(tmp_path, "wide", hidden=64)
+    p = prepare(config(tiny_model, tmp_path / "r", "--data.limit=4", f"--paired.model.name={wide}"))
+    m = base_manifest(p, "running", "now")["paired"]
+    assert m["common_probes"] is False and m["a"]["hidden_size"] == 32 and m["b"]["hidden_size"] == 64
+    same = prepare(config(tiny_model, tmp_path / "s", "--data.limit=4", f"--paired.model.name={wide}",
+                          "--sensitivity.estimator=exact"))
+    assert base_manifest(same, "running", "now")["paired"]["common_probes"] is True  # exact: no probes at all
 
 
 def test_a_planned_run_is_refused(tiny_model, tmp_path):
