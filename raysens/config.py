@@ -6,6 +6,7 @@
     layers:       [int, ...]         target hidden_states indices (0 = embeddings, -1 = last)
     cluster:      ClusterConfig      Ray or in-process, actors, batch size, resources
     output:       OutputConfig       run directory (local path or pyarrow.fs URI), plots
+    paired:       PairedConfig|None  side b of a paired run (issue 29); null: an ordinary run
 
 Unknown keys are errors at every level, named together with the known ones. Command-line overrides
 use dotted keys whose values are parsed as YAML scalars: ``--data.limit=100 --layers=[3,-1]``.
@@ -147,6 +148,73 @@ class OutputConfig:
             raise ConfigError(f"output.compact_every must be >= 0 (0: no compaction), got {self.compact_every}")
 
 
+PRECISIONS = ("fp32", "bf16", "tf32")  # sensitivity.precision's values (core.options.Precision), for paired.precision
+
+
+@dataclass(frozen=True)
+class PairedConfig:
+    """Side b of a paired run (issue 29, docs/DESIGN.md "Paired runs"): the same tokens, the same probes
+    (common random numbers), two models; side a is the run's ``model``. Exactly one way of making side b
+    may differ from side a: another model, another precision, random weights, or a scaled module (or
+    a combination of ``model`` and ``precision``)."""
+
+    model: ModelConfig | None = None  # side b's model (a ModelConfig mapping: name, trust_remote_code); null: the run's model (then precision, random_init or scale must change it)
+    precision: str | None = None  # side b's sensitivity.precision (fp32, bf16, tf32); null: the run's
+    random_init: bool = False  # side b = side a's config with random weights (seeded by init_seed; nothing is downloaded)
+    init_seed: int = 0  # torch seed of random_init's weights
+    scale: dict | None = None  # {module: "model.layers.3.mlp", factor: 1.01}: side b = a copy of side a with that module's parameters × factor (side a's copy is never changed)
+    layer_map: dict | None = None  # {a_layer: b_layer} hidden_states indices of side b for side a's target layers (default: the same index); required for every target layer when the depths differ
+    fdr: float = 0.05  # false-discovery rate of the per-cell tests (Benjamini–Hochberg over every cell of a layer)
+    labels: tuple[str, ...] | None = None  # display names of the two sides [a, b]; null: derived from the models and the variant
+
+    def __post_init__(self):
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ConfigError(f"paired.precision must be one of {list(PRECISIONS)} or null, got {self.precision!r}")
+        if self.init_seed < 0:
+            raise ConfigError(f"paired.init_seed must be >= 0, got {self.init_seed}")
+        if not 0 < self.fdr < 1:
+            raise ConfigError(f"paired.fdr must be in (0, 1), got {self.fdr}")
+        if self.scale is not None:
+            unknown = unknown_keys(self.scale, ("module", "factor"), "paired.scale.")
+            if unknown:
+                raise ConfigError(f"unknown config key {unknown}; known keys in paired.scale: module, factor")
+            mod, factor = self.scale.get("module"), self.scale.get("factor")
+            if not isinstance(mod, str) or not mod.strip():
+                raise ConfigError(f"paired.scale.module must name a module of the model (e.g. model.layers.3.mlp), "
+                                  f"got {mod!r}")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor == factor \
+                    or factor in (float("inf"), float("-inf")):
+                raise ConfigError(f"paired.scale.factor must be a finite number (e.g. 1.01), got {factor!r}")
+            object.__setattr__(self, "scale", {"module": mod.strip(), "factor": float(factor)})
+        if self.layer_map is not None:
+            out = {}
+            for k, v in self.layer_map.items():
+                try:
+                    ka = int(k)
+                except (TypeError, ValueError):
+                    ka = None
+                if ka is None or isinstance(k, bool) or isinstance(v, bool) or not isinstance(v, int):
+                    raise ConfigError(f"paired.layer_map must map side a's layer indices to side b's (integers), "
+                                      f"got {k!r}: {v!r}")
+                out[ka] = v
+            object.__setattr__(self, "layer_map", out)
+        if self.labels is not None and (len(self.labels) != 2 or not all(str(x).strip() for x in self.labels)):
+            raise ConfigError(f"paired.labels must be two non-empty names [a, b], got {list(self.labels)!r}")
+        variants = [self.model is not None, self.precision is not None, self.random_init, self.scale is not None]
+        if self.random_init and any(variants[:2] + variants[3:]) or self.scale is not None and any(variants[:3]):
+            raise ConfigError("paired: random_init and scale each make side b from side a's model alone; "
+                              "do not combine them with paired.model, paired.precision or each other")
+
+    @property
+    def side_b(self) -> dict:
+        """What makes side b, as plain values (the worker's ``WorkerSpec.paired``, the manifest)."""
+        return {"model": None if self.model is None else {"name": self.model.name,
+                                                          "trust_remote_code": self.model.trust_remote_code},
+                "precision": self.precision, "random_init": self.random_init,
+                "init_seed": self.init_seed if self.random_init else None, "scale": self.scale,
+                "layer_map": {str(k): v for k, v in sorted((self.layer_map or {}).items())}}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -155,6 +223,7 @@ class RunConfig:
     layers: tuple[int, ...] = (-1,)  # target hidden_states indices (0 = embeddings, k = after block k, -1 = last)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    paired: PairedConfig | None = None  # side b of a paired run (issue 29: two models on the same tokens and probes); null: an ordinary run
 
     def __post_init__(self):
         if not self.layers:
@@ -204,6 +273,8 @@ class RunConfig:
         key = {"model": {k: d["model"][k] for k in ("name", "trust_remote_code")}, "data": d["data"],
                "sensitivity": d["sensitivity"], "layers": sorted(set(d["layers"])),
                "batch_size": self.batch_size}
+        if self.paired is not None:  # side b changes every number of a paired run (fdr and labels do not)
+            key["paired"] = self.paired.side_b
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -274,6 +345,16 @@ def _check_keys(cls, d, prefix: str) -> None:
         raise ConfigError(f"unknown config key{'s' if n > 1 else ''} {named}; known keys in {where}: {', '.join(known)}")
 
 
+def _dataclass_of(hint):
+    """The dataclass of a hint (``X`` or ``X | None``), else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        subs = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        return subs[0] if len(subs) == 1 else None
+    return None
+
+
 def _build(cls, d, prefix: str):
     where = prefix.rstrip(".") or "config"
     _check_keys(cls, d, prefix)
@@ -281,7 +362,10 @@ def _build(cls, d, prefix: str):
     kw = {}
     for name, value in d.items():
         hint, key = hints[name], prefix + name
-        sub = hint if dataclasses.is_dataclass(hint) else None
+        sub = _dataclass_of(hint)
+        if sub is not None and value is None and hint is not sub:  # an optional section set to null
+            kw[name] = None
+            continue
         if sub is SensitivityConfig:
             _check_keys(sub, value, key + ".")
             try:

@@ -15,7 +15,8 @@ def run_jobs(jobs, on_result: Callable[[int, list, int, bytes], None], info: dic
     m = jobs[0].config.model
     workers = [UnitWorker(WorkerSpec(m.name, m.trust_remote_code, m.device, j.config.sensitivity.to_dict(),
                                      list(j.config.layers), j.config.data.max_seq_len, j.fingerprint,
-                                     per_sample=j.config.output.per_sample), shared=shared)
+                                     per_sample=j.config.output.per_sample,
+                                     paired=j.config.paired.side_b if j.config.paired else None), shared=shared)
                for j in jobs]
     info.update(backend="local", device=workers[0].device)
     tok = get_tokenizer(m.name, m.trust_remote_code)

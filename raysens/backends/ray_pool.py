@@ -263,7 +263,8 @@ def run_jobs(jobs: list[JobUnits], on_result: Callable[[int, list, int, bytes], 
     worker_kwargs = [dict(asdict(WorkerSpec(model_name=model.name, trust_remote_code=model.trust_remote_code,
                                             device=device, sensitivity=c.config.sensitivity.to_dict(),
                                             layers=list(c.config.layers), max_seq_len=c.config.data.max_seq_len,
-                                            fingerprint=c.fingerprint, per_sample=c.config.output.per_sample)),
+                                            fingerprint=c.fingerprint, per_sample=c.config.output.per_sample,
+                                            paired=c.config.paired.side_b if c.config.paired else None)),
                           planted=faults.planted_settings()) for c in jobs]
     tokenize_kwargs = [dict(corpus=c.corpus, max_seq_len=c.config.data.max_seq_len, min_tokens=c.config.data.min_tokens,
                             add_special_tokens=c.config.data.add_special_tokens) for c in jobs]

@@ -55,11 +55,16 @@ def process_rss() -> int:
     return 0
 
 
-def unit_plan(engine: Any, model: Any, device: str, layers, width: int, budget_mb: int | None):
+def unit_plan(engine: Any, model: Any, device: str, layers, width: int, budget_mb: int | None,
+              paired: bool = False):
     """The ``UnitPlan`` of one actor for padded length ``width``; None when it has no budget to plan
     in (CPU without ``memory_budget_mb``). On CPU the budget bounds the process's peak RSS: what the
     process already holds (interpreter, torch, the weights: 358 MiB without a model,
-    docs/benchmarks.md) is taken off the host budget."""
+    docs/benchmarks.md) is taken off the host budget.
+
+    ``paired`` (issue 29): both models are loaded already, so the budget left is what both copies leave
+    (the process's RSS on CPU, the device's free memory on CUDA); a unit holds both sides' sums (two
+    result sets per target layer) and the state is two ``CellStats`` and a ``DiffStats`` per layer."""
     cuda = str(device).startswith("cuda")
     if budget_mb is None and not cuda:
         return None
@@ -68,8 +73,14 @@ def unit_plan(engine: Any, model: Any, device: str, layers, width: int, budget_m
 
     k, mode, manual = plan_shape(engine, layers, width)
     budget = device_budget(device, budget_mb)
-    return plan_unit(ModelShape.from_model(model), Workload(seq=width, target_layers=len(layers), k=k, mode=mode,
-                                                            manual=manual),
+    from ..core.memory.sizing import CELL_STATE_BYTES, NOISE_CELL_BYTES
+
+    cell = CELL_STATE_BYTES + (NOISE_CELL_BYTES if k >= 2 else 0)
+    work = Workload(seq=width, target_layers=len(layers), k=k, mode=mode, manual=manual)
+    if paired:  # twice the sums and results; per layer 2 CellStats + a DiffStats (counted as a third)
+        work = Workload(seq=width, target_layers=2 * len(layers), k=k, mode=mode, manual=manual,
+                        state_cell_bytes=(3 * cell + 1) // 2)
+    return plan_unit(ModelShape.from_model(model), work,
                      budget=budget, device_type="cuda" if cuda else "cpu", max_unit=1 << 20,
                      host_budget=None if cuda else budget - process_rss())
 
@@ -107,12 +118,18 @@ def compute_part(engine: Any, ids, mask, run_ids: list[int], s0: int, s1: int, l
     return res, good, sub, bad
 
 
-def plan_error(plan, key: int, width: int, n_layers: int, explicit: bool) -> str:
-    """The one-line error of a unit whose one sample does not fit (``plan.fits`` False)."""
+def plan_error(plan, key: int, width: int, n_layers: int, explicit: bool, paired: Any = None) -> str:
+    """The one-line error of a unit whose one sample does not fit (``plan.fits`` False); ``paired``: the
+    worker's side b (``backends.paired.SideB``) of a paired run, whose two model copies count."""
     why = plan.reason.split(": ", 1)[-1]
     source = "sensitivity.memory_budget_mb" if explicit else "the device's default"
+    both = ""
+    if paired is not None:
+        b = "shares side a's weights" if paired.shares_weights else f"holds {paired.weight_bytes >> 20} MiB of weights"
+        both = (f" (a paired run: both models and both sides' sums count against it, side b {b}; raise the budget "
+                "or run the two models as two ordinary runs)")
     return (f"UnitWorker.fold: unit {key}: one sample at S={width} with {n_layers} target layers does not fit "
-            f"the per-actor memory budget of {plan.budget >> 20} MiB ({source}): {why}")
+            f"the per-actor memory budget of {plan.budget >> 20} MiB ({source}){both}: {why}")
 
 
 def append_maps(old: dict | None, new: dict) -> dict:

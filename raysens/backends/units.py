@@ -162,6 +162,7 @@ class WorkerSpec:
     max_seq_len: int  # data.max_seq_len: partial states are sized for it
     fingerprint: str  # the run config's fingerprint, written into every partial
     per_sample: bool = False  # output.per_sample: put every sample's float32 map in the partial
+    paired: dict | None = None  # a paired run's side b (``PairedConfig.side_b``: plain values); None: an ordinary run
 
 
 class UnitWorker:
@@ -219,12 +220,20 @@ class UnitWorker:
         if "kernel" not in shared:  # the compiled fold, compiled (or loaded) with the model, not on unit 1
             shared["kernel"] = warm_kernel()
         self.layers = self.engine.resolve_layers(list(layers))
+        self.paired = None  # side b of a paired run (backends/paired.py): its model, engine and layers
+        if spec.paired is not None:
+            from .paired import SideB
+
+            self.paired = SideB(lm, spec.paired, sensitivity, self.layers, device, shared, make_engine,
+                                SyntheticEngine if is_synthetic(model_name) else SensitivityEngine)
         self.max_seq_len = int(max_seq_len)
         self.fingerprint = fingerprint
         self.per_sample = bool(per_sample)  # output.per_sample: put every sample's float32 map in the partial
         self.planted = faults.planted_settings() if planted is None else planted  # test hook (testing/faults.py)
         self.device = str(device)
         self.model_identity = {"name": lm.name, "source": lm.source, **lm.info}
+        if self.paired is not None:
+            self.model_identity["paired_b"] = self.paired.identity
         self.load_s = time.perf_counter() - t0
         self.background = background_default() if background is None else bool(background)
         self.fold_queue = queue_default()  # computed units whose results may wait for the fold lane
@@ -234,7 +243,7 @@ class UnitWorker:
         self._reset()
 
     def _reset(self) -> None:
-        self.acc: dict[int, CellStats] = {}  # layer -> folded state of the pending units
+        self.acc: dict[int, CellStats] = {}  # layer -> folded state of the pending units (a PairedCells when paired)
         self.pending_units: list[int] = []  # unit keys folded (or being folded) but not shipped
         self.pending_ids: dict[int, list[int]] = {}  # unit key -> its sample_ids
         self.pending_computed: list[int] = []
@@ -331,6 +340,9 @@ class UnitWorker:
                     self._surface((self._folds,))
                 res, good, sub_ids, bad = subunits.compute_part(self.engine, ids, mask, run_ids, s0, s1, self.layers,
                                                                 self.max_seq_len)
+                res_b = None
+                if self.paired is not None and sub_ids + bad:  # side b on the same rows (common random numbers)
+                    res, res_b, good, sub_ids, bad = self._compute_b(res, good, ids, mask, run_ids, s0, s1)
                 if self.background:  # backpressure: at most fold_queue (sub-)batches' results wait (overlap.queue_default)
                     self._folds.settle(self.fold_queue - 1)
                     self._surface()
@@ -344,12 +356,12 @@ class UnitWorker:
             acc, maps_out = self.acc, self.pending_maps
             label = f"the fold of unit {key}" + (f" (sub-batch {i + 1} of {len(parts)})" if len(parts) > 1 else "")
 
-            def job(j, res=res, good=good, sub_ids=sub_ids, part=i, acc=acc, maps_out=maps_out):
+            def job(j, res=res, good=good, sub_ids=sub_ids, part=i, acc=acc, maps_out=maps_out, res_b=res_b):
                 # from the second sub-batch on the state already holds part of the unit, so a failure
                 # leaves it unusable (``j.dirty`` from the start)
                 if part:
                     j.dirty = True
-                self._fold_into(acc, maps_out, info, key, res, good, sub_ids, j)
+                self._fold_into(acc, maps_out, info, key, res if res_b is None else (res, res_b), good, sub_ids, j)
 
             if not self.background:
                 try:
@@ -375,6 +387,18 @@ class UnitWorker:
         info["compute_s"] += time.perf_counter() - t0  # the caller's time in fold (compute, waiting)
         info["started"] = started if info["started"] is None else min(info["started"], started)
 
+    def _compute_b(self, res, good, ids, mask, run_ids, s0: int, s1: int):
+        """Side b of a paired run on rows ``[s0, s1)``: ``(res, res_b, good, computed ids, non-finite ids)``
+        where a sample non-finite on either side is skipped on both (``nonfinite``)."""
+        from .paired import check_modes
+
+        res_b, good_b, _, _ = subunits.compute_part(self.paired.engine, ids, mask, run_ids, s0, s1,
+                                                    self.paired.engine_layers, self.max_seq_len)
+        check_modes(res, res_b)
+        both = good & good_b if res is not None and res_b is not None else np.zeros(s1 - s0, bool)
+        sub = run_ids[s0:s1]
+        return res, res_b, both, [i for i, g in zip(sub, both) if g], [i for i, g in zip(sub, both) if not g]
+
     def sub_batch(self, width: int, n: int, key: int = -1) -> tuple[int, bool]:
         """``subunits.sub_batch`` for this worker (samples per engine call, wait for the fold first);
         ``RunError`` with the plan's one-line reason when one sample does not fit."""
@@ -382,14 +406,15 @@ class UnitWorker:
         if plan is not None and not plan.fits:
             from ..store.rundir import RunError
 
-            raise RunError(subunits.plan_error(plan, key, width, len(self.layers), self._budget_mb() is not None))
+            raise RunError(subunits.plan_error(plan, key, width, len(self.layers), self._budget_mb() is not None,
+                                               paired=self.paired))
         return subunits.sub_batch(plan, n, self.background)
 
     def unit_plan(self, width: int):
         """The memory model's ``UnitPlan`` at padded length ``width`` (cached; None: no budget)."""
         if width not in self._plans:
             self._plans[width] = subunits.unit_plan(self.engine, self._model, self.device, self.layers, width,
-                                                    self._budget_mb())
+                                                    self._budget_mb(), paired=self.paired is not None)
         return self._plans[width]
 
     def _budget_mb(self) -> int | None:
@@ -409,7 +434,10 @@ class UnitWorker:
     def _fold_into(self, acc: dict, maps_out: dict, info: dict, key: int, res, good, run_ids: list[int],
                    job: Job) -> None:
         """Copy a unit's results to the host, check every layer, then fold them into ``acc`` (the lane's
-        thread, or the caller's on the sequential path: the same code)."""
+        thread, or the caller's on the sequential path: the same code). A paired run: ``res`` is the
+        results of both sides ``(a, b)`` (or None) and ``acc`` holds one ``PairedCells`` per layer."""
+        if self.paired is not None:
+            return self._fold_pair(acc, maps_out, info, key, res, good, run_ids, job)
         batches: dict[int, CheckedBatch] = {}  # every layer checked before any state changes
         maps: dict[int, np.ndarray] = {}
         if res is not None:
@@ -433,6 +461,47 @@ class UnitWorker:
                 cur = acc[L] = cur.padded(width)
             cur.update(batch.padded(cur.shape[0]))
         if maps:  # a split unit's sub-batches: their rows, in order, padded to the widest (NaN: no cell)
+            maps_out[key] = subunits.append_maps(maps_out.get(key), maps)
+        info["finished"] = time.time()
+
+    def _fold_pair(self, acc: dict, maps_out: dict, info: dict, key: int, pair, good, run_ids: list[int],
+                   job: Job) -> None:
+        """``_fold_into`` of a paired run: per layer, side a's and side b's maps of the same samples are
+        checked together (``PairedCells.check``) and folded into one ``PairedCells``. Per-sample maps
+        (``output.per_sample``) are side a's."""
+        from ..stats.paired import PairedCells
+        from .paired import pad3
+
+        res, res_b = pair if pair is not None else (None, None)
+        checked: dict[int, object] = {}  # every layer checked before any state changes
+        widths: dict[int, int] = {}
+        maps: dict[int, np.ndarray] = {}
+        if res is not None and res_b is not None:
+            rows = slice(None) if good.all() else good
+            values = faults.planted_values(self.planted, run_ids,
+                                           {L: to_host(res.values[L])[rows] for L in self.layers})
+            m = to_host(res.mask)[rows]
+            for L, Lb in zip(self.layers, self.paired.layers):
+                va, vb = values.pop(L), to_host(res_b.values[Lb])[rows]
+                na = None if res.noise is None or L not in res.noise else to_host(res.noise[L])[rows]
+                nb = None if res_b.noise is None or Lb not in res_b.noise else to_host(res_b.noise[Lb])[rows]
+                cur = acc.get(L)
+                w = max(va.shape[1], cur.shape[0] if cur is not None else 0)  # a state wider than the unit: pad the unit
+                widths[L] = w
+                checked[L] = PairedCells.check(pad3(va, w, 0.0), pad3(vb, w, 0.0), pad3(m, w, False), pad3(na, w, 0.0),
+                                               pad3(nb, w, 0.0), sample_ids=run_ids)
+                if self.per_sample:
+                    maps[L] = np.where(m, va, np.nan).astype(np.float32)
+        job.dirty = True
+        for L, pair in checked.items():  # fold in place: grow the state to the unit's width (exact, any order)
+            cur, width = acc.get(L), widths[L]
+            if cur is None:
+                acc[L] = PairedCells.empty(width).update(pair)
+                continue
+            if cur.shape[0] < width:
+                cur = acc[L] = cur.padded(width)
+            cur.update(pair)
+        if maps:
             maps_out[key] = subunits.append_maps(maps_out.get(key), maps)
         info["finished"] = time.time()
 

@@ -93,11 +93,23 @@ def finalize(prepared: PreparedRun, rdir: RunDir, manifest: dict, timings: dict,
                       f"({m['samples']['skipped_by_reason']})")
         results.write_manifest(prepared.run_dir, m)
         raise RunError(f"{m['error']}; see {prepared.run_dir}/manifest.json")
-    acc = {L: st if st is not None else CellStats.empty(1) for L, st in acc.items()}
+    paired = prepared.config.paired
+    empty = CellStats.empty
+    if paired is not None:
+        from ..stats.paired import PairedCells
+
+        empty = PairedCells.empty
+    acc = {L: st if st is not None else empty(1) for L, st in acc.items()}
     seq = _observed_len(acc)
     m["seq_len"] = seq
-    _write_stats(prepared.run_dir, acc, seq)
-    m["stats"] = {str(L): results.layer_file(L) for L in acc}
+    _write_stats(prepared.run_dir, acc, seq, paired.fdr if paired is not None else None)
+    m["stats"] = {str(L): results.layer_file(L) for L in acc}  # side a's (a paired run read as a run of model a)
+    if paired is not None:
+        from ..store.paired_results import B_FILE, DIFF_FILE
+        from .paired import manifest_key
+
+        m["paired"] = manifest_key(prepared.config, prepared, stats_b={str(L): B_FILE.format(L) for L in acc},
+                                   stats_diff={str(L): DIFF_FILE.format(L) for L in acc})
     if per_sample is not None:
         if per_sample["missing_units"]:
             per_sample["note"] = ("these units' partials were computed without output.per_sample (an earlier "
@@ -112,13 +124,20 @@ def finalize(prepared: PreparedRun, rdir: RunDir, manifest: dict, timings: dict,
     return m
 
 
-def _write_stats(run_dir: str, acc: dict[int, CellStats], seq: int) -> None:
+def _write_stats(run_dir: str, acc: dict[int, CellStats], seq: int, fdr: float | None = None) -> None:
     """Every layer's stats files. Two layers at a time where the cores and memory allow (zlib, numpy's
     large reductions and Parquet release the GIL: at S = 512 a layer's statistics and files take ~2 s,
-    most of it compression); one at a time from S = 1024 (a layer's statistics then take ~1 GiB)."""
+    most of it compression); one at a time from S = 1024 (a layer's statistics then take ~1 GiB).
+    ``fdr`` (a paired run: ``acc`` holds ``PairedCells``): side a's, side b's and the differences' files
+    (``store.paired_results.write_paired_layer``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def write(item: tuple[int, CellStats]) -> None:
+        if fdr is not None:
+            from ..store.paired_results import write_paired_layer
+
+            write_paired_layer(run_dir, item[0], item[1].crop(seq), fdr=fdr)
+            return
         results.write_layer_stats(run_dir, item[0], item[1].crop(seq))
 
     workers = min(2, os.cpu_count() or 1) if seq <= 512 and len(acc) > 1 else 1

@@ -16,10 +16,13 @@ and a ``grid`` whose axes replace parts of it::
       datasets: [{label: web, source: s3://b/web.parquet}]   # merged over base.data
       estimators: [{estimator: hutchinson, num_probes: 2}, {estimator: projection}]  # over base.sensitivity
       layers: all                   # or [1, -1], or per model: {tiny-gpt2: all, qwen2: [7, 14, 28]}
+      paired: [null, {random_init: true, label: vs-random}]   # paired runs (issue 29): over base.paired; null: unpaired
     corpus: {samples: 10000, words: 24}   # optional: generate the corpus (see below)
 
 Every axis is optional (one value: the base's). The sweep's *points* are the cartesian product, in
-the order models, datasets, seq_lens, estimators; each point is one ``RunConfig`` (one run
+the order models, datasets, seq_lens, estimators, paired (a ``paired:`` section in ``base`` makes every
+point paired; the ``paired`` axis makes each entry a point: ``null`` an ordinary run, a mapping a
+``PairedConfig`` merged over ``base.paired``, with an optional ``label`` for the point's name); each point is one ``RunConfig`` (one run
 directory) whose layers all share one forward pass. Unknown keys are errors at every level, as in
 run configs. (A "cell" in raysens is always a matrix entry (i, j); a grid point is a "point".)
 
@@ -53,7 +56,7 @@ from ..store import results
 from ..config import ConfigError, RunConfig, merge_dicts, parse_overrides, read_yaml_mapping
 
 SWEEP_KEYS = ("name", "dir", "base", "grid", "corpus")
-GRID_KEYS = ("models", "seq_lens", "datasets", "estimators", "layers")
+GRID_KEYS = ("models", "seq_lens", "datasets", "estimators", "layers", "paired")
 MODEL_KEYS = ("name", "label", "layers", "trust_remote_code", "device")
 CORPUS_KEYS = ("samples", "words")
 
@@ -113,7 +116,7 @@ def sweep_from_dict(d: dict) -> Sweep:
         raise ConfigError("base.output.dir must not be set: each point writes <dir>/<point name>; set the sweep's dir")
     grid = d.get("grid") or {}
     _check_keys(grid, GRID_KEYS, "grid")
-    for k in ("models", "seq_lens", "datasets", "estimators"):
+    for k in ("models", "seq_lens", "datasets", "estimators", "paired"):
         if k in grid:
             _as_list(grid[k], f"grid.{k}")
     for i, m in enumerate(grid.get("models", [])):
@@ -130,6 +133,9 @@ def sweep_from_dict(d: dict) -> Sweep:
         for i, e in enumerate(grid.get(k, [])):
             if not isinstance(e, dict):
                 raise ConfigError(f"grid.{k}[{i}] must be a mapping, got {e!r}")
+    for i, e in enumerate(grid.get("paired", [])):
+        if e is not None and not isinstance(e, dict):
+            raise ConfigError(f"grid.paired[{i}] must be a paired section (a mapping) or null (unpaired), got {e!r}")
     corpus = d.get("corpus")
     if corpus is not None:
         _check_keys(corpus, CORPUS_KEYS, "corpus")
@@ -196,6 +202,26 @@ def estimator_label(sens: dict) -> str:
     return _slug(est)
 
 
+def paired_label(p: dict | None) -> str:
+    """A grid point's name part for its ``paired`` entry (``unpaired`` for null)."""
+    if not p:
+        return "unpaired"
+    if p.get("label"):
+        return str(p["label"])
+    if p.get("random_init"):
+        return f"vs-random{p.get('init_seed') or 0}"
+    if p.get("scale"):
+        s = p["scale"] or {}
+        return f"vs-{s.get('module')}-x{s.get('factor')}"
+    if p.get("model"):
+        m = p["model"]
+        name = model_label(m.get("name", "") if isinstance(m, dict) else str(m))
+        return f"vs-{name}" + (f"-{p['precision']}" if p.get("precision") else "")
+    if p.get("precision"):
+        return f"vs-{p['precision']}"
+    return "vs-same"
+
+
 def _resolve_layers(spec: Any, model: str, trust_remote_code: bool, resolve_all: bool) -> list:
     if spec == "all":
         if not resolve_all:
@@ -220,8 +246,10 @@ def expand(sweep: Sweep, resolve_all_layers: bool = True) -> list[Point]:
     seq_lens = grid.get("seq_lens") or [None]
     estimators = grid.get("estimators") or [{}]
     layers_spec = grid.get("layers", base.get("layers", [-1]))
+    paired_axis = "paired" in grid
+    paireds = grid.get("paired") or [None] if paired_axis else [base.get("paired")]
     points, names = [], {}
-    for m, data, S, est in itertools.product(models, datasets, seq_lens, estimators):
+    for m, data, S, est, pair in itertools.product(models, datasets, seq_lens, estimators, paireds):
         mlabel = m.get("label") or model_label(m["name"])
         mspec = {k: v for k, v in m.items() if k not in ("label", "layers")}
         lspec = m.get("layers", layers_spec)
@@ -238,10 +266,19 @@ def expand(sweep: Sweep, resolve_all_layers: bool = True) -> list[Point]:
         dlabel = data.get("label") or dataset_label(data_d)
         elabel = est.get("label") or estimator_label(sens_d)
         name = f"{mlabel}__S{data_d.get('max_seq_len', 32)}__{_slug(dlabel)}__{_slug(elabel)}"
+        plabel = None
+        if paired_axis:  # the axis entry over base.paired (null: an ordinary run)
+            plabel = paired_label(pair)
+            name += f"__{_slug(plabel)}"
+            pair = None if pair is None else merge_dicts(base.get("paired") or {},
+                                                         {k: v for k, v in pair.items() if k != "label"})
+        elif pair:
+            plabel = paired_label(pair)
         trust = bool(merge_dicts(base_model, mspec).get("trust_remote_code", False))
         d = merge_dicts(base, {"model": merge_dicts(base_model, mspec), "data": data_d, "sensitivity": sens_d,
                                "layers": _resolve_layers(lspec, m["name"], trust, resolve_all_layers),
                                "output": {"dir": posixpath.join(sweep.dir, name)}})
+        d["paired"] = pair
         try:
             cfg = RunConfig.from_dict(d)
         except ConfigError as exc:
@@ -251,7 +288,8 @@ def expand(sweep: Sweep, resolve_all_layers: bool = True) -> list[Point]:
                               f"{(mlabel, dlabel, S, elabel)}); give the datasets/estimators/models a 'label'")
         names[name] = (mlabel, dlabel, S, elabel)
         points.append(Point(name, {"model": mlabel, "model_name": m["name"], "seq_len": cfg.data.max_seq_len,
-                                 "dataset": dlabel, "estimator": elabel}, cfg))
+                                 "dataset": dlabel, "estimator": elabel,
+                                 **({"paired": plabel} if plabel is not None else {})}, cfg))
     order = {}
     for c in points:
         order.setdefault(c.model_key, len(order))

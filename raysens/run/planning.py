@@ -53,17 +53,29 @@ def prepare_model_side(jobs: list, session: dict | None) -> None:
                     idents[key] = _recorded_model_identity(job.prepared.run_dir) or model_identity(
                         m.name, trust_remote_code=m.trust_remote_code)
             adopt_model_identity(job.prepared, job.rdir, idents[key])
+        paired = job.prepared.paired
+        if paired is not None and not paired["same_model"] and "model_b" not in job.prepared.inputs:
+            from .paired import side_b_name  # side b of a paired run: its identity, where the weights are
+
+            name_b, trust_b = side_b_name(job.config)
+            key = (name_b, trust_b)
+            if key not in idents:
+                idents[key] = there(checked_identity, name_b, trust_remote_code=trust_b) if there is not None \
+                    else (_recorded_model_identity(job.prepared.run_dir, "model_b")
+                          or model_identity(name_b, trust_remote_code=trust_b))
+            adopt_model_identity(job.prepared, job.rdir, idents[key], key="model_b")
         attach_plan(job, there)
 
 
-def _recorded_model_identity(run_dir: str) -> dict | None:
-    """The model identity in the run directory's manifest (None without one)."""
+def _recorded_model_identity(run_dir: str, key: str = "model") -> dict | None:
+    """The model identity (``key``: ``model``, or side b's ``model_b``) in the run directory's manifest
+    (None without one)."""
     try:
         m = results.read_manifest(run_dir)
     except (OSError, ValueError):
         return None
     inputs = m.get("inputs")
-    return inputs.get("model") if isinstance(inputs, dict) and isinstance(inputs.get("model"), dict) else None
+    return inputs.get(key) if isinstance(inputs, dict) and isinstance(inputs.get(key), dict) else None
 
 
 def read_plan(run_dir: str) -> dict | None:

@@ -45,6 +45,7 @@ class PreparedRun:
     layers: tuple[int, ...]  # absolute hidden_states indices
     model_config: dict  # model_type, num_hidden_layers, hidden_size (from the config only)
     inputs: dict | None = None  # content identity of corpus and weights (manifest "inputs"; checked on resume)
+    paired: dict | None = None  # a paired run's checked side b (run/paired.py: check_paired); None: an ordinary run
 
     @property
     def n_selected(self) -> int:
@@ -138,14 +139,24 @@ def prepare(config: RunConfig, model_identity: bool = True) -> PreparedRun:
         layers = resolve_layer_indices(list(config.layers), n_layers)
     except ValueError as exc:
         raise RunError(f"layers: {detail_of(exc)}") from None
-    return PreparedRun(config, config.fingerprint(), _run_dir(config), corpus, n_rows,
-                   plan_units(selected, config.batch_size), layers, shape, inputs)
+    paired = None
+    if config.paired is not None:  # tokenizers and configs only (run/paired.py)
+        from .paired import check_paired, side_b_name
 
-def adopt_model_identity(prepared: PreparedRun, rdir: RunDir, identity: dict) -> None:
+        paired = check_paired(config, corpus, selected, shape, layers, in_process=model_identity)
+        if model_identity and not paired["same_model"]:
+            name_b, trust_b = side_b_name(config)
+            inputs["model_b"] = identity(name_b, trust_remote_code=trust_b)
+    return PreparedRun(config, config.fingerprint(), _run_dir(config), corpus, n_rows,
+                   plan_units(selected, config.batch_size), layers, shape, inputs, paired)
+
+
+def adopt_model_identity(prepared: PreparedRun, rdir: RunDir, identity: dict, key: str = "model") -> None:
     """Record the model identity computed elsewhere (a Ray task, next to the weights) in the prepared run's
     ``inputs`` (the manifest's ``inputs`` and the run directory's are the same dict), after checking
     it against the run directory's manifest, as ``RunDir.open`` checks the corpus. Raises ``RunError``
-    (nothing is written) when the directory was computed from other weights."""
+    (nothing is written) when the directory was computed from other weights. ``key``: ``model``, or
+    ``model_b`` (side b of a paired run)."""
     from ..store import results
     from ..store.rundir import diff_inputs
 
@@ -154,13 +165,13 @@ def adopt_model_identity(prepared: PreparedRun, rdir: RunDir, identity: dict) ->
     except (OSError, ValueError):
         old = None
     before = (old or {}).get("inputs") if isinstance(old, dict) else None
-    if isinstance(before, dict) and before.get("model"):
-        changed = diff_inputs({"model": before["model"]}, {"model": identity})
+    if isinstance(before, dict) and before.get(key):
+        changed = diff_inputs({"model": before[key]}, {"model": identity})
         if changed:
             raise RunError(f"output directory {prepared.run_dir!r} was computed from other inputs: {'; '.join(changed)}. "
                            "Resuming would mix two datasets; restore the inputs or use another output.dir "
                            "(nothing was changed)")
-    prepared.inputs["model"] = identity
+    prepared.inputs[key] = identity
     rdir.inputs = prepared.inputs
 
 
@@ -204,4 +215,11 @@ def base_manifest(prepared: PreparedRun, status: str, started: str) -> dict:
                   **({} if isinstance(cfg.cluster.batch_size, int) else
                      {"batch_size_rule": f"auto: {'GPU' if cfg.on_gpu else 'CPU'} default"})},
         "timings": {"started": started},
+        **({"paired": _paired_key(prepared)} if prepared.paired is not None else {}),
     }
+
+
+def _paired_key(prepared: PreparedRun) -> dict:
+    from .paired import manifest_key
+
+    return manifest_key(prepared.config, prepared)

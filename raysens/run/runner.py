@@ -28,7 +28,7 @@ from typing import Callable
 
 from .. import backends
 from .._log import log, now_iso
-from ..config import RunConfig
+from ..config import PairedConfig, RunConfig
 from ..store import results
 from ..store.results import RunResult, load_run
 from ..store.partials import read_meta
@@ -307,7 +307,7 @@ class RunSummary:
         return self.manifest.get("plots", [])
 
 
-def run(config: RunConfig) -> RunSummary:
+def run(config: RunConfig, paired: "dict | PairedConfig | None" = None) -> RunSummary:
     """Run ``config`` (Ray or in-process according to ``config.cluster.use_ray``)::
 
         from raysens.config import load_config
@@ -315,16 +315,33 @@ def run(config: RunConfig) -> RunSummary:
         summary = run(load_config("jobs/configs/quickstart.yaml", ["--data.limit=50"]))
         summary.load()[15].mean        # [S, S] numpy array
 
+    ``paired`` (issue 29): a paired run of ``config``'s model against side b (a ``PairedConfig`` or its
+    mapping, replacing ``config.paired``), e.g. ``run(cfg, paired={"random_init": True})``;
+    ``summary.load()`` is side a, ``raysens.store.paired_results.read_diff_stats(summary.run_dir, L)``
+    the per-cell differences with their paired standard errors and FDR-controlled tests.
+
     Ray: an embedded local Ray when no address is given (neither ``cluster.address`` nor
     ``$RAY_ADDRESS``), else the cluster at that address. Rerunning with the same config and
     ``output.dir`` recomputes only the units whose partials are missing or corrupt.
     """
-    return _run(config, use_ray=config.cluster.use_ray)
+    return _run(with_paired(config, paired), use_ray=config.cluster.use_ray)
 
 
-def run_local(config: RunConfig) -> RunSummary:
+def run_local(config: RunConfig, paired: "dict | PairedConfig | None" = None) -> RunSummary:
     """The same units through the core in this process, no Ray (the reference for equivalence)."""
-    return _run(config, use_ray=False)
+    return _run(with_paired(config, paired), use_ray=False)
+
+
+def with_paired(config: RunConfig, paired: "dict | PairedConfig | None") -> RunConfig:
+    """``config`` with its ``paired`` section replaced (None: unchanged); a mapping is validated like the
+    config file's ``paired:`` section (``ConfigError`` naming the key)."""
+    if paired is None:
+        return config
+    if isinstance(paired, dict):
+        d = config.to_dict()
+        d["paired"] = paired
+        return RunConfig.from_dict(d)
+    return dataclasses.replace(config, paired=paired)
 
 
 def _run(config: RunConfig, use_ray: bool) -> RunSummary:
@@ -337,6 +354,9 @@ def with_overrides(config: RunConfig, **sections) -> RunConfig:
     """``with_overrides(cfg, data={"limit": 10})``: a copy with some fields of some sections replaced."""
     out = {}
     for name, changes in sections.items():
+        if name == "paired":  # an optional section: built from its mapping
+            config = with_paired(config, changes)
+            continue
         cur = getattr(config, name)
         out[name] = dataclasses.replace(cur, **changes) if dataclasses.is_dataclass(cur) else changes
     return dataclasses.replace(config, **out)
@@ -360,7 +380,13 @@ def _print_summary(prepared: PreparedRun, m: dict) -> None:
             print(f"  layer profile: {prepared.run_dir}/plots/layers_summary.png")
         if heat:
             print(f"  heatmap: {prepared.run_dir}/{heat[-1]} (and one per layer: plots/layer_NNN_heatmap.png)")
-    print(f"load with: raysens.load_run({prepared.run_dir!r})")
+    if m.get("paired"):
+        a, b = m["paired"]["labels"]
+        print(f"  paired: side a = {a}, side b = {b}; side b in stats/b/, differences (paired SE, "
+              f"FDR {m['paired']['fdr']:g}) in stats/diff/")
+    print(f"load with: raysens.load_run({prepared.run_dir!r})" + (
+        "  (side a; differences: raysens.store.paired_results.read_diff_stats(run_dir, layer))"
+        if m.get("paired") else ""))
 
 
 def _run_one(config: RunConfig, use_ray: bool) -> Job:

@@ -85,7 +85,14 @@ def diff_inputs(old: dict, new: dict) -> list[str]:
             what += f" (was {oc.get('source')!r})"
         if parts:
             out.append(f"{what} changed ({', '.join(dict.fromkeys(parts))})")
-    om, nm = old.get("model") or {}, new.get("model") or {}
+    for key in ("model", "model_b"):  # model_b: side b of a paired run
+        out += _diff_model(old.get(key) or {}, new.get(key) or {})
+    return out
+
+
+def _diff_model(om: dict, nm: dict) -> list[str]:
+    """``diff_inputs`` for one model identity."""
+    out = []
     if om and nm:
         parts = [f"{k} {om.get(k)!r} -> {nm.get(k)!r}" for k in ("kind", "preset", "package", "version",
                                                                  "torch", "transformers", "id")
