@@ -118,6 +118,7 @@ def layer_row(L: int, st, b_indep, fdr: float) -> dict:
         z = (sb["mean"] - sb2["mean"]) / np.sqrt(vb + vb2)
         # the per-cell correlation of the two sides over samples: var(D) = var_a + var_b − 2ρ·sd_a·sd_b
         corr = (sa["var"] + sb["var"] - d["var_diff"]) / (2 * np.sqrt(sa["var"] * sb["var"]))
+        scale = sb["mean"] / sa["mean"]
     q_u = bh_qvalues(p_u)
     med = lambda a: float(np.median(a[cells])) if cells.any() else float("nan")  # noqa: E731
     return {"layer": L, "cells": int(cells.sum()), "n": int(st.samples),
@@ -128,7 +129,7 @@ def layer_row(L: int, st, b_indep, fdr: float) -> dict:
             "sig_paired": int(d["significant"][cells].sum()), "sig_unpaired": int((np.nan_to_num(q_u, nan=2) <= fdr)[cells].sum()),
             "mean_abs_rel_diff": med(np.abs(d["mean_diff"]) / np.maximum(sa["mean"], 1e-300)),
             "calib_rms_z": float(np.sqrt(np.mean(z[cells] ** 2))) if cells.any() else float("nan"),
-            "corr": med(corr), "scale_b_over_a": med(sb["mean"] / sa["mean"]),
+            "corr": med(corr), "scale_b_over_a": med(scale),
             "identical_sides": identical}
 
 

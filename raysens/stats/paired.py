@@ -384,7 +384,7 @@ class PairedCells:
         i.e. the unpaired SE at equal cost; NaN where a side has n < 2) and ``se_ratio`` = se_diff /
         se_unpaired (NaN where undefined)."""
         out = self.d.statistics(fdr)
-        sa, sb = self.a.statistics(), self.b.statistics()
+        sa, sb = self.a.welford.statistics(), self.b.welford.statistics()  # the moments only: var is the same bits
         na, nb = self.a.count.astype(np.float64), self.b.count.astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             out["se_unpaired"] = np.sqrt(sa["var"] / na + sb["var"] / nb)

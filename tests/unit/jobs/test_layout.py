@@ -20,7 +20,7 @@ JOBS = ROOT / "jobs"
 ENTRYPOINTS = ["run.py", "sweep.py", "quickstart.py"]
 BENCH = sorted(p.stem for p in (JOBS / "bench").glob("*.py") if p.stem != "__init__")
 # one concern per folder: what each holds (``python -m jobs.<folder>.<module>``)
-FOLDERS = {"bench": BENCH, "experiments": ["planner", "probe_choice"], "checks": ["gpu_check"]}
+FOLDERS = {"bench": BENCH, "experiments": ["paired_variance", "planner", "probe_choice"], "checks": ["gpu_check"]}
 DISPATCHER_IMPORTS = {"actors", "common", "corpus", "cpu", "generic", "gpu", "modes", "pipeline", "precision",
                       "rundir", "strategies"}
 
