@@ -217,25 +217,32 @@ def delta_p(fit_a: decay.DecayFit | None, fit_b: decay.DecayFit | None) -> tuple
 
 
 JOINT = "joint fit of both sides with their paired covariance (profile likelihood in Δp)"
-MAX_RHO = 0.999  # the per-distance correlation of the two sides is clipped here (a singular covariance)
+MAX_RHO = 0.999  # the per-distance correlation of G_a and G_a − G_b is clipped here (a singular covariance)
+IDENTICAL = "the two sides are identical at this layer (every pair's difference is 0)"
 
 
-def _joint_chi2(pa: np.ndarray, pb: np.ndarray, lnx: np.ndarray, ga: np.ndarray, gb: np.ndarray, sa: np.ndarray,
-                sb: np.ndarray, rho: np.ndarray) -> np.ndarray:
+def _joint_chi2(pa: np.ndarray, pb: np.ndarray, lnx: np.ndarray, ga: np.ndarray, gd: np.ndarray, sa: np.ndarray,
+                sd: np.ndarray, rho: np.ndarray) -> np.ndarray:
     """χ² of the joint weighted fit at each (pa, pb), minimised over (γa, βa, γb, βb) (generalised least
-    squares; the 2×2 covariance of (G_a(r), G_b(r)) whitened by its Cholesky factor; basis
-    (x^(−p) − 1)/p as in ``decay``)."""
+    squares; basis (x^(−p) − 1)/p as in ``decay``). The data are side a's G_a(r) and the paired
+    difference G_d(r) = G_a(r) − G_b(r), each with its own SE (``sa``, ``sd``) and their correlation
+    ``rho`` per distance; the 2×2 covariance is whitened by its Cholesky factor. In exact arithmetic this
+    is the χ² of (G_a, G_b) with their covariance (a linear change of variables); written on (a, d) it
+    stays well conditioned when the sides are nearly identical (ρ_ab → 1, where a fit on (a, b) would
+    have to clip the correlation and lose what the pairing measured)."""
     pa, pb = np.atleast_1d(np.asarray(pa, float)), np.atleast_1d(np.asarray(pb, float))
     k = np.sqrt(1.0 - rho * rho)
     va, vb = decay._basis(pa, lnx), decay._basis(pb, lnx)  # [N, m]
     n, m = va.shape
     z = np.zeros((n, m))
     one = np.ones((n, m))
-    # whitened rows: r1 = (e_a) / sa;  r2 = (e_b / sb − ρ e_a / sa) / k
+    # residuals e_a = G_a − (γa + βa va), e_d = G_d − (γa + βa va − γb − βb vb);
+    # whitened rows: r1 = e_a / sa;  r2 = (e_d / sd − ρ e_a / sa) / k
     top = np.stack([one / sa, va / sa, z, z], axis=-1)
-    bot = np.stack([-rho * one / sa / k, -rho * va / sa / k, one / (sb * k), vb / (sb * k)], axis=-1)
+    ca = (1.0 / sd - rho / sa) / k  # the d row's weight on side a's law
+    bot = np.stack([one * ca, va * ca, -one / (sd * k), -vb / (sd * k)], axis=-1)
     a = np.concatenate([top, bot], axis=1)  # [N, 2m, 4]
-    y = np.concatenate([ga / sa, (gb / sb - rho * ga / sa) / k])
+    y = np.concatenate([ga / sa, (gd / sd - rho * ga / sa) / k])
     q, _ = np.linalg.qr(a)
     proj = np.einsum("nmk,m->nk", q, y)
     return np.maximum(y @ y - (proj * proj).sum(axis=1), 0.0)
@@ -257,10 +264,12 @@ def joint_delta_p(a, b, d: Mapping[str, Any], level: float = decay.LEVEL, *, r_m
     """Δp from one joint fit of both sides that uses what a paired run measured: how much the two sides'
     errors move together. Per distance r, G_a(r) and G_b(r) and their SEs are ``decay.distance_means`` of
     each side, and the SE of G_a(r) − G_b(r) is the same aggregate of the paired cells' var(D) / n
-    (``d``: ``mean_diff``, ``var_diff``, ``n_pairs``), so the covariance is
-    c_r = (se_a² + se_b² − se_d²) / 2 and ρ_r = c_r / (se_a se_b), clipped to ±``MAX_RHO``. The model
-    G_x(r) = γ_x + β_x (r+1)^(−p_x) is fitted to both sides at once by generalised least squares
-    (distances independent, the 2×2 covariance per r); the interval of Δp = p_a − p_b is the profile
+    (``d``: ``mean_diff``, ``var_diff``, ``n_pairs``), so cov(G_a, G_b) = c_r = (se_a² + se_b² − se_d²) / 2.
+    The model G_x(r) = γ_x + β_x (r+1)^(−p_x) is fitted to both sides at once by generalised least
+    squares (distances independent, a 2×2 covariance per r), written on (G_a, G_a − G_b): the difference
+    has its own measured SE se_d and correlation ρ_r = (se_a² − c_r) / (se_a se_d) with G_a (clipped to
+    ±``MAX_RHO``), so nearly identical sides (se_d ≪ se_a, the fine-tuning and precision questions) keep
+    their narrow interval, and sides identical at every distance (se_d = 0) give Δp = 0 exactly. The interval of Δp = p_a − p_b is the profile
     likelihood {δ : min_{p_b} χ²(p_b + δ, p_b) − χ²_min ≤ c · max(1, χ²_min / dof)}, dof = 2m − 6, as in
     ``decay.fit_decay``. When the sides are positively correlated this is narrower than the quadrature
     of ``delta_p``, which ignores the correlation. Returns ``(None, reason)`` where a side has no fit."""
@@ -281,9 +290,14 @@ def joint_delta_p(a, b, d: Mapping[str, Any], level: float = decay.LEVEL, *, r_m
     r, ga, gb, sa, sb, sd = r[ok], ga[ok], gb[ok], sa[ok], sb[ok], sd[ok]
     if r.size < decay.MIN_DISTANCES + 1:
         return None, f"too few distances on both sides ({r.size})"
-    rho = np.clip((sa * sa + sb * sb - sd * sd) / (2 * sa * sb), -MAX_RHO, MAX_RHO)
+    if not (sd > 0).any():  # every pair's difference is 0 at every distance: the same law on both sides
+        return DeltaP(dp=0.0, lo=0.0, hi=0.0, lo_open=False, hi_open=False, level=level, fit_a=fa, fit_b=fb,
+                      method=IDENTICAL), ""
+    sd = np.maximum(sd, sd[sd > 0].min())  # a distance without any difference: as certain as the most certain one
+    # cov(G_a, G_a − G_b) = se_a² − cov(a, b), cov(a, b) = (se_a² + se_b² − se_d²) / 2
+    rho = np.clip((sa * sa - sb * sb + sd * sd) / (2 * sa * sd), -MAX_RHO, MAX_RHO)
     lnx = np.log(r + 1.0)
-    f = lambda pa, pb: _joint_chi2(pa, pb, lnx, ga, gb, sa, sb, rho)  # noqa: E731
+    f = lambda pa, pb: _joint_chi2(pa, pb, lnx, ga, ga - gb, sa, sd, rho)  # noqa: E731
     step = decay.GRID_STEP
     half = 1.5 * max(fb.p_hi - fb.p_lo, 4 * step)  # p_b searched around its own fit (each δ moves it a little)
     pbs = np.linspace(fb.p - half, fb.p + half, int(min(max(2 * half / (step / 5), 20), 400)) + 1)
