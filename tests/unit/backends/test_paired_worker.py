@@ -46,8 +46,9 @@ def folded(w: UnitWorker, u: dict) -> dict:
     return w.acc
 
 
-def by_hand(model_b, u: dict, precision: str | None = None) -> dict:
-    """Two engines and ``PairedCells`` folded in the test: the reference."""
+def by_hand(model_b, u: dict, precision: str | None = None, drop: tuple = ()) -> dict:
+    """Two engines and ``PairedCells`` folded in the test: the reference (without the rows of the
+    sample_ids in ``drop``)."""
     lm = load_model(MODEL)
     ea = SensitivityEngine(lm.model, SENS)
     eb = SensitivityEngine(model_b if model_b is not None else lm.model,
@@ -61,10 +62,12 @@ def by_hand(model_b, u: dict, precision: str | None = None) -> dict:
     ra = ea.compute(ids, mask, layers=LAYERS, sample_ids=u["run_ids"], max_seq_len=16)
     rb = eb.compute(ids, mask, layers=LAYERS, sample_ids=u["run_ids"], max_seq_len=16)
     out = {}
+    keep = np.array([i not in drop for i in u["run_ids"]])
     for L in LAYERS:
         out[L] = PairedCells.empty(width).update(PairedCells.check(
-            np.asarray(ra.values[L]), np.asarray(rb.values[L]), np.asarray(ra.mask), np.asarray(ra.noise[L]),
-            np.asarray(rb.noise[L]), sample_ids=u["run_ids"]))
+            np.asarray(ra.values[L])[keep], np.asarray(rb.values[L])[keep], np.asarray(ra.mask)[keep],
+            np.asarray(ra.noise[L])[keep], np.asarray(rb.noise[L])[keep],
+            sample_ids=[i for i in u["run_ids"] if i not in drop]))
     return out
 
 
@@ -100,6 +103,36 @@ def test_scaled_module_pair_equals_two_engines_by_hand_and_side_a_is_untouched(b
     plain = folded(UnitWorker(spec(None), shared={}, background=background), unit())
     for L in LAYERS:  # side a of a paired run is an ordinary run of model a, bit for bit
         same(acc[L].a, plain[L])
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_sample_non_finite_on_side_b_only_is_skipped_on_both_sides(background):
+    """Side b's engine reports NaN/Inf for sample 2 (``NonFiniteGradientError``, as the engine does):
+    the sample is skipped ("nonfinite") on both sides, never folded into side a alone, and the state is
+    the by-hand pair of the other samples, bit for bit."""
+    from raysens.core.engine import NonFiniteGradientError
+
+    w = UnitWorker(spec(side(scale={"module": "model.layers.1.mlp", "factor": 1.5})), shared={},
+                   background=background)
+    real = w.paired.engine.compute
+
+    def b_compute(*args, **kw):
+        res = real(*args, **kw)
+        sids = [int(i) for i in kw["sample_ids"]]
+        if 2 in sids:
+            res.mask[sids.index(2)] = False
+            raise NonFiniteGradientError([2], res)
+        return res
+
+    w.paired.engine.compute = b_compute
+    u = unit()
+    assert 2 in u["run_ids"]
+    acc = folded(w, u)
+    assert w.pending_skipped == {2: "nonfinite"} and 2 not in w.pending_computed
+    ref = by_hand(w.paired.model, u, drop=(2,))
+    for L in LAYERS:
+        same(acc[L], ref[L])
+        assert int(acc[L].a.count.max()) == int(acc[L].b.count.max()) == len(u["run_ids"]) - 1
 
 
 def test_random_init_is_seeded_and_differs_from_side_a():
