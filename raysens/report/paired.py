@@ -218,9 +218,9 @@ def block_view(mean_diff: np.ndarray, significant: np.ndarray, tested: np.ndarra
     return np.where(bsig, bm, np.where(nonzero, np.nan, 0.0)), bsig, btest
 
 
-def diff_panel(fig, ax, mean_diff: np.ndarray, significant: np.ndarray, tested: np.ndarray, *, title: str,
-               label: str, block: int = 1, size: int | None = None) -> dict:
-    """Draw ``mean_diff`` where ``significant`` (diverging ``RdBu_r``, symmetric limits = the largest
+def diff_panel(fig, ax, cells: tuple[np.ndarray, np.ndarray, np.ndarray], *, title: str, label: str,
+               block: int = 1, size: int | None = None) -> dict:
+    """``cells`` = ``(mean_diff, significant, tested)``, ``[pos_out, pos_in]`` each. Draw ``mean_diff`` where ``significant`` (diverging ``RdBu_r``, symmetric limits = the largest
     significant |difference|, symmetric-log, at most 3 decades, when those span more than 2); grey where tested and
     not significant, white where untested with a difference of exactly 0, hatched elsewhere. Returns
     the images (``"diff"``: the coloured one; its array is ``mean_diff`` masked where not significant)
@@ -228,6 +228,7 @@ def diff_panel(fig, ax, mean_diff: np.ndarray, significant: np.ndarray, tested: 
     import matplotlib
     import matplotlib.colors as mcolors
 
+    mean_diff, significant, tested = cells
     m = np.asarray(mean_diff, float)
     sig = np.asarray(significant, bool) & np.isfinite(m)
     tested = np.asarray(tested, bool)
@@ -299,7 +300,7 @@ def layer_png(v: PairedView, layer: int) -> bytes:
         title += f"\n({k}×{k} blocks: the mean over a block's changed cells)"
     with pp.style():
         fig, (a1, a2) = pp.new_figure(12.5, 5.9, 1, 2)
-        flags = diff_panel(fig, a1, *shown, label=f"mean {a} − {b}  of " + pp.SQ_NORM, title=title, block=k,
+        flags = diff_panel(fig, a1, tuple(shown), label=f"mean {a} − {b}  of " + pp.SQ_NORM, title=title, block=k,
                            size=mean.shape[0])
         if "se_unpaired" in d:
             with np.errstate(invalid="ignore", divide="ignore"):

@@ -33,7 +33,7 @@ def test_greyed_cells_are_exactly_the_non_significant_ones():
     assert sig.any() and (tested & ~sig).any() and (~tested).any()
     with pp.style():
         fig, ax = pp.new_figure(5, 5)
-        out = ppl.diff_panel(fig, ax, d["mean_diff"], sig, tested, title="t", label="x")
+        out = ppl.diff_panel(fig, ax, (d["mean_diff"], sig, tested), title="t", label="x")
         fig.canvas.draw()
         rgba = np.asarray(fig.canvas.buffer_rgba())
     arr = out["images"]["diff"].get_array()
@@ -67,7 +67,7 @@ def test_untested_cells_with_a_difference_are_hatched_not_white():
     sig = np.array([[True, False], [True, False]])
     with pp.style():
         fig, ax = pp.new_figure(3, 3)
-        out = ppl.diff_panel(fig, ax, m, sig, tested, title="t", label="x")
+        out = ppl.diff_panel(fig, ax, (m, sig, tested), title="t", label="x")
     assert out == {**out, "grey": True, "white": False, "nan": True}
     assert "white" not in out["images"]
 
@@ -87,7 +87,7 @@ def test_a_long_map_is_drawn_as_blocks_coloured_by_their_changed_cells():
     assert np.isnan(bm[1, 0]) and np.isnan(bm[1, 1])  # grey (tested, nothing changed)
     with pp.style():
         fig, ax = pp.new_figure(3, 3)
-        out = ppl.diff_panel(fig, ax, bm, bsig, btest, title="t", label="x", block=2, size=4)
+        out = ppl.diff_panel(fig, ax, (bm, bsig, btest), title="t", label="x", block=2, size=4)
     assert out["images"]["diff"].get_extent() == [-0.5, 3.5, 3.5, -0.5]  # on the original positions
     assert ax.get_xlim() == (-0.5, 3.5)
     assert out["white"] and out["grey"] and not out["nan"]
