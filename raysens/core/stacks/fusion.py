@@ -49,8 +49,8 @@ class Kernels:
     rope: Callable  # (x, cos, sin) -> rotary map of x
     gate: Callable  # (g, u, ab) -> g·ab[:, :, 0] + u·ab[:, :, 1] (SiLU-gate tangent)
     act: Callable  # (y, dact) -> y·dact (GELU tangent of GPT-2/BERT)
-    att_mid: Callable | None  # (ds, qd, pe) -> (p ⊙ ds with qd added at keys ≥ a, Σ over keys); None: eager attention
-    att_out: Callable | None  # (do, dsum, o, pv, scaling) -> ((do − dsum·o)·scaling + pv) in the output GEMM's layout
+    att_mid: Callable | None  # (ds, qd, pe) -> (p ⊙ ds with qd added at keys ≥ a, Σ over keys [.., chunk]); None: eager attention
+    att_out: Callable | None  # (do, dsum [.., chunk], o [.., P, 1, hd], pv, scaling) -> ((do − dsum·o)·scaling + pv) in the output GEMM's layout
     compile_s: float = 0.0  # seconds the trial compile took in this process (0 for eager)
 
 
@@ -67,18 +67,25 @@ EAGER = Kernels("eager", lambda dx, xn, r, w, dtype: _norm_tangent(dx, xn, r, w)
 
 
 # ---------------------------------------------------------------- the fused formulas (compiled)
+# Written so that no input has a broadcast dimension of size 1 (those are made inside with unsqueeze):
+# every size is then symbolic without a 0/1 special case (``backed_size_oblivious`` while compiling),
+# so a segment of one position or a group of one sample does not recompile.
 def _rms_fused(dx, xn, r, w, dtype):
+    r = r.unsqueeze(-1)
     dot = (dx * xn).mean(-1, keepdim=True)
     return ((dx - xn * dot) * (r * w)).to(dtype)
 
 
 def _ln_fused(dx, xn, r, w):
+    r = r.unsqueeze(-1)
     m1 = dx.mean(-1, keepdim=True)
     m2 = (dx * xn).mean(-1, keepdim=True)
     return (dx - m1 - xn * m2) * (r * w)
 
 
 def _rope_fused(x, cos, sin):
+    """x ``[chunk, batch, P, heads, hd]``; cos, sin ``[batch, P, hd]``."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h], x[..., h:]
     return torch.cat([x1 * cos[..., :h] - x2 * sin[..., :h], x2 * cos[..., h:] + x1 * sin[..., h:]], -1)
@@ -92,36 +99,61 @@ def _act_fused(y, dact):
     return y * dact
 
 
-def _att_mid_fused(ds, qd, pe):
-    """ds ``[batch, heads, P, chunk, S]``, qd ``[.., chunk, P]`` (keys ≥ a = S − P), pe ``[.., P, 1, S]``."""
+def _att_mid_fused(ds, qd, p):
+    """ds ``[batch, heads, P, chunk, S]``, qd ``[.., chunk, P]`` (keys ≥ a = S − P), p ``[batch, heads, P, S]``."""
     a = ds.shape[-1] - qd.shape[-1]
-    dsp = (ds + F.pad(qd, (a, 0))) * pe
-    return dsp, dsp.sum(-1, keepdim=True)
+    dsp = (ds + F.pad(qd, (a, 0))) * p.unsqueeze(3)
+    return dsp, dsp.sum(-1)
 
 
 def _att_out_fused(do, dsum, o, pv, scaling):
-    """do, pv ``[batch, heads, P, chunk, hd]``, dsum ``[.., chunk, 1]``, o ``[.., 1, hd]`` -> ``[chunk, batch, P, heads·hd]``."""
-    y = (do - dsum * o) * scaling + pv
+    """do, pv ``[batch, heads, P, chunk, hd]``, dsum ``[.., chunk]``, o ``[batch, heads, P, hd]`` -> ``[chunk, batch, P, heads·hd]``."""
+    y = (do - dsum.unsqueeze(-1) * o.unsqueeze(3)) * scaling + pv
     b, h, p, c, hd = y.shape
     return y.permute(3, 0, 2, 1, 4).reshape(c, b, p, h * hd)
 
 
-_PROCESS: dict = {}  # the process's choice: {"kernels": Kernels} or {"error": str}, once per (mode, device type)
+class _Compiled:
+    """``torch.compile(f, dynamic=True)`` called with plain tensors (detached: no view bases to guard
+    on; contiguous: strides follow the sizes) and symbolic sizes without duck sizing or a 0/1 special
+    case, so that the shapes of one run compile one graph (plus a dtype: bf16)."""
+
+    def __init__(self, f):
+        self.f = torch.compile(f, dynamic=True, fullgraph=True)
+
+    def __call__(self, *args):
+        from torch.fx.experimental import _config as fx_config
+
+        args = tuple(a.detach().contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+        with fx_config.patch(use_duck_shape=False, backed_size_oblivious=True):
+            return self.f(*args)
+
+
+_PROCESS: dict = {}  # the process's choice: {"kernels": Kernels} or {"error": str}, once per device type
 
 
 def compiled_kernels() -> Kernels:
     """The fused formulas through ``torch.compile`` (lazy: inductor compiles at the first call)."""
-    def c(f):
-        return torch.compile(f, dynamic=True, fullgraph=True)
-
-    return Kernels("compile", c(_rms_fused), c(_ln_fused), c(_rope_fused), c(_gate_fused), c(_act_fused),
-                   c(_att_mid_fused), c(_att_out_fused))
+    rope, att_mid, att_out, rms, ln = (_Compiled(f) for f in (_rope_fused, _att_mid_fused, _att_out_fused,
+                                                               _rms_fused, _ln_fused))
+    return Kernels("compile",
+                   lambda dx, xn, r, w, dtype: rms(dx, xn, r.squeeze(-1), w, dtype),
+                   lambda dx, xn, r, w: ln(dx, xn, r.squeeze(-1), w),
+                   lambda x, cos, sin: rope(x, cos.squeeze(-2), sin.squeeze(-2)),
+                   _Compiled(_gate_fused), _Compiled(_act_fused),
+                   lambda ds, qd, pe: att_mid(ds, qd, pe.squeeze(3)),
+                   lambda do, dsum, o, pv, scaling: att_out(do, dsum, o.squeeze(3), pv, scaling))
 
 
 def _trial(k: Kernels, device: torch.device) -> str | None:
     """Call every fused kernel on small inputs (two shape sets, all sizes ≥ 2) and compare with the
     eager formulas; None when all agree within ``FUSED_RTOL``, else why not."""
     g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():  # as the tangent passes run (a grad-mode change would recompile)
+        return _trial_checks(k, device, g)
+
+
+def _trial_checks(k: Kernels, device: torch.device, g) -> str | None:
 
     def rn(*s):
         return torch.randn(*s, device=device, generator=g)
@@ -129,17 +161,17 @@ def _trial(k: Kernels, device: torch.device) -> str | None:
     def err(x, y):
         return float((x - y).norm() / y.norm().clamp_min(1e-30))
 
-    for c, b, p, d in ((2, 3, 4, 16), (3, 2, 5, 16)):
+    for c, b, p, d in ((3, 2, 5, 16), (5, 3, 7, 16)):  # sizes ≥ 2
         dx, xn, r, w = rn(c, b, p, d), rn(b, p, d), rn(b, p, 1).abs(), rn(d)
-        hd, hh, s = 8, 2, p + 2
+        hd, hh, s = 8, 6, p + 4
         x, cs, sn = rn(c, b, p, hh, hd), rn(b, p, 1, hd), rn(b, p, 1, hd)
         ab = rn(b, p, 2, d)
         ds, qd, pe = rn(b, hh, p, c, s), rn(b, hh, p, c, p), rn(b, hh, p, 1, s)
-        do, dsum, o, pv = rn(b, hh, p, c, hd), rn(b, hh, p, c, 1), rn(b, hh, p, 1, hd), rn(b, hh, p, c, hd)
+        do, dsum, o, pv = rn(b, hh, p, c, hd), rn(b, hh, p, c), rn(b, hh, p, 1, hd), rn(b, hh, p, c, hd)
         mid_want = ds.clone()
         mid_want[..., s - p:] += qd
         mid_want = mid_want * pe
-        out_want = ((do - dsum * o) * 0.5 + pv).permute(3, 0, 2, 1, 4).reshape(c, b, p, hh * hd)
+        out_want = ((do - dsum.unsqueeze(-1) * o) * 0.5 + pv).permute(3, 0, 2, 1, 4).reshape(c, b, p, hh * hd)
         mid = k.att_mid(ds, qd, pe)
         checks = {"rms_tangent": (k.rms_tangent(dx, xn, r, w, torch.float32), _norm_tangent(dx, xn, r, w)),
                   "ln_tangent": (k.ln_tangent(dx, xn, r, w), ln_tangent(dx, xn, r, w)),
@@ -147,7 +179,7 @@ def _trial(k: Kernels, device: torch.device) -> str | None:
                   "gate": (k.gate(dx, dx * 2, ab[..., :d].expand(b, p, 2, d)),
                            _gate_eager(dx, dx * 2, ab[..., :d].expand(b, p, 2, d))),
                   "act": (k.act(dx, xn), dx * xn),
-                  "att_mid": (mid[0], mid_want), "att_mid sum": (mid[1], mid_want.sum(-1, keepdim=True)),
+                  "att_mid": (mid[0], mid_want), "att_mid sum": (mid[1], mid_want.sum(-1)),
                   "att_out": (k.att_out(do, dsum, o, pv, 0.5), out_want)}
         for name, (got, want) in checks.items():
             if got.shape != want.shape or not err(got, want) <= FUSED_RTOL:
