@@ -2,6 +2,7 @@
 
     python -m jobs.bench.fusion                                    # SmolLM2 + MiniLM, 8 samples, 5 rounds
     python -m jobs.bench.fusion --models smollm2 --threads 2 --rounds 5 --json jobs/results/i30_fusion.json
+    python -m jobs.bench.fusion --kernels                          # per kernel on SmolLM2 shapes only
 
 One child process per model (``jobs.harness.run_child``) with a fresh, empty inductor cache
 (``TORCHINDUCTOR_CACHE_DIR``: the compile time is a cold one, what the first actor on a machine pays;
@@ -78,6 +79,47 @@ def child(spec: dict) -> dict:
             "trial_compile_s": kern.compile_s, "mean_map_rel_diff": diff, "dynamo_stats": dyn}
 
 
+def kernels(spec: dict) -> dict:
+    """Each elementwise kernel (and the whole attention tangent) on SmolLM2-shaped tangents of one
+    suffix segment (``spec``: chunk, batch, P, threads), eager vs fused alternating, median ms of
+    ``reps`` calls (short calls: less exposed to a loaded machine than whole runs)."""
+    from raysens.core.stacks import fusion
+    from raysens.core.stacks.tangents import attention_tangent
+
+    torch.set_num_threads(spec["threads"])
+    c, b, p = spec["chunk"], spec["batch"], spec["P"]
+    d, hh, kvh, hd, inter, s = 576, 9, 3, 64, 1536, 32
+    g = torch.Generator().manual_seed(0)
+
+    def rn(*sh):
+        return torch.randn(*sh, generator=g)
+
+    fused = fusion.pick_kernels("compile", torch.device("cpu"))
+    dx, xn, r, w = rn(c, b, p, d), rn(b, p, d), rn(b, p, 1).abs(), rn(d)
+    q, cs, sn = rn(c, b, p, hh, hd), rn(b, p, 1, hd), rn(b, p, 1, hd)
+    gg, uu, ab = rn(c, b, p, inter), rn(c, b, p, inter), rn(b, p, 2, inter)
+    pr = torch.softmax(rn(b, hh, p, s), -1)
+    att = (rn(c, b, p, hh, hd), rn(c, b, p, kvh, hd), rn(c, b, p, kvh, hd), rn(b, hh, p, hd), rn(b, kvh, s, hd),
+           rn(b, kvh, s, hd), pr, 0.125)
+    cases = {"rms_tangent": lambda k: k.rms_tangent(dx, xn, r, w, torch.float32),
+             "rope": lambda k: k.rope(q, cs, sn), "gate": lambda k: k.gate(gg, uu, ab),
+             "attention_tangent": lambda k: attention_tangent(*att, k)}
+    out = {}
+    with torch.no_grad():
+        for name, f in cases.items():
+            ts = {"eager": [], "compile": []}
+            for k in (fusion.EAGER, fused):
+                f(k)
+            for _ in range(spec["reps"]):
+                for k in (fusion.EAGER, fused):
+                    t0 = time.perf_counter()
+                    f(k)
+                    ts[k.name].append((time.perf_counter() - t0) * 1e3)
+            e, cc = statistics.median(ts["eager"]), statistics.median(ts["compile"])
+            out[name] = {"eager_ms": e, "compile_ms": cc, "speedup": e / cc}
+    return out
+
+
 def summarize(r: dict) -> dict:
     gf = statistics.median(r["matmul_gflops"])
     out = {"matmul_gflops_median": gf, "matmul_gflops_range": [min(r["matmul_gflops"]), max(r["matmul_gflops"])]}
@@ -102,8 +144,17 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kernels", action="store_true", help="time the kernels alone (SmolLM2 shapes)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.kernels:
+        spec = {"chunk": 2, "batch": 8, "P": 16, "threads": args.threads, "reps": 30}
+        res = run_child("jobs.bench.fusion:kernels", spec)
+        for name, v in res.items():
+            log(f"{name:18s} [chunk 2, batch 8, P 16, SmolLM2 widths, {args.threads} threads]: eager "
+                f"{v['eager_ms']:.2f} ms, fused {v['compile_ms']:.2f} ms ({v['speedup']:.2f}×)")
+        write_json({"kernels": res, "spec": spec}, args.json)
+        return 0
     res = {"models": []}
     for m in args.models:
         spec = {"model": m, "samples": args.samples, "seq_len": args.seq_len, "rounds": args.rounds, "threads": args.threads}

@@ -113,20 +113,26 @@ def _att_out_fused(do, dsum, o, pv, scaling):
     return y.permute(3, 0, 2, 1, 4).reshape(c, b, p, h * hd)
 
 
+def compile_settings():
+    """The shape settings the kernels compile under (``_trial``): symbolic sizes without duck sizing
+    or a 0/1 special case. Not held around each call (28 µs a call, as much as a small kernel): the
+    graph the trial compiles has no size guards a run's shapes fail (measured: no recompile over whole
+    SmolLM2/MiniLM runs, ``jobs/bench/fusion.py`` reports dynamo's graph count)."""
+    from torch.fx.experimental import _config as fx_config
+
+    return fx_config.patch(use_duck_shape=False, backed_size_oblivious=True)
+
+
 class _Compiled:
     """``torch.compile(f, dynamic=True)`` called with plain tensors (detached: no view bases to guard
-    on; contiguous: strides follow the sizes) and symbolic sizes without duck sizing or a 0/1 special
-    case, so that the shapes of one run compile one graph (plus a dtype: bf16)."""
+    on; contiguous: strides follow the sizes), so that the shapes of one run use one graph (plus a
+    dtype: bf16)."""
 
     def __init__(self, f):
         self.f = torch.compile(f, dynamic=True, fullgraph=True)
 
     def __call__(self, *args):
-        from torch.fx.experimental import _config as fx_config
-
-        args = tuple(a.detach().contiguous() if isinstance(a, torch.Tensor) else a for a in args)
-        with fx_config.patch(use_duck_shape=False, backed_size_oblivious=True):
-            return self.f(*args)
+        return self.f(*(a.detach().contiguous() if isinstance(a, torch.Tensor) else a for a in args))
 
 
 _PROCESS: dict = {}  # the process's choice: {"kernels": Kernels} or {"error": str}, once per device type
@@ -149,7 +155,7 @@ def _trial(k: Kernels, device: torch.device) -> str | None:
     """Call every fused kernel on small inputs (two shape sets, all sizes ≥ 2) and compare with the
     eager formulas; None when all agree within ``FUSED_RTOL``, else why not."""
     g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():  # as the tangent passes run (a grad-mode change would recompile)
+    with torch.no_grad(), compile_settings():  # as the tangent passes run (a grad-mode change would recompile)
         return _trial_checks(k, device, g)
 
 
