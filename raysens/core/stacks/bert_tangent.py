@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .tangents import attention_tangent, lin
+from .tangents import lin
 
 
 @torch.no_grad()
@@ -41,8 +41,8 @@ def bert_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, rows: slice, a: in
         dk = lin(xl, stack.w(at.key.weight, True)).view(c, bsz, seq, hh, hd)
         dv = lin(xl, stack.w(at.value.weight, True)).view(c, bsz, seq, hh, hd)
         xl = None
-        do = attention_tangent(dq, dk, dv, sv.q[rows, :, 0], sv.k[rows], sv.v[rows], sv.p[rows, :, 0],
-                               stack.scaling, kn)  # [chunk, batch, pos, d_model]
+        do = kn.attention((dq, dk, dv), sv.q[rows, :, 0], sv.k[rows], sv.v[rows], sv.p[rows, :, 0],
+                               stack.scaling)  # [chunk, batch, pos, d_model]
         dq = dk = dv = None
         h = lin(do, stack.w(blk.attention.output.dense.weight, True), add=x)
         do = None

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .llama_tangent import _norm_tangent, _rope
-from .tangents import ln_tangent
+from .tangents import attention_tangent, attention_tangent_fused, ln_tangent
 
 FUSED_RTOL = 1e-5  # relative (Frobenius) distance of a fused kernel's output from the eager formula's in the trial
 
@@ -51,6 +51,7 @@ class Kernels:
     act: Callable  # (y, dact) -> y·dact (GELU tangent of GPT-2/BERT)
     att_mid: Callable | None  # (ds, qd, pe) -> (p ⊙ ds with qd added at keys ≥ a, Σ over keys [.., chunk]); None: eager attention
     att_out: Callable | None  # (do, dsum [.., chunk], o [.., P, 1, hd], pv, scaling) -> ((do − dsum·o)·scaling + pv) in the output GEMM's layout
+    attention: Callable = None  # ((dq, dk, dv), q, k, v, p, scaling) -> attention tangent (tangents.py)
     compile_s: float = 0.0  # seconds the trial compile took in this process (0 for eager)
 
 
@@ -63,7 +64,7 @@ def _act_eager(y, dact):
 
 
 EAGER = Kernels("eager", lambda dx, xn, r, w, dtype: _norm_tangent(dx, xn, r, w), ln_tangent, _rope,
-                _gate_eager, _act_eager, None, None)
+                _gate_eager, _act_eager, None, None, lambda t, q, k, v, p, s: attention_tangent(*t, q, k, v, p, s))
 
 
 # ---------------------------------------------------------------- the fused formulas (compiled)
@@ -142,13 +143,18 @@ def compiled_kernels() -> Kernels:
     """The fused formulas through ``torch.compile`` (lazy: inductor compiles at the first call)."""
     rope, att_mid, att_out, rms, ln = (_Compiled(f) for f in (_rope_fused, _att_mid_fused, _att_out_fused,
                                                                _rms_fused, _ln_fused))
+    def mid(ds, qd, pe):
+        return att_mid(ds, qd, pe.squeeze(3))
+
+    def out(do, dsum, o, pv, scaling):
+        return att_out(do, dsum, o.squeeze(3), pv, scaling)
+
     return Kernels("compile",
                    lambda dx, xn, r, w, dtype: rms(dx, xn, r.squeeze(-1), w, dtype),
                    lambda dx, xn, r, w: ln(dx, xn, r.squeeze(-1), w),
                    lambda x, cos, sin: rope(x, cos.squeeze(-2), sin.squeeze(-2)),
                    _Compiled(_gate_fused), _Compiled(_act_fused),
-                   lambda ds, qd, pe: att_mid(ds, qd, pe.squeeze(3)),
-                   lambda do, dsum, o, pv, scaling: att_out(do, dsum, o.squeeze(3), pv, scaling))
+                   mid, out, lambda t, q, k, v, p, s: attention_tangent_fused(t, q, k, v, p, s, mid, out))
 
 
 def _trial(k: Kernels, device: torch.device) -> str | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .tangents import attention_tangent, layer_outputs, lin
+from .tangents import layer_outputs, lin
 
 
 @torch.no_grad()
@@ -38,9 +38,9 @@ def gpt2_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, rows: slice, a: in
         dn = kn.ln_tangent(dx, sv.xn1[rows, a:seq], sv.r1[rows, a:seq], blk.ln_1.weight)
         qkv = lin(dn, stack.w(at.c_attn.weight)).view(c, bsz, p, 3, hh, hd)  # [chunk, batch, suffix, q|k|v, heads, hd]
         dn = None
-        do = attention_tangent(qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2], sv.q[rows, :, 0, a:seq],
-                               sv.k[rows, :, :seq], sv.v[rows, :, :seq], sv.p[rows, :, 0, a:seq, :seq],
-                               at.scaling, kn)  # [chunk, batch, suffix, d_model]
+        do = kn.attention((qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]), sv.q[rows, :, 0, a:seq],
+                          sv.k[rows, :, :seq], sv.v[rows, :, :seq], sv.p[rows, :, 0, a:seq, :seq],
+                          at.scaling)  # [chunk, batch, suffix, d_model]
         qkv = None
         dx = lin(do, stack.w(at.c_proj.weight), add=dx)
         do = None

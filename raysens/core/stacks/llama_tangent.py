@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .tangents import attention_tangent, layer_outputs, lin
+from .tangents import layer_outputs, lin
 
 
 def _norm_tangent(dx, xn, r, w):
@@ -76,8 +76,7 @@ def llama_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, rows: slice, a: i
         dv = dv.view(c, bsz, p, kvh, hd)
         q = sv.qr[rows, :, :, a:seq].reshape(-1, hh, p, hd)  # [batch, heads, P, hd]
         pr = sv.p[rows, :, :, a:seq, :seq].reshape(-1, hh, p, seq)  # [batch, heads, P, S]
-        do = attention_tangent(dq, dk, dv, q, sv.kr[rows, :, :seq], sv.v[rows, :, :seq], pr, stack.scaling,
-                               kn)
+        do = kn.attention((dq, dk, dv), q, sv.kr[rows, :, :seq], sv.v[rows, :, :seq], pr, stack.scaling)
         dq = dk = dv = None
         dx = lin(do, stack.w(at.o_proj.weight, True), add=dx)  # [chunk, batch, P, d_model]
         do = None

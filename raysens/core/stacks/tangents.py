@@ -67,7 +67,7 @@ def _dims(dq: torch.Tensor, dk: torch.Tensor, k: torch.Tensor) -> tuple[int, ...
 
 
 def attention_tangent(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                      v: torch.Tensor, p: torch.Tensor, scaling: float, kern=None) -> torch.Tensor:
+                      v: torch.Tensor, p: torch.Tensor, scaling: float) -> torch.Tensor:
     """Tangent of multi-head softmax attention ``o = softmax(q·kᵀ·scaling + mask)·v`` for queries at
     positions ``[a, S)`` (P = S − a), keys/values at ``[0, S)``, with key/value tangents zero before a
     (causal suffix; a = 0 for an encoder):
@@ -80,15 +80,12 @@ def attention_tangent(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: t
     Args: dq ``[chunk, batch, P, heads, head_dim]``, dk, dv ``[chunk, batch, P, kv_heads, head_dim]``
     (any strides, e.g. views of a q/k/v GEMM output); q ``[batch, heads, P, head_dim]`` (saved, at
     ``[a, S)``); k, v ``[batch, kv_heads, S, head_dim]``; p ``[batch, heads, P, S]`` saved
-    probabilities (0 at masked keys); ``kern``: a stack's ``fusion.Kernels`` (None or eager: the code
-    below; fused: ``_attention_tangent_fused``, float32 tangents only). Returns do ``[chunk, batch, P, heads·head_dim]`` (contiguous,
+    probabilities (0 at masked keys). Returns do ``[chunk, batch, P, heads·head_dim]`` (contiguous,
     ready for the output GEMM).
     """
     c, bsz, pq, hh, hd, kvh, grp, seq, a, bk = _dims(dq, dk, k)
     if dq.dtype != p.dtype:  # bf16 tangents (precision bf16)
         return _attention_tangent_low(dq, dk, dv, q, k, v, p, scaling)
-    if kern is not None and kern.att_mid is not None:
-        return _attention_tangent_fused(dq, dk, dv, q, k, v, p, scaling, kern)
     kk, vv = k.reshape(bk, seq, hd), v.reshape(bk, seq, hd)
     # scores tangent in [batch, heads, P, chunk, S] (query-major: rows of p broadcast over chunk)
     dql = dq.unflatten(3, (kvh, grp)).permute(1, 3, 4, 2, 0, 5).reshape(bk, grp * pq * c, hd)
@@ -111,11 +108,15 @@ def attention_tangent(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: t
     return do.view(bsz, hh, pq, c, hd).permute(3, 0, 2, 1, 4).reshape(c, bsz, pq, hh * hd)
 
 
-def _attention_tangent_fused(dq, dk, dv, q, k, v, p, scaling, kern):
-    """``attention_tangent`` (float32) with its elementwise steps in two fused kernels: ``kern.att_mid``
-    (qd added at keys ≥ a, ⊙ p, Σ over keys: one pass) and ``kern.att_out`` ((do − Σ·o)·scaling + p·dv,
-    written in the output GEMM's layout: one pass instead of addcmul_, mul_, baddbmm_'s read and the
-    permute copy; p·dv is its own ``bmm``)."""
+def attention_tangent_fused(dqkv: tuple, q, k, v, p, scaling: float, mid, out) -> torch.Tensor:
+    """``attention_tangent(*dqkv, q, k, v, p, scaling)`` with its float32 elementwise steps in two fused
+    kernels (``fusion.Kernels``): ``mid`` (qd added at keys ≥ a, ⊙ p, Σ over keys: one pass) and ``out``
+    ((do − Σ·o)·scaling + p·dv, written in the output GEMM's layout: one pass instead of addcmul_,
+    mul_, baddbmm_'s read and the permute copy; p·dv is its own ``bmm``). bf16 tangents: the eager
+    ``_attention_tangent_low``."""
+    dq, dk, dv = dqkv
+    if dq.dtype != p.dtype:
+        return _attention_tangent_low(dq, dk, dv, q, k, v, p, scaling)
     c, bsz, pq, hh, hd, kvh, grp, seq, a, bk = _dims(dq, dk, k)
     kk, vv = k.reshape(bk, seq, hd), v.reshape(bk, seq, hd)
     dql = dq.unflatten(3, (kvh, grp)).permute(1, 3, 4, 2, 0, 5).reshape(bk, grp * pq * c, hd)
@@ -124,14 +125,14 @@ def _attention_tangent_fused(dq, dk, dv, q, k, v, p, scaling, kern):
     dkl = dk.permute(1, 3, 0, 2, 4).reshape(bk, c * pq, hd)
     qd = torch.bmm(q.reshape(bk, grp * pq, hd), dkl.transpose(1, 2)).view(bsz, hh, pq, c, pq)
     dkl = None
-    dsp, dsum = kern.att_mid(ds, qd, p.unsqueeze(3))
+    dsp, dsum = mid(ds, qd, p.unsqueeze(3))
     ds = qd = None
     do = torch.bmm(dsp.view(bk, grp * pq * c, seq), vv).view(bsz, hh, pq, c, hd)
     dsp = None
     o = torch.bmm(p.reshape(bk, grp * pq, seq), vv).view(bsz, hh, pq, 1, hd)
     dvl = dv.permute(1, 3, 2, 0, 4).reshape(bk, pq, c * hd)
     pv = torch.bmm(p[..., a:].reshape(bk, grp * pq, pq), dvl).view(bsz, hh, pq, c, hd)
-    return kern.att_out(do, dsum, o, pv, scaling)
+    return out(do, dsum, o, pv, scaling)
 
 
 def _attention_tangent_low(dq, dk, dv, q, k, v, p, scaling):
