@@ -42,7 +42,7 @@ def bert_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, rows: slice, a: in
         dv = lin(xl, stack.w(at.value.weight, True)).view(c, bsz, seq, hh, hd)
         xl = None
         do = kn.attention((dq, dk, dv), sv.q[rows, :, 0], sv.k[rows], sv.v[rows], sv.p[rows, :, 0],
-                               stack.scaling)  # [chunk, batch, pos, d_model]
+                          stack.scaling)  # [chunk, batch, pos, d_model]
         dq = dk = dv = None
         h = lin(do, stack.w(blk.attention.output.dense.weight, True), add=x)
         do = None
