@@ -4,7 +4,8 @@ path in ``test_forward.py::test_exact_forward_matches_jacrev_at_every_layer`` (p
 fusion); here: the fused path within the documented bound of the eager one (Hutchinson, the same
 probes, Llama/GQA, GPT-2 with causal suffix segments, BERT), a sample's numbers the same alone and in
 a padded batch of 3, the eager default unchanged (its kernels are today's functions), the one-off
-choice (auto falls back to eager with one warning naming why; compile refuses), the config field."""
+choice (auto falls back to eager with one warning naming why; compile refuses), the config field,
+bf16 on the fused path within the bf16 bound."""
 
 from __future__ import annotations
 
@@ -121,3 +122,23 @@ def test_auto_compiles_once_per_process(models):
         assert a._manual.kern is b._manual.kern
     else:  # no working compiler on this machine: both fell back
         assert b.fusion_used == "eager"
+
+
+def test_fused_bf16_keeps_the_bf16_bound(models):
+    """precision bf16 on the fused path (the norm tangent rounded to bf16 inside its kernel, rotary and
+    the gate fused in bf16, the attention eager): every exact map within ``BF16_MAP_BOUND`` of fp32."""
+    import warnings
+
+    from raysens.core.passes.precision import BF16_MAP_BOUND
+
+    model = models["llama"]
+    ids, am = padded([random_ids(7, seed=4), random_ids(5, seed=6)], "right")
+    ref = _engine(model, estimator="exact", mode="forward").compute(ids, am, layers=list(range(N_LAYERS + 1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # bf16 on a CPU without bf16 instructions: slower only
+        eng = _engine(model, estimator="exact", mode="forward", precision="bf16", fusion="compile")
+    assert eng.fusion_used == "compile"
+    got = eng.compute(ids, am, layers=list(range(N_LAYERS + 1)))
+    for L in ref.layers:
+        err = float(np.linalg.norm(got.values[L] - ref.values[L]) / np.linalg.norm(ref.values[L]))
+        assert err <= BF16_MAP_BOUND, (L, err)
