@@ -84,7 +84,6 @@ def kernels(spec: dict) -> dict:
     suffix segment (``spec``: chunk, batch, P, threads), eager vs fused alternating, median ms of
     ``reps`` calls (short calls: less exposed to a loaded machine than whole runs)."""
     from raysens.core.stacks import fusion
-    from raysens.core.stacks.tangents import attention_tangent
 
     torch.set_num_threads(spec["threads"])
     c, b, p = spec["chunk"], spec["batch"], spec["P"]
@@ -99,11 +98,11 @@ def kernels(spec: dict) -> dict:
     q, cs, sn = rn(c, b, p, hh, hd), rn(b, p, 1, hd), rn(b, p, 1, hd)
     gg, uu, ab = rn(c, b, p, inter), rn(c, b, p, inter), rn(b, p, 2, inter)
     pr = torch.softmax(rn(b, hh, p, s), -1)
-    att = (rn(c, b, p, hh, hd), rn(c, b, p, kvh, hd), rn(c, b, p, kvh, hd), rn(b, hh, p, hd), rn(b, kvh, s, hd),
+    att = ((rn(c, b, p, hh, hd), rn(c, b, p, kvh, hd), rn(c, b, p, kvh, hd)), rn(b, hh, p, hd), rn(b, kvh, s, hd),
            rn(b, kvh, s, hd), pr, 0.125)
     cases = {"rms_tangent": lambda k: k.rms_tangent(dx, xn, r, w, torch.float32),
              "rope": lambda k: k.rope(q, cs, sn), "gate": lambda k: k.gate(gg, uu, ab),
-             "attention_tangent": lambda k: attention_tangent(*att, k)}
+             "attention_tangent": lambda k: k.attention(*att)}
     out = {}
     with torch.no_grad():
         for name, f in cases.items():
