@@ -5,7 +5,7 @@ fusion); here: the fused path within the documented bound of the eager one (Hutc
 probes, Llama/GQA, GPT-2 with causal suffix segments, BERT), a sample's numbers the same alone and in
 a padded batch of 3, the eager default unchanged (its kernels are today's functions), the one-off
 choice (auto falls back to eager with one warning naming why; compile refuses), the config field,
-bf16 on the fused path within the bf16 bound."""
+bf16 on the fused path within the bf16 bound, the same bits at 1 and 2 threads."""
 
 from __future__ import annotations
 
@@ -142,3 +142,22 @@ def test_fused_bf16_keeps_the_bf16_bound(models):
     for L in ref.layers:
         err = float(np.linalg.norm(got.values[L] - ref.values[L]) / np.linalg.norm(ref.values[L]))
         assert err <= BF16_MAP_BOUND, (L, err)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_numbers_do_not_depend_on_the_thread_count(models, kind):
+    """The fused kernels (inductor's OpenMP loops) give the same bits at 1 and 2 threads (Ray actors
+    and the in-process path run different thread counts)."""
+    ids, am = padded([random_ids(5, seed=1), random_ids(3, seed=2), random_ids(1, seed=4)], "right")
+    eng = _engine(models[kind], estimator="hutchinson", num_probes=2, mode="forward", fusion="compile")
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out[threads] = eng.compute(ids, am, layers=[0, 1, -1])
+    finally:
+        torch.set_num_threads(before)
+    assert out[1].strategy == "manual"
+    for L in out[1].layers:
+        np.testing.assert_array_equal(out[1].values[L], out[2].values[L])
