@@ -134,3 +134,17 @@ def rel_fro(a, b) -> float:
     """Relative Frobenius error ‖a − b‖ / ‖b‖."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def by_thread_count(engine, ids, attention_mask, layers, threads=(1, 2)) -> dict:
+    """``engine.compute(ids, attention_mask, layers=layers)`` at each torch intra-op thread count in
+    ``threads`` (the caller's count restored): thread count -> result."""
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            out[t] = engine.compute(ids, attention_mask, layers=layers)
+    finally:
+        torch.set_num_threads(before)
+    return out

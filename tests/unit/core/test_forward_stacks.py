@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from refs import N_LAYERS, make_model, minilm, padded, random_ids, reference, rel_fro
+from refs import N_LAYERS, by_thread_count, make_model, minilm, padded, random_ids, reference, rel_fro
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
 
 KINDS = ("gpt2", "bert")
@@ -90,14 +90,7 @@ def test_hand_written_numbers_do_not_depend_on_the_thread_count(models, kind):
     model = minilm().model if kind == "minilm" else models[kind]
     ids, am = padded([random_ids(5, seed=1), random_ids(3, seed=2), random_ids(1, seed=4)], "right")
     eng = _manual(_engine(model, estimator="hutchinson", num_probes=2, mode="forward"))
-    before = torch.get_num_threads()
-    out = {}
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            out[threads] = eng.compute(ids, am, layers=[0, 1, -1])
-    finally:
-        torch.set_num_threads(before)
+    out = by_thread_count(eng, ids, am, [0, 1, -1])
     for L in out[1].layers:
         np.testing.assert_array_equal(out[1].values[L], out[2].values[L])
         np.testing.assert_array_equal(out[1].noise[L], out[2].noise[L])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from refs import N_LAYERS, make_model, padded, random_ids
+from refs import N_LAYERS, by_thread_count, make_model, padded, random_ids
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
 from raysens.core.stacks import fusion
 
@@ -150,14 +150,7 @@ def test_fused_numbers_do_not_depend_on_the_thread_count(models, kind):
     and the in-process path run different thread counts)."""
     ids, am = padded([random_ids(5, seed=1), random_ids(3, seed=2), random_ids(1, seed=4)], "right")
     eng = _engine(models[kind], estimator="hutchinson", num_probes=2, mode="forward", fusion="compile")
-    before = torch.get_num_threads()
-    out = {}
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            out[threads] = eng.compute(ids, am, layers=[0, 1, -1])
-    finally:
-        torch.set_num_threads(before)
+    out = by_thread_count(eng, ids, am, [0, 1, -1])
     assert out[1].strategy == "manual"
     for L in out[1].layers:
         np.testing.assert_array_equal(out[1].values[L], out[2].values[L])
