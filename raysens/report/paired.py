@@ -336,13 +336,18 @@ def summary_png(v: PairedView) -> bytes:
         ax.bar(x, np.nan_to_num(down), bottom=np.nan_to_num(up), color="C0", width=0.7, label=f"down ({a} < {b})")
         ax.set_ylabel("% of the tested cells")
         ax.set_title(f"cells changed (FDR {an.fmt(v.fdr * 100)} %)")
-        ax.legend(loc="best", frameon=False)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False, fontsize="small")
         ax = axes[1]
-        ax.plot(x, [s.se_ratio for s in sums], marker="o", color="C2", lw=1.5)
+        ratios = np.array([s.se_ratio for s in sums], float)
+        ax.plot(x, ratios, marker="o", color="C2", lw=1.5)
         ax.axhline(1.0, color="#777777", lw=1, ls="--")
         ax.set_ylabel("median paired SE / unpaired SE")
         ax.set_title("error of the difference: paired vs two runs")
-        ax.set_ylim(bottom=0)
+        pos = ratios[np.isfinite(ratios) & (ratios > 0)]
+        if pos.size and pos.min() < 0.1:  # close sides: the ratio spans decades (1/sqrt(1 − ρ))
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0)
         if causal:
             ax = axes[2]
             for L in layers:
@@ -354,8 +359,8 @@ def summary_png(v: PairedView) -> bytes:
                 ax.errorbar([L], [dp.dp], yerr=[[dp.dp - lo], [hi - dp.dp]], fmt="o", color="C1" if
                             dp.excludes_zero() else "C7", capsize=3, ms=5)
             ax.axhline(0.0, color="#777777", lw=1, ls="--")
-            ax.set_ylabel(f"Δp = p({a}) − p({b})")
-            ax.set_title("decay exponent difference (95 %; orange: excludes 0)")
+            ax.set_ylabel("Δp = p(a) − p(b)")
+            ax.set_title("decay exponent: Δp, 95 % interval (orange: excludes 0)")
         for ax in np.atleast_1d(axes):
             ax.set_xlabel("layer")
             ax.grid(True, color="#e6e6e6", lw=0.7)
