@@ -22,8 +22,6 @@ import posixpath
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..stats.cells import CellStats
 from ..stats.paired import DIFF_KEYS, DiffStats, PairedCells
@@ -57,14 +55,8 @@ def write_paired_layer(run_dir: str, layer: int, state: PairedCells, fdr: float 
     arrays.update({f"state_{k}": v for k, v in state.d.to_arrays(copy=False).items()})
     fs, base = resolve(run_dir)
     write_bytes(fs, posixpath.join(base, diff_file(layer)), npz_bytes(arrays))
-    s = state.shape[0]
-    ii, jj = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
-    cols = {k: np.asarray(v).ravel() for k, v in diffs.items() if k not in SCALAR_KEYS}
-    table = pa.table({"layer": np.full(s * s, layer, np.int32), "i": ii.ravel().astype(np.int32),
-                      "j": jj.ravel().astype(np.int32), **cols})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    write_bytes(fs, posixpath.join(base, diff_file(layer, "parquet")), sink.getvalue().to_pybytes())
+    results.write_cell_table(run_dir, diff_file(layer, "parquet"), layer,
+                             {k: v for k, v in diffs.items() if k not in SCALAR_KEYS})
 
 
 def read_diff_stats(run_dir: str, layer: int) -> dict[str, Any]:

@@ -60,13 +60,20 @@ def write_layer_stats(run_dir: str, layer: int, state: CellStats | WelfordState,
     arrays.update({f"state_{k}": v for k, v in plain.items()})
     # zlib level 1 (store/npz.py) since issue 18: 5× smaller at long S (run dir ≤ 2 GB at S = 512)
     write_bytes(fs, posixpath.join(base, npz_path), npz_bytes(arrays))
-    s = state.shape[0]
+    write_cell_table(run_dir, pq_path, layer, {k: stats[k] for k in cols})
+
+
+def write_cell_table(run_dir: str, path: str, layer: int, cols: dict[str, np.ndarray]) -> None:
+    """The per-cell ``[pos_out, pos_in]`` arrays ``cols`` as a long Parquet table (``layer, i, j, <cols>``)
+    at ``path`` in the run directory (a layer's stats, a paired run's differences)."""
+    fs, base = resolve(run_dir)
+    s = next(iter(cols.values())).shape[0]
     ii, jj = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
     table = pa.table({"layer": np.full(s * s, layer, np.int32), "i": ii.ravel().astype(np.int32),
-                      "j": jj.ravel().astype(np.int32), **{k: stats[k].ravel() for k in cols}})
+                      "j": jj.ravel().astype(np.int32), **{k: np.asarray(v).ravel() for k, v in cols.items()}})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    write_bytes(fs, posixpath.join(base, pq_path), sink.getvalue().to_pybytes())
+    write_bytes(fs, posixpath.join(base, path), sink.getvalue().to_pybytes())
 
 
 def write_manifest(run_dir: str, manifest: dict) -> None:
