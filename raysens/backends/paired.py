@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 
 from ..errors import RaysensError
 
@@ -165,14 +164,6 @@ def _causal(model) -> bool | None:
     from ..core.models.structure import is_causal_model
 
     return bool(is_causal_model(model))
-
-
-def pad3(a: np.ndarray | None, width: int, fill) -> np.ndarray | None:
-    """``[batch, S, S]`` padded to ``[batch, width, width]`` with ``fill`` (None stays None)."""
-    if a is None or a.shape[1] == width:
-        return a
-    s = a.shape[1]
-    return np.pad(a, ((0, 0), (0, width - s), (0, width - s)), constant_values=fill)
 
 
 def check_modes(res_a, res_b) -> None:

@@ -435,73 +435,47 @@ class UnitWorker:
                    job: Job) -> None:
         """Copy a unit's results to the host, check every layer, then fold them into ``acc`` (the lane's
         thread, or the caller's on the sequential path: the same code). A paired run: ``res`` is the
-        results of both sides ``(a, b)`` (or None) and ``acc`` holds one ``PairedCells`` per layer."""
-        if self.paired is not None:
-            return self._fold_pair(acc, maps_out, info, key, res, good, run_ids, job)
-        batches: dict[int, CheckedBatch] = {}  # every layer checked before any state changes
+        results of both sides ``(a, b)`` (or None), each layer's two sides are checked together
+        (``PairedCells.check``) and ``acc`` holds one ``PairedCells`` per layer; per-sample maps
+        (``output.per_sample``) are side a's."""
+        paired = self.paired is not None
+        res, res_b = (res if res is not None else (None, None)) if paired else (res, None)
+        batches: dict[int, CheckedBatch] = {}  # every layer checked before any state changes (CheckedPair when paired)
         maps: dict[int, np.ndarray] = {}
-        if res is not None:
+        if res is not None and (res_b is not None or not paired):
             rows = slice(None) if good.all() else good  # no copy of the maps when every sample is good
             values = faults.planted_values(self.planted, run_ids,
                                            {L: to_host(res.values[L])[rows] for L in self.layers})
             m = to_host(res.mask)[rows]
-            for L in self.layers:
+            layers_b = self.paired.layers if paired else self.layers
+            for L, Lb in zip(self.layers, layers_b):
                 noise = None if res.noise is None or L not in res.noise else to_host(res.noise[L])[rows]  # planned: K=1 layers have none
                 vals = values.pop(L)
-                batches[L] = CellStats.check(vals, m, noise, sample_ids=run_ids)
+                if paired:
+                    from ..stats.paired import PairedCells
+
+                    nb = None if res_b.noise is None or Lb not in res_b.noise else to_host(res_b.noise[Lb])[rows]
+                    batches[L] = PairedCells.check(vals, to_host(res_b.values[Lb])[rows], m, noise, nb,
+                                                   sample_ids=run_ids)
+                else:
+                    batches[L] = CellStats.check(vals, m, noise, sample_ids=run_ids)
                 if self.per_sample:
                     maps[L] = np.where(m, vals, np.nan).astype(np.float32)
         job.dirty = True
         for L, batch in batches.items():  # fold in place: grow to the longer width (exact, any order)
             cur, width = acc.get(L), batch.values.shape[1]
             if cur is None:  # empty + update: from_batch's bits, through the compiled fold (~8x faster at S=512)
-                acc[L] = CellStats.empty(width).update(batch) if kernel_available() else CellStats.from_batch(batch)
+                if paired:
+                    from ..stats.paired import PairedCells
+
+                    acc[L] = PairedCells.empty(width).update(batch)
+                else:
+                    acc[L] = CellStats.empty(width).update(batch) if kernel_available() else CellStats.from_batch(batch)
                 continue
             if cur.shape[0] < width:
                 cur = acc[L] = cur.padded(width)
             cur.update(batch.padded(cur.shape[0]))
         if maps:  # a split unit's sub-batches: their rows, in order, padded to the widest (NaN: no cell)
-            maps_out[key] = subunits.append_maps(maps_out.get(key), maps)
-        info["finished"] = time.time()
-
-    def _fold_pair(self, acc: dict, maps_out: dict, info: dict, key: int, pair, good, run_ids: list[int],
-                   job: Job) -> None:
-        """``_fold_into`` of a paired run: per layer, side a's and side b's maps of the same samples are
-        checked together (``PairedCells.check``) and folded into one ``PairedCells``. Per-sample maps
-        (``output.per_sample``) are side a's."""
-        from ..stats.paired import PairedCells
-        from .paired import pad3
-
-        res, res_b = pair if pair is not None else (None, None)
-        checked: dict[int, object] = {}  # every layer checked before any state changes
-        widths: dict[int, int] = {}
-        maps: dict[int, np.ndarray] = {}
-        if res is not None and res_b is not None:
-            rows = slice(None) if good.all() else good
-            values = faults.planted_values(self.planted, run_ids,
-                                           {L: to_host(res.values[L])[rows] for L in self.layers})
-            m = to_host(res.mask)[rows]
-            for L, Lb in zip(self.layers, self.paired.layers):
-                va, vb = values.pop(L), to_host(res_b.values[Lb])[rows]
-                na = None if res.noise is None or L not in res.noise else to_host(res.noise[L])[rows]
-                nb = None if res_b.noise is None or Lb not in res_b.noise else to_host(res_b.noise[Lb])[rows]
-                cur = acc.get(L)
-                w = max(va.shape[1], cur.shape[0] if cur is not None else 0)  # a state wider than the unit: pad the unit
-                widths[L] = w
-                checked[L] = PairedCells.check(pad3(va, w, 0.0), pad3(vb, w, 0.0), pad3(m, w, False), pad3(na, w, 0.0),
-                                               pad3(nb, w, 0.0), sample_ids=run_ids)
-                if self.per_sample:
-                    maps[L] = np.where(m, va, np.nan).astype(np.float32)
-        job.dirty = True
-        for L, pair in checked.items():  # fold in place: grow the state to the unit's width (exact, any order)
-            cur, width = acc.get(L), widths[L]
-            if cur is None:
-                acc[L] = PairedCells.empty(width).update(pair)
-                continue
-            if cur.shape[0] < width:
-                cur = acc[L] = cur.padded(width)
-            cur.update(pair)
-        if maps:
             maps_out[key] = subunits.append_maps(maps_out.get(key), maps)
         info["finished"] = time.time()
 
