@@ -27,7 +27,7 @@ _PUBLIC = {
     "SensitivityEngine": "engine", "SensitivityBatch": "engine", "NonFiniteGradientError": "engine",
     "SampleMemoryError": "engine",
     "SensitivityConfig": "options", "Estimator": "options", "Mode": "options", "Strategy": "options",
-    "Precision": "options", "ProbeDistribution": "options", "TargetError": "options",
+    "Precision": "options", "ProbeDistribution": "options", "TargetError": "options", "Fusion": "options",
     "load_model": "models", "load_tokenizer_and_config": "models", "LoadedModel": "models",
     "ModelLoadError": "models",
     "PlannedEngine": "planning.planned", "run_pilot": "planning.pilot", "PilotSamples": "planning.pilot",

@@ -45,13 +45,14 @@ from .passes.determinism import thread_independent
 from .passes.fused import install_fused_norms
 from .inputs import normalise
 from .memory.budget import MemoryPolicy
-from .options import Estimator, Mode, Precision, ProbeDistribution, SensitivityConfig, Strategy
+from .options import Estimator, Fusion, Mode, Precision, ProbeDistribution, SensitivityConfig, Strategy
 from .passes.precision import check_precision_device, compute_dtype, generic_autocast, matmul_precision
 from .memory.oom import SampleMemoryError, point, split_on_oom
 from .passes.probes import draw_probes, probe_seed, unit_probes
 from .passes.schedule import SEG_COST_MANUAL, Schedule, directions, pick_mode
 from .stacks import ManualStack, make_stack, unsupported_reason
 from .stacks.gemm import check_gemm_threads
+from .stacks.fusion import pick_kernels
 from .memory.sizing import ModelShape, pass_bytes, too_big_message
 from .passes.transforms import pick_forward, pick_reverse
 from .memory.unitsums import UnitSums
@@ -145,6 +146,10 @@ class SensitivityEngine:
         if cfg.mode is not Mode.REVERSE:
             self._generic_fwd.strategy = pick_forward(self._autograd.forward, self.model, self.n_layers,
                                                       self._generic_fwd.strategy)
+        # the elementwise tangent kernels (fusion.py), chosen once per process before the tangent path's check
+        if (cfg.fusion is not Fusion.EAGER and cfg.mode is not Mode.REVERSE and self._manual is not None
+                and self._manual.has_tangents):
+            self._manual.use_kernels(pick_kernels(cfg.fusion.value, self.device))
         # a hand-written tangent path (stacks), when one exists and passed its one-off check, else None
         self._manual_fwd = self._manual_forward_path()
         if self._manual is not None:  # after the one-off checks (float32): bf16 GEMMs for precision bf16
@@ -160,6 +165,11 @@ class SensitivityEngine:
     def strategy_default(self) -> str:
         """The strategy a call uses unless its length rules ``manual`` out (sliding window)."""
         return Strategy.MANUAL.value if self._manual is not None else self._autograd_strategy()
+
+    @property
+    def fusion_used(self) -> str:
+        """The tangent kernels forward mode runs: "compile" (fused, ``SensitivityConfig.fusion``) or "eager"."""
+        return self._manual.kern.name if self._manual_fwd is not None else "eager"
 
     @property
     def strategy_used(self) -> str:

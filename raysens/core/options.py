@@ -115,6 +115,29 @@ class Precision(str, Enum):
     TF32 = "tf32"
 
 
+class Fusion(str, Enum):
+    """How the hand-written stacks run the elementwise part of their forward-mode tangent work (norm,
+    rotary, SiLU/GELU-gate tangents, the softmax-tangent statistics; ``core/stacks/fusion.py``, issue 30).
+    Only the manual tangent path (forward mode) uses it; reverse mode and the generic paths do not.
+
+    - ``eager`` (default): today's torch ops; results unchanged, bit for bit; no start-up cost.
+    - ``compile``: the same formulas fused by ``torch.compile`` (inductor: C++/OpenMP on CPU, Triton
+      on CUDA), compiled once per process (one Ray actor) with symbolic shapes. Costs: the compile
+      once per process (22–79 s cold on a loaded 2-core VM, ~7 s with a warm inductor cache) and
+      ~0.1 ms per kernel call (dynamo guards, inductor's wrapper), so it pays on large tangent
+      tensors (MiniLM, one full segment: 1.4–1.8x faster whole) and not on small ones (SmolLM2's
+      2-position suffix segments: per kernel 0.5–0.8x); results move in the last bits (fused vs
+      eager ~1e-7 relative on mean maps). Refused with an error where it does not work.
+      docs/benchmarks.md, issue 30.
+    - ``auto``: ``compile`` where a trial compile on small inputs works and matches eager, else
+      ``eager`` with one warning naming why (no C++ compiler, an op inductor cannot lower).
+    """
+
+    AUTO = "auto"
+    COMPILE = "compile"
+    EAGER = "eager"
+
+
 class ProbeDistribution(str, Enum):
     """Hutchinson probe law (all have E[vvᵀ] = I)."""
 
@@ -140,7 +163,7 @@ class TargetError(str, Enum):
 # new fields left out of ``to_dict`` while at their default, so that configs which do not use them keep
 # their run fingerprint (config.RunConfig.fingerprint hashes ``to_dict``)
 _OMIT_AT_DEFAULT = {"target_rel_se": None, "budget": None, "target_error": "total", "pilot_samples": 8,
-                    "max_probes": 32, "layer_plan": None}
+                    "max_probes": 32, "layer_plan": None, "fusion": "eager"}
 
 
 @dataclass(frozen=True)
@@ -167,6 +190,7 @@ class SensitivityConfig:
     max_probes: int = 32  # planner: the largest K it may choose per layer (num_probes is the smallest)
     layer_plan: tuple[str, ...] | None = None  # per-layer "layer:mode:K" (absolute layer indices); set by the planner or by hand
     precision: Precision = Precision.FP32  # fp32 (unchanged results) | bf16 (bf16 GEMMs, fp32 accumulation) | tf32 (CUDA only); see Precision
+    fusion: Fusion = Fusion.EAGER  # elementwise tangent work: eager (unchanged, bit for bit) | compile (torch.compile once per process) | auto (compile where a trial works); see Fusion
 
     def __post_init__(self):
         object.__setattr__(self, "estimator", _enum(Estimator, self.estimator, "estimator"))
@@ -175,6 +199,7 @@ class SensitivityConfig:
                            _enum(ProbeDistribution, self.probe_distribution, "probe_distribution"))
         object.__setattr__(self, "mode", _enum(Mode, self.mode, "mode"))
         object.__setattr__(self, "precision", _enum(Precision, self.precision, "precision"))
+        object.__setattr__(self, "fusion", _enum(Fusion, self.fusion, "fusion"))
         if self.mode is Mode.FORWARD and self.estimator is Estimator.PROJECTION:
             raise ArgumentError(call="SensitivityConfig", detail="mode 'forward' cannot compute estimator 'projection': it is "
                              "defined by a fixed output-side vector u (‖uᵀJ_ij‖², one VJP per output position), "

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .tangents import attention_tangent, lin, ln_tangent
+from .tangents import lin
 
 
 @torch.no_grad()
@@ -30,7 +30,8 @@ def bert_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, rows: slice, a: in
         dx = torch.cat([dx.new_zeros(*dx.shape[:2], a, dx.shape[3]), dx], dim=2)
     c, bsz, seq, d = dx.shape
     hh, hd = stack.heads, stack.head_dim
-    x = ln_tangent(dx, xn0[rows], r0[rows], stack.base.embeddings.LayerNorm.weight)
+    kn = stack.kern  # elementwise kernels: eager (today's functions) or fused (fusion.py)
+    x = kn.ln_tangent(dx, xn0[rows], r0[rows], stack.base.embeddings.LayerNorm.weight)
     out = {0: x} if 0 in layer_ids else {}
     for i in range(min(max(layer_ids), stack.n_layers)):
         blk, sv = stack.blocks[i], saved[i]
@@ -40,16 +41,16 @@ def bert_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, rows: slice, a: in
         dk = lin(xl, stack.w(at.key.weight, True)).view(c, bsz, seq, hh, hd)
         dv = lin(xl, stack.w(at.value.weight, True)).view(c, bsz, seq, hh, hd)
         xl = None
-        do = attention_tangent(dq, dk, dv, sv.q[rows, :, 0], sv.k[rows], sv.v[rows], sv.p[rows, :, 0],
-                               stack.scaling)  # [chunk, batch, pos, d_model]
+        do = kn.attention((dq, dk, dv), sv.q[rows, :, 0], sv.k[rows], sv.v[rows], sv.p[rows, :, 0],
+                          stack.scaling)  # [chunk, batch, pos, d_model]
         dq = dk = dv = None
         h = lin(do, stack.w(blk.attention.output.dense.weight, True), add=x)
         do = None
-        h = ln_tangent(h, sv.xn1[rows], sv.r1[rows], blk.attention.output.LayerNorm.weight)
-        f = lin(h, stack.w(blk.intermediate.dense.weight, True)).mul_(sv.dgelu[rows])  # [chunk, batch, pos, inter]
+        h = kn.ln_tangent(h, sv.xn1[rows], sv.r1[rows], blk.attention.output.LayerNorm.weight)
+        f = kn.act(lin(h, stack.w(blk.intermediate.dense.weight, True)), sv.dgelu[rows])  # [chunk, batch, pos, inter]
         y = lin(f, stack.w(blk.output.dense.weight, True), add=h)
         f = h = None
-        x = ln_tangent(y, sv.xn2[rows], sv.r2[rows], blk.output.LayerNorm.weight)
+        x = kn.ln_tangent(y, sv.xn2[rows], sv.r2[rows], blk.output.LayerNorm.weight)
         y = None
         if i + 1 in layer_ids:
             out[i + 1] = x

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .tangents import attention_tangent, layer_outputs, lin, ln_tangent
+from .tangents import layer_outputs, lin
 
 
 @torch.no_grad()
@@ -31,20 +31,21 @@ def gpt2_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, rows: slice, a: in
     seq = a + p
     hh, hd = stack.heads, stack.head_dim
     out, top = layer_outputs(dx, layer_ids, n)
+    kn = stack.kern  # elementwise kernels: eager (today's functions) or fused (fusion.py)
     for i in range(top):
         blk, sv = stack.blocks[i], saved[i]
         at, mlp = blk.attn, blk.mlp
-        dn = ln_tangent(dx, sv.xn1[rows, a:seq], sv.r1[rows, a:seq], blk.ln_1.weight)
+        dn = kn.ln_tangent(dx, sv.xn1[rows, a:seq], sv.r1[rows, a:seq], blk.ln_1.weight)
         qkv = lin(dn, stack.w(at.c_attn.weight)).view(c, bsz, p, 3, hh, hd)  # [chunk, batch, suffix, q|k|v, heads, hd]
         dn = None
-        do = attention_tangent(qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2], sv.q[rows, :, 0, a:seq],
-                               sv.k[rows, :, :seq], sv.v[rows, :, :seq], sv.p[rows, :, 0, a:seq, :seq],
-                               at.scaling)  # [chunk, batch, suffix, d_model]
+        do = kn.attention((qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]), sv.q[rows, :, 0, a:seq],
+                          sv.k[rows, :, :seq], sv.v[rows, :, :seq], sv.p[rows, :, 0, a:seq, :seq],
+                          at.scaling)  # [chunk, batch, suffix, d_model]
         qkv = None
         dx = lin(do, stack.w(at.c_proj.weight), add=dx)
         do = None
-        dn = ln_tangent(dx, sv.xn2[rows, a:seq], sv.r2[rows, a:seq], blk.ln_2.weight)
-        dm = lin(dn, stack.w(mlp.c_fc.weight)).mul_(sv.dact[rows, a:seq])  # [chunk, batch, suffix, inter]
+        dn = kn.ln_tangent(dx, sv.xn2[rows, a:seq], sv.r2[rows, a:seq], blk.ln_2.weight)
+        dm = kn.act(lin(dn, stack.w(mlp.c_fc.weight)), sv.dact[rows, a:seq])  # [chunk, batch, suffix, inter]
         dn = None
         dx = lin(dm, stack.w(mlp.c_proj.weight), add=dx)
         dm = None
@@ -52,5 +53,5 @@ def gpt2_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, rows: slice, a: in
             out[i + 1] = dx
     if n in layer_ids:
         xn, r = final
-        out[n] = ln_tangent(dx, xn[rows, a:seq], r[rows, a:seq], stack.base.ln_f.weight)
+        out[n] = kn.ln_tangent(dx, xn[rows, a:seq], r[rows, a:seq], stack.base.ln_f.weight)
     return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .gemm import addmm_, mm
+from .fusion import EAGER, Kernels
 
 
 class ManualStack:
@@ -34,6 +35,7 @@ class ManualStack:
     window: int | None = None  # longest input the stack computes exactly (sliding attention); None: any
     has_tangents = False  # True where ``jvp`` (the forward-mode tangent path) is written
     cdtype = torch.float32  # dtype of the tangent/cotangent GEMMs (``use_dtype``); the forward stays float32
+    kern: Kernels = EAGER  # elementwise tangent kernels of ``jvp`` (``use_kernels``; fusion.py): eager = unchanged
 
     def use_dtype(self, dtype: torch.dtype) -> None:
         """Run the GEMMs of ``vjp``/``jvp`` in ``dtype`` (bfloat16: ``SensitivityConfig.precision``
@@ -41,6 +43,11 @@ class ManualStack:
         float32. float32 (the default) uses the model's weights themselves."""
         self.cdtype = dtype
         self._wcache = {}
+
+    def use_kernels(self, kern: Kernels) -> None:
+        """Run ``jvp``'s elementwise tangent work with ``kern`` (``fusion.pick_kernels``; ``EAGER``
+        is today's code, bit for bit)."""
+        self.kern = kern
 
     def w(self, t: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """A weight ``t`` (or ``tᵀ``) in the GEMM dtype: ``t`` itself (a view for ``transpose``) in

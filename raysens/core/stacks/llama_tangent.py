@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .tangents import attention_tangent, layer_outputs, lin
+from .tangents import layer_outputs, lin
 
 
 def _norm_tangent(dx, xn, r, w):
@@ -64,26 +64,27 @@ def llama_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, rows: slice, a: i
     cs = cos[rows, a:seq][:, :, None].to(cd)  # [batch, P, 1, head_dim] (broadcast over chunk, heads)
     sn = sin[rows, a:seq][:, :, None].to(cd)
     out, top = layer_outputs(dx, layer_ids, n)
+    kn = stack.kern  # elementwise kernels: eager (today's functions) or fused (fusion.py)
     for i in range(top):
         blk, sv = stack.blocks[i], saved[i]
         at, mlp = blk.self_attn, blk.mlp
-        dn = _norm_tangent(dx, sv.xn1[rows, a:seq], sv.r1[rows, a:seq], blk.input_layernorm.weight)
+        dn = kn.rms_tangent(dx, sv.xn1[rows, a:seq], sv.r1[rows, a:seq], blk.input_layernorm.weight, cd)
         dq, dk, dv = _proj(stack, dn, (at.q_proj.weight, at.k_proj.weight, at.v_proj.weight))
         dn = None
-        dq = _rope(dq.view(c, bsz, p, hh, hd), cs, sn)  # [chunk, batch, P, heads, hd]
-        dk = _rope(dk.view(c, bsz, p, kvh, hd), cs, sn)  # [chunk, batch, P, kv_heads, hd]
+        dq = kn.rope(dq.view(c, bsz, p, hh, hd), cs, sn)  # [chunk, batch, P, heads, hd]
+        dk = kn.rope(dk.view(c, bsz, p, kvh, hd), cs, sn)  # [chunk, batch, P, kv_heads, hd]
         dv = dv.view(c, bsz, p, kvh, hd)
         q = sv.qr[rows, :, :, a:seq].reshape(-1, hh, p, hd)  # [batch, heads, P, hd]
         pr = sv.p[rows, :, :, a:seq, :seq].reshape(-1, hh, p, seq)  # [batch, heads, P, S]
-        do = attention_tangent(dq, dk, dv, q, sv.kr[rows, :, :seq], sv.v[rows, :, :seq], pr, stack.scaling)
+        do = kn.attention((dq, dk, dv), q, sv.kr[rows, :, :seq], sv.v[rows, :, :seq], pr, stack.scaling)
         dq = dk = dv = None
         dx = lin(do, stack.w(at.o_proj.weight, True), add=dx)  # [chunk, batch, P, d_model]
         do = None
-        dn = _norm_tangent(dx, sv.xn2[rows, a:seq], sv.r2[rows, a:seq], blk.post_attention_layernorm.weight)
+        dn = kn.rms_tangent(dx, sv.xn2[rows, a:seq], sv.r2[rows, a:seq], blk.post_attention_layernorm.weight, cd)
         g, u = _proj(stack, dn, (mlp.gate_proj.weight, mlp.up_proj.weight))  # [chunk, batch, P, inter] each
         dn = None
         ab = sv.ab[rows, a:seq].to(cd)  # [batch, P, 2, inter]
-        dm = (g * ab[:, :, 0]).addcmul_(u, ab[:, :, 1])
+        dm = kn.gate(g, u, ab)
         g = u = None
         dx = lin(dm, stack.w(mlp.down_proj.weight, True), add=dx)
         dm = None
@@ -91,5 +92,5 @@ def llama_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, rows: slice, a: i
             out[i + 1] = dx
     if n in layer_ids:
         xn, r = final
-        out[n] = _norm_tangent(dx, xn[rows, a:seq], r[rows, a:seq], stack.base.norm.weight)
+        out[n] = kn.rms_tangent(dx, xn[rows, a:seq], r[rows, a:seq], stack.base.norm.weight, torch.float32)
     return out

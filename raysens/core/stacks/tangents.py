@@ -108,6 +108,33 @@ def attention_tangent(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: t
     return do.view(bsz, hh, pq, c, hd).permute(3, 0, 2, 1, 4).reshape(c, bsz, pq, hh * hd)
 
 
+def attention_tangent_fused(dqkv: tuple, q, k, v, p, scaling: float, mid, out) -> torch.Tensor:
+    """``attention_tangent(*dqkv, q, k, v, p, scaling)`` with its float32 elementwise steps in two fused
+    kernels (``fusion.Kernels``): ``mid`` (qd added at keys ≥ a, ⊙ p, Σ over keys: one pass) and ``out``
+    ((do − Σ·o)·scaling + p·dv, written in the output GEMM's layout: one pass instead of addcmul_,
+    mul_, baddbmm_'s read and the permute copy; p·dv is its own ``bmm``). bf16 tangents: the eager
+    ``_attention_tangent_low``."""
+    dq, dk, dv = dqkv
+    if dq.dtype != p.dtype:
+        return _attention_tangent_low(dq, dk, dv, q, k, v, p, scaling)
+    c, bsz, pq, hh, hd, kvh, grp, seq, a, bk = _dims(dq, dk, k)
+    kk, vv = k.reshape(bk, seq, hd), v.reshape(bk, seq, hd)
+    dql = dq.unflatten(3, (kvh, grp)).permute(1, 3, 4, 2, 0, 5).reshape(bk, grp * pq * c, hd)
+    ds = torch.bmm(dql, kk.transpose(1, 2)).view(bsz, hh, pq, c, seq)
+    dql = None
+    dkl = dk.permute(1, 3, 0, 2, 4).reshape(bk, c * pq, hd)
+    qd = torch.bmm(q.reshape(bk, grp * pq, hd), dkl.transpose(1, 2)).view(bsz, hh, pq, c, pq)
+    dkl = None
+    dsp, dsum = mid(ds, qd, p.unsqueeze(3))
+    ds = qd = None
+    do = torch.bmm(dsp.view(bk, grp * pq * c, seq), vv).view(bsz, hh, pq, c, hd)
+    dsp = None
+    o = torch.bmm(p.reshape(bk, grp * pq, seq), vv).view(bsz, hh, pq, 1, hd)
+    dvl = dv.permute(1, 3, 2, 0, 4).reshape(bk, pq, c * hd)
+    pv = torch.bmm(p[..., a:].reshape(bk, grp * pq, pq), dvl).view(bsz, hh, pq, c, hd)
+    return out(do, dsum, o, pv, scaling)
+
+
 def _attention_tangent_low(dq, dk, dv, q, k, v, p, scaling):
     """``attention_tangent`` for tangents in a low-precision dtype (bf16): the products in that dtype,
     ``dp = p ⊙ (ds − Σ p·ds)`` in float32 (no cancellation against ``Σ p·ds · o`` after rounding)."""

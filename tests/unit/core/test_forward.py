@@ -29,14 +29,17 @@ def _engine(model, **cfg):
     return SensitivityEngine(model, SensitivityConfig(**cfg))
 
 
+@pytest.mark.parametrize("fusion", ["eager", "compile"])
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("kind", FORWARD_KINDS)
-def test_exact_forward_matches_jacrev_at_every_layer(models, kind, side):
+def test_exact_forward_matches_jacrev_at_every_layer(models, kind, side, fusion):
     model = models[kind]
     rows = [random_ids(6, seed=11), random_ids(4, seed=12)]
     ids, am = padded(rows, side)
-    res = _engine(model, estimator="exact", mode="forward").compute(ids, am, layers=list(range(N_LAYERS + 1)))
+    eng = _engine(model, estimator="exact", mode="forward", fusion=fusion)
+    res = eng.compute(ids, am, layers=list(range(N_LAYERS + 1)))
     assert res.mode == "forward" and res.layers == tuple(range(N_LAYERS + 1))
+    assert res.strategy == "manual" and eng.fusion_used == fusion  # the hand-written path, with these kernels
     for L in res.layers:
         for r, x in enumerate(rows):
             n = len(x)

@@ -1,0 +1,229 @@
+"""Fused elementwise tangent kernels of the hand-written stacks (``SensitivityConfig.fusion``, issue 30).
+
+Forward mode pushes tangents through each block as GEMMs plus elementwise work: the RMSNorm /
+LayerNorm tangent, rotary, the SiLU-gate tangent, the softmax-tangent statistics and the attention
+output (``llama_tangent``, ``gpt2_tangent``, ``bert_tangent``, ``tangents.attention_tangent``). A
+``Kernels`` object holds those elementwise functions; a stack calls them through ``stack.kern``.
+
+- ``EAGER``: today's functions themselves (bit for bit as without the option).
+- ``compiled_kernels()``: the same formulas written as one expression each and passed through
+  ``torch.compile(dynamic=True)`` (inductor: C++/OpenMP on CPU where a C++ compiler exists, Triton on
+  CUDA), compiled once per process (module-level cache: one Ray actor pays it once) with symbolic
+  shapes, so that neither a unit nor a sequence-length bucket recompiles (a dimension of size 1
+  compiles one more variant: a bounded set). Each fused function makes one pass over the tangents
+  where the eager code makes two to four, and the attention output is written straight in the layout
+  of the output GEMM (no separate ``addcmul_``/``mul_``/``baddbmm_``/permute copy passes). Rounding
+  differs from eager in the last bits (sums in another order, products fused): the results keep the
+  bound ``FUSED_RTOL`` against the eager path (tests/unit/core/test_fusion.py asserts it and the
+  float64 oracles), and a sample's numbers do not depend on its batch (asserted there too).
+
+``pick_kernels(fusion, device)`` chooses once per process: ``eager`` -> ``EAGER``; ``compile`` /
+``auto`` -> a trial compile on small inputs checked against the eager formulas; ``auto`` falls back
+to ``EAGER`` with one warning naming why (no compiler, an unsupported op, a numerical mismatch),
+``compile`` raises. Torch only (no Ray).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .llama_tangent import _norm_tangent, _rope
+from .tangents import attention_tangent, attention_tangent_fused, ln_tangent
+
+FUSED_RTOL = 1e-5  # relative (Frobenius) distance of a fused kernel's output from the eager formula's in the trial
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The elementwise tangent functions a stack's ``jvp`` calls (``stack.kern``)."""
+
+    name: str  # "eager" or "compile"
+    rms_tangent: Callable  # (dx, x̂, r, w, dtype) -> RMSNorm tangent (in dtype for the fused path; eager: float32)
+    ln_tangent: Callable  # (dx, x̂, r, w) -> LayerNorm tangent
+    rope: Callable  # (x, cos, sin) -> rotary map of x
+    gate: Callable  # (g, u, ab) -> g·ab[:, :, 0] + u·ab[:, :, 1] (SiLU-gate tangent)
+    act: Callable  # (y, dact) -> y·dact (GELU tangent of GPT-2/BERT)
+    att_mid: Callable | None  # (ds, qd, pe) -> (p ⊙ ds with qd added at keys ≥ a, Σ over keys [.., chunk]); None: eager attention
+    att_out: Callable | None  # (do, dsum [.., chunk], o [.., P, 1, hd], pv, scaling) -> ((do − dsum·o)·scaling + pv) in the output GEMM's layout
+    attention: Callable = None  # ((dq, dk, dv), q, k, v, p, scaling) -> attention tangent (tangents.py)
+    compile_s: float = 0.0  # seconds the trial compile took in this process (0 for eager)
+
+
+def _gate_eager(g, u, ab):
+    return (g * ab[:, :, 0]).addcmul_(u, ab[:, :, 1])
+
+
+def _act_eager(y, dact):
+    return y.mul_(dact)
+
+
+EAGER = Kernels("eager", lambda dx, xn, r, w, dtype: _norm_tangent(dx, xn, r, w), ln_tangent, _rope,
+                _gate_eager, _act_eager, None, None, lambda t, q, k, v, p, s: attention_tangent(*t, q, k, v, p, s))
+
+
+# ---------------------------------------------------------------- the fused formulas (compiled)
+# Written so that no input has a broadcast dimension of size 1 (those are made inside with unsqueeze):
+# every size is then symbolic without a 0/1 special case (``backed_size_oblivious`` while compiling),
+# so a segment of one position or a group of one sample does not recompile.
+def _rms_fused(dx, xn, r, w, dtype):
+    r = r.unsqueeze(-1)
+    dot = (dx * xn).mean(-1, keepdim=True)
+    return ((dx - xn * dot) * (r * w)).to(dtype)
+
+
+def _ln_fused(dx, xn, r, w):
+    r = r.unsqueeze(-1)
+    m1 = dx.mean(-1, keepdim=True)
+    m2 = (dx * xn).mean(-1, keepdim=True)
+    return (dx - m1 - xn * m2) * (r * w)
+
+
+def _rope_fused(x, cos, sin):
+    """x ``[chunk, batch, P, heads, hd]``; cos, sin ``[batch, P, hd]``."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return torch.cat([x1 * cos[..., :h] - x2 * sin[..., :h], x2 * cos[..., h:] + x1 * sin[..., h:]], -1)
+
+
+def _gate_fused(g, u, ab):
+    return g * ab[:, :, 0] + u * ab[:, :, 1]
+
+
+def _act_fused(y, dact):
+    return y * dact
+
+
+def _att_mid_fused(ds, qd, p):
+    """ds ``[batch, heads, P, chunk, S]``, qd ``[.., chunk, P]`` (keys ≥ a = S − P), p ``[batch, heads, P, S]``."""
+    a = ds.shape[-1] - qd.shape[-1]
+    dsp = (ds + F.pad(qd, (a, 0))) * p.unsqueeze(3)
+    return dsp, dsp.sum(-1)
+
+
+def _att_out_fused(do, dsum, o, pv, scaling):
+    """do, pv ``[batch, heads, P, chunk, hd]``, dsum ``[.., chunk]``, o ``[batch, heads, P, hd]`` -> ``[chunk, batch, P, heads·hd]``."""
+    y = (do - dsum.unsqueeze(-1) * o.unsqueeze(3)) * scaling + pv
+    b, h, p, c, hd = y.shape
+    return y.permute(3, 0, 2, 1, 4).reshape(c, b, p, h * hd)
+
+
+def compile_settings():
+    """The shape settings the kernels compile under (``_trial``): symbolic sizes without duck sizing
+    or a 0/1 special case. Not held around each call (28 µs a call, as much as a small kernel): the
+    graph the trial compiles has no size guards a run's shapes fail (measured: no recompile over whole
+    SmolLM2/MiniLM runs, ``jobs/bench/fusion.py`` reports dynamo's graph count)."""
+    from torch.fx.experimental import _config as fx_config
+
+    return fx_config.patch(use_duck_shape=False, backed_size_oblivious=True)
+
+
+class _Compiled:
+    """``torch.compile(f, dynamic=True)`` called with plain tensors (detached: no view bases to guard
+    on; contiguous: strides follow the sizes), so that the shapes of one run use one graph (plus a
+    dtype: bf16)."""
+
+    def __init__(self, f):
+        self.f = torch.compile(f, dynamic=True, fullgraph=True)
+
+    def __call__(self, *args):
+        return self.f(*(a.detach().contiguous() if isinstance(a, torch.Tensor) else a for a in args))
+
+
+_PROCESS: dict = {}  # the process's choice: {"kernels": Kernels} or {"error": str}, once per device type
+
+
+def compiled_kernels() -> Kernels:
+    """The fused formulas through ``torch.compile`` (lazy: inductor compiles at the first call)."""
+    rope, att_mid, att_out, rms, ln = (_Compiled(f) for f in (_rope_fused, _att_mid_fused, _att_out_fused,
+                                                               _rms_fused, _ln_fused))
+    def mid(ds, qd, pe):
+        return att_mid(ds, qd, pe.squeeze(3))
+
+    def out(do, dsum, o, pv, scaling):
+        return att_out(do, dsum, o.squeeze(3), pv, scaling)
+
+    return Kernels("compile",
+                   lambda dx, xn, r, w, dtype: rms(dx, xn, r.squeeze(-1), w, dtype),
+                   lambda dx, xn, r, w: ln(dx, xn, r.squeeze(-1), w),
+                   lambda x, cos, sin: rope(x, cos.squeeze(-2), sin.squeeze(-2)),
+                   _Compiled(_gate_fused), _Compiled(_act_fused),
+                   mid, out, lambda t, q, k, v, p, s: attention_tangent_fused(t, q, k, v, p, s, mid, out))
+
+
+def _trial(k: Kernels, device: torch.device) -> str | None:
+    """Call every fused kernel on small inputs (two shape sets, all sizes ≥ 2) and compare with the
+    eager formulas; None when all agree within ``FUSED_RTOL``, else why not."""
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad(), compile_settings():  # as the tangent passes run (a grad-mode change would recompile)
+        return _trial_checks(k, device, g)
+
+
+def _trial_checks(k: Kernels, device: torch.device, g) -> str | None:
+
+    def rn(*s):
+        return torch.randn(*s, device=device, generator=g)
+
+    def err(x, y):
+        return float((x - y).norm() / y.norm().clamp_min(1e-30))
+
+    for c, b, p, d in ((3, 2, 5, 16), (5, 3, 7, 16)):  # sizes ≥ 2
+        dx, xn, r, w = rn(c, b, p, d), rn(b, p, d), rn(b, p, 1).abs(), rn(d)
+        hd, hh, s = 8, 6, p + 4
+        x, cs, sn = rn(c, b, p, hh, hd), rn(b, p, 1, hd), rn(b, p, 1, hd)
+        ab = rn(b, p, 2, d)
+        ds, qd, pe = rn(b, hh, p, c, s), rn(b, hh, p, c, p), rn(b, hh, p, 1, s)
+        do, dsum, o, pv = rn(b, hh, p, c, hd), rn(b, hh, p, c), rn(b, hh, p, 1, hd), rn(b, hh, p, c, hd)
+        mid_want = ds.clone()
+        mid_want[..., s - p:] += qd
+        mid_want = mid_want * pe
+        out_want = ((do - dsum.unsqueeze(-1) * o) * 0.5 + pv).permute(3, 0, 2, 1, 4).reshape(c, b, p, hh * hd)
+        mid = k.att_mid(ds, qd, pe)
+        checks = {"rms_tangent": (k.rms_tangent(dx, xn, r, w, torch.float32), _norm_tangent(dx, xn, r, w)),
+                  "ln_tangent": (k.ln_tangent(dx, xn, r, w), ln_tangent(dx, xn, r, w)),
+                  "rope": (k.rope(x, cs, sn), _rope(x, cs, sn)),
+                  "gate": (k.gate(dx, dx * 2, ab[..., :d].expand(b, p, 2, d)),
+                           _gate_eager(dx, dx * 2, ab[..., :d].expand(b, p, 2, d))),
+                  "act": (k.act(dx, xn), dx * xn),
+                  "att_mid": (mid[0], mid_want), "att_mid sum": (mid[1], mid_want.sum(-1)),
+                  "att_out": (k.att_out(do, dsum, o, pv, 0.5), out_want)}
+        for name, (got, want) in checks.items():
+            if got.shape != want.shape or not err(got, want) <= FUSED_RTOL:
+                return f"fused {name} differs from eager (shape {tuple(got.shape)} vs {tuple(want.shape)})"
+    return None
+
+
+def pick_kernels(fusion: str, device: torch.device) -> Kernels:
+    """The kernels for ``SensitivityConfig.fusion`` (``"auto"`` | ``"compile"`` | ``"eager"``), decided
+    once per process and device type (the trial compile is paid once per Ray actor)."""
+    if fusion == "eager":
+        return EAGER
+    key = device.type
+    if key not in _PROCESS:
+        t0 = time.perf_counter()
+        try:
+            k = compiled_kernels()
+            why = _trial(k, device)
+        except Exception as e:  # no C++ compiler, an op inductor cannot lower, ...
+            k, why = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        if why is None:
+            import dataclasses
+
+            _PROCESS[key] = {"kernels": dataclasses.replace(k, compile_s=time.perf_counter() - t0)}
+        else:
+            _PROCESS[key] = {"error": why}
+    got = _PROCESS[key]
+    if "kernels" in got:
+        return got["kernels"]
+    if fusion == "compile":
+        raise ValueError(f"SensitivityEngine: fusion 'compile' does not work here ({got['error']}); use fusion "
+                         f"'auto' (falls back to eager) or 'eager'")
+    warnings.warn(f"SensitivityEngine: fusion 'auto' uses the eager tangent kernels: the trial torch.compile "
+                  f"failed ({got['error']})", RuntimeWarning, stacklevel=3)
+    return EAGER

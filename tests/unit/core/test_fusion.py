@@ -1,0 +1,156 @@
+"""``SensitivityConfig.fusion`` (``core/stacks/fusion.py``, issue 30): the fused tangent kernels against
+independent references and against the eager path. The float64 ``jacrev`` oracles run on the fused
+path in ``test_forward.py::test_exact_forward_matches_jacrev_at_every_layer`` (parametrized over
+fusion); here: the fused path within the documented bound of the eager one (Hutchinson, the same
+probes, Llama/GQA, GPT-2 with causal suffix segments, BERT), a sample's numbers the same alone and in
+a padded batch of 3, the eager default unchanged (its kernels are today's functions), the one-off
+choice (auto falls back to eager with one warning naming why; compile refuses), the config field,
+bf16 on the fused path within the bf16 bound, the same bits at 1 and 2 threads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from refs import N_LAYERS, by_thread_count, make_model, padded, random_ids
+from raysens.core.engine import SensitivityConfig, SensitivityEngine
+from raysens.core.stacks import fusion
+
+KINDS = ("llama", "gpt2", "bert")
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {k: make_model(k, seed=7) for k in KINDS}
+
+
+def _engine(model, **cfg):
+    return SensitivityEngine(model, SensitivityConfig(**cfg))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_equals_eager_within_its_bound(models, kind):
+    """Hutchinson K=2, the same probes, every layer: fused and eager agree to float32 rounding (the
+    fused kernels sum in another order); the fused engine really runs the compiled kernels."""
+    model = models[kind]
+    ids, am = padded([random_ids(9, seed=1), random_ids(6, seed=2), random_ids(8, seed=3)], "right")
+    cfg = dict(estimator="hutchinson", num_probes=2, seed=3, mode="forward")
+    eager, fused = _engine(model, **cfg), _engine(model, fusion="compile", **cfg)
+    assert eager.fusion_used == "eager" and fused.fusion_used == "compile"
+    assert fused._manual.kern is not fusion.EAGER and eager._manual.kern is fusion.EAGER
+    layers = list(range(N_LAYERS + 1))
+    a, b = fused.compute(ids, am, layers=layers), eager.compute(ids, am, layers=layers)
+    assert a.strategy == b.strategy == "manual"
+    for L in layers:
+        np.testing.assert_allclose(a.values[L], b.values[L], rtol=1e-4, atol=1e-6 * b.values[L].max())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_sample_is_the_same_alone_and_in_a_padded_batch(models, kind):
+    """The bit-for-bit guarantee on the fused path: a sample alone and as the middle of a padded batch
+    of 3 (both sides) gives the same numbers (a bound of 1e-6 relative where the batch changes the
+    GEMM shapes, as the eager path's test allows)."""
+    model = models[kind]
+    x = random_ids(6, seed=21)
+    cfg = dict(estimator="hutchinson", num_probes=3, mode="forward", seed=5, fusion="compile")
+    alone = _engine(model, **cfg).compute(x[None], layers=[1, -1], sample_ids=[9])
+    for side in ("left", "right"):
+        ids, am = padded([random_ids(3, seed=1), x, random_ids(8, seed=2)], side, pad=7)
+        r = _engine(model, **cfg).compute(ids, am, layers=[1, -1], sample_ids=[1, 9, 2])
+        assert r.strategy == "manual"
+        for L in alone.layers:
+            np.testing.assert_allclose(r.values[L][1, :6, :6], alone.values[L][0], rtol=1e-6,
+                                       atol=1e-7 * alone.values[L].max())
+
+
+def test_eager_is_the_default_and_todays_code():
+    """``eager`` (the default) runs today's functions themselves: results unchanged bit for bit."""
+    from raysens.core.stacks.llama_tangent import _norm_tangent, _rope
+    from raysens.core.stacks.tangents import ln_tangent
+
+    assert SensitivityConfig().fusion.value == "eager"
+    assert "fusion" not in SensitivityConfig().to_dict()  # run fingerprints of existing configs unchanged
+    assert SensitivityConfig(fusion="auto").to_dict()["fusion"] == "auto"
+    k = fusion.pick_kernels("eager", torch.device("cpu"))
+    assert k is fusion.EAGER and k.ln_tangent is ln_tangent and k.rope is _rope and k.att_mid is None
+    g = torch.Generator().manual_seed(0)
+    dx, xn, r, w = (torch.randn(2, 3, 4, 8, generator=g), torch.randn(3, 4, 8, generator=g),
+                    torch.rand(3, 4, 1, generator=g), torch.randn(8, generator=g))
+    assert torch.equal(k.rms_tangent(dx, xn, r, w, torch.bfloat16), _norm_tangent(dx, xn, r, w))
+
+
+def test_unknown_fusion_value_is_a_clear_error():
+    with pytest.raises(ValueError, match="fusion"):
+        SensitivityConfig(fusion="fast")
+
+
+def test_auto_falls_back_to_eager_with_one_warning_naming_why(models, monkeypatch):
+    def broken():
+        raise RuntimeError("no C++ compiler found\nmore lines")
+
+    monkeypatch.setattr(fusion, "_PROCESS", {})
+    monkeypatch.setattr(fusion, "compiled_kernels", broken)
+    with pytest.warns(RuntimeWarning, match="fusion 'auto' uses the eager.*no C\\+\\+ compiler found"):
+        eng = _engine(models["llama"], mode="forward", fusion="auto")
+    assert eng.fusion_used == "eager" and eng._manual.kern is fusion.EAGER
+    with pytest.raises(ValueError, match="fusion 'compile' does not work here"):
+        _engine(models["llama"], mode="forward", fusion="compile")
+
+
+def test_auto_rejects_kernels_that_disagree_with_eager(monkeypatch):
+    """The trial's numerical check: a fused kernel off by 1e-3 is not used."""
+    good = fusion.compiled_kernels
+
+    def off():
+        import dataclasses
+
+        k = good()
+        return dataclasses.replace(k, rope=lambda x, c, s: k.rope(x, c, s) * 1.001)
+
+    monkeypatch.setattr(fusion, "_PROCESS", {})
+    monkeypatch.setattr(fusion, "compiled_kernels", off)
+    with pytest.warns(RuntimeWarning, match="fused rope differs from eager"):
+        assert fusion.pick_kernels("auto", torch.device("cpu")) is fusion.EAGER
+
+
+def test_auto_compiles_once_per_process(models):
+    """The choice is made once per process (one Ray actor): a second engine reuses the same kernels."""
+    a = _engine(models["gpt2"], mode="forward", fusion="auto")
+    b = _engine(models["bert"], mode="forward", fusion="auto")
+    if a.fusion_used == "compile":
+        assert a._manual.kern is b._manual.kern
+    else:  # no working compiler on this machine: both fell back
+        assert b.fusion_used == "eager"
+
+
+def test_fused_bf16_keeps_the_bf16_bound(models):
+    """precision bf16 on the fused path (the norm tangent rounded to bf16 inside its kernel, rotary and
+    the gate fused in bf16, the attention eager): every exact map within ``BF16_MAP_BOUND`` of fp32."""
+    import warnings
+
+    from raysens.core.passes.precision import BF16_MAP_BOUND
+
+    model = models["llama"]
+    ids, am = padded([random_ids(7, seed=4), random_ids(5, seed=6)], "right")
+    ref = _engine(model, estimator="exact", mode="forward").compute(ids, am, layers=list(range(N_LAYERS + 1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # bf16 on a CPU without bf16 instructions: slower only
+        eng = _engine(model, estimator="exact", mode="forward", precision="bf16", fusion="compile")
+    assert eng.fusion_used == "compile"
+    got = eng.compute(ids, am, layers=list(range(N_LAYERS + 1)))
+    for L in ref.layers:
+        err = float(np.linalg.norm(got.values[L] - ref.values[L]) / np.linalg.norm(ref.values[L]))
+        assert err <= BF16_MAP_BOUND, (L, err)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_numbers_do_not_depend_on_the_thread_count(models, kind):
+    """The fused kernels (inductor's OpenMP loops) give the same bits at 1 and 2 threads (Ray actors
+    and the in-process path run different thread counts)."""
+    ids, am = padded([random_ids(5, seed=1), random_ids(3, seed=2), random_ids(1, seed=4)], "right")
+    eng = _engine(models[kind], estimator="hutchinson", num_probes=2, mode="forward", fusion="compile")
+    out = by_thread_count(eng, ids, am, [0, 1, -1])
+    assert out[1].strategy == "manual"
+    for L in out[1].layers:
+        np.testing.assert_array_equal(out[1].values[L], out[2].values[L])
