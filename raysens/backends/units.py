@@ -232,6 +232,7 @@ class UnitWorker:
         self.planted = faults.planted_settings() if planted is None else planted  # test hook (testing/faults.py)
         self.device = str(device)
         self.model_identity = {"name": lm.name, "source": lm.source, **lm.info}
+        self.model_identity.update({"fusion": self.engine.fusion_info} if hasattr(self.engine, "fusion_info") else {})
         if self.paired is not None:
             self.model_identity["paired_b"] = self.paired.identity
         self.load_s = time.perf_counter() - t0

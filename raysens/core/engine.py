@@ -52,7 +52,7 @@ from .passes.probes import draw_probes, probe_seed, unit_probes
 from .passes.schedule import SEG_COST_MANUAL, Schedule, directions, pick_mode
 from .stacks import ManualStack, make_stack, unsupported_reason
 from .stacks.gemm import check_gemm_threads
-from .stacks.fusion import pick_kernels
+from .stacks.fusion import choose_kernels
 from .memory.sizing import ModelShape, pass_bytes, too_big_message
 from .passes.transforms import pick_forward, pick_reverse
 from .memory.unitsums import UnitSums
@@ -147,9 +147,12 @@ class SensitivityEngine:
             self._generic_fwd.strategy = pick_forward(self._autograd.forward, self.model, self.n_layers,
                                                       self._generic_fwd.strategy)
         # the elementwise tangent kernels (fusion.py), chosen once per process before the tangent path's check
+        self._fusion_why = "no hand-written tangent path" if cfg.fusion is not Fusion.EAGER else "fusion 'eager'"
         if (cfg.fusion is not Fusion.EAGER and cfg.mode is not Mode.REVERSE and self._manual is not None
                 and self._manual.has_tangents):
-            self._manual.use_kernels(pick_kernels(cfg.fusion.value, self.device))
+            family = type(self._manual).__name__.removesuffix("Stack").lower()  # llama | gpt2 | bert
+            kern, self._fusion_why = choose_kernels(cfg.fusion.value, self.device, family)
+            self._manual.use_kernels(kern)
         # a hand-written tangent path (stacks), when one exists and passed its one-off check, else None
         self._manual_fwd = self._manual_forward_path()
         if self._manual is not None:  # after the one-off checks (float32): bf16 GEMMs for precision bf16
@@ -170,6 +173,14 @@ class SensitivityEngine:
     def fusion_used(self) -> str:
         """The tangent kernels forward mode runs: "compile" (fused, ``SensitivityConfig.fusion``) or "eager"."""
         return self._manual.kern.name if self._manual_fwd is not None else "eager"
+
+    @property
+    def fusion_info(self) -> dict:
+        """What the run's manifest records of ``SensitivityConfig.fusion``: asked, used (compile | eager),
+        why, and the seconds this process has spent compiling the fused kernels so far."""
+        kern = self._manual.kern if self._manual is not None else None
+        return {"asked": self.config.fusion.value, "used": self.fusion_used, "why": self._fusion_why,
+                "compile_s": round(kern.compile_s_total(), 3) if kern is not None else 0.0}
 
     @property
     def strategy_used(self) -> str:

@@ -26,6 +26,7 @@ to ``EAGER`` with one warning naming why (no compiler, an unsupported op, a nume
 from __future__ import annotations
 
 import time
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -53,6 +54,15 @@ class Kernels:
     att_out: Callable | None  # (do, dsum [.., chunk], o [.., P, 1, hd], pv, scaling) -> ((do − dsum·o)·scaling + pv) in the output GEMM's layout
     attention: Callable = None  # ((dq, dk, dv), q, k, v, p, scaling) -> attention tangent (tangents.py)
     compile_s: float = 0.0  # seconds the trial compile took in this process (0 for eager)
+    parts: tuple = ()  # the ``_Compiled`` kernels (their per-key caches and compile times); () for eager
+
+    def keys_used(self) -> int:
+        """The most cache keys (compiled variants) any of these kernels holds in this process."""
+        return max((len(c.by_key) for c in self.parts), default=0)
+
+    def compile_s_total(self) -> float:
+        """Seconds spent compiling these kernels in this process so far (trial and every later key)."""
+        return sum(c.compile_s for c in self.parts)
 
 
 def _gate_eager(g, u, ab):
@@ -124,37 +134,114 @@ def compile_settings():
     return fx_config.patch(use_duck_shape=False, backed_size_oblivious=True)
 
 
+MAX_KEYS = 64  # compiled variants (cache keys) one fused kernel may hold in a process; then new engines use eager
+KEYS_RESERVED = 6  # keys an engine may still add after ``pick_kernels`` (its thread count, dtypes, scaling, ...)
+
+
+class FusionCacheFull(RuntimeError):
+    """A fused kernel met a new cache key with ``MAX_KEYS`` variants already compiled (never within the
+    ``KEYS_RESERVED`` an engine is granted by ``pick_kernels``)."""
+
+
+def _fresh(f, tag: str):
+    """A copy of ``f`` with its own code object: dynamo keeps its compiled graphs (and counts its
+    recompile limit) per code object, so each cache key's copy starts with an empty cache."""
+    code = f.__code__.replace(co_name=f"{f.__name__}__{tag}", co_qualname=f"{f.__qualname__}__{tag}")
+    return types.FunctionType(code, f.__globals__, code.co_name, f.__defaults__, f.__closure__)
+
+
+def _no_artifact_caches():
+    """Inductor's FX-graph and AOTAutograd caches off while a key compiles: an artifact cached on disk
+    by another process (another raysens version, other shape settings) brings its own shape guards
+    (duck-size equalities, 0/1 cases) that a later call of the same key can fail. Each key compiles
+    cold (what ``jobs/bench/fusion.py`` measures anyway)."""
+    import contextlib
+
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(inductor_config.patch(fx_graph_cache=False))
+    stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
+    return stack
+
+
 class _Compiled:
-    """``torch.compile(f, dynamic=True)`` called with plain tensors (detached: no view bases to guard
-    on; contiguous: strides follow the sizes), so that the shapes of one run use one graph (plus a
-    dtype: bf16)."""
+    """``f`` through ``torch.compile(dynamic=True, fullgraph=True)``, one compiled copy per cache key.
+
+    The key holds everything dynamo guards on that legitimately needs another graph: the thread count
+    (inductor writes it into its C++ loops; dynamo guards it as global state), grad mode, each tensor
+    argument's dtype, device, which of its sizes are 1 and whether its storage offset is 0 (dynamo's
+    0/1 special case: a batch of one sample, a segment of one position, a slice), and the non-tensor arguments (an output dtype, the attention's
+    scaling: dynamo specializes on them). Other sizes are symbolic (``compile_settings`` held while a
+    key compiles: no duck sizing; no on-disk artifact cache: ``_no_artifact_caches``), tensors are
+    passed detached, contiguous and with canonical strides: within a key no guard fails, so every copy compiles once (``graphs`` reports dynamo's cache entries per copy; the
+    tests assert 1). A new key past ``MAX_KEYS`` raises ``FusionCacheFull``; ``pick_kernels`` keeps
+    ``KEYS_RESERVED`` free for each engine it hands these kernels to."""
 
     def __init__(self, f):
-        self.f = torch.compile(f, dynamic=True, fullgraph=True)
+        self.f = f
+        self.by_key: dict = {}  # cache key -> the compiled copy of f (its own code object)
+        self.compile_s = 0.0  # seconds spent in first calls (dynamo trace + inductor compile) in this process
 
     def __call__(self, *args):
-        return self.f(*(a.detach().contiguous() if isinstance(a, torch.Tensor) else a for a in args))
+        prep, key = [], [torch.get_num_threads(), torch.is_grad_enabled()]
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                a = a.detach().contiguous()
+                ones = tuple(n == 1 for n in a.shape)
+                if True in ones:  # canonical strides at size-1 dims (contiguous() keeps whatever they were)
+                    a = a.view(a.shape)
+                key.append((a.dtype, a.device, ones, a.storage_offset() == 0))
+            else:
+                key.append(a)
+            prep.append(a)
+        key = tuple(key)
+        fn = self.by_key.get(key)
+        if fn is None:
+            return self._first(key, prep)
+        return fn(*prep)
+
+    def _first(self, key, args):
+        if len(self.by_key) >= MAX_KEYS:
+            raise FusionCacheFull(f"fused kernel {self.f.__name__}: {MAX_KEYS} compiled variants in this process "
+                                  f"(new key {key!r}); use fusion 'eager' or fewer thread counts/dtypes per process")
+        fn = torch.compile(_fresh(self.f, f"k{len(self.by_key)}"), dynamic=True, fullgraph=True)
+        t0 = time.perf_counter()
+        with compile_settings(), _no_artifact_caches():
+            out = fn(*args)
+        self.compile_s += time.perf_counter() - t0
+        self.by_key[key] = fn
+        return out
+
+    def graphs(self) -> list[int]:
+        """Dynamo's cache entries per compiled copy (1 each: no copy ever recompiled)."""
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return [len(_debug_get_cache_entry_list(fn._torchdynamo_orig_callable.__code__)) for fn in self.by_key.values()]
 
 
-_PROCESS: dict = {}  # the process's choice: {"kernels": Kernels} or {"error": str}, once per device type
+_PROCESS: dict = {}  # the process's trial: {"kernels": Kernels} or {"error": str}, once per device type
 
 
 def compiled_kernels() -> Kernels:
-    """The fused formulas through ``torch.compile`` (lazy: inductor compiles at the first call)."""
-    rope, att_mid, att_out, rms, ln = (_Compiled(f) for f in (_rope_fused, _att_mid_fused, _att_out_fused,
-                                                               _rms_fused, _ln_fused))
+    """The fused formulas through ``torch.compile`` (lazy: inductor compiles at a key's first call)."""
+    rope, att_mid, att_out, rms, ln, gate, act = parts = tuple(
+        _Compiled(f) for f in (_rope_fused, _att_mid_fused, _att_out_fused, _rms_fused, _ln_fused, _gate_fused,
+                               _act_fused))
+
     def mid(ds, qd, pe):
         return att_mid(ds, qd, pe.squeeze(3))
 
     def out(do, dsum, o, pv, scaling):
-        return att_out(do, dsum, o.squeeze(3), pv, scaling)
+        return att_out(do, dsum, o.squeeze(3), pv, float(scaling))
 
     return Kernels("compile",
                    lambda dx, xn, r, w, dtype: rms(dx, xn, r.squeeze(-1), w, dtype),
                    lambda dx, xn, r, w: ln(dx, xn, r.squeeze(-1), w),
                    lambda x, cos, sin: rope(x, cos.squeeze(-2), sin.squeeze(-2)),
-                   _Compiled(_gate_fused), _Compiled(_act_fused),
-                   mid, out, lambda t, q, k, v, p, s: attention_tangent_fused(t, q, k, v, p, s, mid, out))
+                   gate, act, mid, out, lambda t, q, k, v, p, s: attention_tangent_fused(t, q, k, v, p, s, mid, out),
+                   parts=parts)
 
 
 def _trial(k: Kernels, device: torch.device) -> str | None:
@@ -199,11 +286,22 @@ def _trial_checks(k: Kernels, device: torch.device, g) -> str | None:
     return None
 
 
-def pick_kernels(fusion: str, device: torch.device) -> Kernels:
-    """The kernels for ``SensitivityConfig.fusion`` (``"auto"`` | ``"compile"`` | ``"eager"``), decided
-    once per process and device type (the trial compile is paid once per Ray actor)."""
+AUTO_FAMILIES = frozenset({"bert"})  # stacks where ``auto`` compiles: fused measured faster (benchmarks.md, issue 30)
+AUTO_RULE = ("auto compiles the BERT stack only: fused measured 1.4-1.8x faster on MiniLM, 0.86-0.97x (slower) "
+             "on SmolLM2 (llama), GPT-2 not measured faster")
+
+
+def choose_kernels(fusion: str, device: torch.device, family: str | None = None) -> tuple[Kernels, str]:
+    """The kernels for ``SensitivityConfig.fusion`` (``"auto"`` | ``"compile"`` | ``"eager"``) of a
+    stack of ``family`` (``"llama"``, ``"gpt2"``, ``"bert"``; None: any) and why, decided once per
+    engine. The trial compile runs once per process and device type (paid once per Ray actor); the
+    compiled kernels are shared by the process's engines. ``auto``: eager where fused does not pay
+    (``AUTO_FAMILIES``), and with one warning where the trial failed or the cache is full (fewer than
+    ``KEYS_RESERVED`` of ``MAX_KEYS`` keys left); ``compile`` raises there."""
     if fusion == "eager":
-        return EAGER
+        return EAGER, "fusion 'eager' (the default)"
+    if fusion == "auto" and family is not None and family not in AUTO_FAMILIES:
+        return EAGER, f"fusion 'auto' on a {family} stack: {AUTO_RULE}"
     key = device.type
     if key not in _PROCESS:
         t0 = time.perf_counter()
@@ -217,13 +315,24 @@ def pick_kernels(fusion: str, device: torch.device) -> Kernels:
 
             _PROCESS[key] = {"kernels": dataclasses.replace(k, compile_s=time.perf_counter() - t0)}
         else:
-            _PROCESS[key] = {"error": why}
+            _PROCESS[key] = {"error": f"the trial torch.compile failed ({why})"}
     got = _PROCESS[key]
-    if "kernels" in got:
-        return got["kernels"]
+    why = got.get("error")
+    if why is None:
+        k = got["kernels"]
+        if MAX_KEYS - k.keys_used() < KEYS_RESERVED:
+            why = (f"this process's fused-kernel cache is full ({k.keys_used()} of {MAX_KEYS} compiled variants: "
+                   f"thread counts x dtypes x models)")
+        else:
+            return k, f"fusion '{fusion}': compiled (trial {k.compile_s:.1f} s in this process)"
     if fusion == "compile":
-        raise ValueError(f"SensitivityEngine: fusion 'compile' does not work here ({got['error']}); use fusion "
-                         f"'auto' (falls back to eager) or 'eager'")
-    warnings.warn(f"SensitivityEngine: fusion 'auto' uses the eager tangent kernels: the trial torch.compile "
-                  f"failed ({got['error']})", RuntimeWarning, stacklevel=3)
-    return EAGER
+        raise ValueError(f"SensitivityEngine: fusion 'compile' does not work here: {why}; use fusion 'auto' "
+                         f"(falls back to eager) or 'eager'")
+    warnings.warn(f"SensitivityEngine: fusion 'auto' uses the eager tangent kernels: {why}", RuntimeWarning,
+                  stacklevel=3)
+    return EAGER, f"fusion 'auto' fell back to eager: {why}"
+
+
+def pick_kernels(fusion: str, device: torch.device, family: str | None = None) -> Kernels:
+    """``choose_kernels`` without the reason."""
+    return choose_kernels(fusion, device, family)[0]

@@ -92,8 +92,9 @@ def test_auto_falls_back_to_eager_with_one_warning_naming_why(models, monkeypatc
     monkeypatch.setattr(fusion, "_PROCESS", {})
     monkeypatch.setattr(fusion, "compiled_kernels", broken)
     with pytest.warns(RuntimeWarning, match="fusion 'auto' uses the eager.*no C\\+\\+ compiler found"):
-        eng = _engine(models["llama"], mode="forward", fusion="auto")
+        eng = _engine(models["bert"], mode="forward", fusion="auto")
     assert eng.fusion_used == "eager" and eng._manual.kern is fusion.EAGER
+    assert "no C++ compiler found" in eng.fusion_info["why"] and eng.fusion_info["used"] == "eager"
     with pytest.raises(ValueError, match="fusion 'compile' does not work here"):
         _engine(models["llama"], mode="forward", fusion="compile")
 
@@ -115,13 +116,38 @@ def test_auto_rejects_kernels_that_disagree_with_eager(monkeypatch):
 
 
 def test_auto_compiles_once_per_process(models):
-    """The choice is made once per process (one Ray actor): a second engine reuses the same kernels."""
-    a = _engine(models["gpt2"], mode="forward", fusion="auto")
-    b = _engine(models["bert"], mode="forward", fusion="auto")
+    """The trial compile runs once per process (one Ray actor): a second engine reuses the same kernels."""
+    a = _engine(models["bert"], mode="forward", fusion="auto")
+    b = _engine(models["bert"], mode="forward", fusion="auto", num_probes=3)
     if a.fusion_used == "compile":
         assert a._manual.kern is b._manual.kern
+        assert a.fusion_info["asked"] == "auto" and a.fusion_info["used"] == "compile"
     else:  # no working compiler on this machine: both fell back
         assert b.fusion_used == "eager"
+
+
+def test_auto_uses_eager_where_fusion_does_not_pay(models, recwarn):
+    """``auto`` compiles only the stacks where fused was measured faster (``AUTO_FAMILIES``: BERT); a
+    Llama or GPT-2 stack runs eager, without a warning, and the manifest's record says why."""
+    for kind in ("llama", "gpt2"):
+        eng = _engine(models[kind], mode="forward", fusion="auto")
+        assert eng.fusion_used == "eager" and eng._manual.kern is fusion.EAGER
+        assert f"on a {kind} stack" in eng.fusion_info["why"]
+    assert not [w for w in recwarn if "fusion" in str(w.message)]
+    assert _engine(models["llama"], mode="forward", fusion="compile").fusion_used == "compile"
+
+
+def test_a_full_cache_refuses_new_engines_not_running_ones(models, monkeypatch):
+    """The bound on compiled variants: with fewer than ``KEYS_RESERVED`` keys left, a new engine's
+    ``auto`` runs eager with one warning naming the cache, ``compile`` refuses in one line; an engine
+    built before keeps its kernels."""
+    built = _engine(models["bert"], mode="forward", fusion="compile")
+    monkeypatch.setattr(fusion, "MAX_KEYS", built._manual.kern.keys_used() + fusion.KEYS_RESERVED - 1)
+    with pytest.warns(RuntimeWarning, match="fusion 'auto' uses the eager.*cache is full"):
+        assert _engine(models["bert"], mode="forward", fusion="auto").fusion_used == "eager"
+    with pytest.raises(ValueError, match="fusion 'compile' does not work here.*cache is full"):
+        _engine(models["bert"], mode="forward", fusion="compile")
+    assert built.fusion_used == "compile"
 
 
 def test_fused_bf16_keeps_the_bf16_bound(models):
@@ -154,3 +180,46 @@ def test_fused_numbers_do_not_depend_on_the_thread_count(models, kind):
     assert out[1].strategy == "manual"
     for L in out[1].layers:
         np.testing.assert_array_equal(out[1].values[L], out[2].values[L])
+
+
+def test_many_engines_in_one_process_compile_each_variant_once(models):
+    """What a test suite, a sweep or a paired run does in one process: 12 engines with fusion 'compile'
+    (3 models x fp32/bf16 x 1/2 threads), each against the eager path within the documented bound
+    (fp32: the float32 rounding bound of ``test_fused_equals_eager_within_its_bound``; bf16: every map
+    within ``BF16_MAP_BOUND`` of eager fp32). Dynamo's per-code-object recompile limit is never met:
+    every compiled copy of every kernel holds exactly one graph."""
+    import warnings
+
+    from raysens.core.passes.precision import BF16_MAP_BOUND
+
+    before = torch.get_num_threads()
+    ids, am = padded([random_ids(7, seed=11), random_ids(1, seed=12), random_ids(4, seed=13)], "right")
+    layers = list(range(N_LAYERS + 1))
+    cfg = dict(estimator="hutchinson", num_probes=2, seed=4, mode="forward")
+    ref = {k: _engine(models[k], **cfg).compute(ids, am, layers=layers) for k in KINDS}
+    runs = 0
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for kind in KINDS:
+                for precision in ("fp32", "bf16"):
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RuntimeWarning)  # bf16 without bf16 instructions
+                        eng = _engine(models[kind], precision=precision, fusion="compile", **cfg)
+                    assert eng.fusion_used == "compile"
+                    got, want = eng.compute(ids, am, layers=layers), ref[kind]
+                    for L in layers:
+                        if precision == "fp32":
+                            np.testing.assert_allclose(got.values[L], want.values[L], rtol=1e-4,
+                                                       atol=1e-6 * want.values[L].max())
+                        else:
+                            err = np.linalg.norm(got.values[L] - want.values[L]) / np.linalg.norm(want.values[L])
+                            assert err <= BF16_MAP_BOUND, (kind, threads, L, err)
+                    runs += 1
+    finally:
+        torch.set_num_threads(before)
+    assert runs == 12
+    kern = fusion.pick_kernels("compile", torch.device("cpu"))
+    assert 2 <= kern.keys_used() <= fusion.MAX_KEYS
+    for part in kern.parts:
+        assert all(n == 1 for n in part.graphs()), (part.f.__name__, part.graphs())
