@@ -3,6 +3,7 @@
     python -m jobs.bench.fusion                                    # SmolLM2 + MiniLM, 8 samples, 5 rounds
     python -m jobs.bench.fusion --models smollm2 --threads 2 --rounds 5 --json jobs/results/i30_fusion.json
     python -m jobs.bench.fusion --kernels                          # per kernel on SmolLM2 shapes only
+    python -m jobs.bench.fusion --kernels --cpp-wrapper            # the same with inductor's C++ wrapper
 
 One child process per model (``jobs.harness.run_child``) with a fresh, empty inductor cache
 (``TORCHINDUCTOR_CACHE_DIR``: the compile time is a cold one, what the first actor on a machine pays;
@@ -13,7 +14,8 @@ then ``--rounds`` rounds alternate eager, fused and a 2048² fp32 ``torch.matmul
 in the same process, between the variants: the machine is shared). Printed per variant: median and
 range of s/sample, the FLOP floor's rate (as in ``forward_rate.py``) as a fraction of the median
 matmul rate; the fused/eager speed-up; the K=1 mean maps' distance (fused vs eager); the compile
-time and its break-even in samples (compile s / saving per sample) against the quick start (64
+time (the trial's, and every cache key's first call: ``Kernels.compile_s_total``), the cache keys per
+kernel and dynamo's graphs per key (1: no recompile), and its break-even in samples (compile s / saving per sample) against the quick start (64
 samples, K=2: about twice the K=1 work per sample) and a 10k-sample cell. No Ray.
 """
 
@@ -76,7 +78,10 @@ def child(spec: dict) -> dict:
     kern = engines["compile"]._manual.kern
     return {"model": spec["model"], "layers": n, "threads": torch.get_num_threads(), "floor_gflop_per_sample": floor / 1e9,
             "s_per_sample": times, "matmul_gflops": mm, "build_s": build_s, "warmup_s": warm_s,
-            "trial_compile_s": kern.compile_s, "mean_map_rel_diff": diff, "dynamo_stats": dyn}
+            "trial_compile_s": kern.compile_s, "mean_map_rel_diff": diff, "dynamo_stats": dyn,
+            "compile_s_all_keys": kern.compile_s_total(), "cache_keys": {c.f.__name__: len(c.by_key) for c in kern.parts},
+            "graphs_per_key": {c.f.__name__: c.graphs() for c in kern.parts},
+            "cpp_wrapper": bool(torch._inductor.config.cpp_wrapper)}
 
 
 def kernels(spec: dict) -> dict:
@@ -144,11 +149,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kernels", action="store_true", help="time the kernels alone (SmolLM2 shapes)")
+    ap.add_argument("--cpp-wrapper", action="store_true",
+                    help="inductor's C++ wrapper (TORCHINDUCTOR_CPP_WRAPPER=1) in the child: less Python per call")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    env = {"TORCHINDUCTOR_CPP_WRAPPER": "1"} if args.cpp_wrapper else {}
     if args.kernels:
         spec = {"chunk": 2, "batch": 8, "P": 16, "threads": args.threads, "reps": 30}
-        res = run_child("jobs.bench.fusion:kernels", spec)
+        res = run_child("jobs.bench.fusion:kernels", spec, env=env)
         for name, v in res.items():
             log(f"{name:18s} [chunk 2, batch 8, P 16, SmolLM2 widths, {args.threads} threads]: eager "
                 f"{v['eager_ms']:.2f} ms, fused {v['compile_ms']:.2f} ms ({v['speedup']:.2f}×)")
@@ -158,7 +166,7 @@ def main(argv=None) -> int:
     for m in args.models:
         spec = {"model": m, "samples": args.samples, "seq_len": args.seq_len, "rounds": args.rounds, "threads": args.threads}
         with tempfile.TemporaryDirectory(prefix="raysens-inductor-") as cache:  # a cold compile
-            r = run_child("jobs.bench.fusion:child", spec, env={"TORCHINDUCTOR_CACHE_DIR": cache})
+            r = run_child("jobs.bench.fusion:child", spec, env={"TORCHINDUCTOR_CACHE_DIR": cache, **env})
         s = summarize(r)
         res["models"].append({"raw": r, "summary": s})
         log(f"{m} ({r['layers']} layers, S={args.seq_len}, K=1, {r['threads']} threads, {args.rounds} rounds): "
@@ -170,7 +178,8 @@ def main(argv=None) -> int:
                 f"{v['floor_gflops']:.1f} GFLOP/s = {v['fraction_of_matmul']:.2f} of the matmul rate")
         be = s["break_even_samples_k1"]
         log(f"  fused/eager speed-up {s['speedup']:.3f}×; mean maps fused vs eager {r['mean_map_rel_diff']:.1e}; "
-            f"compile {s['compile_s']:.1f} s (trial {r['trial_compile_s']:.1f} s) cold; break-even "
+            f"compile {s['compile_s']:.1f} s (trial {r['trial_compile_s']:.1f} s; all keys {r['compile_s_all_keys']:.1f} s, "
+            f"keys {r['cache_keys']}, graphs per key {r['graphs_per_key']}) cold; break-even "
             f"{'never' if be is None else f'{be:.0f} K=1 samples'}; quick start (64 × K=2) net "
             f"{s['quickstart_net_s']:+.0f} s, 10k-sample cell (K=1) net {s['cell_10k_net_s']:+.0f} s")
     write_json(res, args.json)

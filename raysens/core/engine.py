@@ -147,7 +147,8 @@ class SensitivityEngine:
             self._generic_fwd.strategy = pick_forward(self._autograd.forward, self.model, self.n_layers,
                                                       self._generic_fwd.strategy)
         # the elementwise tangent kernels (fusion.py), chosen once per process before the tangent path's check
-        self._fusion_why = "no hand-written tangent path" if cfg.fusion is not Fusion.EAGER else "fusion 'eager'"
+        self._fusion_why = ("fusion 'eager' (the default)" if cfg.fusion is Fusion.EAGER else
+                            "eager: reverse mode or no hand-written tangent path for this model")
         if (cfg.fusion is not Fusion.EAGER and cfg.mode is not Mode.REVERSE and self._manual is not None
                 and self._manual.has_tangents):
             family = type(self._manual).__name__.removesuffix("Stack").lower()  # llama | gpt2 | bert
@@ -179,7 +180,10 @@ class SensitivityEngine:
         """What the run's manifest records of ``SensitivityConfig.fusion``: asked, used (compile | eager),
         why, and the seconds this process has spent compiling the fused kernels so far."""
         kern = self._manual.kern if self._manual is not None else None
-        return {"asked": self.config.fusion.value, "used": self.fusion_used, "why": self._fusion_why,
+        why = self._fusion_why
+        if kern is not None and kern.name == "compile" and self._manual_fwd is None:
+            why = "eager: the tangent path's one-off check failed (generic forward mode)"
+        return {"asked": self.config.fusion.value, "used": self.fusion_used, "why": why,
                 "compile_s": round(kern.compile_s_total(), 3) if kern is not None else 0.0}
 
     @property

@@ -122,15 +122,17 @@ class Fusion(str, Enum):
 
     - ``eager`` (default): today's torch ops; results unchanged, bit for bit; no start-up cost.
     - ``compile``: the same formulas fused by ``torch.compile`` (inductor: C++/OpenMP on CPU, Triton
-      on CUDA), compiled once per process (one Ray actor) with symbolic shapes. Costs: the compile
-      once per process (22–79 s cold on a loaded 2-core VM, ~7 s with a warm inductor cache) and
+      on CUDA), with symbolic shapes, one compiled copy per cache key (thread count, dtypes, ...;
+      bounded, never a recompile: ``fusion._Compiled``). Costs: each key compiles cold once per
+      process (22–79 s for the trial on a loaded 2-core VM) and
       ~0.1 ms per kernel call (dynamo guards, inductor's wrapper), so it pays on large tangent
       tensors (MiniLM, one full segment: 1.4–1.8x faster whole) and not on small ones (SmolLM2's
       2-position suffix segments: per kernel 0.5–0.8x); results move in the last bits (fused vs
       eager ~1e-7 relative on mean maps). Refused with an error where it does not work.
       docs/benchmarks.md, issue 30.
-    - ``auto``: ``compile`` where a trial compile on small inputs works and matches eager, else
-      ``eager`` with one warning naming why (no C++ compiler, an op inductor cannot lower).
+    - ``auto``: ``compile`` for the stacks where it was measured faster (BERT) when a trial compile
+      works and matches eager, else ``eager`` (with one warning naming why where the trial failed or
+      the process's kernel cache is full); the choice and why: ``SensitivityEngine.fusion_info``.
     """
 
     AUTO = "auto"

@@ -7,20 +7,28 @@ output (``llama_tangent``, ``gpt2_tangent``, ``bert_tangent``, ``tangents.attent
 
 - ``EAGER``: today's functions themselves (bit for bit as without the option).
 - ``compiled_kernels()``: the same formulas written as one expression each and passed through
-  ``torch.compile(dynamic=True)`` (inductor: C++/OpenMP on CPU where a C++ compiler exists, Triton on
-  CUDA), compiled once per process (module-level cache: one Ray actor pays it once) with symbolic
-  shapes, so that neither a unit nor a sequence-length bucket recompiles (a dimension of size 1
-  compiles one more variant: a bounded set). Each fused function makes one pass over the tangents
-  where the eager code makes two to four, and the attention output is written straight in the layout
-  of the output GEMM (no separate ``addcmul_``/``mul_``/``baddbmm_``/permute copy passes). Rounding
-  differs from eager in the last bits (sums in another order, products fused): the results keep the
-  bound ``FUSED_RTOL`` against the eager path (tests/unit/core/test_fusion.py asserts it and the
-  float64 oracles), and a sample's numbers do not depend on its batch (asserted there too).
+  ``torch.compile(dynamic=True, fullgraph=True)`` (inductor: C++/OpenMP on CPU where a C++ compiler
+  exists, Triton on CUDA). Each fused function makes one pass over the tangents where the eager code
+  makes two to four, and the attention output is written straight in the layout of the output GEMM.
+  Rounding differs from eager in the last bits (sums in another order, products fused): the results
+  keep the bound ``FUSED_RTOL`` against the eager path (tests/unit/core/test_fusion.py asserts it and
+  the float64 oracles), and a sample's numbers do not depend on its batch (asserted there too).
 
-``pick_kernels(fusion, device)`` chooses once per process: ``eager`` -> ``EAGER``; ``compile`` /
-``auto`` -> a trial compile on small inputs checked against the eager formulas; ``auto`` falls back
-to ``EAGER`` with one warning naming why (no compiler, an unsupported op, a numerical mismatch),
-``compile`` raises. Torch only (no Ray).
+The compiled-kernel cache is explicit and bounded (``_Compiled``): dynamo keeps graphs per code
+object and, with ``fullgraph=True``, fails hard past its recompile limit (8 per code object), which a
+process computing several thread counts, dtypes and models (the test suite, a sweep, a paired run)
+used to reach. Each kernel therefore holds one compiled copy per cache key — a fresh function with
+its own code object — keyed by what needs another graph (thread count, grad mode, tensor dtypes,
+devices, size-1 dimensions, zero storage offsets, non-tensor arguments); a key compiles once, under
+fixed shape settings and without on-disk artifact caches, and never recompiles (``graphs()``). At most
+``MAX_KEYS`` keys per kernel per process.
+
+``choose_kernels(fusion, device, family)`` decides once per engine: ``eager`` -> ``EAGER``;
+``auto`` -> ``EAGER`` for the stacks where fusion does not pay (``AUTO_FAMILIES``); else the
+process's kernels (a trial compile on small inputs checked against the eager formulas, once per
+process and device type) unless the trial failed or fewer than ``KEYS_RESERVED`` keys are left:
+then ``auto`` falls back to ``EAGER`` with one warning naming why, ``compile`` raises. Torch only
+(no Ray).
 """
 
 from __future__ import annotations
@@ -125,17 +133,17 @@ def _att_out_fused(do, dsum, o, pv, scaling):
 
 
 def compile_settings():
-    """The shape settings the kernels compile under (``_trial``): symbolic sizes without duck sizing
-    or a 0/1 special case. Not held around each call (28 µs a call, as much as a small kernel): the
-    graph the trial compiles has no size guards a run's shapes fail (measured: no recompile over whole
-    SmolLM2/MiniLM runs, ``jobs/bench/fusion.py`` reports dynamo's graph count)."""
+    """The shape settings a cache key compiles under (``_Compiled._first``, the trial too): symbolic
+    sizes without duck sizing or a 0/1 special case. Held while a key compiles only, not around each
+    call (28 µs a call, as much as a small kernel): within a key no guard fails, so nothing compiles
+    outside them."""
     from torch.fx.experimental import _config as fx_config
 
     return fx_config.patch(use_duck_shape=False, backed_size_oblivious=True)
 
 
-MAX_KEYS = 64  # compiled variants (cache keys) one fused kernel may hold in a process; then new engines use eager
-KEYS_RESERVED = 6  # keys an engine may still add after ``pick_kernels`` (its thread count, dtypes, scaling, ...)
+MAX_KEYS = 128  # compiled variants (cache keys) one fused kernel may hold in a process; then new engines use eager
+KEYS_RESERVED = 24  # keys an engine may still add after ``pick_kernels`` (its thread count, dtypes, scaling, ...)
 
 
 class FusionCacheFull(RuntimeError):
