@@ -130,9 +130,8 @@ class Fusion(str, Enum):
       2-position suffix segments: per kernel 0.5–0.8x); results move in the last bits (fused vs
       eager ~1e-7 relative on mean maps). Refused with an error where it does not work.
       docs/benchmarks.md, issue 30.
-    - ``auto``: ``compile`` for the stacks where it was measured faster (BERT) when a trial compile
-      works and matches eager, else ``eager`` (with one warning naming why where the trial failed or
-      the process's kernel cache is full); the choice and why: ``SensitivityEngine.fusion_info``.
+    - ``auto``: ``compile`` for the stacks where it was measured faster (BERT) when a trial works, else
+      ``eager`` (one warning where the trial failed or the cache is full); why: ``engine.fusion_info``.
     """
 
     AUTO = "auto"

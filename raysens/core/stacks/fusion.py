@@ -29,6 +29,10 @@ process's kernels (a trial compile on small inputs checked against the eager for
 process and device type) unless the trial failed or fewer than ``KEYS_RESERVED`` keys are left:
 then ``auto`` falls back to ``EAGER`` with one warning naming why, ``compile`` raises. Torch only
 (no Ray).
+
+Why this module is long: the fused formulas, the compiled-kernel cache that keeps dynamo from ever
+recompiling, the trial that checks every kernel against eager and the once-per-engine choice belong
+together (one place says what the fused path computes and when it runs).
 """
 
 from __future__ import annotations
@@ -295,8 +299,8 @@ def _trial_checks(k: Kernels, device: torch.device, g) -> str | None:
 
 
 AUTO_FAMILIES = frozenset({"bert"})  # stacks where ``auto`` compiles: fused measured faster (benchmarks.md, issue 30)
-AUTO_RULE = ("auto compiles the BERT stack only: fused measured 1.4-1.8x faster on MiniLM, 0.86-0.97x (slower) "
-             "on SmolLM2 (llama), GPT-2 not measured faster")
+AUTO_RULE = ("auto compiles the BERT stack only: fused measured 1.3-1.8x faster on MiniLM (2 threads), 0.86-0.97x "
+             "(slower) on SmolLM2 (llama), GPT-2 not measured faster")
 
 
 def choose_kernels(fusion: str, device: torch.device, family: str | None = None) -> tuple[Kernels, str]:

@@ -5,7 +5,10 @@ fusion); here: the fused path within the documented bound of the eager one (Hutc
 probes, Llama/GQA, GPT-2 with causal suffix segments, BERT), a sample's numbers the same alone and in
 a padded batch of 3, the eager default unchanged (its kernels are today's functions), the one-off
 choice (auto falls back to eager with one warning naming why; compile refuses), the config field,
-bf16 on the fused path within the bf16 bound, the same bits at 1 and 2 threads."""
+bf16 on the fused path within the bf16 bound, the same bits at 1 and 2 threads; the compiled-kernel
+cache: auto's per-family rule, the bound (a full cache refuses new engines, not running ones), and 12
+engines (models x dtypes x thread counts) in one process, each within its bound of eager, every
+compiled copy with one graph (the full suite once failed on dynamo's recompile limit)."""
 
 from __future__ import annotations
 
