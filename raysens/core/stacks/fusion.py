@@ -147,12 +147,12 @@ def compile_settings():
 
 
 MAX_KEYS = 128  # compiled variants (cache keys) one fused kernel may hold in a process; then new engines use eager
-KEYS_RESERVED = 24  # keys an engine may still add after ``pick_kernels`` (its thread count, dtypes, scaling, ...)
+KEYS_RESERVED = 24  # keys an engine may still add after ``choose_kernels`` (its thread count, dtypes, scaling, ...)
 
 
 class FusionCacheFull(RuntimeError):
     """A fused kernel met a new cache key with ``MAX_KEYS`` variants already compiled (never within the
-    ``KEYS_RESERVED`` an engine is granted by ``pick_kernels``)."""
+    ``KEYS_RESERVED`` an engine is granted by ``choose_kernels``)."""
 
 
 def _fresh(f, tag: str):
@@ -184,12 +184,14 @@ class _Compiled:
     The key holds everything dynamo guards on that legitimately needs another graph: the thread count
     (inductor writes it into its C++ loops; dynamo guards it as global state), grad mode, each tensor
     argument's dtype, device, which of its sizes are 1 and whether its storage offset is 0 (dynamo's
-    0/1 special case: a batch of one sample, a segment of one position, a slice), and the non-tensor arguments (an output dtype, the attention's
-    scaling: dynamo specializes on them). Other sizes are symbolic (``compile_settings`` held while a
-    key compiles: no duck sizing; no on-disk artifact cache: ``_no_artifact_caches``), tensors are
-    passed detached, contiguous and with canonical strides: within a key no guard fails, so every copy compiles once (``graphs`` reports dynamo's cache entries per copy; the
-    tests assert 1). A new key past ``MAX_KEYS`` raises ``FusionCacheFull``; ``pick_kernels`` keeps
-    ``KEYS_RESERVED`` free for each engine it hands these kernels to."""
+    0/1 special case: a batch of one sample, a segment of one position, a slice), and the non-tensor
+    arguments (an output dtype, the attention's scaling: dynamo specializes on them). Other sizes are
+    symbolic (``compile_settings`` held while a key compiles: no duck sizing; no on-disk artifact
+    cache: ``_no_artifact_caches``); tensors are passed detached, contiguous and with canonical
+    strides: within a key no guard fails, so every copy compiles once (``graphs`` reports dynamo's
+    cache entries per copy; the tests assert 1). A new key past ``MAX_KEYS`` raises
+    ``FusionCacheFull``; ``choose_kernels`` keeps ``KEYS_RESERVED`` free for each engine it hands
+    these kernels to."""
 
     def __init__(self, f):
         self.f = f
