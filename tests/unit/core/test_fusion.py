@@ -226,3 +226,17 @@ def test_many_engines_in_one_process_compile_each_variant_once(models):
     assert 2 <= kern.keys_used() <= fusion.MAX_KEYS
     for part in kern.parts:
         assert all(n == 1 for n in part.graphs()), (part.f.__name__, part.graphs())
+
+
+def test_a_new_key_past_the_bound_raises_instead_of_changing_path(monkeypatch):
+    """A compiled kernel's copies per key: the same key reuses its copy (one graph), a new key past
+    ``MAX_KEYS`` raises ``FusionCacheFull`` (a run never switches to other numbers mid-way)."""
+    k = fusion._Compiled(fusion._act_fused)
+    y, d = torch.randn(3, 4), torch.randn(3, 4)
+    with torch.no_grad():
+        np.testing.assert_allclose(k(y, d).numpy(), (y * d).numpy(), rtol=1e-6)
+        k(y[:2], d[:2])  # other sizes, same key
+        assert len(k.by_key) == 1 and k.graphs() == [1]
+        monkeypatch.setattr(fusion, "MAX_KEYS", 1)
+        with pytest.raises(fusion.FusionCacheFull, match="1 compiled variants"):
+            k(y.double(), d.double())
