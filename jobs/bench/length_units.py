@@ -9,7 +9,11 @@ lengths of the run's tokenizer (truncated to ``max_seq_len`` as the worker does)
 - ``positions``: Σ over units of n × max(len) (what the engine's batched passes compute over);
 - ``positions2``: Σ n × max(len)² (the exact maps' cost grows ~S² per sample: S output positions,
   each a pass over S inputs);
-- ``useful`` / ``useful2``: Σ len and Σ len² (no padding at all).
+- ``useful`` / ``useful2``: Σ len and Σ len² (no padding at all);
+- ``makespan``: the finish time of the units handed out one at a time to 16 actors (each to the
+  first actor free), a unit costing n × max(len)²: the consecutive layout, the grouped units in key
+  order, and grouped longest first (``run.prepare.dispatch_order``), as ratios to the consecutive
+  layout's and (grouped) to the perfect balance Σ cost / actors.
 
 Reported as grouped / consecutive ratios (lower is better) and the padding fraction of each layout.
 Corpora: the bundled corpus (English prose, 1,377 rows of 160–696 characters) and a length-skewed
@@ -48,7 +52,20 @@ def cost(units: list[np.ndarray], tokens: np.ndarray) -> dict:
     return {"positions": float((n * m).sum()), "positions2": float((n * m * m).sum())}
 
 
-def case(name: str, texts: list[str], tokenizer, seq: int, batch: int) -> dict:
+def makespan(units: list[np.ndarray], tokens: np.ndarray, actors: int) -> float:
+    """Finish time of ``units`` handed out in this order to ``actors`` (each unit to the first actor
+    free, one unit at a time: Ray Data with one unit per block and one task in flight per actor), a
+    unit costing n × max(len)² (the exact maps' cost)."""
+    import heapq
+
+    free = [0.0] * actors
+    for u in units:
+        t = heapq.heappop(free)
+        heapq.heappush(free, t + len(u) * float(tokens[u].max()) ** 2)
+    return max(free)
+
+
+def case(name: str, texts: list[str], tokenizer, seq: int, batch: int, actors: int = 16) -> dict:
     from raysens.run.prepare import plan_units
 
     selected = np.arange(len(texts), dtype=np.int64)
@@ -57,6 +74,11 @@ def case(name: str, texts: list[str], tokenizer, seq: int, batch: int) -> dict:
     before = cost(plan_units(selected, batch), tokens)
     after = cost(plan_units(selected, batch, chars), tokens)
     ideal = cost(plan_units(selected, batch, tokens), tokens)  # grouped by the exact token lengths
+    grouped = plan_units(selected, batch, chars)
+    lpt = sorted(grouped, key=lambda u: (-int(chars[u].max()), int(u[0])))  # run.prepare.dispatch_order
+    consecutive = plan_units(selected, batch)
+    span = {"consecutive": makespan(consecutive, tokens, actors), "grouped_key_order": makespan(grouped, tokens, actors),
+            "grouped_longest_first": makespan(lpt, tokens, actors)}
     useful, useful2 = float(tokens.sum()), float((tokens.astype(np.float64) ** 2).sum())
     return {"corpus": name, "rows": len(texts), "max_seq_len": seq, "batch_size": batch,
             "truncated_share": round(float((tokens >= seq).mean()), 3),
@@ -66,7 +88,10 @@ def case(name: str, texts: list[str], tokenizer, seq: int, batch: int) -> dict:
             "padding_before": round(1 - useful / before["positions"], 4),
             "padding_after": round(1 - useful / after["positions"], 4),
             "padding2_before": round(1 - useful2 / before["positions2"], 4),
-            "padding2_after": round(1 - useful2 / after["positions2"], 4)}
+            "padding2_after": round(1 - useful2 / after["positions2"], 4),
+            "actors": actors, "makespan_ratio": {k: round(v / span["consecutive"], 4) for k, v in span.items()},
+            "makespan_over_bound": {k: round(v / (after["positions2"] / actors), 4) for k, v in span.items()
+                                    if k != "consecutive"}}
 
 
 def main(argv=None) -> None:

@@ -65,10 +65,29 @@ def text_lengths(corpus: Corpus, selected: np.ndarray, chunk: int = 4096) -> np.
     return out
 
 
-def unit_layout(config: RunConfig, corpus: Corpus, selected: np.ndarray) -> list[np.ndarray]:
-    """``plan_units`` for the config: grouped by text length unless ``cluster.group_by_length`` is off."""
-    lengths = text_lengths(corpus, selected) if config.cluster.group_by_length else None
-    return plan_units(selected, config.batch_size, lengths)
+def unit_layout(config: RunConfig, corpus: Corpus, selected: np.ndarray) -> tuple[list[np.ndarray], dict | None]:
+    """``plan_units`` for the config (grouped by text length unless ``cluster.group_by_length`` is off)
+    and, when grouped, each unit's longest text in characters (unit key -> characters: its cost rank)."""
+    if not config.cluster.group_by_length:
+        return plan_units(selected, config.batch_size), None
+    lengths = text_lengths(corpus, selected)
+    units = plan_units(selected, config.batch_size, lengths)
+    pos = np.searchsorted(selected, np.concatenate(units)) if units else np.zeros(0, np.int64)
+    longest, at = {}, 0
+    for u in units:
+        longest[int(u[0])] = int(lengths[pos[at:at + len(u)]].max())
+        at += len(u)
+    return units, longest
+
+
+def dispatch_order(prepared: "PreparedRun", units: list[np.ndarray]) -> list[np.ndarray]:
+    """``units`` in the order to hand them out: longest first when grouped by length (the last units to
+    start are the short ones, so the slowest actor finishes at most one short unit after the others:
+    longest-processing-time-first scheduling), else as given. Which actor computes what never changes a
+    bit (the state is exact)."""
+    if not prepared.unit_lengths:
+        return units
+    return sorted(units, key=lambda u: (-prepared.unit_lengths.get(int(u[0]), 0), int(u[0])))
 
 
 @dataclass
@@ -85,6 +104,7 @@ class PreparedRun:
     model_config: dict  # model_type, num_hidden_layers, hidden_size (from the config only)
     inputs: dict | None = None  # content identity of corpus and weights (manifest "inputs"; checked on resume)
     paired: dict | None = None  # a paired run's checked side b (run/paired.py: check_paired); None: an ordinary run
+    unit_lengths: dict | None = None  # unit key -> its longest text (characters) when units are grouped by length (dispatch order); None: consecutive units
 
     @property
     def n_selected(self) -> int:
@@ -186,8 +206,9 @@ def prepare(config: RunConfig, model_identity: bool = True) -> PreparedRun:
         if model_identity and not paired["same_model"]:
             name_b, trust_b = side_b_name(config)
             inputs["model_b"] = identity(name_b, trust_remote_code=trust_b)
-    return PreparedRun(config, config.fingerprint(), _run_dir(config), corpus, n_rows,
-                   unit_layout(config, corpus, selected), layers, shape, inputs, paired)
+    units, longest = unit_layout(config, corpus, selected)
+    return PreparedRun(config, config.fingerprint(), _run_dir(config), corpus, n_rows, units, layers, shape, inputs,
+                       paired, unit_lengths=longest)
 
 
 def adopt_model_identity(prepared: PreparedRun, rdir: RunDir, identity: dict, key: str = "model") -> None:

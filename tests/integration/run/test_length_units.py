@@ -46,6 +46,8 @@ def test_grouped_units_hold_other_samples_and_pad_less(runs, bundled_texts):
     chars = np.array([len(bundled_texts[i]) for i in range(24)])  # the driver's length key, from the corpus itself
     order = np.lexsort((np.arange(24), chars))
     assert sorted(u.tolist() for u in grouped.units) == sorted(sorted(order[i:i + 4].tolist()) for i in range(0, 24, 4))
+    assert grouped.unit_lengths == {int(u[0]): int(chars[u].max()) for u in grouped.units}  # the dispatch order's key
+    assert consecutive.unit_lengths is None
     padded = {k: sum(len(u) * chars[u].max() for u in p.units) for k, p in (("g", grouped), ("c", consecutive))}
     assert padded["g"] < padded["c"]
 

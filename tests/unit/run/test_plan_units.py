@@ -63,3 +63,14 @@ def test_padding_of_a_skewed_corpus_is_much_smaller():
 def test_lengths_must_match_the_selection():
     with pytest.raises(ValueError, match="plan_units: 2 lengths for 3 selected"):
         plan_units(np.arange(3), 2, np.array([1, 2]))
+
+
+def test_dispatch_order_is_longest_first_when_grouped():
+    from types import SimpleNamespace
+
+    from raysens.run.prepare import dispatch_order
+
+    units = [np.array([0, 5]), np.array([1, 2]), np.array([3, 4]), np.array([6])]
+    grouped = SimpleNamespace(unit_lengths={0: 10, 1: 300, 3: 300, 6: 50})
+    assert [int(u[0]) for u in dispatch_order(grouped, units)] == [1, 3, 6, 0]  # ties: by key
+    assert dispatch_order(SimpleNamespace(unit_lengths=None), units) is units  # consecutive: as given
