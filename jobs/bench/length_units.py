@@ -15,7 +15,9 @@ lengths of the run's tokenizer (truncated to ``max_seq_len`` as the worker does)
   order, and grouped longest first (``run.prepare.dispatch_order``), as ratios to the consecutive
   layout's and (grouped) to the perfect balance Σ cost / actors.
 
-Reported as grouped / consecutive ratios (lower is better) and the padding fraction of each layout.
+Reported as grouped / consecutive ratios (lower is better) and the padding fraction of each layout;
+``driver``: the driver's seconds for the length key (``prepare.text_lengths``: 10,000 shuffled rows
+of a 100,000-row JSONL corpus) and ``plan_units``.
 Corpora: the bundled corpus (English prose, 1,377 rows of 160–696 characters) and a length-skewed
 synthetic corpus (lognormal word counts: most texts short, a long tail), ``--rows`` rows.
 
@@ -94,6 +96,35 @@ def case(name: str, texts: list[str], tokenizer, seq: int, batch: int, actors: i
                                     if k != "consecutive"}}
 
 
+def driver_cost(rows: int, selected: int) -> dict:
+    """Seconds the driver spends on the length key: ``prepare.text_lengths`` over ``selected`` shuffled
+    rows of a ``rows``-row JSONL corpus (written to a temporary directory; its line index is built
+    first, as the driver's row count does), then ``plan_units``."""
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from raysens.config import load_config
+    from raysens.corpus.reader import Corpus
+    from raysens.run.prepare import plan_units, text_lengths
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "corpus.jsonl"
+        with open(p, "w") as f:
+            for _ in range(rows):
+                f.write(json.dumps({"text": "word " * int(rng.integers(5, 400))}) + "\n")
+        cfg = load_config(None, [f"--data.source={p}", f"--data.limit={selected}", "--data.shuffle=true"])
+        corpus = Corpus(cfg.data)
+        sel = corpus.select(corpus.num_rows())
+        t0 = time.perf_counter()
+        lengths = text_lengths(corpus, sel)
+        t1 = time.perf_counter()
+        plan_units(sel, 32, lengths)
+        t2 = time.perf_counter()
+    return {"rows": rows, "selected": selected, "text_lengths_s": round(t1 - t0, 3), "plan_units_s": round(t2 - t1, 4)}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m jobs.bench.length_units", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,6 +132,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", type=int, default=10000, help="rows of the skewed synthetic corpus")
     ap.add_argument("--seq", type=int, nargs="+", default=[128, 512, 2048])
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--driver-rows", type=int, default=100000, help="rows of the JSONL corpus of the driver-cost case")
+    ap.add_argument("--driver-selected", type=int, default=10000, help="shuffled rows it selects")
     add_json_arg(ap)
     a = ap.parse_args(argv)
     from raysens.core.models import load_tokenizer_and_config
@@ -116,6 +149,8 @@ def main(argv=None) -> None:
                 r = case(name, texts, tok, seq, batch)
                 res["cases"].append(r)
                 log(json.dumps(r))
+    res["driver"] = driver_cost(a.driver_rows, a.driver_selected)
+    log(json.dumps({"driver": res["driver"]}))
     write_json(res, a.json)
 
 
