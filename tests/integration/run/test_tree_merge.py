@@ -5,6 +5,7 @@ returns, or raises the ``PartialError`` of a partial that is not what its name s
 
 from __future__ import annotations
 
+import time
 
 import numpy as np
 import pytest
@@ -112,9 +113,9 @@ def test_a_hung_or_dead_merge_task_is_retried_and_nothing_is_lost(ray_session, t
     in-process merge's, bit for bit, and the other tasks' merges are kept."""
     payloads, names, layers, fp = _payloads(n_units=7)
     monkeypatch.setenv("RAYSENS_TEST_MERGE_FAULT", fault.format(m=tmp_path / "marker"))
-    t0 = __import__("time").monotonic()
+    t0 = time.monotonic()
     out = merges.tree_merge(iter(payloads), fan_in, names=names, checks={"fingerprint": fp}, task_timeout_s=4)
-    took = __import__("time").monotonic() - t0
+    took = time.monotonic() - t0
     assert out is not None and _same_as_in_process(out, payloads, layers, fp)
     assert decode_partial(out).meta["merged"] == len(payloads)
     err = capfd.readouterr().err
