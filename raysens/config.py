@@ -34,6 +34,10 @@ from .core.options import SensitivityConfig
 from .errors import RaysensError, detail_of
 
 BATCH_CPU, BATCH_GPU = 8, 32  # cluster.batch_size: auto on CPU actors / on GPU actors
+# cluster.group_by_length: the samples of a window of this many units' worth of consecutive selected
+# ids are sorted by text length (characters) before they are cut into units (run/prepare.py: plan_units);
+# part of the fingerprint, so a change of it is a new layout
+LENGTH_WINDOW_UNITS = 64
 SOURCE_KINDS = ("auto", "bundled", "jsonl", "text", "parquet", "hf_disk", "hf")
 
 
@@ -93,7 +97,8 @@ class ClusterConfig:
     num_actors: int = 1  # size of the actor pool (one model copy each); with max_actors: the pool's minimum
     max_actors: int | None = None  # autoscaling: the pool grows from num_actors to max_actors as the cluster gains resources (KubeRay GPU workers scaling from 0); None: fixed at num_actors
     actor_resources: dict | None = None  # custom Ray resources each actor requires, e.g. {worker: 1} to place actors on nodes that declare them (ray start --resources)
-    batch_size: int | str | None = "auto"  # samples per work unit = per engine call (units are consecutive sample_ids); auto (or null): 32 when the config puts the model on GPUs (model.device cuda, or cluster.gpus_per_actor > 0 with Ray), else 8 — decided from the config alone, so a config always cuts the same units
+    batch_size: int | str | None = "auto"  # samples per work unit = per engine call (which samples: group_by_length); auto (or null): 32 when the config puts the model on GPUs (model.device cuda, or cluster.gpus_per_actor > 0 with Ray), else 8 — decided from the config alone, so a config always cuts the same units
+    group_by_length: bool = True  # units of samples of similar length (less padding): within each window of 64 units' worth of consecutive selected ids, samples sorted by text length (characters; the driver has no tokenizer) then cut into units; false: units of consecutive sample_ids (raysens before issue 31's grouping; resumes run directories written that way). Part of the fingerprint
     cpus_per_actor: float = 1.0  # logical CPUs each actor reserves
     gpus_per_actor: float | None = None  # GPUs each actor reserves. > 0: GPU actors requested (GPU batch sizes, TF32 allowed): the job waits up to gpu_wait_s for num_actors × this many GPUs, asking the autoscaler, then fails in one line — never a CPU run; 0: CPU actors; None (auto): 1 when model.device is cuda (requested), else 1 if the cluster shows GPUs when the pass starts and 0 if not (said in a log line)
     gpu_wait_s: float = 600.0  # how long a job that requests GPU actors waits for the cluster to show their GPUs (KubeRay GPU groups scaled to zero take minutes to come up) before failing
@@ -269,10 +274,20 @@ class RunConfig:
         Partials in a run directory are only reused by a run with the same fingerprint. Pool size,
         resources, address and output settings are not part of it.
         """
+        return self._fingerprint(self.cluster.group_by_length)
+
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint this config had before units were grouped by length (= ``fingerprint()``
+        with ``cluster.group_by_length: false``): names an older run directory on resume."""
+        return self._fingerprint(False)
+
+    def _fingerprint(self, by_length: bool) -> str:
         d = self.to_dict()
         key = {"model": {k: d["model"][k] for k in ("name", "trust_remote_code")}, "data": d["data"],
                "sensitivity": d["sensitivity"], "layers": sorted(set(d["layers"])),
                "batch_size": self.batch_size}
+        if by_length:  # off: the fingerprint of the consecutive layout (older run directories)
+            key["units"] = {"group_by": "chars", "window_units": LENGTH_WINDOW_UNITS}
         if self.paired is not None:  # side b changes every number of a paired run (fdr and labels do not)
             key["paired"] = self.paired.side_b
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

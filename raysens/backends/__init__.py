@@ -60,7 +60,9 @@ def tree_merger(fan_in: int | None = None) -> Callable:
         cells = len(names) * len(checks.get("layers") or ()) * int(checks.get("max_seq_len") or 0) ** 2
         if cells * spec.DRIVER_S_PER_CELL < spec.TREE_MIN_S:
             return None  # small states: folded on the driver, one by one (spec.TREE_MIN_S)
-        return merges.tree_merge(payloads, fan_in, names=names, checks=checks)
+        per = cells / max(1, len(names))
+        return merges.tree_merge(payloads, fan_in, names=names, checks=checks,
+                                 task_timeout_s=spec.tree_task_timeout_s(per, fan_in))
 
     merge.fan_in = fan_in  # the runner folds through it from this many partials on
     return merge

@@ -29,7 +29,8 @@ import numpy as np
 from ..errors import ArgumentError, RaysensError
 
 ENV = "RAYSENS_FOLD_THREAD"  # "0": fold and encode inline, on the caller's thread
-QUEUE_ENV = "RAYSENS_FOLD_QUEUE"  # units whose results may wait for the fold lane (default 1)
+QUEUE_ENV = "RAYSENS_FOLD_QUEUE"  # units whose results may wait for the fold lane, at most (default 2)
+FOLD_QUEUE_DEFAULT = 2  # met the overlap target in jobs/bench/overlap.py (docs/benchmarks.md "Issue 31 — overlap (2)")
 
 
 def background_default() -> bool:
@@ -38,12 +39,14 @@ def background_default() -> bool:
 
 
 def queue_default() -> int:
-    """How many computed units' results may wait for the fold lane before ``fold`` waits
-    (``RAYSENS_FOLD_QUEUE``, default 1: one unit computing, one folding). Each unit more absorbs one
-    more slow fold (a state's first fold, a fold beside an encoding) without stalling the caller, at
-    the cost of one more unit's results in host memory (layers × samples × S² × 9 bytes: 235 MB at
-    28 layers, S = 512, 4 samples per unit; 1.9 GB at 32 samples)."""
-    raw = os.environ.get(QUEUE_ENV, "1").strip()
+    """The most computed units' results that may wait for the fold lane before ``fold`` waits
+    (``RAYSENS_FOLD_QUEUE``, default ``FOLD_QUEUE_DEFAULT`` = 2; 1: one unit computing, one folding).
+    Each unit more absorbs one more slow fold (a state's first fold, a fold beside an encoding)
+    without stalling the caller, at the cost of one more unit's results in host memory (layers ×
+    samples × S² × 9 bytes: 235 MB at 28 layers, S = 512, 4 samples per unit; 1.9 GB at 32 samples):
+    with a memory budget the worker lets fewer wait when the budget does not hold them
+    (``UnitWorker.fold_depth``: the memory model counts the waiting results)."""
+    raw = os.environ.get(QUEUE_ENV, str(FOLD_QUEUE_DEFAULT)).strip()
     try:
         n = int(raw)
     except ValueError:
@@ -67,10 +70,11 @@ class Job:
     is set by a fold once it started changing the local state (a failure after that point leaves
     the state unusable)."""
 
-    __slots__ = ("label", "thread", "error", "dirty", "units", "kind")
+    __slots__ = ("label", "thread", "error", "dirty", "units", "kind", "nbytes")
 
-    def __init__(self, label: str, units: list[int], kind: str = "ship"):
+    def __init__(self, label: str, units: list[int], kind: str = "ship", nbytes: int = 0):
         self.label, self.units, self.kind = label, list(units), kind  # kind: "fold" or "ship"
+        self.nbytes = int(nbytes)  # host bytes the job holds until it finished (a fold: its unit's results)
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.dirty = False
@@ -83,11 +87,11 @@ class Lane:
         self.jobs: list[Job] = []  # submitted, not yet collected by ``wait``
 
     def submit(self, label: str, units: list[int], fn: Callable[[Job], Any], after: Job | None = None,
-               kind: str = "ship") -> Job:
+               kind: str = "ship", nbytes: int = 0) -> Job:
         """Run ``fn(job)`` after every job submitted before it (and after ``after``, a job of another
-        lane); returns the job at once."""
+        lane); returns the job at once. ``nbytes``: what it holds until it finished (``settle``)."""
         prev = [j for j in (self.jobs[-1] if self.jobs else None, after) if j is not None]
-        job = Job(label, units, kind)
+        job = Job(label, units, kind, nbytes)
 
         def run() -> None:
             for p in prev:
@@ -114,12 +118,17 @@ class Lane:
         """Whether a finished job failed (its error is waiting to be raised by ``wait``)."""
         return any(j.error is not None and not j.thread.is_alive() for j in self.jobs)
 
-    def settle(self, keep: int) -> None:
-        """Wait until at most ``keep`` jobs are unfinished (the oldest first: the lane runs them in
-        order) and forget the finished ones that succeeded; failed ones stay for ``wait``."""
+    def settle(self, keep: int, limit: int | None = None, need: int = 0) -> None:
+        """Wait until at most ``keep`` jobs are unfinished and, with ``limit``, the unfinished jobs'
+        ``nbytes`` plus ``need`` are at most ``limit`` (the oldest first: the lane runs them in order);
+        forget the finished ones that succeeded; failed ones stay for ``wait``."""
         live = [j for j in self.jobs if j.thread.is_alive()]
-        for j in live[:max(0, len(live) - keep)]:
+        held = sum(j.nbytes for j in live)
+        for i, j in enumerate(live):
+            if len(live) - i <= keep and (limit is None or held + need <= limit):
+                break
             j.thread.join()
+            held -= j.nbytes
         self.jobs = [j for j in self.jobs if j.thread.is_alive() or j.error is not None]
 
     def wait(self) -> list[Job]:

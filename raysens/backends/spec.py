@@ -53,6 +53,19 @@ TREE_FAN_IN = 4
 # starting tasks and moving the payloads through the object store costs more than it saves (the quick
 # start's 30 layers × 32² × 8 partials: 0.3 s; 4 states of 28 layers at S = 512: 35 s)
 TREE_MIN_S = 10.0
+# ... and each merge task may run this many times its expected time (DRIVER_S_PER_CELL × its input
+# cells), at least TREE_TASK_MIN_S, before the driver cancels it (a hung task: a stuck node, a worker
+# that stopped answering) and runs it again once; a task that times out or fails twice is merged by
+# the driver itself from the same inputs (merges.tree_merge): nothing already merged is lost
+TREE_TASK_SLACK = 10.0
+TREE_TASK_MIN_S = 300.0
+
+
+def tree_task_timeout_s(cells_per_partial: float, fan_in: int) -> float:
+    """Seconds a merge task of ``fan_in`` partials of ``cells_per_partial`` cells (layers × S²) may run:
+    ``TREE_TASK_SLACK`` × its expected time, at least ``TREE_TASK_MIN_S`` (28 layers, S = 512, fan-in
+    4: 35 s expected, 352 s allowed)."""
+    return max(TREE_TASK_MIN_S, TREE_TASK_SLACK * DRIVER_S_PER_CELL * cells_per_partial * fan_in)
 
 
 def driver_spacing_s(config: RunConfig) -> float:

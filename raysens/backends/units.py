@@ -237,7 +237,7 @@ class UnitWorker:
             self.model_identity["paired_b"] = self.paired.identity
         self.load_s = time.perf_counter() - t0
         self.background = background_default() if background is None else bool(background)
-        self.fold_queue = queue_default()  # computed units whose results may wait for the fold lane
+        self.fold_queue = queue_default()  # the most computed units whose results may wait for the fold lane (fewer when the memory budget does not hold them: fold_depth)
         self._folds, self._ships = Lane(), Lane()  # background folds; shipments being encoded (after their folds)
         self._shipped: list[tuple[list[int], int, bytes]] = []  # encoded by ship_async, not yet collected
         self._shipped_lock = threading.Lock()
@@ -344,8 +344,10 @@ class UnitWorker:
                 res_b = None
                 if self.paired is not None and sub_ids + bad:  # side b on the same rows (common random numbers)
                     res, res_b, good, sub_ids, bad = self._compute_b(res, good, ids, mask, run_ids, s0, s1)
-                if self.background:  # backpressure: at most fold_queue (sub-)batches' results wait (overlap.queue_default)
-                    self._folds.settle(self.fold_queue - 1)
+                if self.background:  # backpressure: at most fold_queue (sub-)batches' results wait, and with a
+                    # budget no more than it holds beside this one's and the next call's (fold_depth)
+                    room, each = self.results_room(width if run_ids else 0, s1 - s0)
+                    self._folds.settle(self.fold_queue - 1, room, 2 * each)
                     self._surface()
             except BaseException as exc:
                 if i and key in self.pending_ids:  # earlier sub-batches of this unit are in the state
@@ -381,7 +383,7 @@ class UnitWorker:
             if ran is not None:
                 info["strategy"], info["mode"] = info["strategy"] or ran[0], info["mode"] or ran[1]
             if self.background:
-                self._folds.submit(label, [key], job, kind="fold")
+                self._folds.submit(label, [key], job, kind="fold", nbytes=each)
         self.pending_skipped.update(skipped)
         if first:
             self.pending_since = time.perf_counter()
@@ -410,6 +412,28 @@ class UnitWorker:
             raise RunError(subunits.plan_error(plan, key, width, len(self.layers), self._budget_mb() is not None,
                                                paired=self.paired))
         return subunits.sub_batch(plan, n, self.background)
+
+    def results_room(self, width: int, n: int) -> tuple[int | None, int]:
+        """Host bytes the memory model allows for computed results waiting to be folded at padded length
+        ``width`` (``samples_per_unit`` samples' results: what the budget holds beside the state, the
+        reserve and the fold's temporaries; None: no budget, only the depth counts) and the bytes of
+        ``n`` samples' results (0 without a budget)."""
+        plan = self.unit_plan(width) if width else None
+        if plan is None:
+            return None, 0
+        return plan.samples_per_unit * plan.unit_bytes_per_sample, n * plan.unit_bytes_per_sample
+
+    def fold_depth(self, width: int, n: int) -> int:
+        """How many units of ``n`` samples at padded length ``width`` may wait for the fold lane while the
+        next computes: ``fold_queue`` (default 2) when the memory model's budget holds their results,
+        fewer when it does not (at least 1: one folding, one computing, as ``sub_batch`` sized)."""
+        step, _ = self.sub_batch(width, n)
+        room, each = self.results_room(width, step)
+        if not self.background:
+            return 0
+        if room is None or each == 0:
+            return self.fold_queue
+        return max(1, min(self.fold_queue, room // each - 1))
 
     def unit_plan(self, width: int):
         """The memory model's ``UnitPlan`` at padded length ``width`` (cached; None: no budget)."""

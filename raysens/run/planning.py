@@ -19,6 +19,8 @@ import json
 import posixpath
 import time
 
+import numpy as np
+
 from .._log import log
 from ..store import results
 from ..store.rundir import RunError
@@ -142,8 +144,11 @@ def pilot_inputs(config, units, corpus) -> tuple[list[int], list[list[int]]]:
     sens, d, m = config.sensitivity, config.data, config.model
     tok = get_tokenizer(m.name, m.trust_remote_code)
     ids, toks = [], []
-    for unit in units:
-        u = tokenize_unit(unit, corpus.texts(unit), tok, d.max_seq_len, d.min_tokens, d.add_special_tokens)
+    order = np.sort(np.concatenate([np.asarray(u, dtype=np.int64) for u in units])) if len(units) else []
+    step = max(len(units[0]), 1) if len(units) else 1  # units grouped by length hold scattered ids: read in id order
+    for s0 in range(0, len(order), step):
+        chunk = order[s0:s0 + step]
+        u = tokenize_unit(chunk, corpus.texts(chunk), tok, d.max_seq_len, d.min_tokens, d.add_special_tokens)
         for sid, t in zip(u["run_ids"], u["input_ids"]):
             if len(ids) < sens.pilot_samples:
                 ids.append(int(sid)), toks.append(list(t))

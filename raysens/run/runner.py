@@ -36,7 +36,7 @@ from ..store.rundir import RunDir, RunError
 from ..testing import faults
 from . import signals
 from .driver import Progress, finalize
-from .prepare import PreparedRun, base_manifest, check_device, open_run_dir, prepare
+from .prepare import PreparedRun, base_manifest, check_device, dispatch_order, open_run_dir, prepare
 from .planning import prepare_model_side
 
 
@@ -254,7 +254,8 @@ class Runner:
                     log(f"follow-up pass: {sum(len(j.rdir.todo()) for j in job_left)} unit(s) were folded by an actor "
                         "but never shipped (no end-of-stream flush reached it, or it died); recomputing them")
                     work = job_left
-                specs = [backends.JobUnits(j.config, j.prepared.corpus, j.rdir.todo(), j.prepared.fingerprint,
+                specs = [backends.JobUnits(j.config, j.prepared.corpus, dispatch_order(j.prepared, j.rdir.todo()),
+                                           j.prepared.fingerprint,
                                            ship_every_units=1 if attempt else None) for j in work]
                 backends.run_jobs(specs, on_result, use_ray=self.use_ray, info=backend)
         loads = set().union(*(j.load_ids for j in group))

@@ -1,6 +1,6 @@
 """Fault injection for tests: the one place where raysens simulates crashes.
 
-Production code calls one hook at each of five points; every hook is a no-op unless a test armed
+Production code calls one hook at each of six points; every hook is a no-op unless a test armed
 it through an environment variable (environment variables reach subprocesses, ``ray job submit``
 drivers and, through the driver, the Ray actors):
 
@@ -12,12 +12,14 @@ drivers and, through the driver, the Ray actors):
 | ``actor_unit_start(units_done, settings)`` (``backends.ray_pool.SensitivityActor``, before each unit) | ``RAYSENS_TEST_KILL_AFTER_UNITS=N`` and ``RAYSENS_TEST_KILL_MARKER=path`` | after N units the actor process exits (``os._exit(17)``) in its next unit, once per marker file |
 |                                                    | ``RAYSENS_TEST_ACTOR_UNIT_DELAY_S=T``      | the actor sleeps T seconds before each unit (units as slow as real ones: a test that needs every actor to get work) |
 | ``planted_values(settings, sample_ids, values)`` (``backends.units.UnitWorker.process``, after the engine) | ``RAYSENS_TEST_SCALE_SAMPLE=ID:FACTOR`` | sample ``ID``'s maps (every layer) are multiplied by ``FACTOR``: a planted outlier sample |
+| ``merge_task_start(settings)`` (``backends.merges``, a tree-of-merges task, before it merges) | ``RAYSENS_TEST_MERGE_FAULT=hang:S:MARKER[:N]`` / ``exit:MARKER`` | the first N tasks to create ``MARKER.0``… sleep S seconds (hung), or the first exits its worker (``os._exit(5)``) |
 | ``compaction_step(step, i)`` (``store.compaction.Compaction._compact``: ``folded`` before the checkpoint write, ``written`` after it, ``old_deleted`` after the previous checkpoint's deletion, ``deleted`` after the i-th folded partial's deletion) | ``RAYSENS_TEST_COMPACT_CRASH=STEP[:I][:K]`` | raises ``SimulatedInterrupt`` at that step (``deleted:I``: after the I-th deletion) of the K-th compaction of the process (default 1) |
 |                                                    | ``RAYSENS_TEST_COMPACT_EXIT=STEP[:I][:K]``  | the process exits there (``os._exit(4)``): a killed driver |
 
 The actor hook's settings are read on the driver (``actor_settings()``) and passed to the actors as
 a constructor argument, so they do not depend on the environment Ray gives its workers; so are the
-planted outlier's (``planted_settings()``, passed to every ``UnitWorker``).
+planted outlier's (``planted_settings()``, passed to every ``UnitWorker``) and the merge tasks'
+(``merge_settings()``, an argument of every task).
 """
 
 from __future__ import annotations
@@ -87,6 +89,43 @@ def actor_unit_start(units_done: int, settings: dict) -> None:
     os.write(fd, f"{os.getpid()}\n".encode())
     os.close(fd)
     os._exit(17)
+
+
+MERGE_FAULT = "RAYSENS_TEST_MERGE_FAULT"
+
+
+def merge_settings() -> dict:
+    """Driver side: the tree-of-merges hook's settings (``RAYSENS_TEST_MERGE_FAULT``:
+    ``hang:SECONDS:MARKER[:N]`` — the first N merge tasks to start (default 1) sleep SECONDS; ``exit:MARKER``
+    — the first one exits its worker process, ``os._exit(5)``), passed to every merge task as an argument
+    (empty unless armed)."""
+    raw = os.environ.get(MERGE_FAULT, "")
+    if not raw:
+        return {}
+    kind, _, rest = raw.partition(":")
+    if kind == "hang":
+        s, _, rest = rest.partition(":")
+        marker, _, n = rest.partition(":")
+        return {"kind": "hang", "s": float(s), "marker": marker, "n": int(n or 1)}
+    return {"kind": "exit", "marker": rest, "n": 1}
+
+
+def merge_task_start(settings: dict) -> None:
+    """A merge task (``backends.merges``) starts: the first ``n`` tasks to get a marker
+    (``MARKER.0``, ``MARKER.1``, …, created exclusively) hang or exit; later ones (the retries) carry on."""
+    if not settings:
+        return
+    for i in range(settings["n"]):
+        try:
+            os.close(os.open(f"{settings['marker']}.{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        if settings["kind"] == "exit":
+            os._exit(5)
+        import time
+
+        time.sleep(settings["s"])
+        return
 
 
 COMPACT_CRASH = "RAYSENS_TEST_COMPACT_CRASH"

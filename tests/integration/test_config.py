@@ -116,7 +116,11 @@ def test_auto_batch_size_keeps_the_fingerprint_of_the_old_default_8():
     d = load_config(None, []).to_dict()
     old = {"model": {k: d["model"][k] for k in ("name", "trust_remote_code")}, "data": d["data"],
            "sensitivity": d["sensitivity"], "layers": sorted(set(d["layers"])), "batch_size": 8}
-    assert load_config(None, []).fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    old_fp = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    # units grouped by length (the default since issue 31) are another layout: another fingerprint;
+    # group_by_length: false is the old layout and keeps the old fingerprint (older directories resume)
+    assert load_config(None, ["--cluster.group_by_length=false"]).fingerprint() == old_fp
+    assert load_config(None, []).legacy_fingerprint() == old_fp != load_config(None, []).fingerprint()
 
 
 def test_roundtrip_to_dict():

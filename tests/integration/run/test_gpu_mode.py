@@ -35,6 +35,14 @@ def ray_with(request):
 def test_gpu_actors_get_one_gpu_each_and_tf32_is_accepted(ray_with, tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("RAYSENS_TEST_DEVICE_OVERRIDE", "cpu")
     monkeypatch.setenv("RAYSENS_TEST_ACTOR_UNIT_DELAY_S", "0.5")  # both actors get units (units as slow as real ones)
+    # ... once both are alive: Ray Data dispatches as soon as ONE pool actor is up, and under load the
+    # second one's start (model load) outlasted the 8 units × 0.5 s — the first took every unit and
+    # the run had one GPU actor (a flake, "len(gpus) == 2"). Waiting for the pool's minimum before
+    # dispatch (what RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S sets in test_two_nodes, read at import:
+    # too late here) makes "both actors compute" a property of the run, not of timing.
+    from ray.data import DataContext
+
+    monkeypatch.setattr(DataContext.get_current(), "wait_for_min_actors_s", 300)
     common = [f"--data.limit={N}", "--cluster.batch_size=3", KEEP]
     s = run(config(tiny_model, tmp_path / "gpu", *common, "--sensitivity.precision=tf32", "--cluster.num_actors=2",
                    "--cluster.gpus_per_actor=1", "--cluster.cpus_per_actor=0.5", "--cluster.ship_every_units=1"))

@@ -123,7 +123,10 @@ def test_ray_actors_give_the_same_bits(ray_session, local_pair, tiny_model, tmp_
 @pytest.mark.ray
 def test_killed_actor_and_resume_give_the_same_bits(ray_session, local_pair, tiny_model, tmp_path, monkeypatch):
     marker = tmp_path / "killed"
-    monkeypatch.setenv("RAYSENS_TEST_KILL_AFTER_UNITS", "2")
+    # killed as it starts its second unit: 4 units over 2 actors give one of them at least 2 (with "2",
+    # an actor had to get 3 of the 4 units, which the balanced dispatch of §9.3 often prevents: the
+    # hook did not fire in ~1 run of 3, on main as well)
+    monkeypatch.setenv("RAYSENS_TEST_KILL_AFTER_UNITS", "1")
     monkeypatch.setenv("RAYSENS_TEST_KILL_MARKER", str(marker))
     s = run(config(tiny_model, tmp_path / "k", f"--data.limit={N}", BATCH, *PAIR, "--cluster.num_actors=2",
                    "--cluster.cpus_per_actor=1", "--cluster.ship_every_units=3"))

@@ -5,6 +5,7 @@ returns, or raises the ``PartialError`` of a partial that is not what its name s
 
 from __future__ import annotations
 
+import time
 
 import numpy as np
 import pytest
@@ -88,3 +89,39 @@ def test_tree_merge_equals_the_in_process_merge_and_names_a_bad_partial(ray_sess
     bad = [payloads[0], payloads[1][:-10] + b"\0" * 10] + payloads[2:]
     with pytest.raises(PartialError, match=f"{names[1]}: checksum mismatch"):
         merges.tree_merge(bad, 4, names=names, checks={})
+
+
+def _same_as_in_process(out, payloads, layers, fp):
+    via_tree, one_by_one = Fold(layers), Fold(layers)
+    via_tree.add(decode_partial(out), "unused")
+    for p in payloads:
+        one_by_one.add(decode_partial(p), "unused")
+    return via_tree.encode(fp) == one_by_one.encode(fp)
+
+
+@pytest.mark.parametrize("fault,fan_in,said,n_lines", [
+    ("hang:600:{m}", 3, "did not finish within 4 s (cancelled); it runs again", 1),  # a hung task: cancelled, run again
+    # one task (fan-in 8 > 7 partials) that hangs twice: the driver merges its inputs itself
+    ("hang:600:{m}:2", 8, "did not finish within 4 s (cancelled) on its second try; the driver merges its 7 inputs", 2),
+    ("exit:{m}", 3, None, 0),  # a task whose worker dies: Ray runs it again (max_retries), nothing to say
+])
+def test_a_hung_or_dead_merge_task_is_retried_and_nothing_is_lost(ray_session, tmp_path, monkeypatch, capfd,
+                                                                  fault, fan_in, said, n_lines):
+    """Issue 31: the tree's tasks have a timeout (``task_timeout_s``; ``spec.tree_task_timeout_s`` in a
+    run). A merge task that hangs (``RAYSENS_TEST_MERGE_FAULT``, testing/faults.py) is cancelled and
+    run again, or merged by the driver when it hangs again; each in one log line; the result is the
+    in-process merge's, bit for bit, and the other tasks' merges are kept."""
+    payloads, names, layers, fp = _payloads(n_units=7)
+    monkeypatch.setenv("RAYSENS_TEST_MERGE_FAULT", fault.format(m=tmp_path / "marker"))
+    t0 = time.monotonic()
+    out = merges.tree_merge(iter(payloads), fan_in, names=names, checks={"fingerprint": fp}, task_timeout_s=4)
+    took = time.monotonic() - t0
+    assert out is not None and _same_as_in_process(out, payloads, layers, fp)
+    assert decode_partial(out).meta["merged"] == len(payloads)
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if "tree of merges" in ln]
+    assert len(lines) == n_lines, err  # one line per event
+    if said is not None:
+        assert said in lines[-1], err
+        assert took < 60  # not the 600 s of the hang
+    assert (tmp_path / "marker.0").exists()  # the fault did fire

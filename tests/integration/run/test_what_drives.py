@@ -15,6 +15,7 @@ import pytest
 
 from pipeline_util import KEEP, assert_same_stats, config, PER_UNIT
 from raysens.stats.histogram import EPS
+from raysens.run.prepare import prepare
 from raysens.run.runner import run_local
 from raysens.store.per_sample import read_per_sample
 
@@ -105,13 +106,14 @@ def test_resume_keeps_one_row_per_sample_and_the_same_stats(planted, tiny_model,
     monkeypatch.setenv("RAYSENS_TEST_SCALE_SAMPLE", f"{PLANTED}:{FACTOR}")
     d = tmp_path / "run"
     shutil.copytree(planted.run_dir, d)
-    names = sorted(n for n in os.listdir(d / "partials") if n.endswith(".npz"))
-    os.remove(d / "partials" / names[1])  # the unit holding the planted sample is recomputed
-    s = run_local(config(tiny_model, d, f"--data.limit={N}", "--cluster.batch_size=5", PER_UNIT, "--output.per_sample=true",
-                         KEEP))
+    cfg = config(tiny_model, d, f"--data.limit={N}", "--cluster.batch_size=5", PER_UNIT, "--output.per_sample=true", KEEP)
+    key = next(int(u[0]) for u in prepare(cfg).units if PLANTED in u)  # units are grouped by length (plan_units)
+    (name,) = [n for n in os.listdir(d / "partials") if n.startswith(f"unit_{key:010d}-") and n.endswith(".npz")]
+    os.remove(d / "partials" / name)  # the unit holding the planted sample is recomputed
+    s = run_local(cfg)
     assert s.manifest["units"]["computed_this_run"] == 1
     assert_same_stats(s.load(), planted.load())  # bit for bit, the new arrays included
     t = read_per_sample(str(d))
     keys = list(zip(t.column("sample_id").to_pylist(), t.column("layer").to_pylist()))
     assert len(keys) == len(set(keys)) == 2 * N
-    assert pq.read_schema(d / "per_sample" / "unit_0000000005.parquet").field("values").type.value_type == "float"
+    assert pq.read_schema(d / "per_sample" / f"unit_{key:010d}.parquet").field("values").type.value_type == "float"

@@ -2,7 +2,8 @@
 compute (``UnitWorker(background=True)``, ``raysens.backends.overlap``). The shipped states must be
 the sequential path's bit for bit (every array of the partial), a failed background fold must be
 raised by the next call naming the unit, a shipment holds exactly the units folded, and at most
-``RAYSENS_FOLD_QUEUE`` (default 1) units' results wait to be folded. No Ray."""
+``RAYSENS_FOLD_QUEUE`` (default 2, fewer when the memory model's budget does not hold them) units'
+results wait to be folded. No Ray."""
 
 from __future__ import annotations
 
@@ -203,7 +204,10 @@ def test_process_waits_for_its_fold():
     assert p.states[1].samples == len(u["run_ids"])
 
 
-def test_a_failed_background_fold_is_raised_by_the_next_fold_naming_the_unit():
+def test_a_failed_background_fold_is_raised_by_the_next_fold_naming_the_unit(monkeypatch):
+    """With a fold queue of 1 the next fold waits for the failed one and raises; with more (the default
+    2) a later call raises it, once it has finished (test_a_failed_fold_is_raised_within_the_queue_depth)."""
+    monkeypatch.setenv(QUEUE_ENV, "1")
     rng = np.random.default_rng(0)
     units = [unit(k, 2, rng) for k in (10, 20, 30, 40)]
     seq, bg = worker(False, RandomEngine(negative={31})), worker(True, RandomEngine(negative={31}))
@@ -219,6 +223,41 @@ def test_a_failed_background_fold_is_raised_by_the_next_fold_naming_the_unit():
     assert_same_shipment(seq.ship(), bg.ship())  # the failed unit is in neither shipment
     seq.fold(units[3]), bg.fold(units[3])  # the worker carries on
     assert_same_shipment(seq.ship(), bg.ship())
+
+
+def test_a_failed_fold_is_raised_within_the_queue_depth(monkeypatch):
+    """Depth 2: the failed fold of unit 30 may still run when unit 40's compute starts (nothing waits for
+    it), and unit 40's fold may be queued behind it (then skipped: not shipped, named, recomputed by
+    the runner). It is raised by the first call after it finished — at the latest the fold of unit 50,
+    which waits for it — or by the shipment, naming unit 30; the shipment holds exactly the units
+    folded, each unit either shipped or named as not shipped."""
+    monkeypatch.delenv(QUEUE_ENV, raising=False)
+    rng = np.random.default_rng(0)
+    units = [unit(k, 2, rng) for k in (10, 20, 30, 40, 50)]
+    bg = worker(True, RandomEngine(negative={31}))
+    assert bg.fold_queue == 2
+    errors = []
+    for i, u in enumerate(units):
+        try:
+            bg.fold(u)
+        except FoldError as exc:  # raised before the unit was computed: the caller goes on with it
+            assert i >= 3
+            errors.append(str(exc))
+            bg.fold(u)
+    if not errors:  # it had not finished by the last fold: the shipment raises it
+        with pytest.raises(FoldError) as e:
+            bg.ship()
+        errors.append(str(e.value))
+    assert len(errors) == 1 and "the fold of unit 30 failed" in errors[0]
+    got = bg.ship()
+    assert {10, 20} <= set(got[0]) and 30 not in got[0]
+    for k in {40, 50} - set(got[0]):
+        assert str(k) in errors[0].split("are not shipped")[0].split("units [")[-1]
+    seq = worker(False, RandomEngine(negative={31}))
+    for u in units:
+        if u["unit"] in got[0]:
+            seq.fold(u)
+    assert_same_shipment(seq.ship(), got)
 
 
 def test_a_failed_last_fold_is_raised_by_ship_then_the_rest_ships():
@@ -288,11 +327,10 @@ def gated_folds(w: UnitWorker, log: list, lag: int, timeout: float = 1.0) -> Non
 
 @pytest.mark.parametrize("queue", [1, 2])
 def test_at_most_fold_queue_units_wait_to_be_folded(monkeypatch, queue):
-    """Backpressure: when a unit's compute starts, at most ``RAYSENS_FOLD_QUEUE`` (default 1) earlier
+    """Backpressure: when a unit's compute starts, at most ``RAYSENS_FOLD_QUEUE`` (default 2) earlier
     units are not folded yet — and with folds that lag, exactly that many (the folds run beside the
     compute). The shipment is the sequential path's, bit for bit."""
-    if queue != 1:
-        monkeypatch.setenv(QUEUE_ENV, str(queue))
+    monkeypatch.setenv(QUEUE_ENV, str(queue))
     log: list = []
     eng = RandomEngine(on_compute=lambda: log.append(("compute", None)))
     bg, seq = worker(True, eng), worker(False)
@@ -315,6 +353,69 @@ def test_at_most_fold_queue_units_wait_to_be_folded(monkeypatch, queue):
             folded += 1
     assert max(unfolded) == queue and max(at_compute) == queue and at_compute[0] == 0
     assert folded == computed == len(units)
+
+
+def _unfolded_at_compute(bg, seq, log, units) -> int:
+    """Fold ``units`` on both workers; the most units not yet folded when a compute began (and the
+    shipments equal bit for bit)."""
+    for u in units:
+        bg.fold(u), seq.fold(u)
+    assert_same_shipment(seq.ship(), bg.ship())
+    most, computed, folded = 0, 0, 0
+    for kind, _ in log:
+        if kind == "compute":
+            most = max(most, computed - folded)
+            computed += 1
+        else:
+            folded += 1
+    return most
+
+
+def test_the_default_depth_is_2_without_a_budget(monkeypatch):
+    monkeypatch.delenv(QUEUE_ENV, raising=False)
+    w = worker(True)
+    assert w.fold_queue == 2 and w.results_room(S, 4) == (None, 0) and w.fold_depth(S, 4) == 2
+    assert worker(False).fold_depth(S, 4) == 0  # inline folds: nothing waits
+
+
+@pytest.mark.parametrize("fit,depth", [(40, 2), (6, 2), (5, 1), (4, 1)])
+def test_the_memory_model_counts_the_waiting_units(monkeypatch, fit, depth):
+    """With a budget, waiting units' results count against it: a plan whose budget holds ``fit``
+    samples' results lets two 2-sample units wait beside the next one's compute only when 3 × 2 ≤ fit
+    (4 and 5: one waits, as before the queue; 6 and more: the default 2). Bits unchanged."""
+    from raysens.core.memory.sizing import UnitPlan
+
+    monkeypatch.delenv(QUEUE_ENV, raising=False)
+    plan = UnitPlan(budget=1 << 30, host_budget=1 << 30, samples_per_unit=fit, samples_per_pass=fit,
+                    samples_per_fold=1, pass_bytes_per_sample=1000, unit_bytes_per_sample=1000, state_bytes=0,
+                    fits=True)
+    log: list = []
+    bg, seq = worker(True, RandomEngine(on_compute=lambda: log.append(("compute", None)))), worker(False)
+    bg.unit_plan = seq.unit_plan = lambda width: plan
+    assert bg.fold_depth(S, 2) == depth and bg.results_room(S, 2) == (fit * 1000, 2000)
+    gated_folds(bg, log, lag=2)
+    rng = np.random.default_rng(3)
+    units = [unit(100 + 2 * i, 2, rng) for i in range(6)]
+    assert _unfolded_at_compute(bg, seq, log, units) == depth
+
+
+def test_fold_depth_from_the_memory_model_with_the_synthetic_engine(monkeypatch):
+    """The synthetic engine (28 target layers, S = 128: 3.5 MiB of results per sample) under real
+    budgets: a roomy budget keeps the default depth 2, a budget that holds a few units' results lets
+    one wait, and the depth always follows from the plan's own numbers."""
+    monkeypatch.delenv(QUEUE_ENV, raising=False)
+    seen = {}
+    for mb in (4096, 1400, 1200, 1100, 1000, 900, 800):
+        w = UnitWorker(WorkerSpec("synthetic:L28", False, "cpu", {"memory_budget_mb": mb}, list(range(1, 29)), 128,
+                                  "fp"), shared={}, planted={}, background=True)
+        plan = w.unit_plan(128)
+        if not plan.fits:
+            continue
+        step = max(1, min(8, plan.samples_per_unit // 2))
+        want = max(1, min(2, plan.samples_per_unit // step - 1))
+        assert w.fold_depth(128, 8) == want, (mb, plan)
+        seen[mb] = want
+    assert seen.get(4096) == 2 and 1 in seen.values(), seen
 
 
 @pytest.mark.parametrize("raw", ["0", "two", "-1"])
