@@ -25,7 +25,8 @@ def test_an_error_in_the_actor_reaches_the_driver_as_raised(ray_session, tiny_mo
     # sample 4's maps made negative on the actor (a test hook passed with the workers' arguments):
     # the fold of its unit fails there, in the background lane, as a FoldError naming the unit
     monkeypatch.setenv(faults.PLANT, "4:-1")
-    cfg = config(tiny_model, tmp_path / "run", f"--data.source={src}", "--cluster.batch_size=3")
+    cfg = config(tiny_model, tmp_path / "run", f"--data.source={src}", "--cluster.batch_size=3",
+                 "--cluster.group_by_length=false")  # units of consecutive ids: unit 3 = samples 3, 4, 5
     runner = Runner(use_ray=True)
     runner.open("run", cfg, "now")
     with pytest.raises(FoldError) as ei:
