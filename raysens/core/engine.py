@@ -53,6 +53,7 @@ from .passes.schedule import SEG_COST_MANUAL, Schedule, directions, pick_mode
 from .stacks import ManualStack, make_stack, unsupported_reason
 from .stacks.gemm import check_gemm_threads
 from .stacks.fusion import pick_kernels
+from .passes.backward_fusion import pick_backward_kernels
 from .memory.sizing import ModelShape, pass_bytes, too_big_message
 from .passes.transforms import pick_forward, pick_reverse
 from .memory.unitsums import UnitSums
@@ -150,6 +151,9 @@ class SensitivityEngine:
         if (cfg.fusion is not Fusion.EAGER and cfg.mode is not Mode.REVERSE and self._manual is not None
                 and self._manual.has_tangents):
             self._manual.use_kernels(pick_kernels(cfg.fusion.value, self.device))
+        # the fused elementwise work of the manual backward (passes/backward_fusion.py), chosen once per process
+        if cfg.fusion is not Fusion.EAGER and cfg.mode is not Mode.FORWARD and self._manual is not None:
+            self._manual.use_backward_kernels(pick_backward_kernels(cfg.fusion.value, self.device))
         # a hand-written tangent path (stacks), when one exists and passed its one-off check, else None
         self._manual_fwd = self._manual_forward_path()
         if self._manual is not None:  # after the one-off checks (float32): bf16 GEMMs for precision bf16
@@ -170,6 +174,12 @@ class SensitivityEngine:
     def fusion_used(self) -> str:
         """The tangent kernels forward mode runs: "compile" (fused, ``SensitivityConfig.fusion``) or "eager"."""
         return self._manual.kern.name if self._manual_fwd is not None else "eager"
+
+    @property
+    def reverse_fusion_used(self) -> str:
+        """The elementwise kernels the manual backward (reverse mode) runs: "compile" (fused,
+        ``SensitivityConfig.fusion``, ``passes/backward_fusion.py``) or "eager"."""
+        return "compile" if self._manual is not None and self._manual.bkern is not None else "eager"
 
     @property
     def strategy_used(self) -> str:
@@ -409,5 +419,7 @@ class SensitivityEngine:
         per_row = max(self._manual.row_token_bytes(b), int(self.memory.row_token_bytes)) * tokens
         chunk = self.memory.cap(self.memory.chunk(len(pos_d[0]), per_row), tokens)
         for L in batch.layer_ids:
+            bk = self._manual.bkern  # fused backward kernels (SensitivityConfig.fusion) or None
             chunk = chunk_loop(self._cot, self.memory, batch, pos_d, L, chunk,
-                               lambda v, p: self._manual.vjp(fwd, L, v, rows, p.to(self.device)))
+                               lambda v, p: self._manual.vjp(fwd, L, v, rows, p.to(self.device)),
+                               None if bk is None else bk.sqnorm)
