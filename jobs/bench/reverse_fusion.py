@@ -2,12 +2,13 @@
 
     python -m jobs.bench.reverse_fusion                                 # SmolLM2 + MiniLM, S=32, last layer
     python -m jobs.bench.reverse_fusion --models minilm --rounds 3 --samples 8 --seed-samples 2 --json out.json
+    python -m jobs.bench.reverse_fusion --kernels                       # each fused kernel on one block's shapes
 
 One process per model in turn (the inductor cache a fresh temporary directory per run: cold compiles).
 In it: an engine with ``fusion: eager`` and one with ``fusion: compile`` (``mode: reverse``,
 Hutchinson K=1: S VJPs per sample, as the older loop's S VJPs; strategy auto = ``manual``), the
 older tool's loop (``jobs.bench.common.seed_loop`` on its bf16 model copy). The fused engine's
-construction time minus the eager one's is the trial compile; each engine warms up on 2 samples
+construction time minus the eager one's is the trial compile; each engine warms up once
 on the timed batches (the fused warm-up minus the eager one: compiles for the real shapes). Then ``--rounds`` rounds
 alternate seed loop (``--seed-samples``), eager and fused (``--samples`` each, in batches of
 ``--batch``), each after ``quiet_wait``, with the other processes' load recorded. Printed per
@@ -106,6 +107,54 @@ def bench_model(name: str, args) -> dict:
     return res
 
 
+def bench_kernels(args) -> list[dict]:
+    """Each fused kernel against the eager ops it replaces, on the shapes of one SmolLM2 / MiniLM
+    block backward (``[chunk, batch, b, d_model]`` cotangents), ``args.calls`` alternating calls each."""
+    from raysens.core.passes import backward_fusion as bf
+    from raysens.core.stacks.formulas import ln_backward
+    from raysens.core.stacks.llama import _norm_backward
+
+    kern = bf.pick_backward_kernels("compile", torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    # (model, chunk, batch, b, S, d_model, kv_heads, group): SmolLM2's 2-row suffix segments at a
+    # mid prefix; MiniLM's one 32-position segment
+    for name, c, bsz, b, seq, d, kvh, grp in (("smollm2", 2, 16, 16, 32, 576, 3, 3), ("minilm", 8, 8, 32, 32, 384, 12, 1)):
+        g, gn = torch.randn(c, bsz, b, d, generator=gen), torch.randn(c, bsz, b, d, generator=gen)
+        xn, r, w = torch.randn(bsz, seq, d, generator=gen), torch.rand(bsz, seq, 1, generator=gen) + 0.5, torch.randn(d)
+        gp, p = torch.randn(bsz, kvh, grp, b, c, b, generator=gen), torch.rand(bsz, kvh, grp, b, b, generator=gen)
+        norm = _norm_backward if name == "smollm2" else ln_backward
+        fused_norm = kern.rms_add if name == "smollm2" else kern.ln_add
+        pairs = {
+            "norm backward + residual": (lambda: g.clone().add_(norm(gn.clone(), xn[:, :b], r[:, :b], w)),
+                                         lambda: fused_norm(g, gn, xn, r[..., 0], w)),
+            "softmax backward": (lambda: gp.clone().sub_((gp * p.unsqueeze(-2)).sum(-1, keepdim=True))
+                                 .mul_(p.unsqueeze(-2) * 0.125), lambda: kern.softmax(gp, p, 0.125, torch.float32)),
+            "squared norms": (lambda: g.float().pow(2).sum(-1).double().transpose(0, 1), lambda: kern.sqnorm(g)),
+        }
+        with torch.no_grad():
+            for kname, (fe, ff) in pairs.items():
+                fe(), ff()  # warm-up (the fused one compiles its key)
+                te, tf = [], []
+                for _ in range(args.calls):
+                    for f, ts in ((fe, te), (ff, tf)):
+                        t = time.perf_counter()
+                        f()
+                        ts.append(time.perf_counter() - t)
+                # eager timings include the clone that keeps the inputs (one extra pass): timed alone too
+                tc = []
+                for _ in range(args.calls):
+                    t = time.perf_counter()
+                    g.clone(), gn.clone()
+                    tc.append(time.perf_counter() - t)
+                row = {"model": name, "kernel": kname, "shape": [c, bsz, b, d], "eager_ms": 1e3 * statistics.median(te),
+                       "fused_ms": 1e3 * statistics.median(tf), "clones_ms": 1e3 * statistics.median(tc)}
+                out.append(row)
+                log(f"   {name} {kname:26s} eager {row['eager_ms']:.3f} ms (incl. input clones {row['clones_ms']:.3f}) "
+                    f"fused {row['fused_ms']:.3f} ms")
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="*", choices=["smollm2", "minilm"], default=["smollm2", "minilm"])
@@ -117,10 +166,12 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-wait", type=float, default=10.0, help="wait up to this long for a quiet machine per run")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--kernels", action="store_true", help="per kernel on one block's shapes instead of whole runs")
+    ap.add_argument("--calls", type=int, default=50, help="--kernels: alternating calls per kernel")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="i30rev_inductor_"))
-    out = [bench_model(m, args) for m in args.models]
+    out = bench_kernels(args) if args.kernels else [bench_model(m, args) for m in args.models]
     if args.json:
         write_json({"results": out}, args.json)
 
