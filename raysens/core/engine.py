@@ -53,6 +53,7 @@ from .passes.schedule import SEG_COST_MANUAL, Schedule, directions, pick_mode
 from .stacks import ManualStack, make_stack, unsupported_reason
 from .stacks.gemm import check_gemm_threads
 from .stacks.fusion import choose_kernels
+from .passes.backward_fusion import pick_backward_kernels
 from .memory.sizing import ModelShape, pass_bytes, too_big_message
 from .passes.transforms import pick_forward, pick_reverse
 from .memory.unitsums import UnitSums
@@ -148,12 +149,15 @@ class SensitivityEngine:
                                                       self._generic_fwd.strategy)
         # the elementwise tangent kernels (fusion.py), chosen once per process before the tangent path's check
         self._fusion_why = ("fusion 'eager' (the default)" if cfg.fusion is Fusion.EAGER else
-                            "eager: reverse mode or no hand-written tangent path for this model")
+                            "forward tangents eager: reverse mode or no hand-written tangent path for this model")
         if (cfg.fusion is not Fusion.EAGER and cfg.mode is not Mode.REVERSE and self._manual is not None
                 and self._manual.has_tangents):
             family = type(self._manual).__name__.removesuffix("Stack").lower()  # llama | gpt2 | bert
             kern, self._fusion_why = choose_kernels(cfg.fusion.value, self.device, family)
             self._manual.use_kernels(kern)
+        # the fused elementwise work of the manual backward (passes/backward_fusion.py), chosen once per process
+        if cfg.fusion is not Fusion.EAGER and cfg.mode is not Mode.FORWARD and self._manual is not None:
+            self._manual.use_backward_kernels(pick_backward_kernels(cfg.fusion.value, self.device))
         # a hand-written tangent path (stacks), when one exists and passed its one-off check, else None
         self._manual_fwd = self._manual_forward_path()
         if self._manual is not None:  # after the one-off checks (float32): bf16 GEMMs for precision bf16
@@ -184,7 +188,14 @@ class SensitivityEngine:
         if kern is not None and kern.name == "compile" and self._manual_fwd is None:
             why = "eager: the tangent path's one-off check failed (generic forward mode)"
         return {"asked": self.config.fusion.value, "used": self.fusion_used, "why": why,
-                "compile_s": round(kern.compile_s_total(), 3) if kern is not None else 0.0}
+                "compile_s": round(kern.compile_s_total(), 3) if kern is not None else 0.0,
+                "reverse_used": self.reverse_fusion_used}
+
+    @property
+    def reverse_fusion_used(self) -> str:
+        """The elementwise kernels the manual backward (reverse mode) runs: "compile" (fused,
+        ``SensitivityConfig.fusion``, ``passes/backward_fusion.py``) or "eager"."""
+        return "compile" if self._manual is not None and self._manual.bkern is not None else "eager"
 
     @property
     def strategy_used(self) -> str:
@@ -424,5 +435,7 @@ class SensitivityEngine:
         per_row = max(self._manual.row_token_bytes(b), int(self.memory.row_token_bytes)) * tokens
         chunk = self.memory.cap(self.memory.chunk(len(pos_d[0]), per_row), tokens)
         for L in batch.layer_ids:
+            bk = self._manual.bkern  # fused backward kernels (SensitivityConfig.fusion) or None
             chunk = chunk_loop(self._cot, self.memory, batch, pos_d, L, chunk,
-                               lambda v, p: self._manual.vjp(fwd, L, v, rows, p.to(self.device)))
+                               lambda v, p: self._manual.vjp(fwd, L, v, rows, p.to(self.device)),
+                               None if bk is None else bk.sqnorm)

@@ -118,7 +118,7 @@ class Precision(str, Enum):
 class Fusion(str, Enum):
     """How the hand-written stacks run the elementwise part of their forward-mode tangent work (norm,
     rotary, SiLU/GELU-gate tangents, the softmax-tangent statistics; ``core/stacks/fusion.py``, issue 30).
-    Only the manual tangent path (forward mode) uses it; reverse mode and the generic paths do not.
+    Used by the manual tangent path and the manual backward (``core/passes/backward_fusion.py``), not the generic paths.
 
     - ``eager`` (default): today's torch ops; results unchanged, bit for bit; no start-up cost.
     - ``compile``: the same formulas fused by ``torch.compile`` (inductor: C++/OpenMP on CPU, Triton

@@ -93,27 +93,33 @@ class Cotangents:
         return v * valid[None, :, :, None]  # zero rows of padded output positions
 
 
-def accumulate(g: torch.Tensor, pos: torch.Tensor, total: torch.Tensor, sumsq: torch.Tensor | None, b: int) -> None:
+def accumulate(g: torch.Tensor, pos: torch.Tensor, total: torch.Tensor, sumsq: torch.Tensor | None, b: int,
+               sqnorm: Callable | None = None) -> None:
     """Add the rows' squared VJP norms to ``total`` (and their squares to ``sumsq``) in place.
 
     ``g``: VJPs ``[chunk, batch, b, d_model]``; ``pos``: their output positions ``[chunk]``;
-    ``total``/``sumsq``: float64 ``[batch, pos_out, pos_in]``, columns ``[0, b)`` are updated."""
+    ``total``/``sumsq``: float64 ``[batch, pos_out, pos_in]``, columns ``[0, b)`` are updated;
+    ``sqnorm``: a fused squared-norm kernel (``BackwardKernels.sqnorm``, fusion) or None (eager ops)."""
     oom.point("fold")
-    sq = g.float().pow(2).sum(-1).double().transpose(0, 1)  # [batch, chunk, pos_in=b]; float32 squares (bf16 VJPs)
+    if sqnorm is not None:
+        sq = sqnorm(g)  # [batch, chunk, pos_in=b] float64, one pass over g
+    else:
+        sq = g.float().pow(2).sum(-1).double().transpose(0, 1)  # [batch, chunk, pos_in=b]; float32 squares (bf16 VJPs)
     scatter_add(total[:, :, :b], 1, pos, sq)  # index_add_, in a fixed order on CUDA too
     if sumsq is not None:
         scatter_add(sumsq[:, :, :b], 1, pos, sq * sq)
 
 
 def chunk_loop(cot: Cotangents, memory: MemoryPolicy, batch: PassData, rows: tuple[torch.Tensor, torch.Tensor],
-               layer: int, chunk: int, vjp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> int:
+               layer: int, chunk: int, vjp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               sqnorm: Callable | None = None) -> int:
     """Rows ``(pos, d)`` of ``layer`` for the sample group ``batch`` (``emb``/``mask`` cut to the
     segment's prefix ``[0, b)``) in chunks (``rows.run_chunks``): cotangents ``[chunk, batch, b,
     hidden]`` through ``vjp(v, pos) -> [chunk, batch, b, d_model]``, accumulated into
     ``batch.total[layer]``/``batch.sumsq[layer]``. A CUDA OOM halves the chunk and retries it
     (raised at chunk 1, with an explicit ``chunk_size`` or off CUDA: then the engine splits the
-    unit's samples instead, which keeps the chunk shapes and so the bits). Returns the chunk size
-    that worked."""
+    unit's samples instead, which keeps the chunk shapes and so the bits). ``sqnorm``: the fused
+    squared norms of ``accumulate`` (fusion) or None. Returns the chunk size that worked."""
     pos, d = rows
     bsz, b = batch.mask.shape
     valid = batch.mask.to(torch.float32)  # [batch, b]
@@ -125,6 +131,6 @@ def chunk_loop(cot: Cotangents, memory: MemoryPolicy, batch: PassData, rows: tup
         return vjp(v, p)  # [chunk, batch, b, d_model]
 
     def fold(g, s, e):
-        accumulate(g, pos[s:e], batch.total[layer], sumsq, b)
+        accumulate(g, pos[s:e], batch.total[layer], sumsq, b, sqnorm)
 
     return run_chunks(memory, len(pos), chunk, bsz * b, compute, fold)

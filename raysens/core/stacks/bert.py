@@ -121,24 +121,33 @@ class BertStack(ManualStack):
             g = self._top_backward(self.blocks[top - 1], saved[top - 1], cot[ar, :, pos], rows, pos)
         for i in range(top - 2, -1, -1):
             g = self._block_backward(self.blocks[i], saved[i], g, rows)
+        if self.bkern is not None:  # fused (SensitivityConfig.fusion)
+            return self.bkern.ln(g, xn0[rows], r0[rows, :, 0], self.base.embeddings.LayerNorm.weight)
         return _ln_backward(g, xn0[rows], r0[rows], self.base.embeddings.LayerNorm.weight)
 
-    def _mlp_ln_backward(self, blk, sv_at, g):
+    def _mlp_ln_backward(self, blk, sv_at, g, ln=_ln_backward):
         """From d y to d(x + attention output) through LN₂, the MLP and LN₁ (all position-wise).
-        ``g`` ``[..., d_model]`` (overwritten); ``sv_at(name)`` gives saved tensors at g's positions."""
-        g = _ln_backward(g, sv_at("xn2"), sv_at("r2"), blk.output.LayerNorm.weight)  # d(f + h)
+        ``g`` ``[..., d_model]`` (overwritten); ``sv_at(name)`` gives saved tensors at g's positions;
+        ``ln``: the LayerNorm backward (a fused one for the dense block, ``_block_backward``)."""
+        g = ln(g, sv_at("xn2"), sv_at("r2"), blk.output.LayerNorm.weight)  # d(f + h)
         d = g.shape[-1]
         gf = mm(g.view(-1, d), self.w(blk.output.dense.weight)).view(*g.shape[:-1], -1).mul_(sv_at("dgelu"))  # d(W₁h)
         addmm_(g.view(-1, d), gf.view(-1, gf.shape[-1]), self.w(blk.intermediate.dense.weight))  # d h
-        return _ln_backward(g, sv_at("xn1"), sv_at("r1"), blk.attention.output.LayerNorm.weight)
+        return ln(g, sv_at("xn1"), sv_at("r1"), blk.attention.output.LayerNorm.weight)
 
     def _block_backward(self, blk, sv: _Saved, g, rows):
         c, bsz, seq, d = g.shape
         hh, hd = self.heads, self.head_dim
-        g = self._mlp_ln_backward(blk, lambda name: getattr(sv, name)[rows], g)  # d(x + attn): residual part of d x
+        bk = self.bkern  # fused elementwise kernels (SensitivityConfig.fusion), or None: eager
+        if bk is None:
+            g = self._mlp_ln_backward(blk, lambda name: getattr(sv, name)[rows], g)  # d(x + attn): residual part of d x
+        else:
+            g = self._mlp_ln_backward(blk, lambda name: getattr(sv, name)[rows], g,
+                                      lambda g, xn, r, w: bk.ln(g, xn, r[..., 0], w))
         at = blk.attention.self
         go = mm(g.view(-1, d), self.w(blk.attention.output.dense.weight)).view(c, bsz, seq, hh, 1, hd)
-        gq, gk, gv = attention_backward(go, sv.p[rows], sv.q[rows], sv.k[rows], sv.v[rows], self.scaling)
+        gq, gk, gv = attention_backward(go, sv.p[rows], sv.q[rows], sv.k[rows], sv.v[rows], self.scaling,
+                                        None if bk is None else bk.softmax)
         go = None
         buf = torch.empty(3, c, bsz, seq, hh, hd, device=g.device, dtype=self.cdtype)
         buf[0].view(c, bsz, seq, hh, 1, hd).permute(1, 3, 4, 2, 0, 5).copy_(gq)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 
-def attention_backward(go, p, q, k, v, scaling):
+def attention_backward(go, p, q, k, v, scaling, softmax=None):
     """Backward of softmax attention (frozen weights) for a chunk of cotangents, heads grouped by
     key/value head (GQA without copies; group = 1 for multi-head attention).
 
@@ -16,6 +16,8 @@ def attention_backward(go, p, q, k, v, scaling):
     ``[batch, kv_heads, pos, head_dim]``; scores = q·kᵀ·scaling.
     Returns gq ``[batch, kv_heads, group, pos, chunk, head_dim]``, gk ``[batch, kv_heads, chunk, pos,
     head_dim]``, gv ``[batch, kv_heads, pos, chunk, head_dim]`` (layouts that make every product one bmm).
+    ``softmax``: a fused softmax backward ``(gp, p, scaling, dtype) -> gs`` (``BackwardKernels.softmax``,
+    fusion); None: the eager ops below (today's code).
     """
     c, bsz, b, kvh, grp, hd = go.shape
     cd = go.dtype  # float32, or bf16 (precision bf16: products in bf16, softmax statistics in float32)
@@ -23,9 +25,12 @@ def attention_backward(go, p, q, k, v, scaling):
     go = go.permute(1, 3, 4, 2, 0, 5).contiguous()  # [batch, kv_heads, group, pos, chunk, hd]
     v, k = v.reshape(bk, b, hd).to(cd), k.reshape(bk, b, hd).to(cd)
     gp = torch.bmm(go.view(bk, grp * b * c, hd), v.transpose(1, 2)).view(bsz, kvh, grp, b, c, b).float()
-    pe = p.unsqueeze(-2)  # [batch, kv_heads, group, pos_q, 1, pos_k]
-    dsum = (gp * pe).sum(-1, keepdim=True)
-    gs = gp.sub_(dsum).mul_(pe * scaling).to(cd)  # d scores · scaling: [batch, kv_heads, group, pos_q, chunk, pos_k]
+    if softmax is None:
+        pe = p.unsqueeze(-2)  # [batch, kv_heads, group, pos_q, 1, pos_k]
+        dsum = (gp * pe).sum(-1, keepdim=True)
+        gs = gp.sub_(dsum).mul_(pe * scaling).to(cd)  # d scores · scaling: [batch, kv_heads, group, pos_q, chunk, pos_k]
+    else:
+        gs = softmax(gp, p, scaling, cd)
     gq = torch.bmm(gs.view(bk, grp * b * c, b), k).view(bsz, kvh, grp, b, c, hd)
     # dk[c, t] = Σ_(group, s) gs[.., s, c, t] q[.., s];  dv[c, t] = Σ_(group, s) p[.., s, t] go[.., s, c]
     gk = torch.bmm(gs.view(bk, grp * b, c * b).transpose(1, 2), q.reshape(bk, grp * b, hd).to(cd)).view(bsz, kvh, c, b, hd)

@@ -110,7 +110,10 @@ class GPT2Stack(ManualStack):
         g = cot.contiguous()
         if layer == self.n_layers:
             xn, r = final
-            g = ln_backward(g, xn[rows, :b], r[rows, :b], self.base.ln_f.weight)
+            if self.bkern is None:
+                g = ln_backward(g, xn[rows, :b], r[rows, :b], self.base.ln_f.weight)
+            else:  # fused (SensitivityConfig.fusion)
+                g = self.bkern.ln(g, xn[rows], r[rows, :, 0], self.base.ln_f.weight)
         for i in range(min(layer, len(saved)) - 1, -1, -1):
             g = self._block_backward(self.blocks[i], saved[i], g, rows, b)
         return g
@@ -124,11 +127,16 @@ class GPT2Stack(ManualStack):
         gm = mm(g2, self.w(blk.mlp.c_proj.weight, True)).view(c, bsz, b, -1).mul_(sv.dact[rows, :b])  # [.., inter]
         gn = mm(gm.view(-1, gm.shape[-1]), self.w(blk.mlp.c_fc.weight, True))  # [chunk·batch·pos, d_model]
         gm = None
-        g.add_(ln_backward(gn.view(c, bsz, b, d).float(), sv.xn2[rows, :b], sv.r2[rows, :b], blk.ln_2.weight))
+        bk = self.bkern  # fused elementwise kernels (SensitivityConfig.fusion), or None: eager
+        if bk is None:
+            g.add_(ln_backward(gn.view(c, bsz, b, d).float(), sv.xn2[rows, :b], sv.r2[rows, :b], blk.ln_2.weight))
+        else:
+            g = bk.ln_add(g, gn.view(c, bsz, b, d), sv.xn2[rows], sv.r2[rows, :, 0], blk.ln_2.weight)
+            g2 = g.view(-1, d)
         # attention: q/k/v gradients side by side, one GEMM with c_attn's weight
         go = mm(g2, self.w(blk.attn.c_proj.weight, True)).view(c, bsz, b, hh, 1, hd)
         gq, gk, gv = attention_backward(go, sv.p[rows, :, :, :b, :b], sv.q[rows, :, :, :b], sv.k[rows, :, :b],
-                                        sv.v[rows, :, :b], blk.attn.scaling)
+                                        sv.v[rows, :, :b], blk.attn.scaling, None if bk is None else bk.softmax)
         go = None
         buf = torch.empty(c, bsz, b, 3, hh, hd, device=g.device, dtype=self.cdtype)
         buf[:, :, :, 0].view(c, bsz, b, hh, 1, hd).permute(1, 3, 4, 2, 0, 5).copy_(gq)
@@ -137,7 +145,10 @@ class GPT2Stack(ManualStack):
         gq = gk = gv = None
         gn = mm(buf.view(-1, 3 * d), self.w(blk.attn.c_attn.weight, True))  # [chunk·batch·pos, d_model]
         buf = None
-        g.add_(ln_backward(gn.view(c, bsz, b, d).float(), sv.xn1[rows, :b], sv.r1[rows, :b], blk.ln_1.weight))
+        if bk is None:
+            g.add_(ln_backward(gn.view(c, bsz, b, d).float(), sv.xn1[rows, :b], sv.r1[rows, :b], blk.ln_1.weight))
+        else:
+            g = bk.ln_add(g, gn.view(c, bsz, b, d), sv.xn1[rows], sv.r1[rows, :, 0], blk.ln_1.weight)
         return g
 
     # ------------------------------------------------------------------ forward mode

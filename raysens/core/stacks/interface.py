@@ -36,6 +36,7 @@ class ManualStack:
     has_tangents = False  # True where ``jvp`` (the forward-mode tangent path) is written
     cdtype = torch.float32  # dtype of the tangent/cotangent GEMMs (``use_dtype``); the forward stays float32
     kern: Kernels = EAGER  # elementwise tangent kernels of ``jvp`` (``use_kernels``; fusion.py): eager = unchanged
+    bkern = None  # fused elementwise kernels of ``vjp`` (``passes/backward_fusion.py``); None: eager, unchanged
 
     def use_dtype(self, dtype: torch.dtype) -> None:
         """Run the GEMMs of ``vjp``/``jvp`` in ``dtype`` (bfloat16: ``SensitivityConfig.precision``
@@ -48,6 +49,11 @@ class ManualStack:
         """Run ``jvp``'s elementwise tangent work with ``kern`` (``fusion.pick_kernels``; ``EAGER``
         is today's code, bit for bit)."""
         self.kern = kern
+
+    def use_backward_kernels(self, bkern) -> None:
+        """Run ``vjp``'s elementwise work (norm backward + residual add, softmax backward) with
+        ``bkern`` (``passes.backward_fusion.pick_backward_kernels``); None is today's code, bit for bit."""
+        self.bkern = bkern
 
     def w(self, t: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """A weight ``t`` (or ``tᵀ``) in the GEMM dtype: ``t`` itself (a view for ``transpose``) in

@@ -152,7 +152,10 @@ class LlamaStack(ManualStack):
             g = cot.contiguous()
             if layer == len(self.blocks):
                 xn, r = final
-                g = _norm_backward(g, xn[rows, :b], r[rows, :b], self.base.norm.weight)
+                if self.bkern is None:
+                    g = _norm_backward(g, xn[rows, :b], r[rows, :b], self.base.norm.weight)
+                else:  # fused (SensitivityConfig.fusion)
+                    g = self.bkern.rms(g, xn[rows], r[rows, :, 0], self.base.norm.weight)
         for i in range(top - 1, -1, -1):
             g = self._block_backward(self.blocks[i], saved[i], g, rows, b, cs, sn)
         return g
@@ -195,7 +198,10 @@ class LlamaStack(ManualStack):
         gn = gn.view(c, bsz, b, d).float()
         ar = torch.arange(c, device=g.device)
         gn[ar, :, pos] += mm(qbuf.view(c * bsz, -1), self.w(at.q_proj.weight)).view(c, bsz, d)
-        out = _norm_backward(gn, sv.xn1[rows, :b], sv.r1[rows, :b], blk.input_layernorm.weight)
+        if self.bkern is None:
+            out = _norm_backward(gn, sv.xn1[rows, :b], sv.r1[rows, :b], blk.input_layernorm.weight)
+        else:  # fused (SensitivityConfig.fusion)
+            out = self.bkern.rms(gn, sv.xn1[rows], sv.r1[rows, :, 0], blk.input_layernorm.weight)
         out[ar, :, pos] += g  # the residual path of d x₂
         return out
 
@@ -213,12 +219,17 @@ class LlamaStack(ManualStack):
         gm = None
         gn = self.mm_sum(ggu, (mlp.gate_proj.weight, mlp.up_proj.weight))  # [chunk·batch·pos, d_model]
         ggu = None
-        g.add_(_norm_backward(gn.view(c, bsz, b, d).float(), sv.xn2[rows, :b], sv.r2[rows, :b],
-                              blk.post_attention_layernorm.weight))
+        bk = self.bkern  # fused elementwise kernels (SensitivityConfig.fusion), or None: eager
+        if bk is None:
+            g.add_(_norm_backward(gn.view(c, bsz, b, d).float(), sv.xn2[rows, :b], sv.r2[rows, :b],
+                                  blk.post_attention_layernorm.weight))
+        else:
+            g = bk.rms_add(g, gn.view(c, bsz, b, d), sv.xn2[rows], sv.r2[rows, :, 0], blk.post_attention_layernorm.weight)
+            g2 = g.view(m, d)
         # ---- attention
         go = mm(g2, self.w(at.o_proj.weight)).view(c, bsz, b, kvh, grp, hd)  # [chunk, batch, pos, kv_heads, group, hd]
         gq, gk, gv = attention_backward(go, sv.p[rows, :, :, :b, :b], sv.qr[rows, :, :, :b], sv.kr[rows, :, :b],
-                                        sv.v[rows, :, :b], self.scaling)
+                                        sv.v[rows, :, :b], self.scaling, None if bk is None else bk.softmax)
         go = None
         buf = torch.empty(c, bsz, b, self.heads + 2 * kvh, hd, device=g.device, dtype=cd)
         qv = buf[:, :, :, :self.heads].view(c, bsz, b, kvh, grp, hd).permute(1, 3, 4, 2, 0, 5)
@@ -230,8 +241,11 @@ class LlamaStack(ManualStack):
         b2 = buf.view(m, -1)
         gn = self.mm_sum(b2, (at.q_proj.weight, at.k_proj.weight, at.v_proj.weight))  # [chunk·batch·pos, d_model]
         buf = b2 = None
-        g.add_(_norm_backward(gn.view(c, bsz, b, d).float(), sv.xn1[rows, :b], sv.r1[rows, :b],
-                              blk.input_layernorm.weight))
+        if bk is None:
+            g.add_(_norm_backward(gn.view(c, bsz, b, d).float(), sv.xn1[rows, :b], sv.r1[rows, :b],
+                                  blk.input_layernorm.weight))
+        else:
+            g = bk.rms_add(g, gn.view(c, bsz, b, d), sv.xn1[rows], sv.r1[rows, :, 0], blk.input_layernorm.weight)
         return g
 
     # ------------------------------------------------------------------ forward mode
