@@ -35,7 +35,7 @@ from .errors import RaysensError, detail_of
 
 BATCH_CPU, BATCH_GPU = 8, 32  # cluster.batch_size: auto on CPU actors / on GPU actors
 # cluster.group_by_length: the samples of a window of this many units' worth of consecutive selected
-# ids are sorted by text length (characters) before they are cut into units (run/prepare.py: plan_units);
+# ids are sorted by text length (characters) before they are cut into units (run/layout.py: plan_units);
 # part of the fingerprint, so a change of it is a new layout
 LENGTH_WINDOW_UNITS = 64
 SOURCE_KINDS = ("auto", "bundled", "jsonl", "text", "parquet", "hf_disk", "hf")

@@ -12,11 +12,11 @@ lengths of the run's tokenizer (truncated to ``max_seq_len`` as the worker does)
 - ``useful`` / ``useful2``: Σ len and Σ len² (no padding at all);
 - ``makespan``: the finish time of the units handed out one at a time to 16 actors (each to the
   first actor free), a unit costing n × max(len)²: the consecutive layout, the grouped units in key
-  order, and grouped longest first (``run.prepare.dispatch_order``), as ratios to the consecutive
+  order, and grouped longest first (``run.layout.dispatch_order``), as ratios to the consecutive
   layout's and (grouped) to the perfect balance Σ cost / actors.
 
 Reported as grouped / consecutive ratios (lower is better) and the padding fraction of each layout;
-``driver``: the driver's seconds for the length key (``prepare.text_lengths``: 10,000 shuffled rows
+``driver``: the driver's seconds for the length key (``layout.text_lengths``: 10,000 shuffled rows
 of a 100,000-row JSONL corpus) and ``plan_units``.
 Corpora: the bundled corpus (English prose, 1,377 rows of 160–696 characters) and a length-skewed
 synthetic corpus (lognormal word counts: most texts short, a long tail), ``--rows`` rows.
@@ -68,7 +68,7 @@ def makespan(units: list[np.ndarray], tokens: np.ndarray, actors: int) -> float:
 
 
 def case(name: str, texts: list[str], tokenizer, seq: int, batch: int, actors: int = 16) -> dict:
-    from raysens.run.prepare import plan_units
+    from raysens.run.layout import plan_units
 
     selected = np.arange(len(texts), dtype=np.int64)
     tokens = token_lengths(texts, tokenizer, seq)
@@ -77,7 +77,7 @@ def case(name: str, texts: list[str], tokenizer, seq: int, batch: int, actors: i
     after = cost(plan_units(selected, batch, chars), tokens)
     ideal = cost(plan_units(selected, batch, tokens), tokens)  # grouped by the exact token lengths
     grouped = plan_units(selected, batch, chars)
-    lpt = sorted(grouped, key=lambda u: (-int(chars[u].max()), int(u[0])))  # run.prepare.dispatch_order
+    lpt = sorted(grouped, key=lambda u: (-int(chars[u].max()), int(u[0])))  # run.layout.dispatch_order
     consecutive = plan_units(selected, batch)
     span = {"consecutive": makespan(consecutive, tokens, actors), "grouped_key_order": makespan(grouped, tokens, actors),
             "grouped_longest_first": makespan(lpt, tokens, actors)}
@@ -97,7 +97,7 @@ def case(name: str, texts: list[str], tokenizer, seq: int, batch: int, actors: i
 
 
 def driver_cost(rows: int, selected: int) -> dict:
-    """Seconds the driver spends on the length key: ``prepare.text_lengths`` over ``selected`` shuffled
+    """Seconds the driver spends on the length key: ``layout.text_lengths`` over ``selected`` shuffled
     rows of a ``rows``-row JSONL corpus (written to a temporary directory; its line index is built
     first, as the driver's row count does), then ``plan_units``."""
     import tempfile
@@ -106,7 +106,7 @@ def driver_cost(rows: int, selected: int) -> dict:
 
     from raysens.config import load_config
     from raysens.corpus.reader import Corpus
-    from raysens.run.prepare import plan_units, text_lengths
+    from raysens.run.layout import plan_units, text_lengths
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as d:

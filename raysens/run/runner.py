@@ -36,7 +36,8 @@ from ..store.rundir import RunDir, RunError
 from ..testing import faults
 from . import signals
 from .driver import Progress, finalize
-from .prepare import PreparedRun, base_manifest, check_device, dispatch_order, open_run_dir, prepare
+from .layout import dispatch_order
+from .prepare import PreparedRun, base_manifest, check_device, open_run_dir, prepare
 from .planning import prepare_model_side
 
 

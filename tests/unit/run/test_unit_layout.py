@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raysens.run.prepare import plan_units
+from raysens.run.layout import plan_units
 
 
 def _padded(units, lengths_of):
@@ -68,7 +68,7 @@ def test_lengths_must_match_the_selection():
 def test_dispatch_order_is_longest_first_when_grouped():
     from types import SimpleNamespace
 
-    from raysens.run.prepare import dispatch_order
+    from raysens.run.layout import dispatch_order
 
     units = [np.array([0, 5]), np.array([1, 2]), np.array([3, 4]), np.array([6])]
     grouped = SimpleNamespace(unit_lengths={0: 10, 1: 300, 3: 300, 6: 50})
