@@ -32,13 +32,14 @@ Torch only (no Ray).
 
 from __future__ import annotations
 
-import time
 import types
 import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from ..stacks.fusion import trial_once
 
 REV_FUSED_RTOL = 1e-5  # relative (Frobenius) distance of a fused kernel's output from the eager formula's in the trial
 MAX_KEYS = 64  # compiled keys per kernel and process (dtype × rank × size-1 pattern × threads × scalars)
@@ -231,21 +232,7 @@ def pick_backward_kernels(fusion: str, device: torch.device) -> BackwardKernels 
     ``"eager"``; None = eager, today's code), decided once per process and device type."""
     if fusion == "eager":
         return None
-    key = device.type
-    if key not in _PROCESS:
-        t0 = time.perf_counter()
-        try:
-            k = compiled_backward_kernels()
-            why = _trial(k, device)
-        except Exception as e:  # no C++ compiler, an op inductor cannot lower, ...
-            k, why = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-        if why is None:
-            import dataclasses
-
-            _PROCESS[key] = {"kernels": dataclasses.replace(k, compile_s=time.perf_counter() - t0)}
-        else:
-            _PROCESS[key] = {"error": why}
-    got = _PROCESS[key]
+    got = trial_once(_PROCESS, device, compiled_backward_kernels, _trial)
     if "kernels" in got:
         return got["kernels"]
     if fusion == "compile":

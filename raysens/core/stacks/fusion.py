@@ -37,6 +37,7 @@ together (one place says what the fused path computes and when it runs).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import types
 import warnings
@@ -305,6 +306,25 @@ AUTO_RULE = ("auto compiles the BERT stack only: fused measured 1.3-1.8x faster 
              "(slower) on SmolLM2 (llama), GPT-2 not measured faster")
 
 
+def trial_once(store: dict, device: torch.device, build: Callable, trial: Callable) -> dict:
+    """``store[device.type]``, filled by the first call: ``{"kernels": K}`` when ``K = build()`` passed
+    ``trial(K, device)`` (``K.compile_s``: the seconds both took), else ``{"error": why}`` (the trial's
+    reason or the exception: no C++ compiler, an op inductor cannot lower, ...). The trial compile runs
+    once per process and device type (once per Ray actor); the forward kernels here and the backward
+    kernels (``passes/backward_fusion.py``) each keep their own ``store``."""
+    key = device.type
+    if key not in store:
+        t0 = time.perf_counter()
+        try:
+            k = build()
+            why = trial(k, device)
+        except Exception as e:  # no C++ compiler, an op inductor cannot lower, ...
+            k, why = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        store[key] = ({"kernels": dataclasses.replace(k, compile_s=time.perf_counter() - t0)} if why is None
+                      else {"error": why})
+    return store[key]
+
+
 def choose_kernels(fusion: str, device: torch.device, family: str | None = None) -> tuple[Kernels, str]:
     """The kernels for ``SensitivityConfig.fusion`` (``"auto"`` | ``"compile"`` | ``"eager"``) of a
     stack of ``family`` (``"llama"``, ``"gpt2"``, ``"bert"``; None: any) and why, decided once per
@@ -316,22 +336,8 @@ def choose_kernels(fusion: str, device: torch.device, family: str | None = None)
         return EAGER, "fusion 'eager' (the default)"
     if fusion == "auto" and family is not None and family not in AUTO_FAMILIES:
         return EAGER, f"fusion 'auto' on a {family} stack: {AUTO_RULE}"
-    key = device.type
-    if key not in _PROCESS:
-        t0 = time.perf_counter()
-        try:
-            k = compiled_kernels()
-            why = _trial(k, device)
-        except Exception as e:  # no C++ compiler, an op inductor cannot lower, ...
-            k, why = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-        if why is None:
-            import dataclasses
-
-            _PROCESS[key] = {"kernels": dataclasses.replace(k, compile_s=time.perf_counter() - t0)}
-        else:
-            _PROCESS[key] = {"error": f"the trial torch.compile failed ({why})"}
-    got = _PROCESS[key]
-    why = got.get("error")
+    got = trial_once(_PROCESS, device, compiled_kernels, _trial)
+    why = f"the trial torch.compile failed ({got['error']})" if "error" in got else None
     if why is None:
         k = got["kernels"]
         if MAX_KEYS - k.keys_used() < KEYS_RESERVED:
