@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from ..stacks.fusion import trial_once
+from ..stacks.fusion import FusionCacheFull, trial_once
 
 REV_FUSED_RTOL = 1e-5  # relative (Frobenius) distance of a fused kernel's output from the eager formula's in the trial
 MAX_KEYS = 64  # compiled keys per kernel and process (dtype × rank × size-1 pattern × threads × scalars)
@@ -133,7 +133,7 @@ class _Keyed:
 
     def _compile(self, key, generation: int):
         if generation >= MAX_GENERATIONS or (generation == 0 and len(self.fns) >= MAX_KEYS):
-            raise RuntimeError(f"SensitivityEngine: the fused reverse kernel {self.f.__name__} needs more than "
+            raise FusionCacheFull(f"SensitivityEngine: the fused reverse kernel {self.f.__name__} needs more than "
                                f"{MAX_KEYS} keys or {MAX_GENERATIONS} compiles of one key in this process; use "
                                f"fusion 'eager'")
         fn = torch.compile(_fresh(self.f), dynamic=True, fullgraph=True)

@@ -47,6 +47,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from raysens.errors import RaysensError
+
 from .llama_tangent import _norm_tangent, _rope
 from .tangents import attention_tangent, attention_tangent_fused, ln_tangent
 
@@ -151,9 +153,10 @@ MAX_KEYS = 128  # compiled variants (cache keys) one fused kernel may hold in a 
 KEYS_RESERVED = 24  # keys an engine may still add after ``choose_kernels`` (its thread count, dtypes, scaling, ...)
 
 
-class FusionCacheFull(RuntimeError):
-    """A fused kernel met a new cache key with ``MAX_KEYS`` variants already compiled (never within the
-    ``KEYS_RESERVED`` an engine is granted by ``choose_kernels``)."""
+class FusionCacheFull(RaysensError, RuntimeError):
+    """A fused kernel met a new cache key past its bound: here ``MAX_KEYS`` variants (never within the
+    ``KEYS_RESERVED`` an engine is granted by ``choose_kernels``); the backward's keys or generations
+    (``passes/backward_fusion.py``). Raised instead of switching formulas mid-run."""
 
 
 def _fresh(f, tag: str):
