@@ -155,8 +155,9 @@ class SensitivityEngine:
             family = type(self._manual).__name__.removesuffix("Stack").lower()  # llama | gpt2 | bert
             kern, self._fusion_why = choose_kernels(cfg.fusion.value, self.device, family)
             self._manual.use_kernels(kern)
-        # the fused elementwise work of the manual backward (passes/backward_fusion.py), chosen once per process
-        if cfg.fusion is not Fusion.EAGER and cfg.mode is not Mode.FORWARD and self._manual is not None:
+        # the fused elementwise work of the manual backward (passes/backward_fusion.py), chosen once per process;
+        # 'auto' keeps the backward eager: fused measured no faster (benchmarks.md, issue 30 — reverse path)
+        if cfg.fusion is Fusion.COMPILE and cfg.mode is not Mode.FORWARD and self._manual is not None:
             self._manual.use_backward_kernels(pick_backward_kernels(cfg.fusion.value, self.device))
         # a hand-written tangent path (stacks), when one exists and passed its one-off check, else None
         self._manual_fwd = self._manual_forward_path()

@@ -107,7 +107,8 @@ def test_auto_falls_back_to_eager_with_one_warning_and_compile_refuses(models, m
     monkeypatch.setattr(bf, "_PROCESS", {})
     monkeypatch.setattr(bf, "compiled_backward_kernels", broken)
     with pytest.warns(RuntimeWarning, match="runs the reverse pass eagerly.*no C\\+\\+ compiler found"):
-        eng = _engine(models["gpt2"], mode="reverse", fusion="auto")
+        assert bf.pick_backward_kernels("auto", torch.device("cpu")) is None
+    eng = _engine(models["gpt2"], mode="reverse", fusion="auto")  # the engine's auto: the backward eager (measured)
     assert eng.reverse_fusion_used == "eager" and eng._manual.bkern is None
     with pytest.raises(ValueError, match="fusion 'compile' does not work here for the reverse pass"):
         _engine(models["gpt2"], mode="reverse", fusion="compile")
