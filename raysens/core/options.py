@@ -130,8 +130,8 @@ class Fusion(str, Enum):
       2-position suffix segments: per kernel 0.5–0.8x); results move in the last bits (fused vs
       eager ~1e-7 relative on mean maps). Refused with an error where it does not work.
       docs/benchmarks.md, issue 30.
-    - ``auto``: ``compile`` for BERT's forward tangents (measured faster) when a trial works, else ``eager``
-      (warned where the trial failed or the cache is full); the backward eager (fused 0.96-1.00x, quiet).
+    - ``auto``: ``compile`` where measured faster (``fusion.AUTO_FAMILIES``: none on CPU, quiet: fused
+      0.91-1.00x) when a trial works, else ``eager``; the backward eager. Why: ``engine.fusion_info``.
     """
 
     AUTO = "auto"

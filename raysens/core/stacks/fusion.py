@@ -304,9 +304,9 @@ def _trial_checks(k: Kernels, device: torch.device, g) -> str | None:
     return None
 
 
-AUTO_FAMILIES = frozenset({"bert"})  # stacks where ``auto`` compiles: fused measured faster (benchmarks.md, issue 30)
-AUTO_RULE = ("auto compiles the BERT stack only: fused measured 1.3-1.8x faster on MiniLM (2 threads), 0.86-0.97x "
-             "(slower) on SmolLM2 (llama), GPT-2 not measured faster")
+AUTO_FAMILIES = frozenset()  # stacks where ``auto`` compiles: where fused was measured faster (none on CPU yet)
+AUTO_RULE = ("auto runs every stack eager: fused measured no faster on a quiet CPU (2 threads: MiniLM 0.96x, "
+             "SmolLM2 0.91x; benchmarks.md, issue 30); a family joins AUTO_FAMILIES where it is measured faster")
 
 
 def trial_once(store: dict, device: torch.device, build: Callable, trial: Callable) -> dict:
