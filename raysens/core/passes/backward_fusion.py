@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from ..stacks.fusion import FusionCacheFull, trial_once
+from ..stacks.fusion import FusionCacheFull, compile_settings, trial_once
 
 REV_FUSED_RTOL = 1e-5  # relative (Frobenius) distance of a fused kernel's output from the eager formula's in the trial
 MAX_KEYS = 64  # compiled keys per kernel and process (dtype × rank × size-1 pattern × threads × scalars)
@@ -105,14 +105,6 @@ def _fresh(f):
     return types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
 
 
-def _shape_settings():
-    """Symbolic sizes without duck sizing or a 0/1 special case while a key compiles (the settings
-    of ``stacks.fusion.compile_settings``)."""
-    from torch.fx.experimental import _config as fx_config
-
-    return fx_config.patch(use_duck_shape=False, backed_size_oblivious=True)
-
-
 class _Keyed:
     """``f`` compiled once per explicit key (module docstring): a fresh code object per key, so that
     no code object sees more than the shapes of one key."""
@@ -146,14 +138,14 @@ class _Keyed:
         got = self.fns.get(key)
         if got is None:
             fn = self._compile(key, 0)
-            with _shape_settings():
+            with compile_settings():
                 return fn(*args)
         fn, gen = got
         try:
             return fn(*args)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             fn = self._compile(key, gen + 1)
-            with _shape_settings():
+            with compile_settings():
                 return fn(*args)
 
     def graphs(self) -> int:
