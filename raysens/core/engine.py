@@ -347,8 +347,9 @@ class SensitivityEngine:
         nd = self._frows.directions
         # CPU sample groups: tangent rows of one pass × samples × tokens near backward_tokens. A pass
         # carries one segment's rows (manual causal suffix segments: a few input positions; the
-        # generic path and non-causal models: all S), so the group is sized by the widest segment
-        width = max(b - a for a, b in path.segments(seq)) if manual else seq
+        # generic path and non-causal models: all S), so the group is sized by the widest segment;
+        # packed rows (stacks/packing.py) by one position (a pack then holds as many rows as fit)
+        width = (1 if path.packed else max(b - a for a, b in path.segments(seq))) if manual else seq
         mcfg = self.model.config
         inter = int(getattr(mcfg, "intermediate_size", None) or getattr(mcfg, "n_inner", None) or 4 * self.hidden)
         heads = int(getattr(mcfg, "num_attention_heads", 1) or 1)

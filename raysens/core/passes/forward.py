@@ -64,6 +64,21 @@ class ForwardRows:
         return t
 
 
+    def make_packed(self, pack, d: torch.Tensor, probes: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
+        """Tangents ``[R, d_model]`` of a ``stacks.packing.Pack`` whose tangent rows have directions
+        ``d`` ``[rows]`` (pack order): each (row, sample) nonzero only at its own input position, with
+        the values ``make`` puts there."""
+        bs, js = pack.seed_rows()  # [rows·batch] each, the order of pack.seed
+        dd = d.repeat_interleave(pack.batch).to(self.device)
+        bs, js = bs.to(self.device), js.to(self.device)
+        t = torch.zeros(pack.rows_total, self.d_model, device=self.device)
+        if self.estimator is Estimator.EXACT:
+            t[pack.seed, dd] = valid[bs, js]
+        else:
+            t[pack.seed] = probes[bs, js, dd, :] * valid[bs, js, None]
+        return t
+
+
 def accumulate_forward(jv: torch.Tensor, pos: torch.Tensor, total: torch.Tensor, sumsq: torch.Tensor | None,
                        out0: int = 0) -> None:
     """Add ``‖J_ij u‖²`` of the rows to ``total[:, i, j]`` (and its square to ``sumsq``) in place.
@@ -195,13 +210,24 @@ class ManualForward:
         mask[1, max(1, seq - 2):] = 0
         layers = sorted({0, 1, n // 2, n})
         fwd = stack.forward(emb, mask, n)
-        for a in sorted({0, seq // 2}):
+        starts = sorted({0, seq // 2})
+        ts, wants = [], []
+        for a in starts:
             t = torch.zeros(3, 2, seq, d, device=p0.device)
             t[:, :, a:] = torch.randn(3, 2, seq - a, d, device=p0.device, generator=gen)
             with torch.no_grad(), plain_norms():
-                want = torch.func.vmap(lambda u: torch.func.jvp(lambda e: engine_forward(e, mask, layers),
-                                                                (emb,), (u,))[1])(t)
-            got = stack.jvp(fwd, layers, t[:, :, a:].clone(), slice(0, 2), a)
+                wants.append(torch.func.vmap(lambda u: torch.func.jvp(lambda e: engine_forward(e, mask, layers),
+                                                                      (emb,), (u,))[1])(t))
+            ts.append(t[:, :, a:].clone())
+        if self.packed:  # both suffixes in one pack (one padded attention group), as runs use it
+            from ..stacks.packing import Pack
+
+            pack = Pack([(a, 3) for a in starts], 2, seq, p0.device)
+            got = stack.jvp_packed(fwd, layers, torch.cat([t.reshape(-1, d) for t in ts]), pack)
+            gots = [{L: pack.unpack(got[L])[k] for L in layers} for k in range(len(starts))]
+        else:
+            gots = [stack.jvp(fwd, layers, t, slice(0, 2), a) for t, a in zip(ts, starts)]
+        for a, want, got in zip(starts, wants, gots):
             for L in layers:
                 w = want[L][:, :, a:]
                 err = float((got[L] - w).norm() / w.norm().clamp_min(1e-30))
@@ -223,6 +249,10 @@ class ManualForward:
             oom.point("shared_forward")
             fwd = self.stack.forward(e_p, m_p, upto)
             nb = f1 - f0
+            if self.packed:
+                self._run_packed(part, fwd, nb, seq, valid, row_token_bytes)
+                fwd = None
+                continue
             for a, b in self.segments(seq):
                 pos, d = self.rows.rows(a, b)
                 tokens = nb * (seq - a)
@@ -240,3 +270,34 @@ class ManualForward:
 
                 run_chunks(self.memory, len(pos), chunk, tokens, compute, fold)
             fwd = None
+
+    packing = True  # False: causal suffix segments as before packing (the benchmarks' baseline, jobs/bench/packing.py)
+
+    @property
+    def packed(self) -> bool:
+        """Causal rows run packed (``stacks.packing``): each on its own suffix, all in one pass."""
+        return self.causal and self.stack.packs and self.packing
+
+    def _run_packed(self, part: PassData, fwd, nb: int, seq: int, valid: torch.Tensor, row_token_bytes: int) -> None:
+        """Every tangent row of ``part`` on its own suffix ``[j, S)``: rows in input-position order, in
+        chunks sized as if each ran the whole sequence (the memory policy's unit), each chunk one
+        ``Pack`` (its rows of equal position are a piece) through ``stack.jvp_packed``."""
+        from ..stacks.packing import Pack
+
+        pos, d = self.rows.rows(0, seq)
+        tokens = nb * seq
+        chunk = self.memory.cap(self.memory.chunk(
+            len(pos), max(row_token_bytes, int(self.memory.row_token_bytes)) * tokens), tokens)
+
+        def compute(s, e):
+            js, counts = torch.unique_consecutive(pos[s:e], return_counts=True)
+            pack = Pack(list(zip(js.tolist(), counts.tolist())), nb, seq, self.rows.device)
+            t = self.rows.make_packed(pack, d[s:e], part.probes, valid)  # [R, d_model]
+            return pack, self.stack.jvp_packed(fwd, part.layer_ids, t, pack)
+
+        def fold(out, s, e):
+            pack, ys = out
+            for L in part.layer_ids:
+                pack.accumulate(ys[L], part.total[L], None if part.sumsq is None else part.sumsq[L])
+
+        run_chunks(self.memory, len(pos), chunk, tokens, compute, fold)

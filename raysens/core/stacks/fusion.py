@@ -63,7 +63,7 @@ class Kernels:
     rms_tangent: Callable  # (dx, x̂, r, w, dtype) -> RMSNorm tangent (in dtype for the fused path; eager: float32)
     ln_tangent: Callable  # (dx, x̂, r, w) -> LayerNorm tangent
     rope: Callable  # (x, cos, sin) -> rotary map of x
-    gate: Callable  # (g, u, ab) -> g·ab[:, :, 0] + u·ab[:, :, 1] (SiLU-gate tangent)
+    gate: Callable  # (g, u, ab [.., 2, inter]) -> g·ab[.., 0, :] + u·ab[.., 1, :] (SiLU-gate tangent)
     act: Callable  # (y, dact) -> y·dact (GELU tangent of GPT-2/BERT)
     att_mid: Callable | None  # (ds, qd, pe) -> (p ⊙ ds with qd added at keys ≥ a, Σ over keys [.., chunk]); None: eager attention
     att_out: Callable | None  # (do, dsum [.., chunk], o [.., P, 1, hd], pv, scaling) -> ((do − dsum·o)·scaling + pv) in the output GEMM's layout
@@ -81,7 +81,7 @@ class Kernels:
 
 
 def _gate_eager(g, u, ab):
-    return (g * ab[:, :, 0]).addcmul_(u, ab[:, :, 1])
+    return (g * ab[..., 0, :]).addcmul_(u, ab[..., 1, :])
 
 
 def _act_eager(y, dact):
@@ -118,7 +118,7 @@ def _rope_fused(x, cos, sin):
 
 
 def _gate_fused(g, u, ab):
-    return g * ab[:, :, 0] + u * ab[:, :, 1]
+    return g * ab[..., 0, :] + u * ab[..., 1, :]
 
 
 def _act_fused(y, dact):

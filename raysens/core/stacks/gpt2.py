@@ -154,11 +154,13 @@ class GPT2Stack(ManualStack):
     # ------------------------------------------------------------------ forward mode
     has_tangents = True
 
-    def jvp(self, forward_out, layer_ids, dx, rows, a):
-        """Forward-mode tangents on the saved activations (``gpt2_tangent.gpt2_jvp``)."""
+    packs = True  # ``jvp_packed``: tangent rows of many causal suffixes in one pass (packing.py)
+
+    def jvp_packed(self, forward_out, layer_ids, dx, pack):
+        """Forward-mode tangents of packed rows (``gpt2_tangent.gpt2_jvp``)."""
         from .gpt2_tangent import gpt2_jvp
 
-        return gpt2_jvp(self, forward_out, layer_ids, dx, rows, a)
+        return gpt2_jvp(self, forward_out, layer_ids, dx, pack)
 
     # ------------------------------------------------------------------ memory
     def saved_bytes(self, seq: int, upto: int) -> int:

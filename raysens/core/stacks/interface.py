@@ -87,7 +87,22 @@ class ManualStack:
 
     def jvp(self, forward_out, layer_ids, dx, rows, a):
         """Tangents ``{layer: [chunk, batch', S − a, d_model]}`` of the hidden states at positions
-        ``[a, S)`` for input tangents ``dx`` ``[chunk, batch', S − a, d_model]`` (forward mode)."""
+        ``[a, S)`` for input tangents ``dx`` ``[chunk, batch', S − a, d_model]`` of samples ``rows``
+        (forward mode). A stack with ``packs``: one piece of ``jvp_packed``."""
+        if not self.packs:
+            raise NotImplementedError
+        from .packing import Pack
+
+        c, bsz, p, d = dx.shape
+        pack = Pack([(a, c)], bsz, a + p, dx.device, b0=rows.start or 0)
+        out = self.jvp_packed(forward_out, layer_ids, dx.reshape(-1, d), pack)
+        return {L: y.view(c, bsz, p, y.shape[-1]) for L, y in out.items()}
+
+    packs = False  # True where ``jvp_packed`` is written: many causal suffixes in one pass (packing.py)
+
+    def jvp_packed(self, forward_out, layer_ids, dx, pack):
+        """Tangents ``{layer: [R, d_model]}`` of the hidden states at the packed rows of ``pack``
+        (``packing.Pack``) for input tangents ``dx`` ``[R, d_model]`` (forward mode)."""
         raise NotImplementedError
 
     def saved_bytes(self, seq: int, upto: int) -> int:  # per sample, what ``forward`` keeps

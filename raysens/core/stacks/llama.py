@@ -251,11 +251,13 @@ class LlamaStack(ManualStack):
     # ------------------------------------------------------------------ forward mode
     has_tangents = True
 
-    def jvp(self, forward_out, layer_ids, dx, rows, a):
-        """Forward-mode tangents on the saved activations (``llama_tangent.llama_jvp``)."""
+    packs = True  # ``jvp_packed``: tangent rows of many causal suffixes in one pass (packing.py)
+
+    def jvp_packed(self, forward_out, layer_ids, dx, pack):
+        """Forward-mode tangents of packed rows (``llama_tangent.llama_jvp``)."""
         from .llama_tangent import llama_jvp
 
-        return llama_jvp(self, forward_out, layer_ids, dx, rows, a)
+        return llama_jvp(self, forward_out, layer_ids, dx, pack)
 
     # ------------------------------------------------------------------ memory
     def saved_bytes(self, seq: int, upto: int) -> int:

@@ -1,13 +1,15 @@
 """Hand-written tangent (forward-mode) path of Llama-family stacks on the shared forward's saved
 activations (``LlamaStack.forward``), docs/DESIGN.md §1.10.
 
-Tangents of the inputs ``[a, b)`` run on the positions ``[a, S)`` only (causal: a tangent at j
-reaches positions ≥ j), against the saved full-sequence activations: per block, the closed-form
+A tangent row at input position j runs on the positions ``[j, S)`` only (causal), against the saved
+full-sequence activations; rows of many positions are packed end to end (``packing.Pack``, DESIGN
+§1.14: every position-wise step is one op or GEMM per block on the saved activations gathered to the
+packed rows, attention runs per padded group of suffixes). Per block, the closed-form
 RMSNorm tangent ``w ⊙ r·(dx − x̂·mean(x̂·dx))``, the projections as GEMMs on the tangents, the
 rotary tangent (the same linear map), the softmax-attention tangent (``tangents.attention_tangent``:
 keys/values grouped by key/value head, GQA without copies, one ``bmm`` per (sample, kv head) over
 every tangent and query head of the group; dk, dv zero before a) and the SiLU-gate tangent from the
-saved ``[u·silu'(g), silu(g)]``. Shapes: ``chunk`` (tangent rows), ``batch``, ``suffix`` (S − a),
+saved ``[u·silu'(g), silu(g)]``. Shapes: ``R`` (packed rows: tangent row × sample × suffix position),
 ``d_model``, ``heads``, ``kv_heads``, ``head_dim``, ``inter``.
 
 With ``stack.cdtype`` bfloat16 (``precision: bf16``) the same code runs with the GEMMs in bf16: the
@@ -51,46 +53,47 @@ def _proj(stack, x: torch.Tensor, weights: tuple) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def llama_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, rows: slice, a: int) -> dict[int, torch.Tensor]:
-    """``{layer: [chunk, batch', S − a, d_model]}``: the tangents of hidden_states[layer] at positions
-    ``[a, S)`` for input tangents ``dx`` ``[chunk, batch', S − a, d_model]`` (zero before their own
-    input position) of samples ``rows`` of the shared forward ``forward_out``."""
+def llama_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, pack) -> dict[int, torch.Tensor]:
+    """``{layer: [R, d_model]}``: the tangents of hidden_states[layer] at the packed rows of ``pack``
+    (``packing.Pack``: each tangent row on its own causal suffix) for input tangents ``dx``
+    ``[R, d_model]`` (zero before each row's own input position) on the shared forward ``forward_out``."""
     saved, final, (cos, sin), hs = forward_out
     n = len(stack.blocks)
-    c, bsz, p, d = dx.shape
-    seq = a + p
+    r, d = dx.shape
+    seq = pack.seq
+    rows = slice(pack.b0, pack.b0 + pack.batch)
     kvh, grp, hd, cd = stack.kv_heads, stack.group, stack.head_dim, stack.cdtype
     hh = kvh * grp
-    cs = cos[rows, a:seq][:, :, None].to(cd)  # [batch, P, 1, head_dim] (broadcast over chunk, heads)
-    sn = sin[rows, a:seq][:, :, None].to(cd)
+    cs = pack.saved(cos).to(cd)[:, None]  # [R, 1, head_dim] (broadcast over heads)
+    sn = pack.saved(sin).to(cd)[:, None]
     out, top = layer_outputs(dx, layer_ids, n)
     kn = stack.kern  # elementwise kernels: eager (today's functions) or fused (fusion.py)
     for i in range(top):
         blk, sv = stack.blocks[i], saved[i]
         at, mlp = blk.self_attn, blk.mlp
-        dn = kn.rms_tangent(dx, sv.xn1[rows, a:seq], sv.r1[rows, a:seq], blk.input_layernorm.weight, cd)
+        dn = kn.rms_tangent(dx, pack.saved(sv.xn1), pack.saved(sv.r1), blk.input_layernorm.weight, cd)
         dq, dk, dv = _proj(stack, dn, (at.q_proj.weight, at.k_proj.weight, at.v_proj.weight))
         dn = None
-        dq = kn.rope(dq.view(c, bsz, p, hh, hd), cs, sn)  # [chunk, batch, P, heads, hd]
-        dk = kn.rope(dk.view(c, bsz, p, kvh, hd), cs, sn)  # [chunk, batch, P, kv_heads, hd]
-        dv = dv.view(c, bsz, p, kvh, hd)
-        q = sv.qr[rows, :, :, a:seq].reshape(-1, hh, p, hd)  # [batch, heads, P, hd]
-        pr = sv.p[rows, :, :, a:seq, :seq].reshape(-1, hh, p, seq)  # [batch, heads, P, S]
-        do = kn.attention((dq, dk, dv), q, sv.kr[rows, :, :seq], sv.v[rows, :, :seq], pr, stack.scaling)
+        dq = kn.rope(dq.view(r, hh, hd), cs, sn)  # [R, heads, hd]
+        dk = kn.rope(dk.view(r, kvh, hd), cs, sn)  # [R, kv_heads, hd]
+        do = pack.attention(kn.attention, dq, dk, dv.view(r, kvh, hd),
+                            lambda a: sv.qr[rows, :, :, a:seq].reshape(-1, hh, seq - a, hd),  # [batch, heads, S − a, hd]
+                            sv.kr[rows, :, :seq], sv.v[rows, :, :seq],
+                            lambda a: sv.p[rows, :, :, a:seq, :seq].reshape(-1, hh, seq - a, seq),  # [batch, heads, S − a, S]
+                            stack.scaling)  # [R, heads·hd]
         dq = dk = dv = None
-        dx = lin(do, stack.w(at.o_proj.weight, True), add=dx)  # [chunk, batch, P, d_model]
+        dx = lin(do, stack.w(at.o_proj.weight, True), add=dx)  # [R, d_model]
         do = None
-        dn = kn.rms_tangent(dx, sv.xn2[rows, a:seq], sv.r2[rows, a:seq], blk.post_attention_layernorm.weight, cd)
-        g, u = _proj(stack, dn, (mlp.gate_proj.weight, mlp.up_proj.weight))  # [chunk, batch, P, inter] each
+        dn = kn.rms_tangent(dx, pack.saved(sv.xn2), pack.saved(sv.r2), blk.post_attention_layernorm.weight, cd)
+        g, u = _proj(stack, dn, (mlp.gate_proj.weight, mlp.up_proj.weight))  # [R, inter] each
         dn = None
-        ab = sv.ab[rows, a:seq].to(cd)  # [batch, P, 2, inter]
-        dm = kn.gate(g, u, ab)
+        dm = kn.gate(g, u, pack.saved(sv.ab).to(cd))  # saved [R, 2, inter]
         g = u = None
         dx = lin(dm, stack.w(mlp.down_proj.weight, True), add=dx)
         dm = None
         if i + 1 in layer_ids and i + 1 < n:
             out[i + 1] = dx
     if n in layer_ids:
-        xn, r = final
-        out[n] = kn.rms_tangent(dx, xn[rows, a:seq], r[rows, a:seq], stack.base.norm.weight, torch.float32)
+        xn, rf = final
+        out[n] = kn.rms_tangent(dx, pack.saved(xn), pack.saved(rf), stack.base.norm.weight, torch.float32)
     return out

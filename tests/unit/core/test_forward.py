@@ -269,26 +269,26 @@ def test_fallback_when_the_manual_tangent_check_fails(models, kind, monkeypatch)
         assert rel_fro(r.values[L][0], reference(model, x, L)[0]) <= 1e-5
 
 
-def test_cpu_sample_groups_are_sized_by_the_segment_width(models, monkeypatch):
-    """A manual causal pass carries one suffix segment's input positions, not all S: the CPU sample
-    group is backward_tokens // (K · widest segment · S), so a K=1 S=8 batch of 6 runs as one group
-    (sizing by S·S gave 2048 // 64 = 32 too here; backward_tokens=96 makes the difference visible)."""
+def test_cpu_sample_groups_and_packs_are_sized_by_backward_tokens(models, monkeypatch):
+    """A packed causal pass (stacks/packing.py) runs each tangent row on its own suffix: the CPU
+    sample group is backward_tokens // (K · S) samples (96 // 8 = 12 -> all 6 here), and a pack holds
+    backward_tokens // (group · S) rows (96 // 48 = 2 input positions); numbers as the default grouping."""
     model = models["llama"]
     ids, am = padded([random_ids(8, seed=s) for s in range(6)], "right")
     eng = _engine(model, mode="forward", backward_tokens=96)
     stack = eng._manual_fwd.stack
     seen = []
-    orig = type(stack).jvp
+    orig = type(stack).jvp_packed
 
-    def spy(self, fwd, layer_ids, dx, rows, a):
-        seen.append(dx.shape[1])  # samples in this pass
-        return orig(self, fwd, layer_ids, dx, rows, a)
+    def spy(self, fwd, layer_ids, dx, pack):
+        seen.append((pack.batch, sum(c for _, c in pack.pieces), dx.shape[0]))
+        return orig(self, fwd, layer_ids, dx, pack)
 
-    monkeypatch.setattr(type(stack), "jvp", spy)
+    monkeypatch.setattr(type(stack), "jvp_packed", spy)
     res = eng.compute(ids, am, layers=[1, N_LAYERS])
-    width = max(b - a for a, b in eng._manual_fwd.segments(8))
-    want = max(1, min(6, 96 // (1 * width * 8)))
-    assert res.strategy == "manual" and width < 8 and set(seen) <= {want, 6 % want or want} and max(seen) == want > 1
+    assert res.strategy == "manual" and eng._manual_fwd.packed
+    assert [b for b, _, _ in seen] == [6] * 4 and [c for _, c, _ in seen] == [2] * 4
+    assert [r for _, _, r in seen] == [6 * (8 + 7), 6 * (6 + 5), 6 * (4 + 3), 6 * (2 + 1)]  # suffix tokens only
     ref = _engine(model, mode="forward").compute(ids, am, layers=[1, N_LAYERS])  # the default grouping
     for L in (1, N_LAYERS):
         np.testing.assert_allclose(res.values[L], ref.values[L], rtol=1e-5, atol=1e-7)
