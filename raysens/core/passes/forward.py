@@ -164,10 +164,12 @@ class GenericForward:
 
 
 class ManualForward:
-    """Forward mode on a manual stack's shared forward (``ManualStack.jvp``): one forward per sample
-    group saves the activations; the tangents of inputs ``[a, b)`` run on positions ``[a, S)`` only
-    (causal suffix segments: the reverse prefix segments' cost model mirrored, ``dp_segments`` with
-    the manual fixed cost per segment).
+    """Forward mode on a manual stack's shared forward: one forward per sample group saves the
+    activations; causal stacks with ``jvp_packed`` run each tangent row at input j on positions
+    ``[j, S)`` only, the rows of all positions packed into one pass (``_run_packed``, DESIGN §1.14);
+    otherwise (``packing`` False, or a stack without it) the tangents of inputs ``[a, b)`` run on
+    positions ``[a, S)`` (suffix segments: the reverse prefix segments' cost model mirrored,
+    ``dp_segments`` with the manual fixed cost per segment; one segment for a model that is not causal).
 
     Args:
         stack: a ``ManualStack`` with ``has_tangents``; causal: the model is causal;
@@ -198,8 +200,8 @@ class ManualForward:
 
     def check(self, engine_forward, rtol: float = 1e-4) -> str | None:
         """One-off comparison of ``jvp`` with ``torch.func.jvp`` through the model's own modules
-        (``engine_forward``), 2 samples (one right-padded), a full and a suffix segment, several
-        layers; None when they agree."""
+        (``engine_forward``), 2 samples (one right-padded), a full and a suffix segment (one pack of
+        both, with a padded attention group, where runs pack), several layers; None when they agree."""
         stack = self.stack
         p0 = next(stack.model.parameters())
         n, d = stack.n_layers, int(stack.model.config.hidden_size)
@@ -297,6 +299,7 @@ class ManualForward:
 
         def fold(out, s, e):
             pack, ys = out
+            oom.point("fold")
             for L in part.layer_ids:
                 pack.accumulate(ys[L], part.total[L], None if part.sumsq is None else part.sumsq[L])
 

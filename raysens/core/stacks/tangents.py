@@ -3,7 +3,8 @@ GEMMs on tangents padded like ``base.mm`` (thread-count independent), the closed
 tangent and the multi-head softmax-attention tangent on saved probabilities.
 
 Tangent layout between blocks: ``[chunk, batch, P, d_model]`` (P = S − a query positions of a causal
-suffix segment ``[a, S)``; P = S for an encoder). Attention works on ``[batch, heads, P, chunk, ·]``
+suffix ``[a, S)``; P = S for an encoder), or packed rows ``[R, d_model]`` (``packing.Pack``: the
+attention tangent then runs per padded group in the ``[chunk, batch, P, ·]`` layout). Attention works on ``[batch, heads, P, chunk, ·]``
 layouts so that each product is one ``bmm`` per (sample, head) over all tangents, never a copy of
 the saved keys/values per tangent. With bf16 weight copies (``precision: bf16``, ``ManualStack.w``)
 ``lin`` takes the product in bf16 (the residual ``add`` stays float32) and ``attention_tangent``
