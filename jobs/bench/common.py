@@ -110,6 +110,40 @@ def block_params(engine: SensitivityEngine) -> int:
     return sum(p.numel() for p in engine.blocks.parameters())
 
 
+def forward_floor(engine: SensitivityEngine, seq: int) -> float:
+    """FLOPs per sample of forward mode at K=1 over every layer: ``N·S(S+1)`` causal, ``2·N·S²`` else."""
+    n = block_params(engine)
+    return n * (seq * (seq + 1) if engine.causal else 2 * seq * seq)
+
+
+def forward_child(spec: dict):
+    """A forward-mode benchmark child's inputs (``spec``: model, samples, seq_len, threads optional):
+    the loaded model, its layers ``0..n`` and ``spec["samples"]`` sentences of ``seq_len`` tokens."""
+    from raysens.core.models import load_model
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    lm = load_model(spec["model"])
+    ids, am = make_inputs(lm.tokenizer, spec["samples"], spec["seq_len"])
+    return lm, list(range(lm.model.config.num_hidden_layers + 1)), ids, am
+
+
+def alternate_rounds(engines: dict, ids, am, layers, rounds: int) -> tuple[dict, list, dict]:
+    """``rounds`` rounds of each engine's ``compute`` on all of ``ids`` in turn, a 2048² matmul after
+    each round: (s/sample per engine name, matmul GFLOP/s per round, each engine's last mean maps
+    ``{layer: [S, S]}``)."""
+    times: dict = {name: [] for name in engines}
+    mm, maps = [], {}
+    for _ in range(rounds):
+        for name, e in engines.items():
+            t0 = time.perf_counter()
+            r = e.compute(ids, am, layers=layers, sample_ids=list(range(len(ids))))
+            times[name].append((time.perf_counter() - t0) / len(ids))
+            maps[name] = {L: r.values[L].mean(0) for L in layers}
+        mm.append(matmul_gflops(n=2048, reps=5))
+    return times, mm, maps
+
+
 def floor_flops(n_params: int, seq: int, k: int, causal: bool) -> float:
     """≈2·N·S²·K FLOPs per sample (S·K VJPs of 2·N·S each), halved for causal models."""
     f = 2.0 * n_params * seq * seq * k

@@ -26,24 +26,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.bench.common import block_params, make_inputs, matmul_gflops, rel_fro
+from jobs.bench.common import forward_child, forward_floor, matmul_gflops, rel_fro
 from jobs.harness import alternate, log, run_child, trees, write_json
 
 
 def child(spec: dict) -> dict:
     """One timed measurement in this process (``spec``: model, samples, seq_len, tokens, threads)."""
     from raysens.core.engine import SensitivityConfig, SensitivityEngine
-    from raysens.core.models import load_model
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    lm = load_model(spec["model"])
-    n = lm.model.config.num_hidden_layers
-    layers = list(range(n + 1))
-    seq = spec["seq_len"]
-    ids, am = make_inputs(lm.tokenizer, spec["samples"], seq)
+    lm, layers, ids, am = forward_child(spec)
+    n = layers[-1]
     e = SensitivityEngine(lm.model, SensitivityConfig(num_probes=1, mode="forward", backward_tokens=spec["tokens"]))
-    floor = block_params(e) * (seq * (seq + 1) if e.causal else 2 * seq * seq)  # FLOPs per sample
+    floor = forward_floor(e, spec["seq_len"])  # FLOPs per sample
     e.compute(ids[:2], am[:2], layers=layers)  # warm-up, untimed
     t0 = time.perf_counter()
     r = e.compute(ids, am, layers=layers, sample_ids=list(range(len(ids))))

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from jobs.bench.common import block_params, make_inputs, matmul_gflops, rel_fro
+from jobs.bench.common import alternate_rounds, forward_child, forward_floor, rel_fro
 from jobs.harness import log, run_child, write_json
 
 
@@ -38,15 +38,9 @@ def child(spec: dict) -> dict:
     """One model: eager and fused engines alternating in this process (``spec``: model, samples,
     seq_len, rounds, threads)."""
     from raysens.core.engine import SensitivityConfig, SensitivityEngine
-    from raysens.core.models import load_model
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    lm = load_model(spec["model"])
-    n = lm.model.config.num_hidden_layers
-    layers = list(range(n + 1))
-    seq = spec["seq_len"]
-    ids, am = make_inputs(lm.tokenizer, spec["samples"], seq)
+    lm, layers, ids, am = forward_child(spec)
+    n = layers[-1]
     engines, build_s, warm_s = {}, {}, {}
     for name in ("eager", "compile"):
         t0 = time.perf_counter()
@@ -57,16 +51,8 @@ def child(spec: dict) -> dict:
         t0 = time.perf_counter()
         e.compute(ids[:2], am[:2], layers=layers)  # warm-up, untimed in the rates
         warm_s[name] = time.perf_counter() - t0
-    floor = block_params(engines["eager"]) * (seq * (seq + 1) if engines["eager"].causal else 2 * seq * seq)
-    times: dict = {"eager": [], "compile": []}
-    mm, maps = [], {}
-    for _ in range(spec["rounds"]):
-        for name, e in engines.items():
-            t0 = time.perf_counter()
-            r = e.compute(ids, am, layers=layers, sample_ids=list(range(len(ids))))
-            times[name].append((time.perf_counter() - t0) / len(ids))
-            maps[name] = {L: r.values[L].mean(0) for L in layers}
-        mm.append(matmul_gflops(n=2048, reps=5))
+    floor = forward_floor(engines["eager"], spec["seq_len"])
+    times, mm, maps = alternate_rounds(engines, ids, am, layers, spec["rounds"])
     diff = max(rel_fro(maps["compile"][L], maps["eager"][L]) for L in layers[1:])
     dyn = {}
     try:

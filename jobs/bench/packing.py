@@ -21,25 +21,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 
-from jobs.bench.common import block_params, make_inputs, matmul_gflops, rel_fro
+from jobs.bench.common import alternate_rounds, forward_child, forward_floor, rel_fro
 from jobs.harness import log, run_child, write_json
 
 
 def child(spec: dict) -> dict:
     """One model: the ``spec["variants"]`` (``packed``, ``segments``) alternating in this process."""
     from raysens.core.engine import SensitivityConfig, SensitivityEngine
-    from raysens.core.models import load_model
 
-    torch.set_num_threads(spec["threads"])
-    lm = load_model(spec["model"])
-    n = lm.model.config.num_hidden_layers
-    layers = list(range(n + 1))
-    seq = spec["seq_len"]
-    ids, am = make_inputs(lm.tokenizer, spec["samples"], seq)
+    lm, layers, ids, am = forward_child(spec)
+    n = layers[-1]
     engines = {}
     for name in spec["variants"]:
         e = SensitivityEngine(lm.model, SensitivityConfig(num_probes=1, mode="forward"))
@@ -48,16 +42,8 @@ def child(spec: dict) -> dict:
         e.compute(ids[:2], am[:2], layers=layers)  # warm-up
         engines[name] = e
     eng0 = next(iter(engines.values()))
-    floor = block_params(eng0) * (seq * (seq + 1) if eng0.causal else 2 * seq * seq)
-    times: dict = {name: [] for name in engines}
-    mm, maps = [], {}
-    for _ in range(spec["rounds"]):
-        for name, e in engines.items():
-            t0 = time.perf_counter()
-            r = e.compute(ids, am, layers=layers, sample_ids=list(range(len(ids))))
-            times[name].append((time.perf_counter() - t0) / len(ids))
-            maps[name] = {L: r.values[L].mean(0) for L in layers}
-        mm.append(matmul_gflops(n=2048, reps=5))
+    floor = forward_floor(eng0, spec["seq_len"])
+    times, mm, maps = alternate_rounds(engines, ids, am, layers, spec["rounds"])
     names = list(engines)
     diff = (max(rel_fro(maps[names[0]][L], maps[names[1]][L]) for L in layers[1:]) if len(names) > 1 else None)
     return {"model": spec["model"], "layers": n, "threads": torch.get_num_threads(), "causal": bool(eng0.causal),

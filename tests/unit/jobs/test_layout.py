@@ -121,7 +121,7 @@ def test_entrypoint_docstrings_list_their_launch_commands():
                                     "jobs.bench.forward_rate", "jobs.bench.memory_model", "jobs.bench.driver_rss",
                                     "jobs.bench.load_rss", "jobs.bench.actors", "jobs.bench.driver_s512",
                                     "jobs.bench.subunits", "jobs.bench.tree_merge", "jobs.bench.overlap",
-                                    "jobs.bench.overlap_pieces", "jobs.bench.fusion", "jobs.bench.length_units",
+                                    "jobs.bench.overlap_pieces", "jobs.bench.fusion", "jobs.bench.length_units", "jobs.bench.packing",
                                     "jobs.experiments.probe_choice", "jobs.experiments.planner",
                                     "jobs.checks.gpu_check", "jobs.tools.make_corpus"])
 def test_modules_answer_help_from_the_repository_root(module):
