@@ -63,7 +63,6 @@ class ForwardRows:
             t[ar, :, p - offset, :] = (probes[:, p, dd, :] * valid[:, p, None]).transpose(0, 1)
         return t
 
-
     def make_packed(self, pack, d: torch.Tensor, probes: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
         """Tangents ``[R, d_model]`` of a ``stacks.packing.Pack`` whose tangent rows have directions
         ``d`` ``[rows]`` (pack order): each (row, sample) nonzero only at its own input position, with

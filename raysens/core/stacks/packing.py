@@ -144,11 +144,15 @@ class Pack:
 
     def accumulate(self, y: torch.Tensor, total: torch.Tensor, sumsq: torch.Tensor | None) -> None:
         """Add each packed row's ``‖·‖²`` (``y`` ``[R, hidden]``) to ``total[b, i, j]`` (float64
-        ``[batch, pos_out, pos_in]``, contiguous) and its square to ``sumsq`` when given."""
+        ``[batch, pos_out, pos_in]``) and its square to ``sumsq`` when given."""
         sq = y.float().pow(2).sum(-1).double()  # [R]; float32 squares (bf16 tangents)
-        scatter_add(total.view(-1), 0, self.out_index, sq)
-        if sumsq is not None:
-            scatter_add(sumsq.view(-1), 0, self.out_index, sq * sq)
+        for dst, src in ((total, sq), (sumsq, None if sumsq is None else sq * sq)):
+            if dst is None:
+                continue
+            flat = dst.view(-1) if dst.is_contiguous() else torch.zeros(dst.numel(), dtype=dst.dtype, device=dst.device)
+            scatter_add(flat, 0, self.out_index, src)
+            if not dst.is_contiguous():  # a strided view of the sums: added through a contiguous copy
+                dst.add_(flat.view(dst.shape))
 
     def unpack(self, y: torch.Tensor) -> list[torch.Tensor]:
         """``y`` ``[R, ·]`` as one view ``[rows, batch, S − j, ·]`` per piece."""

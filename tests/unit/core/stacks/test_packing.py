@@ -80,6 +80,9 @@ def test_accumulate_adds_squared_norms_where_the_loops_put_them():
         want_s[b, t, pieces[k][0]] += sq * sq
     np.testing.assert_allclose(total.numpy(), want_t, rtol=1e-12)
     np.testing.assert_allclose(sumsq.numpy(), want_s, rtol=1e-12)
+    strided = torch.zeros(seq, seq, batch, dtype=torch.float64).permute(2, 0, 1)  # a view that is not contiguous
+    pack.accumulate(y, strided, None)
+    np.testing.assert_allclose(strided.numpy(), want_t, rtol=1e-12)
 
 
 def test_pieces_out_of_order_are_refused():
