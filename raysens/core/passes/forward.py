@@ -63,20 +63,6 @@ class ForwardRows:
             t[ar, :, p - offset, :] = (probes[:, p, dd, :] * valid[:, p, None]).transpose(0, 1)
         return t
 
-    def make_packed(self, pack, d: torch.Tensor, probes: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
-        """Tangents ``[R, d_model]`` of a ``stacks.packing.Pack`` whose tangent rows have directions
-        ``d`` ``[rows]`` (pack order): each (row, sample) nonzero only at its own input position, with
-        the values ``make`` puts there."""
-        bs, js = pack.seed_rows()  # [rows·batch] each, the order of pack.seed
-        dd = d.repeat_interleave(pack.batch).to(self.device)
-        bs, js = bs.to(self.device), js.to(self.device)
-        t = torch.zeros(pack.rows_total, self.d_model, device=self.device)
-        if self.estimator is Estimator.EXACT:
-            t[pack.seed, dd] = valid[bs, js]
-        else:
-            t[pack.seed] = probes[bs, js, dd, :] * valid[bs, js, None]
-        return t
-
 
 def accumulate_forward(jv: torch.Tensor, pos: torch.Tensor, total: torch.Tensor, sumsq: torch.Tensor | None,
                        out0: int = 0) -> None:
@@ -284,6 +270,7 @@ class ManualForward:
         chunks sized as if each ran the whole sequence (the memory policy's unit), each chunk one
         ``Pack`` (its rows of equal position are a piece) through ``stack.jvp_packed``."""
         from ..stacks.packing import Pack
+        from .packed import accumulate_packed, packed_tangents
 
         pos, d = self.rows.rows(0, seq)
         tokens = nb * seq
@@ -293,13 +280,13 @@ class ManualForward:
         def compute(s, e):
             js, counts = torch.unique_consecutive(pos[s:e], return_counts=True)
             pack = Pack(list(zip(js.tolist(), counts.tolist())), nb, seq, self.rows.device)
-            t = self.rows.make_packed(pack, d[s:e], part.probes, valid)  # [R, d_model]
+            t = packed_tangents(self.rows, pack, d[s:e], part.probes, valid)  # [R, d_model]
             return pack, self.stack.jvp_packed(fwd, part.layer_ids, t, pack)
 
         def fold(out, s, e):
             pack, ys = out
             oom.point("fold")
             for L in part.layer_ids:
-                pack.accumulate(ys[L], part.total[L], None if part.sumsq is None else part.sumsq[L])
+                accumulate_packed(pack, ys[L], part.total[L], None if part.sumsq is None else part.sumsq[L])
 
         run_chunks(self.memory, len(pos), chunk, tokens, compute, fold)

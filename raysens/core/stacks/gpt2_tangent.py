@@ -41,10 +41,10 @@ def gpt2_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, pack) -> dict[int,
         dn = kn.ln_tangent(dx, pack.saved(sv.xn1), pack.saved(sv.r1), blk.ln_1.weight)
         qkv = lin(dn, stack.w(at.c_attn.weight)).view(r, 3, hh, hd)  # [R, q|k|v, heads, hd]
         dn = None
-        do = pack.attention(kn.attention, qkv[:, 0], qkv[:, 1], qkv[:, 2],
-                            lambda a: sv.q[rows, :, 0, a:seq],  # [batch, heads, S − a, hd]
-                            sv.k[rows, :, :seq], sv.v[rows, :, :seq],
-                            lambda a: sv.p[rows, :, 0, a:seq, :seq], at.scaling)  # [R, d_model]
+        do = pack.attention(kn.attention, (qkv[:, 0], qkv[:, 1], qkv[:, 2]),
+                            (lambda a: sv.q[rows, :, 0, a:seq],  # [batch, heads, S − a, hd]
+                             sv.k[rows, :, :seq], sv.v[rows, :, :seq],
+                             lambda a: sv.p[rows, :, 0, a:seq, :seq]), at.scaling)  # [R, d_model]
         qkv = None
         dx = lin(do, stack.w(at.c_proj.weight), add=dx)
         do = None

@@ -76,10 +76,10 @@ def llama_jvp(stack, forward_out, layer_ids, dx: torch.Tensor, pack) -> dict[int
         dn = None
         dq = kn.rope(dq.view(r, hh, hd), cs, sn)  # [R, heads, hd]
         dk = kn.rope(dk.view(r, kvh, hd), cs, sn)  # [R, kv_heads, hd]
-        do = pack.attention(kn.attention, dq, dk, dv.view(r, kvh, hd),
-                            lambda a: sv.qr[rows, :, :, a:seq].reshape(-1, hh, seq - a, hd),  # [batch, heads, S − a, hd]
-                            sv.kr[rows, :, :seq], sv.v[rows, :, :seq],
-                            lambda a: sv.p[rows, :, :, a:seq, :seq].reshape(-1, hh, seq - a, seq),  # [batch, heads, S − a, S]
+        do = pack.attention(kn.attention, (dq, dk, dv.view(r, kvh, hd)),
+                            (lambda a: sv.qr[rows, :, :, a:seq].reshape(-1, hh, seq - a, hd),  # [batch, heads, S − a, hd]
+                             sv.kr[rows, :, :seq], sv.v[rows, :, :seq],
+                             lambda a: sv.p[rows, :, :, a:seq, :seq].reshape(-1, hh, seq - a, seq)),  # [batch, heads, S − a, S]
                             stack.scaling)  # [R, heads·hd]
         dq = dk = dv = None
         dx = lin(do, stack.w(at.o_proj.weight, True), add=dx)  # [R, d_model]

@@ -12,8 +12,8 @@ GEMM over all of them, on the saved activations gathered once per block to the p
 (``saved``). Only attention mixes positions: it runs per *group* of consecutive pieces, padded to
 the group's longest suffix (zeros before a row's own position stay zero through the attention
 tangent, so the padded rows give exactly the unpadded values and are dropped); groups are cut where
-padding would pass ``MAX_WASTE`` of the group's real tokens. The results are summed straight from
-the packed rows into ``total[b, i, j]`` (``accumulate``).
+padding would pass ``MAX_WASTE`` of the group's real tokens. ``out_index`` says where each packed
+row's squared norm goes in ``total[b, i, j]`` (``passes/packed.py`` builds the tangents and sums).
 
 Shapes: pieces ``(j, rows)`` in pack order; a piece's packed rows are ``[rows, batch, S − j]``
 flattened (tangent row, then sample, then position), so a piece or a group with no padding is a
@@ -25,8 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from ..memory.unitsums import scatter_add
 
 MAX_WASTE = 0.25  # an attention group's padded tokens may exceed its real ones by at most this fraction
 
@@ -111,23 +109,24 @@ class Pack:
         """``t`` ``[batch', S, ...]`` (saved per position) at the packed rows: ``[R, ...]``."""
         return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]).index_select(0, self.gather)
 
-    def attention(self, fn, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q_from, k: torch.Tensor,
-                  v: torch.Tensor, p_from, scaling: float) -> torch.Tensor:
+    def attention(self, fn, dqkv: tuple, saved: tuple, scaling: float) -> torch.Tensor:
         """``fn((dq, dk, dv), q, k, v, p, scaling)`` (a stack's attention tangent, ``tangents.py``) per
         group on its padded block; returns the packed ``[R, heads·head_dim]``.
 
-        ``dq`` ``[R, heads, hd]``, ``dk``/``dv`` ``[R, kv_heads, hd]`` (packed); ``q_from(a)``, ``p_from(a)``:
-        the saved queries ``[batch, heads, S − a, hd]`` and probabilities ``[batch, heads, S − a, S]``
-        from position a; ``k``, ``v`` ``[batch, kv_heads, S, hd]``."""
+        ``dqkv``: packed ``dq`` ``[R, heads, hd]``, ``dk``/``dv`` ``[R, kv_heads, hd]``; ``saved``:
+        ``(q_from, k, v, p_from)`` — ``q_from(a)``, ``p_from(a)`` the saved queries ``[batch, heads,
+        S − a, hd]`` and probabilities ``[batch, heads, S − a, S]`` from position a, ``k``, ``v``
+        ``[batch, kv_heads, S, hd]``."""
+        q_from, k, v, p_from = saved
         outs = []
         for g in self.groups:
             width = self.seq - g.a
             block = []
-            for t in (dq, dk, dv):
+            for t in dqkv:
                 x = t[g.r0:g.r1]
                 if g.idx is not None:  # [rows·batch·(S − a), ·]: zeros where a row's suffix has not begun
                     x = x.new_zeros(g.rows * self.batch * width, *t.shape[1:]).index_copy_(0, g.idx, x)
-                block.append(x.view(g.rows, self.batch, width, *t.shape[1:]))
+                block.append(x.view(g.rows, self.batch, width, *t.shape[1:]))  # [rows, batch, S − a, ·]
             do = fn(tuple(block), q_from(g.a), k, v, p_from(g.a), scaling)  # [rows, batch, S − a, heads·hd]
             do = do.reshape(-1, do.shape[-1])
             outs.append(do if g.idx is None else do.index_select(0, g.idx))
@@ -141,18 +140,6 @@ class Pack:
             bs.append(torch.arange(self.batch).repeat(c))
             js.append(torch.full((c * self.batch,), j, dtype=torch.long))
         return torch.cat(bs), torch.cat(js)
-
-    def accumulate(self, y: torch.Tensor, total: torch.Tensor, sumsq: torch.Tensor | None) -> None:
-        """Add each packed row's ``‖·‖²`` (``y`` ``[R, hidden]``) to ``total[b, i, j]`` (float64
-        ``[batch, pos_out, pos_in]``) and its square to ``sumsq`` when given."""
-        sq = y.float().pow(2).sum(-1).double()  # [R]; float32 squares (bf16 tangents)
-        for dst, src in ((total, sq), (sumsq, None if sumsq is None else sq * sq)):
-            if dst is None:
-                continue
-            flat = dst.view(-1) if dst.is_contiguous() else torch.zeros(dst.numel(), dtype=dst.dtype, device=dst.device)
-            scatter_add(flat, 0, self.out_index, src)
-            if not dst.is_contiguous():  # a strided view of the sums: added through a contiguous copy
-                dst.add_(flat.view(dst.shape))
 
     def unpack(self, y: torch.Tensor) -> list[torch.Tensor]:
         """``y`` ``[R, ·]`` as one view ``[rows, batch, S − j, ·]`` per piece."""

@@ -1,4 +1,4 @@
-"""Packed causal tangent rows (``raysens/core/stacks/packing.py``): the pack's indices against loops
+"""Packed causal tangent rows (``raysens/core/stacks/packing.py``, ``passes/packed.py``): the pack's indices against loops
 written out, the packed JVP of several suffixes (padded attention groups) against ``torch.func.jvp``
 through the model's own modules, and a packed run against the suffix-segment run."""
 
@@ -11,6 +11,7 @@ import torch
 from refs import N_LAYERS, padded, random_ids, tiny_model
 from raysens.core.engine import SensitivityConfig, SensitivityEngine
 from raysens.core.passes.fused import plain_norms
+from raysens.core.passes.packed import accumulate_packed
 from raysens.core.stacks import packing
 from raysens.core.stacks.packing import Pack
 
@@ -72,7 +73,7 @@ def test_accumulate_adds_squared_norms_where_the_loops_put_them():
     pack = Pack(pieces, batch, seq, torch.device("cpu"))
     y = torch.randn(pack.rows_total, 5)
     total, sumsq = torch.zeros(batch, seq, seq, dtype=torch.float64), torch.zeros(batch, seq, seq, dtype=torch.float64)
-    pack.accumulate(y, total, sumsq)
+    accumulate_packed(pack, y, total, sumsq)
     want_t, want_s = np.zeros((batch, seq, seq)), np.zeros((batch, seq, seq))
     for r, (k, _, b, t) in enumerate(_rows(pieces, batch, seq)):
         sq = float(y[r].pow(2).sum())
@@ -81,7 +82,7 @@ def test_accumulate_adds_squared_norms_where_the_loops_put_them():
     np.testing.assert_allclose(total.numpy(), want_t, rtol=1e-12)
     np.testing.assert_allclose(sumsq.numpy(), want_s, rtol=1e-12)
     strided = torch.zeros(seq, seq, batch, dtype=torch.float64).permute(2, 0, 1)  # a view that is not contiguous
-    pack.accumulate(y, strided, None)
+    accumulate_packed(pack, y, strided, None)
     np.testing.assert_allclose(strided.numpy(), want_t, rtol=1e-12)
 
 
